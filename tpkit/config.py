@@ -18,14 +18,32 @@ import dataclasses
 import difflib
 import types
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+if TYPE_CHECKING:  # imported lazily (see _hints): tpkit.pruning may import this module
+    from tpkit.pruning import PruningConfig
+
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "load_config", "from_dict", "to_dict", "save_config", "apply_overrides"]
+__all__ = [
+    "ConfigError",
+    "load_config",
+    "from_dict",
+    "to_dict",
+    "save_config",
+    "apply_overrides",
+    "ModelConfig",
+    "DataConfig",
+    "LoraConfig",
+    "DistillConfig",
+    "OptimConfig",
+    "TrainerConfig",
+    "TrainConfig",
+]
 
 
 class ConfigError(ValueError):
@@ -145,8 +163,19 @@ def _coerce(value: Any, tp: Any, key: str, where: _Where) -> Any:
     return value
 
 
+def _hints(cls: type) -> dict[str, Any]:
+    """Resolved annotations of ``cls``; names imported lazily (``PruningConfig``) are bound on demand."""
+    try:
+        return typing.get_type_hints(cls)
+    except NameError:
+        from tpkit.pruning import PruningConfig
+
+        globals()["PruningConfig"] = PruningConfig
+        return typing.get_type_hints(cls)
+
+
 def _from_dict(cls: type[T], data: dict, prefix: str, where: _Where) -> T:
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for k in data:
         if k not in fields:
@@ -249,3 +278,209 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# The typed sections shared by train.py and evaluate.py
+#
+# Defaults give a working CPU run on the tiny fixture; real-model recipes live in configs/*.yaml.
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    """Which base LLaVA to load and how."""
+
+    # local save_pretrained dir or hub id; "tiny" / "tiny:<llama|mistral|qwen2>" = random tiny model
+    # built from ``tiny`` kwargs (tests, benchmarks)
+    path: str = "assets/tiny-llava"
+    # processor dir or hub id; None = ``path`` (a "tiny" model has no processor: set it or data.processor)
+    processor_path: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    revision: str | None = None
+    tiny: dict[str, Any] = field(default_factory=dict)  # kwargs of tpkit.models.tiny.build_tiny_llava
+    seed: int = 0  # init seed of a "tiny" model
+
+    def validate(self) -> None:
+        if not self.path:
+            raise ValueError("path must not be empty")
+        if self.path.startswith("tiny:"):
+            backbone = self.path.split(":", 1)[1]
+            if backbone not in ("llama", "mistral", "qwen2"):
+                raise ValueError(f"path {self.path!r}: tiny backbone must be llama, mistral or qwen2")
+
+
+@dataclass
+class DataConfig:
+    """LLaVA conversation-JSON data (tpkit.data)."""
+
+    train_json: str | None = None
+    val_json: str | None = None
+    test_json: str | None = None
+    image_folder: str | None = None  # None = the json's directory
+    on_error: Literal["raise", "skip"] = "raise"  # unreadable image / malformed record
+    max_length: int = 512
+    batch_size: int = 4  # per device
+    eval_batch_size: int = 8
+    num_workers: int = 0
+    # write the synthetic benchmark into the json paths' directory when they do not exist (demo)
+    generate_synthetic: bool = False
+    synthetic_n_train: int = 512
+    synthetic_n_val: int = 64
+    synthetic_seed: int = 0
+
+    def validate(self) -> None:
+        if self.max_length < 8:
+            raise ValueError(f"max_length = {self.max_length} is too small (>= 8)")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("batch_size and eval_batch_size must be >= 1")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers = {self.num_workers} must be >= 0")
+
+
+# language-model linear layers only: a plain name list would also hit the CLIP tower (DESIGN pitfalls)
+DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+@dataclass
+class LoraConfig:
+    """PEFT LoRA on the language model; the projector optionally trained in full."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # a regex (peft full-match on module names) or a list of names; must not hit the vision tower
+    target_modules: str | list[str] = DEFAULT_LORA_TARGETS
+    train_projector: bool = False  # multi_modal_projector via peft modules_to_save (saved in the adapter)
+    init_seed: int = 0
+
+    def validate(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"r = {self.r} must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout = {self.dropout} must be in [0, 1)")
+        if isinstance(self.target_modules, str):
+            import re
+
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                raise ValueError(f"target_modules is not a valid regex: {e}") from None
+
+
+@dataclass
+class DistillConfig:
+    """loss = ce_weight * CE(answer tokens) + alpha * T^2 * D(teacher, student) on answer logits."""
+
+    alpha: float = 1.0  # 0 = plain pruned LoRA fine-tuning (the teacher is not run)
+    temperature: float = 1.0
+    kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"  # forward = KL(teacher || student)
+    jsd_beta: float = 0.5  # JSD mixture weight
+    ce_weight: float = 1.0
+
+    def validate(self) -> None:
+        if self.alpha < 0 or self.ce_weight < 0:
+            raise ValueError("alpha and ce_weight must be >= 0")
+        if self.alpha == 0 and self.ce_weight == 0:
+            raise ValueError("alpha and ce_weight are both 0: nothing to train")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature = {self.temperature} must be > 0")
+        if not 0.0 < self.jsd_beta < 1.0:
+            raise ValueError(f"jsd_beta = {self.jsd_beta} must be in (0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # final lr = lr * min_lr_ratio (cosine / linear)
+    grad_clip: float | None = 1.0
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr = {self.lr} must be > 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas = {self.betas} must be two numbers in [0, 1)")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps = {self.warmup_steps} must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio = {self.min_lr_ratio} must be in [0, 1]")
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer, checkpointing and logging."""
+
+    out_dir: str = "runs/tiny"
+    seed: int = 0
+    max_steps: int = 100  # optimizer steps
+    max_epochs: int = -1  # -1: bounded by max_steps only
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = "auto"
+    deepspeed_stage: int = 2
+    precision: Literal["auto", "32", "32-true", "bf16-mixed", "bf16-true", "16-mixed"] = (
+        "auto"  # auto: bf16-mixed on GPU, 32 on CPU
+    )
+    accumulate_grad_batches: int = 1
+    gradient_checkpointing: bool = False
+    checkpoint_every_n_steps: int = 50  # last.ckpt (atomic); 0 = only at the end
+    val_every_n_steps: int = 0  # 0 = no validation
+    limit_val_batches: int | float = 1.0
+    log_every_n_steps: int = 10
+    logger: Literal["csv", "tensorboard", "none"] = "csv"
+    progress_bar: bool = True
+    deterministic: bool = False
+    export_at_end: bool = True  # write out_dir/export (adapter + pruning config + processor + card)
+
+    def validate(self) -> None:
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps = {self.max_steps} must be >= 1")
+        if self.num_nodes < 1 or self.accumulate_grad_batches < 1:
+            raise ValueError("num_nodes and accumulate_grad_batches must be >= 1")
+        if (
+            isinstance(self.devices, str)
+            and self.devices != "auto"
+            and not self.devices.replace(",", "").isdigit()
+        ):
+            raise ValueError(f"devices = {self.devices!r} must be an integer, 'auto' or a list like '0,1'")
+        if self.deepspeed_stage not in (1, 2, 3):
+            raise ValueError(f"deepspeed_stage = {self.deepspeed_stage} must be 1, 2 or 3")
+        if self.checkpoint_every_n_steps < 0 or self.val_every_n_steps < 0:
+            raise ValueError("checkpoint_every_n_steps and val_every_n_steps must be >= 0")
+
+
+def _default_pruning() -> PruningConfig:
+    from tpkit.pruning import PruningConfig
+
+    return PruningConfig()
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``train.py`` reads: one YAML file, sections below."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pruning: PruningConfig = field(default_factory=_default_pruning)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def validate(self) -> None:
+        if self.data.train_json is None:
+            raise ValueError("data.train_json is required for training")
+        if self.trainer.val_every_n_steps and self.data.val_json is None:
+            raise ValueError("trainer.val_every_n_steps > 0 needs data.val_json")
+        s1 = getattr(self.pruning, "stage1", None)
+        lo, hi = getattr(s1, "min_keep", None), getattr(s1, "max_keep", None)
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"pruning.stage1.min_keep = {lo} > pruning.stage1.max_keep = {hi}")
