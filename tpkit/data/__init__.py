@@ -1,0 +1,31 @@
+"""Data: LLaVA conversation JSON (via ``datasets``), the collator, the offline processor, the synthetic benchmark.
+
+Names are imported lazily so that ``import tpkit.data`` stays cheap and does not need ``datasets``
+(the collator works on plain dict records).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "build_processor": "tpkit.data.processor",
+    "num_image_tokens": "tpkit.data.processor",
+    "DEFAULT_SYSTEM_PROMPT": "tpkit.data.processor",
+    "CHAT_TEMPLATE": "tpkit.data.processor",
+    "load_llava_json": "tpkit.data.llava_json",
+    "LoadReport": "tpkit.data.llava_json",
+    "LlavaDataError": "tpkit.data.llava_json",
+    "LlavaCollator": "tpkit.data.collator",
+    "generate_split": "tpkit.data.synthetic",
+    "SyntheticConfig": "tpkit.data.synthetic",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'tpkit.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

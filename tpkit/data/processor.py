@@ -1,0 +1,171 @@
+"""An offline LLaVA processor: a BPE tokenizer trained locally plus a CLIP image processor.
+
+No tokenizer or processor can be downloaded where tpkit is built, so the embedded default trains its
+own on the synthetic benchmark's text. The result is a stock ``transformers.LlavaProcessor`` that
+``save_pretrained``/``from_pretrained`` round-trips, so everything downstream (collator, export,
+evaluation) treats it exactly like a hub processor such as ``llava-hf/llava-1.5-7b-hf``.
+
+Tokenizer: SentencePiece-style BPE (``Metaspace`` pre-tokenisation: split on spaces, ``▁`` marks a
+word start), which decodes losslessly, so an answer's tokens decode back to the answer string. The
+printable ASCII characters and ``\\n`` are always in the vocabulary, so any ASCII text encodes
+without ``<unk>``. Training is deterministic (same corpus -> same vocabulary and merges).
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Iterable
+
+from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+PAD, BOS, EOS, IMAGE, UNK = "<pad>", "<s>", "</s>", "<image>", "<unk>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, IMAGE, UNK]  # ids 0, 1, 2, 3, 4 (in this order)
+PAD_ID, BOS_ID, EOS_ID, IMAGE_ID, UNK_ID = range(5)
+
+# One sentence: stage 2 may prune the system prompt, so it must exist, but it should stay short.
+DEFAULT_SYSTEM_PROMPT = "A chat between a user and an assistant who answers questions about an image."
+
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+# LLaVA-1.5 ("vicuna_v1") layout:
+#   {system} USER: <image>\n{question} ASSISTANT: {answer}</s>USER: {q2} ASSISTANT: {a2}</s>
+# Messages use the Hugging Face format: content is a string (LLaVA-JSON turns, "<image>" inline) or a
+# list of {"type": "image"} / {"type": "text", "text": ...} parts (images are rendered first, as
+# llava-hf does). A leading system message replaces the default system prompt ("" removes it).
+# The assistant answer and its "</s>" sit in a {% generation %} block, so
+# apply_chat_template(..., return_assistant_tokens_mask=True) marks exactly the supervised tokens.
+CHAT_TEMPLATE = (
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{ content }}"
+    "{%- else -%}"
+    "{%- for part in content if part['type'] == 'image' -%}{{ '<image>\\n' }}{%- endfor -%}"
+    "{%- for part in content if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = render(messages[0]['content']) -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set system = '" + DEFAULT_SYSTEM_PROMPT + "' -%}{%- set turns = messages -%}"
+    "{%- endif -%}"
+    "{{ system }}"
+    "{%- for message in turns -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{%- if loop.first and system -%}{{ ' ' }}{%- endif -%}"
+    "{{ 'USER: ' + render(message['content']) }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ ' ASSISTANT: ' }}{%- generation -%}{{ render(message['content']) + '</s>' }}{%- endgeneration -%}"
+    "{%- else -%}"
+    "{{ raise_exception('unsupported role ' + message['role'] + ': expected user/assistant') }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
+)
+
+# Lines that make the template's own words single tokens even if the corpus lacks them.
+_TEMPLATE_LINES = [
+    DEFAULT_SYSTEM_PROMPT,
+    "USER: <image>\nWhat is in the image? ASSISTANT: yes</s>USER: And then? ASSISTANT: no</s>",
+]
+_ALPHABET = sorted(set(string.printable) - set(string.whitespace) | {"\n"})
+
+
+def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Train the BPE tokenizer on ``corpus`` (strings) and wrap it with the chat template.
+
+    Specials: ``<pad>``=0, ``<s>``=1, ``</s>``=2, ``<image>``=3, ``<unk>``=4. ``<s>`` is prepended to
+    every encoded text (as Llama does); padding is on the left.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    lines = [line for line in corpus if line] + _TEMPLATE_LINES
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    # "\n" is a token of its own (LLaVA puts one after <image>), then SentencePiece-style words.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split("\n", behavior="isolated"),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
+        ]
+    )
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=_ALPHABET,
+        show_progress=False,
+    )
+    tok.train_from_iterator(lines, trainer=trainer, length=len(lines))
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, BOS_ID)]
+    )
+    for name, idx in zip(SPECIAL_TOKENS, range(5)):
+        if tok.token_to_id(name) != idx:  # guards the contract's fixed ids
+            raise RuntimeError(f"special token {name} got id {tok.token_to_id(name)}, expected {idx}")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        extra_special_tokens={"image_token": IMAGE},
+        padding_side="left",
+        model_max_length=4096,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_image_processor(image_size: int = 96) -> CLIPImageProcessor:
+    """CLIP preprocessing at ``image_size``: resize the short side, centre-crop, OpenAI CLIP mean/std."""
+    return CLIPImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": image_size},
+        do_center_crop=True,
+        crop_size={"height": image_size, "width": image_size},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+        do_convert_rgb=True,
+        resample=3,  # bicubic, as CLIP
+    )
+
+
+def build_processor(
+    image_size: int = 96,
+    patch_size: int = 8,
+    corpus: Iterable[str] | None = None,
+    vocab_size: int = 512,
+) -> LlavaProcessor:
+    """Build the offline ``LlavaProcessor`` (deterministic for a given corpus).
+
+    ``corpus``: training text for the tokenizer; defaults to ``tpkit.data.synthetic.text_corpus()``.
+    ``<image>`` expands to ``(image_size // patch_size) ** 2`` tokens (CLS dropped: LLaVA's
+    ``vision_feature_select_strategy="default"`` with ``num_additional_image_tokens=1``).
+    ``vocab_size`` is an upper bound: BPE stops once every corpus word is a single token.
+    """
+    if image_size % patch_size:
+        raise ValueError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
+    if corpus is None:
+        from tpkit.data.synthetic import text_corpus
+
+        corpus = text_corpus()
+    tokenizer = train_tokenizer(corpus, vocab_size=vocab_size)
+    return LlavaProcessor(
+        image_processor=build_image_processor(image_size),
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE,
+    )
+
+
+def num_image_tokens(processor: LlavaProcessor, height: int, width: int) -> int:
+    """How many ``<image>`` tokens ``processor`` expands one (preprocessed) image of this size into."""
+    n = (height // processor.patch_size) * (width // processor.patch_size)
+    n += processor.num_additional_image_tokens or 0
+    if processor.vision_feature_select_strategy == "default":
+        n -= 1
+    return n
