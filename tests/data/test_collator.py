@@ -1,0 +1,188 @@
+"""LlavaCollator: answer masks are exactly the answer tokens, left padding, image runs, eval prompts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.data.test_llava_json import good_record, write_png, write_set
+from tests.data.test_processor import make_processor
+from tpkit.data.collator import LlavaCollator
+from tpkit.data.llava_json import load_llava_json
+from tpkit.data.processor import DEFAULT_SYSTEM_PROMPT
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return make_processor(image_size=32, patch_size=8)  # 16 image tokens
+
+
+def multi_turn(i: int) -> dict:
+    rec = good_record(i, qtype="color", neg_type=None)
+    rec["conversations"] = [
+        {"from": "human", "value": "<image>\nWhat color is the circle?"},
+        {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "How many squares are there?"},
+        {"from": "gpt", "value": "two circles"},
+        {"from": "human", "value": "Is there a blue triangle in the image?"},
+        {"from": "gpt", "value": "yes"},
+    ]
+    return rec
+
+
+@pytest.fixture()
+def records(tmp_path):
+    recs = [
+        good_record(0, qtype="color", neg_type=None),
+        multi_turn(1),
+        good_record(2, qtype="exist", neg_type="random"),
+    ]
+    recs[2]["conversations"][1]["value"] = "no"
+    recs[2]["conversations"][0]["value"] = "<image>\nIs there a blue triangle in the image?"
+    ds, _ = load_llava_json(write_set(tmp_path, recs))
+    return [ds[i] for i in range(len(ds))]
+
+
+def answers_of(rec: dict) -> list[str]:
+    return [t["value"] for t in rec["conversations"] if t["from"] == "gpt"]
+
+
+def runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of each run of True."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+def test_answer_mask_is_exactly_the_answers(processor, records):
+    batch = LlavaCollator(processor)(records)
+    tok = processor.tokenizer
+    ids, mask, labels = batch["input_ids"], batch["answer_mask"], batch["labels"]
+    assert mask.dtype == torch.bool
+    assert torch.equal(labels[mask], ids[mask]) and bool((labels[~mask] == -100).all())
+    for b, rec in enumerate(records):
+        spans = runs(mask[b].numpy())
+        decoded = [tok.decode(ids[b, s:e].tolist()) for s, e in spans]
+        assert decoded == [a + "</s>" for a in answers_of(rec)]  # one run per turn, multi-turn included
+        for s, _ in spans:  # every answer directly follows the prompt's "ASSISTANT:"
+            assert tok.convert_ids_to_tokens(int(ids[b, s - 1])) == "▁ASSISTANT:"
+    assert batch["ids"] == ["rec-0", "rec-1", "rec-2"]
+    assert set(batch) == {"input_ids", "attention_mask", "pixel_values", "labels", "answer_mask", "ids"}
+
+
+def test_left_padding_and_image_run(processor, records):
+    batch = LlavaCollator(processor)(records)
+    ids, am = batch["input_ids"], batch["attention_mask"]
+    B, T = ids.shape
+    assert tuple(batch["pixel_values"].shape) == (B, 3, 32, 32)
+    for b in range(B):
+        n = int(am[b].sum())
+        assert am[b].tolist() == [0] * (T - n) + [1] * n
+        assert bool((ids[b, : T - n] == 0).all())
+        assert int(ids[b, T - n]) == 1  # <s> starts every sequence
+        image_pos = torch.nonzero(ids[b] == 3).flatten()
+        assert len(image_pos) == (32 // 8) ** 2
+        assert image_pos.tolist() == list(range(int(image_pos[0]), int(image_pos[0]) + 16))  # one run
+    assert int(am[1].sum()) == T  # the longest (multi-turn) sample is unpadded
+
+
+def test_ids_equal_stock_processor(processor, records):
+    """The collator's own placeholder expansion gives the same ids and pixels as LlavaProcessor.__call__."""
+    coll = LlavaCollator(processor)
+    batch = coll(records)
+    for b, rec in enumerate(records):
+        text = processor.tokenizer.apply_chat_template(coll.messages(rec), tokenize=False)
+        ref = processor(text=[text], images=[Image.open(rec["image_path"])], return_tensors="pt")
+        n = int(batch["attention_mask"][b].sum())
+        assert batch["input_ids"][b, -n:].tolist() == ref["input_ids"][0].tolist()
+        assert torch.equal(batch["pixel_values"][b], ref["pixel_values"][0])
+
+
+def test_eval_prompt(processor, records):
+    train = LlavaCollator(processor)(records)
+    ev = LlavaCollator(processor, mode="eval")(records)
+    tok = processor.tokenizer
+    assert set(ev) == {"input_ids", "attention_mask", "pixel_values", "answers", "qtypes", "ids", "neg_types"}
+    assert ev["answers"] == ["red", "red", "no"]
+    assert ev["qtypes"] == ["color", "color", "exist"]
+    assert ev["neg_types"] == [None, None, "random"]
+    assert ev["ids"] == ["rec-0", "rec-1", "rec-2"]
+    assert torch.equal(ev["pixel_values"], train["pixel_values"])
+    for b in range(len(records)):
+        n = int(ev["attention_mask"][b].sum())
+        prompt = ev["input_ids"][b, -n:].tolist()
+        text = tok.decode(prompt, skip_special_tokens=False)
+        assert text.endswith("ASSISTANT:")
+        assert text.count("ASSISTANT:") == 1
+        # the prompt is exactly the training sequence up to its first answer token
+        m = int(train["attention_mask"][b].sum())
+        full = train["input_ids"][b, -m:]
+        first_answer = int(torch.nonzero(train["answer_mask"][b, -m:])[0])
+        assert prompt == full[:first_answer].tolist()
+
+
+def test_system_prompt_choices(processor, records):
+    tok = processor.tokenizer
+
+    def text(coll):
+        b = coll(records[:1])
+        return tok.decode(b["input_ids"][0].tolist(), skip_special_tokens=True)
+
+    assert text(LlavaCollator(processor)).startswith(DEFAULT_SYSTEM_PROMPT)
+    assert text(LlavaCollator(processor, system_prompt="")).startswith("USER:")
+    assert text(LlavaCollator(processor, system_prompt="Answer briefly.")).startswith("Answer briefly. USER:")
+
+
+def test_over_long_is_rejected_naming_the_id(processor, records):
+    lengths = LlavaCollator(processor).sequence_lengths(records)
+    limit = max(lengths[0], lengths[2])
+    assert lengths[1] > limit  # the multi-turn record is the long one
+    with pytest.raises(
+        ValueError,
+        match=rf"record id='rec-1': sequence of {lengths[1]} tokens \(16 image tokens\) exceeds max_length={limit}",
+    ):
+        LlavaCollator(processor, max_length=limit)(records)
+    batch = LlavaCollator(processor, max_length=max(lengths))(records)
+    assert lengths == batch["attention_mask"].sum(1).tolist()
+
+
+def test_plain_dict_records(processor, tmp_path):
+    """No datasets: relative paths with image_folder, absolute paths, and PIL images all work."""
+    write_png(tmp_path / "a.png", seed=1)
+    base = good_record(0)
+    recs = [
+        {**base, "id": "rel", "image": "a.png"},
+        {**base, "id": "abs", "image": str(tmp_path / "a.png")},
+        {**base, "id": "pil", "image": Image.open(tmp_path / "a.png").convert("L")},  # grey -> RGB
+    ]
+    batch = LlavaCollator(processor, image_folder=tmp_path)(recs)
+    assert batch["ids"] == ["rel", "abs", "pil"]
+    assert torch.equal(batch["pixel_values"][0], batch["pixel_values"][1])
+    assert torch.equal(batch["input_ids"][0], batch["input_ids"][2])
+    with pytest.raises(ValueError, match=r"record id='missing': cannot read image"):
+        LlavaCollator(processor, image_folder=tmp_path)([{**base, "id": "missing", "image": "nope.png"}])
+    with pytest.raises(ValueError, match=r"record id='x': expected exactly one <image> placeholder, found 0"):
+        bad = {
+            **base,
+            "id": "x",
+            "image": "a.png",
+            "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "a"}],
+        }
+        LlavaCollator(processor, image_folder=tmp_path)([bad])
+
+
+def test_dataloader_over_dataset(processor, records, tmp_path):
+    ds, _ = load_llava_json(write_set(tmp_path, [good_record(i) for i in range(6)]))
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=LlavaCollator(processor))
+    sizes = [b["input_ids"].shape[0] for b in loader]
+    assert sizes == [4, 2]
+
+
+def test_full_size_image_run():
+    """96 px / patch 8: 144 image tokens per sample, as the base model expects."""
+    proc = make_processor(image_size=96, patch_size=8)
+    rec = {**good_record(0), "image": Image.fromarray(np.zeros((120, 100, 3), dtype=np.uint8))}
+    batch = LlavaCollator(proc)([rec])
+    assert int((batch["input_ids"] == 3).sum()) == 144
+    assert tuple(batch["pixel_values"].shape) == (1, 3, 96, 96)

@@ -1,0 +1,251 @@
+"""Turn LLaVA conversation records into left-padded model batches (train: with labels; eval: prompts).
+
+Works on plain dict records (``datasets`` rows or dicts from JSON); needs only the processor.
+
+Per sample the chat template is rendered once for the whole conversation, plus once per answer for
+its prefix with the generation prompt (``... ASSISTANT:``): the answer spans are the characters
+between the two, which include what the template closes an answer with (``</s>``). The placeholder
+``<image>`` is expanded to its token run as ``LlavaProcessor.__call__`` does (same count, same
+tokens), then the whole batch is tokenised in one call with character offsets, and a token is an
+answer token when its characters overlap an answer span. Images go through the processor's image
+processor. Doing the expansion here rather than calling ``processor(text=..., images=...)`` is what
+keeps the character offsets meaningful; a test checks that the ids are identical.
+
+Over-long sequences are rejected (``ValueError`` naming the record id), never truncated: see
+``tpkit.data.llava_json``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tpkit.data.processor import num_image_tokens
+
+IGNORE_INDEX = -100
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+class LlavaCollator:
+    """Collate LLaVA-JSON records into model inputs.
+
+    Train batch (``mode="train"``):
+        ``input_ids`` (B, T) long, left-padded; ``attention_mask`` (B, T) long;
+        ``pixel_values`` (B, 3, H, W) float; ``labels`` (B, T) long, ``-100`` except answer tokens
+        (each answer and its closing ``</s>``, every turn), where ``labels[b, t] = input_ids[b, t]``
+        (unshifted); ``answer_mask`` (B, T) bool (``labels != -100``); ``ids`` list[str].
+    Eval batch (``mode="eval"``):
+        ``input_ids``, ``attention_mask``, ``pixel_values`` for the prompt up to the first answer,
+        ending with the generation prompt (``... ASSISTANT:``); ``answers`` (first answer of each
+        record), ``qtypes``, ``ids``, ``neg_types`` lists (``None`` where a record has no such key).
+
+    Args:
+        processor: a ``LlavaProcessor`` (``tpkit.data.processor.build_processor`` or a hub one).
+        max_length: longest allowed sequence in tokens, image tokens included; longer records raise.
+        mode: ``"train"`` or ``"eval"``.
+        system_prompt: ``None`` keeps the chat template's own system prompt; a string replaces it
+            (sent as a system message; ``""`` removes it).
+        image_folder: resolves relative ``image`` paths of records without ``image_path``.
+    """
+
+    def __init__(
+        self,
+        processor: Any,
+        max_length: int = 512,
+        mode: str = "train",
+        system_prompt: str | None = None,
+        image_folder: str | os.PathLike | None = None,
+    ):
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_processor = processor.image_processor
+        self.max_length = int(max_length)
+        self.mode = mode
+        self.system_prompt = system_prompt
+        self.image_folder = Path(image_folder) if image_folder is not None else None
+        self.chat_template = getattr(processor, "chat_template", None) or self.tokenizer.chat_template
+        if self.chat_template is None:
+            raise ValueError("the processor has no chat template")
+        self.image_token = processor.image_token
+        self.image_token_id = processor.image_token_id
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._bos = self.tokenizer.bos_token
+
+    # ---- text -------------------------------------------------------------------------------
+    def messages(self, record: dict[str, Any]) -> list[dict[str, str]]:
+        """The record's conversation as chat-template messages (system message first if set)."""
+        rid = record.get("id")
+        conv = record.get("conversations")
+        if not isinstance(conv, list) or not conv:
+            raise ValueError(f"record id={rid!r}: 'conversations' must be a non-empty list")
+        msgs = [] if self.system_prompt is None else [{"role": "system", "content": self.system_prompt}]
+        for i, turn in enumerate(conv):
+            role = _ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+            if role is None or role != ("user" if i % 2 == 0 else "assistant"):
+                raise ValueError(
+                    f"record id={rid!r}: turn {i} has role {turn!r:.60}; expected alternating human/gpt"
+                )
+            msgs.append({"role": role, "content": turn["value"]})
+        return msgs
+
+    def _render(self, msgs: list[dict[str, str]], generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            msgs, chat_template=self.chat_template, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    def _texts(self, record: dict[str, Any]) -> tuple[str, list[tuple[int, int]], str]:
+        """(full conversation text, answer character spans in it, prompt up to the first answer)."""
+        msgs = self.messages(record)
+        answers = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        if not answers:
+            raise ValueError(f"record id={record.get('id')!r}: no answer turn")
+        full = self._render(msgs, False) if self.mode == "train" else ""
+        spans, prompt = [], ""
+        for k, i in enumerate(answers):
+            before = self._render(msgs[:i], True)  # ends with the generation prompt
+            if k == 0:
+                prompt = before
+                if self.mode == "eval":
+                    break
+            through = full if i == len(msgs) - 1 else self._render(msgs[: i + 1], False)
+            if not (full.startswith(before) and full.startswith(through) and len(through) > len(before)):
+                raise ValueError(
+                    f"record id={record.get('id')!r}: the chat template does not render conversations as "
+                    "prefixes of each other; cannot locate the answer tokens"
+                )
+            spans.append((len(before), len(through)))
+        return full, spans, prompt
+
+    def _expand(
+        self, text: str, spans: list[tuple[int, int]], n_image: int, rid: Any
+    ) -> tuple[str, np.ndarray]:
+        """Expand the single image placeholder to ``n_image`` tokens; shift the spans after it."""
+        pos = text.find(self.image_token)
+        if pos < 0 or text.find(self.image_token, pos + 1) >= 0:
+            n = text.count(self.image_token)
+            raise ValueError(
+                f"record id={rid!r}: expected exactly one {self.image_token} placeholder, found {n}"
+            )
+        shift = (n_image - 1) * len(self.image_token)
+        out = text[:pos] + self.image_token * n_image + text[pos + len(self.image_token) :]
+        sp = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+        sp = sp + shift * (sp >= pos + len(self.image_token))
+        return out, sp
+
+    def _encode(self, records: Sequence[dict[str, Any]], n_image: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Token ids and answer mask (bool) per record, unpadded; raises on over-long records."""
+        texts, spans = [], []
+        for r in records:
+            full, sp, prompt = self._texts(r)
+            text = full if self.mode == "train" else prompt
+            t, s = self._expand(text, sp if self.mode == "train" else [], n_image, r.get("id"))
+            texts.append(t)
+            spans.append(s)
+        add_bos = not (self._bos and all(t.startswith(self._bos) for t in texts))
+        enc = self.tokenizer(
+            texts, add_special_tokens=add_bos, return_offsets_mapping=True, return_attention_mask=False
+        )
+        out = []
+        for r, ids, offsets, sp in zip(records, enc["input_ids"], enc["offset_mapping"], spans):
+            ids = np.asarray(ids, dtype=np.int64)
+            n_img = int((ids == self.image_token_id).sum())
+            if n_img != n_image:
+                raise ValueError(
+                    f"record id={r.get('id')!r}: {n_img} image tokens after tokenisation, expected {n_image}"
+                )
+            off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)  # (L, 2) character spans
+            # a token belongs to an answer when its characters overlap the span; (0, 0) specials never do
+            mask = ((off[:, None, 1] > sp[None, :, 0]) & (off[:, None, 0] < sp[None, :, 1])).any(1)
+            out.append((ids, mask))
+        return out
+
+    def _n_image_tokens(self) -> int:
+        """Image tokens per sample from the image processor's output size (no image needed)."""
+        ip = self.image_processor
+        size = ip.crop_size if getattr(ip, "do_center_crop", False) else ip.size
+        if not size or "height" not in size:
+            raise ValueError(f"cannot tell the image size from the image processor (size={size})")
+        return num_image_tokens(self.processor, size["height"], size["width"])
+
+    def sequence_lengths(self, records: Sequence[dict[str, Any]], batch_size: int = 256) -> list[int]:
+        """Token count (image tokens included) of each record as this collator would build it."""
+        n_image = self._n_image_tokens()
+        lengths: list[int] = []
+        for i in range(0, len(records), batch_size):
+            lengths += [len(ids) for ids, _ in self._encode(records[i : i + batch_size], n_image)]
+        return lengths
+
+    # ---- images -----------------------------------------------------------------------------
+    def _load_image(self, record: dict[str, Any]):
+        from PIL import Image
+
+        image = record.get("image_path") or record.get("image")
+        if isinstance(image, Image.Image):
+            return image.convert("RGB")
+        if not isinstance(image, (str, os.PathLike)) or not str(image):
+            raise ValueError(f"record id={record.get('id')!r}: no image (got {image!r:.60})")
+        path = Path(image)
+        if not path.is_absolute() and self.image_folder is not None:
+            path = self.image_folder / path
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except Exception as e:
+            raise ValueError(f"record id={record.get('id')!r}: cannot read image {path}: {e}") from None
+
+    # ---- batch ------------------------------------------------------------------------------
+    def __call__(self, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if not records:
+            raise ValueError("empty batch")
+        images = [self._load_image(r) for r in records]
+        pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
+        n_image = num_image_tokens(self.processor, pixel_values.shape[-2], pixel_values.shape[-1])
+        encoded = self._encode(records, n_image)
+        lengths = [len(ids) for ids, _ in encoded]
+        for r, n in zip(records, lengths):
+            if n > self.max_length:
+                raise ValueError(
+                    f"record id={r.get('id')!r}: sequence of {n} tokens ({n_image} image tokens) exceeds "
+                    f"max_length={self.max_length}. Over-long records are rejected, not truncated: raise "
+                    "max_length, or drop them with load_llava_json(..., processor=..., max_length=..., "
+                    "on_error='skip')"
+                )
+        B, T = len(records), max(lengths)
+        input_ids = np.full((B, T), self.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((B, T), dtype=np.int64)
+        answer_mask = np.zeros((B, T), dtype=bool)
+        for b, (ids, mask) in enumerate(encoded):  # left padding
+            input_ids[b, T - len(ids) :] = ids
+            attention_mask[b, T - len(ids) :] = 1
+            answer_mask[b, T - len(ids) :] = mask
+        batch: dict[str, Any] = {
+            "input_ids": torch.from_numpy(input_ids),  # (B, T)
+            "attention_mask": torch.from_numpy(attention_mask),  # (B, T)
+            "pixel_values": pixel_values,  # (B, 3, H, W)
+        }
+        ids = [str(r.get("id")) for r in records]
+        if self.mode == "train":
+            labels = np.where(answer_mask, input_ids, IGNORE_INDEX)
+            batch["labels"] = torch.from_numpy(labels)  # (B, T)
+            batch["answer_mask"] = torch.from_numpy(answer_mask)  # (B, T)
+            batch["ids"] = ids
+        else:
+            batch["answers"] = [_first_answer(r) for r in records]
+            batch["qtypes"] = [r.get("qtype") for r in records]
+            batch["ids"] = ids
+            batch["neg_types"] = [r.get("neg_type") for r in records]
+        return batch
+
+
+def _first_answer(record: dict[str, Any]) -> str:
+    for turn in record["conversations"]:
+        if _ROLES.get(turn.get("from")) == "assistant":
+            return turn["value"]
+    raise ValueError(f"record id={record.get('id')!r}: no answer turn")

@@ -1,0 +1,306 @@
+"""Load LLaVA conversation JSON (the LLaVA-Instruct format) into a ``datasets.Dataset``, validating every record.
+
+A record::
+
+    {"id": "000001", "image": "images/test/000001.png",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat color is the circle?"},
+                       {"from": "gpt", "value": "red"}, ...],
+     ...extra keys (qtype, objects, neg_type, ...) pass through unchanged}
+
+Real LLaVA-Instruct files (``llava_instruct_150k.json``, ``llava_v1_5_mix665k.json``) read the same
+way; their text-only records (no ``image``) are rejected as bad records, because tpkit feeds exactly
+one image per sample (load them with ``on_error="skip"`` to keep the rest).
+
+Every bad record is reported with the file, its index and its id. ``on_error="raise"`` raises
+``LlavaDataError`` at the first one; ``on_error="skip"`` drops it, keeps every good record, and lists
+each bad one with its reason in the ``LoadReport``.
+
+Over-long sequences are **rejected, never truncated**: truncation would cut the answer (the only
+supervised tokens) or the image placeholder run (whose length must match the image features). Give
+``processor`` (and ``max_length``) here to find them at load time, which with ``on_error="skip"``
+drops them before training; otherwise ``LlavaCollator`` raises on them, naming the record id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # `datasets` is imported lazily: the GPU machine does not have it
+    import datasets
+    from transformers import ProcessorMixin
+
+IMAGE_PLACEHOLDER = "<image>"
+USER_ROLES = ("human", "user")
+ASSISTANT_ROLES = ("gpt", "assistant")
+CHECK_IMAGES = ("none", "exists", "open", "decode")
+
+
+class LlavaDataError(ValueError):
+    """A bad LLaVA-JSON file or record; the message names the file, record index and id."""
+
+    def __init__(self, path: str | os.PathLike, reason: str, index: int | None = None, record_id: Any = None):
+        self.path, self.reason, self.index, self.record_id = str(path), reason, index, record_id
+        where = str(path) if index is None else f"{path}: record #{index} (id={record_id!r})"
+        super().__init__(f"{where}: {reason}")
+
+
+@dataclass
+class RecordError:
+    """One rejected record."""
+
+    index: int
+    id: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        return f"record #{self.index} (id={self.id!r}): {self.reason}"
+
+
+@dataclass
+class LoadReport:
+    """What ``load_llava_json`` read, kept and rejected."""
+
+    json_path: str
+    image_folder: str
+    n_records: int = 0  # records examined (after max_records)
+    n_loaded: int = 0
+    errors: list[RecordError] = field(default_factory=list)
+
+    @property
+    def n_skipped(self) -> int:
+        return len(self.errors)
+
+    def summary(self, max_errors: int = 20) -> str:
+        lines = [
+            f"{self.json_path}: {self.n_loaded}/{self.n_records} records loaded, {self.n_skipped} skipped"
+        ]
+        lines += [f"  {e}" for e in self.errors[:max_errors]]
+        if len(self.errors) > max_errors:
+            lines.append(f"  ... and {len(self.errors) - max_errors} more")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def role_of(turn_from: str) -> str | None:
+    """LLaVA role name -> chat-template role ("user"/"assistant"), None if unknown."""
+    if turn_from in USER_ROLES:
+        return "user"
+    if turn_from in ASSISTANT_ROLES:
+        return "assistant"
+    return None
+
+
+def _check_conversations(conv: Any) -> None:
+    if not isinstance(conv, list):
+        raise _Bad(f"'conversations' must be a list of turns, got {type(conv).__name__}")
+    if not conv:
+        raise _Bad("'conversations' is empty")
+    n_placeholders = 0
+    for i, turn in enumerate(conv):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise _Bad(f"turn {i} must be a dict with 'from' and 'value', got {turn!r:.80}")
+        if not isinstance(turn["value"], str):
+            raise _Bad(f"turn {i}: 'value' must be a string, got {type(turn['value']).__name__}")
+        role = role_of(turn["from"])
+        if role is None:
+            raise _Bad(f"turn {i}: unknown role {turn['from']!r} (expected 'human' or 'gpt')")
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            want = "human" if expected == "user" else "gpt"
+            raise _Bad(
+                f"turn {i}: expected role {want!r}, got {turn['from']!r} "
+                "(turns must alternate human/gpt, starting with human)"
+            )
+        if role == "assistant" and not turn["value"].strip():
+            raise _Bad(f"turn {i}: empty answer")
+        count = turn["value"].count(IMAGE_PLACEHOLDER)
+        if count and i != 0:
+            raise _Bad(f"turn {i}: {IMAGE_PLACEHOLDER} placeholder outside the first human turn")
+        n_placeholders += count
+    if n_placeholders == 0:
+        raise _Bad(f"no {IMAGE_PLACEHOLDER} placeholder in the first human turn")
+    if n_placeholders > 1:
+        raise _Bad(
+            f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholders in the first human turn (one image per record)"
+        )
+    if len(conv) % 2:
+        raise _Bad("conversation ends with a human turn (no answer)")
+
+
+def _check_image(image: Any, folder: Path, check: str) -> str:
+    if image is None:
+        raise _Bad("no 'image' field (text-only records are not supported: one image per sample)")
+    if not isinstance(image, str) or not image:
+        raise _Bad(f"'image' must be a non-empty path string, got {image!r:.80}")
+    path = Path(image) if os.path.isabs(image) else folder / image
+    if check == "none":
+        return str(path)
+    if not path.is_file():
+        raise _Bad(f"image file not found: {path}")
+    if check in ("open", "decode"):
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                if check == "decode":
+                    im.load()
+        except Exception as e:  # PIL raises many types for corrupt files
+            raise _Bad(f"unreadable image {path}: {type(e).__name__}: {e}") from None
+    return str(path)
+
+
+class _Bad(Exception):
+    """Internal: one record failed validation (reason in args[0])."""
+
+
+def validate_record(
+    record: Any, image_folder: str | os.PathLike, check_images: str = "open"
+) -> dict[str, Any]:
+    """Check one record; return a copy with ``id`` as str and ``image_path`` (absolute) added.
+
+    Raises ``_Bad`` (internal) with the reason; ``load_llava_json`` turns it into ``LlavaDataError``.
+    """
+    if not isinstance(record, dict):
+        raise _Bad(f"a record must be a JSON object, got {type(record).__name__}")
+    if record.get("id") is None or record.get("id") == "":
+        raise _Bad("missing 'id'")
+    if "conversations" not in record:
+        raise _Bad("missing 'conversations'")
+    _check_conversations(record["conversations"])
+    image_path = _check_image(record.get("image"), Path(image_folder), check_images)
+    out = dict(record)
+    out["id"] = str(record["id"])
+    out["image_path"] = str(Path(image_path).resolve())
+    return out
+
+
+def _read_json(path: Path) -> list[Any]:
+    if not path.is_file():
+        raise LlavaDataError(path, "file not found")
+    with open(path, encoding="utf-8") as f:
+        if path.suffix == ".jsonl":
+            data = []
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        data.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise LlavaDataError(path, f"line {lineno}: invalid JSON: {e.msg}") from None
+            return data
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise LlavaDataError(path, f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(data, list):
+        raise LlavaDataError(path, f"top level must be a list of records, got {type(data).__name__}")
+    return data
+
+
+def _progress(it: Iterable, total: int, desc: str) -> Iterable:
+    if total < 5000:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, total=total, desc=desc, unit="rec")
+
+
+def load_llava_json(
+    json_path: str | os.PathLike,
+    image_folder: str | os.PathLike | None = None,
+    on_error: str = "raise",
+    max_records: int | None = None,
+    *,
+    check_images: str = "open",
+    processor: ProcessorMixin | None = None,
+    max_length: int = 512,
+    system_prompt: str | None = None,
+) -> tuple[datasets.Dataset, LoadReport]:
+    """Read a LLaVA conversation JSON (or JSONL) file into a ``datasets.Dataset`` and a ``LoadReport``.
+
+    Args:
+        json_path: the ``.json`` (list of records) or ``.jsonl`` file.
+        image_folder: where relative ``image`` paths live; defaults to the JSON file's directory.
+        on_error: ``"raise"`` (``LlavaDataError`` naming file, index and id at the first bad record)
+            or ``"skip"`` (drop bad records, list each in the report; no good record is lost).
+        max_records: only the first ``max_records`` entries of the file are examined.
+        check_images: ``"open"`` (exists and PIL reads its header, default), ``"decode"`` (full
+            decode, slow), ``"exists"``, or ``"none"``.
+        processor, max_length, system_prompt: if ``processor`` is given, every record is rendered
+            and tokenised as ``LlavaCollator(processor, max_length, system_prompt=...)`` would, and
+            records longer than ``max_length`` tokens are bad records (rejected, not truncated).
+
+    Rows keep every key of the record (``id`` as str) plus ``image_path``, the resolved image file.
+    Bad records: not an object, missing id, non-list or empty conversations, malformed turns,
+    unknown or non-alternating roles (human, gpt, human, ...), empty answer, missing or misplaced
+    ``<image>`` placeholder (exactly one, in the first human turn), no image field, missing or
+    unreadable image file, over-long sequence (with ``processor``).
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if check_images not in CHECK_IMAGES:
+        raise ValueError(f"check_images must be one of {CHECK_IMAGES}, got {check_images!r}")
+    path = Path(json_path)
+    folder = Path(image_folder) if image_folder is not None else path.parent
+    report = LoadReport(json_path=str(path), image_folder=str(folder))
+    if image_folder is not None and not folder.is_dir():
+        raise LlavaDataError(path, f"image_folder {folder} is not a directory")
+    data = _read_json(path)
+    if max_records is not None:
+        data = data[:max_records]
+    report.n_records = len(data)
+
+    def reject(index: int, record: Any, reason: str) -> None:
+        rid = str(record.get("id")) if isinstance(record, dict) and record.get("id") is not None else None
+        if on_error == "raise":
+            raise LlavaDataError(path, reason, index, rid)
+        report.errors.append(RecordError(index, rid, reason))
+
+    good: list[tuple[int, dict[str, Any]]] = []
+    for index, record in enumerate(_progress(data, len(data), f"checking {path.name}")):
+        try:
+            good.append((index, validate_record(record, folder, check_images)))
+        except _Bad as e:
+            reject(index, record, e.args[0])
+
+    if processor is not None and good:
+        from tpkit.data.collator import LlavaCollator
+
+        collator = LlavaCollator(processor, max_length=max_length, mode="train", system_prompt=system_prompt)
+        lengths = collator.sequence_lengths([r for _, r in good])
+        kept = []
+        for (index, record), n in zip(good, lengths):
+            if n > max_length:
+                reject(
+                    index,
+                    record,
+                    f"sequence of {n} tokens exceeds max_length={max_length} (rejected, not truncated)",
+                )
+            else:
+                kept.append((index, record))
+        good = kept
+
+    report.errors.sort(key=lambda e: e.index)
+    rows = [r for _, r in good]
+    report.n_loaded = len(rows)
+    return _to_dataset(rows, path), report
+
+
+def _to_dataset(rows: list[dict[str, Any]], path: Path) -> datasets.Dataset:
+    import datasets
+
+    # Dataset.from_list takes its columns from the first row: give every row the union of keys.
+    keys: dict[str, None] = {}
+    for row in rows:
+        keys.update(dict.fromkeys(row))
+    columns = {k: [row.get(k) for row in rows] for k in keys}
+    try:
+        return datasets.Dataset.from_dict(columns)
+    except Exception as e:  # pyarrow type clashes between records (e.g. a key that is sometimes a list)
+        raise LlavaDataError(path, f"records do not share one schema: {type(e).__name__}: {e}") from None
