@@ -1,0 +1,81 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tpkit.training.losses import (
+    IGNORE_INDEX,
+    answer_ce,
+    answer_targets,
+    distill_loss,
+    divergence,
+    gather_rows,
+)
+
+
+def test_answer_targets_follow_kept_index():
+    # original row: 6 tokens, answer tokens at 4, 5 (labels unshifted)
+    labels = torch.tensor([[-100, -100, -100, -100, 40, 50]])
+    # no pruning: position t predicts labels[t + 1]
+    assert answer_targets(labels).tolist() == [[-100, -100, -100, 40, 50, -100]]
+    # pruned: kept original positions 0, 3, 4, 5 (+ one pad at the left, -1)
+    kept = torch.tensor([[-1, 0, 3, 4, 5]])
+    assert answer_targets(labels, kept).tolist() == [[-100, -100, 40, 50, -100]]
+
+
+def test_gather_rows():
+    logits = torch.arange(2 * 4 * 3, dtype=torch.float).view(2, 4, 3)
+    idx = torch.tensor([[0, 3], [2, -1]])
+    out = gather_rows(logits, idx)
+    assert torch.equal(out[0, 1], logits[0, 3]) and torch.equal(out[1, 0], logits[1, 2])
+    assert torch.equal(out[1, 1], logits[1, 0])  # padding (-1) reads row 0; its target is ignored
+
+
+def test_ce_equals_cross_entropy_by_hand():
+    logits = torch.tensor([[[2.0, 0.0, -1.0], [0.5, 0.5, 0.0], [1.0, 2.0, 3.0]]])
+    targets = torch.tensor([[IGNORE_INDEX, 2, 0]])
+    expected = (-F.log_softmax(logits[0, 1], -1)[2] - F.log_softmax(logits[0, 2], -1)[0]) / 2
+    torch.testing.assert_close(answer_ce(logits, targets), expected)
+    torch.testing.assert_close(answer_ce(logits, targets), F.cross_entropy(logits[0, 1:], targets[0, 1:]))
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_kd_zero_when_student_equals_teacher(kind):
+    logits = torch.randn(2, 5, 11, generator=torch.Generator().manual_seed(0))
+    targets = torch.tensor([[1, 2, IGNORE_INDEX, 3, 4], [IGNORE_INDEX] * 4 + [7]])
+    kd = distill_loss(logits, logits.clone(), targets, kind=kind, temperature=2.0)
+    assert kd.abs().item() < 1e-6
+
+
+def test_divergences_match_definitions():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g)
+    ps, pt = s.softmax(-1), t.softmax(-1)
+    fkl = (pt * (pt.log() - ps.log())).sum(-1)
+    torch.testing.assert_close(divergence(s, t, "forward_kl"), fkl)
+    torch.testing.assert_close(
+        divergence(s, t, "forward_kl"), F.kl_div(s.log_softmax(-1), pt, reduction="none").sum(-1)
+    )
+    torch.testing.assert_close(divergence(s, t, "reverse_kl"), (ps * (ps.log() - pt.log())).sum(-1))
+    m = 0.5 * (ps + pt)
+    jsd = 0.5 * (pt * (pt.log() - m.log())).sum(-1) + 0.5 * (ps * (ps.log() - m.log())).sum(-1)
+    torch.testing.assert_close(divergence(s, t, "jsd"), jsd)
+    # JSD(beta=0.5) is symmetric, KL is not
+    torch.testing.assert_close(divergence(s, t, "jsd"), divergence(t, s, "jsd"))
+    assert not torch.allclose(divergence(s, t, "forward_kl"), divergence(t, s, "forward_kl"))
+    assert (divergence(s, t, "forward_kl") > 0).all()
+
+
+def test_distill_loss_temperature_scaling_and_no_teacher_grad():
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(1, 3, 5, generator=g, requires_grad=True)
+    t = torch.randn(1, 3, 5, generator=g, requires_grad=True)
+    targets = torch.tensor([[0, IGNORE_INDEX, 1]])
+    kd = distill_loss(s, t, targets, temperature=2.0)
+    rows = torch.tensor([0, 2])
+    expected = divergence(s[0, rows] / 2, t[0, rows] / 2).mean() * 4
+    torch.testing.assert_close(kd, expected)
+    kd.backward()
+    assert s.grad is not None and t.grad is None
+    # no answer position: a zero that still backpropagates
+    none = distill_loss(s, t, torch.full((1, 3), IGNORE_INDEX))
+    assert none.item() == 0.0 and none.requires_grad

@@ -1,0 +1,129 @@
+"""The student/teacher step on the tiny model: targets, teacher == stock, KD 0 at init, learning."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tpkit.data.collator import LlavaCollator
+from tpkit.data.llava_json import load_llava_json
+from tpkit.models import is_attached, pruning_disabled
+from tpkit.training.modeling import load_base_model, resolve_dtype
+from tpkit.training.run import build_module, build_student, fit
+
+
+@pytest.fixture(scope="module")
+def batch(processor, train_json):
+    ds, _ = load_llava_json(train_json)
+    return LlavaCollator(processor, max_length=128, mode="train")([ds[i] for i in range(4)])
+
+
+def _module(cfg, processor, base=None):
+    peft_model, attached = build_student(cfg, processor, base=base)
+    return build_module(cfg, peft_model, attached)
+
+
+def test_lora_hits_language_model_only_and_answer_mask_reaches_pruned_forward(make_cfg, processor, batch):
+    m = _module(make_cfg(), processor)
+    trainable = [n for n, p in m.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
+    assert m.pruning_attached and is_attached(m.model.get_base_model())
+    out = m.student_forward(batch)  # through PeftModel.forward
+    T = batch["input_ids"].shape[1]
+    assert out.logits.shape[1] < T  # stage 1 (16 -> >= 4 patches) shrank the sequence
+    # every answer token's predecessor survived, so no answer target is lost
+    kept = out.kept_index
+    for b in range(kept.shape[0]):
+        ans = batch["answer_mask"][b].nonzero().flatten()
+        assert set((ans - 1).tolist()) <= set(kept[b].tolist())
+
+
+def test_teacher_logits_equal_stock_model(make_cfg, processor, batch):
+    cfg = make_cfg()
+    base = load_base_model(cfg.model, dtype=resolve_dtype(cfg.model.dtype, False), processor=processor)
+    stock = copy.deepcopy(base)
+    m = _module(cfg, processor, base=base)
+    with torch.no_grad():
+        for p in m.model.parameters():  # a trained-looking adapter, so "adapter off" matters
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+        ref = stock(
+            input_ids=batch["input_ids"],
+            pixel_values=batch["pixel_values"],
+            attention_mask=batch["attention_mask"],
+        ).logits
+        student = m.student_forward(batch).logits
+    torch.testing.assert_close(m.teacher_logits(batch), ref, rtol=0, atol=0)
+    assert student.shape != ref.shape  # the student itself is pruned
+    # the adapter is back on after the teacher pass
+    with pruning_disabled(m.model.get_base_model()), torch.no_grad():
+        on = m.model(
+            input_ids=batch["input_ids"],
+            pixel_values=batch["pixel_values"],
+            attention_mask=batch["attention_mask"],
+        )
+    assert not torch.allclose(on.logits, ref)
+
+
+def test_kd_zero_when_student_equals_teacher(make_cfg, processor, batch):
+    # LoRA B starts at 0 and pruning is off: the student is the teacher
+    cfg = make_cfg(pruning={"stage1": {"enabled": False}, "stage2": {"enabled": False}})
+    m = _module(cfg, processor)
+    with torch.no_grad():
+        parts = m.losses(batch)
+    assert parts["kd"].item() == pytest.approx(0.0, abs=1e-7)
+    assert parts["ce"].item() > 1.0
+
+
+def test_loss_decreases(make_cfg, processor, batch):
+    torch.manual_seed(0)
+    m = _module(make_cfg(), processor)
+    m.model.train()
+    opt = torch.optim.AdamW([p for p in m.model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = m.losses(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+
+
+@pytest.mark.parametrize("train_projector", [False, True])
+def test_only_trainable_params_change(make_cfg, processor, train_projector):
+    cfg = make_cfg(
+        lora={"train_projector": train_projector}, trainer={"max_steps": 3, "checkpoint_every_n_steps": 0}
+    )
+    base = load_base_model(cfg.model, processor=processor)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    res = fit(cfg, processor=processor, base=base)
+    changed_trainable = 0
+    for n, p in res.module.model.named_parameters():
+        if p.requires_grad:
+            assert "lora_" in n or (train_projector and "modules_to_save" in n), n
+            changed_trainable += 1
+    assert changed_trainable > 0
+    for n, p in base.named_parameters():
+        if "lora_" in n or "modules_to_save" in n:
+            continue
+        key = n.replace(".base_layer", "").replace(".original_module", "")
+        assert torch.equal(p, before[key]), f"base weight {n} changed"
+    lora_b = [p for n, p in res.module.model.named_parameters() if "lora_B" in n]
+    assert any(p.abs().sum() > 0 for p in lora_b)  # B started at 0: the adapter trained
+    if train_projector:
+        proj = dict(res.module.model.named_parameters())
+        trained = [p for n, p in proj.items() if "modules_to_save" in n and p.requires_grad]
+        assert trained and any(
+            not torch.equal(
+                p, before[n.split("base_model.model.", 1)[1].replace(".modules_to_save.default", "")]
+            )
+            for n, p in proj.items()
+            if "modules_to_save" in n
+        )
+    # the checkpoint holds trainable tensors only
+    sd = torch.load(res.checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    assert set(sd) == {n for n, p in res.module.named_parameters() if p.requires_grad}

@@ -1,0 +1,212 @@
+"""LightningModule: pruned LoRA student distilled from the same weights, unpruned and adapter-free.
+
+One copy of the base weights: the student is ``PeftModel(base)`` with the pruner attached to
+``base``; the teacher is the same object under ``disable_adapter()`` + ``pruning_disabled(base)``
+and ``no_grad``. Checkpoints hold trainable tensors only (LoRA, and the projector when trained),
+plus optimizer/scheduler/loop/sampler state and the RNG state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from peft import PeftModel
+
+from tpkit.config import DistillConfig, OptimConfig
+from tpkit.training.losses import answer_ce, answer_targets, distill_loss, gather_rows
+
+__all__ = ["DistillLoRAModule", "lr_lambda", "pruner_api"]
+
+
+def pruner_api() -> Any:
+    """``tpkit.models`` when the pruner is available, else None (stock forward, no kept_index)."""
+    try:
+        import tpkit.models as m
+
+        return m if hasattr(m, "attach_pruner") else None
+    except ImportError:
+        return None
+
+
+def lr_lambda(cfg: OptimConfig, max_steps: int):
+    """Linear warmup, then cosine / linear decay to ``min_lr_ratio`` at ``max_steps``, or constant."""
+
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.scheduler == "constant":
+            return 1.0
+        span = max(1, max_steps - cfg.warmup_steps)
+        p = min(1.0, (step - cfg.warmup_steps) / span)
+        decay = 0.5 * (1 + math.cos(math.pi * p)) if cfg.scheduler == "cosine" else 1 - p
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
+
+    return f
+
+
+class DistillLoRAModule(L.LightningModule):
+    """Student/teacher training step; ``model`` is a PeftModel whose base may carry the pruner."""
+
+    def __init__(
+        self,
+        model: PeftModel,
+        distill: DistillConfig,
+        optim: OptimConfig,
+        *,
+        max_steps: int,
+        pruning_attached: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.distill = distill
+        self.optim = optim
+        self.max_steps = max_steps
+        self.pruning_attached = pruning_attached
+        self.strict_loading = False  # checkpoints hold trainable tensors only
+        self._t_last: float | None = None
+        self._pending_rng: dict | None = None
+
+    # ---------------------------------------------------------------------------------------
+    # forward passes
+
+    @property
+    def base(self) -> torch.nn.Module:
+        return self.model.get_base_model()
+
+    def _inputs(self, batch: dict) -> dict[str, Any]:
+        return {
+            "input_ids": batch["input_ids"],
+            "pixel_values": batch["pixel_values"],
+            "attention_mask": batch["attention_mask"],
+            "use_cache": False,
+        }
+
+    def student_forward(self, batch: dict) -> Any:
+        kw = self._inputs(batch)
+        if self.pruning_attached:
+            kw["answer_mask"] = batch["answer_mask"]
+        return self.model(**kw)
+
+    @torch.no_grad()
+    def teacher_logits(self, batch: dict) -> torch.Tensor:
+        """Logits of the base model, adapter off and pruner off: (B, T, V) at original positions."""
+        api = pruner_api()
+        off = api.pruning_disabled(self.base) if (self.pruning_attached and api) else contextlib.nullcontext()
+        with self.model.disable_adapter(), off:
+            return self.model(**self._inputs(batch)).logits
+
+    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        out = self.student_forward(batch)
+        kept = getattr(out, "kept_index", None)  # (B, T_out) or None (no pruner)
+        parts: dict[str, torch.Tensor] = {}
+        if self.pruning_attached:
+            stats = pruner_api().last_stats(self.base) or {}
+            if "token_layer_fraction" in stats:
+                parts["kept_frac"] = stats["token_layer_fraction"].float().mean().detach()
+            if "k1" in stats and "n_visual" in stats:
+                parts["visual_kept"] = (stats["k1"].float() / stats["n_visual"].float().clamp(min=1)).mean()
+        targets = answer_targets(batch["labels"], kept)  # (B, T_out)
+        ce = answer_ce(out.logits, targets)
+        loss = self.distill.ce_weight * ce
+        parts["ce"] = ce.detach()
+        if self.distill.alpha > 0:
+            t_logits = self.teacher_logits(batch)
+            if kept is not None:
+                t_logits = gather_rows(t_logits, kept)  # teacher rows at the student's original positions
+            kd = distill_loss(
+                out.logits,
+                t_logits,
+                targets,
+                kind=self.distill.kind,
+                temperature=self.distill.temperature,
+                beta=self.distill.jsd_beta,
+            )
+            loss = loss + self.distill.alpha * kd
+            parts["kd"] = kd.detach()
+        parts["loss"] = loss
+        return parts
+
+    # ---------------------------------------------------------------------------------------
+    # Lightning hooks
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        parts = self.losses(batch)
+        bs = batch["input_ids"].shape[0]
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "mark_in_flight"):
+            dm.mark_in_flight(bs)  # committed to the loader's resume position at batch end
+        for k, v in parts.items():
+            self.log(f"train/{k}", v, prog_bar=k in ("loss", "kd", "kept_frac"), batch_size=bs)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=False, batch_size=bs)
+        return parts["loss"]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._t_last is None:
+            self._t_last = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
+        now = time.perf_counter()
+        dt = now - (self._t_last or now)
+        self._t_last = now
+        if dt > 0:
+            sps = batch["input_ids"].shape[0] * self.trainer.world_size / dt
+            self.log("train/samples_per_s", sps, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        parts = self.losses(batch)
+        bs = batch["input_ids"].shape[0]
+        for k, v in parts.items():
+            self.log(f"val/{k}", v, prog_bar=k == "loss", batch_size=bs, sync_dist=True)
+
+    def configure_optimizers(self) -> dict:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(
+            params,
+            lr=self.optim.lr,
+            betas=tuple(self.optim.betas),
+            eps=self.optim.eps,
+            weight_decay=self.optim.weight_decay,
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.optim, self.max_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---------------------------------------------------------------------------------------
+    # checkpoints: trainable tensors + RNG only
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["tpkit_rng"] = rng
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(names - set(checkpoint.get("state_dict", {})))
+        if missing:
+            raise RuntimeError(
+                f"checkpoint lacks {len(missing)} trainable tensors (first: {missing[0]}); "
+                "was it written with another lora/model config?"
+            )
+        self._pending_rng = checkpoint.get("tpkit_rng")
+
+    def on_fit_start(self) -> None:
+        self.model.train()  # from_pretrained / build_tiny_llava hand back eval-mode modules
+
+    def on_train_start(self) -> None:
+        # restored here, right before the first resumed step, so nothing in between draws from it
+        if self._pending_rng is not None:
+            torch.set_rng_state(self._pending_rng["torch"])
+            if "cuda" in self._pending_rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(self._pending_rng["cuda"])
+            self._pending_rng = None
