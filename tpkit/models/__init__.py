@@ -1,0 +1,21 @@
+"""Model loading, the pruner attached to stock LLaVA models, and tiny test models."""
+
+from tpkit.models.pruned_llava import (
+    PrunedLlavaOutput,
+    attach_pruner,
+    detach_pruner,
+    is_attached,
+    last_stats,
+    pruning_disabled,
+    set_pruning,
+)
+
+__all__ = [
+    "attach_pruner",
+    "detach_pruner",
+    "set_pruning",
+    "pruning_disabled",
+    "last_stats",
+    "is_attached",
+    "PrunedLlavaOutput",
+]

@@ -1,0 +1,154 @@
+"""Pruned forward: kept_index, protected tokens, overrides, stats, loss, errors."""
+
+import pytest
+import torch
+
+from tpkit.models import attach_pruner, detach_pruner, last_stats, set_pruning
+from tpkit.models.pruned_llava import pruned_lm_loss
+from tpkit.pruning import PruningConfig, Stage1Config, Stage2Config
+
+
+@pytest.fixture
+def model(tiny_llava):
+    return attach_pruner(tiny_llava, PruningConfig())
+
+
+def test_kept_index_points_at_the_tokens(model, make_llava_batch):
+    batch = make_llava_batch(model, before=(3, 6), after=(4, 2))
+    with torch.no_grad():
+        out = model(**batch)
+    ids = batch["input_ids"]
+    ki = out.kept_index
+    assert ki.shape == out.logits.shape[:2]
+    stats = last_stats(model)
+    for b in range(2):
+        row = ki[b][ki[b] >= 0]
+        assert torch.all(row[1:] > row[:-1])  # original order
+        assert row.numel() == stats["k2"][b]
+        assert (ki[b] < 0).sum() == ki.shape[1] - row.numel()  # left padding only
+        assert torch.all(ki[b, : ki.shape[1] - row.numel()] == -1)
+        first = int(batch["attention_mask"][b].argmax())
+        assert row[0] == first and row[-1] == ids.shape[1] - 1  # sink and last token kept
+        n_img = (ids[b][row] == 3).sum()
+        assert n_img == len(stats["stage2_visual_keep"][b])
+        assert set(stats["stage2_visual_keep"][b].tolist()) <= set(stats["visual_keep"][b].tolist())
+        # instruction tokens (after the image run) are all kept
+        after = torch.arange(ids.shape[1])[(torch.arange(ids.shape[1]) > int((ids[b] == 3).nonzero().max()))]
+        assert set(after.tolist()) <= set(row.tolist())
+
+
+def test_stats_and_token_layer_fraction(model, make_llava_batch):
+    batch = make_llava_batch(model, before=(3, 6), after=(4, 2))
+    with torch.no_grad():
+        model(**batch)
+    s = last_stats(model)
+    n_dense = batch["attention_mask"].sum(1)
+    assert torch.equal(s["n_dense"], n_dense)
+    assert s["n_visual"].tolist() == [16, 16]
+    assert torch.equal(s["n_prompt"], n_dense - 16 + s["k1"])
+    assert torch.all(s["k2"] <= s["n_prompt"])
+    layers, k = 4, 2
+    expect = (k * s["n_prompt"] + (layers - k) * s["k2"]).double() / (layers * n_dense).double()
+    torch.testing.assert_close(s["token_layer_fraction"], expect)
+    assert [len(v) for v in s["visual_keep"]] == s["k1"].tolist()
+
+
+def test_overrides_force_counts(model, make_llava_batch):
+    batch = make_llava_batch(model, before=(3, 6, 2), after=(4, 2, 3))
+    with torch.no_grad():
+        out = model(**batch, stage1_keep=torch.tensor([5, 9, 16]), stage2_keep=torch.tensor([12, 14, 999]))
+    s = last_stats(model)
+    assert s["k1"].tolist() == [5, 9, 16]
+    assert s["k2"].tolist() == [12, 14, int(s["n_prompt"][2])]
+    assert out.logits.shape[1] == int(s["k2"].max())
+
+
+def test_answer_tokens_are_kept_and_never_queries(model, make_llava_batch):
+    batch = make_llava_batch(model, before=(3, 6), after=(4, 2), answer=(3, 5))
+    am = batch["answer_mask"]
+    ids = batch["input_ids"]
+    labels = ids.masked_fill(~am, -100)
+    set_pruning(model, PruningConfig(stage2=Stage2Config(selector="budget", budget=0, min_keep=0)))
+    with torch.no_grad():
+        out = model(**batch, labels=labels)
+    ki = out.kept_index
+    for b in range(2):
+        kept = set(ki[b][ki[b] >= 0].tolist())
+        ans = am[b].nonzero().flatten().tolist()
+        assert set(ans) <= kept
+        assert ans[0] - 1 in kept  # predicts the first answer token
+    # the loss equals CE gathered by kept_index
+    tgt = torch.full_like(ki, -100)
+    for b in range(2):
+        for j in range(ki.shape[1]):
+            i = int(ki[b, j])
+            if i >= 0 and i + 1 < ids.shape[1]:
+                tgt[b, j] = labels[b, i + 1]
+    ref = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), tgt.flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.loss, ref)
+    torch.testing.assert_close(pruned_lm_loss(out.logits, labels, ki), ref)
+    # answer queries change nothing: answers are not queries, so the kept set ignores their content
+    batch2 = dict(batch)
+    batch2["input_ids"] = ids.masked_fill(am, 7)
+    with torch.no_grad():
+        out2 = model(**batch2)
+    assert torch.equal(out2.kept_index, ki)
+
+
+def test_stage2_budget_zero_keeps_only_protected(model, make_llava_batch):
+    batch = make_llava_batch(model, before=(3,), after=(4,))
+    set_pruning(model, PruningConfig(stage2=Stage2Config(selector="budget", budget=0, min_keep=0)))
+    with torch.no_grad():
+        out = model(**batch)
+    # first token + 4 instruction tokens (the last is one of them)
+    assert out.kept_index.tolist() == [[0, 20, 21, 22, 23]]
+
+
+def test_stage1_only_and_baseline_configs(model, make_llava_batch):
+    batch = make_llava_batch(model, before=(3, 6), after=(4, 2))
+    configs = [
+        PruningConfig(
+            stage1=Stage1Config(score="random", selector="budget", budget=6),
+            stage2=Stage2Config(enabled=False),
+        ),
+        PruningConfig(stage1=Stage1Config(score="cls_attn", selector="iqr", min_keep=2)),
+        PruningConfig(stage1=Stage1Config(score="cosine_centered", selector="curvature")),
+        PruningConfig(
+            stage1=Stage1Config(enabled=False),
+            stage2=Stage2Config(query="last", selector="ratio", ratio=0.5, prune_text=False),
+        ),
+    ]
+    for cfg in configs:
+        set_pruning(model, cfg)
+        with torch.no_grad():
+            out = model(**batch)
+        assert torch.isfinite(out.logits).all()
+    s = last_stats(model)
+    assert s["k1"].tolist() == [16, 16]
+    assert (s["n_prompt"] - s["k2"]).tolist() == [8, 8]  # FastV: half of the 16 visual tokens dropped
+    set_pruning(model, configs[0])
+    with torch.no_grad():
+        a = model(**batch).kept_index
+        b = model(**batch).kept_index
+    assert torch.equal(a, b) and last_stats(model)["k1"].tolist() == [6, 6]
+
+
+def test_bad_inputs_raise(tiny_llava, make_llava_batch):
+    model = tiny_llava
+    with pytest.raises(ValueError, match="not LLaVA-like"):
+        attach_pruner(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="layer = 4 is out of range"):
+        attach_pruner(model, PruningConfig(stage2=Stage2Config(layer=4)))
+    with pytest.raises(ValueError, match="min_keep = 9 > max_keep = 3"):
+        attach_pruner(model, PruningConfig(stage1=Stage1Config(min_keep=9, max_keep=3)))
+    attach_pruner(model)
+    batch = make_llava_batch(model)
+    with pytest.raises(ValueError, match="pixel_values are 16x16 but the vision tower expects 32x32"):
+        model(**{**batch, "pixel_values": batch["pixel_values"][..., :16, :16]})
+    no_img = batch["input_ids"].masked_fill(batch["input_ids"] == 3, 9)
+    with pytest.raises(ValueError, match="sample 0 has no image placeholder"):
+        model(**{**batch, "input_ids": no_img})
+    with pytest.raises(ValueError, match="one image per sample"):
+        model(**{**batch, "pixel_values": batch["pixel_values"][:1]})
+    detach_pruner(model)
+    assert not hasattr(model, "_tp_cfg")

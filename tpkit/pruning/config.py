@@ -1,0 +1,96 @@
+"""Pruning configuration: typed dataclasses, loadable from YAML by :mod:`tpkit.config`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+STAGE1_SCORES = ("cosine", "cosine_centered", "cls_attn", "random")
+STAGE1_SELECTORS = ("kneedle", "curvature", "iqr", "ratio", "budget")
+STAGE2_QUERIES = ("instruction", "last")
+STAGE2_SELECTORS = ("kneedle", "curvature", "ratio", "budget")
+
+
+@dataclass
+class Stage1Config:
+    """Dynamic visual pruning before the LLM (CLS similarity + inflection cut)."""
+
+    enabled: bool = True
+    # cosine: cos(CLS, patch) at vision_feature_layer; cosine_centered: both minus the mean patch;
+    # cls_attn: CLS row of the tower's last-layer attention (PruMerge/FasterVLM); random: seeded baseline
+    score: Literal["cosine", "cosine_centered", "cls_attn", "random"] = "cosine"
+    # kneedle/curvature: inflection of the sorted curve; iqr: PruMerge outliers; ratio/budget: fixed
+    selector: Literal["kneedle", "curvature", "iqr", "ratio", "budget"] = "kneedle"
+    ratio: float = 0.25  # selector "ratio": fraction of patches kept
+    budget: int = 64  # selector "budget": patches kept
+    min_keep: int = 4  # clamps applied after every selector
+    max_keep: int | None = None  # None = all patches
+    seed: int = 0  # score "random"
+
+    def validate(self) -> None:
+        if self.score not in STAGE1_SCORES:
+            raise ValueError(f"score = {self.score!r} must be one of {list(STAGE1_SCORES)}")
+        if self.selector not in STAGE1_SELECTORS:
+            raise ValueError(f"selector = {self.selector!r} must be one of {list(STAGE1_SELECTORS)}")
+        if not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"ratio = {self.ratio} must be in (0, 1]")
+        if self.budget < 1:
+            raise ValueError(f"budget = {self.budget} must be >= 1")
+        if self.min_keep < 1:
+            raise ValueError(f"min_keep = {self.min_keep} must be >= 1")
+        if self.max_keep is not None and self.max_keep < self.min_keep:
+            raise ValueError(f"min_keep = {self.min_keep} > max_keep = {self.max_keep}")
+
+
+@dataclass
+class Stage2Config:
+    """Cross-modal pruning inside the LLM at decoder layer ``layer``."""
+
+    enabled: bool = True
+    layer: int = 2  # layers >= layer run on the kept tokens; scored with this layer's own q/k
+    # instruction: text tokens after the image (not answers) are the queries; last: FastV (last token)
+    query: Literal["instruction", "last"] = "instruction"
+    selector: Literal["kneedle", "curvature", "ratio", "budget"] = "kneedle"
+    ratio: float = 0.5  # selector "ratio": fraction of the droppable tokens kept
+    budget: int | None = None  # selector "budget": droppable tokens kept
+    prune_text: bool = True  # text before the image (system prompt) is droppable too
+    min_keep: int = 1  # droppable tokens kept at least
+
+    def validate(self) -> None:
+        if self.query not in STAGE2_QUERIES:
+            raise ValueError(f"query = {self.query!r} must be one of {list(STAGE2_QUERIES)}")
+        if self.selector not in STAGE2_SELECTORS:
+            raise ValueError(f"selector = {self.selector!r} must be one of {list(STAGE2_SELECTORS)}")
+        if self.layer < 0:
+            raise ValueError(f"layer = {self.layer} must be >= 0")
+        if not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"ratio = {self.ratio} must be in (0, 1]")
+        if self.selector == "budget" and self.budget is None:
+            raise ValueError("selector 'budget' needs budget (droppable tokens kept)")
+        if self.budget is not None and self.budget < 0:
+            raise ValueError(f"budget = {self.budget} must be >= 0")
+        if self.min_keep < 0:
+            raise ValueError(f"min_keep = {self.min_keep} must be >= 0")
+
+
+@dataclass
+class PruningConfig:
+    """Both stages. ``PruningConfig.disabled()`` = stock behaviour."""
+
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+
+    @classmethod
+    def disabled(cls) -> PruningConfig:
+        return cls(stage1=Stage1Config(enabled=False), stage2=Stage2Config(enabled=False))
+
+    @property
+    def enabled(self) -> bool:
+        return self.stage1.enabled or self.stage2.enabled
+
+    def validate(self) -> None:
+        for name in ("stage1", "stage2"):
+            try:
+                getattr(self, name).validate()
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
