@@ -137,6 +137,8 @@ class SyntheticConfig:
     max_blobs: int = 3
     min_partials: int = 1  # saturated partial shapes (half shapes, border-cut shapes)
     max_partials: int = 2
+    min_dots: int = 10  # saturated 1-2 px specks: one saturated pixel is enough to fool a chroma score
+    max_dots: int = 30
     turns: int = 1  # QA turns per record (2-3 for multi-turn records)
 
     def validate(self) -> None:
@@ -163,6 +165,7 @@ class SyntheticConfig:
             ("min_dim_lines", "max_dim_lines"),
             ("min_blobs", "max_blobs"),
             ("min_partials", "max_partials"),
+            ("min_dots", "max_dots"),
         ):
             if not 0 <= getattr(self, lo) <= getattr(self, hi):
                 raise ValueError(f"need 0 <= {lo} <= {hi}, got {getattr(self, lo)}, {getattr(self, hi)}")
@@ -346,15 +349,27 @@ def _paste(
     img[cy0:cy1, cx0:cx1][m] = color
 
 
-def _blob_mask(rng: np.random.Generator) -> np.ndarray:
-    """A lumpy blob: the union of 2-4 small discs."""
-    k = int(rng.integers(2, 5))
-    r = rng.uniform(1.5, 3.5, size=k)
-    cx, cy = rng.uniform(-3.0, 3.0, size=k), rng.uniform(-3.0, 3.0, size=k)
-    half = 7
-    c = np.arange(-half, half + 1, dtype=np.float32)
+@functools.lru_cache(maxsize=1)
+def _blob_bank() -> tuple[np.ndarray, ...]:
+    """64 lumpy blobs (unions of 2-4 small discs), made once from a fixed seed."""
+    rng = np.random.default_rng(7)
+    c = np.arange(-7, 8, dtype=np.float32)
     yy, xx = c[:, None, None], c[None, :, None]
-    return (((xx - cx) ** 2 + (yy - cy) ** 2) <= r * r).any(-1)
+    out = []
+    for _ in range(64):
+        k = int(rng.integers(2, 5))
+        r = rng.uniform(1.5, 3.5, size=k)
+        cx, cy = rng.uniform(-3.0, 3.0, size=k), rng.uniform(-3.0, 3.0, size=k)
+        m = (((xx - cx) ** 2 + (yy - cy) ** 2) <= r * r).any(-1)
+        rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+        out.append(m[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+    return tuple(out)
+
+
+def _blob_mask(rng: np.random.Generator) -> np.ndarray:
+    """A lumpy blob from the bank, randomly transposed."""
+    m = _blob_bank()[int(rng.integers(64))]
+    return m.T if rng.random() < 0.5 else m
 
 
 def _partial_mask(rng: np.random.Generator, cfg: SyntheticConfig) -> np.ndarray:
@@ -370,6 +385,29 @@ def _partial_mask(rng: np.random.Generator, cfg: SyntheticConfig) -> np.ndarray:
     if side == 2:
         return m[: max(2, int(h * frac))]
     return m[h - max(2, int(h * frac)) :]
+
+
+def _hue_table() -> np.ndarray:
+    """(360, 3) fully saturated RGB hues in [0, 1] (max channel 1, min channel 0)."""
+    h = np.arange(360) / 60.0
+    return np.clip(np.stack([np.abs(h - 3) - 1, 2 - np.abs(h - 2), 2 - np.abs(h - 4)], 1), 0.0, 1.0)
+
+
+_HUES = _hue_table()
+
+
+def _clutter_colors(rng: np.random.Generator, k: int) -> np.ndarray:
+    """(k, 3) float32 saturated clutter colours: half jittered palette colours, half vivid random hues.
+
+    The vivid hues (saturation 0.8-1, value 0.85-1) are often *more* saturated than the objects, so
+    a chroma score ranks clutter above objects.
+    """
+    pal = _PALETTE_ARR[rng.integers(0, len(COLORS), size=k)] + rng.uniform(-30.0, 30.0, size=(k, 3))
+    sat = rng.uniform(0.8, 1.0, size=(k, 1))
+    val = rng.uniform(0.85 * 255.0, 255.0, size=(k, 1))
+    vivid = val * (1.0 - sat + sat * _HUES[rng.integers(0, 360, size=k)])
+    pick = rng.random((k, 1)) < 0.5
+    return np.clip(np.where(pick, vivid, pal), 0.0, 255.0).astype(np.float32)
 
 
 def _inside_boxes(x0: int, y0: int, w: int, h: int, boxes: list[list[int]], gap: int) -> bool:
@@ -395,17 +433,21 @@ def _render(rng: np.random.Generator, cfg: SyntheticConfig, objects: list[dict[s
 
     n_dim = int(rng.integers(cfg.min_dim_lines, cfg.max_dim_lines + 1))
     n_sat = int(rng.integers(cfg.min_lines, cfg.max_lines + 1))
+    n_blobs = int(rng.integers(cfg.min_blobs, cfg.max_blobs + 1))
+    n_partials = int(rng.integers(cfg.min_partials, cfg.max_partials + 1))
+    n_dots = int(rng.integers(cfg.min_dots, cfg.max_dots + 1))
+    pool = iter(_clutter_colors(rng, n_sat + n_blobs + n_partials))
     dim = rng.uniform(20.0, 235.0, size=(n_dim, 1)) + rng.uniform(-20.0, 20.0, size=(n_dim, 3))
-    sat = _PALETTE_ARR[rng.integers(0, len(COLORS), size=n_sat)]
+    sat = np.array([next(pool) for _ in range(n_sat)], dtype=np.float32).reshape(n_sat, 3)
     _draw_lines(img, free, rng, np.concatenate([dim.astype(np.float32), sat]))
-    for _ in range(int(rng.integers(cfg.min_blobs, cfg.max_blobs + 1))):
+    for _ in range(n_blobs):
         m = _blob_mask(rng)
         for _ in range(20):
             x0, y0 = (int(v) for v in rng.integers(-4, s - m.shape[0] + 4, size=2))
             if not _inside_boxes(x0, y0, m.shape[1], m.shape[0], boxes, 1):
-                _paste(img, free, m, x0, y0, _PALETTE_ARR[int(rng.integers(len(COLORS)))])
+                _paste(img, free, m, x0, y0, next(pool))
                 break
-    for _ in range(int(rng.integers(cfg.min_partials, cfg.max_partials + 1))):
+    for _ in range(n_partials):
         m = _partial_mask(rng, cfg)
         h, w = m.shape
         for _ in range(20):
@@ -414,8 +456,18 @@ def _render(rng: np.random.Generator, cfg: SyntheticConfig, objects: list[dict[s
                 int(rng.integers(-h // 3, s - 2 * h // 3 + 1)),
             )
             if not _inside_boxes(x0, y0, w, h, boxes, cfg.object_gap):
-                _paste(img, free, m, x0, y0, _PALETTE_ARR[int(rng.integers(len(COLORS)))])
+                _paste(img, free, m, x0, y0, next(pool))
                 break
+
+    if n_dots:
+        ys, xs = rng.integers(0, s - 1, size=(2, n_dots))
+        big = rng.random(n_dots) < 0.5  # 2x2 specks
+        ys = np.concatenate([ys, ys[big], ys[big] + 1, ys[big] + 1])
+        xs = np.concatenate([xs, xs[big] + 1, xs[big], xs[big] + 1])
+        cols = _clutter_colors(rng, n_dots)
+        cols = np.concatenate([cols, cols[big], cols[big], cols[big]])
+        ok = free[ys, xs]
+        img[ys[ok], xs[ok]] = cols[ok]
 
     jitter = rng.integers(-cfg.color_jitter, cfg.color_jitter + 1, size=(max(len(objects), 1), 3))
     for o, jit in zip(objects, jitter):
