@@ -25,16 +25,14 @@ __all__ = [
     "lora_target_names",
 ]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def resolve_dtype(name: str, on_gpu: bool | None = None) -> torch.dtype:
-    """``auto`` = bf16 when a CUDA device is used, fp32 on CPU."""
-    if name != "auto":
-        return _DTYPES[name]
+    """``auto`` = bf16 when a CUDA device is used, fp32 on CPU (tpkit.models.loading rules)."""
+    from tpkit.models.loading import resolve_dtype as _resolve
+
     if on_gpu is None:
-        on_gpu = torch.cuda.is_available()
-    return torch.bfloat16 if on_gpu else torch.float32
+        return _resolve(name)
+    return _resolve(name, "cuda" if on_gpu else "cpu")
 
 
 def _tiny_kwargs_from_processor(processor: Any) -> dict[str, Any]:
@@ -60,7 +58,7 @@ def _tiny_kwargs_from_processor(processor: Any) -> dict[str, Any]:
 
 
 def load_base_model(
-    cfg: ModelConfig, *, dtype: torch.dtype | None = None, processor: Any = None, device_map: Any = None
+    cfg: ModelConfig, *, dtype: torch.dtype | None = None, processor: Any = None
 ) -> LlavaForConditionalGeneration:
     """Stock ``LlavaForConditionalGeneration`` from a local dir / hub id, or a random tiny one.
 
@@ -76,19 +74,18 @@ def load_base_model(
         kw.update(cfg.tiny)
         model = build_tiny_llava(backbone, seed=cfg.seed, attn_implementation=cfg.attn_implementation, **kw)
         return model.to(dtype)
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
-    if cfg.revision:
-        kwargs["revision"] = cfg.revision
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    return LlavaForConditionalGeneration.from_pretrained(cfg.path, **kwargs)
+    from tpkit.models.loading import load_llava
+
+    return load_llava(
+        cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation, revision=cfg.revision
+    )
 
 
 def load_processor(path: str) -> Any:
-    """``AutoProcessor.from_pretrained`` (a LlavaProcessor for every model tpkit ships)."""
-    from transformers import AutoProcessor
+    """``AutoProcessor.from_pretrained`` of a local dir or hub id (tpkit.models.loading)."""
+    from tpkit.models.loading import load_processor as _load
 
-    return AutoProcessor.from_pretrained(path)
+    return _load(path)
 
 
 def peft_lora_config(cfg: LoraConfig) -> PeftLoraConfig:

@@ -194,6 +194,7 @@ def fit(
     processor: Any = None,
     base: torch.nn.Module | None = None,
     datamodule: LlavaDataModule | None = None,
+    callbacks: list | None = None,
     trainer_overrides: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Run the recipe. ``resume`` continues from ``out_dir/last.ckpt`` (error if it is missing)."""
@@ -207,7 +208,7 @@ def fit(
     peft_model, attached = build_student(cfg, processor, base=base)
     module = build_module(cfg, peft_model, attached)
     dm = datamodule or build_datamodule(cfg, processor)
-    trainer = build_trainer(cfg, **(trainer_overrides or {}))
+    trainer = build_trainer(cfg, extra_callbacks=callbacks, **(trainer_overrides or {}))
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")

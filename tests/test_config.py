@@ -1,0 +1,119 @@
+"""Typed configs: YAML -> dataclasses, --set overrides, errors naming file, line and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tpkit.config import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    from_dict,
+    load_config,
+    save_config,
+    to_dict,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GOOD = """\
+model:
+  path: tiny:llama
+data:
+  train_json: data/train.json
+  batch_size: 2
+pruning:
+  stage1:
+    min_keep: 4
+    max_keep: 8
+trainer:
+  max_steps: 3
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_load_typed_sections_and_overrides(tmp_path):
+    cfg = load_config(TrainConfig, _write(tmp_path, GOOD), ["optim.lr=0.01", "pruning.stage2.layer=1"])
+    assert cfg.model.path == "tiny:llama" and cfg.data.batch_size == 2
+    assert cfg.optim.lr == 0.01 and cfg.pruning.stage2.layer == 1 and cfg.pruning.stage1.max_keep == 8
+    assert type(cfg.pruning).__name__ == "PruningConfig"
+    # round trip through the saved, resolved YAML
+    out = save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert to_dict(load_config(TrainConfig, out)) == to_dict(cfg)
+
+
+def test_unknown_key_names_file_line_and_suggestion(tmp_path):
+    p = _write(tmp_path, GOOD + "optim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, p)
+    msg = str(e.value)
+    assert f"{p}:13" in msg and "'optim.lrr'" in msg and "did you mean 'optim.lr'" in msg
+
+
+def test_wrong_type_names_key(tmp_path):
+    p = _write(tmp_path, GOOD.replace("batch_size: 2", "batch_size: two"))
+    with pytest.raises(ConfigError, match=rf"{p}:5: 'data.batch_size' = 'two' must be an integer"):
+        load_config(TrainConfig, p)
+    with pytest.raises(ConfigError, match=r"'distill.kind' = 'kl' is not one of"):
+        load_config(TrainConfig, _write(tmp_path, GOOD), ["distill.kind=kl"])
+
+
+def test_min_keep_above_max_keep(tmp_path):
+    p = _write(tmp_path, GOOD.replace("min_keep: 4", "min_keep: 16"))
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, p)
+    msg = str(e.value)
+    assert str(p) in msg and "pruning.stage1" in msg and "min_keep = 16 > max_keep = 8" in msg
+
+
+def test_impossible_values(tmp_path):
+    p = _write(tmp_path, GOOD)
+    for override, words in [
+        ("distill.temperature=0", "temperature"),
+        ("lora.r=0", "r = 0"),
+        ("trainer.max_steps=0", "max_steps"),
+        ("lora.target_modules=(", "regex"),
+        ("data.train_json=null", "data.train_json is required"),
+    ]:
+        with pytest.raises(ConfigError, match=words):
+            load_config(TrainConfig, p, [override])
+
+
+def test_model_and_data_sections_alone():
+    m = from_dict(ModelConfig, {"path": "tiny:qwen2", "tiny": {"hidden_size": 32}})
+    assert m.tiny == {"hidden_size": 32} and m.dtype == "auto"
+    with pytest.raises(ConfigError, match="tiny backbone"):
+        from_dict(ModelConfig, {"path": "tiny:gpt2"})
+    d = from_dict(DataConfig, {"test_json": "x.json", "eval_batch_size": 3})
+    assert d.train_json is None and d.eval_batch_size == 3
+
+
+@pytest.mark.parametrize("name", ["train_tiny.yaml", "llava15_7b_distill.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(TrainConfig, ROOT / "configs" / name)
+    assert "language_model" in cfg.lora.target_modules
+
+
+def test_train_py_reports_config_errors_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    from tpkit.training import run
+
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(run, "load_base_model", boom)
+    p = _write(tmp_path, GOOD + "trainer2:\n  x: 1\n")
+    assert run.main(["--config", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert f"{p}:12" in err and "unknown key 'trainer2'" in err and "did you mean 'trainer'" in err
+    assert run.main(["--config", str(_write(tmp_path, GOOD)), "--set", "optim.lr=x"]) == 2
+    assert "'optim.lr' = 'x' must be a number" in capsys.readouterr().err
+    assert run.main(["--config", str(_write(tmp_path, GOOD)), "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
