@@ -248,3 +248,5 @@ def test_config_validation_and_cli(tmp_path, capsys):
     assert len(json.loads((tmp_path / "test.json").read_text())) == 4
     assert main(["--out", str(tmp_path), "--split", "test", "--n", "4", "--turns", "7"]) == 2
     assert "turns" in capsys.readouterr().err
+    assert main(["--bench", "20"]) == 0
+    assert "images/s" in capsys.readouterr().out
