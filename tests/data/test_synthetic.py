@@ -15,6 +15,7 @@ from tpkit.data.synthetic import (
     SHAPE_PLURALS,
     SHAPES,
     SyntheticConfig,
+    batch_stream,
     generate_split,
     main,
     make_record,
@@ -195,6 +196,17 @@ def test_sample_batch_shapes_labels_and_determinism():
     assert not np.array_equal(x, x3)
     small, _ = sample_batch(4, seed=0, cfg=SyntheticConfig(image_size=64, max_size=16))
     assert small.shape == (4, 64, 64, 3)
+
+
+def test_batch_stream_matches_sample_batch():
+    got = list(batch_stream(4, seed=2, start=5, steps=2))
+    assert len(got) == 2
+    for i, (x, y) in zip((5, 6), got):
+        ex, ey = sample_batch(4, (2, i))
+        assert np.array_equal(x, ex) and np.array_equal(y, ey)
+    assert not np.array_equal(got[0][0], got[1][0])
+    it = batch_stream(2, seed=0)  # endless
+    assert np.array_equal(next(it)[0], sample_batch(2, (0, 0))[0])
 
 
 def test_render_scene_speed_sanity():

@@ -36,8 +36,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,7 @@ __all__ = [
     "SyntheticConfig",
     "render_scene",
     "sample_batch",
+    "batch_stream",
     "make_record",
     "generate_split",
     "text_corpus",
@@ -515,13 +518,16 @@ def labels_of(objects: list[dict[str, Any]]) -> np.ndarray:
     return y
 
 
-def sample_batch(n: int, seed: int, cfg: SyntheticConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
+def sample_batch(
+    n: int, seed: int | Sequence[int], cfg: SyntheticConfig | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """``n`` random scenes -> (images uint8 (n, S, S, 3), multi-hot labels float32 (n, 6 + 7)).
 
-    Deterministic in ``seed``; use a different seed per step/worker for a stream of fresh images.
+    Deterministic in ``seed`` (an int or a sequence of ints, e.g. ``(seed, step)``); use a different
+    seed per step/worker for a stream of fresh images, or :func:`batch_stream`.
     """
     cfg = cfg or SyntheticConfig()
-    rng = np.random.default_rng([seed, 101])
+    rng = np.random.default_rng([*np.atleast_1d(seed).tolist(), 101])
     s = cfg.image_size
     images = np.empty((n, s, s, 3), dtype=np.uint8)
     labels = np.empty((n, len(SHAPES) + len(COLORS)), dtype=np.float32)
@@ -529,6 +535,37 @@ def sample_batch(n: int, seed: int, cfg: SyntheticConfig | None = None) -> tuple
         images[i], objects = render_scene(rng, cfg)
         labels[i] = labels_of(objects)
     return images, labels
+
+
+def _batch_job(args: tuple[int, int, int, SyntheticConfig]) -> tuple[np.ndarray, np.ndarray]:
+    batch_size, seed, step, cfg = args
+    return sample_batch(batch_size, (seed, step), cfg)
+
+
+def batch_stream(
+    batch_size: int,
+    seed: int = 0,
+    cfg: SyntheticConfig | None = None,
+    workers: int = 0,
+    start: int = 0,
+    steps: int | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Endless (or ``steps``-long) stream of :func:`sample_batch` batches; step ``i`` uses seed ``(seed, i)``.
+
+    The same batches come out whatever ``workers`` (processes, spawned: safe beside CUDA); ``start``
+    resumes a stream at a step.
+    """
+    cfg = cfg or SyntheticConfig()
+    stop = None if steps is None else start + steps
+    indices = itertools.count(start) if stop is None else range(start, stop)
+    jobs = ((batch_size, seed, i, cfg) for i in indices)
+    if workers <= 0:
+        yield from map(_batch_job, jobs)
+        return
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(_batch_job, jobs, chunksize=1)
 
 
 # --------------------------------------------------------------------------------------------
