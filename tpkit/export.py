@@ -186,6 +186,8 @@ def export_checkpoint(
     from tpkit.training.run import build_processor_for, load_train_config
 
     ckpt = Path(ckpt)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"no checkpoint at {ckpt}")
     config = Path(config) if config else ckpt.parent / "config.yaml"
     cfg = load_train_config(config)
     processor = build_processor_for(cfg)

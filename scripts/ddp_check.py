@@ -1,0 +1,84 @@
+"""DDP on CPU processes (gloo): train the tiny student a few steps on 2 ranks, dump each rank's weights.
+
+    python scripts/ddp_check.py --out /tmp/ddp [--data train.json] [--steps 2] [--devices 2]
+
+Run as a script, not inside pytest: Lightning's DDP launcher re-executes ``sys.argv`` for rank >= 1
+(DESIGN.md pitfalls). Each rank writes ``<out>/rank<r>.pt``: its trainable tensors and the record ids
+of the batches it trained on. tests/training/test_ddp.py compares them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+class RecordIds(L.Callback):
+    def __init__(self) -> None:
+        self.ids: list[list[str]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.ids.append(list(batch["ids"]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--data", default=None, help="train json (default: a 16-record synthetic split in <out>)")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--devices", type=int, default=2)
+    args = ap.parse_args()
+    out = Path(args.out)
+    data = Path(args.data) if args.data else out / "data" / "train.json"
+    if not data.exists() and os.environ.get("LOCAL_RANK", "0") == "0":
+        from tpkit.data.synthetic import generate_split
+
+        generate_split(data.parent, split="train", n=16, seed=0)
+
+    from tpkit.config import TrainConfig, from_dict
+    from tpkit.data.processor import build_processor
+    from tpkit.training.run import fit
+
+    torch.set_num_threads(1)  # two ranks share the cores
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "model": {
+                "path": "tiny:llama",
+                "tiny": {"hidden_size": 32, "num_layers": 2, "intermediate_size": 64},
+            },
+            "pruning": {"stage1": {"min_keep": 4}, "stage2": {"layer": 1}},
+            "lora": {"r": 4, "alpha": 8.0},
+            "distill": {"alpha": 1.0},
+            "data": {"train_json": str(data), "batch_size": 2, "max_length": 128},
+            "optim": {"lr": 5e-3, "scheduler": "constant"},
+            "trainer": {
+                "out_dir": str(out / "run"),
+                "max_steps": args.steps,
+                "accelerator": "cpu",
+                "devices": args.devices,
+                "strategy": "ddp",
+                "logger": "none",
+                "progress_bar": False,
+                "checkpoint_every_n_steps": 0,
+                "export_at_end": False,
+            },
+        },
+    )
+    ids = RecordIds()
+    res = fit(cfg, processor=build_processor(image_size=32, patch_size=8), callbacks=[ids])
+    rank = res.module.global_rank
+    weights = {n: p.detach().cpu() for n, p in res.module.model.named_parameters() if p.requires_grad}
+    torch.save(
+        {"weights": weights, "ids": ids.ids, "world_size": res.module.trainer.world_size},
+        out / f"rank{rank}.pt",
+    )
+    print(f"rank {rank}: {len(weights)} trainable tensors, {len(ids.ids)} batches")
+
+
+if __name__ == "__main__":
+    main()
