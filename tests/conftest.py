@@ -13,12 +13,17 @@ Generic on purpose (other test packages use them):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import pytest
 import torch
 
 from tpkit.models.tiny import build_tiny_llava
+
+# Tiny models are launch-bound: one intra-op thread is ~10x faster than two when the 2-core CI box
+# is busy (OpenMP spin contention). TPKIT_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("TPKIT_TEST_THREADS", "1")))
 
 BOS, EOS, IMAGE, PAD = 1, 2, 3, 0
 FIRST_TEXT_ID = 4
