@@ -1,0 +1,277 @@
+"""In-memory data for the base-model recipe: a vision-tower image pool and pre-tokenised VQA sets.
+
+The recipe trains a tiny model for a few minutes, so the accelerator must never wait for Python.
+Everything is rendered and tokenised once by a process pool (:class:`DataWorkers`, ``fork``ed
+before CUDA is initialised; jobs run in submission order while the caller trains), and then lives
+as tensors on the device:
+
+- :meth:`DataWorkers.tower_images` - ``sample_batch`` images (uint8) + (shape, colour) multi-hot labels.
+- :meth:`DataWorkers.vqa` - ``make_record`` records, their images (uint8) and, per record, the
+  ``LlavaCollator`` train-mode encoding (input ids + labels), so that a training batch is a gather
+  and a left-pad on the device: :class:`VQABatches`.
+
+Images are normalised on the device with the processor's own rescale/mean/std; :func:`pixel_check`
+measures the difference against the processor's output (0 on the CPU and PIL backends).
+
+Every chunk of work is seeded by its index, so results do not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from tpkit.data import synthetic
+
+__all__ = [
+    "default_workers",
+    "DataWorkers",
+    "Pending",
+    "VQASet",
+    "VQABatches",
+    "encode_train_records",
+    "normalize_images",
+    "image_norm",
+    "pixel_check",
+]
+
+_CHUNK = 256  # images per work item (the seed of a chunk is its index)
+
+
+def default_workers(requested: int = 0) -> int:
+    """``requested`` if > 0, else one less than the CPU cores this process may use (the main
+    process keeps one core to drive the accelerator while the workers render)."""
+    if requested > 0:
+        return requested
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+def _worker_init() -> None:
+    # One thread per worker: the pool already uses every core.
+    torch.set_num_threads(1)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+_WORKER_COLLATOR: Any = None  # set in the parent before forking; workers inherit it
+
+
+@dataclass
+class VQASet:
+    """A split held in memory. ``ids``/``labels`` are the collator's train encoding, one per record."""
+
+    records: list[dict[str, Any]]  # LLaVA records (their "image" is a path that is never read)
+    images: np.ndarray  # (N, S, S, 3) uint8
+    ids: list[np.ndarray] | None = None  # per record (T_i,) int64
+    labels: list[np.ndarray] | None = None  # per record (T_i,) int64, -100 except answer tokens
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def _pool_chunk(job: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    seed, chunk, n = job
+    return synthetic.sample_batch(n, seed=seed * 1_000_003 + chunk)
+
+
+def _vqa_chunk(job: tuple[str, int, int, int, bool]) -> tuple[list, np.ndarray, list, list]:
+    split, seed, start, n, encode = job
+    records, images, ids, labels = [], [], [], []
+    for i in range(start, start + n):
+        rec, img = synthetic.make_record(i, split, seed)
+        records.append(rec)
+        images.append(img)
+    if encode:
+        ids, labels = encode_train_records(_WORKER_COLLATOR, records, images)
+    return records, np.stack(images), ids, labels
+
+
+class Pending:
+    """Work queued on :class:`DataWorkers`; :meth:`result` waits for it (with a progress bar)."""
+
+    def __init__(
+        self, workers: DataWorkers, fn: Callable, jobs: list, combine: Callable, desc: str, total: int
+    ):
+        self._fn, self._jobs, self._combine, self.desc, self.total = fn, jobs, combine, desc, total
+        # imap queues every job now; the pool runs jobs in submission order
+        self._it = workers.pool.imap(fn, jobs) if workers.pool is not None else None
+        self._value: Any = None
+        self._done = False
+
+    def result(self) -> Any:
+        if not self._done:
+            outs = []
+            bar = tqdm(total=self.total, desc=self.desc, unit="img", dynamic_ncols=True, mininterval=2.0)
+            for out in self._it if self._it is not None else map(self._fn, self._jobs):
+                outs.append(out)
+                bar.update(len(out[0]))
+            bar.close()
+            self._value, self._done = self._combine(outs), True
+            self._fn = self._jobs = self._it = None
+        return self._value
+
+
+class DataWorkers:
+    """A ``fork`` process pool for data generation, to create before CUDA is initialised.
+
+    Jobs run in submission order while the caller goes on (e.g. trains the tower on the GPU while
+    the VQA data renders). With ``workers <= 1`` jobs run in-process when their result is asked.
+    ``collator`` (train mode) is what :meth:`vqa` encodes records with; workers inherit it.
+    """
+
+    def __init__(self, workers: int, collator: Any = None):
+        global _WORKER_COLLATOR
+        _WORKER_COLLATOR = collator
+        self.collator = collator
+        self.pool = mp.get_context("fork").Pool(workers, initializer=_worker_init) if workers > 1 else None
+
+    def tower_images(self, n: int, seed: int, desc: str = "tower images") -> Pending:
+        """``n`` scenes from ``synthetic.sample_batch`` -> (images uint8 (n, S, S, 3), labels float32 (n, 13))."""
+        jobs = [(seed, c, min(_CHUNK, n - c * _CHUNK)) for c in range((n + _CHUNK - 1) // _CHUNK)]
+
+        def combine(outs: list) -> tuple[np.ndarray, np.ndarray]:
+            return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+
+        return Pending(self, _pool_chunk, jobs, combine, desc, n)
+
+    def vqa(self, split: str, n: int, seed: int, encode: bool = True) -> Pending:
+        """Records ``0..n-1`` of ``split`` with their images (and train encodings if ``encode``)."""
+        if encode and self.collator is None:
+            raise ValueError("DataWorkers has no collator to encode records with")
+        jobs = [(split, seed, s, min(_CHUNK, n - s), encode) for s in range(0, n, _CHUNK)]
+
+        def combine(outs: list) -> VQASet:
+            records, ids, labels = [], [], []
+            for r, _, i, lab in outs:
+                records += r
+                ids += i
+                labels += lab
+            images = np.concatenate([o[1] for o in outs])
+            return VQASet(records, images, ids if encode else None, labels if encode else None)
+
+        return Pending(self, _vqa_chunk, jobs, combine, f"vqa {split}", n)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+            self.pool = None
+
+    def __enter__(self) -> DataWorkers:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None and self.pool is not None:
+            self.pool.terminate()
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Device-side batches
+
+
+def normalize_images(
+    images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """uint8 (B, S, S, 3) -> float32 pixel values (B, 3, S, S): ``(x * scale - mean) / std``."""
+    x = images.permute(0, 3, 1, 2).float() * scale
+    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+def image_norm(processor: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(mean (3,), std (3,), rescale factor) of ``processor``'s image processor, on ``device``."""
+    ip = processor.image_processor
+    mean = torch.tensor(ip.image_mean, dtype=torch.float32, device=device)
+    std = torch.tensor(ip.image_std, dtype=torch.float32, device=device)
+    return mean, std, float(ip.rescale_factor)
+
+
+def pixel_check(processor: Any, images: np.ndarray) -> float:
+    """Max |processor pixel_values - normalize_images| over ``images`` (uint8 (n, S, S, 3))."""
+    from PIL import Image
+
+    ref = processor.image_processor([Image.fromarray(a) for a in images], return_tensors="pt")["pixel_values"]
+    mean, std, scale = image_norm(processor, torch.device("cpu"))
+    mine = normalize_images(torch.from_numpy(images), mean, std, scale)
+    if ref.shape != mine.shape:
+        return float("inf")
+    return float((ref.float() - mine).abs().max())
+
+
+class VQABatches:
+    """Random training batches of a :class:`VQASet`, gathered and left-padded on ``device``.
+
+    The encodings are stored once as a left-padded (N, T_max) matrix; a batch takes its rows and
+    drops the leading columns that are padding in every row, which is exactly what the collator's
+    own left padding produces for the same records.
+    """
+
+    def __init__(self, data: VQASet, pad_id: int, device: torch.device, seed: int):
+        if data.ids is None or data.labels is None:
+            raise ValueError("VQABatches needs a VQASet built with a collator (train encodings)")
+        n = len(data)
+        lengths = np.array([len(x) for x in data.ids])
+        t_max = int(lengths.max())
+        # scatter the ragged rows right-aligned into (N, T_max) in one go
+        rows = np.repeat(np.arange(n), lengths)
+        first = np.repeat(t_max - lengths, lengths)
+        offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        cols = first + np.arange(len(rows)) - offsets
+        ids = np.full((n, t_max), pad_id, dtype=np.int64)
+        labels = np.full((n, t_max), -100, dtype=np.int64)
+        ids[rows, cols] = np.concatenate(data.ids)
+        labels[rows, cols] = np.concatenate(data.labels)
+        self.ids = torch.from_numpy(ids).to(device)  # (N, T_max)
+        self.labels = torch.from_numpy(labels).to(device)  # (N, T_max)
+        self.starts_cpu = torch.from_numpy(t_max - lengths)  # (N,) first real column of each row
+        self.starts = self.starts_cpu.to(device)
+        self.images = torch.from_numpy(data.images).to(device)  # (N, S, S, 3) uint8
+        self.n = n
+        self.device = device
+        self.gen = torch.Generator().manual_seed(seed)
+        self._perm = torch.empty(0, dtype=torch.long)
+        self._pos = 0
+        self.epoch = 0
+
+    def sample(self, batch_size: int) -> tuple[torch.Tensor, ...]:
+        """Next batch (epoch-wise permutation) -> (input_ids, attention_mask, labels, images uint8)."""
+        if self._pos + batch_size > len(self._perm):
+            self._perm = torch.randperm(self.n, generator=self.gen)
+            self._pos = 0
+            self.epoch += 1
+        idx = self._perm[self._pos : self._pos + batch_size]
+        self._pos += batch_size
+        return self.take(idx)
+
+    def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """CPU row indices -> (input_ids (B, T), attention_mask (B, T), labels (B, T), images (B, S, S, 3))."""
+        first = int(self.starts_cpu[idx].min())  # on the CPU: no device sync
+        idx = idx.to(self.device)
+        ids = self.ids[idx, first:]
+        labels = self.labels[idx, first:]
+        cols = torch.arange(first, self.ids.shape[1], device=self.device)
+        mask = (cols[None, :] >= self.starts[idx, None]).long()
+        return ids, mask, labels, self.images[idx]
+
+
+def encode_train_records(
+    collator: Any, records: list[dict[str, Any]], images: list[np.ndarray]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The collator's train-mode encoding of each record -> (input ids, labels), padding removed."""
+    from PIL import Image
+
+    batch = collator([{**r, "image": Image.fromarray(im)} for r, im in zip(records, images)])
+    mask = batch["attention_mask"].bool()  # (B, T), left-padded
+    ids = [row[m].numpy().astype(np.int64) for row, m in zip(batch["input_ids"], mask)]
+    labels = [row[m].numpy().astype(np.int64) for row, m in zip(batch["labels"], mask)]
+    return ids, labels

@@ -1,0 +1,818 @@
+"""The embedded base model: a small LLaVA trained from scratch, in LLaVA's two phases in miniature.
+
+1. **Vision tower.** A ``CLIPVisionModel`` built from a config learns to say which shapes and which
+   colours are in a synthetic image, from its CLS output (multi-label BCE, DESIGN.md "Measured: making
+   the CLS premise hold"): that is what makes the CLS token a summary of the image, the premise of
+   stage-1 pruning. No count or position heads: they destroyed the premise in the measured study.
+2. **LLaVA.** The trained tower, frozen, under a fresh 2-layer MLP projector and Llama language model,
+   trained with cross-entropy on the answer tokens of the synthetic VQA train split (records encoded
+   by ``LlavaCollator`` in train mode). Greedy ``generate`` on the test and ood splits measures the
+   dense accuracy per question type.
+
+The result is a stock ``save_pretrained`` directory (``LlavaForConditionalGeneration`` + processor)
+with ``metrics.json`` and the resolved ``recipe.yaml`` beside the weights::
+
+    python -m tpkit.training.base_recipe --config configs/base_tiny.yaml --out assets/tiny-llava
+    python -m tpkit.training.base_recipe --config configs/base_tiny.yaml --device cpu \\
+        --set tower.max_steps=3 lm.max_steps=3 --out /tmp/smoke     # a CPU smoke run
+
+Plain torch loops, no Lightning: this is a fixture builder. Each phase stops at ``max_steps`` or at
+its wall-clock budget, whichever comes first; with a budget, the step count is fixed after the first
+``calib_steps`` from the measured speed, so the cosine schedule ends where training ends. Runs are
+deterministic per seed for a given step count (fix ``max_steps`` and set ``time_budget_s: 0`` to
+reproduce a run exactly on the same machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from tpkit.config import ConfigError, load_config, save_config, to_dict
+
+__all__ = [
+    "TowerConfig",
+    "LMConfig",
+    "EvalConfig",
+    "BaseRecipeConfig",
+    "resolve_device",
+    "vision_config",
+    "llava_config",
+    "param_counts",
+    "train_tower",
+    "train_llava",
+    "evaluate_vqa",
+    "run",
+    "main",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class TowerConfig:
+    """Phase 1: the CLIP vision tower and its CLS pretraining."""
+
+    image_size: int = 96
+    patch_size: int = 8  # 96/8 -> 144 patches
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_layers: int = 4
+    num_heads: int = 4
+    pool_size: int = 65536  # pre-rendered images, reused across epochs with hflip
+    eval_size: int = 2048  # held-out images for F1
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
+    max_steps: int = 8000
+    time_budget_s: float = 0.0  # 0 = no time limit
+    hflip: bool = True
+    log_every: int = 200
+
+    def validate(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"patch_size = {self.patch_size} must divide image_size = {self.image_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads = {self.num_heads} must divide hidden_size = {self.hidden_size}")
+        for name in ("pool_size", "eval_size", "batch_size", "max_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")
+        if self.time_budget_s < 0 or self.lr <= 0:
+            raise ValueError("time_budget_s must be >= 0 and lr > 0")
+
+
+@dataclass
+class LMConfig:
+    """Phase 2: projector + Llama language model on the VQA train split, tower frozen."""
+
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2  # < num_heads: grouped-query attention, as the pruner must support
+    intermediate_size: int = 512
+    n_train: int = 32768  # VQA train records (split "train", indices 0..n_train-1)
+    n_val: int = 512  # val records for the teacher-forced accuracy logged during training
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    max_steps: int = 4000
+    time_budget_s: float = 0.0  # 0 = no time limit
+    log_every: int = 200
+    max_length: int = 512  # collator max_length
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must divide hidden_size and num_kv_heads must divide num_heads")
+        for name in ("n_train", "n_val", "batch_size", "max_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")
+        if self.batch_size > self.n_train:
+            raise ValueError(f"batch_size = {self.batch_size} > n_train = {self.n_train}")
+        if self.time_budget_s < 0 or self.lr <= 0:
+            raise ValueError("time_budget_s must be >= 0 and lr > 0")
+
+
+@dataclass
+class EvalConfig:
+    """Dense greedy-generation accuracy on the test and ood splits."""
+
+    n_test: int = 1000
+    n_ood: int = 500  # 0 = skip
+    batch_size: int = 250
+    max_new_tokens: int = 6
+
+    def validate(self) -> None:
+        if self.n_test < 1 or self.n_ood < 0 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("need n_test >= 1, n_ood >= 0, batch_size >= 1, max_new_tokens >= 1")
+
+
+@dataclass
+class BaseRecipeConfig:
+    seed: int = 0  # model init, batch order, augmentation
+    data_seed: int = 0  # synthetic records (seed 0 = the benchmark's splits)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when present
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu
+    workers: int = 0  # data-generation processes; 0 = every core
+    max_params: int = 3_500_000  # refuse to train a model whose fp32 weights would not fit the fixture
+    tower: TowerConfig = field(default_factory=TowerConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch.cuda.is_available() is False")
+    return torch.device(name)
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _log(msg: str) -> None:
+    tqdm.write(msg, file=sys.stdout)
+    sys.stdout.flush()
+
+
+class StepPlan:
+    """How many steps a phase runs: ``max_steps``, or fewer if ``budget_s`` would run out.
+
+    The total is fixed once, after ``calib_steps``, from the measured seconds per step, so that a
+    cosine schedule that reads ``total`` ends where training ends. ``expired`` is a hard stop at
+    the budget (in case later steps are slower than the measured ones).
+    """
+
+    def __init__(
+        self, max_steps: int, budget_s: float, device: torch.device, calib: tuple[int, int] = (10, 40)
+    ):
+        self.total = max_steps
+        self.max_steps = max_steps
+        self.budget_s = budget_s
+        self.device = device
+        self.calib = calib
+        self.t0 = time.perf_counter()
+        self._ta = 0.0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def after_step(self, done: int) -> None:
+        if not self.budget_s or self.max_steps <= self.calib[1]:
+            return
+        if done == self.calib[0]:
+            _sync(self.device)
+            self._ta = time.perf_counter()
+        elif done == self.calib[1]:
+            _sync(self.device)
+            per_step = (time.perf_counter() - self._ta) / (self.calib[1] - self.calib[0])
+            left = self.budget_s - self.elapsed()
+            self.total = max(done + 1, min(self.max_steps, done + int(0.97 * left / per_step)))
+
+    def expired(self) -> bool:
+        return bool(self.budget_s) and self.elapsed() > self.budget_s
+
+
+def _lr_lambda(plan: StepPlan, warmup: int, min_ratio: float):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, plan.total - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _adamw(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with decay on matrices only (not on norms, biases, embeddings of position)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and "position_embedding" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), fused=device.type == "cuda")
+
+
+# --------------------------------------------------------------------------------------------
+# Model configs
+
+
+def vision_config(cfg: TowerConfig):
+    """The CLIP vision tower's config (sdpa attention)."""
+    from transformers import CLIPVisionConfig
+
+    vc = CLIPVisionConfig(
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        projection_dim=cfg.hidden_size,
+    )
+    vc._attn_implementation = "sdpa"
+    return vc
+
+
+def llava_config(cfg: BaseRecipeConfig, processor: Any, vision_cfg: Any = None):
+    """LlavaConfig: the tower's config, feature layer -2 without CLS ("default"), a Llama LM.
+
+    ``vocab_size``, the special ids and ``image_token_id`` come from ``processor``'s tokenizer.
+    """
+    from transformers import LlamaConfig, LlavaConfig
+
+    tok = processor.tokenizer
+    image_token_id = tok.convert_tokens_to_ids(processor.image_token)
+    lm = cfg.lm
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=lm.hidden_size,
+        intermediate_size=lm.intermediate_size,
+        num_hidden_layers=lm.num_layers,
+        num_attention_heads=lm.num_heads,
+        num_key_value_heads=lm.num_kv_heads,
+        max_position_embeddings=max(1024, lm.max_length),
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    vision = vision_cfg if vision_cfg is not None else vision_config(cfg.tower)
+    n_patches = (vision.image_size // vision.patch_size) ** 2
+    lc = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token_id,
+        image_seq_length=n_patches,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    lc.pad_token_id = tok.pad_token_id
+    if lc.image_token_id != image_token_id:  # the attribute name moved between versions
+        raise RuntimeError(f"LlavaConfig.image_token_id = {lc.image_token_id}, expected {image_token_id}")
+    for c in (lc, lc.text_config, lc.vision_config):
+        c._attn_implementation = "sdpa"
+    return lc
+
+
+def param_counts(model: nn.Module) -> dict[str, int]:
+    """Parameter counts: total, and per LLaVA part when ``model`` is a LlavaForConditionalGeneration."""
+    out = {"total": sum(p.numel() for p in model.parameters())}
+    inner = getattr(model, "model", None)
+    for part in ("vision_tower", "multi_modal_projector", "language_model"):
+        sub = getattr(inner, part, None)
+        if sub is not None:
+            out[part] = sum(p.numel() for p in sub.parameters())
+    if hasattr(model, "lm_head"):
+        out["lm_head"] = sum(p.numel() for p in model.lm_head.parameters())
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Phase 1: the vision tower
+
+
+class CLSClassifier(nn.Module):
+    """A CLIP vision tower with a linear multi-label head on its (post-layernorm) CLS output."""
+
+    def __init__(self, vision_cfg: Any, n_labels: int):
+        super().__init__()
+        from transformers import CLIPVisionModel
+
+        self.tower = CLIPVisionModel(vision_cfg)
+        self.head = nn.Linear(vision_cfg.hidden_size, n_labels)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, n_labels)
+        return self.head(self.tower(pixel_values=pixel_values).pooler_output)
+
+
+def _f1(logits: torch.Tensor, target: torch.Tensor) -> float:
+    pred = logits > 0
+    tgt = target > 0.5
+    tp = (pred & tgt).sum().item()
+    fp = (pred & ~tgt).sum().item()
+    fn = (~pred & tgt).sum().item()
+    return 2 * tp / max(1, 2 * tp + fp + fn)
+
+
+@torch.no_grad()
+def tower_f1(
+    model: CLSClassifier,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    norm: tuple,
+    n_shapes: int,
+    bs: int = 512,
+) -> dict[str, float]:
+    """Micro-F1 of the multi-label head (threshold 0.5): all labels, shapes only, colours only."""
+    from tpkit.training.base_data import normalize_images
+
+    was = model.training
+    model.eval()
+    logits = torch.cat(
+        [model(normalize_images(images[i : i + bs], *norm)).float() for i in range(0, len(images), bs)]
+    )
+    model.train(was)
+    return {
+        "f1": _f1(logits, labels),
+        "f1_shape": _f1(logits[:, :n_shapes], labels[:, :n_shapes]),
+        "f1_color": _f1(logits[:, n_shapes:], labels[:, n_shapes:]),
+    }
+
+
+def train_tower(
+    cfg: BaseRecipeConfig,
+    pool: tuple[np.ndarray, np.ndarray],
+    held_out: tuple[np.ndarray, np.ndarray],
+    processor: Any,
+    device: torch.device,
+) -> tuple[Any, dict[str, Any]]:
+    """Phase 1 -> (trained ``CLIPVisionModel`` on ``device``, metrics)."""
+    from tpkit.data.synthetic import SHAPES
+    from tpkit.training.base_data import image_norm, normalize_images
+
+    tc = cfg.tower
+    torch.manual_seed(cfg.seed)
+    model = CLSClassifier(vision_config(tc), pool[1].shape[1]).to(device).train()
+    opt = _adamw(model, tc.lr, tc.weight_decay, device)
+    plan = StepPlan(tc.max_steps, tc.time_budget_s, device)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(plan, tc.warmup_steps, tc.min_lr_ratio))
+    norm = image_norm(processor, device)
+    images = torch.from_numpy(pool[0]).to(device)  # (N, S, S, 3) uint8
+    labels = torch.from_numpy(pool[1]).to(device)  # (N, 13)
+    ev_images = torch.from_numpy(held_out[0]).to(device)
+    ev_labels = torch.from_numpy(held_out[1]).to(device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n, bs = len(images), min(tc.batch_size, len(images))
+    perm, pos = torch.randperm(n, generator=gen), 0
+    step, loss_sum, history = 0, torch.zeros((), device=device), []
+    bar = tqdm(total=plan.total, desc="tower", unit="step", dynamic_ncols=True, mininterval=2.0)
+    plan.t0 = time.perf_counter()
+    while step < plan.total and not plan.expired():
+        if pos + bs > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos : pos + bs].to(device)
+        pos += bs
+        x = normalize_images(images[idx], *norm)  # (B, 3, S, S)
+        if tc.hflip:
+            flip = (torch.rand(bs, generator=gen) < 0.5).to(device)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        with _autocast(device, cfg.precision):
+            logits = model(x)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        step += 1
+        loss_sum += loss.detach()
+        plan.after_step(step)
+        if bar.total != plan.total:
+            bar.total = plan.total
+        bar.update()
+        if step % tc.log_every == 0 or step == plan.total:
+            k = step % tc.log_every or tc.log_every
+            f1 = tower_f1(model, ev_images, ev_labels, norm, len(SHAPES))
+            entry = {"step": step, "loss": loss_sum.item() / k, **f1, "time_s": round(plan.elapsed(), 1)}
+            history.append(entry)
+            loss_sum.zero_()
+            _log(
+                f"[tower] step {step}/{plan.total} loss {entry['loss']:.4f} F1 {f1['f1']:.4f} "
+                f"(shape {f1['f1_shape']:.3f}, colour {f1['f1_color']:.3f}) lr {sched.get_last_lr()[0]:.2e} "
+                f"{entry['time_s']:.0f}s"
+            )
+    bar.close()
+    _sync(device)
+    seconds = plan.elapsed()
+    final = tower_f1(model, ev_images, ev_labels, norm, len(SHAPES))
+    metrics = {
+        **final,
+        "steps": step,
+        "seconds": round(seconds, 1),
+        "images_seen": step * bs,
+        "pool_size": n,
+        "eval_size": len(ev_images),
+        "history": history,
+    }
+    _log(f"[tower] done: {step} steps in {seconds:.0f}s, held-out F1 {final['f1']:.4f}")
+    return model.tower, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Phase 2: projector + language model
+
+
+def _answer_loss(
+    model: Any, ids, mask, labels, pixel_values
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CE on answer tokens -> (loss, correct (B, T-1) bool, answer positions (B, T-1) bool).
+
+    Position ids follow the attention mask (left padding), as ``generate`` builds them, so training
+    sees the positions that inference uses. No boolean indexing: nothing here waits for the device.
+    """
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    hidden = model.model(
+        input_ids=ids, pixel_values=pixel_values, attention_mask=mask, position_ids=pos
+    ).last_hidden_state  # (B, T, H)
+    logits = model.lm_head(hidden[:, :-1]).float()  # (B, T-1, V): token t predicts t+1
+    target = labels[:, 1:]  # (B, T-1)
+    loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
+    sel = target != -100
+    return loss, (logits.argmax(-1) == target) & sel, sel
+
+
+@torch.no_grad()
+def teacher_forced_accuracy(
+    model: Any, batches: Any, norm: tuple, device: torch.device, precision: str
+) -> dict:
+    """Token and whole-answer accuracy with the gold prefix (cheap progress signal)."""
+    from tpkit.training.base_data import normalize_images
+
+    was = model.training
+    model.eval()
+    tok_ok = tok_n = ans_ok = 0
+    for s in range(0, batches.n, 256):
+        idx = torch.arange(s, min(s + 256, batches.n))
+        ids, mask, labels, imgs = batches.take(idx)
+        with _autocast(device, precision):
+            _, correct, sel = _answer_loss(model, ids, mask, labels, normalize_images(imgs, *norm))
+        tok_ok += int(correct.sum())
+        tok_n += int(sel.sum())
+        ans_ok += int((correct == sel).all(1).sum())  # every answer token right
+    model.train(was)
+    return {"token_acc": tok_ok / max(1, tok_n), "answer_acc": ans_ok / batches.n}
+
+
+def train_llava(
+    cfg: BaseRecipeConfig, model: Any, train_set: Any, val_set: Any, processor: Any, device: torch.device
+) -> dict[str, Any]:
+    """Phase 2, in place on ``model`` (a LlavaForConditionalGeneration, tower already loaded)."""
+    from tpkit.training.base_data import VQABatches, image_norm, normalize_images
+
+    lc = cfg.lm
+    model.model.vision_tower.requires_grad_(False).eval()
+    model.model.multi_modal_projector.train()
+    model.model.language_model.train()
+    model.lm_head.train()
+    pad = processor.tokenizer.pad_token_id
+    data = VQABatches(train_set, pad, device, cfg.seed + 1)
+    val = VQABatches(val_set, pad, device, cfg.seed + 2)
+    norm = image_norm(processor, device)
+    opt = _adamw(model, lc.lr, lc.weight_decay, device)
+    plan = StepPlan(lc.max_steps, lc.time_budget_s, device)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(plan, lc.warmup_steps, lc.min_lr_ratio))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    step, history = 0, []
+    loss_sum, acc_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+    bar = tqdm(total=plan.total, desc="llava", unit="step", dynamic_ncols=True, mininterval=2.0)
+    plan.t0 = time.perf_counter()
+    while step < plan.total and not plan.expired():
+        ids, mask, labels, imgs = data.sample(lc.batch_size)
+        with _autocast(device, cfg.precision):
+            loss, correct, sel = _answer_loss(model, ids, mask, labels, normalize_images(imgs, *norm))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if lc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, lc.grad_clip)
+        opt.step()
+        sched.step()
+        step += 1
+        loss_sum += loss.detach()
+        acc_sum += correct.sum() / sel.sum().clamp(min=1)
+        plan.after_step(step)
+        if bar.total != plan.total:
+            bar.total = plan.total
+        bar.update()
+        if step % lc.log_every == 0 or step == plan.total:
+            k = step % lc.log_every or lc.log_every
+            v = teacher_forced_accuracy(model, val, norm, device, cfg.precision)
+            entry = {
+                "step": step,
+                "loss": loss_sum.item() / k,
+                "train_token_acc": acc_sum.item() / k,
+                "val_token_acc": v["token_acc"],
+                "val_answer_acc": v["answer_acc"],
+                "epoch": data.epoch,
+                "time_s": round(plan.elapsed(), 1),
+            }
+            history.append(entry)
+            loss_sum.zero_()
+            acc_sum.zero_()
+            _log(
+                f"[llava] step {step}/{plan.total} loss {entry['loss']:.4f} train tok acc "
+                f"{entry['train_token_acc']:.3f} val answer acc {v['answer_acc']:.3f} "
+                f"lr {sched.get_last_lr()[0]:.2e} {entry['time_s']:.0f}s"
+            )
+    bar.close()
+    _sync(device)
+    seconds = plan.elapsed()
+    model.eval()
+    _log(f"[llava] done: {step} steps in {seconds:.0f}s")
+    return {
+        "steps": step,
+        "seconds": round(seconds, 1),
+        "samples_seen": step * lc.batch_size,
+        "epochs": round(step * lc.batch_size / len(train_set), 2),
+        "history": history,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation: dense greedy generation
+
+
+def _norm_answer(text: str) -> str:
+    return text.strip().strip(".").strip().lower()
+
+
+@torch.no_grad()
+def evaluate_vqa(
+    model: Any,
+    processor: Any,
+    data: Any,
+    device: torch.device,
+    batch_size: int = 250,
+    max_new_tokens: int = 6,
+    desc: str = "eval",
+) -> dict[str, Any]:
+    """Greedy ``generate`` on the first question of each record -> accuracy overall and per type.
+
+    Batches come from ``LlavaCollator`` in eval mode, i.e. the same path as any evaluation of the
+    fixture. Runs in fp32 (the fixture's dtype) whatever the training precision.
+    """
+    from PIL import Image
+
+    from tpkit.data.collator import LlavaCollator
+
+    coll = LlavaCollator(processor, mode="eval")
+    tok = processor.tokenizer
+    model.eval()
+    right: dict[str, int] = defaultdict(int)
+    total: dict[str, int] = defaultdict(int)
+    examples = []
+    for s in tqdm(
+        range(0, len(data), batch_size), desc=desc, unit="batch", dynamic_ncols=True, mininterval=2.0
+    ):
+        recs = [
+            {**r, "image": Image.fromarray(im)}
+            for r, im in zip(data.records[s : s + batch_size], data.images[s : s + batch_size])
+        ]
+        batch = coll(recs)
+        ids = batch["input_ids"].to(device)
+        out = model.generate(
+            input_ids=ids,
+            pixel_values=batch["pixel_values"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        texts = tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+        for text, gold, qtype, rid in zip(texts, batch["answers"], batch["qtypes"], batch["ids"]):
+            ok = _norm_answer(text) == _norm_answer(gold)
+            right[qtype] += ok
+            total[qtype] += 1
+            if len(examples) < 8 or (not ok and len(examples) < 24):
+                examples.append({"id": rid, "qtype": qtype, "answer": gold, "output": text, "correct": ok})
+    n = sum(total.values())
+    return {
+        "n": n,
+        "accuracy": sum(right.values()) / max(1, n),
+        "per_type": {q: right[q] / total[q] for q in sorted(total)},
+        "n_per_type": {q: total[q] for q in sorted(total)},
+        "examples": examples,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The recipe
+
+
+def _machine(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    info = {
+        "device": device.type,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu_cores": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def run(cfg: BaseRecipeConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Data -> tower -> LLaVA -> save -> reload with stock classes -> evaluate. Returns metrics."""
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    from tpkit.data.collator import LlavaCollator
+    from tpkit.data.processor import build_processor
+    from tpkit.training import base_data
+
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    workers = base_data.default_workers(cfg.workers)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _log(f"[base] device {device}, {workers} data workers, out {out_dir}")
+    timings: dict[str, float] = {}
+
+    # The process pool forks first: before CUDA and before any multi-threaded torch work here.
+    tc, lc, ev = cfg.tower, cfg.lm, cfg.eval
+    processor = build_processor(image_size=tc.image_size, patch_size=tc.patch_size)
+    coll = LlavaCollator(processor, max_length=lc.max_length, mode="train")
+    t = time.perf_counter()
+    with base_data.DataWorkers(workers, coll) as dw:
+        # queued in this order: the tower's images first, the VQA sets render while the tower trains
+        pool_job = dw.tower_images(tc.pool_size, 2 * cfg.seed, "tower pool")
+        held_job = dw.tower_images(tc.eval_size, 2 * cfg.seed + 1, "tower held-out")
+        train_job = dw.vqa("train", lc.n_train, cfg.data_seed)
+        val_job = dw.vqa("val", lc.n_val, cfg.data_seed)
+        test_job = dw.vqa("test", ev.n_test, cfg.data_seed, encode=False)
+        ood_job = dw.vqa("ood", ev.n_ood, cfg.data_seed, encode=False) if ev.n_ood else None
+
+        # The model's size is known before any training: refuse early if it cannot be the fixture.
+        lcfg = llava_config(cfg, processor)
+        counts = param_counts(LlavaForConditionalGeneration(lcfg))
+        _log(f"[base] parameters: {counts}")
+        if counts["total"] > cfg.max_params:
+            raise ValueError(
+                f"the LLaVA has {counts['total']:,} parameters > max_params = {cfg.max_params:,}: "
+                "shrink lm.* or tower.*"
+            )
+
+        pool, held_out = pool_job.result(), held_job.result()
+        timings["tower_data_s"] = round(time.perf_counter() - t, 1)
+        _log(
+            f"[base] tower images ready in {timings['tower_data_s']:.0f}s: {len(pool[0])} + {len(held_out[0])}"
+        )
+
+        # Phase 1 (the VQA data keeps rendering in the workers meanwhile)
+        t = time.perf_counter()
+        tower, tower_metrics = train_tower(cfg, pool, held_out, processor, device)
+        timings["tower_s"] = round(time.perf_counter() - t, 1)
+        del pool
+
+        t = time.perf_counter()
+        train_set, val_set, test_set = train_job.result(), val_job.result(), test_job.result()
+        ood_set = ood_job.result() if ood_job is not None else None
+        timings["vqa_data_wait_s"] = round(time.perf_counter() - t, 1)
+    pixel_diff = base_data.pixel_check(processor, train_set.images[:16])
+    if pixel_diff > 1e-4:
+        _log(f"[base] WARNING: device-side normalisation differs from the processor by {pixel_diff:.2e}")
+    lengths = [len(x) for x in train_set.ids]
+    _log(
+        f"[base] VQA data ready (waited {timings['vqa_data_wait_s']:.0f}s after the tower): train "
+        f"{len(train_set)} (tokens {min(lengths)}-{max(lengths)}), val {len(val_set)}, test {len(test_set)}, "
+        f"ood {len(ood_set) if ood_set else 0}; pixel check {pixel_diff:.1e}"
+    )
+
+    # Phase 2
+    torch.manual_seed(cfg.seed + 1)
+    model = LlavaForConditionalGeneration(lcfg)
+    missing = model.model.vision_tower.load_state_dict(tower.state_dict())
+    if missing.missing_keys or missing.unexpected_keys:
+        raise RuntimeError(f"tower weights do not fit the LLaVA's vision tower: {missing}")
+    del tower
+    model.to(device)
+    t = time.perf_counter()
+    lm_metrics = train_llava(cfg, model, train_set, val_set, processor, device)
+    timings["llava_s"] = round(time.perf_counter() - t, 1)
+
+    # Save as a stock directory, then evaluate what was saved.
+    model.to(torch.float32)
+    tok = processor.tokenizer
+    model.generation_config.bos_token_id = tok.bos_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out_dir, safe_serialization=True)
+    processor.save_pretrained(out_dir)
+    save_config(cfg, out_dir / "recipe.yaml")
+    size = (out_dir / "model.safetensors").stat().st_size
+    del model
+    t = time.perf_counter()
+    reloaded = LlavaForConditionalGeneration.from_pretrained(out_dir).to(device).eval()
+    processor = LlavaProcessor.from_pretrained(out_dir)
+    evaluation = {
+        "test": evaluate_vqa(reloaded, processor, test_set, device, ev.batch_size, ev.max_new_tokens, "test")
+    }
+    if ood_set is not None:
+        evaluation["ood"] = evaluate_vqa(
+            reloaded, processor, ood_set, device, ev.batch_size, ev.max_new_tokens, "ood"
+        )
+    timings["eval_s"] = round(time.perf_counter() - t, 1)
+    timings["total_s"] = round(time.perf_counter() - t_start, 1)
+
+    metrics = {
+        "tower": tower_metrics,
+        "llava": lm_metrics,
+        "eval": evaluation,
+        "params": counts,
+        "model_safetensors_bytes": size,
+        "pixel_check_max_abs": pixel_diff,
+        "train_tokens_per_record": {"min": min(lengths), "max": max(lengths)},
+        "timings": timings,
+        "machine": _machine(device),
+        "config": to_dict(cfg),
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    for split, r in evaluation.items():
+        per = ", ".join(f"{q} {a:.3f}" for q, a in r["per_type"].items())
+        _log(f"[base] {split}: accuracy {r['accuracy']:.4f} over {r['n']} ({per})")
+    _log(
+        f"[base] tower F1 {tower_metrics['f1']:.4f}; params {counts['total']:,}; "
+        f"model.safetensors {size / 1e6:.2f} MB; timings {timings}; saved to {out_dir}"
+    )
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m tpkit.training.base_recipe",
+        description="Train the embedded tiny LLaVA from scratch (vision tower, then projector + LM).",
+    )
+    ap.add_argument("--config", required=True, help="YAML file (see configs/base_tiny.yaml)")
+    ap.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. lm.max_steps=3"
+    )
+    ap.add_argument("--out", required=True, help="output directory (the model directory)")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="overrides 'device'")
+    args = ap.parse_args(argv)
+    overrides = list(args.set)
+    if args.device is not None:
+        overrides.append(f"device={args.device}")
+    try:
+        cfg = load_config(BaseRecipeConfig, args.config, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run(cfg, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
