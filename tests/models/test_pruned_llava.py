@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tpkit.models import attach_pruner, detach_pruner, last_stats, set_pruning
+from tpkit.models import attach_pruner, detach_pruner, last_stats, set_pruning, stage1_scores
 from tpkit.models.pruned_llava import pruned_lm_loss
 from tpkit.pruning import PruningConfig, Stage1Config, Stage2Config
 
@@ -152,3 +152,19 @@ def test_bad_inputs_raise(tiny_llava, make_llava_batch):
         model(**{**batch, "pixel_values": batch["pixel_values"][:1]})
     detach_pruner(model)
     assert not hasattr(model, "_tp_cfg")
+
+
+def test_cls_attn_is_the_towers_last_layer_cls_row(tiny_llava_factory, make_llava_batch):
+    model = tiny_llava_factory("llama", "eager")
+    batch = make_llava_batch(model)
+    cfg = PruningConfig(stage1=Stage1Config(score="cls_attn", selector="budget", budget=5))
+    attach_pruner(model, cfg)
+    with torch.no_grad():
+        model(**batch)
+        tower_out = model.model.vision_tower(batch["pixel_values"], output_attentions=True)
+    ref = tower_out.attentions[-1].mean(1)[:, 0, 1:]  # (B, P)
+    s = last_stats(model)
+    torch.testing.assert_close(s["stage1_scores"], ref)
+    torch.testing.assert_close(stage1_scores(model, batch["pixel_values"]), ref)
+    top = ref.topk(5, dim=1).indices.sort(dim=1).values
+    assert [v.tolist() for v in s["visual_keep"]] == top.tolist()

@@ -8,6 +8,7 @@ from tpkit.models.pruned_llava import (
     last_stats,
     pruning_disabled,
     set_pruning,
+    stage1_scores,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "last_stats",
     "is_attached",
     "PrunedLlavaOutput",
+    "stage1_scores",
 ]

@@ -38,6 +38,7 @@ __all__ = [
     "set_pruning",
     "pruning_disabled",
     "last_stats",
+    "stage1_scores",
     "is_attached",
     "PrunedLlavaOutput",
 ]
@@ -401,38 +402,59 @@ def _tower_layers(tower: nn.Module) -> nn.ModuleList:
     raise ValueError(f"stage1.score='cls_attn': cannot find the encoder layers of {type(tower).__name__}")
 
 
-def _stage1(model, pixel_values, cfg, stage1_keep):
-    """Vision tower once; returns (projected kept features (sum k1, D), keep mask (B, N), k1 (B,))."""
-    inner = model.model
-    mcfg = model.config
-    tower = inner.vision_tower
+def _tower_states(model, pixel_values) -> tuple[torch.Tensor, ...]:
+    """All hidden states of the vision tower (one run, as stock LLaVA does)."""
+    tower = model.model.vision_tower
     dtype = next(tower.parameters()).dtype
     out = tower(pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
-    hs = out.hidden_states
+    return out.hidden_states
+
+
+def _scores_from_states(model, hs, s1) -> torch.Tensor:
+    """Stage-1 scores (B, P) per patch from the tower's hidden states."""
+    layer = model.config.vision_feature_layer
+    score_hidden = hs[layer] if isinstance(layer, int) else hs[layer[-1]]
+    with torch.no_grad():  # scores only pick indices; no graph needed
+        if s1.score in ("cosine", "cosine_centered"):
+            return cls_cosine(score_hidden, centered=s1.score == "cosine_centered")
+        if s1.score == "cls_attn":
+            return cls_attention(hs[-2], _tower_layers(model.model.vision_tower)[-1])
+        return random_scores(score_hidden.shape[0], score_hidden.shape[1] - 1, s1.seed, score_hidden.device)
+
+
+def stage1_scores(model: nn.Module, pixel_values: torch.Tensor, config: Any = None) -> torch.Tensor:
+    """The stage-1 score of every patch, (B, P), exactly as the pruner computes it.
+
+    ``config``: a ``PruningConfig`` or ``Stage1Config`` (default: the attached config's, else cosine).
+    For overlays and premise studies; runs the vision tower once.
+    """
+    inner = _unwrap(model)
+    if config is None:
+        config = getattr(inner, "_tp_cfg", None) or PruningConfig()
+    s1 = getattr(config, "stage1", config)
+    with torch.no_grad():
+        return _scores_from_states(inner, _tower_states(inner, pixel_values), s1)
+
+
+def _stage1(model, pixel_values, cfg, stage1_keep):
+    """Vision tower once; returns (projected kept features (sum k1, D), keep mask (B, N), k1 (B,), scores)."""
+    inner = model.model
+    mcfg = model.config
+    hs = _tower_states(model, pixel_values)
     layer = mcfg.vision_feature_layer
     strategy = getattr(mcfg, "vision_feature_select_strategy", "default")
-    if isinstance(layer, int):
-        feats = hs[layer]
-        score_hidden = hs[layer]
-    else:
-        feats = torch.cat([hs[i] for i in layer], dim=-1)
-        score_hidden = hs[layer[-1]]
+    feats = hs[layer] if isinstance(layer, int) else torch.cat([hs[i] for i in layer], dim=-1)
     if strategy == "default":
         feats = feats[:, 1:]
     b, n = feats.shape[:2]
     s1 = cfg.stage1
+    scores = None
     if s1.enabled:
-        if s1.score in ("cosine", "cosine_centered"):
-            scores = cls_cosine(score_hidden, centered=s1.score == "cosine_centered")
-        elif s1.score == "cls_attn":
-            scores = cls_attention(hs[-2], _tower_layers(tower)[-1])
-        else:
-            scores = random_scores(b, score_hidden.shape[1] - 1, s1.seed, feats.device)
+        scores = _scores_from_states(model, hs, s1)  # (B, P)
+        full = scores
         if strategy == "full":  # the CLS feature is an image token too: always keep it
-            scores = torch.cat([torch.full_like(scores[:, :1], float("inf")), scores], dim=1)
-            keep, k1 = select_patches(scores, s1, stage1_keep)
-        else:
-            keep, k1 = select_patches(scores, s1, stage1_keep)
+            full = torch.cat([torch.full_like(scores[:, :1], float("inf")), scores], dim=1)
+        keep, k1 = select_patches(full, s1, stage1_keep)
     else:
         keep = torch.ones(b, n, dtype=torch.bool, device=feats.device)
         k1 = torch.full((b,), n, dtype=torch.long, device=feats.device)
@@ -440,7 +462,7 @@ def _stage1(model, pixel_values, cfg, stage1_keep):
         projected = inner.multi_modal_projector(feats).flatten(0, 1)  # same call as stock
     else:
         projected = inner.multi_modal_projector(feats[keep])  # (sum k1, D): only kept patches
-    return projected, keep, k1
+    return projected, keep, k1, scores
 
 
 # --------------------------------------------------------------------------------------------
@@ -526,7 +548,7 @@ def _prefill(
     img, _ = _validate_inputs(model, input_ids, pixel_values)
 
     # ---- stage 1: the shorter LLM input
-    projected, keep1, k1 = _stage1(model, pixel_values, cfg, stage1_keep)
+    projected, keep1, k1, scores1 = _stage1(model, pixel_values, cfg, stage1_keep)
     keep_tok = am.clone()
     keep_tok[img] = keep1.reshape(-1) & am[img]
     index1 = _compact(keep_tok)  # (B, T1)
@@ -561,7 +583,8 @@ def _prefill(
             always, droppable, qpos, qvalid = _stage2_roles(
                 ids1, valid1, ans1, mcfg.image_token_id, k1, s2.prune_text, s2.query
             )
-            scores = _stage2_scores(layer, h, cos, sin, valid, qpos, qvalid)
+            with torch.no_grad():  # scores only pick indices
+                scores = _stage2_scores(layer, h, cos, sin, valid, qpos, qvalid)
             keep2 = select_tokens(scores, droppable, always, s2, stage2_keep)
             index2 = _compact(keep2)  # (B, T2) into the stage-1 sequence
             valid = index2 >= 0
@@ -590,6 +613,7 @@ def _prefill(
         "n_dense": n_dense,
         "token_layer_fraction": tokens_seen.double() / (n_layers * n_dense).double(),
         "visual_keep": [keep1[i].nonzero().squeeze(1) for i in range(b)],
+        "stage1_scores": scores1,  # (B, P) or None when stage 1 is off
         "stage2_visual_keep": [patch_of[i][is_patch[i]] for i in range(b)],
     }
     model._tp_stats = stats
