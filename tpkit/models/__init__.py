@@ -6,6 +6,7 @@ from tpkit.models.pruned_llava import (
     detach_pruner,
     is_attached,
     last_stats,
+    pruned_lm_loss,
     pruning_disabled,
     set_pruning,
     stage1_scores,
@@ -20,4 +21,5 @@ __all__ = [
     "is_attached",
     "PrunedLlavaOutput",
     "stage1_scores",
+    "pruned_lm_loss",
 ]

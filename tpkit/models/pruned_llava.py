@@ -39,6 +39,7 @@ __all__ = [
     "pruning_disabled",
     "last_stats",
     "stage1_scores",
+    "pruned_lm_loss",
     "is_attached",
     "PrunedLlavaOutput",
 ]
@@ -668,7 +669,7 @@ def _next_token(logits, do_sample, temperature, top_k, top_p, generator):
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
 
 
-_GEN_IGNORED = {"use_cache", "return_dict_in_generate", "output_scores", "output_attentions", "synced_gpus"}
+_GEN_IGNORED = {"use_cache", "synced_gpus"}
 
 
 def _generate(model, **kwargs):
@@ -687,6 +688,9 @@ def _generate(model, **kwargs):
     stage2_keep = kwargs.pop("stage2_keep", None)
     for k in _GEN_IGNORED:
         kwargs.pop(k, None)
+    for k in ("return_dict_in_generate", "output_scores", "output_logits", "output_attentions"):
+        if kwargs.pop(k, False):
+            raise ValueError(f"pruned generate returns the token ids only ({k}=True is not supported)")
     if kwargs:
         raise ValueError(f"pruned generate does not support: {sorted(kwargs)}")
     if (opt["num_beams"] or 1) > 1:
