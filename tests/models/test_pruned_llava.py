@@ -168,3 +168,56 @@ def test_cls_attn_is_the_towers_last_layer_cls_row(tiny_llava_factory, make_llav
     torch.testing.assert_close(stage1_scores(model, batch["pixel_values"]), ref)
     top = ref.topk(5, dim=1).indices.sort(dim=1).values
     assert [v.tolist() for v in s["visual_keep"]] == top.tolist()
+
+
+@pytest.mark.parametrize("backbone", ["llama", "qwen2"])
+def test_stage2_scores_equal_the_layers_attention(tiny_llava_factory, make_llava_batch, backbone):
+    """Our q/k path (normed input, post-RoPE, GQA) equals the layer's own eager attention weights."""
+    from tpkit.models.pruned_llava import _stage2_roles, _stage2_scores
+
+    model = tiny_llava_factory(backbone, "eager")
+    batch = make_llava_batch(model, before=(3, 6), after=(4, 2))
+    am = batch["attention_mask"]
+    pos = (am.cumsum(1) - 1).clamp(min=0)
+    k = 2
+    with torch.no_grad():
+        out = model(**batch, position_ids=pos, output_attentions=True, output_hidden_states=True)
+        lm = model.model.language_model
+        h = out.hidden_states[k]  # input of layer k
+        cos, sin = lm.rotary_emb(h, position_ids=pos)
+        valid = am.bool()
+        n_img = torch.full((2,), 16)
+        ids = batch["input_ids"]
+        for query in ("last", "instruction"):
+            _, _, qpos, qvalid = _stage2_roles(ids, valid, torch.zeros_like(valid), 3, n_img, True, query)
+            ours = _stage2_scores(lm.layers[k], h, cos, sin, valid, qpos, qvalid)
+            attn = out.attentions[k].mean(1)  # (B, T, T)
+            for b in range(2):
+                rows = qpos[b][qvalid[b]]
+                torch.testing.assert_close(ours[b], attn[b, rows].mean(0))
+
+
+def test_attached_model_saves_as_stock_and_contexts_nest(tiny_llava, make_llava_batch, tmp_path):
+    import json
+
+    from tpkit.models import is_attached, pruning_disabled
+
+    model = attach_pruner(tiny_llava, PruningConfig())
+    assert (
+        isinstance(model, type(model).__mro__[2]) and type(model).__name__ == "LlavaForConditionalGeneration"
+    )
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [
+        "LlavaForConditionalGeneration"
+    ]
+    batch = make_llava_batch(model)
+    t = batch["input_ids"].shape[1]
+    with torch.no_grad():
+        with pruning_disabled(model):
+            with pruning_disabled(model):
+                assert model(**batch).logits.shape[1] == t
+            assert model(**batch).logits.shape[1] == t
+        assert model(**batch).logits.shape[1] < t
+    with pytest.raises(ValueError, match="no pruner attached"):
+        set_pruning(detach_pruner(model), PruningConfig())
+    assert not is_attached(model)
