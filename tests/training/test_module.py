@@ -127,3 +127,22 @@ def test_only_trainable_params_change(make_cfg, processor, train_projector):
     # the checkpoint holds trainable tensors only
     sd = torch.load(res.checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     assert set(sd) == {n for n, p in res.module.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+def test_fast_kd_path_equals_the_naive_one(make_cfg, processor, batch, kind):
+    """Shared tower output + teacher LM head on answer rows only == full teacher logits gathered."""
+    from tpkit.training.losses import answer_targets, distill_loss, gather_rows
+
+    m = _module(make_cfg(distill={"kind": kind, "temperature": 2.0}), processor)
+    with torch.no_grad():
+        for p in m.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+        parts = m.losses(batch)
+        out = m.student_forward(batch)
+        targets = answer_targets(batch["labels"], out.kept_index)
+        teacher = gather_rows(m.teacher_logits(batch), out.kept_index)
+        naive = distill_loss(out.logits, teacher, targets, kind=kind, temperature=2.0)
+    assert naive.item() > 1e-4
+    torch.testing.assert_close(parts["kd"], naive, rtol=1e-5, atol=1e-7)

@@ -15,7 +15,15 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
-__all__ = ["IGNORE_INDEX", "answer_targets", "answer_ce", "divergence", "distill_loss", "gather_rows"]
+__all__ = [
+    "IGNORE_INDEX",
+    "answer_targets",
+    "answer_ce",
+    "divergence",
+    "distill_rows",
+    "distill_loss",
+    "gather_rows",
+]
 
 
 def answer_targets(labels: torch.Tensor, kept_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -89,8 +97,19 @@ def distill_loss(
     student's original positions); targets: (B, T_out), IGNORE_INDEX marks positions to skip.
     """
     mask = targets != IGNORE_INDEX  # (B, T_out)
-    if not mask.any():
-        return student_logits.sum() * 0.0
-    s = student_logits[mask] / temperature  # (N, V)
-    t = teacher_logits[mask].detach() / temperature
+    return distill_rows(student_logits[mask], teacher_logits[mask], kind, temperature, beta)
+
+
+def distill_rows(
+    student_rows: torch.Tensor,
+    teacher_rows: torch.Tensor,
+    kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """``T^2 * mean divergence(student / T, teacher / T)`` over matched rows (N, V); 0 when N == 0."""
+    if student_rows.shape[0] == 0:
+        return student_rows.sum() * 0.0
+    s = student_rows / temperature
+    t = teacher_rows.detach() / temperature
     return divergence(s, t, kind, beta).mean() * temperature**2

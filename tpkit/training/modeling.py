@@ -46,11 +46,14 @@ def _tiny_kwargs_from_processor(processor: Any) -> dict[str, Any]:
     if tok.pad_token_id is not None:
         kw["pad_token_id"] = int(tok.pad_token_id)
     ip = getattr(processor, "image_processor", None)
-    size = getattr(ip, "crop_size", None) or getattr(ip, "size", None)
-    if isinstance(size, dict):
-        side = size.get("height") or size.get("shortest_edge")
+    for size in (getattr(ip, "crop_size", None), getattr(ip, "size", None)):
+        if size is None:
+            continue
+        get = size.get if isinstance(size, dict) else lambda k, s=size: getattr(s, k, None)
+        side = get("height") or get("shortest_edge")
         if side:
             kw["image_size"] = int(side)
+            break
     patch = getattr(processor, "patch_size", None)
     if patch:
         kw["patch_size"] = int(patch)

@@ -18,9 +18,9 @@ import torch
 from peft import PeftModel
 
 from tpkit.config import DistillConfig, OptimConfig
-from tpkit.training.losses import answer_ce, answer_targets, distill_loss, gather_rows
+from tpkit.training.losses import IGNORE_INDEX, answer_ce, answer_targets, distill_rows
 
-__all__ = ["DistillLoRAModule", "lr_lambda", "pruner_api"]
+__all__ = ["DistillLoRAModule", "lr_lambda", "pruner_api", "reuse_tower_output"]
 
 
 def pruner_api() -> Any:
@@ -31,6 +31,32 @@ def pruner_api() -> Any:
         return m if hasattr(m, "attach_pruner") else None
     except ImportError:
         return None
+
+
+@contextlib.contextmanager
+def reuse_tower_output(tower: torch.nn.Module):
+    """Inside the block, the vision tower runs once: later calls get the first call's output.
+
+    The student (stage 1) and the teacher see the same ``pixel_values`` and the tower is frozen
+    and adapter-free (``apply_lora`` refuses vision-tower targets), so its output is the same
+    tensor for both; only calls with ``output_hidden_states`` (stock LLaVA and the pruner) are shared.
+    """
+    cache: dict[tuple, Any] = {}
+    original = tower.forward
+
+    def forward(pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not kwargs.get("output_hidden_states"):
+            return original(pixel_values, *args, **kwargs)
+        key = (tuple(pixel_values.shape), pixel_values.dtype, pixel_values.device)
+        if key not in cache:
+            cache[key] = original(pixel_values, *args, **kwargs)
+        return cache[key]
+
+    tower.forward = forward
+    try:
+        yield
+    finally:
+        del tower.forward
 
 
 def lr_lambda(cfg: OptimConfig, max_steps: int):
@@ -93,14 +119,26 @@ class DistillLoRAModule(L.LightningModule):
         return self.model(**kw)
 
     @torch.no_grad()
-    def teacher_logits(self, batch: dict) -> torch.Tensor:
-        """Logits of the base model, adapter off and pruner off: (B, T, V) at original positions."""
+    def teacher_logits(self, batch: dict, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the base model, adapter off and pruner off, at original positions.
+
+        (B, T, V), or (B, P, V) at ``positions`` (P,) sorted — the LM head then runs on P rows only.
+        """
         api = pruner_api()
         off = api.pruning_disabled(self.base) if (self.pruning_attached and api) else contextlib.nullcontext()
+        kw = self._inputs(batch)
+        if positions is not None:
+            kw["logits_to_keep"] = positions
         with self.model.disable_adapter(), off:
-            return self.model(**self._inputs(batch)).logits
+            return self.model(**kw).logits
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        tower = self.base.model.vision_tower
+        share = reuse_tower_output(tower) if self.distill.alpha > 0 else contextlib.nullcontext()
+        with share:
+            return self._losses(batch)
+
+    def _losses(self, batch: dict) -> dict[str, torch.Tensor]:
         out = self.student_forward(batch)
         kept = getattr(out, "kept_index", None)  # (B, T_out) or None (no pruner)
         parts: dict[str, torch.Tensor] = {}
@@ -115,13 +153,17 @@ class DistillLoRAModule(L.LightningModule):
         loss = self.distill.ce_weight * ce
         parts["ce"] = ce.detach()
         if self.distill.alpha > 0:
-            t_logits = self.teacher_logits(batch)
-            if kept is not None:
-                t_logits = gather_rows(t_logits, kept)  # teacher rows at the student's original positions
-            kd = distill_loss(
-                out.logits,
-                t_logits,
-                targets,
+            mask = targets != IGNORE_INDEX  # (B, T_out) answer-predicting positions
+            if kept is None:
+                kept = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+            orig = kept[mask]  # (N,) original position of each row: the teacher is unpruned
+            positions = torch.unique(orig)  # (P,) sorted; the teacher's LM head runs on these only
+            t_logits = self.teacher_logits(batch, positions)  # (B, P, V)
+            rows = mask.nonzero()[:, 0]
+            t_rows = t_logits[rows, torch.searchsorted(positions, orig)]  # (N, V)
+            kd = distill_rows(
+                out.logits[mask],
+                t_rows,
                 kind=self.distill.kind,
                 temperature=self.distill.temperature,
                 beta=self.distill.jsd_beta,

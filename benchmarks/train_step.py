@@ -1,0 +1,121 @@
+"""Training step time, side by side: plain LoRA, LoRA + pruning, LoRA + pruning + KD (tiny model, CPU).
+
+    python benchmarks/train_step.py [--model assets/tiny-llava] [--batch 8] [--steps 10] [--threads 2]
+
+One step = student forward + loss + backward + AdamW step, the same batch every step; the three
+setups are timed round-robin (so machine noise hits them alike) and the median is reported.
+The last line is the headline: KD's cost over LoRA + pruning (target <= 1.6x).
+Default model: assets/tiny-llava when present, else a random model of the same shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from tpkit.config import TrainConfig, from_dict
+from tpkit.data.collator import LlavaCollator
+from tpkit.training.run import build_module, build_processor_for, build_student
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# the embedded base model's shape (configs/base_tiny.yaml): 96 px / patch 8 = 144 visual tokens
+FIXTURE_SHAPE = {
+    "hidden_size": 256,
+    "num_layers": 4,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "intermediate_size": 512,
+    "vision_hidden": 128,
+    "vision_layers": 4,
+    "vision_heads": 4,
+}
+
+
+def setups(model: dict) -> dict[str, dict]:
+    off = {"stage1": {"enabled": False}, "stage2": {"enabled": False}}
+    on = {"stage1": {"enabled": True}, "stage2": {"enabled": True, "layer": 2}}
+    return {
+        "lora": {"model": model, "pruning": off, "distill": {"alpha": 0.0}},
+        "lora+prune": {"model": model, "pruning": on, "distill": {"alpha": 0.0}},
+        "lora+prune+kd": {"model": model, "pruning": on, "distill": {"alpha": 1.0}},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="model dir (default: assets/tiny-llava, else random tiny)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = args.model or (
+        str(ROOT / "assets" / "tiny-llava") if (ROOT / "assets" / "tiny-llava").is_dir() else None
+    )
+    model = {"path": path} if path else {"path": "tiny:llama", "tiny": FIXTURE_SHAPE}
+    base_cfg = {"data": {"train_json": "unused.json"}, "lora": {"r": 8, "alpha": 16.0}}
+    cfgs = {k: from_dict(TrainConfig, {**base_cfg, **v}) for k, v in setups(model).items()}
+    processor = build_processor_for(next(iter(cfgs.values())))
+
+    from tpkit.data.synthetic import generate_split
+
+    tmp = ROOT / ".bench_data"
+    js = tmp / "train.json"
+    if not js.exists():
+        generate_split(tmp, split="train", n=args.batch, seed=0)
+    from tpkit.data.llava_json import load_llava_json
+
+    ds, _ = load_llava_json(js)
+    batch = LlavaCollator(processor, max_length=512, mode="train")([ds[i] for i in range(args.batch)])
+
+    runs = {}
+    for name, cfg in cfgs.items():
+        peft_model, attached = build_student(cfg, processor)
+        module = build_module(cfg, peft_model, attached)
+        module.model.train()
+        opt = torch.optim.AdamW([p for p in module.model.parameters() if p.requires_grad], lr=1e-4)
+        runs[name] = (module, opt, [])
+
+    def step(module, opt) -> dict:
+        parts = module.losses(batch)
+        opt.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        opt.step()
+        return parts
+
+    kept = {}
+    for i in range(args.warmup + args.steps):
+        for name, (module, opt, times) in runs.items():
+            t0 = time.perf_counter()
+            parts = step(module, opt)
+            dt = time.perf_counter() - t0
+            if i >= args.warmup:
+                times.append(dt)
+            kept[name] = float(parts.get("kept_frac", torch.tensor(1.0)))
+
+    T = batch["input_ids"].shape[1]
+    print(
+        f"model {path or 'random tiny (fixture shape)'}, batch {args.batch} x {T} tokens, "
+        f"{torch.get_num_threads()} threads, median of {args.steps} steps"
+    )
+    med = {name: statistics.median(times) for name, (_, _, times) in runs.items()}
+    base = med["lora"]
+    print(f"{'setup':<16}{'step ms':>10}{'vs lora':>10}{'token-layer frac':>18}")
+    for name, m in med.items():
+        print(f"{name:<16}{m * 1e3:>10.1f}{m / base:>10.2f}{kept[name]:>18.3f}")
+    ratio = med["lora+prune+kd"] / med["lora+prune"]
+    print(f"KD step time over LoRA+pruning: {ratio:.2f}x (target <= 1.6x)")
+
+
+if __name__ == "__main__":
+    main()
