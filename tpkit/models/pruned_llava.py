@@ -1,15 +1,16 @@
 """Two-stage token pruning attached to a stock ``LlavaForConditionalGeneration``.
 
-``attach_pruner`` swaps the model's class (and its language model's class) for thin subclasses
-with the same names, so ``save_pretrained`` and PEFT see the stock model. While pruning is active:
+``attach_pruner`` swaps the model's class for a thin subclass with the same name (so
+``save_pretrained``, PEFT and ``isinstance`` see the stock model) whose ``forward``/``generate`` prune:
 
 * **Stage 1** runs the vision tower once, scores patches against CLS, keeps a per-image head, projects
   only the kept patches, and rebuilds the LLM input with a shorter image run (left-padded, contiguous
   position ids).
-* **Stage 2** runs the decoder layers with our own loop: at layer ``K`` it scores tokens with that
-  layer's q/k projections, gathers the kept tokens (hidden states, rotary cos/sin, original position
-  ids, padding) and builds a new mask for layers >= K. With a ``DynamicCache`` the two layer groups
-  cache different lengths; decoding uses one mask per group.
+* **Stage 2** runs the stock decoder layers in our own loop (``_prefill``; the language model's own
+  ``forward`` is never called on the pruned path, so its class stays stock): at layer ``K`` it scores
+  tokens with that layer's q/k projections, gathers the kept tokens (hidden states, rotary cos/sin,
+  original position ids, padding) and builds a new mask for layers >= K. With a ``DynamicCache`` the
+  two layer groups cache different lengths; decoding uses one mask per group.
 
 Pruning disabled (or no ``pixel_values``) calls the stock ``forward``/``generate`` untouched.
 """
