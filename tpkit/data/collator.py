@@ -4,12 +4,11 @@ Works on plain dict records (``datasets`` rows or dicts from JSON); needs only t
 
 Per sample the chat template is rendered once for the whole conversation, plus once per answer for
 its prefix with the generation prompt (``... ASSISTANT:``): the answer spans are the characters
-between the two, which include what the template closes an answer with (``</s>``). The placeholder
-``<image>`` is expanded to its token run as ``LlavaProcessor.__call__`` does (same count, same
-tokens), then the whole batch is tokenised in one call with character offsets, and a token is an
-answer token when its characters overlap an answer span. Images go through the processor's image
-processor. Doing the expansion here rather than calling ``processor(text=..., images=...)`` is what
-keeps the character offsets meaningful; a test checks that the ids are identical.
+between the two, which include what the template closes an answer with (``</s>``). The batch is
+tokenised in one call with character offsets; a token is an answer token when its characters
+overlap an answer span. The ``<image>`` token is then repeated to its run of image tokens, which is
+what ``LlavaProcessor.__call__`` does to the text (a test checks the ids are identical) without
+tokenising hundreds of placeholders. Images go through the processor's image processor.
 
 Over-long sequences are rejected (``ValueError`` naming the record id), never truncated: see
 ``tpkit.data.llava_json``.
@@ -123,47 +122,38 @@ class LlavaCollator:
             spans.append((len(before), len(through)))
         return full, spans, prompt
 
-    def _expand(
-        self, text: str, spans: list[tuple[int, int]], n_image: int, rid: Any
-    ) -> tuple[str, np.ndarray]:
-        """Expand the single image placeholder to ``n_image`` tokens; shift the spans after it."""
-        pos = text.find(self.image_token)
-        if pos < 0 or text.find(self.image_token, pos + 1) >= 0:
-            n = text.count(self.image_token)
-            raise ValueError(
-                f"record id={rid!r}: expected exactly one {self.image_token} placeholder, found {n}"
-            )
-        shift = (n_image - 1) * len(self.image_token)
-        out = text[:pos] + self.image_token * n_image + text[pos + len(self.image_token) :]
-        sp = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
-        sp = sp + shift * (sp >= pos + len(self.image_token))
-        return out, sp
-
     def _encode(self, records: Sequence[dict[str, Any]], n_image: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Token ids and answer mask (bool) per record, unpadded; raises on over-long records."""
+        """Token ids and answer mask (bool) per record, unpadded, the image placeholder expanded."""
         texts, spans = [], []
         for r in records:
             full, sp, prompt = self._texts(r)
             text = full if self.mode == "train" else prompt
-            t, s = self._expand(text, sp if self.mode == "train" else [], n_image, r.get("id"))
-            texts.append(t)
-            spans.append(s)
+            if text.count(self.image_token) != 1:
+                raise ValueError(
+                    f"record id={r.get('id')!r}: expected exactly one {self.image_token} placeholder, "
+                    f"found {text.count(self.image_token)}"
+                )
+            texts.append(text)
+            spans.append(np.asarray(sp if self.mode == "train" else [], dtype=np.int64).reshape(-1, 2))
         add_bos = not (self._bos and all(t.startswith(self._bos) for t in texts))
         enc = self.tokenizer(
             texts, add_special_tokens=add_bos, return_offsets_mapping=True, return_attention_mask=False
         )
         out = []
         for r, ids, offsets, sp in zip(records, enc["input_ids"], enc["offset_mapping"], spans):
-            ids = np.asarray(ids, dtype=np.int64)
-            n_img = int((ids == self.image_token_id).sum())
-            if n_img != n_image:
+            ids = np.asarray(ids, dtype=np.int64)  # (L,)
+            is_image = ids == self.image_token_id
+            if int(is_image.sum()) != 1:
                 raise ValueError(
-                    f"record id={r.get('id')!r}: {n_img} image tokens after tokenisation, expected {n_image}"
+                    f"record id={r.get('id')!r}: {self.image_token} is not a single token of this tokenizer"
                 )
             off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)  # (L, 2) character spans
-            # a token belongs to an answer when its characters overlap the span; (0, 0) specials never do
+            # a token belongs to an answer when its characters overlap a span; (0, 0) specials never do
             mask = ((off[:, None, 1] > sp[None, :, 0]) & (off[:, None, 0] < sp[None, :, 1])).any(1)
-            out.append((ids, mask))
+            # expand the placeholder to its run of n_image tokens, as LlavaProcessor does on the text
+            # (the placeholder is a special token, so neighbouring tokens are unchanged)
+            repeat = np.where(is_image, n_image, 1)
+            out.append((np.repeat(ids, repeat), np.repeat(mask, repeat)))
         return out
 
     def _n_image_tokens(self) -> int:
