@@ -198,3 +198,57 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="patch_size"):
         load_config(BaseRecipeConfig, CONFIG, ["tower.patch_size=7"])
     assert main(["--config", str(bad), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_training_positions_match_generate(trained: Path):
+    """The training forward (position ids from the left-padded mask) gives the logits that
+    ``generate`` computes for the first answer token: training and inference see the same inputs."""
+    from PIL import Image
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    from tpkit.data.collator import LlavaCollator
+    from tpkit.data.synthetic import make_record
+
+    model = LlavaForConditionalGeneration.from_pretrained(trained).eval()
+    processor = LlavaProcessor.from_pretrained(trained)
+    recs = []
+    for i in range(8):
+        r, img = make_record(i, "test", 0)
+        recs.append({**r, "image": Image.fromarray(img)})
+    batch = LlavaCollator(processor, mode="eval")(recs)
+    ids, mask, pv = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+    assert (mask == 0).any()  # left padding present
+    with torch.no_grad():
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = model.model(
+            input_ids=ids, pixel_values=pv, attention_mask=mask, position_ids=pos
+        ).last_hidden_state
+        mine = model.lm_head(hidden[:, -1])  # (B, V)
+        gen = model.generate(
+            input_ids=ids,
+            pixel_values=pv,
+            attention_mask=mask,
+            max_new_tokens=1,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    assert torch.allclose(gen.logits[0], mine, atol=1e-5)
+    assert torch.equal(gen.sequences[:, -1], mine.argmax(-1))
+
+
+def test_step_plan_fits_the_budget(monkeypatch):
+    import tpkit.training.base_recipe as br
+
+    clock = [0.0]
+    monkeypatch.setattr(br.time, "perf_counter", lambda: clock[0])
+    assert br.StepPlan(500, 0.0, torch.device("cpu")).total == 500  # no budget: max_steps
+    plan = br.StepPlan(10_000, 100.0, torch.device("cpu"), calib=(10, 40), replan_every=100)
+    done = 0
+    while done < plan.total and not plan.expired():
+        clock[0] += 0.1 if done < 40 else 0.05  # later steps twice as fast: the plan follows
+        done += 1
+        plan.after_step(done)
+        if done == 40:
+            assert plan.total == 40 + int(0.98 * (100 - 4.0) / 0.1)
+    assert plan.total > 1000 and done == plan.total and clock[0] <= 100.0

@@ -195,21 +195,28 @@ def _log(msg: str) -> None:
 class StepPlan:
     """How many steps a phase runs: ``max_steps``, or fewer if ``budget_s`` would run out.
 
-    The total is fixed once, after ``calib_steps``, from the measured seconds per step, so that a
-    cosine schedule that reads ``total`` ends where training ends. ``expired`` is a hard stop at
-    the budget (in case later steps are slower than the measured ones).
+    ``total`` is first set at step ``calib[1]`` from the seconds per step measured since step
+    ``calib[0]``, then re-estimated every ``replan_every`` steps from the latest window (the first
+    steps can be slow while data workers still load the CPU), so that a cosine schedule reading
+    ``total`` ends where training ends. ``expired`` is a hard stop at the budget.
     """
 
     def __init__(
-        self, max_steps: int, budget_s: float, device: torch.device, calib: tuple[int, int] = (10, 40)
+        self,
+        max_steps: int,
+        budget_s: float,
+        device: torch.device,
+        calib: tuple[int, int] = (10, 40),
+        replan_every: int = 250,
     ):
         self.total = max_steps
         self.max_steps = max_steps
         self.budget_s = budget_s
         self.device = device
         self.calib = calib
+        self.replan_every = replan_every
         self.t0 = time.perf_counter()
-        self._ta = 0.0
+        self._mark: tuple[int, float] | None = None
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -217,14 +224,15 @@ class StepPlan:
     def after_step(self, done: int) -> None:
         if not self.budget_s or self.max_steps <= self.calib[1]:
             return
-        if done == self.calib[0]:
+        first, second = self.calib
+        if done == first or (done > second and (done - second) % self.replan_every == 0) or done == second:
             _sync(self.device)
-            self._ta = time.perf_counter()
-        elif done == self.calib[1]:
-            _sync(self.device)
-            per_step = (time.perf_counter() - self._ta) / (self.calib[1] - self.calib[0])
-            left = self.budget_s - self.elapsed()
-            self.total = max(done + 1, min(self.max_steps, done + int(0.97 * left / per_step)))
+            now = time.perf_counter()
+            if done > first and self._mark is not None:
+                per_step = (now - self._mark[1]) / (done - self._mark[0])
+                left = self.budget_s - (now - self.t0)
+                self.total = max(done + 1, min(self.max_steps, done + int(0.98 * left / per_step)))
+            self._mark = (done, now)
 
     def expired(self) -> bool:
         return bool(self.budget_s) and self.elapsed() > self.budget_s
