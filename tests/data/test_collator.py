@@ -186,3 +186,29 @@ def test_full_size_image_run():
     batch = LlavaCollator(proc)([rec])
     assert int((batch["input_ids"] == 3).sum()) == 144
     assert tuple(batch["pixel_values"].shape) == (1, 3, 96, 96)
+
+
+PARTS_ONLY_TEMPLATE = (  # hub-style: content must be a list of typed parts
+    "{% for m in messages %}{% if m['role'] != 'system' %}{{ m['role'] | upper }}: {% endif %}"
+    "{% for c in m['content'] if c['type'] == 'image' %}<image>\n{% endfor %}"
+    "{% for c in m['content'] if c['type'] == 'text' %}{{ c['text'] }}{% endfor %}"
+    "{% if m['role'] == 'assistant' %}</s>{% else %} {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def test_list_of_parts_chat_template(records):
+    proc = make_processor(image_size=32, patch_size=8)
+    proc.chat_template = PARTS_ONLY_TEMPLATE
+    coll = LlavaCollator(proc)
+    assert coll._parts
+    batch = coll(records)
+    tok = proc.tokenizer
+    for b, rec in enumerate(records):
+        decoded = [
+            tok.decode(batch["input_ids"][b, s:e].tolist()) for s, e in runs(batch["answer_mask"][b].numpy())
+        ]
+        assert decoded == [a + "</s>" for a in answers_of(rec)]
+    ev = LlavaCollator(proc, mode="eval")(records)
+    text = tok.decode(ev["input_ids"][0].tolist(), skip_special_tokens=True)
+    assert text.endswith("USER: \nWhat color is the circle? ASSISTANT:")

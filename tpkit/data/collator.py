@@ -1,6 +1,9 @@
 """Turn LLaVA conversation records into left-padded model batches (train: with labels; eval: prompts).
 
-Works on plain dict records (``datasets`` rows or dicts from JSON); needs only the processor.
+Works on plain dict records (``datasets`` rows or dicts from JSON); needs only the processor. Hub
+processors whose chat template wants list-of-parts content (llava-hf's) are detected and fed parts,
+image first; what such a template closes an answer with is what gets supervised (llava-hf's
+LLaVA-1.5 template closes with a space, not ``</s>``).
 
 Per sample the chat template is rendered once for the whole conversation, plus once per answer for
 its prefix with the generation prompt (``... ASSISTANT:``): the answer spans are the characters
@@ -76,25 +79,53 @@ class LlavaCollator:
         self.image_token_id = processor.image_token_id
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._bos = self.tokenizer.bos_token
+        self._parts = self._content_as_parts()
+
+    def _content_as_parts(self) -> bool:
+        """Whether the chat template wants list-of-parts content (llava-hf hub templates) or strings."""
+        question, answer = "tpkit probe question", "tpkit probe answer"
+        for parts in (False, True):
+            msgs = [
+                {"role": "user", "content": self._content(f"{self.image_token}\n{question}", parts)},
+                {"role": "assistant", "content": self._content(answer, parts)},
+            ]
+            try:
+                text = self._render(msgs, False)
+            except Exception:
+                continue
+            if question in text and answer in text and text.count(self.image_token) == 1:
+                return parts
+        raise ValueError("the chat template renders neither string nor list-of-parts message content")
+
+    def _content(self, value: str, parts: bool) -> str | list[dict[str, str]]:
+        if not parts:
+            return value  # LLaVA-JSON text as is, "<image>" inline
+        # hub templates render images first, as LLaVA's own preprocessing moves "<image>" to the front
+        if self.image_token in value:
+            text = value.replace(self.image_token, "").strip()
+            return [{"type": "image"}, {"type": "text", "text": text}]
+        return [{"type": "text", "text": value}]
 
     # ---- text -------------------------------------------------------------------------------
-    def messages(self, record: dict[str, Any]) -> list[dict[str, str]]:
+    def messages(self, record: dict[str, Any]) -> list[dict[str, Any]]:
         """The record's conversation as chat-template messages (system message first if set)."""
         rid = record.get("id")
         conv = record.get("conversations")
         if not isinstance(conv, list) or not conv:
             raise ValueError(f"record id={rid!r}: 'conversations' must be a non-empty list")
-        msgs = [] if self.system_prompt is None else [{"role": "system", "content": self.system_prompt}]
+        msgs = []
+        if self.system_prompt is not None:
+            msgs.append({"role": "system", "content": self._content(self.system_prompt, self._parts)})
         for i, turn in enumerate(conv):
             role = _ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
             if role is None or role != ("user" if i % 2 == 0 else "assistant"):
                 raise ValueError(
                     f"record id={rid!r}: turn {i} has role {turn!r:.60}; expected alternating human/gpt"
                 )
-            msgs.append({"role": role, "content": turn["value"]})
+            msgs.append({"role": role, "content": self._content(turn["value"], self._parts)})
         return msgs
 
-    def _render(self, msgs: list[dict[str, str]], generation_prompt: bool) -> str:
+    def _render(self, msgs: list[dict[str, Any]], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(
             msgs, chat_template=self.chat_template, tokenize=False, add_generation_prompt=generation_prompt
         )

@@ -293,7 +293,13 @@ def load_llava_json(
 
 
 def _to_dataset(rows: list[dict[str, Any]], path: Path) -> datasets.Dataset:
-    import datasets
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(
+            "load_llava_json needs the `datasets` package (pip install datasets); "
+            "LlavaCollator itself works on plain dict records without it"
+        ) from e
 
     # Dataset.from_list takes its columns from the first row: give every row the union of keys.
     keys: dict[str, None] = {}
