@@ -1,0 +1,140 @@
+"""``EvalConfig``: everything ``evaluate.py`` reads (one YAML file + ``--set`` overrides).
+
+The model and data sections are the shared :class:`tpkit.config.ModelConfig` /
+:class:`tpkit.config.DataConfig` (``data.test_json`` is the evaluation set); ``pruning`` is the
+configuration of ``ours`` (other methods are derived from it, see :mod:`tpkit.evaluation.methods`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from tpkit.config import ConfigError, DataConfig, ModelConfig, load_config
+from tpkit.pruning import PruningConfig
+
+__all__ = ["EvalConfig", "EvalSection", "SpeedConfig", "RandomInitConfig", "METHODS", "load_eval_config"]
+
+# every name ``eval.methods`` accepts; the budget sweep adds "<family>@<fraction>" runs
+METHODS = ("dense", "ours-s1", "ours", "random", "topk-cls", "fastv", "prumerge-iqr")
+SWEEP_FAMILIES = ("ours", "random", "fastv")
+
+
+@dataclass
+class EvalSection:
+    """What to compare and how to generate answers."""
+
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    # token-layer fractions of the budget sweep (curves); [] = no sweep
+    budgets: list[float] = field(default_factory=lambda: [0.11, 0.22, 0.33, 0.5])
+    sweep_methods: list[str] = field(default_factory=lambda: list(SWEEP_FAMILIES))
+    # the sweep gives stage 1 a budget of factor * fraction (of the dense prompt), stage 2 the rest
+    sweep_stage1_factor: float = 1.5
+    fastv_layer: int = 2  # FastV's K (its paper: K=2)
+    max_new_tokens: int = 8
+    limit: int | None = None  # evaluate the first N samples only
+    synthetic_n: int = 64  # with data.generate_synthetic: samples written to data.test_json
+    grid_samples: int = 8  # kept-patch overlays of the first N samples
+    progress: bool = True
+
+    def validate(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; known: {list(METHODS)}")
+        if not self.methods:
+            raise ValueError("methods is empty")
+        bad = [m for m in self.sweep_methods if m not in SWEEP_FAMILIES]
+        if bad:
+            raise ValueError(f"unknown sweep method(s) {bad}; known: {list(SWEEP_FAMILIES)}")
+        for b in self.budgets:
+            if not 0.0 < b <= 1.0:
+                raise ValueError(f"budget {b} must be a token-layer fraction in (0, 1]")
+        if self.sweep_stage1_factor < 1.0:
+            raise ValueError(f"sweep_stage1_factor = {self.sweep_stage1_factor} must be >= 1")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens = {self.max_new_tokens} must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit = {self.limit} must be >= 1 (or null)")
+
+
+@dataclass
+class SpeedConfig:
+    """Prefill / first-token / decode timing of each method on one batch of the dataset."""
+
+    enabled: bool = True
+    batch_size: int = 8
+    warmup: int = 2
+    repeats: int = 5
+    decode_tokens: int = 16  # decode tok/s = batch * decode_tokens / (t(1 + decode_tokens) - t(1))
+    sweep: bool = True  # also time the budget-sweep runs (prefill only)
+    generation: bool = True  # time to first token and decode tok/s (main methods)
+    threads: int | None = None  # torch CPU threads while timing (None = torch's default)
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.repeats < 1 or self.warmup < 0 or self.decode_tokens < 1:
+            raise ValueError("batch_size, repeats, decode_tokens must be >= 1 and warmup >= 0")
+
+
+@dataclass
+class RandomInitConfig:
+    """Speed-only runs on a full-size architecture with random weights (``--random-init NAME``)."""
+
+    name: str | None = None  # e.g. llava-1.5-7b (tpkit.evaluation.speed.ARCHITECTURES)
+    scale_down: int = 1  # divide widths (CPU smoke tests of the same code path)
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    # ours runs with fixed counts (random weights have no meaningful CLS): stage 1 keeps
+    # eval.sweep_stage1_factor * budget of the dense prompt, stage 2 brings the fraction to budget
+    budget: float = 0.22
+    text_before: int = 35  # bos + system prompt tokens before the image
+    text_after: int = 29  # instruction tokens after the image (LLaVA-1.5-7B: 35 + 576 + 29 = 640)
+
+    def validate(self) -> None:
+        if not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"budget = {self.budget} must be in (0, 1]")
+        if self.scale_down < 1:
+            raise ValueError(f"scale_down = {self.scale_down} must be >= 1")
+        if self.text_before < 1 or self.text_after < 1:
+            raise ValueError("text_before and text_after must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation run: a model, a dataset, the methods to compare, speed and report settings."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: str | None = None  # exported adapter dir (tpkit.export); its pruning config becomes ours'
+    pruning: PruningConfig = field(default_factory=PruningConfig)  # ours
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalSection = field(default_factory=EvalSection)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    random_init: RandomInitConfig = field(default_factory=RandomInitConfig)
+    out_dir: str = "runs/eval"
+    device: str = "auto"  # auto: cuda when available, else cpu
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.adapter is not None and not Path(self.adapter).is_dir():
+            raise ValueError(f"adapter = {self.adapter!r}: no such directory")
+        if self.random_init.name is None:
+            if self.data.test_json is None:
+                raise ValueError("data.test_json is required (or random_init.name for a speed-only run)")
+            if not self.data.generate_synthetic and not Path(self.data.test_json).is_file():
+                raise ValueError(
+                    f"data.test_json = {self.data.test_json!r}: no such file "
+                    "(set data.generate_synthetic: true to write the synthetic benchmark there)"
+                )
+        s2 = self.pruning.stage2
+        needs_ours = {"random", "topk-cls", "fastv"} & set(self.eval.methods) or self.eval.budgets
+        if needs_ours and not self.pruning.stage1.enabled:
+            raise ValueError("matched baselines and the budget sweep need pruning.stage1.enabled (ours)")
+        if self.eval.budgets and "ours" in self.eval.sweep_methods and not s2.enabled:
+            raise ValueError("the budget sweep of 'ours' needs pruning.stage2.enabled")
+
+
+def load_eval_config(path: str | Path | None = None, overrides: list[str] | None = None) -> EvalConfig:
+    """:func:`tpkit.config.load_config` for :class:`EvalConfig` (errors name file, line and key)."""
+    return load_config(EvalConfig, path, overrides)
+
+
+__all__ += ["ConfigError"]

@@ -1,0 +1,285 @@
+"""Evaluation report: ``results.json``, a Markdown table, PNG plots and a kept-patch grid.
+
+Files written into the run's output directory:
+
+- ``results.json`` — config, dataset, and per method: accuracy (overall, per question type),
+  yes/no scores, agreement with dense, token accounting, FLOPs, speed.
+- ``results.md`` — one row per method (the table printed at the end of ``evaluate.py``).
+- ``accuracy_vs_tokens.png`` — accuracy against token-layer fraction, one curve per method family.
+- ``speedup_vs_tokens.png`` — prefill speedup over dense against token-layer fraction.
+- ``kept_patches.png`` — the first samples with the patches kept by stage 1 and by both stages.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "TABLE_COLUMNS",
+    "markdown_table",
+    "parse_markdown_table",
+    "write_json",
+    "plot_curves",
+    "plot_kept_patches",
+    "write_report",
+]
+
+TABLE_COLUMNS = (
+    "method",
+    "accuracy",
+    "% of dense",
+    "agree w/ dense",
+    "yes/no F1",
+    "k1 (mean)",
+    "k2 (mean)",
+    "token-layer frac.",
+    "prefill ms",
+    "prefill speedup",
+    "GFLOPs (LM prefill)",
+    "FLOPs vs dense",
+)
+
+
+def _fmt(x, spec: str = ".3f", pct: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if pct:
+        return f"{100 * x:.1f}%"
+    return format(x, spec)
+
+
+def _row(name: str, r: dict) -> list[str]:
+    tok = r.get("tokens", {})
+    speed = r.get("speed") or {}
+    yn = r.get("yes_no") or {}
+    flops = r.get("flops") or {}
+    return [
+        name,
+        _fmt(r.get("accuracy")),
+        _fmt(r.get("relative_accuracy"), pct=True),
+        _fmt(r.get("agreement"), pct=True),
+        _fmt(yn.get("f1")),
+        _fmt(tok.get("k1", {}).get("mean"), ".1f"),
+        _fmt(tok.get("k2", {}).get("mean"), ".1f"),
+        _fmt(tok.get("fraction", {}).get("mean"), pct=True),
+        _fmt(speed.get("prefill", {}).get("median_ms"), ".1f"),
+        _fmt(speed.get("prefill_speedup"), ".2f") + ("×" if speed.get("prefill_speedup") else ""),
+        _fmt(flops.get("gflops"), ".2f"),
+        _fmt(flops.get("relative"), pct=True),
+    ]
+
+
+def markdown_table(methods: dict[str, dict]) -> str:
+    """GitHub Markdown table, one row per method (in ``methods``' order)."""
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
+    for name, r in methods.items():
+        lines.append("| " + " | ".join(_row(name, r)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_markdown_table(text: str) -> list[dict[str, str]]:
+    """Rows of the first Markdown table in ``text`` as ``{column: cell}`` (for tests and tools)."""
+    rows = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("|")]
+    if len(rows) < 2:
+        raise ValueError("no Markdown table found")
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+    header, sep, body = cells[0], cells[1], cells[2:]
+    if not all(set(c) <= set("-: ") and c for c in sep):
+        raise ValueError(f"second table line is not a separator: {rows[1]}")
+    out = []
+    for i, r in enumerate(body):
+        if len(r) != len(header):
+            raise ValueError(f"row {i + 1} has {len(r)} cells, header has {len(header)}")
+        out.append(dict(zip(header, r)))
+    return out
+
+
+def _jsonable(x):
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return x
+
+
+def write_json(obj: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(obj), indent=2))
+    return path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(methods: dict[str, dict], key: str, ylabel: str, path: str | Path, title: str) -> Path | None:
+    """``key`` (``accuracy`` or ``prefill_speedup``) against mean token-layer fraction: a curve per
+    family (sweep runs and the family's main run), a marker per standalone method."""
+    points: dict[str, list[tuple[float, float, str]]] = {}
+    for name, r in methods.items():
+        y = r.get("speed", {}).get("prefill_speedup") if key == "prefill_speedup" else r.get(key)
+        x = r.get("tokens", {}).get("fraction", {}).get("mean")
+        if y is None or x is None or (isinstance(y, float) and math.isnan(y)):
+            continue
+        points.setdefault(r.get("family", name), []).append((float(x), float(y), name))
+    if not points:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    for fam, pts in points.items():
+        pts.sort()
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        if fam == "dense":
+            ax.scatter(xs, ys, marker="*", s=160, color="black", zorder=5, label="dense")
+        elif len(pts) > 1:
+            ax.plot(xs, ys, marker="o", label=fam)
+        else:
+            ax.scatter(xs, ys, marker="s", s=45, label=fam, zorder=4)
+    ax.set_xlabel("token-layer fraction (Σ tokens seen / (L · n_dense))")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _overlay(image: np.ndarray, grid: int, keep: torch.Tensor, keep2: torch.Tensor | None) -> np.ndarray:
+    """Dim patches dropped by stage 1 (dark) and by stage 2 (blue tint); kept ones stay as they are."""
+    h, w = image.shape[:2]
+    m1 = np.zeros(grid * grid, dtype=bool)
+    m1[keep.long().cpu().numpy()] = True
+    lvl = np.where(m1, 2, 0)
+    if keep2 is not None:
+        m2 = np.zeros(grid * grid, dtype=bool)
+        m2[keep2.long().cpu().numpy()] = True
+        lvl = np.where(m1 & ~m2, 1, lvl)
+    lvl = lvl.reshape(grid, grid)
+    lvl = np.kron(lvl, np.ones((math.ceil(h / grid), math.ceil(w / grid)), dtype=lvl.dtype))[:h, :w]
+    out = image.copy()
+    out[lvl == 0] *= 0.18
+    tint = np.array([0.25, 0.35, 1.0])
+    out[lvl == 1] = 0.45 * out[lvl == 1] + 0.25 * tint
+    return out.clip(0, 1)
+
+
+def plot_kept_patches(samples: Sequence[dict], path: str | Path) -> Path | None:
+    """Grid image: for each sample (``image`` HxWx3 in [0, 1], ``visual_keep``, optional
+    ``stage2_visual_keep``, ``grid`` patches per side, ``title``) the input, stage-1 kept patches,
+    and patches kept by both stages."""
+    if not samples:
+        return None
+    plt = _plt()
+    n = len(samples)
+    fig, axes = plt.subplots(3, n, figsize=(2.0 * n, 6.6), dpi=100, squeeze=False)
+    for j, s in enumerate(samples):
+        img, g = s["image"], s["grid"]
+        k1 = len(s["visual_keep"])
+        panels = [
+            (img, s.get("title", "")),
+            (_overlay(img, g, s["visual_keep"], None), f"stage 1: {k1}/{g * g}"),
+        ]
+        keep2 = s.get("stage2_visual_keep")
+        if keep2 is not None:
+            panels.append((_overlay(img, g, s["visual_keep"], keep2), f"stages 1+2: {len(keep2)}/{g * g}"))
+        else:
+            panels.append((None, "no stage 2"))
+        for i, (im, t) in enumerate(panels):
+            ax = axes[i][j]
+            ax.axis("off")
+            if im is not None:
+                ax.imshow(im, interpolation="nearest")
+            ax.set_title(t, fontsize=7)
+    fig.suptitle("kept patches (dark: dropped by stage 1, blue: dropped by stage 2)", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: dict, out_dir: str | Path, grid_samples: Sequence[dict] | None = None) -> dict:
+    """Write results.json, results.md and the plots; returns ``{kind: path}`` of the files written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+    methods = results.get("methods", {})
+    table = markdown_table(methods)
+    (out / "results.md").write_text(table)
+    files["table"] = str(out / "results.md")
+    p = plot_curves(
+        methods, "accuracy", "exact-match accuracy", out / "accuracy_vs_tokens.png", "accuracy vs tokens"
+    )
+    if p:
+        files["accuracy_plot"] = str(p)
+    p = plot_curves(
+        methods,
+        "prefill_speedup",
+        "prefill speedup over dense (×)",
+        out / "speedup_vs_tokens.png",
+        "prefill speedup",
+    )
+    if p:
+        files["speedup_plot"] = str(p)
+    if grid_samples:
+        p = plot_kept_patches(grid_samples, out / "kept_patches.png")
+        if p:
+            files["kept_patches"] = str(p)
+    results = dict(results, files=files)
+    write_json(results, out / "results.json")
+    files["json"] = str(out / "results.json")
+    return files
+
+
+SPEED_COLUMNS = (
+    "method",
+    "prefill median ms",
+    "prefill p90 ms",
+    "samples/s",
+    "TTFT ms",
+    "decode tok/s",
+    "peak MiB",
+    "prefill speedup",
+)
+
+
+def speed_markdown(speeds: dict[str, dict]) -> str:
+    """Markdown table of :func:`tpkit.evaluation.runner.speed_table` results."""
+    lines = ["| " + " | ".join(SPEED_COLUMNS) + " |", "|" + "|".join("---" for _ in SPEED_COLUMNS) + "|"]
+    for name, r in speeds.items():
+        cells = [
+            name,
+            _fmt(r["prefill"]["median_ms"], ".1f"),
+            _fmt(r["prefill"]["p90_ms"], ".1f"),
+            _fmt(r.get("samples_per_s"), ".1f"),
+            _fmt(r.get("ttft_ms"), ".1f"),
+            _fmt(r.get("decode_tokens_per_s"), ".1f"),
+            _fmt(r.get("peak_memory_mb"), ".0f"),
+            _fmt(r.get("prefill_speedup"), ".2f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ += ["SPEED_COLUMNS", "speed_markdown"]
