@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,16 +68,13 @@ def main() -> None:
     cfgs = {k: from_dict(TrainConfig, {**base_cfg, **v}) for k, v in setups(model).items()}
     processor = build_processor_for(next(iter(cfgs.values())))
 
+    from tpkit.data.llava_json import load_llava_json
     from tpkit.data.synthetic import generate_split
 
-    tmp = ROOT / ".bench_data"
-    js = tmp / "train.json"
-    if not js.exists():
-        generate_split(tmp, split="train", n=args.batch, seed=0)
-    from tpkit.data.llava_json import load_llava_json
-
-    ds, _ = load_llava_json(js)
-    batch = LlavaCollator(processor, max_length=512, mode="train")([ds[i] for i in range(args.batch)])
+    with tempfile.TemporaryDirectory() as tmp:
+        ds, _ = load_llava_json(generate_split(tmp, split="train", n=args.batch, seed=0))
+        ds = [ds[i] for i in range(args.batch)]  # images are decoded by the collator below
+        batch = LlavaCollator(processor, max_length=512, mode="train")(ds)
 
     runs = {}
     for name, cfg in cfgs.items():

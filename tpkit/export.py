@@ -182,7 +182,7 @@ def export_checkpoint(
     merged: bool = False,
 ) -> Path:
     """Rebuild the student from the run's ``config.yaml``, load the checkpoint's trainable tensors, export."""
-    from tpkit.training.modeling import apply_lora, load_base_model, resolve_dtype
+    from tpkit.training.modeling import apply_lora, load_base_model, load_processor, resolve_dtype
     from tpkit.training.run import build_processor_for, load_train_config
 
     ckpt = Path(ckpt)
@@ -190,7 +190,8 @@ def export_checkpoint(
         raise FileNotFoundError(f"no checkpoint at {ckpt}")
     config = Path(config) if config else ckpt.parent / "config.yaml"
     cfg = load_train_config(config)
-    processor = build_processor_for(cfg)
+    run_processor = ckpt.parent / "processor"  # saved by the run
+    processor = load_processor(str(run_processor)) if run_processor.is_dir() else build_processor_for(cfg)
     base = load_base_model(cfg.model, dtype=resolve_dtype(cfg.model.dtype, False), processor=processor)
     peft_model = apply_lora(base, cfg.lora)
     state = torch.load(ckpt, map_location="cpu", weights_only=False)

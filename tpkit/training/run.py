@@ -212,6 +212,7 @@ def fit(
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
+        processor.save_pretrained(str(out / "processor"))  # the run's exact processor, for export
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if resume else None)
     metrics = {
         k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
