@@ -313,11 +313,11 @@ def _place(
 # Rasterisation
 
 
-def _draw_lines(img: np.ndarray, free: np.ndarray, rng: np.random.Generator, colors: np.ndarray) -> None:
-    """Straight lines 1-2 px wide across the image, one per row of ``colors`` (k, 3), all at once."""
-    k, s = len(colors), img.shape[0]
-    if k == 0:
-        return
+def _line_pixels(rng: np.random.Generator, k: int, s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixels of ``k`` straight lines 1-2 px wide across an ``s`` x ``s`` image, all at once.
+
+    Returns (xs, ys, line index), unclipped.
+    """
     ends = rng.uniform(-0.2 * s, 1.2 * s, size=(k, 4)).astype(np.float32)  # x0, y0, x1, y1
     wide = rng.random(k) < 0.5
     dx, dy = ends[:, 2] - ends[:, 0], ends[:, 3] - ends[:, 1]
@@ -325,18 +325,16 @@ def _draw_lines(img: np.ndarray, free: np.ndarray, rng: np.random.Generator, col
     t = np.arange(m, dtype=np.float32) / (m - 1)  # (m,)
     xs = np.rint(ends[:, :1] + t * dx[:, None]).astype(np.intp)  # (k, m)
     ys = np.rint(ends[:, 1:2] + t * dy[:, None]).astype(np.intp)
-    cols = np.broadcast_to(colors[:, None, :], (k, m, 3))
+    line = np.broadcast_to(np.arange(k)[:, None], (k, m))
     horiz = (np.abs(dx) > np.abs(dy))[:, None]
     # the second pixel row of a wide line goes across the line's minor axis
-    xs2, ys2 = xs + ~horiz, ys + horiz
     keep2 = np.broadcast_to(wide[:, None], (k, m))
-    xs = np.concatenate([xs.ravel(), xs2[keep2]])
-    ys = np.concatenate([ys.ravel(), ys2[keep2]])
-    cols = np.concatenate([cols.reshape(-1, 3), cols[keep2]])
-    ok = (xs >= 0) & (xs < s) & (ys >= 0) & (ys < s)
-    xs, ys, cols = xs[ok], ys[ok], cols[ok]
-    ok = free[ys, xs]
-    img[ys[ok], xs[ok]] = cols[ok]
+    xs2, ys2 = (xs + ~horiz)[keep2], (ys + horiz)[keep2]
+    return (
+        np.concatenate([xs.ravel(), xs2]),
+        np.concatenate([ys.ravel(), ys2]),
+        np.concatenate([line.ravel(), line[keep2]]),
+    )
 
 
 def _paste(
@@ -407,12 +405,12 @@ def _clutter_colors(rng: np.random.Generator, k: int) -> np.ndarray:
     The vivid hues (saturation 0.8-1, value 0.85-1) are often *more* saturated than the objects, so
     a chroma score ranks clutter above objects.
     """
-    pal = _PALETTE_ARR[rng.integers(0, len(COLORS), size=k)] + rng.uniform(-30.0, 30.0, size=(k, 3))
-    sat = rng.uniform(0.8, 1.0, size=(k, 1))
-    val = rng.uniform(0.85 * 255.0, 255.0, size=(k, 1))
-    vivid = val * (1.0 - sat + sat * _HUES[rng.integers(0, 360, size=k)])
-    pick = rng.random((k, 1)) < 0.5
-    return np.clip(np.where(pick, vivid, pal), 0.0, 255.0).astype(np.float32)
+    r = rng.random((k, 8))  # one draw for everything (speed)
+    pal = _PALETTE_ARR[(r[:, 0] * len(COLORS)).astype(np.intp)] + (r[:, 1:4] - 0.5) * 60.0
+    sat = 0.8 + 0.2 * r[:, 4:5]
+    val = 255.0 * (0.85 + 0.15 * r[:, 5:6])
+    vivid = val * (1.0 - sat + sat * _HUES[(r[:, 6] * 360).astype(np.intp)])
+    return np.clip(np.where(r[:, 7:8] < 0.5, vivid, pal), 0.0, 255.0).astype(np.float32)
 
 
 def _inside_boxes(x0: int, y0: int, w: int, h: int, boxes: list[list[int]], gap: int) -> bool:
@@ -436,19 +434,15 @@ def _render(rng: np.random.Generator, cfg: SyntheticConfig, objects: list[dict[s
     for x0, y0, x1, y1 in boxes:
         free[max(y0 - 1, 0) : y1 + 1, max(x0 - 1, 0) : x1 + 1] = False
 
-    n_dim = int(rng.integers(cfg.min_dim_lines, cfg.max_dim_lines + 1))
-    n_sat = int(rng.integers(cfg.min_lines, cfg.max_lines + 1))
-    n_blobs = int(rng.integers(cfg.min_blobs, cfg.max_blobs + 1))
-    n_partials = int(rng.integers(cfg.min_partials, cfg.max_partials + 1))
-    n_dots = int(rng.integers(cfg.min_dots, cfg.max_dots + 1))
-    pool = iter(_clutter_colors(rng, n_sat + n_blobs + n_partials))
-    dim = rng.uniform(20.0, 235.0, size=(n_dim, 1)) + rng.uniform(-20.0, 20.0, size=(n_dim, 3))
-    sat = np.array([next(pool) for _ in range(n_sat)], dtype=np.float32).reshape(n_sat, 3)
-    _draw_lines(img, free, rng, np.concatenate([dim.astype(np.float32), sat]))
+    lo = (cfg.min_dim_lines, cfg.min_lines, cfg.min_blobs, cfg.min_partials, cfg.min_dots)
+    hi = (cfg.max_dim_lines, cfg.max_lines, cfg.max_blobs, cfg.max_partials, cfg.max_dots)
+    n_dim, n_sat, n_blobs, n_partials, n_dots = rng.integers(lo, np.add(hi, 1)).tolist()
+    colors = _clutter_colors(rng, n_sat + n_blobs + n_partials + n_dots)
+    pool = iter(colors[n_sat : n_sat + n_blobs + n_partials])
     for _ in range(n_blobs):
         m = _blob_mask(rng)
         for _ in range(20):
-            x0, y0 = (int(v) for v in rng.integers(-4, s - m.shape[0] + 4, size=2))
+            x0, y0 = rng.integers(-4, s - m.shape[0] + 4, size=2).tolist()
             if not _inside_boxes(x0, y0, m.shape[1], m.shape[0], boxes, 1):
                 _paste(img, free, m, x0, y0, next(pool))
                 break
@@ -456,23 +450,27 @@ def _render(rng: np.random.Generator, cfg: SyntheticConfig, objects: list[dict[s
         m = _partial_mask(rng, cfg)
         h, w = m.shape
         for _ in range(20):
-            x0, y0 = (
-                int(rng.integers(-w // 3, s - 2 * w // 3 + 1)),
-                int(rng.integers(-h // 3, s - 2 * h // 3 + 1)),
-            )
+            x0, y0 = rng.integers((-w // 3, -h // 3), (s - 2 * w // 3 + 1, s - 2 * h // 3 + 1)).tolist()
             if not _inside_boxes(x0, y0, w, h, boxes, cfg.object_gap):
                 _paste(img, free, m, x0, y0, next(pool))
                 break
 
+    # Lines (dim, then saturated) and 1-2 px specks: pixel lists painted in one gated assignment.
+    dim = rng.uniform(20.0, 235.0, size=(n_dim, 1)) + rng.uniform(-20.0, 20.0, size=(n_dim, 3))
+    line_cols = np.concatenate([dim.astype(np.float32), colors[:n_sat]])
+    xs, ys, idx = _line_pixels(rng, n_dim + n_sat, s) if len(line_cols) else (np.zeros(0, np.intp),) * 3
+    cols = line_cols[idx]
     if n_dots:
-        ys, xs = rng.integers(0, s - 1, size=(2, n_dots))
+        dy, dx = rng.integers(0, s - 1, size=(2, n_dots))
         big = rng.random(n_dots) < 0.5  # 2x2 specks
-        ys = np.concatenate([ys, ys[big], ys[big] + 1, ys[big] + 1])
-        xs = np.concatenate([xs, xs[big] + 1, xs[big], xs[big] + 1])
-        cols = _clutter_colors(rng, n_dots)
-        cols = np.concatenate([cols, cols[big], cols[big], cols[big]])
-        ok = free[ys, xs]
-        img[ys[ok], xs[ok]] = cols[ok]
+        dot_cols = colors[n_sat + n_blobs + n_partials :]
+        xs = np.concatenate([xs, dx, dx[big] + 1, dx[big], dx[big] + 1])
+        ys = np.concatenate([ys, dy, dy[big], dy[big] + 1, dy[big] + 1])
+        cols = np.concatenate([cols, dot_cols, dot_cols[big], dot_cols[big], dot_cols[big]])
+    ok = (xs >= 0) & (xs < s) & (ys >= 0) & (ys < s)
+    xs, ys, cols = xs[ok], ys[ok], cols[ok]
+    ok = free[ys, xs]
+    img[ys[ok], xs[ok]] = cols[ok]
 
     jitter = rng.integers(-cfg.color_jitter, cfg.color_jitter + 1, size=(max(len(objects), 1), 3))
     for o, jit in zip(objects, jitter):
