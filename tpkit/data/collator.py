@@ -207,7 +207,9 @@ class LlavaCollator:
     def _load_image(self, record: dict[str, Any]):
         from PIL import Image
 
-        image = record.get("image_path") or record.get("image")
+        image = record.get("image")
+        if not isinstance(image, Image.Image):  # a PIL image in "image" wins over the loader's path
+            image = record.get("image_path") or image
         if isinstance(image, Image.Image):
             return image.convert("RGB")
         if not isinstance(image, (str, os.PathLike)) or not str(image):
