@@ -128,3 +128,24 @@ def test_generate_eos_pad_and_sampling(tiny_llava, make_llava_batch):
     assert s1.shape[0] == 2 and torch.equal(s1, s2)
     with pytest.raises(ValueError, match="num_beams"):
         model.generate(**batch, num_beams=2)
+
+
+def test_stage1_only_equals_stock_on_the_rebuilt_input(tiny_llava_factory, make_llava_batch):
+    """Stage 1 alone = the stock model fed the shorter input (stock generate, stock masks, stock cache)."""
+    model = tiny_llava_factory("mistral", "sdpa", seed=3)
+    cfg = PruningConfig(stage1=Stage1Config(selector="budget", budget=5), stage2=Stage2Config(enabled=False))
+    attach_pruner(model, cfg)
+    batch = make_llava_batch(model, before=(3, 6, 1), after=(4, 2, 6), seed=4)
+    gen_kw = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        out = model(**batch)
+        gen = model.generate(**batch, **gen_kw)
+        pre = _prefill(model, batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+        am1 = pre.valid1.long()
+        stock = model.model.language_model(
+            inputs_embeds=pre.embeds1, attention_mask=am1, position_ids=pre.pos1
+        )
+        logits = model.lm_head(stock.last_hidden_state)
+        torch.testing.assert_close(out.logits[pre.valid1], logits[pre.valid1])
+        stock_new = model.generate(inputs_embeds=pre.embeds1, attention_mask=am1, **gen_kw)
+    assert torch.equal(gen[:, batch["input_ids"].shape[1] :], stock_new[:, -6:])
