@@ -15,8 +15,13 @@ Over a split of the synthetic benchmark (records with object boxes), for the mod
 Writes ``premise.json`` (numbers) and ``curves.png`` (16 sorted score curves with their knees and
 object patches marked; ``curves_pixel.png`` for the control). Command line::
 
-    python -m tpkit.evaluation.premise --model assets/tiny-llava --data data/synth --n 300 --out reports/premise
-    python -m tpkit.evaluation.premise --data data/synth --n 300 --out reports/premise_pixel   # control only
+    python -m tpkit.data.synthetic --out outputs/synth --split test --n 300 --seed 0
+    python -m tpkit.evaluation.premise --model assets/tiny-llava --data outputs/synth --n 300 --out outputs/premise
+    python -m tpkit.evaluation.premise --data outputs/synth --n 300 --out outputs/premise_pixel  # control only
+
+Measured (2-core CPU, 2026-11-26): pixel control on that test split keeps 47.0% (p10 36.8%, p90
+56.2%), recall 0.957 of >= 25%-covered patches, AUROC 0.771 per image (0.767 pooled); at a fixed
+25% (``--selector ratio``) its recall is 0.48.
 """
 
 from __future__ import annotations
