@@ -60,7 +60,7 @@ def tiny_setup(tmp_path_factory):
 def test_report_is_deterministic_on_a_tiny_random_model(tiny_setup):
     root = tiny_setup
     a = run_premise(root / "data", root / "model", n=10, out_dir=root / "a", batch_size=4)
-    b = run_premise(root / "data" / "test.json", root / "model", n=10, out_dir=root / "b", batch_size=10)
+    b = run_premise(root / "data" / "test.json", root / "model", n=10, batch_size=10)
     assert json.loads((root / "a" / "premise.json").read_text())["model_score"] == b["model_score"]
     m = a["model_score"]
     assert m["n_images"] == 10 and m["n_patches"] == 144 and len(m["k"]) == 10
