@@ -409,18 +409,28 @@ def _tower_states(model, pixel_values) -> tuple[torch.Tensor, ...]:
     tower = model.model.vision_tower
     dtype = next(tower.parameters()).dtype
     out = tower(pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
-    return out.hidden_states
+    hs = out.hidden_states
+    if hs is None:
+        raise ValueError("the vision tower returned no hidden_states")
+    return hs
+
+
+def _hs(hs, i: int) -> torch.Tensor:
+    """hidden_states[i], or a clear error when a caching wrapper replayed an ``output_hidden_states=<int>`` call."""
+    if hs[i] is None:
+        raise ValueError(f"the vision tower returned no hidden_states[{i}] (needed by stage 1)")
+    return hs[i]
 
 
 def _scores_from_states(model, hs, s1) -> torch.Tensor:
     """Stage-1 scores (B, P) per patch from the tower's hidden states."""
     layer = model.config.vision_feature_layer
-    score_hidden = hs[layer] if isinstance(layer, int) else hs[layer[-1]]
+    score_hidden = _hs(hs, layer if isinstance(layer, int) else layer[-1])
     with torch.no_grad():  # scores only pick indices; no graph needed
         if s1.score in ("cosine", "cosine_centered"):
             return cls_cosine(score_hidden, centered=s1.score == "cosine_centered")
         if s1.score == "cls_attn":
-            return cls_attention(hs[-2], _tower_layers(model.model.vision_tower)[-1])
+            return cls_attention(_hs(hs, -2), _tower_layers(model.model.vision_tower)[-1])
         return random_scores(score_hidden.shape[0], score_hidden.shape[1] - 1, s1.seed, score_hidden.device)
 
 
@@ -445,7 +455,7 @@ def _stage1(model, pixel_values, cfg, stage1_keep):
     hs = _tower_states(model, pixel_values)
     layer = mcfg.vision_feature_layer
     strategy = getattr(mcfg, "vision_feature_select_strategy", "default")
-    feats = hs[layer] if isinstance(layer, int) else torch.cat([hs[i] for i in layer], dim=-1)
+    feats = _hs(hs, layer) if isinstance(layer, int) else torch.cat([_hs(hs, i) for i in layer], dim=-1)
     if strategy == "default":
         feats = feats[:, 1:]
     b, n = feats.shape[:2]
