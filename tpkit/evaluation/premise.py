@@ -38,7 +38,7 @@ from PIL import Image
 
 from tpkit.data.synthetic import patch_coverage
 from tpkit.pruning import Stage1Config
-from tpkit.pruning.stage1 import cls_attention, cls_cosine, random_scores, select_patches
+from tpkit.pruning.stage1 import select_patches
 
 __all__ = [
     "COVERED",
@@ -89,27 +89,11 @@ def chroma_scores(images: np.ndarray, patch_size: int) -> np.ndarray:
     return chroma.reshape(b, h // p, p, w // p, p).max(axis=(2, 4)).reshape(b, -1).astype(np.float32)
 
 
-@torch.no_grad()
 def tower_scores(model: torch.nn.Module, pixel_values: torch.Tensor, cfg: Stage1Config) -> torch.Tensor:
-    """The stage-1 score of every patch (B, P) for a Llava model, as the pruner computes it.
+    """The stage-1 score of every patch (B, P), computed by the pruner itself (one code path)."""
+    from tpkit.models import stage1_scores
 
-    Same inputs as the pruner's stage 1: hidden states at ``vision_feature_layer`` (the last of a list)
-    for the cosine scores, the last encoder layer's CLS attention row for ``cls_attn``.
-    """
-    tower = model.model.vision_tower
-    dtype = next(tower.parameters()).dtype
-    out = tower(pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
-    hs = out.hidden_states
-    layer = model.config.vision_feature_layer
-    hidden = hs[layer if isinstance(layer, int) else layer[-1]]  # (B, 1 + P, D)
-    if cfg.score in ("cosine", "cosine_centered"):
-        return cls_cosine(hidden, centered=cfg.score == "cosine_centered")
-    if cfg.score == "cls_attn":
-        encoder = getattr(tower, "vision_model", tower).encoder  # transformers 5: CLIPVisionModel is flat
-        return cls_attention(hs[-2], encoder.layers[-1])
-    if cfg.score == "random":
-        return random_scores(hidden.shape[0], hidden.shape[1] - 1, cfg.seed, hidden.device)
-    raise ValueError(f"unknown stage-1 score {cfg.score!r}")
+    return stage1_scores(model, pixel_values, cfg)
 
 
 def premise_stats(
