@@ -88,3 +88,27 @@ def test_exact_resume_after_kill(train_json, processor, tmp_path):
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+
+class SigtermAt(L.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler: stop after this batch
+
+
+def test_sigterm_saves_before_exit(make_cfg, processor):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    cfg = make_cfg(trainer={"max_steps": 20, "checkpoint_every_n_steps": 0})
+    with pytest.raises(SIGTERMException):
+        fit(cfg, processor=processor, callbacks=[SigtermAt(3)])
+    ckpt = torch.load(f"{cfg.trainer.out_dir}/last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 3  # nothing lost although no periodic checkpoint was due
+    loader_state = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert (loader_state["epoch"], loader_state["consumed"]) == (0, 12)

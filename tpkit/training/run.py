@@ -136,17 +136,13 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, **overr
     if t.logger == "csv":
         from lightning.pytorch.loggers import CSVLogger
 
-        logger: Any = CSVLogger(str(out), name="logs", version="")
+        logger: Any = CSVLogger(str(out), name="logs")  # logs/version_N: a resumed run keeps the old logs
     elif t.logger == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        logger = TensorBoardLogger(str(out), name="tb", version="")
+        logger = TensorBoardLogger(str(out), name="tb")
     else:
         logger = False
-    if logger is not False:
-        from lightning.pytorch.callbacks import LearningRateMonitor
-
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
     strategy = _strategy(cfg)
     kwargs: dict[str, Any] = dict(
         default_root_dir=str(out),
