@@ -138,7 +138,7 @@ def test_train_batches_equal_the_collator(tmp_path):
     processor = build_processor(image_size=96, patch_size=16)
     coll = LlavaCollator(processor, mode="train")
     with DataWorkers(1, coll) as dw:
-        data = dw.vqa("train", 12, seed=0).result()
+        data = dw.vqa("train", 12, seed=0, turns=3).result()
     batches = VQABatches(data, processor.tokenizer.pad_token_id, torch.device("cpu"), seed=0)
     idx = torch.tensor([3, 0, 7, 11, 5])
     ids, mask, labels, imgs = batches.take(idx)
@@ -146,6 +146,8 @@ def test_train_batches_equal_the_collator(tmp_path):
     assert torch.equal(ids, ref["input_ids"])
     assert torch.equal(mask, ref["attention_mask"])
     assert torch.equal(labels, ref["labels"])
+    # multi-turn: every answer (and its </s>) is supervised, several per record
+    assert ((labels != -100).sum(1) > 2).all()
     pv = normalize_images(imgs, *image_norm(processor, torch.device("cpu")))
     assert torch.allclose(pv, ref["pixel_values"], atol=1e-5)
     # an epoch visits every record once

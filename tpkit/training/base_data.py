@@ -84,11 +84,12 @@ def _pool_chunk(job: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     return synthetic.sample_batch(n, seed=seed * 1_000_003 + chunk)
 
 
-def _vqa_chunk(job: tuple[str, int, int, int, bool]) -> tuple[list, np.ndarray, list, list]:
-    split, seed, start, n, encode = job
+def _vqa_chunk(job: tuple[str, int, int, int, bool, int]) -> tuple[list, np.ndarray, list, list]:
+    split, seed, start, n, encode, turns = job
+    cfg = synthetic.SyntheticConfig.for_split(split, turns=turns) if turns != 1 else None
     records, images, ids, labels = [], [], [], []
     for i in range(start, start + n):
-        rec, img = synthetic.make_record(i, split, seed)
+        rec, img = synthetic.make_record(i, split, seed, cfg)
         records.append(rec)
         images.append(img)
     if encode:
@@ -144,11 +145,15 @@ class DataWorkers:
 
         return Pending(self, _pool_chunk, jobs, combine, desc, n)
 
-    def vqa(self, split: str, n: int, seed: int, encode: bool = True) -> Pending:
-        """Records ``0..n-1`` of ``split`` with their images (and train encodings if ``encode``)."""
+    def vqa(self, split: str, n: int, seed: int, encode: bool = True, turns: int = 1) -> Pending:
+        """Records ``0..n-1`` of ``split`` with their images (and train encodings if ``encode``).
+
+        ``turns`` > 1: multi-turn records (the first question as in the single-turn split, then
+        other question types about the same image); their images differ from the ``turns=1`` split.
+        """
         if encode and self.collator is None:
             raise ValueError("DataWorkers has no collator to encode records with")
-        jobs = [(split, seed, s, min(_CHUNK, n - s), encode) for s in range(0, n, _CHUNK)]
+        jobs = [(split, seed, s, min(_CHUNK, n - s), encode, turns) for s in range(0, n, _CHUNK)]
 
         def combine(outs: list) -> VQASet:
             records, ids, labels = [], [], []

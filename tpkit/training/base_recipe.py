@@ -112,6 +112,7 @@ class LMConfig:
     intermediate_size: int = 512
     n_train: int = 32768  # VQA train records (split "train", indices 0..n_train-1)
     n_val: int = 512  # val records for the teacher-forced accuracy logged during training
+    turns: int = 3  # QA turns per train/val record: ~3x the supervised answers per image
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.1
@@ -129,6 +130,8 @@ class LMConfig:
         for name in ("n_train", "n_val", "batch_size", "max_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")
+        if not 1 <= self.turns <= 3:
+            raise ValueError(f"turns = {self.turns} must be 1, 2 or 3")
         if self.batch_size > self.n_train:
             raise ValueError(f"batch_size = {self.batch_size} > n_train = {self.n_train}")
         if self.time_budget_s < 0 or self.lr <= 0:
@@ -492,7 +495,7 @@ def _answer_loss(
 def teacher_forced_accuracy(
     model: Any, batches: Any, norm: tuple, device: torch.device, precision: str
 ) -> dict:
-    """Token and whole-answer accuracy with the gold prefix (cheap progress signal)."""
+    """Token accuracy and record accuracy (every answer token of the record right), teacher-forced."""
     from tpkit.training.base_data import normalize_images
 
     was = model.training
@@ -698,8 +701,8 @@ def run(cfg: BaseRecipeConfig, out_dir: str | Path) -> dict[str, Any]:
         # queued in this order: the tower's images first, the VQA sets render while the tower trains
         pool_job = dw.tower_images(tc.pool_size, 2 * cfg.seed, "tower pool")
         held_job = dw.tower_images(tc.eval_size, 2 * cfg.seed + 1, "tower held-out")
-        train_job = dw.vqa("train", lc.n_train, cfg.data_seed)
-        val_job = dw.vqa("val", lc.n_val, cfg.data_seed)
+        train_job = dw.vqa("train", lc.n_train, cfg.data_seed, turns=lc.turns)
+        val_job = dw.vqa("val", lc.n_val, cfg.data_seed, turns=lc.turns)
         test_job = dw.vqa("test", ev.n_test, cfg.data_seed, encode=False)
         ood_job = dw.vqa("ood", ev.n_ood, cfg.data_seed, encode=False) if ev.n_ood else None
 
