@@ -144,15 +144,17 @@ def plot_curves(methods: dict[str, dict], key: str, ylabel: str, path: str | Pat
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
-    for fam, pts in points.items():
+    colors = plt.get_cmap("tab10").colors
+    for i, (fam, pts) in enumerate(points.items()):
         pts.sort()
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        color = colors[i % len(colors)]
         if fam == "dense":
             ax.scatter(xs, ys, marker="*", s=160, color="black", zorder=5, label="dense")
         elif len(pts) > 1:
-            ax.plot(xs, ys, marker="o", label=fam)
+            ax.plot(xs, ys, marker="o", color=color, label=fam)
         else:
-            ax.scatter(xs, ys, marker="s", s=45, label=fam, zorder=4)
+            ax.scatter(xs, ys, marker="s", s=45, color=color, label=fam, zorder=4)
     ax.set_xlabel("token-layer fraction (Σ tokens seen / (L · n_dense))")
     ax.set_ylabel(ylabel)
     ax.set_title(title)

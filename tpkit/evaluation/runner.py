@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +192,9 @@ def run_method(
 
     set_pruning(model, spec.pruning)
     answers: list[str] = []
+    refs: list[str | None] = []
+    qtypes: list[str | None] = []
+    ids: list[str] = []
     cols: dict[str, list[torch.Tensor]] = {
         k: [] for k in ("n_dense", "n_visual", "k1", "n_prompt", "k2", "fraction")
     }
@@ -215,6 +219,9 @@ def run_method(
             )
         new = out[:, inputs["input_ids"].shape[1] :]
         answers += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        refs += list(batch.get("answers") or [None] * b)
+        qtypes += list(batch.get("qtypes") or [None] * b)
+        ids += [str(i) for i in (batch.get("ids") or range(offset - b, offset))]
         st = _stats_or_dense(model, inputs, spec.pruning.enabled)
         for k in ("n_dense", "n_visual", "k1", "n_prompt", "k2"):
             cols[k].append(st[k].long())
@@ -227,12 +234,29 @@ def run_method(
                 )
     res: dict[str, Any] = {k: torch.cat(v) for k, v in cols.items()}
     res["answers"] = answers
+    res["references"], res["qtypes"], res["ids"] = refs, qtypes, ids
     res["visual_keep"], res["stage2_visual_keep"] = vk, vk2
     return res
 
 
 def _ours_stats(run: dict) -> OursStats:
     return OursStats(run["n_dense"], run["n_visual"], run["k1"], run["n_prompt"], run["k2"], run["fraction"])
+
+
+def _budget_gap(run: dict, spec: MethodSpec, ours: dict | None) -> float | None:
+    """Max over samples of |achieved - target| token-layer fraction, in tokens per layer
+    (fraction * n_dense): the target is ours' fraction (matched baselines) or the sweep budget."""
+    if spec.budget is not None:
+        target = torch.full_like(run["fraction"], spec.budget)
+    elif spec.family == "topk-cls" and ours is not None:  # one K for all: matched on average
+        return float(
+            (run["fraction"].mean() - ours["fraction"].mean()).abs() * run["n_dense"].double().mean()
+        )
+    elif spec.family in NEEDS_OURS and ours is not None:
+        target = ours["fraction"]
+    else:
+        return None
+    return float(((run["fraction"] - target) * run["n_dense"].double()).abs().max())
 
 
 def _stage2_layer(spec: MethodSpec) -> int | None:
@@ -347,7 +371,7 @@ def _grid_samples(ds, run: dict, processor, loader_first: dict, n: int) -> list[
                 "grid": side // patch,
                 "visual_keep": run["visual_keep"][i],
                 "stage2_visual_keep": run["stage2_visual_keep"][i],
-                "title": f"{run['answers'][i]!s}"[:24],
+                "title": f"{run['references'][i]} -> {run['answers'][i]}"[:28],
             }
         )
     return out
@@ -414,13 +438,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             runs[spec.name] = run_method(model, spec, loader, device, tok, ev.max_new_tokens, 0, progress)
 
     # quality + accounting
-    refs = list(ds["answer"]) if "answer" in ds.column_names else None
-    qtypes = list(ds["qtype"]) if "qtype" in ds.column_names else None
-    if refs is None:  # the collator knows the reference answers
-        refs, qtypes = [], []
-        for batch in loader:
-            refs += list(batch["answers"])
-            qtypes += list(batch.get("qtypes") or [None] * len(batch["answers"]))
+    refs, qtypes = runs["dense"]["references"], runs["dense"]["qtypes"]
     dense_answers = runs["dense"]["answers"]
     dense_flops = _flops(runs["dense"], specs["dense"], shape).mean()
     methods: dict[str, dict] = {}
@@ -444,6 +462,15 @@ def evaluate(cfg: EvalConfig) -> dict:
                 "stage2_keep": spec.stage2_keep is not None,
             },
         }
+        gap = _budget_gap(run, spec, runs.get("ours"))
+        if gap is not None:
+            methods[name]["budget_gap_tokens"] = gap
+            if gap > 1.0:
+                print(
+                    f"warning: {name} misses its matched budget by up to {gap:.1f} tokens per layer "
+                    "(the target is outside what the method can keep: see budget_gap_tokens)",
+                    file=sys.stderr,
+                )
     dense_acc = methods["dense"]["accuracy"]
     for r in methods.values():
         r["relative_accuracy"] = (
@@ -469,9 +496,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     # report
     predictions = [
         {"id": i, "reference": r, "qtype": q, **{m: runs[m]["answers"][j] for m in methods}}
-        for j, (i, r, q) in enumerate(
-            zip(list(ds["id"]) if "id" in ds.column_names else range(len(refs)), refs, qtypes)
-        )
+        for j, (i, r, q) in enumerate(zip(runs["dense"]["ids"], refs, qtypes))
     ]
     results = {
         "config": to_dict(cfg),

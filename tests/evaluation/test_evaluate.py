@@ -1,0 +1,108 @@
+"""evaluate(): an end-to-end tiny run writes a readable report; bad configs fail clearly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tpkit.config import ConfigError
+from tpkit.evaluation.config import load_eval_config
+from tpkit.evaluation.report import TABLE_COLUMNS, parse_markdown_table
+from tpkit.evaluation.runner import EvalError, evaluate
+
+
+def test_evaluate_writes_report(eval_cfg):
+    eval_cfg.eval.methods = ["dense", "ours", "ours-s1", "random", "topk-cls", "fastv", "prumerge-iqr"]
+    eval_cfg.eval.sweep_methods = ["ours", "random"]
+    res = evaluate(eval_cfg)
+    out = Path(eval_cfg.out_dir)
+    for name in ("results.json", "results.md", "predictions.jsonl", "config.yaml", "kept_patches.png",
+                 "accuracy_vs_tokens.png", "speedup_vs_tokens.png"):  # fmt: skip
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    rows = parse_markdown_table((out / "results.md").read_text())
+    assert list(rows[0]) == list(TABLE_COLUMNS)
+    expected = eval_cfg.eval.methods + ["ours@0.4", "random@0.4"]
+    assert sorted(r["method"] for r in rows) == sorted(expected)
+    assert rows[0]["method"] == "dense" and rows[0]["token-layer frac."] == "100.0%"
+    assert rows[0]["prefill speedup"] == "1.00×"
+    data = json.loads((out / "results.json").read_text())
+    assert set(data["methods"]) == set(expected)
+    ours = data["methods"]["ours"]
+    assert ours["n"] == 6 and 0 < ours["tokens"]["fraction"]["mean"] < 1
+    assert set(ours["tokens"]["k1"]) == {"mean", "p10", "p50", "p90"}
+    assert ours["speed"]["prefill"]["median_ms"] > 0 and ours["speed"]["ttft_ms"] > 0
+    assert 0 < ours["flops"]["relative"] < 1
+    assert data["methods"]["random"]["budget_gap_tokens"] <= 1.0
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 6 and set(expected) <= set(preds[0])
+    assert res["table"] == (out / "results.md").read_text()
+
+
+def test_dense_twice_gives_identical_answers(eval_cfg, tmp_path):
+    eval_cfg.eval.methods = ["dense"]
+    eval_cfg.eval.budgets = []
+    eval_cfg.eval.grid_samples = 0
+    eval_cfg.speed.enabled = False
+    a = evaluate(eval_cfg)
+    eval_cfg.out_dir = str(tmp_path / "again")
+    b = evaluate(eval_cfg)
+    pa = (Path(a["files"]["json"]).parent / "predictions.jsonl").read_text()
+    pb = (Path(b["files"]["json"]).parent / "predictions.jsonl").read_text()
+    assert pa == pb
+    assert a["methods"]["dense"]["accuracy"] == b["methods"]["dense"]["accuracy"]
+
+
+def _write(tmp_path, text: str) -> str:
+    p = tmp_path / "eval.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_unknown_method_is_a_clear_error(tmp_path, eval_assets):
+    path = _write(
+        tmp_path, f"data:\n  test_json: {eval_assets['test_json']}\neval:\n  methods: [dense, fastvv]\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"eval\.yaml:\d+: invalid 'eval': unknown method\(s\) \['fastvv'\]"
+    ):
+        load_eval_config(path)
+
+
+def test_unknown_key_is_a_clear_error(tmp_path, eval_assets):
+    path = _write(tmp_path, f"data:\n  test_json: {eval_assets['test_json']}\neval:\n  method: [dense]\n")
+    with pytest.raises(
+        ConfigError, match=r"eval\.yaml:4: unknown key 'eval\.method' \(did you mean 'eval\.methods'\?\)"
+    ):
+        load_eval_config(path)
+
+
+def test_missing_adapter_dir_is_a_clear_error(tmp_path, eval_assets):
+    path = _write(tmp_path, f"adapter: {tmp_path}/nope\ndata:\n  test_json: {eval_assets['test_json']}\n")
+    with pytest.raises(ConfigError, match=r"adapter = '.*nope': no such directory"):
+        load_eval_config(path)
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.test_json = '.*missing\.json': no such file"):
+        load_eval_config(None, [f"data.test_json={tmp_path}/missing.json"])
+
+
+def test_empty_dataset_is_a_clear_error(eval_cfg, tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    eval_cfg.data.test_json = str(empty)
+    with pytest.raises(EvalError, match=r"dataset .*empty\.json has no samples"):
+        evaluate(eval_cfg)
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_cli", Path(__file__).parents[2] / "evaluate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    rc = cli.main(["--set", "eval.methods=[dense,bogus]", "--set", f"data.test_json={tmp_path}/x.json"])
+    assert rc == 2
+    assert "unknown method(s) ['bogus']" in capsys.readouterr().err

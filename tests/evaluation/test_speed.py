@@ -1,0 +1,69 @@
+"""Speed tooling: the random-init builder, the LLaVA-shaped prompt, timers, and scripts/gpu_speed.sh
+run end to end on a CPU with a scaled-down architecture (the lead runs it once on a GPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tpkit.evaluation.speed import (
+    architecture_kwargs,
+    build_random_init,
+    random_prompt_batch,
+    summarize_times,
+    time_calls,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_architecture_scale_down_keeps_depth_and_tokens():
+    full = architecture_kwargs("llava-1.5-7b")
+    small = architecture_kwargs("llava-1.5-7b", scale_down=64)
+    assert (full["hidden_size"], full["num_layers"], full["intermediate_size"]) == (4096, 32, 11008)
+    assert (small["hidden_size"], small["num_layers"], small["num_heads"]) == (64, 32, 1)
+    assert small["image_size"] // small["patch_size"] == 24  # 576 patches
+
+
+def test_random_init_and_prompt_shape():
+    m = build_random_init("llava-1.5-7b", "cpu", "float32", scale_down=64)
+    assert next(m.parameters()).dtype == torch.float32 and not m.training
+    b = random_prompt_batch(m, 2)
+    assert b["input_ids"].shape == (2, 640)
+    assert int((b["input_ids"][0] == m.config.image_token_id).sum()) == 576
+    assert b["pixel_values"].shape == (2, 3, 336, 336)
+    assert torch.get_default_dtype() == torch.float32  # restored after the bf16/fp32 build
+
+
+def test_time_calls_interleaves_and_summarizes():
+    order = []
+    t = time_calls(
+        {"a": lambda: order.append("a"), "b": lambda: order.append("b")}, "cpu", repeats=2, warmup=1
+    )
+    assert order == ["a", "b"] * 3 and len(t["a"]) == 2
+    s = summarize_times([3.0, 1.0, 2.0, 10.0])
+    assert s["median_ms"] == 2.5 and s["p90_ms"] == 10.0 and s["min_ms"] == 1.0
+
+
+def test_gpu_speed_script_runs_on_cpu(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), DEVICE="cpu", DTYPE="float32", SCALE_DOWN="64", BATCH="1",
+               REPEATS="1", WARMUP="0", DECODE="1", PYTHON=sys.executable)  # fmt: skip
+    p = subprocess.run(
+        ["bash", str(ROOT / "scripts/gpu_speed.sh")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    last = p.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"prefill speedup ours@0\.22 vs dense: \d+\.\d\dx", last), last
+    log = (tmp_path / "log.txt").read_text()
+    assert log.strip().splitlines()[-1] == last
+    res = json.loads((tmp_path / "speed.json").read_text())
+    assert res["counts"] == {"k1": 147, "k2": 136, "stage2_layer": 2}
+    assert abs(res["achieved"]["token_layer_fraction"]["mean"] - 0.22) < 1 / 640
+    assert set(res["speed"]) == {"dense", "ours@0.22"}
+    assert res["speed"]["ours@0.22"]["ttft_ms"] > 0
