@@ -220,12 +220,23 @@ class DistillLoRAModule(L.LightningModule):
     # ---------------------------------------------------------------------------------------
     # checkpoints: trainable tensors + RNG only
 
+    def _trainable_names(self) -> set[str]:
+        # FSDP / activation-checkpoint wrappers add path segments that state dicts do not carry
+        wrappers = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+        names = set()
+        for n, p in self.named_parameters():
+            if p.requires_grad:
+                for w in wrappers:
+                    n = n.replace(w, "")
+                names.add(n)
+        return names
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        names = self._trainable_names()
         return {k: v for k, v in self.state_dict().items() if k in names}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        names = self._trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -233,7 +244,7 @@ class DistillLoRAModule(L.LightningModule):
         checkpoint["tpkit_rng"] = rng
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        names = self._trainable_names()
         missing = sorted(names - set(checkpoint.get("state_dict", {})))
         if missing:
             raise RuntimeError(
