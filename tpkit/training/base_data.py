@@ -252,16 +252,21 @@ class VQABatches:
         """Next batch (epoch-wise permutation) -> (input_ids, attention_mask, labels, images uint8)."""
         if self._pos + batch_size > len(self._perm):
             self._perm = torch.randperm(self.n, generator=self.gen)
+            self._perm_dev = self._perm.to(self.device)  # one copy per epoch, not one per step
             self._pos = 0
             self.epoch += 1
-        idx = self._perm[self._pos : self._pos + batch_size]
+        sl = slice(self._pos, self._pos + batch_size)
         self._pos += batch_size
-        return self.take(idx)
+        return self.take(self._perm[sl], self._perm_dev[sl])
 
-    def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """CPU row indices -> (input_ids (B, T), attention_mask (B, T), labels (B, T), images (B, S, S, 3))."""
-        first = int(self.starts_cpu[idx].min())  # on the CPU: no device sync
-        idx = idx.to(self.device)
+    def take(self, idx: torch.Tensor, idx_dev: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """CPU row indices (and the same on the device, if at hand) ->
+        (input_ids (B, T), attention_mask (B, T), labels (B, T), images (B, S, S, 3)).
+
+        Nothing here waits for the device: the trim column comes from a CPU copy of the row starts.
+        """
+        first = int(self.starts_cpu[idx].min())
+        idx = idx.to(self.device) if idx_dev is None else idx_dev
         ids = self.ids[idx, first:]
         labels = self.labels[idx, first:]
         cols = torch.arange(first, self.ids.shape[1], device=self.device)

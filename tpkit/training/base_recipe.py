@@ -414,19 +414,22 @@ def train_tower(
     ev_labels = torch.from_numpy(held_out[1]).to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
     n, bs = len(images), min(tc.batch_size, len(images))
-    perm, pos = torch.randperm(n, generator=gen), 0
+    pos = n  # start with a new epoch
     step, loss_sum, history = 0, torch.zeros((), device=device), []
     bar = tqdm(total=plan.total, desc="tower", unit="step", dynamic_ncols=True, mininterval=2.0)
     plan.t0 = time.perf_counter()
     while step < plan.total and not plan.expired():
         if pos + bs > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos : pos + bs].to(device)
-        pos += bs
+            # order and flips drawn on the CPU once per epoch, copied once: no per-step transfer
+            perm = torch.randperm(n, generator=gen).to(device)
+            flips = (torch.rand(n, generator=gen) < 0.5).to(device)
+            pos = 0
+        idx = perm[pos : pos + bs]
         x = normalize_images(images[idx], *norm)  # (B, 3, S, S)
         if tc.hflip:
-            flip = (torch.rand(bs, generator=gen) < 0.5).to(device)
+            flip = flips[pos : pos + bs]
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        pos += bs
         with _autocast(device, cfg.precision):
             logits = model(x)
         loss = F.binary_cross_entropy_with_logits(logits.float(), labels[idx])
