@@ -47,7 +47,7 @@ def reuse_tower_output(tower: torch.nn.Module):
     def forward(pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if not kwargs.get("output_hidden_states"):
             return original(pixel_values, *args, **kwargs)
-        key = (tuple(pixel_values.shape), pixel_values.dtype, pixel_values.device)
+        key = (tuple(pixel_values.shape), pixel_values.device)  # the tower casts to its own dtype
         if key not in cache:
             cache[key] = original(pixel_values, *args, **kwargs)
         return cache[key]
