@@ -1,0 +1,31 @@
+"""train.py end to end through tpkit.training.run.main: config -> fit -> last.ckpt/export -> --resume."""
+
+from __future__ import annotations
+
+import torch
+import yaml
+
+from tpkit.training.run import main
+
+from .conftest import tiny_cfg_dict
+
+
+def test_train_main_then_resume(train_json, processor, tmp_path, capsys):
+    out = tmp_path / "run"
+    processor.save_pretrained(str(tmp_path / "proc"))
+    d = tiny_cfg_dict(
+        train_json,
+        out,
+        trainer={"max_steps": 2, "export_at_end": True, "logger": "csv", "log_every_n_steps": 1},
+    )
+    d["model"]["processor_path"] = str(tmp_path / "proc")
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(d))
+    assert main(["--config", str(cfg_path)]) == 0
+    assert "done: step 2" in capsys.readouterr().out
+    for name in ("config.yaml", "last.ckpt", "export/adapter_model.safetensors", "export/README.md"):
+        assert (out / name).is_file(), name
+    assert list((out / "logs").glob("version_*/metrics.csv"))
+    assert main(["--config", str(cfg_path), "--set", "trainer.max_steps=3", "--resume"]) == 0
+    assert "done: step 3" in capsys.readouterr().out
+    assert torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 3
