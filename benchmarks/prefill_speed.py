@@ -1,6 +1,6 @@
 """CPU prefill benchmark: dense vs ours at ~22% token-layer fraction, side by side in one run.
 
-    python benchmarks/prefill_speed.py            # ~1-2 minutes on 2 cores
+    python benchmarks/prefill_speed.py            # ~1 minute on a 2-core box (1 torch thread)
 
 Model (``cpu-bench`` in tpkit.evaluation.speed.ARCHITECTURES, random weights, fp32): LLaVA-1.5's
 prompt shape (35 text + 576 visual + 29 text = 640 tokens), a small CLIP tower, a 512-d 8-layer
@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    # one thread by default: on a shared 2-core box OpenMP spin-waiting makes 2-thread timings swing 2x
+    # (both methods run on the same single core, so the ratio measures compute)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch's default)")
     p.add_argument("--out", default="runs/bench_prefill")
     args = p.parse_args(argv)
 
@@ -44,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.speed.repeats = args.repeats
     cfg.speed.warmup = args.warmup
     cfg.speed.generation = False
+    cfg.speed.threads = args.threads or None
     res = evaluate_speed_only(cfg)
     print(speed_markdown(res["speed"]))
     frac = res["achieved"]["token_layer_fraction"]["mean"]

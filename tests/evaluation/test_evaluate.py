@@ -106,3 +106,38 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     rc = cli.main(["--set", "eval.methods=[dense,bogus]", "--set", f"data.test_json={tmp_path}/x.json"])
     assert rc == 2
     assert "unknown method(s) ['bogus']" in capsys.readouterr().err
+
+
+def test_evaluate_with_exported_adapter_uses_its_pruning(eval_cfg, eval_assets, tmp_path):
+    from tpkit.config import ModelConfig, TrainConfig
+    from tpkit.export import export_adapter
+    from tpkit.pruning import PruningConfig
+    from tpkit.training.modeling import apply_lora, load_base_model
+
+    processor = eval_assets["processor"]
+    mcfg = ModelConfig(path="tiny", dtype="float32")
+    peft_model = apply_lora(load_base_model(mcfg, processor=processor), TrainConfig().lora)
+    train_cfg = TrainConfig(model=mcfg, pruning=PruningConfig())
+    train_cfg.pruning.stage1.selector, train_cfg.pruning.stage1.ratio = "ratio", 0.5
+    export_adapter(peft_model, train_cfg, tmp_path / "export", processor=processor)
+
+    eval_cfg.adapter = str(tmp_path / "export")
+    eval_cfg.eval.methods = ["dense", "ours"]
+    eval_cfg.eval.budgets = []
+    eval_cfg.speed.enabled = False
+    res = evaluate(eval_cfg)
+    assert res["methods"]["ours"]["tokens"]["k1"]["mean"] == 72.0  # the export's ratio 0.5 of 144 patches
+    assert res["methods"]["ours"]["pruning"]["stage1"]["selector"] == "ratio"
+
+
+def test_not_an_export_is_a_clear_error(eval_cfg, tmp_path):
+    (tmp_path / "adapter").mkdir()
+    eval_cfg.adapter = str(tmp_path / "adapter")
+    with pytest.raises(EvalError, match="is not a tpkit export"):
+        evaluate(eval_cfg)
+
+
+def test_missing_model_dir_is_a_clear_error(eval_cfg, tmp_path):
+    eval_cfg.model.path = str(tmp_path / "no-model")
+    with pytest.raises(EvalError, match=r"model\.path = '.*no-model': no such directory"):
+        evaluate(eval_cfg)

@@ -77,7 +77,9 @@ def load_model_and_processor(cfg: EvalConfig, device: torch.device):
     pruning = copy.deepcopy(cfg.pruning)
     mcfg = cfg.model
     tiny = mcfg.path == "tiny" or mcfg.path.startswith("tiny:")
-    if not tiny and not Path(mcfg.path).exists() and "/" not in mcfg.path:
+    p = Path(mcfg.path)
+    looks_local = mcfg.path.startswith((".", "/", "~")) or "/" not in mcfg.path or Path(p.parts[0]).is_dir()
+    if not tiny and not p.exists() and looks_local:  # else a hub id ("org/name")
         raise EvalError(f"model.path = {mcfg.path!r}: no such directory")
     dtype = resolve_dtype(mcfg.dtype, on_gpu=device.type == "cuda")
     if mcfg.processor_path:
@@ -89,14 +91,7 @@ def load_model_and_processor(cfg: EvalConfig, device: torch.device):
     else:
         processor = load_processor(mcfg.path)
     if cfg.adapter is not None:
-        if not Path(cfg.adapter).is_dir():
-            raise EvalError(f"adapter = {cfg.adapter!r}: no such directory")
-        try:
-            from tpkit.export import load_exported
-        except ImportError as e:  # the training helper's module
-            raise EvalError(f"adapter given but tpkit.export.load_exported is unavailable: {e}") from None
-        loaded = load_exported(cfg.adapter, base=load_base_model(mcfg, dtype=dtype, processor=processor))
-        model, pruning, processor = _unpack_exported(loaded, pruning, processor)
+        model, pruning, processor = _load_adapter(cfg, dtype, processor)
     else:
         model = load_base_model(mcfg, dtype=dtype, processor=processor)
     model = model.to(device).eval()
@@ -104,19 +99,32 @@ def load_model_and_processor(cfg: EvalConfig, device: torch.device):
     return model, processor, pruning
 
 
-def _unpack_exported(loaded: Any, pruning, processor):
-    """``load_exported`` may return the model or a tuple/dict with the pruning config and processor."""
-    if isinstance(loaded, dict):
-        return loaded["model"], loaded.get("pruning", pruning), loaded.get("processor", processor)
-    if isinstance(loaded, tuple):
-        model = loaded[0]
-        for item in loaded[1:]:
-            if type(item).__name__ == "PruningConfig":
-                pruning = item
-            elif hasattr(item, "tokenizer"):
-                processor = item
-        return model, pruning, processor
-    return loaded, pruning, processor
+def _load_adapter(cfg: EvalConfig, dtype: torch.dtype, processor):
+    """Base model (``cfg.model``) + exported adapter, merged for inference; the export's trained
+    pruning config becomes ours', its processor (when saved) replaces the base's."""
+    import json
+
+    from tpkit.config import from_dict
+    from tpkit.pruning import PruningConfig
+    from tpkit.training.modeling import load_base_model, load_processor
+
+    d = Path(cfg.adapter)
+    if not d.is_dir():
+        raise EvalError(f"adapter = {cfg.adapter!r}: no such directory")
+    from tpkit.export import EXPORT_META, PRUNING_JSON, load_exported
+
+    if not (d / EXPORT_META).is_file():
+        raise EvalError(f"adapter = {cfg.adapter!r} is not a tpkit export (no {EXPORT_META}; see train.py)")
+    if (d / "processor_config.json").is_file() or (d / "tokenizer_config.json").is_file():
+        processor = load_processor(str(d))
+    base = load_base_model(cfg.model, dtype=dtype, processor=processor)
+    model = load_exported(str(d), base=base, merge=True, attach=False, dtype=dtype)
+    pruning = copy.deepcopy(cfg.pruning)
+    if (d / PRUNING_JSON).is_file():
+        pruning = from_dict(
+            PruningConfig, json.loads((d / PRUNING_JSON).read_text()), source=str(d / PRUNING_JSON)
+        )
+    return model, pruning, processor
 
 
 def load_dataset(cfg: EvalConfig):
