@@ -152,8 +152,10 @@ class DistillLoRAModule(L.LightningModule):
         ce = answer_ce(out.logits, targets)
         loss = self.distill.ce_weight * ce
         parts["ce"] = ce.detach()
+        mask = targets != IGNORE_INDEX  # (B, T_out) answer-predicting positions
+        with torch.no_grad():  # teacher-forced answer-token accuracy of the (pruned) student
+            parts["acc"] = (out.logits[mask].argmax(-1) == targets[mask]).float().mean()
         if self.distill.alpha > 0:
-            mask = targets != IGNORE_INDEX  # (B, T_out) answer-predicting positions
             if kept is None:
                 kept = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
             orig = kept[mask]  # (N,) original position of each row: the teacher is unpruned
@@ -170,6 +172,7 @@ class DistillLoRAModule(L.LightningModule):
             )
             loss = loss + self.distill.alpha * kd
             parts["kd"] = kd.detach()
+            parts["teacher_acc"] = (t_rows.argmax(-1) == targets[mask]).float().mean()
         parts["loss"] = loss
         return parts
 
@@ -183,7 +186,7 @@ class DistillLoRAModule(L.LightningModule):
         if dm is not None and hasattr(dm, "mark_in_flight"):
             dm.mark_in_flight(bs)  # committed to the loader's resume position at batch end
         for k, v in parts.items():
-            self.log(f"train/{k}", v, prog_bar=k in ("loss", "kd", "kept_frac"), batch_size=bs)
+            self.log(f"train/{k}", v, prog_bar=k in ("loss", "kd", "kept_frac", "acc"), batch_size=bs)
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=False, batch_size=bs)
         return parts["loss"]
 
@@ -203,7 +206,7 @@ class DistillLoRAModule(L.LightningModule):
         parts = self.losses(batch)
         bs = batch["input_ids"].shape[0]
         for k, v in parts.items():
-            self.log(f"val/{k}", v, prog_bar=k == "loss", batch_size=bs, sync_dist=True)
+            self.log(f"val/{k}", v, prog_bar=k in ("loss", "acc"), batch_size=bs, sync_dist=True)
 
     def configure_optimizers(self) -> dict:
         params = [p for p in self.model.parameters() if p.requires_grad]
