@@ -42,7 +42,7 @@ log "start; OUT=$OUT WORK=$WORK args: $*"
 
 # 1. The recipe (data, tower, LLaVA, save, reload, evaluate). Its own budgets keep it to ~5 minutes;
 #    the timeout only guards against a hang, so that whatever was saved still comes back.
-timeout "${RECIPE_TIMEOUT:-420}" "$PY" -m tpkit.training.base_recipe --config configs/base_tiny.yaml --out "$MODEL" "$@" 2>&1 | tee -a "$LOG"
+timeout "${RECIPE_TIMEOUT:-450}" "$PY" -m tpkit.training.base_recipe --config configs/base_tiny.yaml --out "$MODEL" "$@" 2>&1 | tee -a "$LOG"
 rc=$?
 log "recipe exit code $rc after ${SECONDS}s"
 
@@ -58,7 +58,7 @@ fi
 if [ -f "$MODEL/model.safetensors" ] && "$PY" -c "import tpkit.evaluation.premise" 2>/dev/null; then
     N_PREMISE="${N_PREMISE:-300}"
     "$PY" -m tpkit.data.synthetic --out "$WORK/synth" --split test --n "$N_PREMISE" --seed 0 --workers 8 2>&1 | tail -n 3 | tee -a "$LOG"
-    timeout 180 "$PY" -m tpkit.evaluation.premise --model "$MODEL" --data "$WORK/synth" --n "$N_PREMISE" \
+    timeout 100 "$PY" -m tpkit.evaluation.premise --model "$MODEL" --data "$WORK/synth" --n "$N_PREMISE" \
         --out "$OUT/premise" 2>&1 | tee -a "$LOG" || log "premise report (cosine) failed"
 else
     log "premise report skipped (no saved model, or tpkit.evaluation.premise missing)"

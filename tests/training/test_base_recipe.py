@@ -20,6 +20,7 @@ CONFIG = ROOT / "configs" / "base_tiny.yaml"
 TINY = [
     "device=cpu",
     "workers=1",
+    "total_budget_s=0",
     "tower.patch_size=16",
     "tower.hidden_size=32",
     "tower.intermediate_size=64",

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -160,6 +161,10 @@ class BaseRecipeConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu
     workers: int = 0  # data-generation processes; 0 = every core
     max_params: int = 3_500_000  # refuse to train a model whose fp32 weights would not fit the fixture
+    # Whole-run deadline in seconds (0 = none): the LLaVA phase gets at most what is left of it after
+    # data and tower, minus ``eval_reserve_s`` for saving and evaluation.
+    total_budget_s: float = 0.0
+    eval_reserve_s: float = 30.0
     tower: TowerConfig = field(default_factory=TowerConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -753,6 +758,12 @@ def run(cfg: BaseRecipeConfig, out_dir: str | Path) -> dict[str, Any]:
         raise RuntimeError(f"tower weights do not fit the LLaVA's vision tower: {missing}")
     del tower
     model.to(device)
+    if cfg.total_budget_s:
+        left = cfg.total_budget_s - (time.perf_counter() - t_start) - cfg.eval_reserve_s
+        budget = max(10.0, min(lc.time_budget_s or math.inf, left))
+        if budget != lc.time_budget_s:
+            _log(f"[base] LLaVA phase budget {budget:.0f}s (total_budget_s {cfg.total_budget_s:.0f}s)")
+            cfg = dataclasses.replace(cfg, lm=dataclasses.replace(lc, time_budget_s=budget))
     t = time.perf_counter()
     lm_metrics = train_llava(cfg, model, train_set, val_set, processor, device)
     timings["llava_s"] = round(time.perf_counter() - t, 1)
