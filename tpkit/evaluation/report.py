@@ -23,6 +23,7 @@ import torch
 __all__ = [
     "TABLE_COLUMNS",
     "markdown_table",
+    "qtype_table",
     "parse_markdown_table",
     "write_json",
     "plot_curves",
@@ -83,9 +84,29 @@ def markdown_table(methods: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def qtype_table(methods: dict[str, dict]) -> str:
+    """Accuracy per question type (columns) for each method (rows); "" when there are no types."""
+    qtypes = sorted({q for r in methods.values() for q in r.get("by_qtype", {})})
+    if not qtypes:
+        return ""
+    cols = ["method"] + [
+        f"{q} (n={next(iter(methods.values()))['by_qtype'].get(q, {}).get('n', '?')})" for q in qtypes
+    ]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for name, r in methods.items():
+        cells = [_fmt(r.get("by_qtype", {}).get(q, {}).get("accuracy")) for q in qtypes]
+        lines.append("| " + " | ".join([name] + cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def parse_markdown_table(text: str) -> list[dict[str, str]]:
     """Rows of the first Markdown table in ``text`` as ``{column: cell}`` (for tests and tools)."""
-    rows = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("|")]
+    rows: list[str] = []
+    for ln in text.splitlines():
+        if ln.strip().startswith("|"):
+            rows.append(ln.strip())
+        elif rows:  # the first table ended
+            break
     if len(rows) < 2:
         raise ValueError("no Markdown table found")
     cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
@@ -228,7 +249,10 @@ def write_report(results: dict, out_dir: str | Path, grid_samples: Sequence[dict
     files: dict[str, str] = {}
     methods = results.get("methods", {})
     table = markdown_table(methods)
-    (out / "results.md").write_text(table)
+    per_type = qtype_table(methods)
+    (out / "results.md").write_text(
+        table + ("\nAccuracy by question type:\n\n" + per_type if per_type else "")
+    )
     files["table"] = str(out / "results.md")
     p = plot_curves(
         methods, "accuracy", "exact-match accuracy", out / "accuracy_vs_tokens.png", "accuracy vs tokens"

@@ -401,7 +401,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     Returns the results dict (also in ``<out_dir>/results.json``).
     """
-    from tpkit.evaluation.report import markdown_table, write_report
+    from tpkit.evaluation.report import write_report
 
     if cfg.random_init.name is not None:
         return evaluate_speed_only(cfg)
@@ -521,7 +521,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         first = next(iter(_make_loader(ds, processor, cfg, ev.grid_samples)))
         grid = _grid_samples(ds, runs["ours"], processor, first, ev.grid_samples)
     results["files"] = write_report(results, out_dir, grid)
-    results["table"] = markdown_table(methods)
+    results["table"] = (Path(results["files"]["table"])).read_text()
     return results
 
 
