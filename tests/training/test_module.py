@@ -146,3 +146,29 @@ def test_fast_kd_path_equals_the_naive_one(make_cfg, processor, batch, kind):
         naive = distill_loss(out.logits, teacher, targets, kind=kind, temperature=2.0)
     assert naive.item() > 1e-4
     torch.testing.assert_close(parts["kd"], naive, rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(make_cfg, processor, batch):
+    grads = []
+    for ckpt in (False, True):
+        cfg = make_cfg(trainer={"gradient_checkpointing": ckpt})
+        m = _module(cfg, processor)
+        m.model.train()
+        assert m.base.is_gradient_checkpointing == ckpt
+        with torch.no_grad():
+            for p in m.model.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        m.losses(batch)["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in m.model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_bf16_base_keeps_trainable_tensors_in_fp32(make_cfg, processor):
+    cfg = make_cfg(model={"dtype": "bfloat16"}, lora={"train_projector": True})
+    m = _module(cfg, processor)
+    dtypes = {p.dtype for p in m.model.parameters() if p.requires_grad}
+    assert dtypes == {torch.float32}
+    assert m.base.model.language_model.layers[0].mlp.down_proj.base_layer.weight.dtype == torch.bfloat16

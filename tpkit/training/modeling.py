@@ -134,4 +134,7 @@ def apply_lora(model: LlavaForConditionalGeneration, cfg: LoraConfig) -> PeftMod
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)
         peft_model = get_peft_model(model, peft_lora_config(cfg))
+    for p in peft_model.parameters():  # optimizer state and updates in fp32 (a bf16 projector copy too)
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
     return peft_model
