@@ -33,6 +33,10 @@ def runs(loaded):
         out[name] = run(matched_spec(name, ours, stats, n_layers, fastv_layer=1))
     for fam in ("ours", "random", "fastv"):
         out[f"{fam}@0.5"] = run(sweep_spec(fam, 0.5, ours, stats, n_layers, 1, 1.5))
+    # the sweep from ours' default knees (deep cuts, very uneven k1): every sample still lands on it
+    knee = loaded["ours"]
+    out["knee"] = run(base_spec("ours", knee))
+    out["knee@0.33"] = run(sweep_spec("ours", 0.33, knee, _ours_stats(out["knee"]), n_layers, 1, 1.5))
     out["dense"] = run(base_spec("dense", ours))
     out["dense2"] = run(base_spec("dense", ours))
     return out
@@ -71,10 +75,12 @@ def test_fastv_matches_ours_token_layer_fraction(runs):
     assert float(diff.abs().max()) <= 1.0
 
 
-@pytest.mark.parametrize("fam", ["ours", "random", "fastv"])
-def test_sweep_lands_on_target(runs, fam):
-    r = runs[f"{fam}@0.5"]
-    per_layer_tokens = (r["fraction"] - 0.5) * r["n_dense"].double()
+@pytest.mark.parametrize(
+    "name, target", [("ours@0.5", 0.5), ("random@0.5", 0.5), ("fastv@0.5", 0.5), ("knee@0.33", 0.33)]
+)
+def test_sweep_lands_on_target(runs, name, target):
+    r = runs[name]
+    per_layer_tokens = (r["fraction"] - target) * r["n_dense"].double()
     assert float(per_layer_tokens.abs().max()) <= 1.0
 
 

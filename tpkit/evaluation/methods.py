@@ -140,6 +140,15 @@ def sweep_spec(
         return MethodSpec(name, family, _fastv_cfg(ours, fastv_layer), None, k2, budget)
     layer = ours.stage2.layer
     k1 = scale_stage1_keep(stats.k1, stats.n_text, stats.n_visual, min(1.0, stage1_factor * budget))
+    # keep every sample feasible: its stage-1 prompt must hold at least budget * n_dense tokens (else
+    # even keeping everything at stage 2 falls short) and leave stage 2 room above the text it
+    # protects (at most n_text). Matters for shallow LMs, where the K layers before stage 2 weigh a lot.
+    n_dense, n_text = stats.n_dense.double(), stats.n_text.double()
+    k1_min = (torch.ceil(budget * n_dense) - n_text).long()
+    n1_max = (budget * num_layers * n_dense - (num_layers - layer) * n_text) / max(layer, 1)
+    k1_max = n1_max.floor().long() - stats.n_text
+    k1 = torch.minimum(torch.maximum(k1, k1_min), k1_max)
+    k1 = torch.minimum(k1.clamp(min=1), stats.n_visual)
     k2 = solve_stage2_keep(budget, stats.n_dense, stats.n_text + k1, num_layers, layer)
     cfg = copy.deepcopy(ours)
     cfg.stage2.enabled = True
