@@ -255,3 +255,27 @@ def test_step_plan_fits_the_budget(monkeypatch):
         if done == 40:
             assert plan.total == 40 + int(0.98 * (100 - 4.0) / 0.1)
     assert plan.total > 1000 and done == plan.total and clock[0] <= 100.0
+
+
+FIXTURE = ROOT / "assets" / "tiny-llava"
+
+
+@pytest.mark.skipif(
+    not (FIXTURE / "model.safetensors").is_file(), reason="assets/tiny-llava is not committed yet"
+)
+def test_committed_fixture_answers_test_questions():
+    """The committed base model loads with stock transformers and answers the first 64 test
+    questions (all four types) with >= 90% accuracy, greedy, fp32, CPU."""
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    from tpkit.training.base_data import DataWorkers
+    from tpkit.training.base_recipe import evaluate_vqa
+
+    model = LlavaForConditionalGeneration.from_pretrained(FIXTURE).eval()
+    processor = LlavaProcessor.from_pretrained(FIXTURE)
+    assert sum(p.numel() for p in model.parameters()) <= 3_500_000
+    with DataWorkers(1) as dw:
+        data = dw.vqa("test", 64, seed=0, encode=False).result()
+    r = evaluate_vqa(model, processor, data, torch.device("cpu"), batch_size=64, max_new_tokens=4)
+    assert r["n"] == 64 and r["n_per_type"] == {"color": 16, "count": 16, "exist": 16, "position": 16}
+    assert r["accuracy"] >= 0.90, r
