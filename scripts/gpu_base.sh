@@ -5,7 +5,7 @@
 #   OUT=/tmp/out bash scripts/gpu_base.sh --device cpu --set tower.max_steps=3 lm.max_steps=3 ...  # CPU rehearsal
 #
 # Extra arguments go to `python -m tpkit.training.base_recipe` (after the config). Writes to $OUT
-# (default ./gpu_out), at most 6 files, none deeper than $OUT/a/file:
+# (default ./outputs/gpu_base), at most 6 files, none deeper than $OUT/a/file:
 #   log.txt                 everything printed (also on the terminal)
 #   tiny-llava.tar          the model directory: config.json, model.safetensors, processor files,
 #                           metrics.json, recipe.yaml  (unpack: tar -xf tiny-llava.tar -C assets/)
@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false
-OUT="${OUT:-$PWD/gpu_out}"
+OUT="${OUT:-$PWD/outputs/gpu_base}"  # outputs/ is git-ignored
 PY="${PYTHON:-python3}"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_base.XXXXXX")"
 MODEL="$WORK/tiny-llava"
