@@ -320,7 +320,8 @@ class DataConfig:
     val_json: str | None = None
     test_json: str | None = None
     image_folder: str | None = None  # None = the json's directory
-    on_error: Literal["raise", "skip"] = "raise"  # unreadable image / malformed record
+    on_error: Literal["raise", "skip"] = "raise"  # unreadable image / malformed / over-long record
+    check_images: Literal["open", "decode", "exists", "none"] = "open"  # at load time (exists: large sets)
     max_length: int = 512
     batch_size: int = 4  # per device
     eval_batch_size: int = 8

@@ -166,7 +166,20 @@ class LlavaDataModule(L.LightningDataModule):
             return None
         from tpkit.data.llava_json import load_llava_json
 
-        ds, _report = load_llava_json(path, image_folder=self.cfg.image_folder, on_error=self.cfg.on_error)
+        # with the processor, over-long records are found now (raise / skip), not mid-run by the collator
+        ds, report = load_llava_json(
+            path,
+            image_folder=self.cfg.image_folder,
+            on_error=self.cfg.on_error,
+            check_images=self.cfg.check_images,
+            processor=self.processor,
+            max_length=self.cfg.max_length,
+        )
+        if getattr(report, "errors", None):
+            from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+            first = report.errors[0]
+            rank_zero_warn(f"{path}: skipped {len(report.errors)} bad records (first: {first})")
         return ds
 
     def setup(self, stage: str | None = None) -> None:
