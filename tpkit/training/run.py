@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     res = fit(cfg, resume=args.resume)
-    print(
-        f"done: step {int(res.metrics['global_step'])}, checkpoint {res.checkpoint}, export {res.export_dir}"
-    )
+    if res.module.global_rank == 0:  # under ddp every rank runs this script
+        step = int(res.metrics["global_step"])
+        print(f"done: step {step}, checkpoint {res.checkpoint}, export {res.export_dir}")
     return 0
