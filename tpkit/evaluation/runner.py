@@ -143,7 +143,12 @@ def load_dataset(cfg: EvalConfig):
         )
     if not path.is_file():
         raise EvalError(f"data.test_json = {str(path)!r}: no such file")
-    ds, _ = load_llava_json(str(path), image_folder=cfg.data.image_folder, on_error=cfg.data.on_error)
+    ds, _ = load_llava_json(
+        str(path),
+        image_folder=cfg.data.image_folder,
+        on_error=cfg.data.on_error,
+        check_images=getattr(cfg.data, "check_images", "open"),
+    )
     if cfg.eval.limit is not None and len(ds) > cfg.eval.limit:
         ds = ds.select(range(cfg.eval.limit))
     if len(ds) == 0:
