@@ -279,3 +279,32 @@ def test_committed_fixture_answers_test_questions():
     r = evaluate_vqa(model, processor, data, torch.device("cpu"), batch_size=64, max_new_tokens=4)
     assert r["n"] == 64 and r["n_per_type"] == {"color": 16, "count": 16, "exist": 16, "position": 16}
     assert r["accuracy"] >= 0.90, r
+
+
+def test_caption_turn_lists_objects_left_to_right():
+    from tpkit.data.collator import LlavaCollator
+    from tpkit.data.processor import build_processor
+    from tpkit.training.base_data import CAPTION_QUESTION, DataWorkers, add_caption_turn, caption_of
+
+    objects = [
+        {"shape": "star", "color": "red", "box": [50, 10, 60, 20]},
+        {"shape": "circle", "color": "blue", "box": [5, 40, 15, 50]},
+        {"shape": "cross", "color": "green", "box": [5, 10, 15, 20]},
+    ]
+    assert caption_of(objects) == "green cross, blue circle, red star"
+    rec = {
+        "id": "x",
+        "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "a"}],
+    }
+    out = add_caption_turn({**rec, "objects": objects})
+    assert len(rec["conversations"]) == 2  # the input is not modified
+    assert out["conversations"][2:] == [
+        {"from": "human", "value": CAPTION_QUESTION},
+        {"from": "gpt", "value": "green cross, blue circle, red star"},
+    ]
+    processor = build_processor(image_size=96, patch_size=16)
+    with DataWorkers(1, LlavaCollator(processor, mode="train")) as dw:
+        data = dw.vqa("train", 2, seed=0, turns=1, caption=True).result()
+    supervised = processor.tokenizer.decode(data.labels[0][data.labels[0] != -100])
+    answer = data.records[0]["conversations"][1]["value"]
+    assert supervised == f"{answer}</s> {caption_of(data.records[0]['objects'])}</s>"

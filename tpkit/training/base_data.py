@@ -84,13 +84,31 @@ def _pool_chunk(job: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     return synthetic.sample_batch(n, seed=seed * 1_000_003 + chunk)
 
 
-def _vqa_chunk(job: tuple[str, int, int, int, bool, int]) -> tuple[list, np.ndarray, list, list]:
-    split, seed, start, n, encode, turns = job
+CAPTION_QUESTION = "What is in the image?"
+
+
+def caption_of(objects: list[dict[str, Any]]) -> str:
+    """The objects left to right (then top to bottom) as "red circle, blue square"."""
+    ordered = sorted(objects, key=lambda o: (o["box"][0], o["box"][1]))
+    return ", ".join(f"{o['color']} {o['shape']}" for o in ordered)
+
+
+def add_caption_turn(record: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``record`` with a last turn that lists its objects (LLaVA's caption-style alignment)."""
+    turns = [
+        {"from": "human", "value": CAPTION_QUESTION},
+        {"from": "gpt", "value": caption_of(record["objects"])},
+    ]
+    return {**record, "conversations": list(record["conversations"]) + turns}
+
+
+def _vqa_chunk(job: tuple[str, int, int, int, bool, int, bool]) -> tuple[list, np.ndarray, list, list]:
+    split, seed, start, n, encode, turns, caption = job
     cfg = synthetic.SyntheticConfig.for_split(split, turns=turns) if turns != 1 else None
     records, images, ids, labels = [], [], [], []
     for i in range(start, start + n):
         rec, img = synthetic.make_record(i, split, seed, cfg)
-        records.append(rec)
+        records.append(add_caption_turn(rec) if caption else rec)
         images.append(img)
     if encode:
         ids, labels = encode_train_records(_WORKER_COLLATOR, records, images)
@@ -145,15 +163,18 @@ class DataWorkers:
 
         return Pending(self, _pool_chunk, jobs, combine, desc, n)
 
-    def vqa(self, split: str, n: int, seed: int, encode: bool = True, turns: int = 1) -> Pending:
+    def vqa(
+        self, split: str, n: int, seed: int, encode: bool = True, turns: int = 1, caption: bool = False
+    ) -> Pending:
         """Records ``0..n-1`` of ``split`` with their images (and train encodings if ``encode``).
 
         ``turns`` > 1: multi-turn records (the first question as in the single-turn split, then
         other question types about the same image); their images differ from the ``turns=1`` split.
+        ``caption``: each record gets a last turn listing its objects (:func:`add_caption_turn`).
         """
         if encode and self.collator is None:
             raise ValueError("DataWorkers has no collator to encode records with")
-        jobs = [(split, seed, s, min(_CHUNK, n - s), encode, turns) for s in range(0, n, _CHUNK)]
+        jobs = [(split, seed, s, min(_CHUNK, n - s), encode, turns, caption) for s in range(0, n, _CHUNK)]
 
         def combine(outs: list) -> VQASet:
             records, ids, labels = [], [], []

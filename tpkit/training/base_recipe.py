@@ -114,6 +114,9 @@ class LMConfig:
     n_train: int = 32768  # VQA train records (split "train", indices 0..n_train-1)
     n_val: int = 512  # val records for the teacher-forced accuracy logged during training
     turns: int = 3  # QA turns per train/val record: ~3x the supervised answers per image
+    # A last turn "What is in the image?" -> "red circle, blue square, ..." (left to right) on train/val
+    # records: dense image-grounded supervision, the miniature of LLaVA's caption alignment phase.
+    caption_turn: bool = False
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.1
@@ -709,8 +712,8 @@ def run(cfg: BaseRecipeConfig, out_dir: str | Path) -> dict[str, Any]:
         # queued in this order: the tower's images first, the VQA sets render while the tower trains
         pool_job = dw.tower_images(tc.pool_size, 2 * cfg.seed, "tower pool")
         held_job = dw.tower_images(tc.eval_size, 2 * cfg.seed + 1, "tower held-out")
-        train_job = dw.vqa("train", lc.n_train, cfg.data_seed, turns=lc.turns)
-        val_job = dw.vqa("val", lc.n_val, cfg.data_seed, turns=lc.turns)
+        train_job = dw.vqa("train", lc.n_train, cfg.data_seed, turns=lc.turns, caption=lc.caption_turn)
+        val_job = dw.vqa("val", lc.n_val, cfg.data_seed, turns=lc.turns, caption=lc.caption_turn)
         test_job = dw.vqa("test", ev.n_test, cfg.data_seed, encode=False)
         ood_job = dw.vqa("ood", ev.n_ood, cfg.data_seed, encode=False) if ev.n_ood else None
 
