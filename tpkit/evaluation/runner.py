@@ -80,7 +80,10 @@ def load_model_and_processor(cfg: EvalConfig, device: torch.device):
     p = Path(mcfg.path)
     looks_local = mcfg.path.startswith((".", "/", "~")) or "/" not in mcfg.path or Path(p.parts[0]).is_dir()
     if not tiny and not p.exists() and looks_local:  # else a hub id ("org/name")
-        raise EvalError(f"model.path = {mcfg.path!r}: no such directory")
+        raise EvalError(
+            f"model.path = {mcfg.path!r}: no such directory (a save_pretrained dir, a hub id, or 'tiny' "
+            "for a random tiny model; assets/tiny-llava comes from python -m tpkit.training.base_recipe)"
+        )
     dtype = resolve_dtype(mcfg.dtype, on_gpu=device.type == "cuda")
     if mcfg.processor_path:
         processor = load_processor(mcfg.processor_path)
