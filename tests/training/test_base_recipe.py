@@ -308,3 +308,19 @@ def test_caption_turn_lists_objects_left_to_right():
     supervised = processor.tokenizer.decode(data.labels[0][data.labels[0] != -100])
     answer = data.records[0]["conversations"][1]["value"]
     assert supervised == f"{answer}</s> {caption_of(data.records[0]['objects'])}</s>"
+
+
+def test_init_from_reuses_a_trained_tower(trained: Path, tmp_path):
+    """tower.init_from skips phase 1 and puts the saved tower, unchanged, under a new LM."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "again"
+    args = [*TINY, f"tower.init_from={trained}", "lm.max_steps=1", "eval.n_ood=0", "lm.caption_turn=true"]
+    assert main(["--config", str(CONFIG), "--out", str(out), "--set", *args]) == 0
+    old, new = load_file(str(trained / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    tower_keys = [k for k in old if "vision_tower" in k]
+    assert tower_keys and all(torch.equal(old[k], new[k]) for k in tower_keys)
+    lm_key = next(k for k in old if "language_model" in k and k.endswith("mlp.up_proj.weight"))
+    assert not torch.equal(old[lm_key], new[lm_key])  # its own LM phase (1 step, not 2)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["tower"] == {"init_from": str(trained), "f1": None} and m["llava"]["steps"] == 1

@@ -89,6 +89,9 @@ class TowerConfig:
     time_budget_s: float = 0.0  # 0 = no time limit
     hflip: bool = True
     log_every: int = 200
+    # A saved LLaVA directory whose vision tower to use instead of training one (phase 1 skipped;
+    # the tower keys above must match its config). For re-running phase 2 on a trained tower.
+    init_from: str = ""
 
     def validate(self) -> None:
         if self.image_size % self.patch_size:
@@ -396,6 +399,21 @@ def tower_f1(
         "f1_shape": _f1(logits[:, :n_shapes], labels[:, :n_shapes]),
         "f1_color": _f1(logits[:, n_shapes:], labels[:, n_shapes:]),
     }
+
+
+def _load_tower(path: str, lcfg: Any) -> Any:
+    """The vision tower of the saved LLaVA at ``path``; its config must equal ``lcfg``'s."""
+    from transformers import LlavaForConditionalGeneration
+
+    saved = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    mine, theirs = lcfg.vision_config.to_dict(), saved.config.vision_config.to_dict()
+    diff = {
+        k: (mine.get(k), theirs.get(k))
+        for k in ("hidden_size", "num_hidden_layers", "image_size", "patch_size")
+    }
+    if any(a != b for a, b in diff.values()):
+        raise ValueError(f"tower.init_from={path}: vision config differs (recipe, saved): {diff}")
+    return saved.model.vision_tower
 
 
 def train_tower(
@@ -710,8 +728,9 @@ def run(cfg: BaseRecipeConfig, out_dir: str | Path) -> dict[str, Any]:
     t = time.perf_counter()
     with base_data.DataWorkers(workers, coll) as dw:
         # queued in this order: the tower's images first, the VQA sets render while the tower trains
-        pool_job = dw.tower_images(tc.pool_size, 2 * cfg.seed, "tower pool")
-        held_job = dw.tower_images(tc.eval_size, 2 * cfg.seed + 1, "tower held-out")
+        if not tc.init_from:
+            pool_job = dw.tower_images(tc.pool_size, 2 * cfg.seed, "tower pool")
+            held_job = dw.tower_images(tc.eval_size, 2 * cfg.seed + 1, "tower held-out")
         train_job = dw.vqa("train", lc.n_train, cfg.data_seed, turns=lc.turns, caption=lc.caption_turn)
         val_job = dw.vqa("val", lc.n_val, cfg.data_seed, turns=lc.turns, caption=lc.caption_turn)
         test_job = dw.vqa("test", ev.n_test, cfg.data_seed, encode=False)
@@ -727,17 +746,20 @@ def run(cfg: BaseRecipeConfig, out_dir: str | Path) -> dict[str, Any]:
                 "shrink lm.* or tower.*"
             )
 
-        pool, held_out = pool_job.result(), held_job.result()
-        timings["tower_data_s"] = round(time.perf_counter() - t, 1)
-        _log(
-            f"[base] tower images ready in {timings['tower_data_s']:.0f}s: {len(pool[0])} + {len(held_out[0])}"
-        )
-
-        # Phase 1 (the VQA data keeps rendering in the workers meanwhile)
-        t = time.perf_counter()
-        tower, tower_metrics = train_tower(cfg, pool, held_out, processor, device)
-        timings["tower_s"] = round(time.perf_counter() - t, 1)
-        del pool
+        if tc.init_from:
+            tower, tower_metrics = _load_tower(tc.init_from, lcfg), {"init_from": tc.init_from, "f1": None}
+            _log(f"[base] vision tower loaded from {tc.init_from} (phase 1 skipped)")
+        else:
+            pool, held_out = pool_job.result(), held_job.result()
+            timings["tower_data_s"] = round(time.perf_counter() - t, 1)
+            _log(
+                f"[base] tower images ready in {timings['tower_data_s']:.0f}s: {len(pool[0])} + {len(held_out[0])}"
+            )
+            # Phase 1 (the VQA data keeps rendering in the workers meanwhile)
+            t = time.perf_counter()
+            tower, tower_metrics = train_tower(cfg, pool, held_out, processor, device)
+            timings["tower_s"] = round(time.perf_counter() - t, 1)
+            del pool
 
         t = time.perf_counter()
         train_set, val_set, test_set = train_job.result(), val_job.result(), test_job.result()
@@ -812,7 +834,7 @@ def run(cfg: BaseRecipeConfig, out_dir: str | Path) -> dict[str, Any]:
         per = ", ".join(f"{q} {a:.3f}" for q, a in r["per_type"].items())
         _log(f"[base] {split}: accuracy {r['accuracy']:.4f} over {r['n']} ({per})")
     _log(
-        f"[base] tower F1 {tower_metrics['f1']:.4f}; params {counts['total']:,}; "
+        f"[base] tower F1 {tower_metrics['f1']}; params {counts['total']:,}; "
         f"model.safetensors {size / 1e6:.2f} MB; timings {timings}; saved to {out_dir}"
     )
     return metrics
