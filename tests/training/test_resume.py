@@ -58,9 +58,10 @@ def test_sampler_shards_and_resumes():
     assert list(t) == order[4:]
 
 
-def test_exact_resume_after_kill(train_json, processor, tmp_path):
-    # 16 samples / batch 4 = 4 steps per epoch: the kill lands mid-epoch 0, the run crosses into epoch 1
-    n, half = 6, 3
+@pytest.mark.parametrize("n, half", [(6, 3), (8, 4)], ids=["mid-epoch", "epoch-boundary"])
+def test_exact_resume_after_kill(train_json, processor, tmp_path, n, half):
+    # 16 samples / batch 4 = 4 steps per epoch: the kill lands mid-epoch 0 (or at its end), the run
+    # crosses into epoch 1
     sections = dict(
         lora={"dropout": 0.1},  # the RNG stream must be restored too
         optim={"lr": 5e-3, "scheduler": "cosine", "warmup_steps": 2},
