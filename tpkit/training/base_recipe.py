@@ -119,7 +119,7 @@ class LMConfig:
     turns: int = 3  # QA turns per train/val record: ~3x the supervised answers per image
     # A last turn "What is in the image?" -> "red circle, blue square, ..." (left to right) on train/val
     # records: dense image-grounded supervision, the miniature of LLaVA's caption alignment phase.
-    caption_turn: bool = False
+    caption_turn: bool = True
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.1
@@ -834,7 +834,8 @@ def run(cfg: BaseRecipeConfig, out_dir: str | Path) -> dict[str, Any]:
         per = ", ".join(f"{q} {a:.3f}" for q, a in r["per_type"].items())
         _log(f"[base] {split}: accuracy {r['accuracy']:.4f} over {r['n']} ({per})")
     _log(
-        f"[base] tower F1 {tower_metrics['f1']}; params {counts['total']:,}; "
+        f"[base] tower F1 {tower_metrics['f1'] if tower_metrics['f1'] is None else round(tower_metrics['f1'], 4)}; "
+        f"params {counts['total']:,}; "
         f"model.safetensors {size / 1e6:.2f} MB; timings {timings}; saved to {out_dir}"
     )
     return metrics
