@@ -53,7 +53,7 @@ def test_time_calls_interleaves_and_summarizes():
 
 def test_gpu_speed_script_runs_on_cpu(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), DEVICE="cpu", DTYPE="float32", SCALE_DOWN="64", BATCH="1",
-               REPEATS="1", WARMUP="0", DECODE="1", PYTHON=sys.executable)  # fmt: skip
+               REPEATS="1", WARMUP="0", DECODE="1", PYTHON=sys.executable, OMP_NUM_THREADS="1")  # fmt: skip
     p = subprocess.run(
         ["bash", str(ROOT / "scripts/gpu_speed.sh")], env=env, capture_output=True, text=True, timeout=300
     )
