@@ -42,13 +42,13 @@ log "start; OUT=$OUT WORK=$WORK args: $*"
 
 # 1. The recipe (data, tower, LLaVA, save, reload, evaluate). Its own budgets keep it to ~5 minutes;
 #    the timeout only guards against a hang, so that whatever was saved still comes back.
-timeout "${RECIPE_TIMEOUT:-450}" "$PY" -m tpkit.training.base_recipe --config configs/base_tiny.yaml --out "$MODEL" "$@" 2>&1 | tee -a "$LOG"
+timeout "${RECIPE_TIMEOUT:-450}" "$PY" -m tpkit.training.base_recipe --config configs/base_tiny.yaml --out "$MODEL" --archive "$OUT/tiny-llava.tar" "$@" 2>&1 | tee -a "$LOG"
 rc=$?
 log "recipe exit code $rc after ${SECONDS}s"
 
 # 2. Ship the model directory as one file (whatever exists, even after a failure).
 if [ -f "$MODEL/model.safetensors" ]; then
-    tar -cf "$OUT/tiny-llava.tar" -C "$WORK" tiny-llava && log "wrote $OUT/tiny-llava.tar ($(du -h "$OUT/tiny-llava.tar" | cut -f1))"
+    [ -f "$OUT/tiny-llava.tar" ] || tar -cf "$OUT/tiny-llava.tar" -C "$WORK" tiny-llava; log "wrote $OUT/tiny-llava.tar ($(du -h "$OUT/tiny-llava.tar" | cut -f1))"
     [ -f "$MODEL/metrics.json" ] && cp "$MODEL/metrics.json" "$OUT/metrics.json"
 else
     log "no model.safetensors in $MODEL"

@@ -85,10 +85,11 @@ def tiny_llava_config(
     return cfg
 
 
-def build_tiny_llava(text_backbone: str = "llama", *, seed: int = 0, **kwargs) -> LlavaForConditionalGeneration:
+def build_tiny_llava(
+    text_backbone: str = "llama", *, seed: int = 0, **kwargs
+) -> LlavaForConditionalGeneration:
     """A randomly initialised tiny LLaVA in eval mode (fp32, CPU). ``kwargs`` go to the config."""
     cfg = tiny_llava_config(text_backbone, **kwargs)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg)
-    model.set_attn_implementation(cfg._attn_implementation) if hasattr(model, "set_attn_implementation") else None
     return model.eval()

@@ -171,6 +171,9 @@ class BaseRecipeConfig:
     # data and tower, minus ``eval_reserve_s`` for saving and evaluation.
     total_budget_s: float = 0.0
     eval_reserve_s: float = 30.0
+    # write a tar of the model directory right after saving, before evaluation (a GPU lease can end
+    # at any time: what was packed comes back, what was not is lost); None = no archive
+    archive: str | None = None
     tower: TowerConfig = field(default_factory=TowerConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -704,6 +707,19 @@ def _machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def _archive(model_dir: Path, path: str | Path) -> None:
+    """Tar ``model_dir`` (as its own name) into ``path`` atomically."""
+    import tarfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tarfile.open(tmp, "w") as tar:
+        tar.add(model_dir, arcname=model_dir.name)
+    os.replace(tmp, path)
+    _log(f"[base] archived {model_dir} -> {path}")
+
+
 def run(cfg: BaseRecipeConfig, out_dir: str | Path) -> dict[str, Any]:
     """Data -> tower -> LLaVA -> save -> reload with stock classes -> evaluate. Returns metrics."""
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
@@ -803,6 +819,8 @@ def run(cfg: BaseRecipeConfig, out_dir: str | Path) -> dict[str, Any]:
     processor.save_pretrained(out_dir)
     save_config(cfg, out_dir / "recipe.yaml")
     size = (out_dir / "model.safetensors").stat().st_size
+    if cfg.archive:
+        _archive(out_dir, cfg.archive)
     del model
     t = time.perf_counter()
     reloaded = LlavaForConditionalGeneration.from_pretrained(out_dir).to(device).eval()
@@ -852,8 +870,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", required=True, help="output directory (the model directory)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="overrides 'device'")
+    ap.add_argument("--archive", default=None, help="tar the model dir here right after saving (GPU leases)")
     args = ap.parse_args(argv)
     overrides = list(args.set)
+    if args.archive is not None:
+        overrides.append(f"archive={args.archive}")
     if args.device is not None:
         overrides.append(f"device={args.device}")
     try:
