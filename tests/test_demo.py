@@ -1,0 +1,96 @@
+"""The demo end to end on a tiny random LLaVA saved like the fixture (seconds, not the real result)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tpkit.config import ConfigError, load_config
+from tpkit.demo import ABLATIONS, DemoConfig, main, run_demo
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A save_pretrained LLaVA + processor directory shaped like assets/tiny-llava, random weights."""
+    from tpkit.data.processor import build_processor
+    from tpkit.models.tiny import build_tiny_llava
+
+    root = tmp_path_factory.mktemp("demo_base")
+    processor = build_processor(image_size=32, patch_size=8)
+    tok = processor.tokenizer
+    model = build_tiny_llava(
+        vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids("<image>"), image_size=32, patch_size=8
+    )
+    model.save_pretrained(root / "base")
+    processor.save_pretrained(root / "base")
+    return root / "base"
+
+
+def test_demo_runs_end_to_end_and_writes_its_tables(tiny_base, tmp_path):
+    data = tmp_path / "data"
+    cfg = DemoConfig(
+        out_dir=str(tmp_path / "demo"),
+        base_model=str(tiny_base),
+        max_steps=2,
+        train_overrides=[
+            f"data.train_json={data}/train.json",
+            f"data.val_json={data}/val.json",
+            "data.synthetic_n_train=16",
+            "data.synthetic_n_val=4",
+            "data.batch_size=4",
+            "trainer.val_every_n_steps=0",
+            "trainer.checkpoint_every_n_steps=0",
+            "trainer.logger=none",
+            "trainer.progress_bar=false",
+        ],
+        eval_overrides=[
+            f"data.test_json={data}/test.json",
+            "eval.synthetic_n=8",
+            "eval.budgets=[0.5]",
+            "eval.max_new_tokens=2",
+            "eval.progress=false",
+            "eval.grid_samples=2",
+            "speed.batch_size=2",
+            "speed.repeats=1",
+            "speed.warmup=0",
+            "speed.decode_tokens=1",
+            "device=cpu",
+        ],
+        ablation_limit=4,
+    )
+    summary = run_demo(cfg)
+    assert summary["standin_base_model"] is False
+    out = tmp_path / "demo"
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["dense_accuracy"] == summary["dense_accuracy"]
+    rows = [line for line in summary["table"].splitlines() if line.startswith("| ")]
+    labels = [r.split("|")[1].strip() for r in rows[1:]]
+    assert labels[0] == "dense" and labels[-1].startswith("**ours + LoRA + distillation**")
+    assert "ours + LoRA, alpha=0 (plain)" in labels
+    assert len(summary["ablation_table"].splitlines()) == 2 + len(ABLATIONS)
+    assert (out / "train_distill" / "export" / "adapter_config.json").is_file()
+    assert (out / "train_plain" / "export" / "adapter_config.json").is_file()
+    assert (out / "eval_base" / "results.md").is_file()
+    # the distilled export ran with the pruner on: its token-layer fraction is below dense's
+    assert summary["ours_distilled"]["token_layer_fraction"] < 1.0
+
+
+def test_demo_config_errors_name_the_key_and_file(tmp_path):
+    p = tmp_path / "demo.yaml"
+    p.write_text("max_stepz: 3\n")
+    with pytest.raises(
+        ConfigError, match=r"demo.yaml:1: unknown key 'max_stepz' \(did you mean 'max_steps'\?\)"
+    ):
+        load_config(DemoConfig, p)
+    p.write_text("distill_alpha: 0\n")
+    with pytest.raises(ConfigError, match="distill_alpha = 0.0 must be > 0"):
+        load_config(DemoConfig, p)
+
+
+def test_demo_without_base_and_without_standin_says_how_to_build_it(tmp_path, capsys):
+    p = tmp_path / "demo.yaml"
+    p.write_text(f"base_model: {tmp_path}/nowhere\nstandin_config: null\nout_dir: {tmp_path}/o\n")
+    assert main(["--config", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and "tpkit.training.base_recipe --config configs/base_tiny.yaml" in err
