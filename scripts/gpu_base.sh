@@ -13,7 +13,7 @@
 #   premise/premise.json, premise/curves.png, premise/curves_pixel.png
 #                           stage-1 premise report (CLS cosine, default knee) on 300 test images
 # Needs: python3 with torch, transformers, tokenizers, pillow, numpy, pyyaml, tqdm, matplotlib; no
-# network, no `datasets`, tpkit not installed (PYTHONPATH=$PWD). Expected: ~5.5 minutes on an H100/H200
+# network, no `datasets`, tpkit not installed (PYTHONPATH=$PWD). Expected: ~7 minutes on an H100/H200
 # (recipe ~5 min: data 15 s, tower 110 s, LLaVA 140 s, eval 10 s; premise report ~20 s).
 set -u
 set -o pipefail
@@ -42,7 +42,7 @@ log "start; OUT=$OUT WORK=$WORK args: $*"
 
 # 1. The recipe (data, tower, LLaVA, save, reload, evaluate). Its own budgets keep it to ~5 minutes;
 #    the timeout only guards against a hang, so that whatever was saved still comes back.
-timeout "${RECIPE_TIMEOUT:-450}" "$PY" -m tpkit.training.base_recipe --config configs/base_tiny.yaml --out "$MODEL" --archive "$OUT/tiny-llava.tar" "$@" 2>&1 | tee -a "$LOG"
+timeout "${RECIPE_TIMEOUT:-480}" "$PY" -m tpkit.training.base_recipe --config configs/base_tiny.yaml --out "$MODEL" --archive "$OUT/tiny-llava.tar" "$@" 2>&1 | tee -a "$LOG"
 rc=$?
 log "recipe exit code $rc after ${SECONDS}s"
 
