@@ -14,7 +14,7 @@
 #                           stage-1 premise report (CLS cosine, default knee) on 300 test images
 # Needs: python3 with torch, transformers, tokenizers, pillow, numpy, pyyaml, tqdm, matplotlib; no
 # network, no `datasets`, tpkit not installed (PYTHONPATH=$PWD). Expected: ~7 minutes on an H100/H200
-# (recipe ~5 min: data 15 s, tower 110 s, LLaVA 140 s, eval 10 s; premise report ~20 s).
+# (recipe ~6.5 min: data 20 s, tower 110 s, LLaVA 240 s, eval 10 s; premise report ~30 s).
 set -u
 set -o pipefail
 
