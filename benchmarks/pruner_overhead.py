@@ -10,6 +10,10 @@ Each row is one batch size; every time is the median of ``--repeats`` runs under
 * stage 2: roles/queries, the layer's q/k projections, the instruction softmax and the kept-set
   selection at layer K, on the stage-1 sequence.
 * pruned prefill: the whole pruned forward, for context.
+* host syncs: ops of one pruned prefill that make the host wait for the device on CUDA, counted on CPU
+  (``aten._local_scalar_dense`` = ``.item()``/``int()``/``bool()``/``float()`` of a tensor, ``nonzero``,
+  ``masked_select``, ``equal``, ``unique``, boolean-mask indexing and index assignment, and ``Tensor.tolist``),
+  with the knee selectors and with forced per-sample counts (``stage1_keep``/``stage2_keep``).
 
     python benchmarks/pruner_overhead.py            # headline on the last line
 """
@@ -17,12 +21,15 @@ Each row is one batch size; every time is the median of ``--repeats`` runs under
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
@@ -48,6 +55,68 @@ def _median_ms(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return 1000.0 * statistics.median(times)
+
+
+_SYNC_OPS = {
+    "_local_scalar_dense",
+    "nonzero",
+    "masked_select",
+    "equal",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+}
+
+
+def _site() -> str:
+    """file:line of the innermost tpkit frame on the stack (where the sync was asked for)."""
+    for frame in reversed(traceback.extract_stack()):
+        if "/tpkit/" in frame.filename:
+            return f"{frame.filename.split('/tpkit/')[-1]}:{frame.lineno}"
+    return "?"
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the ops that would block the host on a CUDA device, by call site (CPU runs them normally)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        hit = name in _SYNC_OPS
+        if name in ("index", "index_put", "index_put_"):  # boolean-mask indexing -> nonzero
+            idx = args[1] if len(args) > 1 else ()
+            hit = any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in idx)
+        if hit:
+            self.sites[f"{name} @ {_site()}"] += 1
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self._tolist = torch.Tensor.tolist
+        counter = self
+
+        def tolist(t, *a, **k):  # runs below the dispatcher: count it here
+            counter.sites[f"tolist @ {_site()}"] += 1
+            return counter._tolist(t, *a, **k)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(self.sites.values())
+
+
+def count_syncs(fn) -> SyncCounter:
+    with torch.no_grad(), SyncCounter() as counter:
+        fn()
+    return counter
 
 
 def _batch(model, batch: int, before: int, after: int, seed: int = 0):
@@ -112,7 +181,19 @@ def _measure(model, cfg: PruningConfig, bs: int, args) -> tuple:
         select_tokens(scores, droppable, always, cfg.stage2)
 
     t2 = _median_ms(stage2, args.repeats)
-    return t_dense, t1, t2, t_pruned, stats
+    syncs = count_syncs(pruned)
+    forced = {
+        "stage1_keep": stats["k1"].clone(),
+        "stage2_keep": stats["k2"].clone(),
+    }
+    syncs_forced = count_syncs(lambda: model(**batch, **forced, logits_to_keep=1))
+    if args.sync_sites:
+        for title, c in (("knee", syncs), ("forced counts", syncs_forced)):
+            print(f"  batch {bs}, {title}: {c.total} syncs")
+            for site, n in sorted(c.sites.items()):
+                print(f"    {n:>4}  {site}")
+    last_stats(model)  # the lazily built visual_keep lists (not part of the prefill)
+    return t_dense, t1, t2, t_pruned, stats, syncs.total, syncs_forced.total
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -129,6 +210,9 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--layers", type=int, default=8, help="LLM layers")
     p.add_argument("--before", type=int, default=35, help="text tokens before the image (system prompt)")
     p.add_argument("--after", type=int, default=15, help="instruction tokens after the image")
+    p.add_argument(
+        "--sync-sites", action="store_true", help="list the host syncs of one prefill by call site"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -157,14 +241,14 @@ def main(argv: list[str] | None = None) -> float:
     )
     header = (
         f"{'batch':>5} | {'dense prefill':>13} | {'stage1 score+select':>19} | {'stage2 score+select':>19} | "
-        f"{'combined':>8} | {'pruned prefill':>14} | {'k1/N':>5} | {'token-layer':>11}"
+        f"{'combined':>8} | {'pruned prefill':>14} | {'k1/N':>5} | {'token-layer':>11} | {'syncs knee/forced':>17}"
     )
     print(header)
     print("-" * len(header))
     worst = 0.0
     with torch.no_grad():
         for bs in args.batch_sizes:
-            t_dense, t1, t2, t_pruned, stats = _measure(model, cfg, bs, args)
+            t_dense, t1, t2, t_pruned, stats, n_sync, n_sync_forced = _measure(model, cfg, bs, args)
             combined = (t1 + t2) / t_dense
             worst = max(worst, combined)
             k1_frac = float(stats["k1"].float().mean()) / n_vis
@@ -172,7 +256,8 @@ def main(argv: list[str] | None = None) -> float:
             print(
                 f"{bs:>5} | {t_dense:>10.1f} ms | {t1:>7.2f} ms ({100 * t1 / t_dense:>5.2f}%) | "
                 f"{t2:>7.2f} ms ({100 * t2 / t_dense:>5.2f}%) | {100 * combined:>7.2f}% | "
-                f"{t_pruned:>7.1f} ms {t_dense / t_pruned:>4.2f}x | {k1_frac:>5.2f} | {tlf:>11.2f}"
+                f"{t_pruned:>7.1f} ms {t_dense / t_pruned:>4.2f}x | {k1_frac:>5.2f} | {tlf:>11.2f} | "
+                f"{n_sync:>8} / {n_sync_forced:<6}"
             )
     verdict = "meets" if worst < 0.03 else "MISSES"
     print(

@@ -42,3 +42,68 @@ def test_select_tokens_protected_and_overrides():
     assert keep[1].all()
     keep = select_tokens(scores, droppable, always, Stage2Config(), keep_total=torch.tensor([0, 1]))
     assert torch.equal(keep, always)
+
+
+def _select_tokens_loop(scores, droppable, always, cfg, keep_total=None):
+    """The previous per-sample implementation (host syncs per row), kept as the reference."""
+    from tpkit.pruning.knee import head_count
+
+    keep = always.clone()
+    for i in range(scores.shape[0]):
+        cand = droppable[i].nonzero().squeeze(1)
+        n = cand.numel()
+        if n == 0:
+            continue
+        s, order = torch.sort(scores[i, cand].float(), descending=True, stable=True)
+        if keep_total is not None:
+            k = max(0, min(int(keep_total[i]) - int(always[i].sum()), n))
+        else:
+            k = int(
+                head_count(s[None], cfg.selector, ratio=cfg.ratio, budget=cfg.budget, min_keep=cfg.min_keep)[
+                    0
+                ]
+            )
+        keep[i, cand[order[:k]]] = True
+    return keep
+
+
+def test_select_tokens_vectorised_equals_per_sample_loop():
+    g = torch.Generator().manual_seed(0)
+    cfgs = [
+        Stage2Config(selector="kneedle"),
+        Stage2Config(selector="kneedle", min_keep=5),
+        Stage2Config(selector="curvature"),
+        Stage2Config(selector="ratio", ratio=0.3),
+        Stage2Config(selector="ratio", ratio=0.5, min_keep=4),
+        Stage2Config(selector="budget", budget=7),
+        Stage2Config(selector="budget", budget=0, min_keep=0),
+    ]
+    n_checked = 0
+    for trial in range(40):
+        b, t = 6, int(torch.randint(1, 300, (1,), generator=g))
+        u = torch.rand(b, t, generator=g)
+        p_drop = float(torch.rand(1, generator=g))
+        droppable = u < p_drop
+        always = (u >= p_drop) & (torch.rand(b, t, generator=g) < 0.5)
+        droppable[0] = False  # a row without candidates
+        if t > 2:
+            droppable[1, : t // 2] = True  # a large ragged row
+        always &= ~droppable
+        kind = trial % 3
+        if kind == 0:
+            scores = torch.rand(b, t, generator=g)
+        elif kind == 1:  # ties, a step curve and a long tail
+            scores = torch.randint(0, 4, (b, t), generator=g).float()
+        else:
+            scores = torch.rand(b, t, generator=g) ** 8
+        if trial % 5 == 0:
+            scores = scores.double()
+        for cfg in cfgs:
+            ours = select_tokens(scores, droppable, always, cfg)
+            ref = _select_tokens_loop(scores, droppable, always, cfg)
+            assert torch.equal(ours, ref), (trial, cfg)
+            n_checked += 1
+        keep_total = torch.randint(-2, t + 5, (b,), generator=g)
+        ours = select_tokens(scores, droppable, always, Stage2Config(), keep_total=keep_total)
+        assert torch.equal(ours, _select_tokens_loop(scores, droppable, always, Stage2Config(), keep_total))
+    assert n_checked == 40 * len(cfgs)

@@ -140,16 +140,22 @@ def _image_token_count(model: nn.Module) -> tuple[int, int]:
 # masks
 
 
-def _attn_mask(key_valid: torch.Tensor, q_len: int, impl: str, dtype: torch.dtype) -> torch.Tensor | None:
+def _attn_mask(
+    key_valid: torch.Tensor, q_len: int, impl: str, dtype: torch.dtype, no_padding: bool = False
+) -> torch.Tensor | None:
     """Mask for queries that are the last ``q_len`` of the keys (B, Lk): causal by sequence order and
     padding. Positions may have gaps, so this never relies on position ids.
 
     eager: additive float (B, 1, q, Lk); sdpa: bool (B, 1, q, Lk); flash: the 2D key mask.
     A query always sees itself, so padded query rows stay finite.
+    ``no_padding`` (the caller knows on the host that every key is valid): sdpa with ``q_len == Lk``
+    gets None, so the attention runs with ``is_causal`` (flash/cuDNN kernels), as stock does.
     """
     if impl in _FLASH:
         return key_valid.to(torch.int32)
     lk = key_valid.shape[1]
+    if impl == "sdpa" and no_padding and q_len == lk:
+        return None
     q_idx = torch.arange(lk - q_len, lk, device=key_valid.device)  # (q,)
     k_idx = torch.arange(lk, device=key_valid.device)
     causal = k_idx[None, :] <= q_idx[:, None]  # (q, Lk)
@@ -165,15 +171,20 @@ def _attn_mask(key_valid: torch.Tensor, q_len: int, impl: str, dtype: torch.dtyp
 
 def _compact(keep: torch.Tensor) -> torch.Tensor:
     """keep (B, T) bool -> index (B, T') of kept columns, left-padded with -1 (T' = max kept)."""
+    return _compact_full(keep)[0]
+
+
+def _compact_full(keep: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """:func:`_compact`, and whether no row is padded (every row keeps T'): one host sync for both."""
     b, t = keep.shape
     n = keep.sum(dim=1)  # (B,)
-    t_out = int(n.max()) if b else 0
+    t_out, t_min = torch.stack([n.max(), n.min()]).tolist() if b else (0, 0)
     dest = (t_out - n)[:, None] + keep.long().cumsum(dim=1) - 1  # (B, T)
     dest = torch.where(keep, dest, torch.full_like(dest, t_out))
     idx = torch.full((b, t_out + 1), -1, dtype=torch.long, device=keep.device)
     src = torch.arange(t, device=keep.device).expand(b, t)
     idx.scatter_(1, dest, torch.where(keep, src, torch.full_like(src, -1)))
-    return idx[:, :t_out]
+    return idx[:, :t_out], t_min == t_out
 
 
 def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -343,8 +354,19 @@ def pruning_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def last_stats(model: nn.Module) -> dict[str, Any] | None:
-    """Per-sample token accounting of the last pruned prefill (see CONTRACT.md), or None."""
-    return getattr(_unwrap(model), "_tp_stats", None)
+    """Per-sample token accounting of the last pruned prefill (see CONTRACT.md), or None.
+
+    The prefill keeps the kept sets as (B, N) masks on the device (``visual_keep_mask``,
+    ``stage2_visual_keep_mask``); the per-sample index lists ``visual_keep`` / ``stage2_visual_keep``
+    are built here on first request (three host syncs for the whole batch) and cached.
+    """
+    stats = getattr(_unwrap(model), "_tp_stats", None)
+    if stats is not None and "visual_keep" not in stats:
+        m1, m2 = stats["visual_keep_mask"], stats["stage2_visual_keep_mask"]  # (B, N) bool each
+        counts = torch.stack([m1.sum(dim=1), m2.sum(dim=1)]).tolist()  # (2, B)
+        stats["visual_keep"] = list(m1.nonzero()[:, 1].split(counts[0]))
+        stats["stage2_visual_keep"] = list(m2.nonzero()[:, 1].split(counts[1]))
+    return stats
 
 
 def pruned_lm_loss(logits: torch.Tensor, labels: torch.Tensor, kept_index: torch.Tensor) -> torch.Tensor:
@@ -376,8 +398,11 @@ def _validate_inputs(model, input_ids, pixel_values) -> tuple[torch.Tensor, torc
     n_tokens, _ = _image_token_count(model)
     tok = model.config.image_token_id
     img = input_ids == tok  # (B, T)
-    counts = img.sum(dim=1)
-    for i, c in enumerate(counts.tolist()):
+    start = img.long().argmax(dim=1)  # (B,)
+    span = torch.arange(input_ids.shape[1], device=img.device)[None, :] - start[:, None]
+    contiguous = (img == ((span >= 0) & (span < n_tokens))).all(dim=1)  # (B,)
+    counts, contiguous = torch.stack([img.sum(dim=1), contiguous.long()]).tolist()  # one sync
+    for i, c in enumerate(counts):
         if c == 0:
             raise ValueError(
                 f"sample {i} has no image placeholder (image_token_id={tok}); the prompt must contain "
@@ -388,9 +413,7 @@ def _validate_inputs(model, input_ids, pixel_values) -> tuple[torch.Tensor, torc
                 f"sample {i} has {c} image placeholders (image_token_id={tok}) but one image gives {n_tokens} "
                 "features; one image per sample is supported"
             )
-    start = img.long().argmax(dim=1)  # (B,)
-    span = torch.arange(input_ids.shape[1], device=img.device)[None, :] - start[:, None]
-    if not torch.equal(img, (span >= 0) & (span < n_tokens)):
+    if not all(contiguous):
         raise ValueError("image placeholders must form one contiguous run per sample")
     return img, start
 
@@ -557,13 +580,13 @@ def _prefill(
         if attention_mask is None
         else attention_mask.to(device=device).bool()
     )
-    img, _ = _validate_inputs(model, input_ids, pixel_values)
+    img, img_start = _validate_inputs(model, input_ids, pixel_values)  # (B, T), (B,)
 
     # ---- stage 1: the shorter LLM input
     projected, keep1, k1, scores1 = _stage1(model, pixel_values, cfg, stage1_keep)
-    keep_tok = am.clone()
-    keep_tok[img] = keep1.reshape(-1) & am[img]
-    index1 = _compact(keep_tok)  # (B, T1)
+    img_pos = img_start[:, None] + torch.arange(keep1.shape[1], device=device)[None, :]  # (B, N)
+    keep_tok = am.scatter(1, img_pos, keep1 & am.gather(1, img_pos))  # no boolean indexing: no sync
+    index1, full1 = _compact_full(keep_tok)  # (B, T1); full1: no padding
     valid1 = index1 >= 0
     pad_id = (
         mcfg.text_config.pad_token_id if getattr(mcfg.text_config, "pad_token_id", None) is not None else 0
@@ -588,7 +611,7 @@ def _prefill(
     h = embeds
     cos, sin = lm.rotary_emb(h, position_ids=pos1)
     valid, pos, index = valid1, pos1, index1
-    mask = _attn_mask(valid, h.shape[1], impl, h.dtype)
+    mask = _attn_mask(valid, h.shape[1], impl, h.dtype, no_padding=full1)
     keep2 = valid1
     for i, layer in enumerate(layers):
         if i == split:
@@ -598,13 +621,13 @@ def _prefill(
             with torch.no_grad():  # scores only pick indices
                 scores = _stage2_scores(layer, h, cos, sin, valid, qpos, qvalid)
             keep2 = select_tokens(scores, droppable, always, s2, stage2_keep)
-            index2 = _compact(keep2)  # (B, T2) into the stage-1 sequence
+            index2, full2 = _compact_full(keep2)  # (B, T2) into the stage-1 sequence
             valid = index2 >= 0
             h = _gather_rows(h, index2)
             cos, sin = _gather_rows(cos, index2), _gather_rows(sin, index2)
             pos = _gather_rows(pos1, index2)
             index = _gather_rows(index1, index2).masked_fill(~valid, -1)
-            mask = _attn_mask(valid, h.shape[1], impl, h.dtype)
+            mask = _attn_mask(valid, h.shape[1], impl, h.dtype, no_padding=full2)
         h = _layer_call(layer, h, mask, cos, sin, pos, cache, cache_kw)
     h = lm.norm(h)
 
@@ -614,9 +637,11 @@ def _prefill(
     k2 = valid.sum(dim=1)
     tokens_seen = split * n1 + (n_layers - split) * k2
     n_tokens, _ = _image_token_count(model)
-    first_img = img.long().argmax(dim=1)
-    patch_of = index - first_img[:, None]  # (B, T_out)
+    patch_of = index - img_start[:, None]  # (B, T_out)
     is_patch = (index >= 0) & (patch_of >= 0) & (patch_of < n_tokens)
+    keep12 = torch.zeros(b, n_tokens + 1, dtype=torch.bool, device=device).scatter(
+        1, torch.where(is_patch, patch_of, n_tokens), is_patch
+    )[:, :n_tokens]  # (B, N) patches kept by both stages
     stats = {
         "n_visual": torch.full((b,), keep1.shape[1], dtype=torch.long, device=device),
         "k1": k1,
@@ -624,9 +649,9 @@ def _prefill(
         "k2": k2,
         "n_dense": n_dense,
         "token_layer_fraction": tokens_seen.double() / (n_layers * n_dense).double(),
-        "visual_keep": [keep1[i].nonzero().squeeze(1) for i in range(b)],
+        "visual_keep_mask": keep1,  # (B, N); last_stats adds the "visual_keep" index lists
         "stage1_scores": scores1,  # (B, P) or None when stage 1 is off
-        "stage2_visual_keep": [patch_of[i][is_patch[i]] for i in range(b)],
+        "stage2_visual_keep_mask": keep12,  # (B, N); last_stats adds "stage2_visual_keep"
     }
     model._tp_stats = stats
     return _Prefill(h, index, embeds, index1, valid1, pos1, keep2 & valid1, valid, split, stats)

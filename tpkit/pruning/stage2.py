@@ -65,22 +65,37 @@ def select_tokens(
     ``droppable`` tokens are cut with ``cfg.selector`` (a per-sample knee, a ratio of the droppable
     count, or a budget), at least ``cfg.min_keep``. ``keep_total`` (B,) forces the total kept count of
     each sample instead (protected tokens included; clamped to what exists).
+
+    Vectorised over the ragged candidate sets: each row is sorted with its droppable tokens first (in
+    descending score order, ties by position), a per-row count ``k`` is computed and the first ``k``
+    sorted positions are scattered back. No host sync for forced counts, ``ratio`` and ``budget``; the
+    knee selectors sync once (the distinct candidate counts) and run the detector once per count.
     """
-    keep = always.clone()
-    for i in range(scores.shape[0]):  # ragged candidate sets
-        cand = droppable[i].nonzero().squeeze(1)  # (C,)
-        n = cand.numel()
-        if n == 0:
-            continue
-        s, order = torch.sort(scores[i, cand].float(), descending=True, stable=True)
-        if keep_total is not None:
-            k = int(keep_total[i]) - int(always[i].sum())
-            k = max(0, min(k, n))
+    b, t = scores.shape
+    dev = scores.device
+    s = scores.float()  # (B, T)
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices  # ties: earlier token first
+    notcand = (~droppable).to(torch.uint8).gather(1, order)  # (B, T), 0 = candidate
+    order = order.gather(1, torch.sort(notcand, dim=1, stable=True).indices)  # candidates first
+    n = droppable.sum(dim=1)  # (B,) candidates per row
+    if keep_total is not None:
+        k = keep_total.to(device=dev).long().reshape(b) - always.sum(dim=1)
+        k = torch.minimum(k.clamp(min=0), n)
+    elif cfg.selector in ("ratio", "budget"):
+        if cfg.selector == "ratio":
+            k = (n.double() * cfg.ratio + 0.5).floor().long()
         else:
-            k = int(
-                head_count(s[None], cfg.selector, ratio=cfg.ratio, budget=cfg.budget, min_keep=cfg.min_keep)[
-                    0
-                ]
-            )
-        keep[i, cand[order[:k]]] = True
-    return keep
+            if cfg.budget is None:
+                raise ValueError("selector 'budget' needs a budget")
+            k = torch.full_like(n, int(cfg.budget))
+        k = torch.minimum(torch.maximum(k, n.clamp(max=cfg.min_keep)), n)  # head_count's clamps
+    else:
+        sorted_s = s.gather(1, order)  # (B, T): each row's candidate scores lead, descending
+        k = torch.zeros_like(n)
+        for c in sorted(set(n.tolist()) - {0}):  # one sync: the distinct candidate counts
+            kc = head_count(
+                sorted_s[:, :c], cfg.selector, ratio=cfg.ratio, budget=cfg.budget, min_keep=cfg.min_keep
+            )  # (B,), valid on rows with c candidates (row-independent)
+            k = torch.where(n == c, kc, k)
+    rank = torch.arange(t, device=dev)[None, :] < k[:, None]  # (B, T) in sorted order
+    return always | torch.zeros_like(droppable).scatter(1, order, rank)
