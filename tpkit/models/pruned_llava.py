@@ -493,10 +493,12 @@ def _stage1(model, pixel_values, cfg, stage1_keep):
     else:
         keep = torch.ones(b, n, dtype=torch.bool, device=feats.device)
         k1 = torch.full((b,), n, dtype=torch.long, device=feats.device)
-    if bool(keep.all()):
+    n_kept = int(keep.sum())  # the one host sync of stage 1
+    if n_kept == keep.numel():
         projected = inner.multi_modal_projector(feats).flatten(0, 1)  # same call as stock
-    else:
-        projected = inner.multi_modal_projector(feats[keep])  # (sum k1, D): only kept patches
+    else:  # feats[keep] without a second sync: kept (row-major) positions lead a stable sort
+        rows = torch.sort((~keep.flatten()).to(torch.uint8), stable=True).indices[:n_kept]  # (sum k1,)
+        projected = inner.multi_modal_projector(feats.flatten(0, 1).index_select(0, rows))  # (sum k1, D)
     return projected, keep, k1, scores
 
 
