@@ -66,6 +66,16 @@ def test_wrong_type_names_key(tmp_path):
         load_config(TrainConfig, _write(tmp_path, GOOD), ["distill.kind=kl"])
 
 
+def test_exponent_without_a_dot_is_a_number(tmp_path):
+    """YAML 1.1 reads `1e-4` as a string; a float field takes it as the number everyone means."""
+    cfg = load_config(
+        TrainConfig, _write(tmp_path, GOOD + "optim:\n  lr: 3e-5\n"), ["optim.weight_decay=1E-2"]
+    )
+    assert cfg.optim.lr == 3e-5 and cfg.optim.weight_decay == 0.01
+    with pytest.raises(ConfigError, match="must be a number"):
+        load_config(TrainConfig, _write(tmp_path, GOOD + "optim:\n  lr: 3e-\n"))
+
+
 def test_min_keep_above_max_keep(tmp_path):
     p = _write(tmp_path, GOOD.replace("min_keep: 4", "min_keep: 16"))
     with pytest.raises(ConfigError) as e:

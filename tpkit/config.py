@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
+
+# `1e-4` / `5E3`: numbers to everyone, strings to YAML 1.1 (which wants `1.0e-4`)
+_YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 if TYPE_CHECKING:  # imported lazily (see _hints): tpkit.pruning may import this module
     from tpkit.pruning import PruningConfig
@@ -151,6 +155,8 @@ def _coerce(value: Any, tp: Any, key: str, where: _Where) -> Any:
             raise ConfigError(f"{where(key)}'{key}' = {value!r} must be an integer")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
+            return float(value)  # `1e-4`: YAML 1.1 reads a string (no dot), every user means a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where(key)}'{key}' = {value!r} must be a number")
         return float(value)

@@ -280,6 +280,22 @@ class VQABatches:
         self._pos += batch_size
         return self.take(self._perm[sl], self._perm_dev[sl])
 
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's position: generator, current permutation, offset in it, epoch."""
+        return {
+            "gen": self.gen.get_state(),
+            "perm": self._perm.clone(),
+            "pos": self._pos,
+            "epoch": self.epoch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.gen.set_state(state["gen"])
+        self._perm = state["perm"].clone()
+        self._perm_dev = self._perm.to(self.device)
+        self._pos = int(state["pos"])
+        self.epoch = int(state["epoch"])
+
     def take(self, idx: torch.Tensor, idx_dev: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """CPU row indices (and the same on the device, if at hand) ->
         (input_ids (B, T), attention_mask (B, T), labels (B, T), images (B, S, S, 3)).

@@ -174,6 +174,9 @@ class BaseRecipeConfig:
     # write a tar of the model directory right after saving, before evaluation (a GPU lease can end
     # at any time: what was packed comes back, what was not is lost); None = no archive
     archive: str | None = None
+    # Save the training state to ``OUT/.resume/`` every this many seconds (0 = only when stopped by
+    # Ctrl-C / SIGTERM); ``--resume`` continues from it. For long CPU runs; a GPU run takes minutes.
+    checkpoint_every_s: float = 0.0
     tower: TowerConfig = field(default_factory=TowerConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -253,6 +256,121 @@ class StepPlan:
 
     def expired(self) -> bool:
         return bool(self.budget_s) and self.elapsed() > self.budget_s
+
+
+# Set by the SIGINT/SIGTERM handler that ``main`` installs: the training loops see it at the next step
+# boundary, save their state (a consistent one, never half a step) and stop with KeyboardInterrupt.
+_STOP = {"requested": False}
+
+
+def _install_stop_handlers() -> dict[int, Any]:
+    """First Ctrl-C / SIGTERM: stop at the next step boundary with the state saved; second: now.
+
+    Returns the previous handlers (for :func:`_restore_handlers`).
+    """
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        if _STOP["requested"]:
+            raise KeyboardInterrupt
+        _STOP["requested"] = True
+        _log(
+            f"[base] {signal.Signals(signum).name}: saving the state at the end of this step (again to abort)"
+        )
+
+    _STOP["requested"] = False
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_handlers(previous: dict[int, Any]) -> None:
+    import signal
+
+    for sig, h in previous.items():
+        signal.signal(sig, h)
+    _STOP["requested"] = False
+
+
+# Keys that may change between an interrupted run and its ``--resume`` (where and how fast it runs,
+# not what it computes).
+_RESUME_FREE_KEYS = ("device", "workers", "archive", "checkpoint_every_s")
+
+
+class ResumeError(RuntimeError):
+    """An interrupted run's state is in the way (no ``--resume``) or does not fit (another config)."""
+
+
+class RecipeState:
+    """The recipe's resumable state in ``OUT/.resume/``: one file per phase, written atomically.
+
+    ``tower.pt`` / ``llava.pt`` hold a phase in progress (weights, optimiser, scheduler, sampler and
+    generator states, history); ``tower_done.pt`` the finished tower, so that a resumed run skips
+    phase 1 and its data. Each file carries the resolved config (less :data:`_RESUME_FREE_KEYS`);
+    resuming under a different one is refused, naming the keys. Removed when the recipe finishes.
+    """
+
+    def __init__(self, out_dir: Path, cfg: BaseRecipeConfig, enabled: bool = True):
+        self.dir = Path(out_dir) / ".resume"
+        self.every_s = cfg.checkpoint_every_s
+        self.enabled = enabled
+        self.config = {k: v for k, v in to_dict(cfg).items() if k not in _RESUME_FREE_KEYS}
+        self.last = time.perf_counter()
+
+    def due(self) -> bool:
+        return self.enabled and self.every_s > 0 and time.perf_counter() - self.last >= self.every_s
+
+    def save(self, name: str, state: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"{name}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save({"config": self.config, **state}, tmp)
+        os.replace(tmp, path)
+        self.last = time.perf_counter()
+
+    def load(self, name: str, device: torch.device) -> dict[str, Any] | None:
+        path = self.dir / f"{name}.pt"
+        if not (self.enabled and path.exists()):
+            return None
+        state = torch.load(path, map_location=device, weights_only=True)
+        saved = state.pop("config")
+        diff = _config_diff(saved, self.config)
+        if diff:
+            raise ResumeError(
+                f"{path} was saved under another config; differing keys (saved -> now): "
+                + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+                + f". Resume with the same config, or remove {self.dir} to start over."
+            )
+        return state
+
+    def remove(self, name: str) -> None:
+        (self.dir / f"{name}.pt").unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _config_diff(a: dict, b: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    out: dict[str, tuple[Any, Any]] = {}
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out.update(_config_diff(x, y, f"{prefix}{k}."))
+        elif x != y:
+            out[f"{prefix}{k}"] = (x, y)
+    return out
+
+
+def _check_stop(state: RecipeState, name: str, snapshot: Any) -> None:
+    """At a step boundary: save ``snapshot()`` when due or when a stop was requested (then stop)."""
+    if _STOP["requested"]:
+        state.save(name, snapshot())
+        _STOP["requested"] = False
+        raise KeyboardInterrupt(f"stopped; state saved in {state.dir} (continue with --resume)")
+    if state.due():
+        state.save(name, snapshot())
 
 
 def _lr_lambda(plan: StepPlan, warmup: int, min_ratio: float):
@@ -425,8 +543,13 @@ def train_tower(
     held_out: tuple[np.ndarray, np.ndarray],
     processor: Any,
     device: torch.device,
+    state: RecipeState | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """Phase 1 -> (trained ``CLIPVisionModel`` on ``device``, metrics)."""
+    """Phase 1 -> (trained ``CLIPVisionModel`` on ``device``, metrics).
+
+    With ``state``, continues from its ``tower.pt`` if there is one and saves into it when due or
+    when a stop is requested (see :class:`RecipeState`).
+    """
     from tpkit.data.synthetic import SHAPES
     from tpkit.training.base_data import image_norm, normalize_images
 
@@ -445,8 +568,39 @@ def train_tower(
     n, bs = len(images), min(tc.batch_size, len(images))
     pos = n  # start with a new epoch
     step, loss_sum, history = 0, torch.zeros((), device=device), []
-    bar = tqdm(total=plan.total, desc="tower", unit="step", dynamic_ncols=True, mininterval=2.0)
-    plan.t0 = time.perf_counter()
+    perm = flips = None
+    elapsed0 = 0.0
+    state = state or RecipeState(Path("."), cfg, enabled=False)
+    saved = state.load("tower", device)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        gen.set_state(saved["gen"].cpu())
+        perm, flips, pos = saved["perm"], saved["flips"], int(saved["pos"])
+        step, history, plan.total = int(saved["step"]), list(saved["history"]), int(saved["plan_total"])
+        loss_sum += saved["loss_sum"]
+        elapsed0 = float(saved["elapsed"])
+        _log(f"[tower] resumed at step {step}/{plan.total} from {state.dir}")
+
+    def snapshot() -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "sched": sched.state_dict(),
+            "gen": gen.get_state(),
+            "perm": perm,
+            "flips": flips,
+            "pos": pos,
+            "step": step,
+            "history": history,
+            "plan_total": plan.total,
+            "loss_sum": loss_sum,
+            "elapsed": plan.elapsed(),
+        }
+
+    bar = tqdm(total=plan.total, initial=step, desc="tower", unit="step", dynamic_ncols=True, mininterval=2.0)
+    plan.t0 = time.perf_counter() - elapsed0
     while step < plan.total and not plan.expired():
         if pos + bs > n:
             # order and flips drawn on the CPU once per epoch, copied once: no per-step transfer
@@ -483,6 +637,7 @@ def train_tower(
                 f"(shape {f1['f1_shape']:.3f}, colour {f1['f1_color']:.3f}) lr {sched.get_last_lr()[0]:.2e} "
                 f"{entry['time_s']:.0f}s"
             )
+        _check_stop(state, "tower", snapshot)
     bar.close()
     _sync(device)
     seconds = plan.elapsed()
@@ -546,9 +701,20 @@ def teacher_forced_accuracy(
 
 
 def train_llava(
-    cfg: BaseRecipeConfig, model: Any, train_set: Any, val_set: Any, processor: Any, device: torch.device
+    cfg: BaseRecipeConfig,
+    model: Any,
+    train_set: Any,
+    val_set: Any,
+    processor: Any,
+    device: torch.device,
+    state: RecipeState | None = None,
 ) -> dict[str, Any]:
-    """Phase 2, in place on ``model`` (a LlavaForConditionalGeneration, tower already loaded)."""
+    """Phase 2, in place on ``model`` (a LlavaForConditionalGeneration, tower already loaded).
+
+    With ``state``, continues from its ``llava.pt`` if there is one, saves into it when due or when
+    a stop is requested, and once more when the phase ends (so that an interrupted evaluation does
+    not retrain).
+    """
     from tpkit.training.base_data import VQABatches, image_norm, normalize_images
 
     lc = cfg.lm
@@ -566,8 +732,38 @@ def train_llava(
     trainable = [p for p in model.parameters() if p.requires_grad]
     step, history = 0, []
     loss_sum, acc_sum = torch.zeros((), device=device), torch.zeros((), device=device)
-    bar = tqdm(total=plan.total, desc="llava", unit="step", dynamic_ncols=True, mininterval=2.0)
-    plan.t0 = time.perf_counter()
+    elapsed0 = 0.0
+    state = state or RecipeState(Path("."), cfg, enabled=False)
+    saved = state.load("llava", device)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        data.load_state_dict(
+            {**saved["data"], "gen": saved["data"]["gen"].cpu(), "perm": saved["data"]["perm"].cpu()}
+        )
+        step, history, plan.total = int(saved["step"]), list(saved["history"]), int(saved["plan_total"])
+        loss_sum += saved["loss_sum"]
+        acc_sum += saved["acc_sum"]
+        elapsed0 = float(saved["elapsed"])
+        _log(f"[llava] resumed at step {step}/{plan.total} from {state.dir}")
+
+    def snapshot() -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "sched": sched.state_dict(),
+            "data": data.state_dict(),
+            "step": step,
+            "history": history,
+            "plan_total": plan.total,
+            "loss_sum": loss_sum,
+            "acc_sum": acc_sum,
+            "elapsed": plan.elapsed(),
+        }
+
+    bar = tqdm(total=plan.total, initial=step, desc="llava", unit="step", dynamic_ncols=True, mininterval=2.0)
+    plan.t0 = time.perf_counter() - elapsed0
     while step < plan.total and not plan.expired():
         ids, mask, labels, imgs = data.sample(lc.batch_size)
         with _autocast(device, cfg.precision):
@@ -605,7 +801,10 @@ def train_llava(
                 f"{entry['train_token_acc']:.3f} val answer acc {v['answer_acc']:.3f} "
                 f"lr {sched.get_last_lr()[0]:.2e} {entry['time_s']:.0f}s"
             )
+        _check_stop(state, "llava", snapshot)
     bar.close()
+    if state.every_s > 0:
+        state.save("llava", snapshot())
     _sync(device)
     seconds = plan.elapsed()
     model.eval()
@@ -720,9 +919,13 @@ def _archive(model_dir: Path, path: str | Path) -> None:
     _log(f"[base] archived {model_dir} -> {path}")
 
 
-def run(cfg: BaseRecipeConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Data -> tower -> LLaVA -> save -> reload with stock classes -> evaluate. Returns metrics."""
-    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+def run(cfg: BaseRecipeConfig, out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Data -> tower -> LLaVA -> save -> reload with stock classes -> evaluate. Returns metrics.
+
+    ``resume``: continue from the state an interrupted run left in ``out_dir/.resume`` (see
+    :class:`RecipeState`); without it, such a state is an error rather than silently overwritten.
+    """
+    from transformers import CLIPVisionModel, LlavaForConditionalGeneration, LlavaProcessor
 
     from tpkit.data.collator import LlavaCollator
     from tpkit.data.processor import build_processor
@@ -731,6 +934,15 @@ def run(cfg: BaseRecipeConfig, out_dir: str | Path) -> dict[str, Any]:
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    state = RecipeState(out_dir, cfg)
+    if state.dir.exists() and any(state.dir.glob("*.pt")):
+        if not resume:
+            raise ResumeError(
+                f"{state.dir} holds the state of an interrupted run: pass --resume to continue it, "
+                "or remove that directory to start over"
+            )
+    elif resume:
+        _log(f"[base] --resume: no saved state in {state.dir}, starting from the beginning")
     device = resolve_device(cfg.device)
     workers = base_data.default_workers(cfg.workers)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -742,9 +954,12 @@ def run(cfg: BaseRecipeConfig, out_dir: str | Path) -> dict[str, Any]:
     processor = build_processor(image_size=tc.image_size, patch_size=tc.patch_size)
     coll = LlavaCollator(processor, max_length=lc.max_length, mode="train")
     t = time.perf_counter()
+    tower_done = state.load("tower_done", torch.device("cpu"))
+    if tower_done is not None:
+        timings.update(tower_done["timings"])
     with base_data.DataWorkers(workers, coll) as dw:
         # queued in this order: the tower's images first, the VQA sets render while the tower trains
-        if not tc.init_from:
+        if not tc.init_from and tower_done is None:
             pool_job = dw.tower_images(tc.pool_size, 2 * cfg.seed, "tower pool")
             held_job = dw.tower_images(tc.eval_size, 2 * cfg.seed + 1, "tower held-out")
         train_job = dw.vqa("train", lc.n_train, cfg.data_seed, turns=lc.turns, caption=lc.caption_turn)
@@ -765,6 +980,11 @@ def run(cfg: BaseRecipeConfig, out_dir: str | Path) -> dict[str, Any]:
         if tc.init_from:
             tower, tower_metrics = _load_tower(tc.init_from, lcfg), {"init_from": tc.init_from, "f1": None}
             _log(f"[base] vision tower loaded from {tc.init_from} (phase 1 skipped)")
+        elif tower_done is not None:
+            tower = CLIPVisionModel(lcfg.vision_config)
+            tower.load_state_dict(tower_done["tower"])
+            tower_metrics = tower_done["metrics"]
+            _log(f"[base] vision tower from the interrupted run (F1 {tower_metrics['f1']:.4f}); phase 1 done")
         else:
             pool, held_out = pool_job.result(), held_job.result()
             timings["tower_data_s"] = round(time.perf_counter() - t, 1)
@@ -773,9 +993,14 @@ def run(cfg: BaseRecipeConfig, out_dir: str | Path) -> dict[str, Any]:
             )
             # Phase 1 (the VQA data keeps rendering in the workers meanwhile)
             t = time.perf_counter()
-            tower, tower_metrics = train_tower(cfg, pool, held_out, processor, device)
+            tower, tower_metrics = train_tower(cfg, pool, held_out, processor, device, state)
             timings["tower_s"] = round(time.perf_counter() - t, 1)
             del pool
+            if state.every_s > 0 or state.dir.exists():
+                state.save(
+                    "tower_done", {"tower": tower.state_dict(), "metrics": tower_metrics, "timings": timings}
+                )
+                state.remove("tower")
 
         t = time.perf_counter()
         train_set, val_set, test_set = train_job.result(), val_job.result(), test_job.result()
@@ -806,7 +1031,7 @@ def run(cfg: BaseRecipeConfig, out_dir: str | Path) -> dict[str, Any]:
             _log(f"[base] LLaVA phase budget {budget:.0f}s (total_budget_s {cfg.total_budget_s:.0f}s)")
             cfg = dataclasses.replace(cfg, lm=dataclasses.replace(lc, time_budget_s=budget))
     t = time.perf_counter()
-    lm_metrics = train_llava(cfg, model, train_set, val_set, processor, device)
+    lm_metrics = train_llava(cfg, model, train_set, val_set, processor, device, state)
     timings["llava_s"] = round(time.perf_counter() - t, 1)
 
     # Save as a stock directory, then evaluate what was saved.
@@ -848,6 +1073,7 @@ def run(cfg: BaseRecipeConfig, out_dir: str | Path) -> dict[str, Any]:
         "config": to_dict(cfg),
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    state.clear()
     for split, r in evaluation.items():
         per = ", ".join(f"{q} {a:.3f}" for q, a in r["per_type"].items())
         _log(f"[base] {split}: accuracy {r['accuracy']:.4f} over {r['n']} ({per})")
@@ -871,6 +1097,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output directory (the model directory)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="overrides 'device'")
     ap.add_argument("--archive", default=None, help="tar the model dir here right after saving (GPU leases)")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run whose state is in OUT/.resume (same config; see checkpoint_every_s)",
+    )
     args = ap.parse_args(argv)
     overrides = list(args.set)
     if args.archive is not None:
@@ -882,7 +1113,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run(cfg, args.out)
+    previous = _install_stop_handlers()
+    try:
+        run(cfg, args.out, resume=args.resume)
+    except ResumeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
+        return 130
+    finally:
+        _restore_handlers(previous)
     return 0
 
 
