@@ -386,6 +386,9 @@ class DistillConfig:
     kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"  # forward = KL(teacher || student)
     jsd_beta: float = 0.5  # JSD mixture weight
     ce_weight: float = 1.0
+    # directory written by `python -m tpkit.training.teacher_cache`: the teacher's answer logits are
+    # read from it instead of running the teacher each step; null = online teacher
+    teacher_cache: str | None = None
 
     def validate(self) -> None:
         if self.alpha < 0 or self.ce_weight < 0:

@@ -79,3 +79,37 @@ def test_distill_loss_temperature_scaling_and_no_teacher_grad():
     # no answer position: a zero that still backpropagates
     none = distill_loss(s, t, torch.full((1, 3), IGNORE_INDEX))
     assert none.item() == 0.0 and none.requires_grad
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_topk_distillation(kind, temperature):
+    """Top-k teacher rows (a teacher cache): exact with the whole vocabulary; with k classes, the
+    divergence of the collapsed (top-k + rest) pair, which by the chain rule misses only the term
+    mass(rest) * D(tail | tail) — zero when the student's tail has the teacher's shape; 0 when the
+    student is the teacher."""
+    from tpkit.training.losses import distill_rows, distill_rows_topk
+
+    g = torch.Generator().manual_seed(0)
+    V, k = 200, 32
+    teacher = torch.randn(16, V, generator=g)
+    lse = torch.logsumexp(teacher / temperature, -1)
+    student = teacher + torch.randn(16, V, generator=g)
+    full = distill_rows(student, teacher, kind, temperature)
+    v, i = teacher.topk(V, -1)
+    torch.testing.assert_close(
+        distill_rows_topk(student, v, i, lse, kind, temperature), full, rtol=1e-5, atol=1e-6
+    )
+    v, i = teacher.topk(k, -1)
+    assert float(distill_rows_topk(student, v, i, lse, kind, temperature)) < float(full)  # a lower bound
+    # the student differs on the teacher's top k, and by a constant on the rest: same tail shape
+    shift = torch.zeros(16, V).scatter_(1, i, torch.randn(16, k, generator=g)) - 0.5
+    shift = torch.where(torch.zeros(16, V, dtype=torch.bool).scatter_(1, i, True), shift + 0.5, shift)
+    student = teacher + shift
+    full = distill_rows(student, teacher, kind, temperature)
+    top = distill_rows_topk(student, v, i, lse, kind, temperature)
+    torch.testing.assert_close(top, full, rtol=0.02 if kind == "jsd" else 1e-4, atol=1e-6)
+    assert float(distill_rows_topk(teacher, v, i, lse, kind, temperature)) == pytest.approx(0.0, abs=1e-5)
+    s = student.clone().requires_grad_(True)
+    distill_rows_topk(s, v, i, lse, kind, temperature).backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0

@@ -8,6 +8,7 @@ logits are gathered at the same original positions, so both sides predict the sa
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -20,6 +21,9 @@ __all__ = [
     "answer_targets",
     "answer_ce",
     "divergence",
+    "divergence_logp",
+    "topk_log_probs",
+    "distill_rows_topk",
     "distill_rows",
     "distill_loss",
     "gather_rows",
@@ -68,6 +72,16 @@ def divergence(
     """
     log_s = F.log_softmax(student_logits.float(), dim=-1)
     log_t = F.log_softmax(teacher_logits.float(), dim=-1)
+    return divergence_logp(log_s, log_t, kind, beta)
+
+
+def divergence_logp(
+    log_s: torch.Tensor,
+    log_t: torch.Tensor,
+    kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl",
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """:func:`divergence` between two distributions given as log-probabilities. (N, C) -> (N,)."""
     if kind == "forward_kl":
         return (log_t.exp() * (log_t - log_s)).sum(-1)
     if kind == "reverse_kl":
@@ -113,3 +127,49 @@ def distill_rows(
     s = student_rows / temperature
     t = teacher_rows.detach() / temperature
     return divergence(s, t, kind, beta).mean() * temperature**2
+
+
+# Floor of the teacher's tail mass in top-k distillation: a cached top-k that holds (nearly) all the
+# mass leaves 1 - sum(p_k) at or below rounding error, and log(0) would make reverse KL infinite.
+TAIL_FLOOR = 1e-8
+
+
+def topk_log_probs(logits: torch.Tensor, indices: torch.Tensor, floor: float = 1e-12) -> torch.Tensor:
+    """Log-probabilities of ``logits`` collapsed onto (the ``indices`` classes, everything else).
+
+    logits: (N, V) (already divided by the temperature); indices: (N, k) -> (N, k + 1), last column
+    = log of the mass outside ``indices`` (at least ``floor``).
+    """
+    log_p = F.log_softmax(logits.float(), dim=-1)
+    log_k = log_p.gather(1, indices)  # (N, k)
+    tail = (-log_k.exp().sum(-1)).log1p().nan_to_num(nan=-math.inf)  # log(1 - sum p_k); sum may round past 1
+    return torch.cat([log_k, tail.clamp(min=math.log(floor)).unsqueeze(-1)], dim=-1)
+
+
+def distill_rows_topk(
+    student_rows: torch.Tensor,
+    teacher_values: torch.Tensor,
+    teacher_indices: torch.Tensor,
+    teacher_lse: torch.Tensor,
+    kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """:func:`distill_rows` against a teacher known only by its top-k logits (a teacher cache).
+
+    Both distributions are collapsed onto the teacher's k classes plus one "rest" class. By the chain
+    rule the collapsed KL misses only ``mass(rest) * KL(tail | tail)``: it is a lower bound of the full
+    one, equal to it when k is the vocabulary or the student's tail has the teacher's shape, and close
+    when the teacher's top k holds nearly all of its mass (trained LMs at T = 1). teacher_values: (N, k) raw logits; teacher_indices: (N, k) vocab ids;
+    teacher_lse: (N,) ``logsumexp(teacher_logits / temperature)`` over the full vocabulary.
+    """
+    if student_rows.shape[0] == 0:
+        return student_rows.sum() * 0.0
+    log_tk = teacher_values.float() / temperature - teacher_lse.float().unsqueeze(-1)  # (N, k)
+    if teacher_indices.shape[1] == student_rows.shape[1]:  # the whole vocabulary: no rest class
+        log_s = F.log_softmax(student_rows.float() / temperature, dim=-1).gather(1, teacher_indices)
+        return divergence_logp(log_s, log_tk.detach(), kind, beta).mean() * temperature**2
+    log_s = topk_log_probs(student_rows / temperature, teacher_indices)  # (N, k + 1)
+    tail = (-log_tk.exp().sum(-1)).log1p().nan_to_num(nan=-math.inf)  # rounding can push sum p_k past 1
+    log_t = torch.cat([log_tk, tail.clamp(min=math.log(TAIL_FLOOR)).unsqueeze(-1)], dim=-1)
+    return divergence_logp(log_s, log_t.detach(), kind, beta).mean() * temperature**2

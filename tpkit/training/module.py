@@ -18,7 +18,7 @@ import torch
 from peft import PeftModel
 
 from tpkit.config import DistillConfig, OptimConfig
-from tpkit.training.losses import IGNORE_INDEX, answer_ce, answer_targets, distill_rows
+from tpkit.training.losses import IGNORE_INDEX, answer_ce, answer_targets, distill_rows, distill_rows_topk
 
 __all__ = ["DistillLoRAModule", "lr_lambda", "pruner_api", "reuse_tower_output"]
 
@@ -86,8 +86,10 @@ class DistillLoRAModule(L.LightningModule):
         *,
         max_steps: int,
         pruning_attached: bool = False,
+        teacher_cache: Any = None,
     ) -> None:
         super().__init__()
+        self.teacher_cache = teacher_cache  # a tpkit.training.teacher_cache.TeacherCache, or None: online
         self.model = model
         self.distill = distill
         self.optim = optim
@@ -132,9 +134,28 @@ class DistillLoRAModule(L.LightningModule):
         with self.model.disable_adapter(), off:
             return self.model(**kw).logits
 
+    def cached_teacher_rows(self, batch: dict, mask: torch.Tensor, orig: torch.Tensor, targets: torch.Tensor):
+        """The teacher's rows for the student's answer rows, from the teacher cache (no forward)."""
+        from tpkit.training.teacher_cache import TeacherCacheError, answer_ranks
+
+        if "ids" not in batch:
+            raise TeacherCacheError(
+                "distill.teacher_cache needs record ids in the batch (LlavaCollator adds them)"
+            )
+        rows = mask.nonzero()[:, 0]
+        counts, ranks = answer_ranks(batch["labels"], rows, orig)
+        t = self.teacher_cache.lookup(batch["ids"], counts, rows, ranks, device=mask.device)
+        if not torch.equal(t.targets, targets[mask]):
+            raise TeacherCacheError(
+                f"teacher cache {self.teacher_cache.path}: the cached answer tokens differ from this batch's "
+                f"(records {list(batch['ids'])[:4]}...): rebuild the cache for this data and tokenizer"
+            )
+        return t
+
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         tower = self.base.model.vision_tower
-        share = reuse_tower_output(tower) if self.distill.alpha > 0 else contextlib.nullcontext()
+        online = self.distill.alpha > 0 and self.teacher_cache is None
+        share = reuse_tower_output(tower) if online else contextlib.nullcontext()
         with share:
             return self._losses(batch)
 
@@ -159,6 +180,23 @@ class DistillLoRAModule(L.LightningModule):
             if kept is None:
                 kept = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
             orig = kept[mask]  # (N,) original position of each row: the teacher is unpruned
+            if self.teacher_cache is not None:
+                t = self.cached_teacher_rows(batch, mask, orig, targets)
+                kd = distill_rows_topk(
+                    out.logits[mask],
+                    t.values,
+                    t.indices,
+                    t.lse,
+                    kind=self.distill.kind,
+                    temperature=self.distill.temperature,
+                    beta=self.distill.jsd_beta,
+                )
+                loss = loss + self.distill.alpha * kd
+                parts["kd"] = kd.detach()
+                best = t.indices.gather(1, t.values.argmax(-1, keepdim=True))[:, 0]
+                parts["teacher_acc"] = (best == t.targets).float().mean()
+                parts["loss"] = loss
+                return parts
             positions = torch.unique(orig)  # (P,) sorted; the teacher's LM head runs on these only
             t_logits = self.teacher_logits(batch, positions)  # (B, P, V)
             rows = mask.nonzero()[:, 0]

@@ -83,8 +83,19 @@ def build_module(cfg: TrainConfig, peft_model: Any, pruning_attached: bool) -> D
         base = peft_model.get_base_model()
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
+    cache = None
+    if cfg.distill.teacher_cache and cfg.distill.alpha > 0:
+        from tpkit.training.teacher_cache import TeacherCache
+
+        cache = TeacherCache(cfg.distill.teacher_cache)
+        cache.check(peft_model, cfg.distill.temperature, cfg.data.max_length)
     return DistillLoRAModule(
-        peft_model, cfg.distill, cfg.optim, max_steps=cfg.trainer.max_steps, pruning_attached=pruning_attached
+        peft_model,
+        cfg.distill,
+        cfg.optim,
+        max_steps=cfg.trainer.max_steps,
+        pruning_attached=pruning_attached,
+        teacher_cache=cache,
     )
 
 
@@ -241,7 +252,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--resume: no checkpoint at {Path(cfg.trainer.out_dir) / LAST}", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    res = fit(cfg, resume=args.resume)
+    from tpkit.training.teacher_cache import TeacherCacheError
+
+    try:
+        res = fit(cfg, resume=args.resume)
+    except TeacherCacheError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if res.module.global_rank == 0:  # under ddp every rank runs this script
         step = int(res.metrics["global_step"])
         print(f"done: step {step}, checkpoint {res.checkpoint}, export {res.export_dir}")

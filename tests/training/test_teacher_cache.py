@@ -1,0 +1,166 @@
+"""Teacher cache: KD read from the cache equals online KD (full vocabulary), top-k is close, a cache
+for another model / temperature / data is refused, and an interrupted build continues."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tpkit.data.collator import LlavaCollator
+from tpkit.data.llava_json import load_llava_json
+from tpkit.training.run import build_module, build_student, fit
+from tpkit.training.teacher_cache import TeacherCache, TeacherCacheError, build_teacher_cache, main
+
+from .conftest import tiny_cfg_dict
+
+
+@pytest.fixture(scope="module")
+def records(train_json):
+    ds, _ = load_llava_json(train_json)
+    return [ds[i] for i in range(len(ds))]
+
+
+def _cfg(make_cfg, cache=None, **sections):
+    distill = {"alpha": 1.0, "temperature": 2.0, **({"teacher_cache": str(cache)} if cache else {})}
+    return make_cfg(distill=distill, **sections)
+
+
+def _build(cfg, processor, records, out, **kw):
+    return build_teacher_cache(
+        cfg, out, dataset=records, processor=processor, device="cpu", progress=False, **kw
+    )
+
+
+def _module(cfg, processor, perturb: bool = False):
+    peft_model, attached = build_student(cfg, processor)
+    if perturb:  # a trained-looking adapter (the same for every module built with perturb)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in peft_model.parameters():
+                if p.requires_grad:
+                    p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return build_module(cfg, peft_model, attached)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_full_vocab_cache_equals_online_kd(make_cfg, processor, records, tmp_path, kind):
+    cfg = _cfg(make_cfg)
+    cache = _build(cfg, processor, records, tmp_path / "cache", batch_size=5)  # other batches than training's
+    online = _module(make_cfg(distill={"alpha": 1.0, "temperature": 2.0, "kind": kind}), processor, True)
+    cached_cfg = make_cfg(
+        distill={"alpha": 1.0, "temperature": 2.0, "kind": kind, "teacher_cache": str(cache)}
+    )
+    cached = _module(cached_cfg, processor, True)
+    assert cached.teacher_cache is not None and online.teacher_cache is None
+    batch = LlavaCollator(processor, max_length=128, mode="train")([records[i] for i in (3, 0, 9, 14)])
+    po, pc = online.losses(batch), cached.losses(batch)
+    assert po["kd"] > 1e-4
+    torch.testing.assert_close(pc["kd"], po["kd"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(pc["teacher_acc"], po["teacher_acc"])
+    po["loss"].backward()
+    pc["loss"].backward()
+    for (n, a), (_, b) in zip(online.model.named_parameters(), cached.model.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-6, msg=n)
+
+
+def test_topk_cache_is_close_and_small(make_cfg, processor, records, tmp_path):
+    cfg = _cfg(make_cfg)
+    full = _build(cfg, processor, records, tmp_path / "full")
+    top = _build(cfg, processor, records, tmp_path / "top", top_k=8, dtype="float16")
+    size = {p: sum(f.stat().st_size for f in p.glob("*.bin")) for p in (full, top)}
+    meta = json.loads((top / "meta.json").read_text())
+    assert meta["k"] == 8 and not meta["full_vocab"] and meta["records"] == len(records)
+    assert size[top] < size[full] / 4
+    batch = LlavaCollator(processor, max_length=128, mode="train")(records[:4])
+    with torch.no_grad():
+        a = _module(_cfg(make_cfg, full), processor, True).losses(batch)["kd"]
+        b = _module(_cfg(make_cfg, top), processor, True).losses(batch)["kd"]
+    # the collapsed divergence is a lower bound (+ the tail floor); a random model's logits are nearly
+    # flat, so 8 of 333 classes hold little of the mass here (test_losses checks a peaked teacher)
+    assert 0 < float(b) <= float(a) * 1.05
+
+
+def test_training_on_the_cache_equals_online(make_cfg, processor, records, tmp_path):
+    """A few optimiser steps through train.py's fit: same adapter as with the online teacher."""
+    cfg = _cfg(make_cfg)
+    cache = _build(cfg, processor, records, tmp_path / "cache")
+    results = []
+    for name, extra in (("online", {}), ("cached", {"teacher_cache": str(cache)})):
+        d = tiny_cfg_dict(
+            cfg.data.train_json, tmp_path / name, distill={"alpha": 1.0, "temperature": 2.0, **extra}
+        )
+        from tpkit.config import TrainConfig, from_dict
+
+        res = fit(from_dict(TrainConfig, d), processor=processor)
+        results.append(
+            {n: p.detach().clone() for n, p in res.module.model.named_parameters() if p.requires_grad}
+        )
+    assert results[0].keys() == results[1].keys()
+    for n in results[0]:
+        torch.testing.assert_close(results[1][n], results[0][n], rtol=1e-3, atol=1e-5, msg=n)
+
+
+def test_refuses_another_teacher_temperature_or_data(make_cfg, processor, records, tmp_path):
+    cfg = _cfg(make_cfg)
+    cache = _build(cfg, processor, records[:8], tmp_path / "cache")
+    other_model = make_cfg(
+        model={"seed": 1}, distill={"alpha": 1.0, "temperature": 2.0, "teacher_cache": str(cache)}
+    )
+    with pytest.raises(TeacherCacheError, match="does not fit this run.*embed_sum"):
+        _module(other_model, processor)
+    with pytest.raises(TeacherCacheError, match=r"temperature: 2.0 \(cache\) vs 1.0"):
+        _module(make_cfg(distill={"alpha": 1.0, "temperature": 1.0, "teacher_cache": str(cache)}), processor)
+    m = _module(_cfg(make_cfg, cache), processor)
+    batch = LlavaCollator(processor, max_length=128, mode="train")(records[6:10])  # 8, 9 are not cached
+    with pytest.raises(TeacherCacheError, match="is not in the teacher cache"):
+        m.losses(batch)
+    changed = [dict(r) for r in records[:4]]
+    changed[1]["conversations"] = [dict(t) for t in changed[1]["conversations"]]
+    changed[1]["conversations"][1]["value"] = "a different answer than before"
+    with pytest.raises(TeacherCacheError, match="answer tokens"):
+        m.losses(LlavaCollator(processor, max_length=128, mode="train")(changed))
+    with pytest.raises(TeacherCacheError, match="no finished teacher cache"):
+        _module(_cfg(make_cfg, tmp_path / "missing"), processor)
+
+
+def test_interrupted_build_continues(make_cfg, processor, records, tmp_path, monkeypatch):
+    cfg = _cfg(make_cfg)
+    whole = _build(cfg, processor, records, tmp_path / "whole", batch_size=4)
+    import tpkit.training.teacher_cache as tc
+
+    calls = {"n": 0}
+    original = tc._Writer.commit
+
+    def commit(self):
+        original(self)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tc._Writer, "commit", commit)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        _build(cfg, processor, records, out, batch_size=4)
+    monkeypatch.undo()
+    with pytest.raises(TeacherCacheError, match="not finished"):
+        TeacherCache(out)
+    _build(cfg, processor, records, out, batch_size=4)
+    for f in ("values.bin", "lse.bin", "targets.bin", "records.json"):
+        assert (out / f).read_bytes() == (whole / f).read_bytes(), f
+
+
+def test_cli_builds_and_refuses_to_overwrite(processor, train_json, tmp_path, capsys):
+    import yaml
+
+    d = tiny_cfg_dict(train_json, tmp_path / "run")
+    d["data"]["max_length"] = 512  # the built-in processor's 96 px images: 144 image tokens
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(d))
+    out = tmp_path / "cache"
+    assert main(["--config", str(cfg_path), "--out", str(out), "--top-k", "4", "--device", "cpu"]) == 0
+    assert "16 records" in capsys.readouterr().out
+    assert main(["--config", str(cfg_path), "--out", str(out), "--device", "cpu"]) == 2
+    assert "already holds" in capsys.readouterr().err

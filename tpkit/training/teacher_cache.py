@@ -1,0 +1,440 @@
+"""Teacher cache: the unpruned teacher's answer-token logits, computed once, read by every KD step.
+
+The teacher is the base model with the adapter off and the pruner off: a fixed function of each
+training record. Online distillation pays its dense forward on every step, which costs more than the
+pruned student's whole step (``benchmarks/train_step.py``). A cache pays it once per record, in
+inference mode and at a large batch, and is shared by every run on the same base model and data —
+a sweep over pruning budgets, alphas or LoRA ranks, and every later epoch::
+
+    python -m tpkit.training.teacher_cache --config configs/X.yaml --out runs/teacher_cache [--top-k 64]
+    python train.py --config configs/X.yaml --set distill.teacher_cache=runs/teacher_cache
+
+What is stored, per record (by its ``id``), for each position that predicts an answer token (the
+dense sequence, in order): the teacher's top-k logits and their vocabulary ids (all of them when
+``top_k`` is 0 or covers the vocabulary: then KD on the cache equals online KD), the logsumexp of
+``logits / temperature`` over the full vocabulary (so the top-k probabilities are exact), and the
+target token. Training looks rows up by record id and by rank among the record's answer positions,
+so a student that pruned some of them still gets the right rows; a record whose answer count or
+targets differ from the cache's (other data, another ``max_length``, another tokenizer) is an error.
+
+Layout of ``DIR``: ``meta.json`` (format, model fingerprint, temperature, top_k, dtype, counts,
+data), ``records.json`` (ids, row offsets), ``values.bin`` (R, k) logits, ``indices.bin`` (R, k)
+int32 (absent for the full vocabulary), ``lse.bin`` (R,) float32, ``targets.bin`` (R,) int32. The
+build appends records in dataset order and records its progress, so an interrupted build continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tpkit.config import ConfigError, TrainConfig, load_config
+
+__all__ = [
+    "FORMAT",
+    "TeacherCacheError",
+    "TeacherCache",
+    "TeacherRows",
+    "model_fingerprint",
+    "build_teacher_cache",
+    "main",
+]
+
+FORMAT = 1
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "_attn_implementation",
+}
+
+
+class TeacherCacheError(ValueError):
+    """The teacher cache is missing, unfinished, or does not fit the run or the data (message says which)."""
+
+
+def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
+    """What identifies the teacher: its config (less dtype/paths) and checksums of two weight matrices.
+
+    The sums are float64 over the stored values, so a cache built on one device is recognised on
+    another (compared with a relative tolerance); LoRA never touches the embeddings or ``lm_head``.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = {k: v for k, v in base.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    for sub in ("text_config", "vision_config"):
+        if isinstance(cfg.get(sub), dict):
+            cfg[sub] = {k: v for k, v in cfg[sub].items() if k not in _VOLATILE_CONFIG_KEYS}
+    blob = json.dumps(cfg, sort_keys=True, default=str).encode()
+    emb = base.get_input_embeddings().weight
+    head = base.get_output_embeddings().weight
+    return {
+        "class": type(base).__name__,
+        "config_sha256": hashlib.sha256(blob).hexdigest(),
+        "embed_sum": float(emb.detach().double().sum()),
+        "lm_head_sum": float(head.detach().double().sum()),
+        "vocab_size": int(head.shape[0]),
+    }
+
+
+def _fingerprint_diff(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k), now.get(k)
+        if isinstance(a, float) and isinstance(b, float):
+            if abs(a - b) > 1e-6 * max(1.0, abs(a), abs(b)):
+                out.append(f"{k}: {a!r} (cache) vs {b!r} (model)")
+        elif a != b:
+            out.append(f"{k}: {a!r} (cache) vs {b!r} (model)")
+    return out
+
+
+@dataclass
+class TeacherRows:
+    """Teacher rows for the N answer rows of a batch (in ``mask.nonzero()`` order)."""
+
+    values: torch.Tensor  # (N, k) logits
+    indices: torch.Tensor  # (N, k) vocabulary ids
+    lse: torch.Tensor  # (N,) logsumexp(logits / temperature) over the vocabulary
+    targets: torch.Tensor  # (N,) the answer token each row predicts
+
+
+class TeacherCache:
+    """Read side: memory-mapped arrays, rows looked up by record id and answer rank."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            partial = (self.path / "progress.json").is_file()
+            hint = " (a build was started but not finished: run it again to continue)" if partial else ""
+            raise TeacherCacheError(f"distill.teacher_cache: no finished teacher cache at {self.path}{hint}")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != FORMAT:
+            raise TeacherCacheError(
+                f"{meta_path}: format {self.meta.get('format')!r}, this tpkit reads {FORMAT}"
+            )
+        rec = json.loads((self.path / "records.json").read_text())
+        self.offsets = np.asarray(rec["offsets"], dtype=np.int64)  # (n + 1,)
+        self.row_of = {rid: i for i, rid in enumerate(rec["ids"])}
+        rows, k = int(self.meta["rows"]), int(self.meta["k"])
+        dtype = np.dtype(self.meta["dtype"])
+        self.values = np.memmap(self.path / "values.bin", dtype=dtype, mode="r", shape=(rows, k))
+        self.full = bool(self.meta["full_vocab"])
+        self.indices = (
+            None
+            if self.full
+            else np.memmap(self.path / "indices.bin", dtype=np.int32, mode="r", shape=(rows, k))
+        )
+        self.lse = np.memmap(self.path / "lse.bin", dtype=np.float32, mode="r", shape=(rows,))
+        self.targets = np.memmap(self.path / "targets.bin", dtype=np.int32, mode="r", shape=(rows,))
+
+    def check(self, model: torch.nn.Module, temperature: float, max_length: int) -> None:
+        """Refuse a cache made for another teacher, temperature or ``max_length`` (naming what differs)."""
+        problems = _fingerprint_diff(self.meta["model"], model_fingerprint(model))
+        if float(self.meta["temperature"]) != float(temperature):
+            problems.append(
+                f"temperature: {self.meta['temperature']} (cache) vs {temperature} (distill.temperature)"
+            )
+        if int(self.meta["max_length"]) != int(max_length):
+            problems.append(
+                f"max_length: {self.meta['max_length']} (cache) vs {max_length} (data.max_length)"
+            )
+        if problems:
+            raise TeacherCacheError(
+                f"teacher cache {self.path} does not fit this run: "
+                + "; ".join(problems)
+                + ". Rebuild it: python -m tpkit.training.teacher_cache --config <this config> --out <dir>"
+            )
+
+    def lookup(
+        self,
+        ids: list[str],
+        dense_counts: torch.Tensor,
+        rows_b: torch.Tensor,
+        ranks: torch.Tensor,
+        device: Any,
+    ) -> TeacherRows:
+        """Rows for a batch: ``ids`` (B,) record ids; ``dense_counts`` (B,) answer rows of each record in
+        the batch's (unpruned) labels; ``rows_b`` (N,) / ``ranks`` (N,) sample and answer rank of each
+        student row."""
+        starts = np.empty(len(ids), dtype=np.int64)
+        counts = dense_counts.tolist()
+        for b, rid in enumerate(ids):
+            i = self.row_of.get(str(rid))
+            if i is None:
+                raise TeacherCacheError(
+                    f"record id {rid!r} is not in the teacher cache {self.path} (built from other data?)"
+                )
+            have = int(self.offsets[i + 1] - self.offsets[i])
+            if have != counts[b]:
+                raise TeacherCacheError(
+                    f"record id {rid!r}: {counts[b]} answer tokens in this batch, {have} in the teacher cache "
+                    f"{self.path}: the data, tokenizer or max_length changed since the cache was built"
+                )
+            starts[b] = self.offsets[i]
+        sel = starts[rows_b.cpu().numpy()] + ranks.cpu().numpy()  # (N,) cache rows
+        order = np.argsort(sel, kind="stable")  # memmap reads in file order
+        inv = np.empty_like(order)
+        inv[order] = np.arange(len(order))
+        s = sel[order]
+
+        def get(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a[s][inv])).to(device=device, dtype=dtype)
+
+        values = get(self.values, torch.float32)
+        if self.indices is None:
+            indices = torch.arange(values.shape[1], device=device).expand(values.shape[0], -1)
+        else:
+            indices = get(self.indices, torch.long)
+        return TeacherRows(values, indices, get(self.lse, torch.float32), get(self.targets, torch.long))
+
+
+def answer_ranks(
+    labels: torch.Tensor, rows_b: torch.Tensor, orig: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dense answer rows per sample (B,), rank of each student row among its sample's (N,)).
+
+    labels: (B, T) unshifted; position t predicts an answer token when ``labels[:, t + 1] != -100``.
+    rows_b / orig: sample and original position of each student row.
+    """
+    from tpkit.training.losses import IGNORE_INDEX
+
+    dense = torch.zeros_like(labels, dtype=torch.bool)
+    dense[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    rank = dense.long().cumsum(1) - 1  # (B, T)
+    return dense.sum(1), rank[rows_b, orig]
+
+
+# --------------------------------------------------------------------------------------------
+# Build
+
+
+class _Writer:
+    """Append-only writer of the cache arrays, with a progress file so that a stopped build continues."""
+
+    FILES = ("values", "indices", "lse", "targets")
+
+    def __init__(self, out: Path, meta: dict[str, Any]):
+        self.out = out
+        self.meta = meta
+        self.ids: list[str] = []
+        self.offsets = [0]
+        out.mkdir(parents=True, exist_ok=True)
+        prog = out / "progress.json"
+        if prog.is_file():
+            p = json.loads(prog.read_text())
+            if p["meta"] != meta:
+                raise TeacherCacheError(
+                    f"{out} holds a partial build for another config or model; remove it or choose another --out"
+                )
+            self.ids, self.offsets = p["ids"], p["offsets"]
+            self._truncate()
+        else:
+            for f in self.FILES:
+                (out / f"{f}.bin").write_bytes(b"")
+        self.handles = {f: open(out / f"{f}.bin", "ab") for f in self.FILES}
+
+    def _truncate(self) -> None:
+        """Cut each file back to the last recorded record (bytes written after it are discarded)."""
+        rows, k = self.offsets[-1], self.meta["k"]
+        sizes = {
+            "values": rows * k * np.dtype(self.meta["dtype"]).itemsize,
+            "indices": 0 if self.meta["full_vocab"] else rows * k * 4,
+            "lse": rows * 4,
+            "targets": rows * 4,
+        }
+        for f, size in sizes.items():
+            with open(self.out / f"{f}.bin", "r+b") as fh:
+                fh.truncate(size)
+
+    def append(
+        self, rid: str, values: np.ndarray, indices: np.ndarray | None, lse: np.ndarray, targets: np.ndarray
+    ):
+        self.handles["values"].write(np.ascontiguousarray(values, dtype=self.meta["dtype"]).tobytes())
+        if indices is not None:
+            self.handles["indices"].write(np.ascontiguousarray(indices, dtype=np.int32).tobytes())
+        self.handles["lse"].write(np.ascontiguousarray(lse, dtype=np.float32).tobytes())
+        self.handles["targets"].write(np.ascontiguousarray(targets, dtype=np.int32).tobytes())
+        self.ids.append(rid)
+        self.offsets.append(self.offsets[-1] + len(targets))
+
+    def commit(self) -> None:
+        """Flush the arrays, then record how far they go (atomically)."""
+        for h in self.handles.values():
+            h.flush()
+            os.fsync(h.fileno())
+        tmp = self.out / "progress.json.tmp"
+        tmp.write_text(json.dumps({"meta": self.meta, "ids": self.ids, "offsets": self.offsets}))
+        os.replace(tmp, self.out / "progress.json")
+
+    def finish(self) -> None:
+        self.commit()
+        for h in self.handles.values():
+            h.close()
+        if self.meta["full_vocab"]:
+            (self.out / "indices.bin").unlink(missing_ok=True)
+        dup = len(self.ids) - len(set(self.ids))
+        if dup:
+            raise TeacherCacheError(
+                f"{dup} duplicate record ids in the training data: the cache looks rows up by id"
+            )
+        (self.out / "records.json").write_text(json.dumps({"ids": self.ids, "offsets": self.offsets}))
+        meta = {**self.meta, "records": len(self.ids), "rows": self.offsets[-1]}
+        tmp = self.out / "meta.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=1) + "\n")
+        os.replace(tmp, self.out / "meta.json")
+        (self.out / "progress.json").unlink()
+
+
+@torch.inference_mode()
+def build_teacher_cache(
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    top_k: int = 0,
+    batch_size: int | None = None,
+    dtype: str = "float32",
+    device: str = "auto",
+    dataset: Any = None,
+    processor: Any = None,
+    base: torch.nn.Module | None = None,
+    progress: bool = True,
+) -> Path:
+    """Run the teacher over ``cfg.data.train_json`` in order and write the cache to ``out``.
+
+    ``top_k`` 0 (or >= vocab) stores the full vocabulary (exact); otherwise the k largest logits.
+    ``dataset``/``processor``/``base`` may be injected (tests); by default they come from ``cfg``.
+    """
+    from tqdm import tqdm
+
+    from tpkit.data.collator import LlavaCollator
+    from tpkit.training.losses import IGNORE_INDEX
+    from tpkit.training.run import build_datamodule, build_processor_for
+
+    out = Path(out)
+    if (out / "meta.json").is_file():
+        raise TeacherCacheError(f"{out} already holds a finished teacher cache; remove it to rebuild")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if processor is None:
+        processor = build_processor_for(cfg)
+    if dataset is None:
+        dm = build_datamodule(cfg, processor)
+        dm.setup("fit")
+        dataset = dm.train_dataset
+    if base is None:
+        from tpkit.training.modeling import load_base_model, resolve_dtype
+
+        base = load_base_model(
+            cfg.model, dtype=resolve_dtype(cfg.model.dtype, dev.type == "cuda"), processor=processor
+        )
+    base = base.to(dev).eval()
+    vocab = int(base.get_output_embeddings().weight.shape[0])
+    full = top_k <= 0 or top_k >= vocab
+    k = vocab if full else top_k
+    T = float(cfg.distill.temperature)
+    meta = {
+        "format": FORMAT,
+        "model": model_fingerprint(base),
+        "model_path": cfg.model.path,
+        "model_dtype": str(next(base.parameters()).dtype).replace("torch.", ""),
+        "temperature": T,
+        "max_length": cfg.data.max_length,
+        "train_json": cfg.data.train_json,
+        "top_k": top_k,
+        "k": k,
+        "full_vocab": full,
+        "dtype": dtype,
+    }
+    writer = _Writer(out, meta)
+    collate = LlavaCollator(processor, max_length=cfg.data.max_length, mode="train")
+    bs = batch_size or cfg.data.eval_batch_size
+    start = len(writer.ids)
+    bar = tqdm(total=len(dataset), initial=start, desc="teacher cache", unit="rec", disable=not progress)
+    for s in range(start, len(dataset), bs):
+        batch = collate([dataset[i] for i in range(s, min(s + bs, len(dataset)))])
+        labels = batch["labels"]
+        dense = torch.zeros_like(labels, dtype=torch.bool)
+        dense[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # (B, T): positions that predict an answer token
+        positions = dense.any(0).nonzero()[:, 0]  # (P,) union over the batch
+        logits = base(
+            input_ids=batch["input_ids"].to(dev),
+            pixel_values=batch["pixel_values"].to(dev, dtype=next(base.parameters()).dtype),
+            attention_mask=batch["attention_mask"].to(dev),
+            logits_to_keep=positions.to(dev),
+            use_cache=False,
+        ).logits.float()  # (B, P, V)
+        lse = torch.logsumexp(logits / T, dim=-1)  # (B, P)
+        if full:
+            vals, idx = logits, None
+        else:
+            vals, idx = logits.topk(k, dim=-1)  # (B, P, k), sorted
+        col = torch.searchsorted(positions, torch.arange(labels.shape[1]))  # (T,) column of each position
+        for b, rid in enumerate(batch["ids"]):
+            pos = dense[b].nonzero()[:, 0]  # (n_b,) in order
+            c = col[pos].to(dev)
+            writer.append(
+                str(rid),
+                vals[b, c].cpu().numpy(),
+                None if idx is None else idx[b, c].cpu().numpy(),
+                lse[b, c].cpu().numpy(),
+                labels[b, pos + 1].numpy(),
+            )
+        writer.commit()
+        bar.update(len(batch["ids"]))
+    bar.close()
+    writer.finish()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m tpkit.training.teacher_cache",
+        description="Precompute the unpruned teacher's answer-token logits for distill.teacher_cache.",
+    )
+    ap.add_argument("--config", required=True, help="the training YAML (model, data, distill.temperature)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE")
+    ap.add_argument("--out", required=True, help="cache directory (an unfinished build there continues)")
+    ap.add_argument(
+        "--top-k", type=int, default=0, help="logits kept per row; 0 = the whole vocabulary (exact)"
+    )
+    ap.add_argument("--batch-size", type=int, default=None, help="default: data.eval_batch_size")
+    ap.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored logits")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    args = ap.parse_args(argv)
+    if args.top_k < 0:
+        ap.error("--top-k must be >= 0")
+    try:
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        out = build_teacher_cache(
+            cfg, args.out, top_k=args.top_k, batch_size=args.batch_size, dtype=args.dtype, device=args.device
+        )
+    except TeacherCacheError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    meta = json.loads((out / "meta.json").read_text())
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(
+        f"teacher cache: {meta['records']} records, {meta['rows']} answer rows, k={meta['k']}, {size / 1e6:.1f} MB in {out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
