@@ -343,6 +343,11 @@ class RecipeState:
             )
         return state
 
+    def verify(self) -> None:
+        """Check every saved file's config now, before minutes of data rendering (see :meth:`load`)."""
+        for path in sorted(self.dir.glob("*.pt")):
+            self.load(path.stem, torch.device("cpu"))
+
     def remove(self, name: str) -> None:
         (self.dir / f"{name}.pt").unlink(missing_ok=True)
 
@@ -941,6 +946,7 @@ def run(cfg: BaseRecipeConfig, out_dir: str | Path, resume: bool = False) -> dic
                 f"{state.dir} holds the state of an interrupted run: pass --resume to continue it, "
                 "or remove that directory to start over"
             )
+        state.verify()
     elif resume:
         _log(f"[base] --resume: no saved state in {state.dir}, starting from the beginning")
     device = resolve_device(cfg.device)
