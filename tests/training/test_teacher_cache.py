@@ -164,3 +164,25 @@ def test_cli_builds_and_refuses_to_overwrite(processor, train_json, tmp_path, ca
     assert "16 records" in capsys.readouterr().out
     assert main(["--config", str(cfg_path), "--out", str(out), "--device", "cpu"]) == 2
     assert "already holds" in capsys.readouterr().err
+
+
+def test_shards_read_as_one_cache(make_cfg, processor, records, tmp_path):
+    """--shard i/N (one process per GPU) writes N directories that training reads as one cache."""
+    import shutil
+
+    cfg = _cfg(make_cfg)
+    whole = _build(cfg, processor, records, tmp_path / "whole", top_k=8)
+    sharded = tmp_path / "sharded"
+    for i in range(3):
+        out = _build(cfg, processor, records, sharded, top_k=8, shard=(i, 3))
+        assert out.name == f"shard-{i:05d}-of-00003"
+    a, b = TeacherCache(whole), TeacherCache(sharded)
+    assert len(b.parts) == 3 and b.row_of.keys() == a.row_of.keys()
+    batch = LlavaCollator(processor, max_length=128, mode="train")([records[i] for i in (5, 0, 13, 7)])
+    with torch.no_grad():
+        ka = _module(_cfg(make_cfg, whole), processor, True).losses(batch)["kd"]
+        kb = _module(_cfg(make_cfg, sharded), processor, True).losses(batch)["kd"]
+    torch.testing.assert_close(kb, ka)
+    shutil.rmtree(sharded / "shard-00001-of-00003")
+    with pytest.raises(TeacherCacheError, match="missing.*shard-00001-of-00003"):
+        TeacherCache(sharded)

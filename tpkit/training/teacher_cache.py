@@ -9,6 +9,12 @@ a sweep over pruning budgets, alphas or LoRA ranks, and every later epoch::
     python -m tpkit.training.teacher_cache --config configs/X.yaml --out runs/teacher_cache [--top-k 64]
     python train.py --config configs/X.yaml --set distill.teacher_cache=runs/teacher_cache
 
+On N GPUs, one process per GPU, each a shard (``--shard i/N`` writes ``DIR/shard-i-of-N``); training
+reads the directory of shards as one cache::
+
+    for i in $(seq 0 7); do CUDA_VISIBLE_DEVICES=$i python -m tpkit.training.teacher_cache \
+        --config configs/X.yaml --out DIR --shard $i/8 --top-k 64 --dtype float16 & done; wait
+
 What is stored, per record (by its ``id``), for each position that predicts an answer token (the
 dense sequence, in order): the teacher's top-k logits and their vocabulary ids (all of them when
 ``top_k`` is 0 or covers the vocabulary: then KD on the cache equals online KD), the logsumexp of
@@ -108,35 +114,88 @@ class TeacherRows:
     targets: torch.Tensor  # (N,) the answer token each row predicts
 
 
-class TeacherCache:
-    """Read side: memory-mapped arrays, rows looked up by record id and answer rank."""
+class _Part:
+    """One finished cache directory (the whole cache, or one shard of it), memory-mapped."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        meta_path = self.path / "meta.json"
+    def __init__(self, path: Path):
+        self.path = path
+        meta_path = path / "meta.json"
         if not meta_path.is_file():
-            partial = (self.path / "progress.json").is_file()
+            partial = (path / "progress.json").is_file()
             hint = " (a build was started but not finished: run it again to continue)" if partial else ""
-            raise TeacherCacheError(f"distill.teacher_cache: no finished teacher cache at {self.path}{hint}")
+            raise TeacherCacheError(f"distill.teacher_cache: no finished teacher cache at {path}{hint}")
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("format") != FORMAT:
             raise TeacherCacheError(
                 f"{meta_path}: format {self.meta.get('format')!r}, this tpkit reads {FORMAT}"
             )
-        rec = json.loads((self.path / "records.json").read_text())
+        rec = json.loads((path / "records.json").read_text())
+        self.ids = rec["ids"]
         self.offsets = np.asarray(rec["offsets"], dtype=np.int64)  # (n + 1,)
-        self.row_of = {rid: i for i, rid in enumerate(rec["ids"])}
         rows, k = int(self.meta["rows"]), int(self.meta["k"])
-        dtype = np.dtype(self.meta["dtype"])
-        self.values = np.memmap(self.path / "values.bin", dtype=dtype, mode="r", shape=(rows, k))
-        self.full = bool(self.meta["full_vocab"])
+        self.values = np.memmap(
+            path / "values.bin", dtype=np.dtype(self.meta["dtype"]), mode="r", shape=(rows, k)
+        )
         self.indices = (
             None
-            if self.full
-            else np.memmap(self.path / "indices.bin", dtype=np.int32, mode="r", shape=(rows, k))
+            if self.meta["full_vocab"]
+            else np.memmap(path / "indices.bin", dtype=np.int32, mode="r", shape=(rows, k))
         )
-        self.lse = np.memmap(self.path / "lse.bin", dtype=np.float32, mode="r", shape=(rows,))
-        self.targets = np.memmap(self.path / "targets.bin", dtype=np.int32, mode="r", shape=(rows,))
+        self.lse = np.memmap(path / "lse.bin", dtype=np.float32, mode="r", shape=(rows,))
+        self.targets = np.memmap(path / "targets.bin", dtype=np.int32, mode="r", shape=(rows,))
+
+
+# what every shard of one cache must agree on
+_SHARED_META = (
+    "format",
+    "model",
+    "temperature",
+    "max_length",
+    "train_json",
+    "top_k",
+    "k",
+    "full_vocab",
+    "dtype",
+)
+
+
+def _shard_dir(out: Path, shard: int, num_shards: int) -> Path:
+    return out / f"shard-{shard:05d}-of-{num_shards:05d}"
+
+
+class TeacherCache:
+    """Read side: memory-mapped arrays, rows looked up by record id and answer rank.
+
+    ``path`` is a cache directory, or a directory of shards built with ``--shard i/N`` (all N must be
+    finished); a record is looked up in whichever shard holds it.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        shards = sorted(self.path.glob("shard-*-of-*"))
+        if (self.path / "meta.json").is_file() or (self.path / "progress.json").is_file() or not shards:
+            self.parts = [_Part(self.path)]
+        else:
+            n = int(shards[0].name.rsplit("-", 1)[1])
+            expected = [_shard_dir(self.path, i, n) for i in range(n)]
+            missing = [p.name for p in expected if not p.is_dir()]
+            if missing or len(shards) != n:
+                raise TeacherCacheError(
+                    f"teacher cache {self.path}: expected the {n} shards {expected[0].name} .. "
+                    f"{expected[-1].name}; missing {missing[:3]}, found {[p.name for p in shards][:4]}"
+                )
+            self.parts = [_Part(p) for p in expected]
+            for part in self.parts[1:]:
+                diff = [k for k in _SHARED_META if part.meta.get(k) != self.parts[0].meta.get(k)]
+                if diff:
+                    raise TeacherCacheError(f"{part.path} was built differently from {expected[0]}: {diff}")
+        self.meta = self.parts[0].meta
+        self.row_of: dict[str, tuple[int, int]] = {}
+        for p, part in enumerate(self.parts):
+            for i, rid in enumerate(part.ids):
+                if rid in self.row_of:
+                    raise TeacherCacheError(f"teacher cache {self.path}: record id {rid!r} is cached twice")
+                self.row_of[rid] = (p, i)
 
     def check(self, model: torch.nn.Module, temperature: float, max_length: int) -> None:
         """Refuse a cache made for another teacher, temperature or ``max_length`` (naming what differs)."""
@@ -167,36 +226,50 @@ class TeacherCache:
         """Rows for a batch: ``ids`` (B,) record ids; ``dense_counts`` (B,) answer rows of each record in
         the batch's (unpruned) labels; ``rows_b`` (N,) / ``ranks`` (N,) sample and answer rank of each
         student row."""
+        part_of = np.empty(len(ids), dtype=np.int64)
         starts = np.empty(len(ids), dtype=np.int64)
         counts = dense_counts.tolist()
         for b, rid in enumerate(ids):
-            i = self.row_of.get(str(rid))
-            if i is None:
+            hit = self.row_of.get(str(rid))
+            if hit is None:
                 raise TeacherCacheError(
                     f"record id {rid!r} is not in the teacher cache {self.path} (built from other data?)"
                 )
-            have = int(self.offsets[i + 1] - self.offsets[i])
+            part = self.parts[hit[0]]
+            have = int(part.offsets[hit[1] + 1] - part.offsets[hit[1]])
             if have != counts[b]:
                 raise TeacherCacheError(
                     f"record id {rid!r}: {counts[b]} answer tokens in this batch, {have} in the teacher cache "
                     f"{self.path}: the data, tokenizer or max_length changed since the cache was built"
                 )
-            starts[b] = self.offsets[i]
-        sel = starts[rows_b.cpu().numpy()] + ranks.cpu().numpy()  # (N,) cache rows
-        order = np.argsort(sel, kind="stable")  # memmap reads in file order
-        inv = np.empty_like(order)
-        inv[order] = np.arange(len(order))
-        s = sel[order]
-
-        def get(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(a[s][inv])).to(device=device, dtype=dtype)
-
-        values = get(self.values, torch.float32)
-        if self.indices is None:
-            indices = torch.arange(values.shape[1], device=device).expand(values.shape[0], -1)
+            part_of[b], starts[b] = hit[0], part.offsets[hit[1]]
+        rb = rows_b.cpu().numpy()
+        sel = starts[rb] + ranks.cpu().numpy()  # (N,) row in its part
+        pr = part_of[rb]  # (N,) part of each row
+        n, k = len(sel), int(self.meta["k"])
+        values = np.empty((n, k), dtype=np.float32)
+        indices = None if self.meta["full_vocab"] else np.empty((n, k), dtype=np.int64)
+        lse = np.empty(n, dtype=np.float32)
+        targets = np.empty(n, dtype=np.int64)
+        for p in np.unique(pr):
+            where = np.nonzero(pr == p)[0]
+            order = where[np.argsort(sel[where], kind="stable")]  # memmap reads in file order
+            rows, part = sel[order], self.parts[p]
+            values[order] = part.values[rows]
+            if indices is not None:
+                indices[order] = part.indices[rows]
+            lse[order] = part.lse[rows]
+            targets[order] = part.targets[rows]
+        if indices is None:
+            indices_t = torch.arange(k, device=device).expand(n, -1)
         else:
-            indices = get(self.indices, torch.long)
-        return TeacherRows(values, indices, get(self.lse, torch.float32), get(self.targets, torch.long))
+            indices_t = torch.from_numpy(indices).to(device)
+        return TeacherRows(
+            torch.from_numpy(values).to(device),
+            indices_t,
+            torch.from_numpy(lse).to(device),
+            torch.from_numpy(targets).to(device),
+        )
 
 
 def answer_ranks(
@@ -309,10 +382,13 @@ def build_teacher_cache(
     processor: Any = None,
     base: torch.nn.Module | None = None,
     progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> Path:
     """Run the teacher over ``cfg.data.train_json`` in order and write the cache to ``out``.
 
     ``top_k`` 0 (or >= vocab) stores the full vocabulary (exact); otherwise the k largest logits.
+    ``shard=(i, n)``: only records i, i + n, i + 2n, ... into ``out/shard-i-of-n`` (one process per
+    GPU; training reads the directory of shards as one cache). Returns the directory written.
     ``dataset``/``processor``/``base`` may be injected (tests); by default they come from ``cfg``.
     """
     from tqdm import tqdm
@@ -321,7 +397,10 @@ def build_teacher_cache(
     from tpkit.training.losses import IGNORE_INDEX
     from tpkit.training.run import build_datamodule, build_processor_for
 
-    out = Path(out)
+    index, num_shards = shard
+    if not 0 <= index < num_shards:
+        raise TeacherCacheError(f"shard {index}/{num_shards}: need 0 <= i < n")
+    out = Path(out) if num_shards == 1 else _shard_dir(Path(out), index, num_shards)
     if (out / "meta.json").is_file():
         raise TeacherCacheError(f"{out} already holds a finished teacher cache; remove it to rebuild")
     if device == "auto":
@@ -356,14 +435,16 @@ def build_teacher_cache(
         "k": k,
         "full_vocab": full,
         "dtype": dtype,
+        "shard": [index, num_shards],
     }
     writer = _Writer(out, meta)
     collate = LlavaCollator(processor, max_length=cfg.data.max_length, mode="train")
     bs = batch_size or cfg.data.eval_batch_size
+    mine = range(index, len(dataset), num_shards)
     start = len(writer.ids)
-    bar = tqdm(total=len(dataset), initial=start, desc="teacher cache", unit="rec", disable=not progress)
-    for s in range(start, len(dataset), bs):
-        batch = collate([dataset[i] for i in range(s, min(s + bs, len(dataset)))])
+    bar = tqdm(total=len(mine), initial=start, desc="teacher cache", unit="rec", disable=not progress)
+    for s in range(start, len(mine), bs):
+        batch = collate([dataset[i] for i in mine[s : s + bs]])
         labels = batch["labels"]
         dense = torch.zeros_like(labels, dtype=torch.bool)
         dense[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # (B, T): positions that predict an answer token
@@ -412,9 +493,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=None, help="default: data.eval_batch_size")
     ap.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored logits")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument(
+        "--shard", default="0/1", metavar="I/N", help="build records I, I+N, ... only (one process per GPU)"
+    )
     args = ap.parse_args(argv)
     if args.top_k < 0:
         ap.error("--top-k must be >= 0")
+    try:
+        shard = tuple(int(x) for x in args.shard.split("/"))
+        assert len(shard) == 2 and 0 <= shard[0] < shard[1]
+    except (ValueError, AssertionError):
+        ap.error(f"--shard {args.shard!r}: expected I/N with 0 <= I < N, e.g. 3/8")
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
     except ConfigError as e:
@@ -423,7 +512,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         out = build_teacher_cache(
-            cfg, args.out, top_k=args.top_k, batch_size=args.batch_size, dtype=args.dtype, device=args.device
+            cfg,
+            args.out,
+            top_k=args.top_k,
+            batch_size=args.batch_size,
+            dtype=args.dtype,
+            device=args.device,
+            shard=shard,
         )
     except TeacherCacheError as e:
         print(f"error: {e}", file=sys.stderr)
