@@ -313,6 +313,7 @@ class RecipeState:
         self.every_s = cfg.checkpoint_every_s
         self.enabled = enabled
         self.config = {k: v for k, v in to_dict(cfg).items() if k not in _RESUME_FREE_KEYS}
+        self.code = _code_version() if enabled else None
         self.last = time.perf_counter()
 
     def due(self) -> bool:
@@ -324,7 +325,7 @@ class RecipeState:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"{name}.pt"
         tmp = path.with_suffix(".tmp")
-        torch.save({"config": self.config, **state}, tmp)
+        torch.save({"config": self.config, "code": self.code, **state}, tmp)
         os.replace(tmp, path)
         self.last = time.perf_counter()
 
@@ -334,6 +335,11 @@ class RecipeState:
             return None
         state = torch.load(path, map_location=device, weights_only=True)
         saved = state.pop("config")
+        code = state.pop("code", None)
+        if code != self.code:
+            _log(
+                f"[base] WARNING: {path} was saved by tpkit {code}, this is {self.code}: the resumed run mixes both"
+            )
         diff = _config_diff(saved, self.config)
         if diff:
             raise ResumeError(
@@ -895,6 +901,23 @@ def evaluate_vqa(
 # The recipe
 
 
+def _code_version() -> str | None:
+    """``git describe`` of the tpkit checkout (``-dirty`` with local changes), None outside git."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 def _machine(device: torch.device) -> dict[str, Any]:
     import transformers
 
@@ -904,6 +927,7 @@ def _machine(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "cpu_cores": os.cpu_count(),
+        "tpkit_code": _code_version(),
         "platform": platform.platform(),
     }
     if device.type == "cuda":
