@@ -103,9 +103,9 @@ def test_refuses_to_overwrite_or_resume_under_another_config(tmp_path, monkeypat
     monkeypatch.undo()
     assert main(cmd) == 2  # no --resume: the saved state is not silently thrown away
     assert "--resume" in capsys.readouterr().err
-    assert main([*cmd[:-1], *ARGS[:-1], "lm.max_steps=5", "--resume"]) == 2
+    assert main([*cmd, "tower.max_steps=5", "--resume"]) == 2  # the tower's own settings
     err = capsys.readouterr().err
-    assert "lm.max_steps: 4 -> 5" in err and ".resume" in err
+    assert "tower.max_steps: 4 -> 5" in err and ".resume" in err
     # where it runs may change: device, workers, checkpoint interval
     assert main([*cmd, "workers=1", "checkpoint_every_s=60", "--resume"]) == 0
 
@@ -145,3 +145,26 @@ def test_sigterm_saves_the_state(tmp_path):
     assert proc.wait(timeout=60) == 130, rest
     assert "SIGTERM" in rest and "--resume" in rest
     assert (out / ".resume" / "tower.pt").exists()
+
+
+def test_a_trained_tower_is_kept_when_only_the_llava_phase_changes(
+    uninterrupted, tmp_path, monkeypatch, capsys
+):
+    """Changing lm.* after phase 1 keeps the tower (hours on a CPU): only phase 2 is redone."""
+    out = tmp_path / "changed"
+    cmd = ["--config", str(CONFIG), "--out", str(out), "--set", *ARGS]
+    _stop_at(monkeypatch, {4 + 2}, "signal")  # the LLaVA's 2nd step
+    assert main(cmd) == 130
+    monkeypatch.undo()
+    changed = [*cmd, "lm.lr=0.001"]
+    assert main([*changed, "--resume"]) == 2
+    assert "llava.pt to retrain the LLaVA phase on the finished tower" in capsys.readouterr().err
+    (out / ".resume" / "llava.pt").unlink()
+    assert main([*changed, "--resume"]) == 0
+    a, b = _weights(uninterrupted), _weights(out)
+    tower = [k for k in a if "vision_tower" in k]
+    assert tower and all((a[k] == b[k]).all() for k in tower)  # the same tower, not retrained
+    lm = [k for k in a if "language_model" in k]
+    assert any(not (a[k] == b[k]).all() for k in lm)  # phase 2 under the new lr
+    ma, mb = (json.loads((p / "metrics.json").read_text()) for p in (uninterrupted, out))
+    assert mb["tower"]["f1"] == ma["tower"]["f1"] and mb["config"]["lm"]["lr"] == 0.001

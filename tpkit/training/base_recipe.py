@@ -340,12 +340,17 @@ class RecipeState:
             _log(
                 f"[base] WARNING: {path} was saved by tpkit {code}, this is {self.code}: the resumed run mixes both"
             )
-        diff = _config_diff(saved, self.config)
+        diff = _config_diff(_phase_view(saved, name), _phase_view(self.config, name))
         if diff:
+            hint = (
+                f"remove {path} to retrain the LLaVA phase on the finished tower, or {self.dir} to start over"
+                if name == "llava"
+                else f"remove {self.dir} to start over"
+            )
             raise ResumeError(
                 f"{path} was saved under another config; differing keys (saved -> now): "
                 + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-                + f". Resume with the same config, or remove {self.dir} to start over."
+                + f". Resume with the same config, or {hint}."
             )
         return state
 
@@ -361,6 +366,15 @@ class RecipeState:
         import shutil
 
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# What phase 1 depends on: a finished (or half-trained) tower is reused when only the LLaVA phase's
+# settings changed, e.g. to retrain phase 2 without repeating hours of CPU tower training.
+_TOWER_KEYS = ("seed", "precision", "tower")
+
+
+def _phase_view(config: dict, name: str) -> dict:
+    return {k: config.get(k) for k in _TOWER_KEYS} if name.startswith("tower") else config
 
 
 def _config_diff(a: dict, b: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
