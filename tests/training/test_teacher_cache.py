@@ -186,3 +186,15 @@ def test_shards_read_as_one_cache(make_cfg, processor, records, tmp_path):
     shutil.rmtree(sharded / "shard-00001-of-00003")
     with pytest.raises(TeacherCacheError, match="missing.*shard-00001-of-00003"):
         TeacherCache(sharded)
+
+
+def test_duplicate_or_missing_ids_are_refused_before_building(make_cfg, processor, records, tmp_path):
+    cfg = _cfg(make_cfg)
+    dup = [*records[:4], {**records[5], "id": records[1]["id"]}]
+    with pytest.raises(TeacherCacheError, match=r"1 record ids occur more than once.*'train-000001' x2"):
+        _build(cfg, processor, dup, tmp_path / "dup")
+    assert not (tmp_path / "dup").exists()  # refused before any work
+    with pytest.raises(TeacherCacheError, match="1 training records have no 'id'"):
+        _build(
+            cfg, processor, [*records[:2], {k: v for k, v in records[3].items() if k != "id"}], tmp_path / "x"
+        )

@@ -356,17 +356,32 @@ class _Writer:
             h.close()
         if self.meta["full_vocab"]:
             (self.out / "indices.bin").unlink(missing_ok=True)
-        dup = len(self.ids) - len(set(self.ids))
-        if dup:
-            raise TeacherCacheError(
-                f"{dup} duplicate record ids in the training data: the cache looks rows up by id"
-            )
         (self.out / "records.json").write_text(json.dumps({"ids": self.ids, "offsets": self.offsets}))
         meta = {**self.meta, "records": len(self.ids), "rows": self.offsets[-1]}
         tmp = self.out / "meta.json.tmp"
         tmp.write_text(json.dumps(meta, indent=1) + "\n")
         os.replace(tmp, self.out / "meta.json")
         (self.out / "progress.json").unlink()
+
+
+def _check_ids(dataset: Any) -> None:
+    """Every record needs a distinct ``id``: training looks its rows up by it."""
+    from collections import Counter
+
+    cols = getattr(dataset, "column_names", None)
+    ids = dataset["id"] if cols and "id" in cols else [r.get("id") for r in dataset]
+    missing = sum(i is None for i in ids)
+    if missing:
+        raise TeacherCacheError(
+            f"{missing} training records have no 'id': the teacher cache looks rows up by id"
+        )
+    dup = [(i, n) for i, n in Counter(map(str, ids)).items() if n > 1]
+    if dup:
+        shown = ", ".join(f"{i!r} x{n}" for i, n in dup[:5])
+        raise TeacherCacheError(
+            f"{len(dup)} record ids occur more than once in the training data ({shown}"
+            f"{', ...' if len(dup) > 5 else ''}): the teacher cache looks rows up by id; make them unique"
+        )
 
 
 @torch.inference_mode()
@@ -437,6 +452,7 @@ def build_teacher_cache(
         "dtype": dtype,
         "shard": [index, num_shards],
     }
+    _check_ids(dataset)  # before hours of teacher forwards, not after
     writer = _Writer(out, meta)
     collate = LlavaCollator(processor, max_length=cfg.data.max_length, mode="train")
     bs = batch_size or cfg.data.eval_batch_size
