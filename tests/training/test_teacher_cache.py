@@ -142,12 +142,13 @@ def test_interrupted_build_continues(make_cfg, processor, records, tmp_path, mon
 
     monkeypatch.setattr(tc._Writer, "commit", commit)
     out = tmp_path / "resumed"
-    with pytest.raises(KeyboardInterrupt):
-        _build(cfg, processor, records, out, batch_size=4)
+    with pytest.raises(KeyboardInterrupt):  # after the 2nd batch (commit_every_s=0: after every batch)
+        _build(cfg, processor, records, out, batch_size=4, commit_every_s=0)
     monkeypatch.undo()
     with pytest.raises(TeacherCacheError, match="not finished"):
         TeacherCache(out)
-    _build(cfg, processor, records, out, batch_size=4)
+    assert len(json.loads((out / "progress.json").read_text())["ids"]) == 8
+    _build(cfg, processor, records, out, batch_size=4, workers=1)  # collation in a worker process now
     for f in ("values.bin", "lse.bin", "targets.bin", "records.json"):
         assert (out / f).read_bytes() == (whole / f).read_bytes(), f
 

@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -398,12 +399,16 @@ def build_teacher_cache(
     base: torch.nn.Module | None = None,
     progress: bool = True,
     shard: tuple[int, int] = (0, 1),
+    workers: int | None = None,
+    commit_every_s: float = 30.0,
 ) -> Path:
     """Run the teacher over ``cfg.data.train_json`` in order and write the cache to ``out``.
 
     ``top_k`` 0 (or >= vocab) stores the full vocabulary (exact); otherwise the k largest logits.
     ``shard=(i, n)``: only records i, i + n, i + 2n, ... into ``out/shard-i-of-n`` (one process per
     GPU; training reads the directory of shards as one cache). Returns the directory written.
+    ``workers``: collation processes (default ``data.num_workers``). Progress is made durable every
+    ``commit_every_s``: a stopped build loses at most that much and continues where it stopped.
     ``dataset``/``processor``/``base`` may be injected (tests); by default they come from ``cfg``.
     """
     from tqdm import tqdm
@@ -458,37 +463,47 @@ def build_teacher_cache(
     bs = batch_size or cfg.data.eval_batch_size
     mine = range(index, len(dataset), num_shards)
     start = len(writer.ids)
+    # collation (image decoding and preprocessing) in worker processes, overlapping the teacher
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, list(mine[start:])),
+        batch_size=bs,
+        shuffle=False,
+        collate_fn=collate,
+        num_workers=cfg.data.num_workers if workers is None else workers,
+        pin_memory=dev.type == "cuda",
+    )
+    dtype_in = next(base.parameters()).dtype
     bar = tqdm(total=len(mine), initial=start, desc="teacher cache", unit="rec", disable=not progress)
-    for s in range(start, len(mine), bs):
-        batch = collate([dataset[i] for i in mine[s : s + bs]])
+    last_commit = time.monotonic()
+    for batch in loader:
         labels = batch["labels"]
         dense = torch.zeros_like(labels, dtype=torch.bool)
         dense[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # (B, T): positions that predict an answer token
         positions = dense.any(0).nonzero()[:, 0]  # (P,) union over the batch
         logits = base(
-            input_ids=batch["input_ids"].to(dev),
-            pixel_values=batch["pixel_values"].to(dev, dtype=next(base.parameters()).dtype),
-            attention_mask=batch["attention_mask"].to(dev),
+            input_ids=batch["input_ids"].to(dev, non_blocking=True),
+            pixel_values=batch["pixel_values"].to(dev, dtype=dtype_in, non_blocking=True),
+            attention_mask=batch["attention_mask"].to(dev, non_blocking=True),
             logits_to_keep=positions.to(dev),
             use_cache=False,
         ).logits.float()  # (B, P, V)
-        lse = torch.logsumexp(logits / T, dim=-1)  # (B, P)
+        rows_b, rows_t = dense.nonzero(as_tuple=True)  # (N,) each: sample-major, positions in order
+        col = torch.searchsorted(positions, rows_t)  # (N,) column of each row in ``logits``
+        rows = logits[rows_b.to(dev), col.to(dev)]  # (N, V)
+        lse = torch.logsumexp(rows / T, dim=-1).cpu().numpy()  # (N,)
         if full:
-            vals, idx = logits, None
+            vals, idx = rows.cpu().numpy(), None
         else:
-            vals, idx = logits.topk(k, dim=-1)  # (B, P, k), sorted
-        col = torch.searchsorted(positions, torch.arange(labels.shape[1]))  # (T,) column of each position
+            v, i = rows.topk(k, dim=-1)  # (N, k), sorted
+            vals, idx = v.cpu().numpy(), i.cpu().numpy()
+        targets = labels[rows_b, rows_t + 1].numpy()  # (N,)
+        ends = np.cumsum(dense.sum(1).numpy())
         for b, rid in enumerate(batch["ids"]):
-            pos = dense[b].nonzero()[:, 0]  # (n_b,) in order
-            c = col[pos].to(dev)
-            writer.append(
-                str(rid),
-                vals[b, c].cpu().numpy(),
-                None if idx is None else idx[b, c].cpu().numpy(),
-                lse[b, c].cpu().numpy(),
-                labels[b, pos + 1].numpy(),
-            )
-        writer.commit()
+            sl = slice(ends[b - 1] if b else 0, ends[b])
+            writer.append(str(rid), vals[sl], None if idx is None else idx[sl], lse[sl], targets[sl])
+        if time.monotonic() - last_commit > commit_every_s:
+            writer.commit()
+            last_commit = time.monotonic()
         bar.update(len(batch["ids"]))
     bar.close()
     writer.finish()
@@ -509,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=None, help="default: data.eval_batch_size")
     ap.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored logits")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument(
+        "--workers", type=int, default=None, help="collation processes (default: data.num_workers)"
+    )
     ap.add_argument(
         "--shard", default="0/1", metavar="I/N", help="build records I, I+N, ... only (one process per GPU)"
     )
@@ -535,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             device=args.device,
             shard=shard,
+            workers=args.workers,
         )
     except TeacherCacheError as e:
         print(f"error: {e}", file=sys.stderr)
