@@ -106,6 +106,25 @@ def test_recipe_metrics(trained: Path):
     assert m["params"]["total"] == sum(v for k, v in m["params"].items() if k != "total")
     assert m["model_safetensors_bytes"] == (trained / "model.safetensors").stat().st_size
     assert m["config"]["tower"]["max_steps"] == 2
+    # per question type, teacher-forced, on val and on as many train records (the memorising gap)
+    h = m["llava"]["history"][-1]
+    assert (
+        set(h["val_per_type"])
+        == set(h["train_per_type"])
+        == {"color", "count", "exist", "position", "caption"}
+    )
+    assert all(0.0 <= a <= 1.0 for a in [*h["val_per_type"].values(), *h["train_per_type"].values()])
+
+
+def test_answers_are_split_into_turns_by_type():
+    from tpkit.training.base_recipe import _answer_runs, answer_turn_types
+
+    sel = torch.tensor([[0, 1, 1, 0, 1, 0, 0, 1], [1, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert _answer_runs(sel).tolist() == [[-1, 0, 0, -1, 1, -1, -1, 2], [0, -1, -1, -1, -1, -1, -1, -1]]
+    turns = [{"from": f, "value": "x"} for f in ("human", "gpt") * 3]
+    record = {"qtype": "count", "qtypes": ["count", "position"], "conversations": turns}
+    assert answer_turn_types(record) == ["count", "position", "caption"]
+    assert answer_turn_types({"qtype": "exist", "conversations": turns[:2]}) == ["exist"]
 
 
 def test_tower_weights_are_the_trained_tower(trained: Path):

@@ -703,16 +703,39 @@ def _answer_loss(
     return loss, (logits.argmax(-1) == target) & sel, sel
 
 
+def answer_turn_types(record: dict[str, Any]) -> list[str]:
+    """The question type of each supervised answer of a train/val record, in order ("caption" last)."""
+    kinds = list(record.get("qtypes") or [record.get("qtype")])
+    n_answers = sum(1 for t in record["conversations"] if t.get("from") == "gpt")
+    return kinds + ["caption"] * (n_answers - len(kinds))
+
+
+def _answer_runs(sel: torch.Tensor) -> torch.Tensor:
+    """(B, T) answer-position mask -> (B, T) index of the answer (0, 1, ...) each position belongs to,
+    -1 elsewhere. Answers are the maximal runs of consecutive answer positions."""
+    start = sel & ~F.pad(sel[:, :-1], (1, 0), value=False)
+    return torch.where(sel, start.long().cumsum(1) - 1, torch.full_like(sel, -1, dtype=torch.long))
+
+
 @torch.no_grad()
 def teacher_forced_accuracy(
-    model: Any, batches: Any, norm: tuple, device: torch.device, precision: str
+    model: Any,
+    batches: Any,
+    norm: tuple,
+    device: torch.device,
+    precision: str,
+    kinds: list[list[str]] | None = None,
 ) -> dict:
-    """Token accuracy and record accuracy (every answer token of the record right), teacher-forced."""
+    """Token accuracy, record accuracy (every answer token of the record right) and, with ``kinds``
+    (per record, the type of each answer: :func:`answer_turn_types`), answer accuracy per type,
+    teacher-forced: {"token_acc", "answer_acc", "per_type": {type: accuracy}}."""
     from tpkit.training.base_data import normalize_images
 
     was = model.training
     model.eval()
     tok_ok = tok_n = ans_ok = 0
+    per_ok: dict[str, int] = defaultdict(int)
+    per_n: dict[str, int] = defaultdict(int)
     for s in range(0, batches.n, 256):
         idx = torch.arange(s, min(s + 256, batches.n))
         ids, mask, labels, imgs = batches.take(idx)
@@ -721,8 +744,21 @@ def teacher_forced_accuracy(
         tok_ok += int(correct.sum())
         tok_n += int(sel.sum())
         ans_ok += int((correct == sel).all(1).sum())  # every answer token right
+        if kinds is not None:
+            run = _answer_runs(sel)  # (B, T-1)
+            n_runs = int(run.max()) + 1
+            wrong = torch.zeros(len(idx), n_runs + 1, device=device, dtype=torch.long)
+            wrong.scatter_add_(1, (run + 1).clamp(min=0), (sel & ~correct).long())  # column 0: not an answer
+            ok = (wrong[:, 1:] == 0).cpu()
+            for b, i in enumerate(idx.tolist()):
+                for j, kind in enumerate(kinds[i][:n_runs]):
+                    per_n[kind] += 1
+                    per_ok[kind] += int(ok[b, j])
     model.train(was)
-    return {"token_acc": tok_ok / max(1, tok_n), "answer_acc": ans_ok / batches.n}
+    out: dict[str, Any] = {"token_acc": tok_ok / max(1, tok_n), "answer_acc": ans_ok / batches.n}
+    if kinds is not None:
+        out["per_type"] = {k: per_ok[k] / per_n[k] for k in sorted(per_n)}
+    return out
 
 
 def train_llava(
@@ -740,7 +776,7 @@ def train_llava(
     a stop is requested, and once more when the phase ends (so that an interrupted evaluation does
     not retrain).
     """
-    from tpkit.training.base_data import VQABatches, image_norm, normalize_images
+    from tpkit.training.base_data import VQABatches, VQASet, image_norm, normalize_images
 
     lc = cfg.lm
     model.model.vision_tower.requires_grad_(False).eval()
@@ -750,6 +786,17 @@ def train_llava(
     pad = processor.tokenizer.pad_token_id
     data = VQABatches(train_set, pad, device, cfg.seed + 1)
     val = VQABatches(val_set, pad, device, cfg.seed + 2)
+    val_kinds = [answer_turn_types(r) for r in val_set.records]
+    # as many train records, scored like val: a train-val gap per question type shows memorising
+    n_probe = min(len(val_set), len(train_set))
+    probe_set = VQASet(
+        train_set.records[:n_probe],
+        train_set.images[:n_probe],
+        train_set.ids[:n_probe],
+        train_set.labels[:n_probe],
+    )
+    probe = VQABatches(probe_set, pad, device, cfg.seed + 3)
+    probe_kinds = [answer_turn_types(r) for r in probe_set.records]
     norm = image_norm(processor, device)
     opt = _adamw(model, lc.lr, lc.weight_decay, device)
     plan = StepPlan(lc.max_steps, lc.time_budget_s, device)
@@ -808,23 +855,29 @@ def train_llava(
         bar.update()
         if step % lc.log_every == 0 or step == plan.total:
             k = step % lc.log_every or lc.log_every
-            v = teacher_forced_accuracy(model, val, norm, device, cfg.precision)
+            v = teacher_forced_accuracy(model, val, norm, device, cfg.precision, val_kinds)
+            tr = teacher_forced_accuracy(model, probe, norm, device, cfg.precision, probe_kinds)
             entry = {
                 "step": step,
                 "loss": loss_sum.item() / k,
                 "train_token_acc": acc_sum.item() / k,
                 "val_token_acc": v["token_acc"],
                 "val_answer_acc": v["answer_acc"],
+                "val_per_type": v["per_type"],
+                "train_per_type": tr["per_type"],
                 "epoch": data.epoch,
                 "time_s": round(plan.elapsed(), 1),
             }
             history.append(entry)
             loss_sum.zero_()
             acc_sum.zero_()
+            gap = ", ".join(
+                f"{k} {a:.3f}/{tr['per_type'].get(k, float('nan')):.3f}" for k, a in v["per_type"].items()
+            )
             _log(
                 f"[llava] step {step}/{plan.total} loss {entry['loss']:.4f} train tok acc "
                 f"{entry['train_token_acc']:.3f} val answer acc {v['answer_acc']:.3f} "
-                f"lr {sched.get_last_lr()[0]:.2e} {entry['time_s']:.0f}s"
+                f"lr {sched.get_last_lr()[0]:.2e} {entry['time_s']:.0f}s; answers right, val/train: {gap}"
             )
         _check_stop(state, "llava", snapshot)
     bar.close()
