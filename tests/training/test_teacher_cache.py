@@ -199,3 +199,24 @@ def test_duplicate_or_missing_ids_are_refused_before_building(make_cfg, processo
         _build(
             cfg, processor, [*records[:2], {k: v for k, v in records[3].items() if k != "id"}], tmp_path / "x"
         )
+
+
+def test_rows_of_a_student_that_dropped_answer_positions(make_cfg, processor, records, tmp_path):
+    """Rows are looked up by rank among the record's answer positions, so a student that kept only
+    some of them (or saw other left padding) still gets each row's own teacher row."""
+    from tpkit.training.teacher_cache import answer_ranks
+
+    cfg = _cfg(make_cfg)
+    cache = TeacherCache(_build(cfg, processor, records, tmp_path / "c", batch_size=3))
+    batch = LlavaCollator(processor, max_length=128, mode="train")([records[i] for i in (2, 11)])
+    labels = batch["labels"]
+    dense = torch.zeros_like(labels, dtype=torch.bool)
+    dense[:, :-1] = labels[:, 1:] != -100
+    b_all, t_all = dense.nonzero(as_tuple=True)
+    counts, ranks = answer_ranks(labels, b_all, t_all)
+    full = cache.lookup(batch["ids"], counts, b_all, ranks, device="cpu")
+    keep = torch.arange(len(b_all)) % 2 == 1  # a student that lost every other answer position
+    _, sub_ranks = answer_ranks(labels, b_all[keep], t_all[keep])
+    sub = cache.lookup(batch["ids"], counts, b_all[keep], sub_ranks, device="cpu")
+    torch.testing.assert_close(sub.values, full.values[keep])
+    assert torch.equal(sub.targets, labels[b_all[keep], t_all[keep] + 1])
