@@ -4,7 +4,8 @@
 
 Run as a script, not inside pytest: Lightning's DDP launcher re-executes ``sys.argv`` for rank >= 1
 (DESIGN.md pitfalls). Each rank writes ``<out>/rank<r>.pt``: its trainable tensors and the record ids
-of the batches it trained on. tests/training/test_ddp.py compares them.
+of the batches it trained on. tests/training/test_ddp.py compares them. ``--teacher-cache DIR``
+distills from a teacher cache instead of the online teacher (built first by rank 0 if missing).
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="train json (default: a 16-record synthetic split in <out>)")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--devices", type=int, default=2)
+    ap.add_argument(
+        "--teacher-cache",
+        default=None,
+        help="distill from a teacher cache in this directory (rank 0 builds it first when missing)",
+    )
     args = ap.parse_args()
     out = Path(args.out)
     data = Path(args.data) if args.data else out / "data" / "train.json"
@@ -56,7 +62,7 @@ def main() -> None:
             },
             "pruning": {"stage1": {"min_keep": 4}, "stage2": {"layer": 1}},
             "lora": {"r": 4, "alpha": 8.0},
-            "distill": {"alpha": 1.0},
+            "distill": {"alpha": 1.0, "teacher_cache": args.teacher_cache},
             "data": {"train_json": str(data), "batch_size": 2, "max_length": 128},
             "optim": {"lr": 5e-3, "scheduler": "constant"},
             "trainer": {
@@ -72,8 +78,15 @@ def main() -> None:
             },
         },
     )
+    processor = build_processor(image_size=32, patch_size=8)
+    cache = Path(args.teacher_cache) if args.teacher_cache else None
+    if cache is not None and not (cache / "meta.json").exists() and os.environ.get("LOCAL_RANK", "0") == "0":
+        # before fit: the launcher starts rank 1 inside fit, so it finds the cache finished
+        from tpkit.training.teacher_cache import build_teacher_cache
+
+        build_teacher_cache(cfg, cache, processor=processor, device="cpu", progress=False)
     ids = RecordIds()
-    res = fit(cfg, processor=build_processor(image_size=32, patch_size=8), callbacks=[ids])
+    res = fit(cfg, processor=processor, callbacks=[ids])
     rank = res.module.global_rank
     weights = {n: p.detach().cpu() for n, p in res.module.model.named_parameters() if p.requires_grad}
     torch.save(
