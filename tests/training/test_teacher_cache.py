@@ -220,3 +220,18 @@ def test_rows_of_a_student_that_dropped_answer_positions(make_cfg, processor, re
     sub = cache.lookup(batch["ids"], counts, b_all[keep], sub_ranks, device="cpu")
     torch.testing.assert_close(sub.values, full.values[keep])
     assert torch.equal(sub.targets, labels[b_all[keep], t_all[keep] + 1])
+
+
+def test_fingerprint_survives_dtype_but_not_other_weights(make_cfg, processor):
+    from tpkit.training.modeling import load_base_model
+    from tpkit.training.teacher_cache import _fingerprint_diff, model_fingerprint
+
+    cfg = make_cfg()
+    base = load_base_model(cfg.model, dtype=torch.float32, processor=processor)
+    fp32 = model_fingerprint(base)
+    assert not _fingerprint_diff(
+        fp32, model_fingerprint(base.to(torch.bfloat16))
+    )  # built in fp32, read in bf16
+    with torch.no_grad():
+        base.get_output_embeddings().weight[0, :4] += 1.0
+    assert _fingerprint_diff(fp32, model_fingerprint(base))[0].startswith("lm_head_sum")

@@ -1,8 +1,8 @@
 """Teacher cache: the unpruned teacher's answer-token logits, computed once, read by every KD step.
 
 The teacher is the base model with the adapter off and the pruner off: a fixed function of each
-training record. Online distillation pays its dense forward on every step, which costs more than the
-pruned student's whole step (``benchmarks/train_step.py``). A cache pays it once per record, in
+training record. Online distillation pays its dense forward on every step, which costs about as much
+as the pruned student's whole step (``benchmarks/train_step.py``). A cache pays it once per record, in
 inference mode and at a large batch, and is shared by every run on the same base model and data —
 a sweep over pruning budgets, alphas or LoRA ranks, and every later epoch::
 
@@ -73,8 +73,9 @@ class TeacherCacheError(ValueError):
 def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
     """What identifies the teacher: its config (less dtype/paths) and checksums of two weight matrices.
 
-    The sums are float64 over the stored values, so a cache built on one device is recognised on
-    another (compared with a relative tolerance); LoRA never touches the embeddings or ``lm_head``.
+    The sums are float64 over the weights rounded to bfloat16, so a cache built in one dtype or on one
+    device is recognised in another (compared with a relative tolerance); LoRA never touches the
+    embeddings or ``lm_head``.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = {k: v for k, v in base.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
@@ -87,8 +88,8 @@ def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
     return {
         "class": type(base).__name__,
         "config_sha256": hashlib.sha256(blob).hexdigest(),
-        "embed_sum": float(emb.detach().double().sum()),
-        "lm_head_sum": float(head.detach().double().sum()),
+        "embed_sum": float(emb.detach().to(torch.bfloat16).double().sum()),
+        "lm_head_sum": float(head.detach().to(torch.bfloat16).double().sum()),
         "vocab_size": int(head.shape[0]),
     }
 
