@@ -329,6 +329,41 @@ def test_caption_turn_lists_objects_left_to_right():
     assert supervised == f"{answer}</s> {caption_of(data.records[0]['objects'])}</s>"
 
 
+def test_position_turn_adds_a_position_question_where_one_can_be_asked():
+    from tpkit.data import synthetic
+    from tpkit.training.base_data import DataWorkers, add_position_turn
+
+    row = [  # circle left of square (same rows), star far below both: only circle/square are related
+        {"shape": "circle", "color": "red", "box": [5, 10, 15, 20]},
+        {"shape": "square", "color": "blue", "box": [40, 12, 50, 22]},
+        {"shape": "star", "color": "green", "box": [70, 70, 80, 80]},
+    ]
+    rec = {
+        "id": "train-000007",
+        "qtype": "color",
+        "neg_type": None,
+        "objects": row,
+        "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "red"}],
+    }
+    out = add_position_turn(rec, seed=0)
+    assert out["qtypes"] == ["color", "position"] and out["neg_types"] == [None, None]
+    q, a = out["conversations"][2]["value"], out["conversations"][3]["value"]
+    assert (q.startswith("Where is the circle relative to the square?") and a == "left") or (
+        q.startswith("Where is the square relative to the circle?") and a == "right"
+    )
+    assert add_position_turn(rec, seed=0) == out  # drawn from (seed, index): the same every time
+    assert add_position_turn(out, seed=0) is out  # already asks one
+    apart = [{**row[0], "box": [5, 10, 15, 20]}, {**row[1], "box": [40, 50, 50, 60]}]  # diagonal only
+    assert add_position_turn({**rec, "objects": apart}, seed=0)["conversations"] == rec["conversations"]
+    # in the recipe's data: some records gain the turn, none gets two position questions
+    cfg = synthetic.SyntheticConfig.for_split("train", turns=3)
+    with DataWorkers(1) as dw:
+        data = dw.vqa("train", 40, seed=0, turns=3, encode=False, position=True).result()
+    plain = [synthetic.make_record(i, "train", 0, cfg)[0] for i in range(40)]
+    gained = sum(len(r["qtypes"]) > len(p["qtypes"]) for r, p in zip(data.records, plain))
+    assert gained > 0 and all(r["qtypes"].count("position") <= 1 for r in data.records)
+
+
 def test_init_from_reuses_a_trained_tower(trained: Path, tmp_path):
     """tower.init_from skips phase 1 and puts the saved tower, unchanged, under a new LM."""
     from safetensors.torch import load_file

@@ -120,6 +120,9 @@ class LMConfig:
     # A last turn "What is in the image?" -> "red circle, blue square, ..." (left to right) on train/val
     # records: dense image-grounded supervision, the miniature of LLaVA's caption alignment phase.
     caption_turn: bool = True
+    # One more question on train/val records that have none of type "position" yet, where one can be
+    # asked: the hardest type is otherwise ~14% of the questions (base_data.add_position_turn).
+    position_turn: bool = False
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.1
@@ -1059,8 +1062,9 @@ def run(cfg: BaseRecipeConfig, out_dir: str | Path, resume: bool = False) -> dic
         if not tc.init_from and tower_done is None:
             pool_job = dw.tower_images(tc.pool_size, 2 * cfg.seed, "tower pool")
             held_job = dw.tower_images(tc.eval_size, 2 * cfg.seed + 1, "tower held-out")
-        train_job = dw.vqa("train", lc.n_train, cfg.data_seed, turns=lc.turns, caption=lc.caption_turn)
-        val_job = dw.vqa("val", lc.n_val, cfg.data_seed, turns=lc.turns, caption=lc.caption_turn)
+        kw = {"turns": lc.turns, "caption": lc.caption_turn, "position": lc.position_turn}
+        train_job = dw.vqa("train", lc.n_train, cfg.data_seed, **kw)
+        val_job = dw.vqa("val", lc.n_val, cfg.data_seed, **kw)
         test_job = dw.vqa("test", ev.n_test, cfg.data_seed, encode=False)
         ood_job = dw.vqa("ood", ev.n_ood, cfg.data_seed, encode=False) if ev.n_ood else None
 
