@@ -140,10 +140,13 @@ def topk_log_probs(logits: torch.Tensor, indices: torch.Tensor, floor: float = 1
     logits: (N, V) (already divided by the temperature); indices: (N, k) -> (N, k + 1), last column
     = log of the mass outside ``indices`` (at least ``floor``).
     """
-    log_p = F.log_softmax(logits.float(), dim=-1)
-    log_k = log_p.gather(1, indices)  # (N, k)
-    tail = (-log_k.exp().sum(-1)).log1p().nan_to_num(nan=-math.inf)  # log(1 - sum p_k); sum may round past 1
-    return torch.cat([log_k, tail.clamp(min=math.log(floor)).unsqueeze(-1)], dim=-1)
+    return _with_rest(F.log_softmax(logits.float(), dim=-1).gather(1, indices), floor)
+
+
+def _with_rest(log_k: torch.Tensor, floor: float) -> torch.Tensor:
+    """(N, k) log-probabilities of k classes -> (N, k + 1) with log(1 - sum p_k) (at least ``floor``)."""
+    rest = (-log_k.exp().sum(-1)).log1p().nan_to_num(nan=-math.inf)  # rounding can push sum p_k past 1
+    return torch.cat([log_k, rest.clamp(min=math.log(floor)).unsqueeze(-1)], dim=-1)
 
 
 def distill_rows_topk(
@@ -160,8 +163,9 @@ def distill_rows_topk(
     Both distributions are collapsed onto the teacher's k classes plus one "rest" class. By the chain
     rule the collapsed KL misses only ``mass(rest) * KL(tail | tail)``: it is a lower bound of the full
     one, equal to it when k is the vocabulary or the student's tail has the teacher's shape, and close
-    when the teacher's top k holds nearly all of its mass (trained LMs at T = 1). teacher_values: (N, k) raw logits; teacher_indices: (N, k) vocab ids;
-    teacher_lse: (N,) ``logsumexp(teacher_logits / temperature)`` over the full vocabulary.
+    when the teacher's top k holds nearly all of its mass (trained LMs at T = 1).
+    teacher_values: (N, k) raw logits; teacher_indices: (N, k) vocab ids; teacher_lse: (N,)
+    ``logsumexp(teacher_logits / temperature)`` over the full vocabulary.
     """
     if student_rows.shape[0] == 0:
         return student_rows.sum() * 0.0
@@ -170,6 +174,5 @@ def distill_rows_topk(
         log_s = F.log_softmax(student_rows.float() / temperature, dim=-1).gather(1, teacher_indices)
         return divergence_logp(log_s, log_tk.detach(), kind, beta).mean() * temperature**2
     log_s = topk_log_probs(student_rows / temperature, teacher_indices)  # (N, k + 1)
-    tail = (-log_tk.exp().sum(-1)).log1p().nan_to_num(nan=-math.inf)  # rounding can push sum p_k past 1
-    log_t = torch.cat([log_tk, tail.clamp(min=math.log(TAIL_FLOOR)).unsqueeze(-1)], dim=-1)
+    log_t = _with_rest(log_tk, TAIL_FLOOR)  # (N, k + 1)
     return divergence_logp(log_s, log_t.detach(), kind, beta).mean() * temperature**2

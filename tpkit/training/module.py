@@ -180,37 +180,23 @@ class DistillLoRAModule(L.LightningModule):
             if kept is None:
                 kept = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
             orig = kept[mask]  # (N,) original position of each row: the teacher is unpruned
+            kw = dict(
+                kind=self.distill.kind, temperature=self.distill.temperature, beta=self.distill.jsd_beta
+            )
             if self.teacher_cache is not None:
                 t = self.cached_teacher_rows(batch, mask, orig, targets)
-                kd = distill_rows_topk(
-                    out.logits[mask],
-                    t.values,
-                    t.indices,
-                    t.lse,
-                    kind=self.distill.kind,
-                    temperature=self.distill.temperature,
-                    beta=self.distill.jsd_beta,
-                )
-                loss = loss + self.distill.alpha * kd
-                parts["kd"] = kd.detach()
-                best = t.indices.gather(1, t.values.argmax(-1, keepdim=True))[:, 0]
-                parts["teacher_acc"] = (best == t.targets).float().mean()
-                parts["loss"] = loss
-                return parts
-            positions = torch.unique(orig)  # (P,) sorted; the teacher's LM head runs on these only
-            t_logits = self.teacher_logits(batch, positions)  # (B, P, V)
-            rows = mask.nonzero()[:, 0]
-            t_rows = t_logits[rows, torch.searchsorted(positions, orig)]  # (N, V)
-            kd = distill_rows(
-                out.logits[mask],
-                t_rows,
-                kind=self.distill.kind,
-                temperature=self.distill.temperature,
-                beta=self.distill.jsd_beta,
-            )
+                kd = distill_rows_topk(out.logits[mask], t.values, t.indices, t.lse, **kw)
+                teacher_pred = t.indices.gather(1, t.values.argmax(-1, keepdim=True))[:, 0]
+            else:
+                positions = torch.unique(orig)  # (P,) sorted; the teacher's LM head runs on these only
+                t_logits = self.teacher_logits(batch, positions)  # (B, P, V)
+                rows = mask.nonzero()[:, 0]
+                t_rows = t_logits[rows, torch.searchsorted(positions, orig)]  # (N, V)
+                kd = distill_rows(out.logits[mask], t_rows, **kw)
+                teacher_pred = t_rows.argmax(-1)
             loss = loss + self.distill.alpha * kd
             parts["kd"] = kd.detach()
-            parts["teacher_acc"] = (t_rows.argmax(-1) == targets[mask]).float().mean()
+            parts["teacher_acc"] = (teacher_pred == targets[mask]).float().mean()
         parts["loss"] = loss
         return parts
 
