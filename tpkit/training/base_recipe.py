@@ -332,11 +332,12 @@ class RecipeState:
         os.replace(tmp, path)
         self.last = time.perf_counter()
 
-    def load(self, name: str, device: torch.device) -> dict[str, Any] | None:
+    def load(self, name: str) -> dict[str, Any] | None:
+        """The saved state (on the CPU: ``load_state_dict`` moves it where it belongs), or None."""
         path = self.dir / f"{name}.pt"
         if not (self.enabled and path.exists()):
             return None
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         saved = state.pop("config")
         code = state.pop("code", None)
         if code != self.code:
@@ -360,7 +361,7 @@ class RecipeState:
     def verify(self) -> None:
         """Check every saved file's config now, before minutes of data rendering (see :meth:`load`)."""
         for path in sorted(self.dir.glob("*.pt")):
-            self.load(path.stem, torch.device("cpu"))
+            self.load(path.stem)
 
     def remove(self, name: str) -> None:
         (self.dir / f"{name}.pt").unlink(missing_ok=True)
@@ -389,6 +390,30 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> dict[str, tuple[Any, Any
         elif x != y:
             out[f"{prefix}{k}"] = (x, y)
     return out
+
+
+def _loop_state(model: nn.Module, opt: Any, sched: Any, plan: StepPlan, step: int, history: list) -> dict:
+    """What every phase's snapshot holds (each adds its sampler and running sums)."""
+    return {
+        "model": model.state_dict(),
+        "opt": opt.state_dict(),
+        "sched": sched.state_dict(),
+        "step": step,
+        "history": history,
+        "plan_total": plan.total,
+        "elapsed": plan.elapsed(),
+    }
+
+
+def _restore_loop(
+    saved: dict, model: nn.Module, opt: Any, sched: Any, plan: StepPlan
+) -> tuple[int, list, float]:
+    """Load :func:`_loop_state` back -> (step, history, seconds already trained)."""
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    sched.load_state_dict(saved["sched"])
+    plan.total = int(saved["plan_total"])
+    return int(saved["step"]), list(saved["history"]), float(saved["elapsed"])
 
 
 def _check_stop(state: RecipeState, name: str, snapshot: Any) -> None:
@@ -599,32 +624,22 @@ def train_tower(
     perm = flips = None
     elapsed0 = 0.0
     state = state or RecipeState(Path("."), cfg, enabled=False)
-    saved = state.load("tower", device)
+    saved = state.load("tower")
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["opt"])
-        sched.load_state_dict(saved["sched"])
-        gen.set_state(saved["gen"].cpu())
-        perm, flips, pos = saved["perm"], saved["flips"], int(saved["pos"])
-        step, history, plan.total = int(saved["step"]), list(saved["history"]), int(saved["plan_total"])
-        loss_sum += saved["loss_sum"]
-        elapsed0 = float(saved["elapsed"])
+        step, history, elapsed0 = _restore_loop(saved, model, opt, sched, plan)
+        gen.set_state(saved["gen"])
+        perm, flips, pos = saved["perm"].to(device), saved["flips"].to(device), int(saved["pos"])
+        loss_sum += saved["loss_sum"].to(device)
         _log(f"[tower] resumed at step {step}/{plan.total} from {state.dir}")
 
     def snapshot() -> dict[str, Any]:
         return {
-            "model": model.state_dict(),
-            "opt": opt.state_dict(),
-            "sched": sched.state_dict(),
+            **_loop_state(model, opt, sched, plan, step, history),
             "gen": gen.get_state(),
             "perm": perm,
             "flips": flips,
             "pos": pos,
-            "step": step,
-            "history": history,
-            "plan_total": plan.total,
             "loss_sum": loss_sum,
-            "elapsed": plan.elapsed(),
         }
 
     bar = tqdm(total=plan.total, initial=step, desc="tower", unit="step", dynamic_ncols=True, mininterval=2.0)
@@ -809,32 +824,20 @@ def train_llava(
     loss_sum, acc_sum = torch.zeros((), device=device), torch.zeros((), device=device)
     elapsed0 = 0.0
     state = state or RecipeState(Path("."), cfg, enabled=False)
-    saved = state.load("llava", device)
+    saved = state.load("llava")
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["opt"])
-        sched.load_state_dict(saved["sched"])
-        data.load_state_dict(
-            {**saved["data"], "gen": saved["data"]["gen"].cpu(), "perm": saved["data"]["perm"].cpu()}
-        )
-        step, history, plan.total = int(saved["step"]), list(saved["history"]), int(saved["plan_total"])
-        loss_sum += saved["loss_sum"]
-        acc_sum += saved["acc_sum"]
-        elapsed0 = float(saved["elapsed"])
+        step, history, elapsed0 = _restore_loop(saved, model, opt, sched, plan)
+        data.load_state_dict(saved["data"])
+        loss_sum += saved["loss_sum"].to(device)
+        acc_sum += saved["acc_sum"].to(device)
         _log(f"[llava] resumed at step {step}/{plan.total} from {state.dir}")
 
     def snapshot() -> dict[str, Any]:
         return {
-            "model": model.state_dict(),
-            "opt": opt.state_dict(),
-            "sched": sched.state_dict(),
+            **_loop_state(model, opt, sched, plan, step, history),
             "data": data.state_dict(),
-            "step": step,
-            "history": history,
-            "plan_total": plan.total,
             "loss_sum": loss_sum,
             "acc_sum": acc_sum,
-            "elapsed": plan.elapsed(),
         }
 
     bar = tqdm(total=plan.total, initial=step, desc="llava", unit="step", dynamic_ncols=True, mininterval=2.0)
@@ -1054,7 +1057,7 @@ def run(cfg: BaseRecipeConfig, out_dir: str | Path, resume: bool = False) -> dic
     processor = build_processor(image_size=tc.image_size, patch_size=tc.patch_size)
     coll = LlavaCollator(processor, max_length=lc.max_length, mode="train")
     t = time.perf_counter()
-    tower_done = state.load("tower_done", torch.device("cpu"))
+    tower_done = state.load("tower_done")
     if tower_done is not None:
         timings.update(tower_done["timings"])
     with base_data.DataWorkers(workers, coll) as dw:
