@@ -193,6 +193,52 @@ def test_data_does_not_depend_on_workers():
     assert np.array_equal(pool1[0], pool2[0]) and np.array_equal(pool1[1], pool2[1])
 
 
+def test_vqa_cache_round_trip_and_invalidation(tmp_path, monkeypatch, capsys):
+    """A cached set reads back equal; another request, a changed generator or a damaged file renders again."""
+    from tpkit.data import synthetic
+    from tpkit.data.collator import LlavaCollator
+    from tpkit.data.processor import build_processor
+    from tpkit.training import base_data
+    from tpkit.training.base_data import DataWorkers, Ready
+
+    coll = LlavaCollator(build_processor(image_size=96, patch_size=16), mode="train")
+    cache = tmp_path / "train"
+
+    def same(a, b) -> bool:
+        return (
+            a.records == b.records
+            and np.array_equal(a.images, b.images)
+            and all(np.array_equal(x, y) for x, y in zip(a.ids, b.ids))
+            and all(np.array_equal(x, y) for x, y in zip(a.labels, b.labels))
+        )
+
+    with DataWorkers(1, coll) as dw:
+        fresh = dw.vqa("train", 20, seed=0, turns=3, caption=True, cache=cache).result()
+        assert (cache / "key.json").exists() and not cache.with_name("train.tmp").exists()
+        job = dw.vqa("train", 20, seed=0, turns=3, caption=True, cache=cache)
+        assert isinstance(job, Ready) and same(job.result(), fresh)
+        assert "read from" in capsys.readouterr().out
+        # another request under the same directory: rendered, and the cache now holds it
+        other = dw.vqa("train", 20, seed=1, turns=3, caption=True, cache=cache)
+        assert not isinstance(other, Ready)
+        assert not same(other.result(), fresh)
+        assert isinstance(dw.vqa("train", 20, seed=1, turns=3, caption=True, cache=cache), Ready)
+        # the generator changed since the cache was written: the spot check sees it
+        real = synthetic.make_record
+
+        def changed(i, *a, **k):
+            rec, img = real(i, *a, **k)
+            return rec, 255 - img if i == 19 else img
+
+        monkeypatch.setattr(synthetic, "make_record", changed)
+        assert not isinstance(dw.vqa("train", 20, seed=1, turns=3, caption=True, cache=cache), Ready)
+        assert "renders differently" in capsys.readouterr().out
+        monkeypatch.undo()
+        # a truncated file (e.g. a full disk) is not trusted
+        (cache / "images.npy").write_bytes((cache / "images.npy").read_bytes()[:1000])
+        assert base_data.load_vqa_set(cache, json.loads((cache / "key.json").read_text())) is None
+
+
 def test_gpu_config_fits_the_fixture_budget():
     """configs/base_tiny.yaml builds a LLaVA of <= 3.5M parameters (fp32 safetensors < 14 MB)."""
     from transformers import LlavaForConditionalGeneration

@@ -18,10 +18,13 @@ Every chunk of work is seeded by its index, so results do not depend on the numb
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,9 +37,12 @@ __all__ = [
     "default_workers",
     "DataWorkers",
     "Pending",
+    "Ready",
     "VQASet",
     "VQABatches",
     "encode_train_records",
+    "save_vqa_set",
+    "load_vqa_set",
     "normalize_images",
     "image_norm",
     "pixel_check",
@@ -165,6 +171,16 @@ class Pending:
         return self._value
 
 
+class Ready:
+    """A :class:`Pending` whose value is already at hand (e.g. read from a cache)."""
+
+    def __init__(self, value: Any):
+        self._value = value
+
+    def result(self) -> Any:
+        return self._value
+
+
 class DataWorkers:
     """A ``fork`` process pool for data generation, to create before CUDA is initialised.
 
@@ -197,20 +213,28 @@ class DataWorkers:
         turns: int = 1,
         caption: bool = False,
         position: bool = False,
-    ) -> Pending:
+        cache: str | Path | None = None,
+    ) -> Pending | Ready:
         """Records ``0..n-1`` of ``split`` with their images (and train encodings if ``encode``).
 
         ``turns`` > 1: multi-turn records (the first question as in the single-turn split, then
         other question types about the same image); their images differ from the ``turns=1`` split.
         ``caption``: each record gets a last turn listing its objects (:func:`add_caption_turn`).
         ``position``: a position question is added where one can be (:func:`add_position_turn`).
+        ``cache``: a directory; the set is read from it when it holds this very request and its
+        first and last records re-render identically (so a changed generator or tokenizer is
+        caught), else rendered and written there (:func:`save_vqa_set`).
         """
         if encode and self.collator is None:
             raise ValueError("DataWorkers has no collator to encode records with")
-        jobs = [
-            (split, seed, s, min(_CHUNK, n - s), encode, turns, caption, position)
-            for s in range(0, n, _CHUNK)
-        ]
+        job = (split, seed, 0, n, encode, turns, caption, position)
+        key = dict(zip(("split", "seed", "start", "n", "encode", "turns", "caption", "position"), job))
+        if cache is not None:
+            cached = load_vqa_set(cache, key)
+            if cached is not None and _spot_check(cached, job):
+                print(f"vqa {split}: {n} records read from {cache}", flush=True)
+                return Ready(cached)
+        jobs = [(split, seed, s, min(_CHUNK, n - s), *job[4:]) for s in range(0, n, _CHUNK)]
 
         def combine(outs: list) -> VQASet:
             records, ids, labels = [], [], []
@@ -219,7 +243,10 @@ class DataWorkers:
                 ids += i
                 labels += lab
             images = np.concatenate([o[1] for o in outs])
-            return VQASet(records, images, ids if encode else None, labels if encode else None)
+            data = VQASet(records, images, ids if encode else None, labels if encode else None)
+            if cache is not None:
+                save_vqa_set(data, cache, key)
+            return data
 
         return Pending(self, _vqa_chunk, jobs, combine, f"vqa {split}", n)
 
@@ -358,3 +385,69 @@ def encode_train_records(
     ids = [row[m].numpy().astype(np.int64) for row, m in zip(batch["input_ids"], mask)]
     labels = [row[m].numpy().astype(np.int64) for row, m in zip(batch["labels"], mask)]
     return ids, labels
+
+
+# --------------------------------------------------------------------------------------------
+# On-disk cache of a rendered VQA set: a resumed CPU run skips minutes of rendering
+
+
+def save_vqa_set(data: VQASet, path: str | Path, key: dict[str, Any]) -> None:
+    """Write ``data`` to the directory ``path`` with ``key`` (what was asked for), atomically: a
+    reader sees the old directory or the complete new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    np.save(tmp / "images.npy", data.images)
+    (tmp / "records.json").write_text(json.dumps(data.records))
+    if data.ids is not None and data.labels is not None:
+        lengths = np.array([len(x) for x in data.ids], dtype=np.int64)
+        np.savez(
+            tmp / "tokens.npz",
+            lengths=lengths,
+            ids=np.concatenate(data.ids),
+            labels=np.concatenate(data.labels),
+        )
+    (tmp / "key.json").write_text(json.dumps(key, sort_keys=True))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def load_vqa_set(path: str | Path, key: dict[str, Any]) -> VQASet | None:
+    """The set :func:`save_vqa_set` wrote to ``path`` under the same ``key``, else None."""
+    path = Path(path)
+    try:
+        if json.loads((path / "key.json").read_text()) != json.loads(json.dumps(key)):
+            return None
+        records = json.loads((path / "records.json").read_text())
+        images = np.load(path / "images.npy")
+        ids = labels = None
+        if (path / "tokens.npz").exists():
+            with np.load(path / "tokens.npz") as z:
+                cut = np.cumsum(z["lengths"])[:-1]
+                ids, labels = np.split(z["ids"], cut), np.split(z["labels"], cut)
+    except (OSError, ValueError) as e:  # missing, truncated or unreadable: render again
+        print(f"cache {path} not used: {e}", flush=True)
+        return None
+    if len(records) != len(images) or (ids is not None and len(ids) != len(records)):
+        return None
+    return VQASet(records, images, ids, labels)
+
+
+def _spot_check(data: VQASet, job: tuple) -> bool:
+    """Do the first and last records of a cached set re-render to exactly what the cache holds?"""
+    n, encode = job[3], job[4]
+    for i in sorted({0, n - 1}):
+        records, images, ids, labels = _vqa_chunk((*job[:2], i, 1, *job[4:]))
+        same = json.loads(json.dumps(records[0])) == data.records[i] and np.array_equal(
+            images[0], data.images[i]
+        )
+        if encode and data.ids is not None and data.labels is not None:
+            same = same and np.array_equal(ids[0], data.ids[i]) and np.array_equal(labels[0], data.labels[i])
+        if not same:
+            print(
+                f"cache not used: record {i} renders differently now (generator or tokenizer changed)",
+                flush=True,
+            )
+            return False
+    return True
