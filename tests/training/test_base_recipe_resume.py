@@ -157,10 +157,24 @@ def test_a_trained_tower_is_kept_when_only_the_llava_phase_changes(
     """Changing lm.* after phase 1 keeps the tower (hours on a CPU): only phase 2 is redone."""
     out = tmp_path / "changed"
     cmd = ["--config", str(CONFIG), "--out", str(out), "--set", *ARGS]
+    assert main([*cmd, "--snapshot", str(tmp_path / "early")]) == 2  # nothing of phase 2 saved yet
+    assert "has not saved phase 2 yet" in capsys.readouterr().err
     _stop_at(monkeypatch, {4 + 2}, "signal")  # the LLaVA's 2nd step
     assert main(cmd) == 130
     monkeypatch.undo()
+    # the state mid-phase, as a stock model directory (what --snapshot is for: evaluating a long run)
+    snap = tmp_path / "snap"
+    assert main([*cmd, "--snapshot", str(snap)]) == 0
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    saved = torch.load(out / ".resume" / "llava.pt", weights_only=True)["model"]
+    loaded = LlavaForConditionalGeneration.from_pretrained(snap).state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(loaded[k], v) for k, v in saved.items())
+    assert json.loads((snap / "snapshot.json").read_text())["step"] == 2
+    assert (snap / "processor_config.json").exists() or (snap / "preprocessor_config.json").exists()
     changed = [*cmd, "lm.lr=0.001"]
+    assert main([*changed, "--snapshot", str(tmp_path / "other")]) == 2  # another config: refused
     assert main([*changed, "--resume"]) == 2
     assert "llava.pt to retrain the LLaVA phase on the finished tower" in capsys.readouterr().err
     (out / ".resume" / "llava.pt").unlink()

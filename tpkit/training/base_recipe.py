@@ -337,15 +337,18 @@ class RecipeState:
         os.replace(tmp, path)
         self.last = time.perf_counter()
 
-    def load(self, name: str) -> dict[str, Any] | None:
-        """The saved state (on the CPU: ``load_state_dict`` moves it where it belongs), or None."""
+    def load(self, name: str, resuming: bool = True) -> dict[str, Any] | None:
+        """The saved state (on the CPU: ``load_state_dict`` moves it where it belongs), or None.
+
+        Its ``code`` is the tpkit version that saved it; ``resuming`` warns when that is not this one.
+        """
         path = self.dir / f"{name}.pt"
         if not (self.enabled and path.exists()):
             return None
         state = torch.load(path, map_location="cpu", weights_only=True)
         saved = state.pop("config")
-        code = state.pop("code", None)
-        if code != self.code:
+        code = state.setdefault("code", None)
+        if resuming and code != self.code:
             _log(
                 f"[base] WARNING: {path} was saved by tpkit {code}, this is {self.code}: the resumed run mixes both"
             )
@@ -1203,6 +1206,43 @@ def run(cfg: BaseRecipeConfig, out_dir: str | Path, resume: bool = False) -> dic
     return metrics
 
 
+def snapshot(cfg: BaseRecipeConfig, out_dir: str | Path, dest: str | Path) -> dict[str, Any]:
+    """Write the LLaVA phase's last saved state in ``out_dir/.resume`` as a stock model directory
+    ``dest`` (weights, processor, ``snapshot.json``), to evaluate a long run while it goes on.
+
+    Reads only what the run writes atomically, so it is safe beside the running process; refuses a
+    state saved under another config, as ``--resume`` does. Returns the snapshot's summary.
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    from tpkit.data.processor import build_processor
+
+    state = RecipeState(Path(out_dir), cfg)
+    saved = state.load("llava", resuming=False)
+    if saved is None:
+        raise ResumeError(f"no LLaVA-phase state in {state.dir}: the run has not saved phase 2 yet")
+    processor = build_processor(image_size=cfg.tower.image_size, patch_size=cfg.tower.patch_size)
+    model = LlavaForConditionalGeneration(llava_config(cfg, processor))
+    model.load_state_dict(saved["model"])
+    tok = processor.tokenizer
+    gc = model.generation_config
+    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    dest = Path(dest)
+    model.save_pretrained(dest, safe_serialization=True)
+    processor.save_pretrained(dest)
+    summary = {
+        "run": str(out_dir),
+        "step": int(saved["step"]),
+        "of_steps": int(saved["plan_total"]),
+        "train_seconds": round(float(saved["elapsed"]), 1),
+        "last_log": saved["history"][-1] if saved["history"] else None,
+        "code": saved["code"],
+    }
+    (dest / "snapshot.json").write_text(json.dumps(summary, indent=1) + "\n")
+    _log(f"[base] snapshot of {state.dir} at step {summary['step']}/{summary['of_steps']} written to {dest}")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m tpkit.training.base_recipe",
@@ -1220,6 +1260,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="continue the interrupted run whose state is in OUT/.resume (same config; see checkpoint_every_s)",
     )
+    ap.add_argument(
+        "--snapshot",
+        default=None,
+        metavar="DIR",
+        help="write the LLaVA phase's last saved state in OUT/.resume as a model directory DIR and exit "
+        "(to evaluate a long run while it goes on; the run is not touched)",
+    )
     args = ap.parse_args(argv)
     overrides = list(args.set)
     if args.archive is not None:
@@ -1231,6 +1278,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.snapshot is not None:
+        try:
+            snapshot(cfg, args.out, args.snapshot)
+        except ResumeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     previous = _install_stop_handlers()
     try:
         run(cfg, args.out, resume=args.resume)
