@@ -98,6 +98,11 @@ def test_recipe_metrics(trained: Path):
     assert m["tower"]["steps"] == 2 and m["llava"]["steps"] == 2
     assert m["tower"]["images_seen"] == 32 and m["llava"]["samples_seen"] == 16
     assert 0.0 <= m["tower"]["f1"] <= 1.0
+    # the premise is measured with the pruner's default stage 1 as the tower trains (and trained:
+    # configs/base_tiny.yaml sets tower.premise_loss)
+    assert m["config"]["tower"]["premise_loss"] > 0
+    for key in ("premise_kept", "premise_recall", "premise_auroc"):
+        assert 0.0 <= m["tower"][key] <= 1.0 and key in m["tower"]["history"][-1]
     assert len(m["tower"]["history"]) == 2 and len(m["llava"]["history"]) == 2
     assert m["eval"]["test"]["n"] == 8 and m["eval"]["ood"]["n"] == 4
     assert m["eval"]["test"]["n_per_type"] == {"color": 2, "count": 2, "exist": 2, "position": 2}
@@ -183,14 +188,47 @@ def test_data_does_not_depend_on_workers():
     coll = LlavaCollator(build_processor(image_size=96, patch_size=16), mode="train")
     with DataWorkers(1, coll) as dw:
         one = dw.vqa("val", 300, seed=0).result()
-        pool1 = dw.tower_images(300, seed=5).result()
+        pool1 = dw.tower_images(300, seed=5, patch_size=16).result()
     with DataWorkers(2, coll) as dw:
         two = dw.vqa("val", 300, seed=0).result()
-        pool2 = dw.tower_images(300, seed=5).result()
+        pool2 = dw.tower_images(300, seed=5, patch_size=16).result()
     assert np.array_equal(one.images, two.images)
     assert [r["id"] for r in one.records] == [r["id"] for r in two.records]
     assert all(np.array_equal(a, b) for a, b in zip(one.ids, two.ids))
-    assert np.array_equal(pool1[0], pool2[0]) and np.array_equal(pool1[1], pool2[1])
+    assert all(np.array_equal(a, b) for a, b in zip(pool1, pool2)) and len(pool1) == 3
+    assert pool1[2].shape == (300, 36) and 0 < pool1[2].mean() < 0.5  # object patches, 6 x 6 grid
+
+
+def test_premise_term_trains_the_pruners_own_score():
+    """The tower's premise term scores patches exactly as stage 1 does in the LLaVA it becomes, and
+    a horizontally flipped image has the flipped object-patch mask (what hflip training assumes)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from tpkit.data import synthetic
+    from tpkit.data.processor import build_processor
+    from tpkit.models import stage1_scores
+    from tpkit.pruning import Stage1Config
+    from tpkit.training.base_recipe import CLSClassifier, vision_config
+
+    cfg = load_config(BaseRecipeConfig, CONFIG, TINY)
+    processor = build_processor(image_size=96, patch_size=16)
+    torch.manual_seed(0)
+    clf = CLSClassifier(vision_config(cfg.tower), 13).eval()
+    llava = LlavaForConditionalGeneration(llava_config(cfg, processor)).eval()
+    llava.model.vision_tower.load_state_dict(clf.tower.state_dict())
+    x = torch.randn(3, 3, 96, 96)
+    with torch.no_grad():
+        logits, scores = clf(x, scores=True)
+    assert logits.shape == (3, 13) and scores.shape == (3, 36)
+    assert torch.allclose(scores, stage1_scores(llava, x, Stage1Config()), atol=1e-6)
+
+    _, objects = synthetic.render_scene(np.random.default_rng(3))
+    boxes = [o["box"] for o in objects]
+    mirrored = [[96 - x1, y0, 96 - x0, y1] for x0, y0, x1, y1 in boxes]
+    grid = synthetic.object_patches(boxes, 96, 8).reshape(12, 12)
+    assert grid.any() and np.array_equal(
+        synthetic.object_patches(mirrored, 96, 8).reshape(12, 12), grid[:, ::-1]
+    )
 
 
 def test_vqa_cache_round_trip_and_invalidation(tmp_path, monkeypatch, capsys):

@@ -63,6 +63,8 @@ __all__ = [
     "SyntheticConfig",
     "render_scene",
     "sample_batch",
+    "object_patches",
+    "OBJECT_PATCH_COVERAGE",
     "batch_stream",
     "make_record",
     "generate_split",
@@ -519,9 +521,10 @@ def labels_of(objects: list[dict[str, Any]]) -> np.ndarray:
 
 
 def sample_batch(
-    n: int, seed: int | Sequence[int], cfg: SyntheticConfig | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` random scenes -> (images uint8 (n, S, S, 3), multi-hot labels float32 (n, 6 + 7)).
+    n: int, seed: int | Sequence[int], cfg: SyntheticConfig | None = None, patch_size: int | None = None
+) -> tuple[np.ndarray, ...]:
+    """``n`` random scenes -> (images uint8 (n, S, S, 3), multi-hot labels float32 (n, 6 + 7)), and
+    with ``patch_size`` also which patches are object patches, bool (n, P) (:func:`object_patches`).
 
     Deterministic in ``seed`` (an int or a sequence of ints, e.g. ``(seed, step)``); use a different
     seed per step/worker for a stream of fresh images, or :func:`batch_stream`.
@@ -531,10 +534,13 @@ def sample_batch(
     s = cfg.image_size
     images = np.empty((n, s, s, 3), dtype=np.uint8)
     labels = np.empty((n, len(SHAPES) + len(COLORS)), dtype=np.float32)
+    patches = np.zeros((n, (s // patch_size) ** 2 if patch_size else 0), dtype=bool)
     for i in range(n):
         images[i], objects = render_scene(rng, cfg)
         labels[i] = labels_of(objects)
-    return images, labels
+        if patch_size:
+            patches[i] = object_patches([o["box"] for o in objects], s, patch_size)
+    return (images, labels, patches) if patch_size else (images, labels)
 
 
 def _batch_job(args: tuple[int, int, int, SyntheticConfig]) -> tuple[np.ndarray, np.ndarray]:
@@ -847,6 +853,18 @@ def text_corpus(n: int = 1000, seed: int = 0) -> list[str]:
 
 # --------------------------------------------------------------------------------------------
 # Patch coverage
+
+
+# A patch "is" an object patch when object boxes cover at least this fraction of it: what the
+# premise report counts as the patches stage 1 must keep (thinner slivers are not asked for).
+OBJECT_PATCH_COVERAGE = 0.25
+
+
+def object_patches(
+    boxes: list[list[int]] | np.ndarray, image_size: int | tuple[int, int], patch_size: int
+) -> np.ndarray:
+    """(N_patches,) bool: :func:`patch_coverage` >= :data:`OBJECT_PATCH_COVERAGE`."""
+    return patch_coverage(boxes, image_size, patch_size) >= OBJECT_PATCH_COVERAGE
 
 
 def patch_coverage(

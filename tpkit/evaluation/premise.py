@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tpkit.data.synthetic import patch_coverage
+from tpkit.data.synthetic import OBJECT_PATCH_COVERAGE, patch_coverage
 from tpkit.pruning import Stage1Config
 from tpkit.pruning.stage1 import select_patches
 
@@ -52,7 +52,7 @@ __all__ = [
     "main",
 ]
 
-COVERED = 0.25  # a patch "is" an object patch when a box covers at least this fraction of it
+COVERED = OBJECT_PATCH_COVERAGE  # a patch "is" an object patch when boxes cover >= this fraction
 TARGETS = {"kept_mean_max": 0.30, "recall_min": 0.90, "auroc_min": 0.90}
 
 

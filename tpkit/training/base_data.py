@@ -5,7 +5,8 @@ Everything is rendered and tokenised once by a process pool (:class:`DataWorkers
 before CUDA is initialised; jobs run in submission order while the caller trains), and then lives
 as tensors on the device:
 
-- :meth:`DataWorkers.tower_images` - ``sample_batch`` images (uint8) + (shape, colour) multi-hot labels.
+- :meth:`DataWorkers.tower_images` - ``sample_batch`` images (uint8) + (shape, colour) multi-hot labels
+  + which patches are object patches (for the premise term).
 - :meth:`DataWorkers.vqa` - ``make_record`` records, their images (uint8) and, per record, the
   ``LlavaCollator`` train-mode encoding (input ids + labels), so that a training batch is a gather
   and a left-pad on the device: :class:`VQABatches`.
@@ -85,9 +86,9 @@ class VQASet:
         return len(self.records)
 
 
-def _pool_chunk(job: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    seed, chunk, n = job
-    return synthetic.sample_batch(n, seed=seed * 1_000_003 + chunk)
+def _pool_chunk(job: tuple[int, int, int, int]) -> tuple[np.ndarray, ...]:
+    seed, chunk, n, patch_size = job
+    return synthetic.sample_batch(n, seed=seed * 1_000_003 + chunk, patch_size=patch_size)
 
 
 CAPTION_QUESTION = "What is in the image?"
@@ -195,12 +196,13 @@ class DataWorkers:
         self.collator = collator
         self.pool = mp.get_context("fork").Pool(workers, initializer=_worker_init) if workers > 1 else None
 
-    def tower_images(self, n: int, seed: int, desc: str = "tower images") -> Pending:
-        """``n`` scenes from ``synthetic.sample_batch`` -> (images uint8 (n, S, S, 3), labels float32 (n, 13))."""
-        jobs = [(seed, c, min(_CHUNK, n - c * _CHUNK)) for c in range((n + _CHUNK - 1) // _CHUNK)]
+    def tower_images(self, n: int, seed: int, patch_size: int, desc: str = "tower images") -> Pending:
+        """``n`` scenes from ``synthetic.sample_batch`` -> (images uint8 (n, S, S, 3), labels float32
+        (n, 13), object patches bool (n, P))."""
+        jobs = [(seed, c, min(_CHUNK, n - c * _CHUNK), patch_size) for c in range((n + _CHUNK - 1) // _CHUNK)]
 
-        def combine(outs: list) -> tuple[np.ndarray, np.ndarray]:
-            return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+        def combine(outs: list) -> tuple[np.ndarray, ...]:
+            return tuple(np.concatenate([o[k] for o in outs]) for k in range(3))
 
         return Pending(self, _pool_chunk, jobs, combine, desc, n)
 
