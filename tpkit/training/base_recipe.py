@@ -92,8 +92,8 @@ class TowerConfig:
     # LLaVA's feature layer (the stage-1 score itself) against which patches are object patches
     # (boxes cover >= 25%); 0 = CLS classification only. Box supervision, so that few patches
     # resemble the CLS token and those are the objects, as the pruner assumes of CLIP: without it a
-    # CPU-affordable tower (F1 0.950 after 768k images) scored AUROC 0.75 and recall 0.59 at the
-    # knee; with it, from that tower, 0.95 and 0.92 after 500 more steps (assets/README.md).
+    # CPU-affordable tower (F1 0.950 after 768k images) scored per-image AUROC 0.75 and recall 0.59
+    # at the knee, below the pixel control (assets/README.md).
     premise_loss: float = 0.0
     log_every: int = 200
     # A saved LLaVA directory whose vision tower to use instead of training one (phase 1 skipped;
