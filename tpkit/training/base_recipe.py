@@ -177,8 +177,8 @@ class BaseRecipeConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu
     # The language model's attention kernel while the LLaVA phase trains (the saved model is loaded
     # with whatever its user asks for; transformers' default is sdpa). On a CPU, eager ran a LLaVA
-    # step of this recipe ~15% faster than sdpa (0.76 vs 0.90 s, 2 Zen 4 cores, bf16, batch 32 x 250
-    # tokens, left padding); on a GPU, sdpa (flash) is the right choice.
+    # step of this recipe in 0.89x sdpa's time (791 vs 889 ms, 2 Zen 4 cores, bf16, batch 32 x 250
+    # tokens, left padding: benchmarks/base_step.py); on a GPU, sdpa (flash) is the right choice.
     attention: Literal["sdpa", "eager"] = "sdpa"
     workers: int = 0  # data-generation processes; 0 = every core
     max_params: int = 3_500_000  # refuse to train a model whose fp32 weights would not fit the fixture
