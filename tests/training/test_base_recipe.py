@@ -218,7 +218,7 @@ def test_premise_term_trains_the_pruners_own_score():
     llava.model.vision_tower.load_state_dict(clf.tower.state_dict())
     x = torch.randn(3, 3, 96, 96)
     with torch.no_grad():
-        logits, scores = clf(x, scores=True)
+        logits, scores = clf(x)
     assert logits.shape == (3, 13) and scores.shape == (3, 36)
     assert torch.allclose(scores, stage1_scores(llava, x, Stage1Config()), atol=1e-6)
 

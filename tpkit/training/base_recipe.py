@@ -555,16 +555,13 @@ class CLSClassifier(nn.Module):
         self.premise_scale = nn.Parameter(torch.tensor(10.0))
         self.premise_bias = nn.Parameter(torch.tensor(-5.0))
 
-    def forward(self, pixel_values: torch.Tensor, scores: bool = False) -> Any:
-        """(B, 3, S, S) -> label logits (B, n_labels); with ``scores`` also the stage-1 cosine
-        score of every patch at the feature layer (B, P), as the pruner computes it."""
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, S, S) -> (label logits (B, n_labels), the stage-1 cosine score of every patch at
+        the feature layer (B, P), as the pruner computes it)."""
         from tpkit.pruning.stage1 import cls_cosine
 
-        out = self.tower(pixel_values=pixel_values, output_hidden_states=scores)
-        logits = self.head(out.pooler_output)
-        if not scores:
-            return logits
-        return logits, cls_cosine(out.hidden_states[FEATURE_LAYER])
+        out = self.tower(pixel_values=pixel_values, output_hidden_states=True)
+        return self.head(out.pooler_output), cls_cosine(out.hidden_states[FEATURE_LAYER])
 
     def premise_logits(self, scores: torch.Tensor) -> torch.Tensor:
         return self.premise_scale * scores + self.premise_bias
@@ -602,7 +599,7 @@ def tower_eval(
 
     was = model.training
     model.eval()
-    out = [model(normalize_images(images[i : i + bs], *norm), scores=True) for i in range(0, len(images), bs)]
+    out = [model(normalize_images(images[i : i + bs], *norm)) for i in range(0, len(images), bs)]
     model.train(was)
     logits = torch.cat([o[0] for o in out]).float()
     scores = torch.cat([o[1] for o in out]).float().cpu().numpy()
@@ -702,11 +699,10 @@ def train_tower(
             obj = torch.where(flip[:, None, None], obj.flip(-1), obj)
         pos += bs
         with _autocast(device, cfg.precision):
-            out = model(x, scores=tc.premise_loss > 0)
-        logits = out[0] if tc.premise_loss > 0 else out
+            logits, scores = model(x)
         loss = F.binary_cross_entropy_with_logits(logits.float(), labels[idx])
         if tc.premise_loss > 0:
-            premise = model.premise_logits(out[1].float())  # (B, P)
+            premise = model.premise_logits(scores.float())  # (B, P)
             loss = loss + tc.premise_loss * F.binary_cross_entropy_with_logits(
                 premise, obj.flatten(1).float()
             )
