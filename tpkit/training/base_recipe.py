@@ -1119,8 +1119,8 @@ def run(cfg: BaseRecipeConfig, out_dir: str | Path, resume: bool = False) -> dic
             pool_job = dw.tower_images(tc.pool_size, 2 * cfg.seed, tc.patch_size, "tower pool")
             held_job = dw.tower_images(tc.eval_size, 2 * cfg.seed + 1, tc.patch_size, "tower held-out")
         kw = {"turns": lc.turns, "caption": lc.caption_turn, "position": lc.position_turn}
-        # a run that checkpoints keeps its rendered VQA data beside the state (5.4 GB for the CPU
-        # config's train split), so that --resume does not spend minutes rendering it again
+        # a run that checkpoints keeps its rendered VQA data beside the state (6 GB on disk for the
+        # CPU config's train split), so that --resume does not spend minutes rendering it again
         cache = state.dir / "data" if state.every_s > 0 else None
 
         def vqa(split: str, n: int, **kw: Any) -> Any:
@@ -1199,13 +1199,7 @@ def run(cfg: BaseRecipeConfig, out_dir: str | Path, resume: bool = False) -> dic
     timings["llava_s"] = round(time.perf_counter() - t, 1)
 
     # Save as a stock directory, then evaluate what was saved.
-    model.to(torch.float32)
-    tok = processor.tokenizer
-    model.generation_config.bos_token_id = tok.bos_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out_dir, safe_serialization=True)
-    processor.save_pretrained(out_dir)
+    _save_model(model, processor, out_dir)
     save_config(cfg, out_dir / "recipe.yaml")
     size = (out_dir / "model.safetensors").stat().st_size
     if cfg.archive:
@@ -1249,6 +1243,16 @@ def run(cfg: BaseRecipeConfig, out_dir: str | Path, resume: bool = False) -> dic
     return metrics
 
 
+def _save_model(model: Any, processor: Any, out_dir: Path) -> None:
+    """``model`` in fp32 (generation ids from the tokenizer) and ``processor`` as a stock directory."""
+    model.to(torch.float32)
+    tok = processor.tokenizer
+    gc = model.generation_config
+    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    model.save_pretrained(out_dir, safe_serialization=True)
+    processor.save_pretrained(out_dir)
+
+
 def snapshot(cfg: BaseRecipeConfig, out_dir: str | Path, dest: str | Path) -> dict[str, Any]:
     """Write the LLaVA phase's last saved state in ``out_dir/.resume`` as a stock model directory
     ``dest`` (weights, processor, ``snapshot.json``), to evaluate a long run while it goes on.
@@ -1267,12 +1271,8 @@ def snapshot(cfg: BaseRecipeConfig, out_dir: str | Path, dest: str | Path) -> di
     processor = build_processor(image_size=cfg.tower.image_size, patch_size=cfg.tower.patch_size)
     model = LlavaForConditionalGeneration(llava_config(cfg, processor))
     model.load_state_dict(saved["model"])
-    tok = processor.tokenizer
-    gc = model.generation_config
-    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     dest = Path(dest)
-    model.save_pretrained(dest, safe_serialization=True)
-    processor.save_pretrained(dest)
+    _save_model(model, processor, dest)
     summary = {
         "run": str(out_dir),
         "step": int(saved["step"]),
