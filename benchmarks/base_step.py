@@ -4,7 +4,7 @@ and as eager (``attention`` in configs/base_tiny*.yaml), CPU.
     python benchmarks/base_step.py [--config configs/base_tiny_cpu.yaml] [--batch 32] [--tokens 250]
                                    [--steps 8] [--threads 2]
 
-One step = the recipe's own answer loss (``_answer_loss``: tower, projector, LM, CE on the answer
+One step = the recipe's own answer loss (``answer_loss``: tower, projector, LM, CE on the answer
 tokens) under its autocast + backward + AdamW, on one fixed left-padded batch shaped like the
 recipe's records (144 image tokens; every other row padded by 20 tokens). The two kernels are timed
 round-robin on the same model (so machine noise hits them alike); medians are reported. The last
@@ -25,14 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from tpkit.config import load_config
 from tpkit.data.processor import build_processor
-from tpkit.training.base_recipe import (
-    BaseRecipeConfig,
-    _adamw,
-    _answer_loss,
-    _autocast,
-    llava_config,
-    resolve_device,
-)
+from tpkit.training.base_llava import answer_loss, llava_config
+from tpkit.training.base_loop import adamw, autocast_for, resolve_device
+from tpkit.training.base_recipe import BaseRecipeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,13 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     labels = torch.full_like(ids, -100)
     labels[:, -12:] = ids[:, -12:]
     pixels = torch.randn(b, 3, cfg.tower.image_size, cfg.tower.image_size)
-    opt = _adamw(model, 1e-4, 0.0, device)
+    opt = adamw(model, 1e-4, 0.0, device)
 
     def step(kernel: str) -> float:
         model.set_attn_implementation({"text_config": kernel})
         t0 = time.perf_counter()
-        with _autocast(device, cfg.precision):
-            loss, _, _ = _answer_loss(model, ids, mask, labels, pixels)
+        with autocast_for(device, cfg.precision):
+            loss, _, _ = answer_loss(model, ids, mask, labels, pixels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tpkit.config import ConfigError, load_config
-from tpkit.training.base_recipe import BaseRecipeConfig, llava_config, main, param_counts
+from tpkit.training.base_llava import llava_config, param_counts
+from tpkit.training.base_recipe import BaseRecipeConfig, main
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "base_tiny.yaml"
@@ -122,7 +123,7 @@ def test_recipe_metrics(trained: Path):
 
 
 def test_answers_are_split_into_turns_by_type():
-    from tpkit.training.base_recipe import _answer_runs, answer_turn_types
+    from tpkit.training.base_llava import _answer_runs, answer_turn_types
 
     sel = torch.tensor([[0, 1, 1, 0, 1, 0, 0, 1], [1, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
     assert _answer_runs(sel).tolist() == [[-1, 0, 0, -1, 1, -1, -1, 2], [0, -1, -1, -1, -1, -1, -1, -1]]
@@ -136,14 +137,14 @@ def test_tower_weights_are_the_trained_tower(trained: Path):
     """The LLaVA's vision tower is the phase-1 tower: phase 2 never updates it (frozen)."""
     from safetensors.torch import load_file
 
-    from tpkit.training.base_recipe import vision_config
+    from tpkit.training.base_tower import vision_config
 
     weights = load_file(str(trained / "model.safetensors"))
     keys = [k for k in weights if "vision_tower" in k]
     assert keys
     cfg = load_config(BaseRecipeConfig, CONFIG, TINY)
     torch.manual_seed(cfg.seed)
-    from tpkit.training.base_recipe import CLSClassifier
+    from tpkit.training.base_tower import CLSClassifier
 
     fresh = CLSClassifier(vision_config(cfg.tower), 13).tower.state_dict()
     # same init seed as the recipe: the saved tower moved away from it (it was trained)
@@ -208,7 +209,7 @@ def test_premise_term_trains_the_pruners_own_score():
     from tpkit.data.processor import build_processor
     from tpkit.models import stage1_scores
     from tpkit.pruning import Stage1Config
-    from tpkit.training.base_recipe import CLSClassifier, vision_config
+    from tpkit.training.base_tower import CLSClassifier, vision_config
 
     cfg = load_config(BaseRecipeConfig, CONFIG, TINY)
     processor = build_processor(image_size=96, patch_size=16)
@@ -344,12 +345,12 @@ def test_training_positions_match_generate(trained: Path):
 
 
 def test_step_plan_fits_the_budget(monkeypatch):
-    import tpkit.training.base_recipe as br
+    import tpkit.training.base_loop as loop
 
     clock = [0.0]
-    monkeypatch.setattr(br.time, "perf_counter", lambda: clock[0])
-    assert br.StepPlan(500, 0.0, torch.device("cpu")).total == 500  # no budget: max_steps
-    plan = br.StepPlan(10_000, 100.0, torch.device("cpu"), calib=(10, 40), replan_every=100)
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock[0])
+    assert loop.StepPlan(500, 0.0, torch.device("cpu")).total == 500  # no budget: max_steps
+    plan = loop.StepPlan(10_000, 100.0, torch.device("cpu"), calib=(10, 40), replan_every=100)
     done = 0
     while done < plan.total and not plan.expired():
         clock[0] += 0.1 if done < 40 else 0.05  # later steps twice as fast: the plan follows
@@ -372,7 +373,7 @@ def test_committed_fixture_answers_test_questions():
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
     from tpkit.training.base_data import DataWorkers
-    from tpkit.training.base_recipe import evaluate_vqa
+    from tpkit.training.base_llava import evaluate_vqa
 
     model = LlavaForConditionalGeneration.from_pretrained(FIXTURE).eval()
     processor = LlavaProcessor.from_pretrained(FIXTURE)

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tpkit.training import base_recipe
-from tpkit.training.base_recipe import StepPlan, main
+from tpkit.training import base_loop
+from tpkit.training.base_loop import StepPlan
+from tpkit.training.base_recipe import main
 
 from .test_base_recipe import CONFIG, ROOT, TINY
 
@@ -57,7 +58,7 @@ def _stop_at(monkeypatch, calls: set[int], how: str) -> None:
         if seen["n"] in calls:
             if how == "crash":
                 raise SystemExit("killed")
-            base_recipe._STOP["requested"] = True
+            base_loop._STOP["requested"] = True
 
     monkeypatch.setattr(StepPlan, "after_step", after_step)
 
