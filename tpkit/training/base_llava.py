@@ -5,7 +5,6 @@ split; and the dense accuracy of the result by greedy ``generate`` on the test a
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -228,8 +227,7 @@ def train_llava(
             "acc_sum": acc_sum,
         }
 
-    bar = tqdm(total=plan.total, initial=step, desc="llava", unit="step", dynamic_ncols=True, mininterval=2.0)
-    plan.t0 = time.perf_counter() - elapsed0
+    plan.start(step, elapsed0, "llava")
     while step < plan.total and not plan.expired():
         ids, mask, labels, imgs = data.sample(lc.batch_size)
         with autocast_for(device, cfg.precision):
@@ -244,9 +242,6 @@ def train_llava(
         loss_sum += loss.detach()
         acc_sum += correct.sum() / sel.sum().clamp(min=1)
         plan.after_step(step)
-        if bar.total != plan.total:
-            bar.total = plan.total
-        bar.update()
         if step % lc.log_every == 0 or step == plan.total:
             k = step % lc.log_every or lc.log_every
             v = teacher_forced_accuracy(model, val, norm, device, cfg.precision, val_kinds)
@@ -274,7 +269,7 @@ def train_llava(
                 f"lr {sched.get_last_lr()[0]:.2e} {entry['time_s']:.0f}s; answers right, val/train: {gap}"
             )
         check_stop(state, "llava", snapshot)
-    bar.close()
+    plan.close()
     if state.every_s > 0:
         state.save("llava", snapshot())
     sync(device)

@@ -58,7 +58,8 @@ class StepPlan:
     ``total`` is first set at step ``calib[1]`` from the seconds per step measured since step
     ``calib[0]``, then re-estimated every ``replan_every`` steps from the latest window (the first
     steps can be slow while data workers still load the CPU), so that a cosine schedule reading
-    ``total`` ends where training ends. ``expired`` is a hard stop at the budget.
+    ``total`` ends where training ends. ``expired`` is a hard stop at the budget. Between
+    :meth:`start` and :meth:`close` it also drives the phase's progress bar.
     """
 
     def __init__(
@@ -77,11 +78,31 @@ class StepPlan:
         self.replan_every = replan_every
         self.t0 = time.perf_counter()
         self._mark: tuple[int, float] | None = None
+        self.bar: tqdm | None = None
+
+    def start(self, step: int, elapsed: float, desc: str) -> None:
+        """Start the clock, ``elapsed`` seconds into the phase (a resumed run), and the progress bar
+        at ``step``."""
+        self.t0 = time.perf_counter() - elapsed
+        self.bar = tqdm(
+            total=self.total, initial=step, desc=desc, unit="step", dynamic_ncols=True, mininterval=2.0
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
     def after_step(self, done: int) -> None:
+        self._replan(done)
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.update()
+
+    def _replan(self, done: int) -> None:
         if not self.budget_s or self.max_steps <= self.calib[1]:
             return
         first, second = self.calib

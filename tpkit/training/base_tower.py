@@ -9,7 +9,6 @@ objects' boxes. No count or position heads: they destroyed the premise in the me
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from tpkit.training.base_loop import (
     RecipeState,
@@ -192,8 +190,7 @@ def train_tower(
             "loss_sum": loss_sum,
         }
 
-    bar = tqdm(total=plan.total, initial=step, desc="tower", unit="step", dynamic_ncols=True, mininterval=2.0)
-    plan.t0 = time.perf_counter() - elapsed0
+    plan.start(step, elapsed0, "tower")
     while step < plan.total and not plan.expired():
         if pos + bs > n:
             # order and flips drawn on the CPU once per epoch, copied once: no per-step transfer
@@ -223,9 +220,6 @@ def train_tower(
         step += 1
         loss_sum += loss.detach()
         plan.after_step(step)
-        if bar.total != plan.total:
-            bar.total = plan.total
-        bar.update()
         if step % tc.log_every == 0 or step == plan.total:
             k = step % tc.log_every or tc.log_every
             f1 = tower_eval(model, ev_images, ev_labels, ev_patches, norm, len(SHAPES))
@@ -239,7 +233,7 @@ def train_tower(
                 f"lr {sched.get_last_lr()[0]:.2e} {entry['time_s']:.0f}s"
             )
         check_stop(state, "tower", snapshot)
-    bar.close()
+    plan.close()
     sync(device)
     seconds = plan.elapsed()
     final = tower_eval(model, ev_images, ev_labels, ev_patches, norm, len(SHAPES))
