@@ -13,10 +13,13 @@ without ``<unk>``. Training is deterministic (same corpus -> same vocabulary and
 
 from __future__ import annotations
 
+import importlib.util
 import string
 from collections.abc import Iterable
+from typing import Any
 
-from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+import transformers
+from transformers import LlavaProcessor, PreTrainedTokenizerFast
 
 PAD, BOS, EOS, IMAGE, UNK = "<pad>", "<s>", "</s>", "<image>", "<unk>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, IMAGE, UNK]  # ids 0, 1, 2, 3, 4 (in this order)
@@ -114,9 +117,18 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedT
     )
 
 
-def build_image_processor(image_size: int = 96) -> CLIPImageProcessor:
+def clip_image_processor_class() -> type:
+    """transformers' ``CLIPImageProcessor``: its torchvision backend where torchvision is installed,
+    else its PIL backend ``CLIPImageProcessorPil`` - the class ``LlavaProcessor.from_pretrained`` picks
+    too, named directly so that transformers does not warn about the fallback on every command."""
+    if importlib.util.find_spec("torchvision") is None and hasattr(transformers, "CLIPImageProcessorPil"):
+        return transformers.CLIPImageProcessorPil
+    return transformers.CLIPImageProcessor
+
+
+def build_image_processor(image_size: int = 96) -> Any:
     """CLIP preprocessing at ``image_size``: resize the short side, centre-crop, OpenAI CLIP mean/std."""
-    return CLIPImageProcessor(
+    return clip_image_processor_class()(
         do_resize=True,
         size={"shortest_edge": image_size},
         do_center_crop=True,

@@ -184,13 +184,13 @@ def plot_curves(
 
 
 def _load_model(model_dir: str | Path, device: str) -> tuple[torch.nn.Module, Any]:
-    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
-    from tpkit.data.processor import build_image_processor
+    from tpkit.data.processor import build_image_processor, clip_image_processor_class
 
     model = LlavaForConditionalGeneration.from_pretrained(str(model_dir)).to(device).eval()
     try:
-        image_processor = CLIPImageProcessor.from_pretrained(str(model_dir))
+        image_processor = clip_image_processor_class().from_pretrained(str(model_dir))
     except OSError:  # a bare model directory (no processor saved): the kit's default preprocessing
         image_processor = build_image_processor(model.config.vision_config.image_size)
     return model, image_processor
