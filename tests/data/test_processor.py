@@ -149,3 +149,15 @@ def test_default_corpus_is_the_synthetic_benchmark():
     lines = list(synthetic.text_corpus())
     assert lines
     assert all(4 not in tok(line).input_ids for line in lines[:200])  # no <unk> on its own text
+
+
+def test_building_the_processor_prints_no_backend_warning():
+    """Where torchvision is absent, transformers warns on every ``CLIPImageProcessor`` access that it
+    falls back to the PIL backend; the kit names that backend itself, so its commands stay quiet."""
+    import subprocess
+    import sys
+
+    code = "from tpkit.data.processor import build_processor; build_processor(image_size=32, patch_size=8)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "falling back" not in out.stderr + out.stdout
