@@ -43,9 +43,18 @@ def _slow_reference(model, embeds, pos, valid, keep2, split):
     return model.lm_head(lm.norm(h))
 
 
-@pytest.mark.parametrize("backbone, attn", [("llama", "sdpa"), ("qwen2", "eager"), ("mistral", "sdpa")])
-def test_removal_equals_masking(tiny_llava_factory, make_llava_batch, backbone, attn):
-    model = attach_pruner(tiny_llava_factory(backbone, attn, seed=1), CUT)
+@pytest.mark.parametrize(
+    "backbone, attn, positions",
+    [
+        ("llama", "sdpa", "contiguous"),
+        ("qwen2", "eager", "contiguous"),
+        ("mistral", "sdpa", "contiguous"),
+        ("llama", "eager", "original"),
+    ],
+)
+def test_removal_equals_masking(tiny_llava_factory, make_llava_batch, backbone, attn, positions):
+    cfg = PruningConfig(stage1=Stage1Config(min_keep=3, positions=positions), stage2=CUT.stage2)
+    model = attach_pruner(tiny_llava_factory(backbone, attn, seed=1), cfg)
     batch = make_llava_batch(model, before=(3, 6, 1), after=(4, 2, 6), seed=1)
     lm = model.model.language_model
     n_new = 8
@@ -75,6 +84,41 @@ def test_removal_equals_masking(tiny_llava_factory, make_llava_batch, backbone, 
             one = torch.ones(3, 1, dtype=torch.bool)
             valid, keep2 = torch.cat([valid, one], 1), torch.cat([keep2, one], 1)
         assert torch.equal(gen[:, -n_new:], torch.stack(ref_tokens, 1))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_original_positions_equal_the_unpruned_prompt_with_dropped_tokens_masked(
+    tiny_llava_factory, make_llava_batch, attn
+):
+    """stage1.positions = original: the pruned forward is the unpruned model run on the whole prompt
+    at its own positions, with the patches stage 1 dropped masked out as keys at every layer and the
+    tokens stage 2 dropped masked out from its layer on."""
+    model = attach_pruner(
+        tiny_llava_factory("llama", attn, seed=1),
+        PruningConfig(stage1=Stage1Config(min_keep=3, positions="original"), stage2=CUT.stage2),
+    )
+    batch = make_llava_batch(model, before=(3, 6, 1), after=(4, 2, 6), seed=1)
+    ids, pix, am = batch["input_ids"], batch["pixel_values"], batch["attention_mask"]
+    keep_all = PruningConfig(
+        stage1=Stage1Config(selector="ratio", ratio=1.0), stage2=Stage2Config(enabled=False)
+    )
+    with torch.no_grad():
+        out = model(**batch)
+        pre = _prefill(model, ids, pix, am)
+        assert (last_stats(model)["k1"] < 16).all() and (pre.keep2 < pre.valid1).any()  # both stages cut
+        dense_pos = (am.cumsum(1) - 1).clamp(min=0)
+        assert torch.equal(pre.pos1[pre.valid1], dense_pos.gather(1, pre.index1.clamp(min=0))[pre.valid1])
+        # the unpruned prompt's embeddings and positions (keep-all), and the kept sets in its frame
+        attach_pruner(model, keep_all)
+        dense = _prefill(model, ids, pix, am)
+        assert torch.equal(dense.pos1, dense_pos)
+        t = ids.shape[1]
+        src = pre.index1.clamp(min=0)
+        kept1 = torch.zeros(3, t, dtype=torch.bool).scatter(1, src, pre.valid1)
+        kept2 = torch.zeros(3, t, dtype=torch.bool).scatter(1, src, pre.keep2)
+        ref = _slow_reference(model, dense.embeds1, dense.pos1, kept1 & dense.valid1, kept2, pre.split)
+    for b in range(3):
+        torch.testing.assert_close(out.logits[b][out.kept_index[b] >= 0], ref[b][kept2[b]])
 
 
 def test_batch_of_4_equals_per_sample(tiny_llava_factory, make_llava_batch):

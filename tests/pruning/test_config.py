@@ -17,6 +17,7 @@ def test_defaults_validate_and_disabled():
         (Stage1Config(ratio=0.0), "ratio"),
         (Stage1Config(min_keep=0), "min_keep"),
         (Stage1Config(score="nope"), "score"),
+        (Stage1Config(positions="packed"), "positions"),
         (Stage2Config(layer=-1), "layer"),
         (Stage2Config(selector="budget"), "budget"),
         (Stage2Config(selector="iqr"), "selector"),
@@ -39,3 +40,4 @@ def test_loads_from_dict_with_location():
         from_dict(PruningConfig, {"stage1": {"min_keep": 9, "max_keep": 2}})
     with pytest.raises(ConfigError, match="selector"):
         from_dict(PruningConfig, {"stage1": {"selector": "elbow"}})
+    assert from_dict(PruningConfig, {"stage1": {"positions": "original"}}).stage1.positions == "original"

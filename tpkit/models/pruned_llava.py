@@ -4,8 +4,8 @@
 ``save_pretrained``, PEFT and ``isinstance`` see the stock model) whose ``forward``/``generate`` prune:
 
 * **Stage 1** runs the vision tower once, scores patches against CLS, keeps a per-image head, projects
-  only the kept patches, and rebuilds the LLM input with a shorter image run (left-padded, contiguous
-  position ids).
+  only the kept patches, and rebuilds the LLM input with a shorter image run (left-padded; position
+  ids contiguous, or each token's original one: ``stage1.positions``).
 * **Stage 2** runs the stock decoder layers in our own loop (``_prefill``; the language model's own
   ``forward`` is never called on the pruned path, so its class stays stock): at layer ``K`` it scores
   tokens with that layer's q/k projections, gathers the kept tokens (hidden states, rotary cos/sin,
@@ -208,7 +208,7 @@ class _Prefill:
     embeds1: torch.Tensor  # (B, T1, D) LLM input after stage 1
     index1: torch.Tensor  # (B, T1) original input index after stage 1, -1 = pad
     valid1: torch.Tensor  # (B, T1) bool
-    pos1: torch.Tensor  # (B, T1) position ids after stage 1 (contiguous)
+    pos1: torch.Tensor  # (B, T1) position ids after stage 1 (see Stage1Config.positions)
     keep2: torch.Tensor  # (B, T1) bool, kept by stage 2 (all valid if stage 2 is off)
     valid2: torch.Tensor  # (B, T_out) bool
     split: int  # layers < split cache T1 tokens, layers >= split cache T_out tokens
@@ -597,7 +597,11 @@ def _prefill(
     embeds = lm.embed_tokens(ids1)  # (B, T1, D)
     img1 = valid1 & (ids1 == mcfg.image_token_id)
     embeds = embeds.masked_scatter(img1[..., None], projected.to(embeds.dtype))
-    pos1 = (valid1.long().cumsum(dim=1) - 1).clamp(min=0)  # contiguous, pads 0
+    if cfg.stage1.positions == "original":  # each kept token's position in the unpruned prompt
+        dense_pos = (am.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T), as stock builds them
+        pos1 = _gather_rows(dense_pos, index1).masked_fill(~valid1, 0)
+    else:
+        pos1 = (valid1.long().cumsum(dim=1) - 1).clamp(min=0)  # contiguous, pads 0
     if answer_mask is not None:
         ans1 = answer_mask.to(device).bool().gather(1, index1.clamp(min=0)) & valid1
     else:
@@ -753,7 +757,7 @@ def _generate(model, **kwargs):
     )
     logits = model.lm_head(pre.hidden[:, -1])  # (B, V)
     valid_a, valid_b = pre.valid1, pre.valid2
-    pos = pre.pos1.max(dim=1).values + 1  # (B,) next position (contiguous after stage 1)
+    pos = pre.pos1.max(dim=1).values + 1  # (B,) next position: after the last prompt token's
     done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
     eos_t = torch.tensor(eos, device=input_ids.device, dtype=torch.long)
     new = []

@@ -7,6 +7,7 @@ from typing import Literal
 
 STAGE1_SCORES = ("cosine", "cosine_centered", "cls_attn", "random")
 STAGE1_SELECTORS = ("kneedle", "curvature", "iqr", "ratio", "budget")
+STAGE1_POSITIONS = ("contiguous", "original")
 STAGE2_QUERIES = ("instruction", "last")
 STAGE2_SELECTORS = ("kneedle", "curvature", "ratio", "budget")
 
@@ -26,8 +27,15 @@ class Stage1Config:
     min_keep: int = 4  # clamps applied after every selector
     max_keep: int | None = None  # None = all patches
     seed: int = 0  # score "random"
+    # Position ids of the shortened LLM input. contiguous: renumbered 0..T1-1, as if the dropped patches
+    # had never been there (what pre-LLM pruning usually does); original: every kept token keeps the
+    # position it has in the unpruned prompt, so the LLM sees the patches' raster geometry and the text
+    # where the unpruned model saw it (stage 2 always keeps original ids).
+    positions: Literal["contiguous", "original"] = "contiguous"
 
     def validate(self) -> None:
+        if self.positions not in STAGE1_POSITIONS:
+            raise ValueError(f"positions = {self.positions!r} must be one of {list(STAGE1_POSITIONS)}")
         if self.score not in STAGE1_SCORES:
             raise ValueError(f"score = {self.score!r} must be one of {list(STAGE1_SCORES)}")
         if self.selector not in STAGE1_SELECTORS:
