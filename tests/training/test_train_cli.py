@@ -29,3 +29,12 @@ def test_train_main_then_resume(train_json, processor, tmp_path, capsys):
     assert main(["--config", str(cfg_path), "--set", "trainer.max_steps=3", "--resume"]) == 0
     assert "done: step 3" in capsys.readouterr().out
     assert torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 3
+
+
+def test_train_main_names_a_missing_model_directory(tmp_path, capsys):
+    from tpkit.training.run import main
+
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text("model:\n  path: ./no-such-model\ndata:\n  train_json: train.json\n")
+    assert main(["--config", str(cfg_path)]) == 2
+    assert "model.path = './no-such-model': no such directory" in capsys.readouterr().err

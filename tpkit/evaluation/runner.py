@@ -72,18 +72,14 @@ def resolve_device(name: str) -> torch.device:
 def load_model_and_processor(cfg: EvalConfig, device: torch.device):
     """(model with the pruner attached, processor, ours' PruningConfig)."""
     from tpkit.models import attach_pruner
+    from tpkit.models.loading import model_paths_error
     from tpkit.training.modeling import load_base_model, load_processor, resolve_dtype
 
     pruning = copy.deepcopy(cfg.pruning)
     mcfg = cfg.model
     tiny = mcfg.path == "tiny" or mcfg.path.startswith("tiny:")
-    p = Path(mcfg.path)
-    looks_local = mcfg.path.startswith((".", "/", "~")) or "/" not in mcfg.path or Path(p.parts[0]).is_dir()
-    if not tiny and not p.exists() and looks_local:  # else a hub id ("org/name")
-        raise EvalError(
-            f"model.path = {mcfg.path!r}: no such directory (a save_pretrained dir, a hub id, or 'tiny' "
-            "for a random tiny model; assets/tiny-llava comes from python -m tpkit.training.base_recipe)"
-        )
+    if why := model_paths_error(mcfg.path, mcfg.processor_path):
+        raise EvalError(why)
     dtype = resolve_dtype(mcfg.dtype, on_gpu=device.type == "cuda")
     if mcfg.processor_path:
         processor = load_processor(mcfg.processor_path)

@@ -23,6 +23,35 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | 
     return _DTYPES[dtype]
 
 
+def missing_local_dir(path: str | Path) -> str | None:
+    """Why ``path`` cannot be loaded, when it can only mean a local directory and none is there; else None.
+
+    A path starting with ``.``, ``/`` or ``~``, one without ``/``, or one whose first component is an
+    existing directory (``assets/tiny-llava`` in a checkout) is local; any other ``org/name`` may be a
+    hub id, which ``from_pretrained`` resolves (or fails to, with its own message).
+    """
+    source = str(path)
+    p = Path(source).expanduser()
+    looks_local = source.startswith((".", "/", "~")) or "/" not in source or Path(p.parts[0]).is_dir()
+    if p.exists() or not looks_local:
+        return None
+    return f"{source!r}: no such directory (expected a save_pretrained directory, or a hub id 'org/name')"
+
+
+def model_paths_error(path: str, processor_path: str | None = None) -> str | None:
+    """The error for a config's ``model.path`` / ``model.processor_path`` that can only be a local
+    directory and is missing (see :func:`missing_local_dir`), else None. ``tiny`` and
+    ``tiny:<backbone>`` (random tiny models) need no directory."""
+    tiny = path == "tiny" or path.startswith("tiny:")
+    for key, value in (("model.path", None if tiny else path), ("model.processor_path", processor_path)):
+        if value and (why := missing_local_dir(value)):
+            return (
+                f"{key} = {why}; 'tiny' builds a random tiny model, and assets/README.md says how the "
+                "embedded assets/tiny-llava is built"
+            )
+    return None
+
+
 def check_llava_config(config: Any, source: str) -> None:
     """ValueError unless ``config`` describes a LLaVA-like model (vision tower + projector + causal LM)."""
     missing = [
@@ -49,6 +78,8 @@ def load_llava(
     from transformers import AutoConfig, LlavaForConditionalGeneration
 
     source = str(path)
+    if why := missing_local_dir(source):
+        raise ValueError(why)
     if local_files_only is None:
         local_files_only = Path(source).exists()
     try:
@@ -74,6 +105,8 @@ def load_processor(path: str | Path, *, revision: str | None = None, local_files
     from transformers import AutoProcessor
 
     source = str(path)
+    if why := missing_local_dir(source):
+        raise ValueError(why)
     if local_files_only is None:
         local_files_only = Path(source).exists()
     try:

@@ -248,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from tpkit.models.loading import model_paths_error
+
+    if why := model_paths_error(cfg.model.path, cfg.model.processor_path):
+        print(f"error: {why}", file=sys.stderr)
+        return 2
     if args.resume and not (Path(cfg.trainer.out_dir) / LAST).is_file():
         print(f"--resume: no checkpoint at {Path(cfg.trainer.out_dir) / LAST}", file=sys.stderr)
         return 2
