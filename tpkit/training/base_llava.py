@@ -15,18 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tpkit.evaluation.metrics import normalize_answer
-from tpkit.training.base_loop import (
-    RecipeState,
-    StepPlan,
-    adamw,
-    autocast_for,
-    check_stop,
-    log,
-    loop_state,
-    restore_loop,
-    sync,
-    warmup_cosine,
-)
+from tpkit.training import base_loop as loop
 from tpkit.training.base_tower import FEATURE_LAYER, vision_config
 
 if TYPE_CHECKING:
@@ -143,7 +132,7 @@ def teacher_forced_accuracy(
     for s in range(0, batches.n, 256):
         idx = torch.arange(s, min(s + 256, batches.n))
         ids, mask, labels, imgs = batches.take(idx)
-        with autocast_for(device, precision):
+        with loop.autocast_for(device, precision):
             _, correct, sel = answer_loss(model, ids, mask, labels, normalize_images(imgs, *norm))
         tok_ok += int(correct.sum())
         tok_n += int(sel.sum())
@@ -172,7 +161,7 @@ def train_llava(
     val_set: Any,
     processor: Any,
     device: torch.device,
-    state: RecipeState | None = None,
+    state: loop.RecipeState | None = None,
 ) -> dict[str, Any]:
     """Phase 2, in place on ``model`` (a LlavaForConditionalGeneration, tower already loaded).
 
@@ -203,25 +192,25 @@ def train_llava(
     probe = VQABatches(probe_set, pad, device, cfg.seed + 3)
     probe_kinds = [answer_turn_types(r) for r in probe_set.records]
     norm = image_norm(processor, device)
-    opt = adamw(model, lc.lr, lc.weight_decay, device)
-    plan = StepPlan(lc.max_steps, lc.time_budget_s, device)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(plan, lc.warmup_steps, lc.min_lr_ratio))
+    opt = loop.adamw(model, lc.lr, lc.weight_decay, device)
+    plan = loop.StepPlan(lc.max_steps, lc.time_budget_s, device)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, loop.warmup_cosine(plan, lc.warmup_steps, lc.min_lr_ratio))
     trainable = [p for p in model.parameters() if p.requires_grad]
     step, history = 0, []
     loss_sum, acc_sum = torch.zeros((), device=device), torch.zeros((), device=device)
     elapsed0 = 0.0
-    state = state or RecipeState(Path("."), cfg, enabled=False)
+    state = state or loop.RecipeState(Path("."), cfg, enabled=False)
     saved = state.load("llava")
     if saved is not None:
-        step, history, elapsed0 = restore_loop(saved, model, opt, sched, plan)
+        step, history, elapsed0 = loop.restore_loop(saved, model, opt, sched, plan)
         data.load_state_dict(saved["data"])
         loss_sum += saved["loss_sum"].to(device)
         acc_sum += saved["acc_sum"].to(device)
-        log(f"[llava] resumed at step {step}/{plan.total} from {state.dir}")
+        loop.log(f"[llava] resumed at step {step}/{plan.total} from {state.dir}")
 
     def snapshot() -> dict[str, Any]:
         return {
-            **loop_state(model, opt, sched, plan, step, history),
+            **loop.loop_state(model, opt, sched, plan, step, history),
             "data": data.state_dict(),
             "loss_sum": loss_sum,
             "acc_sum": acc_sum,
@@ -230,7 +219,7 @@ def train_llava(
     plan.start(step, elapsed0, "llava")
     while step < plan.total and not plan.expired():
         ids, mask, labels, imgs = data.sample(lc.batch_size)
-        with autocast_for(device, cfg.precision):
+        with loop.autocast_for(device, cfg.precision):
             loss, correct, sel = answer_loss(model, ids, mask, labels, normalize_images(imgs, *norm))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -263,20 +252,20 @@ def train_llava(
             gap = ", ".join(
                 f"{k} {a:.3f}/{tr['per_type'].get(k, float('nan')):.3f}" for k, a in v["per_type"].items()
             )
-            log(
+            loop.log(
                 f"[llava] step {step}/{plan.total} loss {entry['loss']:.4f} train tok acc "
                 f"{entry['train_token_acc']:.3f} val answer acc {v['answer_acc']:.3f} "
                 f"lr {sched.get_last_lr()[0]:.2e} {entry['time_s']:.0f}s; answers right, val/train: {gap}"
             )
-        check_stop(state, "llava", snapshot)
+        loop.check_stop(state, "llava", snapshot)
     plan.close()
     if state.every_s > 0:
         state.save("llava", snapshot())
-    sync(device)
+    loop.sync(device)
     seconds = plan.elapsed()
     model.eval()
     model.set_attn_implementation({"text_config": "sdpa"})
-    log(f"[llava] done: {step} steps in {seconds:.0f}s")
+    loop.log(f"[llava] done: {step} steps in {seconds:.0f}s")
     return {
         "steps": step,
         "seconds": round(seconds, 1),

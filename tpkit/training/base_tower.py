@@ -17,18 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tpkit.training.base_loop import (
-    RecipeState,
-    StepPlan,
-    adamw,
-    autocast_for,
-    check_stop,
-    log,
-    loop_state,
-    restore_loop,
-    sync,
-    warmup_cosine,
-)
+from tpkit.training import base_loop as loop
 
 if TYPE_CHECKING:
     from tpkit.training.base_recipe import BaseRecipeConfig, TowerConfig
@@ -143,12 +132,12 @@ def train_tower(
     held_out: tuple[np.ndarray, np.ndarray],
     processor: Any,
     device: torch.device,
-    state: RecipeState | None = None,
+    state: loop.RecipeState | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Phase 1 -> (trained ``CLIPVisionModel`` on ``device``, metrics).
 
     With ``state``, continues from its ``tower.pt`` if there is one and saves into it when due or
-    when a stop is requested (see :class:`RecipeState`).
+    when a stop is requested (see :class:`loop.RecipeState`).
     """
     from tpkit.data.synthetic import SHAPES
     from tpkit.training.base_data import image_norm, normalize_images
@@ -156,9 +145,9 @@ def train_tower(
     tc = cfg.tower
     torch.manual_seed(cfg.seed)
     model = CLSClassifier(vision_config(tc), pool[1].shape[1]).to(device).train()
-    opt = adamw(model, tc.lr, tc.weight_decay, device)
-    plan = StepPlan(tc.max_steps, tc.time_budget_s, device)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(plan, tc.warmup_steps, tc.min_lr_ratio))
+    opt = loop.adamw(model, tc.lr, tc.weight_decay, device)
+    plan = loop.StepPlan(tc.max_steps, tc.time_budget_s, device)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, loop.warmup_cosine(plan, tc.warmup_steps, tc.min_lr_ratio))
     norm = image_norm(processor, device)
     images = torch.from_numpy(pool[0]).to(device)  # (N, S, S, 3) uint8
     labels = torch.from_numpy(pool[1]).to(device)  # (N, 13)
@@ -171,18 +160,18 @@ def train_tower(
     step, loss_sum, history = 0, torch.zeros((), device=device), []
     perm = flips = None
     elapsed0 = 0.0
-    state = state or RecipeState(Path("."), cfg, enabled=False)
+    state = state or loop.RecipeState(Path("."), cfg, enabled=False)
     saved = state.load("tower")
     if saved is not None:
-        step, history, elapsed0 = restore_loop(saved, model, opt, sched, plan)
+        step, history, elapsed0 = loop.restore_loop(saved, model, opt, sched, plan)
         gen.set_state(saved["gen"])
         perm, flips, pos = saved["perm"].to(device), saved["flips"].to(device), int(saved["pos"])
         loss_sum += saved["loss_sum"].to(device)
-        log(f"[tower] resumed at step {step}/{plan.total} from {state.dir}")
+        loop.log(f"[tower] resumed at step {step}/{plan.total} from {state.dir}")
 
     def snapshot() -> dict[str, Any]:
         return {
-            **loop_state(model, opt, sched, plan, step, history),
+            **loop.loop_state(model, opt, sched, plan, step, history),
             "gen": gen.get_state(),
             "perm": perm,
             "flips": flips,
@@ -205,7 +194,7 @@ def train_tower(
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             obj = torch.where(flip[:, None, None], obj.flip(-1), obj)
         pos += bs
-        with autocast_for(device, cfg.precision):
+        with loop.autocast_for(device, cfg.precision):
             logits, scores = model(x)
         loss = F.binary_cross_entropy_with_logits(logits.float(), labels[idx])
         if tc.premise_loss > 0:
@@ -226,15 +215,15 @@ def train_tower(
             entry = {"step": step, "loss": loss_sum.item() / k, **f1, "time_s": round(plan.elapsed(), 1)}
             history.append(entry)
             loss_sum.zero_()
-            log(
+            loop.log(
                 f"[tower] step {step}/{plan.total} loss {entry['loss']:.4f} F1 {f1['f1']:.4f} "
                 f"(shape {f1['f1_shape']:.3f}, colour {f1['f1_color']:.3f}); premise: kept "
                 f"{f1['premise_kept']:.1%}, recall {f1['premise_recall']:.3f}, AUROC {f1['premise_auroc']:.3f}; "
                 f"lr {sched.get_last_lr()[0]:.2e} {entry['time_s']:.0f}s"
             )
-        check_stop(state, "tower", snapshot)
+        loop.check_stop(state, "tower", snapshot)
     plan.close()
-    sync(device)
+    loop.sync(device)
     seconds = plan.elapsed()
     final = tower_eval(model, ev_images, ev_labels, ev_patches, norm, len(SHAPES))
     metrics = {
@@ -246,7 +235,7 @@ def train_tower(
         "eval_size": len(ev_images),
         "history": history,
     }
-    log(
+    loop.log(
         f"[tower] done: {step} steps in {seconds:.0f}s, held-out F1 {final['f1']:.4f}, premise: kept "
         f"{final['premise_kept']:.1%}, recall {final['premise_recall']:.3f}, AUROC {final['premise_auroc']:.3f}"
     )
