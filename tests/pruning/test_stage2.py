@@ -42,6 +42,14 @@ def test_select_tokens_protected_and_overrides():
     assert keep[1].all()
     keep = select_tokens(scores, droppable, always, Stage2Config(), keep_total=torch.tensor([0, 1]))
     assert torch.equal(keep, always)
+    # max_keep caps every selector's droppable count (the highest-scoring ones stay), not forced totals
+    for sel in ("kneedle", "curvature", "ratio"):
+        cfg = Stage2Config(selector=sel, ratio=1.0, min_keep=1, max_keep=1)
+        keep = select_tokens(scores, droppable, always, cfg)
+        assert keep[0].nonzero().flatten().tolist() == [0, 2, 5], sel
+        assert keep[1].nonzero().flatten().tolist() == [0, 4, 5], sel
+    keep = select_tokens(scores, droppable, always, Stage2Config(max_keep=1), keep_total=torch.tensor([4, 4]))
+    assert keep.sum(1).tolist() == [4, 4]
 
 
 def _select_tokens_loop(scores, droppable, always, cfg, keep_total=None):

@@ -63,6 +63,7 @@ class Stage2Config:
     budget: int | None = None  # selector "budget": droppable tokens kept
     prune_text: bool = True  # text before the image (system prompt) is droppable too
     min_keep: int = 1  # droppable tokens kept at least
+    max_keep: int | None = None  # droppable tokens kept at most (None = no cap): bounds k2 whatever the knee
 
     def validate(self) -> None:
         if self.query not in STAGE2_QUERIES:
@@ -79,6 +80,8 @@ class Stage2Config:
             raise ValueError(f"budget = {self.budget} must be >= 0")
         if self.min_keep < 0:
             raise ValueError(f"min_keep = {self.min_keep} must be >= 0")
+        if self.max_keep is not None and self.max_keep < self.min_keep:
+            raise ValueError(f"min_keep = {self.min_keep} > max_keep = {self.max_keep}")
 
 
 @dataclass

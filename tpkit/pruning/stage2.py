@@ -63,8 +63,9 @@ def select_tokens(
     """Kept tokens (B, T) bool: every ``always`` token plus the head of the droppable ones.
 
     ``droppable`` tokens are cut with ``cfg.selector`` (a per-sample knee, a ratio of the droppable
-    count, or a budget), at least ``cfg.min_keep``. ``keep_total`` (B,) forces the total kept count of
-    each sample instead (protected tokens included; clamped to what exists).
+    count, or a budget), at least ``cfg.min_keep`` and at most ``cfg.max_keep``. ``keep_total`` (B,)
+    forces the total kept count of each sample instead (protected tokens included; clamped to what
+    exists).
 
     Vectorised over the ragged candidate sets: each row is sorted with its droppable tokens first (in
     descending score order, ties by position), a per-row count ``k`` is computed and the first ``k``
@@ -97,5 +98,7 @@ def select_tokens(
                 sorted_s[:, :c], cfg.selector, ratio=cfg.ratio, budget=cfg.budget, min_keep=cfg.min_keep
             )  # (B,), valid on rows with c candidates (row-independent)
             k = torch.where(n == c, kc, k)
+    if keep_total is None and cfg.max_keep is not None:
+        k = k.clamp(max=cfg.max_keep)
     rank = torch.arange(t, device=dev)[None, :] < k[:, None]  # (B, T) in sorted order
     return always | torch.zeros_like(droppable).scatter(1, order, rank)
