@@ -74,7 +74,7 @@ ABLATIONS: dict[str, list[str]] = {
     "stage 1 curvature + 2": ["pruning.stage1.selector=curvature"],
     "stage 1 iqr + 2": ["pruning.stage1.selector=iqr"],
     "stage 1 + 2 curvature": ["pruning.stage2.selector=curvature"],
-    "stage 1 + 2, original position ids": ["pruning.stage1.positions=original"],
+    "stage 1 + 2, contiguous position ids": ["pruning.stage1.positions=contiguous"],
 }
 
 

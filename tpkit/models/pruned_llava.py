@@ -4,8 +4,8 @@
 ``save_pretrained``, PEFT and ``isinstance`` see the stock model) whose ``forward``/``generate`` prune:
 
 * **Stage 1** runs the vision tower once, scores patches against CLS, keeps a per-image head, projects
-  only the kept patches, and rebuilds the LLM input with a shorter image run (left-padded; position
-  ids contiguous, or each token's original one: ``stage1.positions``).
+  only the kept patches, and rebuilds the LLM input with a shorter image run (left-padded; each
+  token keeps its original position id, or they are renumbered: ``stage1.positions``).
 * **Stage 2** runs the stock decoder layers in our own loop (``_prefill``; the language model's own
   ``forward`` is never called on the pruned path, so its class stays stock): at layer ``K`` it scores
   tokens with that layer's q/k projections, gathers the kept tokens (hidden states, rotary cos/sin,

@@ -27,11 +27,13 @@ class Stage1Config:
     min_keep: int = 4  # clamps applied after every selector
     max_keep: int | None = None  # None = all patches
     seed: int = 0  # score "random"
-    # Position ids of the shortened LLM input. contiguous: renumbered 0..T1-1, as if the dropped patches
-    # had never been there (what pre-LLM pruning usually does); original: every kept token keeps the
-    # position it has in the unpruned prompt, so the LLM sees the patches' raster geometry and the text
-    # where the unpruned model saw it (stage 2 always keeps original ids).
-    positions: Literal["contiguous", "original"] = "contiguous"
+    # Position ids of the shortened LLM input. original: every kept token keeps the position it has in
+    # the unpruned prompt, so the LLM sees the patches' raster geometry and the text where the unpruned
+    # model saw it - the pruned forward is the unpruned one with the dropped tokens masked out, as for
+    # stage 2; contiguous: renumbered 0..T1-1, as if the dropped patches had never been there (what
+    # pre-LLM pruning often does). On the tiny LLaVA early in training, training-free, original kept 101.7% of
+    # dense accuracy where contiguous kept 81.0% (README "The method").
+    positions: Literal["contiguous", "original"] = "original"
 
     def validate(self) -> None:
         if self.positions not in STAGE1_POSITIONS:
