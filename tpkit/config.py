@@ -332,7 +332,8 @@ class DataConfig:
     batch_size: int = 4  # per device
     eval_batch_size: int = 8
     num_workers: int = 0
-    # write the synthetic benchmark into the json paths' directory when they do not exist (demo)
+    # write the synthetic benchmark into the json paths' directory when they do not exist, and again
+    # when written earlier with another size, seed or generator (tpkit.data.synthetic.ensure_split)
     generate_synthetic: bool = False
     synthetic_n_train: int = 512
     synthetic_n_val: int = 64

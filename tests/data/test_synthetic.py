@@ -16,6 +16,7 @@ from tpkit.data.synthetic import (
     SHAPES,
     SyntheticConfig,
     batch_stream,
+    ensure_split,
     generate_split,
     main,
     make_record,
@@ -79,6 +80,35 @@ def test_generate_split_is_deterministic_per_seed(tmp_path):
         assert ia.read_bytes() != ic.read_bytes()
         with Image.open(ia) as im:
             assert im.size == (96, 96) and im.mode == "RGB"
+
+
+def test_ensure_split_reuses_only_a_matching_split(tmp_path, capsys):
+    path = ensure_split(tmp_path, "test", n=5, seed=1)
+    assert len(json.loads(path.read_text())) == 5
+    stamp = path.stat().st_mtime_ns
+    assert ensure_split(tmp_path, "test", n=5, seed=1) == path and path.stat().st_mtime_ns == stamp
+    assert capsys.readouterr().err == ""
+
+    ensure_split(tmp_path, "test", n=3, seed=1)  # another size: written again, stale images removed
+    assert "n 5 -> 3" in capsys.readouterr().err
+    assert path.read_bytes() == generate_split(tmp_path / "ref", "test", n=3, seed=1).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "images" / "test").iterdir()) == [
+        "000000.png",
+        "000001.png",
+        "000002.png",
+    ]
+    ensure_split(tmp_path, "test", n=3, seed=2)
+    assert "seed 1 -> 2" in capsys.readouterr().err
+    assert json.loads(path.read_text()) == json.loads(
+        generate_split(tmp_path / "r2", "test", n=3, seed=2).read_text()
+    )
+    ensure_split(tmp_path, "test", n=3, seed=2, cfg=SyntheticConfig.for_split("ood"))
+    assert "generator config" in capsys.readouterr().err
+
+    own = tmp_path / "own"  # a file without the meta file is not ours: never rewritten
+    own.mkdir()
+    (own / "test.json").write_text("[]\n")
+    assert ensure_split(own, "test", n=4, seed=0).read_text() == "[]\n"
 
 
 def test_splits_use_different_streams_and_records_do_not_depend_on_n():

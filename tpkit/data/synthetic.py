@@ -40,6 +40,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ __all__ = [
     "batch_stream",
     "make_record",
     "generate_split",
+    "ensure_split",
     "text_corpus",
     "patch_coverage",
     "labels_of",
@@ -817,6 +819,45 @@ def generate_split(
     meta = {"split": split, "n": n, "seed": seed, "config": dataclasses.asdict(cfg)}
     (out_dir / f"{split}.meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return json_path
+
+
+def ensure_split(
+    out_dir: str | Path,
+    split: str,
+    n: int,
+    seed: int,
+    cfg: SyntheticConfig | None = None,
+    progress: bool = False,
+) -> Path:
+    """``out_dir/<split>.json`` as ``generate_split`` would write it, reusing an existing copy.
+
+    A split that this module wrote (it has ``<split>.meta.json``) is reused only if it was written
+    with the same ``n``, ``seed`` and generator config; otherwise it is written again (its images
+    first removed), with a note on stderr naming what changed -- a config that asks for 8,000
+    training records never trains on the 2,000 left by an earlier run. A JSON file without that
+    meta file is someone's own data and is returned untouched.
+    """
+    out_dir = Path(out_dir)
+    json_path = out_dir / f"{split}.json"
+    meta_path = out_dir / f"{split}.meta.json"
+    cfg = cfg or SyntheticConfig.for_split(split)
+    if json_path.exists():
+        if not meta_path.is_file():
+            return json_path
+        try:
+            old = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        want = {"n": n, "seed": seed, "config": json.loads(json.dumps(dataclasses.asdict(cfg)))}
+        changed = [k for k in want if old.get(k) != want[k]]
+        if not changed:
+            return json_path
+        diff = ", ".join(
+            f"{k} {old.get(k)!r} -> {want[k]!r}" if k != "config" else "generator config" for k in changed
+        )
+        print(f"note: rewriting {json_path} ({diff})", file=sys.stderr, flush=True)
+        shutil.rmtree(out_dir / "images" / split, ignore_errors=True)
+    return generate_split(out_dir, split=split, n=n, seed=seed, cfg=cfg, progress=progress)
 
 
 # --------------------------------------------------------------------------------------------

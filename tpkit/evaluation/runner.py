@@ -131,15 +131,13 @@ def load_dataset(cfg: EvalConfig):
     from tpkit.data.llava_json import load_llava_json
 
     path = Path(cfg.data.test_json)
-    if cfg.data.generate_synthetic and not path.exists():
-        from tpkit.data.synthetic import generate_split
+    if cfg.data.generate_synthetic:
+        from tpkit.data.synthetic import ensure_split
 
         split = path.stem
         if split not in ("train", "val", "test", "ood"):
             raise EvalError(f"data.generate_synthetic writes <dir>/<train|val|test|ood>.json, got {path}")
-        generate_split(
-            str(path.parent), split=split, n=cfg.eval.synthetic_n, seed=cfg.data.synthetic_seed + 2
-        )
+        ensure_split(path.parent, split, n=cfg.eval.synthetic_n, seed=cfg.data.synthetic_seed + 2)
     if not path.is_file():
         raise EvalError(f"data.test_json = {str(path)!r}: no such file")
     ds, _ = load_llava_json(

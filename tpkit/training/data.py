@@ -124,19 +124,22 @@ class ResumableDataLoader(DataLoader):
 
 
 def ensure_synthetic_data(cfg: DataConfig) -> None:
-    """Write the synthetic benchmark where ``train_json``/``val_json`` point, if asked and missing."""
-    from tpkit.data.synthetic import generate_split
+    """Write the synthetic benchmark where ``train_json``/``val_json`` point: if missing, or if written
+    earlier with another size, seed or generator config (``tpkit.data.synthetic.ensure_split``)."""
+    from tpkit.data.synthetic import ensure_split
 
     for path, n, split in (
         (cfg.train_json, cfg.synthetic_n_train, "train"),
         (cfg.val_json, cfg.synthetic_n_val, "val"),
     ):
-        if path is None or Path(path).exists():
+        if path is None:
             continue
         if Path(path).name != f"{split}.json":
+            if Path(path).exists():
+                continue  # someone's own data under another name
             raise ValueError(f"data.generate_synthetic writes <dir>/{split}.json; got {path}")
         # records are seeded by (seed, split, index): the same seed gives the standard, disjoint splits
-        generate_split(str(Path(path).parent), split=split, n=n, seed=cfg.synthetic_seed)
+        ensure_split(Path(path).parent, split, n=n, seed=cfg.synthetic_seed)
 
 
 class LlavaDataModule(L.LightningDataModule):
