@@ -74,6 +74,11 @@ def test_demo_runs_end_to_end_and_writes_its_tables(tiny_base, tmp_path):
     assert (out / "eval_base" / "results.md").is_file()
     # the distilled export ran with the pruner on: its token-layer fraction is below dense's
     assert summary["ours_distilled"]["token_layer_fraction"] < 1.0
+    # which question-named objects each method keeps, training-free, fine-tuned and in the ablations
+    kept = [r.split("|")[1].strip() for r in summary["named_objects_table"].splitlines()[2:]]
+    assert kept[0] == "ours, stage 1 only (training-free)" and "ours + LoRA + distillation" in kept
+    assert sum(k.startswith("ablation: ") for k in kept) == len(ABLATIONS)
+    assert "## Do the kept patches hold the objects the question names?" in (out / "summary.md").read_text()
 
 
 def test_demo_config_errors_name_the_key_and_file(tmp_path):

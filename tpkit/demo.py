@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tpkit.config import ConfigError, load_config
+from tpkit.evaluation.report import retention_table
 
 __all__ = ["DemoConfig", "ABLATIONS", "run_demo", "main"]
 
@@ -126,6 +127,14 @@ def _row(label: str, r: dict, dense_acc: float) -> str:
 HEADER = (
     "| method | accuracy | % of dense | token-layer frac. | prefill speedup | color | count | exist | position |\n"
     "|---|---|---|---|---|---|---|---|---|"
+)
+
+
+KEPT_HEADING = "Do the kept patches hold the objects the question names?"
+KEPT_NOTE = (
+    "Share of test samples in which every object the question names keeps at least one patch, after "
+    "stage 1 and after stage 2, beside a random choice of as many patches from the same pool "
+    "(tpkit.evaluation.retention)."
 )
 
 
@@ -244,6 +253,12 @@ def run_demo(cfg: DemoConfig) -> dict:
         abl_table = "\n".join(abl_rows)
 
     final = tuned["distill"]["methods"]["ours"]
+    kept_rows = {label: bm[key] for key, label in labels.items() if key in bm}
+    if "plain" in tuned:
+        kept_rows["ours + LoRA, alpha=0 (plain)"] = tuned["plain"]["methods"]["ours"]
+    kept_rows["ours + LoRA + distillation"] = final
+    kept_rows.update({f"ablation: {name}": r for name, r in (ablations or {}).items()})
+    kept_table = retention_table(kept_rows).strip()
     frac = final["tokens"]["fraction"]["mean"]
     rel = final["accuracy"] / dense_acc if dense_acc else float("nan")
     total = time.perf_counter() - t0
@@ -263,6 +278,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "total_s": round(total, 1),
         "table": table,
         "ablation_table": abl_table,
+        "named_objects_table": kept_table,
         "plots": base.get("files", {}),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -272,6 +288,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         + table
         + "\n\n## Ablations (training-free)\n\n"
         + abl_table
+        + (f"\n\n## {KEPT_HEADING}\n\n{KEPT_NOTE}\n\n{kept_table}" if kept_table else "")
         + "\n"
     )
     if standin:
@@ -281,6 +298,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     if abl_table:
         print("\n## Ablations (training-free, ours)\n")
         print(abl_table)
+    if kept_table:
+        print(f"\n## {KEPT_HEADING}\n\n{KEPT_NOTE}\n")
+        print(kept_table)
     print(f"\nplots and overlays: {', '.join(str(v) for v in base.get('files', {}).values())}")
     print(f"full results: {out}/summary.md, {out}/summary.json, {out}/*/results.json")
     print(

@@ -38,6 +38,18 @@ def test_evaluate_writes_report(eval_cfg):
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 6 and set(expected) <= set(preds[0])
     assert res["table"] == (out / "results.md").read_text()
+    # which question-named objects survive each stage, on every sample that names one
+    from tpkit.data.synthetic import named_objects
+
+    n_named = sum(bool(named_objects(r)) for r in json.loads(Path(eval_cfg.data.test_json).read_text()))
+    assert n_named > 0 and "named_objects" not in data["methods"]["dense"]
+    for m in ("ours", "ours-s1", "random", "topk-cls"):
+        s1, s2 = data["methods"][m]["named_objects"]["stage1"], data["methods"][m]["named_objects"]["stage2"]
+        assert s1["n"] == s2["n"] == n_named and 0 <= s2["all_kept"] <= s1["all_kept"] <= 1
+    s1, s2 = data["methods"]["ours-s1"]["named_objects"].values()  # no stage 2: nothing more is dropped
+    assert s2["kept_patches"] == s1["kept_patches"] and s2["all_kept"] == s1["all_kept"]
+    assert s2["random_all_kept"] == pytest.approx(s1["all_kept"])  # "random" takes the whole pool
+    assert "named objects kept, stage 1" in (out / "results.md").read_text()
 
 
 def test_dense_twice_gives_identical_answers(eval_cfg, tmp_path):

@@ -40,6 +40,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import re
 import shutil
 import sys
 from collections.abc import Iterator, Sequence
@@ -73,6 +74,7 @@ __all__ = [
     "text_corpus",
     "patch_coverage",
     "labels_of",
+    "named_objects",
 ]
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross", "star")
@@ -582,6 +584,43 @@ def batch_stream(
 
 def _question(qtype: str, **kw: str) -> str:
     return QUESTION_TEMPLATES[qtype].format(**kw) + "\n" + ANSWER_SUFFIX
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    parts = re.split(r"\{(\w+)\}", template)  # literal, name, literal, name, ...
+    body = "".join(re.escape(t) if i % 2 == 0 else f"(?P<{t}>\\w+)" for i, t in enumerate(parts))
+    return re.compile(body)
+
+
+_QUESTION_RES = {q: _template_regex(t) for q, t in QUESTION_TEMPLATES.items()}
+
+
+def named_objects(record: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The objects of ``record`` that its (first) question is about, or None if it cannot tell.
+
+    colour: the one object of the named shape; count: every object of the shape (none for "zero");
+    exist: the named colour-and-shape object (none when the answer is "no"); position: both named
+    objects. None for records without ``objects`` or a question the benchmark's templates do not
+    match (real LLaVA data), so callers can skip them.
+    """
+    objects, conv = record.get("objects"), record.get("conversations")
+    if not objects or not conv:
+        return None
+    text = conv[0]["value"].replace("<image>", " ")
+    for qtype, rx in _QUESTION_RES.items():
+        m = rx.search(text)
+        if m is None:
+            continue
+        g = m.groupdict()
+        if qtype == "count":
+            shape = next((sh for sh, pl in SHAPE_PLURALS.items() if pl == g["shapes"]), None)
+            return [o for o in objects if o["shape"] == shape]
+        if qtype == "exist":
+            return [o for o in objects if (o["color"], o["shape"]) == (g["color"], g["shape"])]
+        names = [g["shape"]] + ([g["other"]] if qtype == "position" else [])
+        found = [[o for o in objects if o["shape"] == sh] for sh in names]
+        return [o for group in found for o in group] if all(len(f) == 1 for f in found) else None
+    return None
 
 
 def _unique_shapes(objects: list[dict[str, Any]]) -> list[str]:

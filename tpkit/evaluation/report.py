@@ -99,6 +99,45 @@ def qtype_table(methods: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+RETENTION_COLUMNS = (
+    "method",
+    "named objects kept, stage 1",
+    "random, same count",
+    "after stage 2",
+    "random, same count (of stage 1's)",
+    "patches after stage 2",
+)
+
+
+def retention_table(methods: dict[str, dict]) -> str:
+    """Share of samples whose question-named objects all keep a patch (synthetic data); "" if none.
+
+    One row per method with ``named_objects`` (sweep points left out), each stage beside a random
+    choice of as many patches from the same pool (``tpkit.evaluation.retention``).
+    """
+    rows = []
+    for name, r in methods.items():
+        no = r.get("named_objects")
+        if not no or "@" in name or not no.get("stage1"):
+            continue
+        s1, s2 = no["stage1"], no.get("stage2") or {}
+        rows.append(
+            [
+                name,
+                _fmt(s1.get("all_kept")),
+                _fmt(s1.get("random_all_kept")),
+                _fmt(s2.get("all_kept")),
+                _fmt(s2.get("random_all_kept")),
+                _fmt(s2.get("kept_patches"), ".1f"),
+            ]
+        )
+    if not rows:
+        return ""
+    cols = RETENTION_COLUMNS
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in rows]) + "\n"
+
+
 def parse_markdown_table(text: str) -> list[dict[str, str]]:
     """Rows of the first Markdown table in ``text`` as ``{column: cell}`` (for tests and tools)."""
     rows: list[str] = []
@@ -250,8 +289,16 @@ def write_report(results: dict, out_dir: str | Path, grid_samples: Sequence[dict
     methods = results.get("methods", {})
     table = markdown_table(methods)
     per_type = qtype_table(methods)
+    kept = retention_table(methods)
     (out / "results.md").write_text(
-        table + ("\nAccuracy by question type:\n\n" + per_type if per_type else "")
+        table
+        + ("\nAccuracy by question type:\n\n" + per_type if per_type else "")
+        + (
+            "\nObjects the question names (synthetic data): share of samples in which every one keeps"
+            " a patch, beside a random choice of as many patches from the same pool:\n\n" + kept
+            if kept
+            else ""
+        )
     )
     files["table"] = str(out / "results.md")
     p = plot_curves(
@@ -308,4 +355,4 @@ def speed_markdown(speeds: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ += ["SPEED_COLUMNS", "speed_markdown"]
+__all__ += ["SPEED_COLUMNS", "speed_markdown", "RETENTION_COLUMNS", "retention_table"]

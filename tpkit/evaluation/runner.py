@@ -30,6 +30,7 @@ from tpkit.evaluation.methods import (
     matched_spec,
     sweep_spec,
 )
+from tpkit.evaluation.retention import named_cells, retention
 from tpkit.evaluation.speed import (
     LMShape,
     build_random_init,
@@ -387,6 +388,27 @@ def _grid_samples(ds, run: dict, processor, loader_first: dict, n: int) -> list[
     return out
 
 
+def _named_cells(ds, model) -> tuple[list | None, int]:
+    """Per sample, the patch sets of the objects its question names, and the patch count N.
+
+    (None, N) unless the records carry the synthetic benchmark's object boxes and questions.
+    """
+    from PIL import Image
+
+    vc = model.config.vision_config
+    n_patches = (vc.image_size // vc.patch_size) ** 2
+    if "objects" not in ds.column_names or len(ds) == 0:
+        return None, n_patches
+    rows = ds.select_columns([c for c in ("objects", "conversations", "image_path") if c in ds.column_names])
+    rows = rows.to_list()
+    source = None
+    if rows[0].get("image_path"):
+        with Image.open(rows[0]["image_path"]) as im:
+            source = im.size[0]
+    cells = named_cells(rows, vc.image_size, vc.patch_size, source)
+    return (cells if any(c is not None for c in cells) else None), n_patches
+
+
 def _make_loader(ds, processor, cfg: EvalConfig, batch_size: int):
     from torch.utils.data import DataLoader
 
@@ -425,13 +447,14 @@ def evaluate(cfg: EvalConfig) -> dict:
     order += [m for m in wanted if m not in order]
     specs: dict[str, MethodSpec] = {}
     runs: dict[str, dict] = {}
+    cells, n_patches = _named_cells(ds, model)  # synthetic data: the objects each question names
     for name in _tqdm(order, progress, desc="methods"):
         if name in NEEDS_OURS:
             spec = matched_spec(name, ours_cfg, _ours_stats(runs["ours"]), shape.num_layers, ev.fastv_layer)
         else:
             spec = base_spec(name, ours_cfg)
         specs[name] = spec
-        keep = ev.grid_samples if name == "ours" else 0
+        keep = len(ds) if cells is not None else ev.grid_samples if name == "ours" else 0
         runs[name] = run_method(model, spec, loader, device, tok, ev.max_new_tokens, keep, progress)
     for fam in ev.sweep_methods if ev.budgets else []:
         for b in ev.budgets:
@@ -472,6 +495,11 @@ def evaluate(cfg: EvalConfig) -> dict:
                 "stage2_keep": spec.stage2_keep is not None,
             },
         }
+        if cells is not None and spec.pruning.enabled and run["visual_keep"]:
+            methods[name]["named_objects"] = {
+                "stage1": retention(cells, run["visual_keep"], n_patches, qtypes),
+                "stage2": retention(cells, run["stage2_visual_keep"], run["visual_keep"], qtypes),
+            }
         gap = _budget_gap(run, spec, runs.get("ours"))
         if gap is not None:
             methods[name]["budget_gap_tokens"] = gap
