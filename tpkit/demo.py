@@ -9,9 +9,10 @@ On a 2-core CPU, in minutes, it
 3. fine-tunes LoRA with the pruner in the forward path twice, with the same steps and data:
    distillation from the unpruned model (``distill.alpha > 0``) and plain pruned LoRA (``alpha = 0``),
 4. evaluates both exports with the pruner on,
-5. runs the ablations (stage 1 only / stage 2 only / both, knee detectors, ``prune_text``, stage-1
-   position ids),
-6. prints the result and ablation tables and writes them (Markdown + JSON) to ``out_dir``.
+5. runs the ablations (stage 1 only / stage 2 only / both, knee detectors, ``prune_text``,
+   ``prune_visual``, stage-1 position ids),
+6. prints the result and ablation tables, and which question-named objects each method's kept
+   patches hold (:mod:`tpkit.evaluation.retention`), and writes them (Markdown + JSON) to ``out_dir``.
 
 Every step is the library's own entry point (:func:`tpkit.training.run.fit`,
 :func:`tpkit.evaluation.runner.evaluate`), configured from ``train_config`` / ``eval_config`` plus
@@ -72,6 +73,7 @@ ABLATIONS: dict[str, list[str]] = {
     "stage 2 only": ["pruning.stage1.enabled=false"],
     "stage 1 + 2 (kneedle, prune_text)": [],
     "stage 1 + 2, prune_text off": ["pruning.stage2.prune_text=false"],
+    "stage 1 + 2, stage 2 prunes text only": ["pruning.stage2.prune_visual=false"],
     "stage 1 curvature + 2": ["pruning.stage1.selector=curvature"],
     "stage 1 iqr + 2": ["pruning.stage1.selector=iqr"],
     "stage 1 + 2 curvature": ["pruning.stage2.selector=curvature"],

@@ -104,6 +104,32 @@ def test_stage2_budget_zero_keeps_only_protected(model, make_llava_batch):
     assert out.kept_index.tolist() == [[0, 20, 21, 22, 23]]
 
 
+def test_stage2_can_prune_text_only_or_visual_only(model, make_llava_batch):
+    batch = make_llava_batch(model, before=(5, 3), after=(4, 2))
+    ids = batch["input_ids"]
+    zero = dict(selector="budget", budget=0, min_keep=0)
+    set_pruning(model, PruningConfig(stage2=Stage2Config(prune_visual=False, **zero)))
+    with torch.no_grad():
+        out = model(**batch)
+    s = last_stats(model)
+    for b in range(2):  # every stage-1 patch stays; of the text before the image only the sink
+        assert torch.equal(s["stage2_visual_keep"][b], s["visual_keep"][b])
+        row = out.kept_index[b][out.kept_index[b] >= 0]
+        img = (ids[b] == 3).nonzero()
+        first = int(batch["attention_mask"][b].argmax())
+        assert [int(i) for i in row if i < img.min()] == [first]
+    set_pruning(model, PruningConfig(stage2=Stage2Config(prune_text=False, **zero)))
+    with torch.no_grad():
+        out = model(**batch)
+    s = last_stats(model)
+    for b in range(2):  # every text token stays, no patch does
+        assert len(s["stage2_visual_keep"][b]) == 0
+        row = set(out.kept_index[b][out.kept_index[b] >= 0].tolist())
+        assert row == {i for i in range(ids.shape[1]) if batch["attention_mask"][b, i] and ids[b, i] != 3}
+    with pytest.raises(ValueError, match="nothing to prune"):
+        PruningConfig(stage2=Stage2Config(prune_visual=False, prune_text=False)).validate()
+
+
 def test_stage1_only_and_baseline_configs(model, make_llava_batch):
     batch = make_llava_batch(model, before=(3, 6), after=(4, 2))
     configs = [

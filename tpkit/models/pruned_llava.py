@@ -535,7 +535,7 @@ def _stage2_scores(layer, h, cos, sin, valid, qpos, qvalid) -> torch.Tensor:
     return relevance(q, k, qpos, qvalid, valid, attn.scaling)
 
 
-def _stage2_roles(ids1, valid1, ans1, image_token_id, k1, prune_text, query):
+def _stage2_roles(ids1, valid1, ans1, image_token_id, k1, prune_text, query, prune_visual=True):
     """Protected tokens, droppable tokens and query positions on the stage-1 sequence."""
     b, t1 = ids1.shape
     ar = torch.arange(t1, device=ids1.device)[None, :]
@@ -548,7 +548,7 @@ def _stage2_roles(ids1, valid1, ans1, image_token_id, k1, prune_text, query):
     nxt_ans[:, :-1] = ans1[:, 1:]
     instr = valid1 & (ar >= end) & ~ans1 & ~img
     always = valid1 & (first | last | instr | ans1 | nxt_ans)
-    droppable = img.clone()
+    droppable = img.clone() if prune_visual else torch.zeros_like(img)
     if prune_text:
         droppable |= valid1 & (ar < start)
     droppable &= ~always
@@ -622,7 +622,7 @@ def _prefill(
     for i, layer in enumerate(layers):
         if i == split:
             always, droppable, qpos, qvalid = _stage2_roles(
-                ids1, valid1, ans1, mcfg.image_token_id, k1, s2.prune_text, s2.query
+                ids1, valid1, ans1, mcfg.image_token_id, k1, s2.prune_text, s2.query, s2.prune_visual
             )
             with torch.no_grad():  # scores only pick indices
                 scores = _stage2_scores(layer, h, cos, sin, valid, qpos, qvalid)

@@ -64,6 +64,7 @@ class Stage2Config:
     ratio: float = 0.5  # selector "ratio": fraction of the droppable tokens kept
     budget: int | None = None  # selector "budget": droppable tokens kept
     prune_text: bool = True  # text before the image (system prompt) is droppable too
+    prune_visual: bool = True  # stage 1's visual tokens are droppable (false: stage 2 prunes text only)
     min_keep: int = 1  # droppable tokens kept at least
     max_keep: int | None = None  # droppable tokens kept at most (None = no cap): bounds k2 whatever the knee
 
@@ -82,6 +83,10 @@ class Stage2Config:
             raise ValueError(f"budget = {self.budget} must be >= 0")
         if self.min_keep < 0:
             raise ValueError(f"min_keep = {self.min_keep} must be >= 0")
+        if self.enabled and not (self.prune_visual or self.prune_text):
+            raise ValueError(
+                "prune_visual and prune_text are both false: nothing to prune (set enabled: false)"
+            )
         if self.max_keep is not None and self.max_keep < self.min_keep:
             raise ValueError(f"min_keep = {self.min_keep} > max_keep = {self.max_keep}")
 
