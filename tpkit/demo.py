@@ -120,6 +120,7 @@ def _row(label: str, r: dict, dense_acc: float) -> str:
         label,
         f"{r['accuracy']:.3f}",
         f"{100 * r['accuracy'] / dense_acc:.1f}%" if dense_acc else "–",
+        f"{r['first_word_accuracy']:.3f}" if r.get("first_word_accuracy") is not None else "–",
         f"{100 * frac:.1f}%" if frac is not None else "–",
         f"{speed:.2f}×" if speed else "–",
     ] + [f"{by[q]['accuracy']:.3f}" if q in by else "–" for q in ("color", "count", "exist", "position")]
@@ -127,8 +128,9 @@ def _row(label: str, r: dict, dense_acc: float) -> str:
 
 
 HEADER = (
-    "| method | accuracy | % of dense | token-layer frac. | prefill speedup | color | count | exist | position |\n"
-    "|---|---|---|---|---|---|---|---|---|"
+    "| method | accuracy | % of dense | first word right | token-layer frac. | prefill speedup "
+    "| color | count | exist | position |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
 )
 
 

@@ -37,13 +37,22 @@ def test_exact_match_and_accuracy_by_qtype():
     assert rep["accuracy"] == pytest.approx(0.8)
     assert rep["n"] == 5
     assert rep["by_qtype"] == {
-        "color": {"accuracy": 1.0, "n": 2},
-        "count": {"accuracy": 1.0, "n": 1},
-        "exist": {"accuracy": 0.0, "n": 1},
-        "shape": {"accuracy": 1.0, "n": 1},
+        "color": {"accuracy": 1.0, "first_word_accuracy": 1.0, "n": 2},
+        "count": {"accuracy": 1.0, "first_word_accuracy": 1.0, "n": 1},
+        "exist": {"accuracy": 0.0, "first_word_accuracy": 0.0, "n": 1},
+        "shape": {"accuracy": 1.0, "first_word_accuracy": 1.0, "n": 1},
     }
     with pytest.raises(ValueError, match="2 predictions for 1 references"):
         metrics.exact_match(["a", "b"], ["a"])
+
+
+def test_first_word_match_counts_answers_that_do_not_stop():
+    preds = ["no circle, green cross,", "Yes.", "", "left of it", "two"]
+    refs = ["no", "yes", "no", "right", "2"]
+    assert metrics.first_word_match(preds, refs) == [True, True, False, False, True]
+    assert metrics.exact_match(preds, refs) == [False, True, False, False, True]
+    rep = metrics.accuracy_report(preds, refs)
+    assert rep["accuracy"] == pytest.approx(0.4) and rep["first_word_accuracy"] == pytest.approx(0.6)
 
 
 def test_yes_no_report_pope_style():

@@ -66,6 +66,18 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> list[b
     return [normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references)]
 
 
+def first_word_match(predictions: Sequence[str], references: Sequence[str]) -> list[bool]:
+    """Per-sample match of the first normalised word: the answer was right, whether or not the model
+    then stopped (a pruned model that says "no circle, green ..." for "no" counts here, not in
+    ``exact_match``)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    first = [(normalize_answer(p).split() or [None])[0] for p in predictions]
+    return [
+        f is not None and f == (normalize_answer(r).split() or [""])[0] for f, r in zip(first, references)
+    ]
+
+
 def _mean(hits: Sequence[bool]) -> float:
     from torchmetrics.aggregation import MeanMetric  # lazily: speed-only runs need no torchmetrics
 
@@ -79,14 +91,26 @@ def _mean(hits: Sequence[bool]) -> float:
 def accuracy_report(
     predictions: Sequence[str], references: Sequence[str], qtypes: Sequence[str | None] | None = None
 ) -> dict:
-    """``{"accuracy", "n", "by_qtype": {qtype: {"accuracy", "n"}}}`` (exact match, normalised)."""
+    """``{"accuracy", "first_word_accuracy", "n", "by_qtype": {qtype: {...the same}}}``.
+
+    ``accuracy`` is exact match after normalisation; ``first_word_accuracy`` compares first words only
+    (:func:`first_word_match`).
+    """
     hits = exact_match(predictions, references)
-    out: dict = {"accuracy": _mean(hits), "n": len(hits), "by_qtype": {}}
+    first = first_word_match(predictions, references)
+    out: dict = {"accuracy": _mean(hits), "first_word_accuracy": _mean(first), "n": len(hits), "by_qtype": {}}
     if qtypes is not None:
-        groups: dict[str, list[bool]] = {}
-        for h, q in zip(hits, qtypes):
-            groups.setdefault(q or "other", []).append(h)
-        out["by_qtype"] = {q: {"accuracy": _mean(v), "n": len(v)} for q, v in sorted(groups.items())}
+        groups: dict[str, list[tuple[bool, bool]]] = {}
+        for h, f, q in zip(hits, first, qtypes):
+            groups.setdefault(q or "other", []).append((h, f))
+        out["by_qtype"] = {
+            q: {
+                "accuracy": _mean([h for h, _ in v]),
+                "first_word_accuracy": _mean([f for _, f in v]),
+                "n": len(v),
+            }
+            for q, v in sorted(groups.items())
+        }
     return out
 
 

@@ -483,6 +483,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             "family": spec.family,
             "budget": spec.budget,
             "accuracy": acc["accuracy"],
+            "first_word_accuracy": acc["first_word_accuracy"],
             "n": acc["n"],
             "by_qtype": acc["by_qtype"],
             "yes_no": metrics.yes_no_report(run["answers"], refs),
