@@ -80,3 +80,16 @@ def test_named_cells_skip_what_does_not_apply():
         assert (c is None) == (not objs)
         if c is not None:
             assert len(c) == len(objs) and all(x <= set(range(144)) for x in c)
+
+
+def test_runner_skips_data_without_object_boxes(tiny_llava):
+    """Real LLaVA-JSON data (no ``objects``) gets no retention numbers, and no error."""
+    import datasets
+
+    from tpkit.evaluation.runner import _named_cells
+
+    ds = datasets.Dataset.from_list(
+        [{"id": "a", "conversations": [{"from": "human", "value": "<image>\nWhat is this?"}]}]
+    )
+    vc = tiny_llava.config.vision_config
+    assert _named_cells(ds, tiny_llava) == (None, (vc.image_size // vc.patch_size) ** 2)
