@@ -311,7 +311,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         ("SUMMARY (stand-in base model): " if standin else "SUMMARY: ")
         + f"ours + LoRA + distillation keeps {100 * frac:.1f}% of the token-layers and reaches "
         f"{final['accuracy']:.3f} accuracy = {100 * rel:.1f}% of dense ({dense_acc:.3f}); "
-        f"training-free {bm['ours']['accuracy']:.3f}; total {total / 60:.1f} min"
+        f"training-free {bm['ours']['accuracy']:.3f} (first word right: "
+        f"{bm['ours'].get('first_word_accuracy', float('nan')):.3f}); total {total / 60:.1f} min"
     )
     return summary
 
