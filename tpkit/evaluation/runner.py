@@ -454,7 +454,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         else:
             spec = base_spec(name, ours_cfg)
         specs[name] = spec
-        keep = len(ds) if cells is not None else ev.grid_samples if name == "ours" else 0
+        # kept patch indices: of every sample for the retention numbers, else of ours' grid samples
+        keep = len(ds) if cells is not None else (ev.grid_samples if name == "ours" else 0)
         runs[name] = run_method(model, spec, loader, device, tok, ev.max_new_tokens, keep, progress)
     for fam in ev.sweep_methods if ev.budgets else []:
         for b in ev.budgets:
