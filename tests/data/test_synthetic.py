@@ -20,6 +20,7 @@ from tpkit.data.synthetic import (
     generate_split,
     main,
     make_record,
+    named_objects,
     patch_coverage,
     render_scene,
     sample_batch,
@@ -292,3 +293,27 @@ def test_config_validation_and_cli(tmp_path, capsys):
     assert "turns" in capsys.readouterr().err
     assert main(["--bench", "20"]) == 0
     assert "images/s" in capsys.readouterr().out
+
+
+def test_named_objects_agree_with_the_answers():
+    from tpkit.data.synthetic import _relation
+
+    seen = set()
+    for i in range(160):
+        r, _ = make_record(i, "test", 0)
+        objs, answer, q = named_objects(r), r["conversations"][1]["value"], r["qtype"]
+        seen.add(q)
+        assert objs is not None, r["conversations"][0]["value"]
+        if q == "color":
+            assert len(objs) == 1 and objs[0]["color"] == answer
+        elif q == "count":
+            assert COUNT_WORDS[len(objs)] == answer
+        elif q == "exist":
+            assert bool(objs) == (answer == "yes")
+        else:
+            assert len(objs) == 2 and _relation(objs[0]["box"], objs[1]["box"]) == answer
+    assert seen == {"color", "count", "exist", "position"}
+    assert named_objects({"conversations": [{"from": "human", "value": "<image>\nDescribe it."}]}) is None
+    other = {"objects": [{"shape": "star", "color": "red", "box": [0, 0, 8, 8]}],
+             "conversations": [{"from": "human", "value": "<image>\nWhat is this?"}]}  # fmt: skip
+    assert named_objects(other) is None
