@@ -806,6 +806,11 @@ def _make_and_save(args: tuple[int, str, int, SyntheticConfig, str]) -> dict[str
     return record
 
 
+def _split_meta(split: str, n: int, seed: int, cfg: SyntheticConfig) -> dict[str, Any]:
+    """What ``<split>.meta.json`` records: enough to tell whether a split on disk is the one asked for."""
+    return {"split": split, "n": n, "seed": seed, "config": dataclasses.asdict(cfg)}
+
+
 def generate_split(
     out_dir: str | Path,
     split: str = "train",
@@ -855,8 +860,7 @@ def generate_split(
         bar.close()
     json_path = out_dir / f"{split}.json"
     json_path.write_text(json.dumps(records, indent=1) + "\n")
-    meta = {"split": split, "n": n, "seed": seed, "config": dataclasses.asdict(cfg)}
-    (out_dir / f"{split}.meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    (out_dir / f"{split}.meta.json").write_text(json.dumps(_split_meta(split, n, seed, cfg), indent=1) + "\n")
     return json_path
 
 
@@ -866,7 +870,6 @@ def ensure_split(
     n: int,
     seed: int,
     cfg: SyntheticConfig | None = None,
-    progress: bool = False,
 ) -> Path:
     """``out_dir/<split>.json`` as ``generate_split`` would write it, reusing an existing copy.
 
@@ -887,8 +890,8 @@ def ensure_split(
             old = json.loads(meta_path.read_text())
         except (OSError, json.JSONDecodeError):
             old = {}
-        want = {"n": n, "seed": seed, "config": json.loads(json.dumps(dataclasses.asdict(cfg)))}
-        changed = [k for k in want if old.get(k) != want[k]]
+        want = json.loads(json.dumps(_split_meta(split, n, seed, cfg)))  # as read back: tuples -> lists
+        changed = [k for k in ("n", "seed", "config") if old.get(k) != want[k]]
         if not changed:
             return json_path
         diff = ", ".join(
@@ -896,7 +899,7 @@ def ensure_split(
         )
         print(f"note: rewriting {json_path} ({diff})", file=sys.stderr, flush=True)
         shutil.rmtree(out_dir / "images" / split, ignore_errors=True)
-    return generate_split(out_dir, split=split, n=n, seed=seed, cfg=cfg, progress=progress)
+    return generate_split(out_dir, split=split, n=n, seed=seed, cfg=cfg)
 
 
 # --------------------------------------------------------------------------------------------

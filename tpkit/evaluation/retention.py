@@ -101,15 +101,16 @@ def retention(
     same per question type under ``by_qtype``; None when no sample applies.
     """
     rows: list[tuple[str | None, float, float, float, int, int]] = []
+    every = frozenset(range(pool)) if isinstance(pool, int) else None
     for i, objs in enumerate(cells):
         if objs is None or i >= len(kept) or kept[i] is None:
             continue
         k = set(kept[i].tolist())
-        if isinstance(pool, int):
-            pl = frozenset(range(pool))
+        if every is not None:
+            pl = every
+        elif pool[i] is None:
+            continue
         else:
-            if pool[i] is None:
-                continue
             pl = frozenset(pool[i].tolist())
         hit = [bool(c & k) for c in objs]
         rows.append(
