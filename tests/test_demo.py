@@ -57,7 +57,6 @@ def test_demo_runs_end_to_end_and_writes_its_tables(tiny_base, tmp_path):
             "speed.decode_tokens=1",
             "device=cpu",
         ],
-        ablation_limit=4,
     )
     summary = run_demo(cfg)
     assert summary["standin_base_model"] is False
@@ -69,6 +68,11 @@ def test_demo_runs_end_to_end_and_writes_its_tables(tiny_base, tmp_path):
     assert labels[0] == "dense" and labels[-1].startswith("**ours + LoRA + distillation**")
     assert "ours + LoRA, alpha=0 (plain)" in labels
     assert len(summary["ablation_table"].splitlines()) == 2 + len(ABLATIONS)
+    # the ablations are variants of the training-free run: one dense run, every variant's own settings
+    base = json.loads((out / "eval_base" / "results.json").read_text())["methods"]
+    assert base["ours[stage 2 only]"]["pruning"]["stage1"]["enabled"] is False
+    assert base["ours[stage 1 iqr + 2]"]["pruning"]["stage1"]["selector"] == "iqr"
+    assert sum(name.startswith("ours[") for name in base) == sum(1 for ch in ABLATIONS.values() if ch)
     assert (out / "train_distill" / "export" / "adapter_config.json").is_file()
     assert (out / "train_plain" / "export" / "adapter_config.json").is_file()
     assert (out / "eval_base" / "results.md").is_file()

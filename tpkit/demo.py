@@ -5,13 +5,13 @@
 On a 2-core CPU, in minutes, it
 
 1. checks the base model (``assets/tiny-llava``, a committed fixture; see assets/README.md),
-2. evaluates it training-free: dense, ours (stage 1, stage 1+2) and the matched-budget baselines,
+2. evaluates it training-free: dense, ours (stage 1, stage 1+2), the matched-budget baselines, the
+   budget sweep and the ablations (stage 1 only / stage 2 only / both, knee detectors,
+   ``prune_text``, ``prune_visual``, stage-1 position ids; ``eval.variants`` of one run),
 3. fine-tunes LoRA with the pruner in the forward path twice, with the same steps and data:
    distillation from the unpruned model (``distill.alpha > 0``) and plain pruned LoRA (``alpha = 0``),
-4. evaluates both exports with the pruner on,
-5. runs the ablations (stage 1 only / stage 2 only / both, knee detectors, ``prune_text``,
-   ``prune_visual``, stage-1 position ids),
-6. prints the result and ablation tables, and which question-named objects each method's kept
+4. evaluates both exports with the pruner on (``dense`` there is the base model without the adapter),
+5. prints the result and ablation tables, and which question-named objects each method's kept
    patches hold (:mod:`tpkit.evaluation.retention`), and writes them (Markdown + JSON) to ``out_dir``.
 
 Every step is the library's own entry point (:func:`tpkit.training.run.fit`,
@@ -51,8 +51,7 @@ class DemoConfig:
     max_steps: int = 200
     distill_alpha: float = 1.0
     compare_plain_lora: bool = True  # also train alpha = 0 with the same steps and data
-    ablations: bool = True
-    ablation_limit: int | None = None  # evaluate ablations on the first N test samples only
+    ablations: bool = True  # the ABLATIONS rows, as eval.variants of the training-free evaluation
     threads: int | None = None  # torch CPU threads (None = torch's default)
 
     def validate(self) -> None:
@@ -67,17 +66,18 @@ class DemoConfig:
                 raise ValueError(f"{key} = {getattr(self, key)!r}: no such file")
 
 
-# name -> pruning overrides of an ablation run (training-free, "ours" method only)
-ABLATIONS: dict[str, list[str]] = {
-    "stage 1 only (kneedle)": ["pruning.stage2.enabled=false"],
-    "stage 2 only": ["pruning.stage1.enabled=false"],
-    "stage 1 + 2 (kneedle, prune_text)": [],
-    "stage 1 + 2, prune_text off": ["pruning.stage2.prune_text=false"],
-    "stage 1 + 2, stage 2 prunes text only": ["pruning.stage2.prune_visual=false"],
-    "stage 1 curvature + 2": ["pruning.stage1.selector=curvature"],
-    "stage 1 iqr + 2": ["pruning.stage1.selector=iqr"],
-    "stage 1 + 2 curvature": ["pruning.stage2.selector=curvature"],
-    "stage 1 + 2, contiguous position ids": ["pruning.stage1.positions=contiguous"],
+# name -> the pruning settings an ablation changes in ours (training-free); {} = ours itself. They run
+# as eval.variants of the training-free evaluation: one dense run serves them all.
+ABLATIONS: dict[str, dict[str, object]] = {
+    "stage 1 only (kneedle)": {"stage2.enabled": False},
+    "stage 2 only": {"stage1.enabled": False},
+    "stage 1 + 2 (kneedle, prune_text)": {},
+    "stage 1 + 2, prune_text off": {"stage2.prune_text": False},
+    "stage 1 + 2, stage 2 prunes text only": {"stage2.prune_visual": False},
+    "stage 1 curvature + 2": {"stage1.selector": "curvature"},
+    "stage 1 iqr + 2": {"stage1.selector": "iqr"},
+    "stage 1 + 2 curvature": {"stage2.selector": "curvature"},
+    "stage 1 + 2, contiguous position ids": {"stage1.positions": "contiguous"},
 }
 
 
@@ -194,9 +194,11 @@ def run_demo(cfg: DemoConfig) -> dict:
         _log(f"{label}: {timings[label]:.0f}s")
         return r
 
+    variants = {name: ch for name, ch in ABLATIONS.items() if ch} if cfg.ablations else {}
     base = step(
-        "evaluate the base model training-free (dense, ours, baselines, sweep)", _eval, cfg, "eval_base", []
-    )
+        "evaluate the base model training-free (dense, ours, baselines, ablations, sweep)",
+        _eval, cfg, "eval_base", [f"eval.variants={json.dumps(variants)}"],
+    )  # fmt: skip
     kd_export = step(
         f"fine-tune LoRA + distillation (alpha={cfg.distill_alpha}, {cfg.max_steps} steps)",
         _train, cfg, "train_distill", cfg.distill_alpha,
@@ -214,16 +216,12 @@ def run_demo(cfg: DemoConfig) -> dict:
             [f"adapter={export}", "eval.methods=[dense,ours]", "eval.budgets=[]", "speed.enabled=false"],
         )  # fmt: skip
 
-    ablations = {}
-    if cfg.ablations:
-        extra = ["eval.methods=[dense,ours]", "eval.budgets=[]", "speed.enabled=false", "eval.grid_samples=0"]
-        if cfg.ablation_limit:
-            extra.append(f"eval.limit={cfg.ablation_limit}")
-        for i, (name, ov) in enumerate(ABLATIONS.items()):
-            r = step(f"ablation: {name}", _eval, cfg, f"ablation_{i}", extra + ov)
-            ablations[name] = r["methods"]["ours"]
-
     bm = base["methods"]
+    ablations = (
+        {name: bm[f"ours[{name}]"] if ch else bm["ours"] for name, ch in ABLATIONS.items()}
+        if cfg.ablations
+        else {}
+    )
     dense_acc = bm["dense"]["accuracy"]
     rows = [HEADER, _row("dense", bm["dense"], dense_acc)]
     labels = {
@@ -249,11 +247,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     table = "\n".join(rows)
     abl_table = ""
     if ablations:
-        abl_dense = None
-        abl_rows = [HEADER]
-        for name, r in ablations.items():
-            abl_dense = abl_dense or dense_acc
-            abl_rows.append(_row(name, r, abl_dense))
+        abl_rows = [HEADER] + [_row(name, r, dense_acc) for name, r in ablations.items()]
         abl_table = "\n".join(abl_rows)
 
     final = tuned["distill"]["methods"]["ours"]

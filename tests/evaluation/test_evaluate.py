@@ -82,6 +82,62 @@ def test_unknown_method_is_a_clear_error(tmp_path, eval_assets):
         load_eval_config(path)
 
 
+def test_variants_run_beside_ours_and_equal_a_run_with_those_settings(eval_cfg, tmp_path):
+    import copy
+
+    eval_cfg.eval.methods = ["dense", "ours"]
+    eval_cfg.eval.budgets = []
+    eval_cfg.eval.grid_samples = 0
+    eval_cfg.speed.repeats = 1
+    eval_cfg.speed.generation = False
+    eval_cfg.eval.variants = {
+        "s1 ratio": {"stage1.selector": "ratio", "stage1.ratio": 0.5},
+        "no s2": {"stage2.enabled": False},
+    }
+    both = evaluate(eval_cfg)
+    m = both["methods"]
+    assert list(m) == ["dense", "ours", "ours[s1 ratio]", "ours[no s2]"]
+    assert m["ours[s1 ratio]"]["tokens"]["k1"]["mean"] == 72.0  # ratio 0.5 of 144 patches
+    assert m["ours[no s2]"]["pruning"]["stage2"]["enabled"] is False
+    assert "speed" not in m["ours[s1 ratio]"] and "speed" in m["ours"]  # variants are not timed
+    rows = parse_markdown_table((Path(eval_cfg.out_dir) / "results.md").read_text())
+    assert [r["method"] for r in rows] == list(m)
+
+    alone = copy.deepcopy(eval_cfg)  # the same settings as ours in a run of their own
+    alone.eval.variants = {}
+    alone.pruning.stage1.selector, alone.pruning.stage1.ratio = "ratio", 0.5
+    alone.speed.enabled = False
+    alone.out_dir = str(tmp_path / "alone")
+    ref = evaluate(alone)["methods"]["ours"]
+    assert m["ours[s1 ratio]"]["accuracy"] == ref["accuracy"]
+    assert m["ours[s1 ratio]"]["tokens"] == ref["tokens"]
+    preds = [
+        json.loads(line) for line in (Path(eval_cfg.out_dir) / "predictions.jsonl").read_text().splitlines()
+    ]
+    alone_preds = [
+        json.loads(line) for line in (tmp_path / "alone" / "predictions.jsonl").read_text().splitlines()
+    ]
+    assert [p["ours[s1 ratio]"] for p in preds] == [p["ours"] for p in alone_preds]
+
+
+@pytest.mark.parametrize(
+    "variants, message",
+    [
+        (
+            "{x: {stage1.selctor: curvature}}",
+            r"eval\.variants\['x'\]: unknown key 'stage1\.selctor' \(did you mean 'stage1\.selector'\?\)",
+        ),
+        ("{x: {stage1.selector: knee}}", r"eval\.variants\['x'\]: 'stage1\.selector' = 'knee' is not one of"),
+        ("{x: {stage9.selector: iqr}}", r"eval\.variants\['x'\]: 'stage9\.selector' is not a pruning key"),
+        ("{x: curvature}", r"variants\['x'\] = 'curvature' must be a mapping"),
+        ("{'a[1]': {}}", r"name 'a\[1\]' must be a non-empty string"),
+    ],
+)
+def test_bad_variants_are_clear_errors(tmp_path, eval_assets, variants, message):
+    with pytest.raises(ConfigError, match=message):
+        load_eval_config(None, [f"data.test_json={eval_assets['test_json']}", f"eval.variants={variants}"])
+
+
 def test_unknown_key_is_a_clear_error(tmp_path, eval_assets):
     path = _write(tmp_path, f"data:\n  test_json: {eval_assets['test_json']}\neval:\n  method: [dense]\n")
     with pytest.raises(
@@ -140,6 +196,58 @@ def test_evaluate_with_exported_adapter_uses_its_pruning(eval_cfg, eval_assets, 
     res = evaluate(eval_cfg)
     assert res["methods"]["ours"]["tokens"]["k1"]["mean"] == 72.0  # the export's ratio 0.5 of 144 patches
     assert res["methods"]["ours"]["pruning"]["stage1"]["selector"] == "ratio"
+
+
+def test_with_an_adapter_dense_is_the_base_model_and_the_rest_use_the_adapter(
+    eval_cfg, eval_assets, tmp_path
+):
+    """An export's "% of dense" compares with the unpruned original, not the adapter run unpruned."""
+    import copy
+
+    import torch
+
+    from tpkit.config import ModelConfig, TrainConfig
+    from tpkit.export import export_adapter
+    from tpkit.training.modeling import apply_lora, load_base_model
+
+    processor = eval_assets["processor"]
+    mcfg = ModelConfig(path="tiny", dtype="float32")
+    peft_model = apply_lora(load_base_model(mcfg, processor=processor), TrainConfig().lora)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a trained-looking adapter: lora_B is zero at init, which changes nothing
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    export_adapter(
+        peft_model,
+        TrainConfig(model=mcfg, pruning=eval_cfg.pruning),
+        tmp_path / "export",
+        processor=processor,
+    )
+
+    eval_cfg.eval.methods = ["dense", "ours"]
+    eval_cfg.eval.budgets = []
+    eval_cfg.speed.enabled = False
+    eval_cfg.eval.grid_samples = 0
+    plain = copy.deepcopy(eval_cfg)
+    plain.out_dir = str(tmp_path / "base")
+    base = evaluate(plain)
+    eval_cfg.adapter = str(tmp_path / "export")
+    eval_cfg.out_dir = str(tmp_path / "tuned")
+    tuned = evaluate(eval_cfg)
+
+    def answers(out_dir):
+        rows = [json.loads(line) for line in (Path(out_dir) / "predictions.jsonl").read_text().splitlines()]
+        return {m: [r[m] for r in rows] for m in ("dense", "ours")}
+
+    a, b = answers(plain.out_dir), answers(eval_cfg.out_dir)
+    assert b["dense"] == a["dense"]  # the reference is the base model, adapter off
+    assert b["ours"] != a["ours"]  # the pruned rows run with the adapter merged in
+    assert tuned["model"]["dense"] == "base model without the adapter"
+    assert base["model"]["dense"] == "base model"
+    assert (
+        "`dense` is the base model without the adapter" in (Path(eval_cfg.out_dir) / "results.md").read_text()
+    )
 
 
 def test_not_an_export_is_a_clear_error(eval_cfg, tmp_path):

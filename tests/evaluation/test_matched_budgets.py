@@ -31,7 +31,7 @@ def runs(loaded):
     stats = _ours_stats(out["ours"])
     for name in ("random", "topk-cls", "fastv"):
         out[name] = run(matched_spec(name, ours, stats, n_layers, fastv_layer=1))
-    for fam in ("ours", "random", "fastv"):
+    for fam in ("ours", "random", "topk-cls", "fastv"):
         out[f"{fam}@0.5"] = run(sweep_spec(fam, 0.5, ours, stats, n_layers, 1, 1.5))
     # the sweep from ours' default knees (deep cuts, very uneven k1): every sample still lands on it
     knee = loaded["ours"]
@@ -76,7 +76,8 @@ def test_fastv_matches_ours_token_layer_fraction(runs):
 
 
 @pytest.mark.parametrize(
-    "name, target", [("ours@0.5", 0.5), ("random@0.5", 0.5), ("fastv@0.5", 0.5), ("knee@0.33", 0.33)]
+    "name, target",
+    [("ours@0.5", 0.5), ("random@0.5", 0.5), ("topk-cls@0.5", 0.5), ("fastv@0.5", 0.5), ("knee@0.33", 0.33)],
 )
 def test_sweep_lands_on_target(runs, name, target):
     r = runs[name]
@@ -87,6 +88,21 @@ def test_sweep_lands_on_target(runs, name, target):
 def test_sweep_random_matches_sweep_ours(runs):
     assert runs["random@0.5"]["k1"].tolist() == runs["ours@0.5"]["k1"].tolist()
     assert runs["random@0.5"]["k2"].tolist() == runs["ours@0.5"]["k2"].tolist()
+
+
+def test_sweep_topk_cls_keeps_one_k_the_mean_of_ours():
+    from tpkit.evaluation.methods import OursStats
+    from tpkit.pruning import PruningConfig
+
+    n = torch.tensor([179] * 4)  # 35 text + 144 patches; ours' knees kept very different counts
+    k1 = torch.tensor([10, 20, 30, 40])
+    stats = OursStats(n, torch.tensor([144] * 4), k1, 35 + k1, 35 + k1 // 2, torch.full((4,), 0.3))
+    ours = sweep_spec("ours", 0.5, PruningConfig(), stats, 4, 1, 1.5)
+    topk = sweep_spec("topk-cls", 0.5, PruningConfig(), stats, 4, 1, 1.5)
+    assert len(set(ours.stage1_keep.tolist())) > 1  # ours keeps its per-image ranking
+    k = round(float(ours.stage1_keep.double().mean()))
+    assert topk.stage1_keep.tolist() == [k] * 4
+    assert topk.pruning.stage1.score == "cosine" and topk.family == "topk-cls"
 
 
 def test_dense_is_deterministic_and_unpruned(runs):

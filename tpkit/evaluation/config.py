@@ -9,16 +9,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from tpkit.config import ConfigError, DataConfig, ModelConfig, load_config
+from tpkit.config import ConfigError, DataConfig, ModelConfig, from_dict, load_config, to_dict
 from tpkit.pruning import PruningConfig
 
-__all__ = ["EvalConfig", "EvalSection", "SpeedConfig", "RandomInitConfig", "METHODS", "load_eval_config"]
+__all__ = [
+    "EvalConfig",
+    "EvalSection",
+    "SpeedConfig",
+    "RandomInitConfig",
+    "METHODS",
+    "load_eval_config",
+    "variant_pruning",
+]
 
 # every name ``eval.methods`` accepts; the budget sweep adds "<family>@<fraction>" runs
 METHODS = ("dense", "ours-s1", "ours", "random", "topk-cls", "fastv", "prumerge-iqr")
-SWEEP_FAMILIES = ("ours", "random", "fastv")
+SWEEP_FAMILIES = ("ours", "random", "topk-cls", "fastv")
 
 
 @dataclass
@@ -28,7 +36,7 @@ class EvalSection:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     # token-layer fractions of the budget sweep (curves); [] = no sweep
     budgets: list[float] = field(default_factory=lambda: [0.11, 0.22, 0.33, 0.5])
-    sweep_methods: list[str] = field(default_factory=lambda: list(SWEEP_FAMILIES))
+    sweep_methods: list[str] = field(default_factory=lambda: ["ours", "random", "fastv"])
     # the sweep gives stage 1 a budget of factor * fraction (of the dense prompt), stage 2 the rest
     sweep_stage1_factor: float = 1.5
     fastv_layer: int = 2  # FastV's K (its paper: K=2)
@@ -37,6 +45,10 @@ class EvalSection:
     synthetic_n: int = 64  # with data.generate_synthetic: samples written to data.test_json
     grid_samples: int = 8  # kept-patch overlays of the first N samples
     progress: bool = True
+    # more rows of ours with some pruning settings changed, in the same run (one dense run for all):
+    # {name: {pruning key: value}}, e.g. {"stage 1 curvature": {"stage1.selector": "curvature"}};
+    # reported as "ours[name]", not timed
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -56,6 +68,29 @@ class EvalSection:
             raise ValueError(f"max_new_tokens = {self.max_new_tokens} must be >= 1")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit = {self.limit} must be >= 1 (or null)")
+        for name, changes in self.variants.items():
+            if not isinstance(name, str) or not name.strip() or any(c in name for c in "[]@|"):
+                raise ValueError(f"variants: name {name!r} must be a non-empty string without [ ] @ |")
+            if not isinstance(changes, dict):
+                raise ValueError(
+                    f"variants[{name!r}] = {changes!r} must be a mapping of pruning keys to values"
+                )
+
+
+def variant_pruning(ours: PruningConfig, name: str, changes: dict[str, Any]) -> PruningConfig:
+    """``ours`` with ``changes`` ({"stage1.selector": "curvature", ...}) applied, checked like a config
+    file (unknown keys, wrong types and impossible values name ``eval.variants[name]`` and the key)."""
+    data = to_dict(ours)
+    for key, value in changes.items():
+        node, parts = data, str(key).split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(
+                    f"eval.variants[{name!r}]: {key!r} is not a pruning key (e.g. stage1.selector)"
+                )
+            node = node[part]
+        node[parts[-1]] = value
+    return from_dict(PruningConfig, data, source=f"eval.variants[{name!r}]")
 
 
 @dataclass
@@ -130,6 +165,11 @@ class EvalConfig:
             raise ValueError("matched baselines and the budget sweep need pruning.stage1.enabled (ours)")
         if self.eval.budgets and "ours" in self.eval.sweep_methods and not s2.enabled:
             raise ValueError("the budget sweep of 'ours' needs pruning.stage2.enabled")
+        for name, changes in self.eval.variants.items():
+            try:
+                variant_pruning(self.pruning, name, changes)
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
 
 
 def load_eval_config(path: str | Path | None = None, overrides: list[str] | None = None) -> EvalConfig:

@@ -14,10 +14,11 @@ accuracy is attributable (per-sample counts come from ``ours``' own run, see
   tokens only, ``stage2_keep`` solved per sample so its token-layer fraction equals ours'.
 - ``prumerge-iqr``: stage-1 score ``cls_attn`` with PruMerge's IQR outlier selection, no merge,
   no stage 2 (compare with ``ours-s1``).
-- ``<family>@<f>`` (budget sweep, families ours/random/fastv): every sample at token-layer fraction
-  ``f``. Stage 1 keeps ours' dynamic ``k1`` scaled by one factor so that the mean stage-1 prompt is
-  ``sweep_stage1_factor * f`` of the dense prompt; stage 2 keeps the count that lands on ``f``.
-  ``random@f`` uses the same two counts, ``fastv@f`` solves its single count for ``f``.
+- ``<family>@<f>`` (budget sweep, families ours/random/topk-cls/fastv): every sample at token-layer
+  fraction ``f``. Stage 1 keeps ours' dynamic ``k1`` scaled by one factor so that the mean stage-1
+  prompt is ``sweep_stage1_factor * f`` of the dense prompt; stage 2 keeps the count that lands on
+  ``f``. ``random@f`` uses the same two counts, ``topk-cls@f`` one K (their mean) for every image,
+  ``fastv@f`` solves its single count for ``f``.
 """
 
 from __future__ import annotations
@@ -139,7 +140,6 @@ def sweep_spec(
         k2 = torch.maximum(k2, stats.n_dense - stats.n_visual)
         return MethodSpec(name, family, _fastv_cfg(ours, fastv_layer), None, k2, budget)
     layer = ours.stage2.layer
-    k1 = scale_stage1_keep(stats.k1, stats.n_text, stats.n_visual, min(1.0, stage1_factor * budget))
     # keep every sample feasible: its stage-1 prompt must hold at least budget * n_dense tokens (else
     # even keeping everything at stage 2 falls short) and leave stage 2 room above the text it
     # protects (at most n_text). Matters for shallow LMs, where the K layers before stage 2 weigh a lot.
@@ -147,13 +147,21 @@ def sweep_spec(
     k1_min = (torch.ceil(budget * n_dense) - n_text).long()
     n1_max = (budget * num_layers * n_dense - (num_layers - layer) * n_text) / max(layer, 1)
     k1_max = n1_max.floor().long() - stats.n_text
-    k1 = torch.minimum(torch.maximum(k1, k1_min), k1_max)
-    k1 = torch.minimum(k1.clamp(min=1), stats.n_visual)
+
+    def feasible(k1: torch.Tensor) -> torch.Tensor:
+        k1 = torch.minimum(torch.maximum(k1, k1_min), k1_max)
+        return torch.minimum(k1.clamp(min=1), stats.n_visual)
+
+    k1 = feasible(scale_stage1_keep(stats.k1, stats.n_text, stats.n_visual, min(1.0, stage1_factor * budget)))
+    if family == "topk-cls":  # one K for every image: the mean of ours' counts at this budget
+        k1 = feasible(torch.full_like(k1, int(torch.round(k1.double().mean()))))
     k2 = solve_stage2_keep(budget, stats.n_dense, stats.n_text + k1, num_layers, layer)
     cfg = copy.deepcopy(ours)
     cfg.stage2.enabled = True
     if family == "random":
         cfg.stage1.score = "random"
+    elif family == "topk-cls":
+        cfg.stage1.score = "cosine"
     elif family != "ours":
         raise ValueError(f"unknown sweep family {family!r}")
     return MethodSpec(name, family, cfg, k1, k2, budget)

@@ -213,6 +213,8 @@ def plot_curves(methods: dict[str, dict], key: str, ylabel: str, path: str | Pat
         color = colors[i % len(colors)]
         if fam == "dense":
             ax.scatter(xs, ys, marker="*", s=160, color="black", zorder=5, label="dense")
+        elif fam == "variant":  # eval.variants: single runs of ours with settings changed, not a curve
+            ax.scatter(xs, ys, marker="x", s=40, color="gray", zorder=4, label="ours variants")
         elif len(pts) > 1:
             ax.plot(xs, ys, marker="o", color=color, label=fam)
         else:
@@ -292,8 +294,15 @@ def write_report(results: dict, out_dir: str | Path, grid_samples: Sequence[dict
     table = markdown_table(methods)
     per_type = qtype_table(methods)
     kept = retention_table(methods)
+    adapter = (results.get("model") or {}).get("adapter")
     (out / "results.md").write_text(
         table
+        + (
+            f"\n`dense` is the base model without the adapter, unpruned; the other rows run the base model"
+            f" with the adapter `{adapter}` merged in.\n"
+            if adapter
+            else ""
+        )
         + ("\nAccuracy by question type:\n\n" + per_type if per_type else "")
         + (
             "\nObjects the question names (synthetic data): share of samples in which every one keeps"

@@ -20,7 +20,7 @@ import torch
 
 from tpkit.config import ConfigError, save_config, to_dict
 from tpkit.evaluation import metrics
-from tpkit.evaluation.config import EvalConfig
+from tpkit.evaluation.config import EvalConfig, variant_pruning
 from tpkit.evaluation.methods import (
     NEEDS_OURS,
     MethodSpec,
@@ -70,8 +70,14 @@ def resolve_device(name: str) -> torch.device:
 # loading
 
 
-def load_model_and_processor(cfg: EvalConfig, device: torch.device):
-    """(model with the pruner attached, processor, ours' PruningConfig)."""
+def load_model_and_processor(cfg: EvalConfig, device: torch.device, merge_adapter: bool = True):
+    """(model with the pruner attached, processor, ours' PruningConfig).
+
+    With ``cfg.adapter`` the export's trained pruning config is ours' and its processor (when saved)
+    replaces the base's; ``merge_adapter=False`` returns the base model without the adapter, which
+    :func:`merge_adapter` then merges in (``evaluate`` runs ``dense`` on the base model first: the
+    unpruned original the adapter was trained to match is the reference, not the adapter unpruned).
+    """
     from tpkit.models import attach_pruner
     from tpkit.models.loading import model_paths_error
     from tpkit.training.modeling import load_base_model, load_processor, resolve_dtype
@@ -91,40 +97,48 @@ def load_model_and_processor(cfg: EvalConfig, device: torch.device):
     else:
         processor = load_processor(mcfg.path)
     if cfg.adapter is not None:
-        model, pruning, processor = _load_adapter(cfg, dtype, processor)
-    else:
-        model = load_base_model(mcfg, dtype=dtype, processor=processor)
-    model = model.to(device).eval()
+        pruning, processor = _check_adapter(cfg, processor)
+    model = load_base_model(mcfg, dtype=dtype, processor=processor).to(device).eval()
     attach_pruner(model, copy.deepcopy(pruning))
+    if cfg.adapter is not None and merge_adapter:
+        model = merge_adapter(model, cfg.adapter, pruning)
     return model, processor, pruning
 
 
-def _load_adapter(cfg: EvalConfig, dtype: torch.dtype, processor):
-    """Base model (``cfg.model``) + exported adapter, merged for inference; the export's trained
-    pruning config becomes ours', its processor (when saved) replaces the base's."""
+def _check_adapter(cfg: EvalConfig, processor):
+    """Validate ``cfg.adapter`` (a tpkit export) -> (its trained pruning config, processor)."""
     import json
 
     from tpkit.config import from_dict
+    from tpkit.export import EXPORT_META, PRUNING_JSON
     from tpkit.pruning import PruningConfig
-    from tpkit.training.modeling import load_base_model, load_processor
+    from tpkit.training.modeling import load_processor
 
     d = Path(cfg.adapter)
     if not d.is_dir():
         raise EvalError(f"adapter = {cfg.adapter!r}: no such directory")
-    from tpkit.export import EXPORT_META, PRUNING_JSON, load_exported
-
     if not (d / EXPORT_META).is_file():
         raise EvalError(f"adapter = {cfg.adapter!r} is not a tpkit export (no {EXPORT_META}; see train.py)")
     if (d / "processor_config.json").is_file() or (d / "tokenizer_config.json").is_file():
         processor = load_processor(str(d))
-    base = load_base_model(cfg.model, dtype=dtype, processor=processor)
-    model = load_exported(str(d), base=base, merge=True, attach=False, dtype=dtype)
     pruning = copy.deepcopy(cfg.pruning)
     if (d / PRUNING_JSON).is_file():
         pruning = from_dict(
             PruningConfig, json.loads((d / PRUNING_JSON).read_text()), source=str(d / PRUNING_JSON)
         )
-    return model, pruning, processor
+    return pruning, processor
+
+
+def merge_adapter(model, adapter: str | Path, pruning):
+    """Merge the exported LoRA adapter into ``model`` (in place: the same object comes back, with
+    the pruner attached again with ``pruning``)."""
+    from tpkit.export import load_exported
+    from tpkit.models import attach_pruner, detach_pruner
+
+    detach_pruner(model)
+    merged = load_exported(str(adapter), base=model, merge=True, attach=False)
+    attach_pruner(merged, copy.deepcopy(pruning))
+    return merged.eval()
 
 
 def load_dataset(cfg: EvalConfig):
@@ -433,7 +447,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     device = resolve_device(cfg.device)
     out_dir = Path(cfg.out_dir)
     ds = load_dataset(cfg)
-    model, processor, ours_cfg = load_model_and_processor(cfg, device)
+    # with an adapter: dense runs on the base model (the reference), then the adapter is merged in
+    model, processor, ours_cfg = load_model_and_processor(cfg, device, merge_adapter=False)
+    pending_adapter = cfg.adapter
     tok = processor.tokenizer
     shape = LMShape.of(model)
     loader = _make_loader(ds, processor, cfg, cfg.data.eval_batch_size)
@@ -449,6 +465,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     runs: dict[str, dict] = {}
     cells, n_patches = _named_cells(ds, model)  # synthetic data: the objects each question names
     for name in _tqdm(order, progress, desc="methods"):
+        if name != "dense" and pending_adapter is not None:
+            model, pending_adapter = merge_adapter(model, pending_adapter, ours_cfg), None
         if name in NEEDS_OURS:
             spec = matched_spec(name, ours_cfg, _ours_stats(runs["ours"]), shape.num_layers, ev.fastv_layer)
         else:
@@ -457,6 +475,11 @@ def evaluate(cfg: EvalConfig) -> dict:
         # kept patch indices: of every sample for the retention numbers, else of ours' grid samples
         keep = len(ds) if cells is not None else (ev.grid_samples if name == "ours" else 0)
         runs[name] = run_method(model, spec, loader, device, tok, ev.max_new_tokens, keep, progress)
+    for vname, changes in ev.variants.items():  # ours with some settings changed, same dense run
+        spec = MethodSpec(f"ours[{vname}]", "variant", variant_pruning(ours_cfg, vname, changes))
+        specs[spec.name] = spec
+        keep = len(ds) if cells is not None else 0
+        runs[spec.name] = run_method(model, spec, loader, device, tok, ev.max_new_tokens, keep, progress)
     for fam in ev.sweep_methods if ev.budgets else []:
         for b in ev.budgets:
             spec = sweep_spec(
@@ -524,8 +547,9 @@ def evaluate(cfg: EvalConfig) -> dict:
         sbatch = {k: first[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values")}
         sbatch["pixel_values"] = sbatch["pixel_values"].to(next(model.parameters()).dtype)
         index = torch.arange(sbatch["input_ids"].shape[0])
-        timed = [specs[n] for n in methods if sp.sweep or "@" not in n]
-        gen = [n for n in methods if "@" not in n] if sp.generation else None
+        main = [n for n in methods if "@" not in n and specs[n].family != "variant"]
+        timed = [specs[n] for n in methods if (sp.sweep and "@" in n) or n in main]
+        gen = main if sp.generation else None
         with torch_threads(sp.threads):
             speeds = speed_table(
                 model, timed, sbatch, index, device, sp.warmup, sp.repeats, sp.decode_tokens, gen, progress,
@@ -542,7 +566,13 @@ def evaluate(cfg: EvalConfig) -> dict:
         "config": to_dict(cfg),
         "dataset": {"path": cfg.data.test_json, "n": len(refs)},
         "device": str(device),
-        "model": {"path": cfg.model.path, "adapter": cfg.adapter, "num_layers": shape.num_layers},
+        "model": {
+            "path": cfg.model.path,
+            "adapter": cfg.adapter,
+            "num_layers": shape.num_layers,
+            # with an adapter, "dense" is the base model without it: the unpruned original
+            "dense": "base model without the adapter" if cfg.adapter else "base model",
+        },
         "methods": methods,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
