@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tpkit.config import ConfigError, load_config
 from tpkit.demo import ABLATIONS, DemoConfig, main, run_demo
@@ -27,11 +28,11 @@ def tiny_base(tmp_path_factory):
     return root / "base"
 
 
-def test_demo_runs_end_to_end_and_writes_its_tables(tiny_base, tmp_path):
+def _tiny_demo(base, tmp_path, out="demo") -> DemoConfig:
     data = tmp_path / "data"
-    cfg = DemoConfig(
-        out_dir=str(tmp_path / "demo"),
-        base_model=str(tiny_base),
+    return DemoConfig(
+        out_dir=str(tmp_path / out),
+        base_model=str(base),
         max_steps=2,
         train_overrides=[
             f"data.train_json={data}/train.json",
@@ -58,7 +59,23 @@ def test_demo_runs_end_to_end_and_writes_its_tables(tiny_base, tmp_path):
             "device=cpu",
         ],
     )
-    summary = run_demo(cfg)
+
+
+def _without_timings(table: str) -> list[list[str]]:
+    """The table's cells without the prefill-speedup column (wall-clock, the one thing that may vary)."""
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()]
+    col = rows[0].index("prefill speedup")
+    return [r[:col] + r[col + 1 :] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tiny_base, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("demo")
+    return run_demo(_tiny_demo(tiny_base, tmp_path)), tmp_path
+
+
+def test_demo_runs_end_to_end_and_writes_its_tables(demo_run):
+    summary, tmp_path = demo_run
     assert summary["standin_base_model"] is False
     out = tmp_path / "demo"
     on_disk = json.loads((out / "summary.json").read_text())
@@ -83,6 +100,30 @@ def test_demo_runs_end_to_end_and_writes_its_tables(tiny_base, tmp_path):
     assert kept[0] == "ours, stage 1 only (training-free)" and "ours + LoRA + distillation" in kept
     assert sum(k.startswith("ablation: ") for k in kept) == len(ABLATIONS)
     assert "## Do the kept patches hold the objects the question names?" in (out / "summary.md").read_text()
+
+
+def test_demo_is_reproducible_same_seed_same_table(demo_run, tiny_base, tmp_path):
+    """A second run (new directory, data written again) gives the same tables cell for cell, the same
+    answers and the same trained adapters (the random tiny model answers nothing right, so the
+    answers and weights are what show it)."""
+    from safetensors.torch import load_file
+
+    first, first_dir = demo_run
+    second = run_demo(_tiny_demo(tiny_base, tmp_path, out="again"))
+    assert _without_timings(second["table"]) == _without_timings(first["table"])
+    assert _without_timings(second["ablation_table"]) == _without_timings(first["ablation_table"])
+    assert second["named_objects_table"] == first["named_objects_table"]
+    a, b = first_dir / "demo", tmp_path / "again"
+    for run in ("eval_base", "eval_distill", "eval_plain"):
+        assert (a / run / "predictions.jsonl").read_text() == (b / run / "predictions.jsonl").read_text(), run
+    for run in ("train_distill", "train_plain"):
+        wa = load_file(a / run / "export" / "adapter_model.safetensors")
+        wb = load_file(b / run / "export" / "adapter_model.safetensors")
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), run
+    # and training moved the adapter: the two runs differ from each other (alpha 1 vs 0)
+    wd = load_file(a / "train_distill" / "export" / "adapter_model.safetensors")
+    wp = load_file(a / "train_plain" / "export" / "adapter_model.safetensors")
+    assert any(not torch.equal(wd[k], wp[k]) for k in wd)
 
 
 def test_demo_config_errors_name_the_key_and_file(tmp_path):
