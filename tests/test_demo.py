@@ -9,6 +9,7 @@ import torch
 
 from tpkit.config import ConfigError, load_config
 from tpkit.demo import ABLATIONS, DemoConfig, main, run_demo
+from tpkit.evaluation.report import parse_markdown_table
 
 
 @pytest.fixture(scope="module")
@@ -61,16 +62,9 @@ def _tiny_demo(base, tmp_path, out="demo") -> DemoConfig:
     )
 
 
-def _rows(table: str) -> list[dict[str, str]]:
-    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()]
-    return [dict(zip(cells[0], r)) for r in cells[2:]]
-
-
-def _without_timings(table: str) -> list[list[str]]:
-    """The table's cells without the prefill-speedup column (wall-clock, the one thing that may vary)."""
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()]
-    col = rows[0].index("prefill speedup")
-    return [r[:col] + r[col + 1 :] for r in rows]
+def _without_timings(table: str) -> list[dict[str, str]]:
+    """The table's rows without the prefill-speedup column (wall-clock, the one thing that may vary)."""
+    return [{k: v for k, v in row.items() if k != "prefill speedup"} for row in parse_markdown_table(table)]
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +84,7 @@ def test_demo_runs_end_to_end_and_writes_its_tables(demo_run):
     assert labels[0] == "dense" and labels[-1].startswith("**ours + LoRA + distillation**")
     assert "ours + LoRA, alpha=0 (plain)" in labels
     assert len(summary["ablation_table"].splitlines()) == 2 + len(ABLATIONS)
-    assert all(row["prefill speedup"] == "–" for row in _rows(summary["ablation_table"]))  # not timed
+    assert all(row["prefill speedup"] == "–" for row in parse_markdown_table(summary["ablation_table"]))
     # the ablations are variants of the training-free run: one dense run, every variant's own settings
     base = json.loads((out / "eval_base" / "results.json").read_text())["methods"]
     assert base["ours[stage 2 only]"]["pruning"]["stage1"]["enabled"] is False

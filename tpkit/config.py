@@ -40,6 +40,7 @@ __all__ = [
     "to_dict",
     "save_config",
     "apply_overrides",
+    "set_dotted",
     "ModelConfig",
     "DataConfig",
     "LoraConfig",
@@ -231,17 +232,26 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item!r}: value is not valid YAML ({e})") from None
-        node = data
-        parts = key.split(".")
-        for p in parts[:-1]:
-            nxt = node.get(p)
-            if nxt is None:
-                nxt = node[p] = {}
-            elif not isinstance(nxt, dict):
-                raise ConfigError(f"--set {item!r}: '{p}' is not a section")
-            node = nxt
-        node[parts[-1]] = value
+        try:
+            set_dotted(data, key, value)
+        except KeyError as e:
+            raise ConfigError(f"--set {item!r}: '{e.args[0]}' is not a section") from None
     return data
+
+
+def set_dotted(data: dict, key: str, value: Any, create: bool = True) -> None:
+    """``data["a"]["b"] = value`` for ``key`` "a.b", in place. Missing sections are created (or, with
+    ``create=False``, raise); a part that is not a section raises ``KeyError(part)``."""
+    node = data
+    parts = key.split(".")
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None and create:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise KeyError(p)
+        node = nxt
+    node[parts[-1]] = value
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:

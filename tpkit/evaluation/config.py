@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tpkit.config import ConfigError, DataConfig, ModelConfig, from_dict, load_config, to_dict
+from tpkit.config import ConfigError, DataConfig, ModelConfig, from_dict, load_config, set_dotted, to_dict
 from tpkit.pruning import PruningConfig
 
 __all__ = [
@@ -82,14 +82,12 @@ def variant_pruning(ours: PruningConfig, name: str, changes: dict[str, Any]) -> 
     file (unknown keys, wrong types and impossible values name ``eval.variants[name]`` and the key)."""
     data = to_dict(ours)
     for key, value in changes.items():
-        node, parts = data, str(key).split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise ConfigError(
-                    f"eval.variants[{name!r}]: {key!r} is not a pruning key (e.g. stage1.selector)"
-                )
-            node = node[part]
-        node[parts[-1]] = value
+        try:
+            set_dotted(data, str(key), value, create=False)
+        except KeyError:
+            raise ConfigError(
+                f"eval.variants[{name!r}]: {key!r} is not a pruning key (e.g. stage1.selector)"
+            ) from None
     return from_dict(PruningConfig, data, source=f"eval.variants[{name!r}]")
 
 
