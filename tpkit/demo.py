@@ -7,7 +7,8 @@ On a 2-core CPU, in minutes, it
 1. checks the base model (``assets/tiny-llava``, a committed fixture; see assets/README.md),
 2. evaluates it training-free: dense, ours (stage 1, stage 1+2), the matched-budget baselines, the
    budget sweep and the ablations (stage 1 only / stage 2 only / both, knee detectors,
-   ``prune_text``, ``prune_visual``, stage-1 position ids; ``eval.variants`` of one run),
+   ``prune_text``, ``prune_visual``, stage 2 mean or max over queries, stage-1 position ids;
+   ``eval.variants`` of one run),
 3. fine-tunes LoRA with the pruner in the forward path twice, with the same steps and data:
    distillation from the unpruned model (``distill.alpha > 0``) and plain pruned LoRA (``alpha = 0``),
 4. evaluates both exports with the pruner on (``dense`` there is the base model without the adapter),
@@ -77,6 +78,7 @@ ABLATIONS: dict[str, dict[str, object]] = {
     "stage 1 curvature + 2": {"stage1.selector": "curvature"},
     "stage 1 iqr + 2": {"stage1.selector": "iqr"},
     "stage 1 + 2 curvature": {"stage2.selector": "curvature"},
+    "stage 1 + 2, stage 2 max over queries": {"stage2.reduce": "max"},
     "stage 1 + 2, contiguous position ids": {"stage1.positions": "contiguous"},
 }
 

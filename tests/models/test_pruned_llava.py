@@ -143,12 +143,18 @@ def test_stage1_only_and_baseline_configs(model, make_llava_batch):
             stage1=Stage1Config(enabled=False),
             stage2=Stage2Config(query="last", selector="ratio", ratio=0.5, prune_text=False),
         ),
+        PruningConfig(stage2=Stage2Config(reduce="max")),
     ]
     for cfg in configs:
         set_pruning(model, cfg)
         with torch.no_grad():
             out = model(**batch)
         assert torch.isfinite(out.logits).all()
+    s = last_stats(model)
+    assert (s["k2"] < s["n_prompt"]).all()  # reduce="max" pruned
+    set_pruning(model, configs[3])
+    with torch.no_grad():
+        model(**batch)
     s = last_stats(model)
     assert s["k1"].tolist() == [16, 16]
     assert (s["n_prompt"] - s["k2"]).tolist() == [8, 8]  # FastV: half of the 16 visual tokens dropped
@@ -217,10 +223,12 @@ def test_stage2_scores_equal_the_layers_attention(tiny_llava_factory, make_llava
         for query in ("last", "instruction"):
             _, _, qpos, qvalid = _stage2_roles(ids, valid, torch.zeros_like(valid), 3, n_img, True, query)
             ours = _stage2_scores(lm.layers[k], h, cos, sin, valid, qpos, qvalid)
+            ours_max = _stage2_scores(lm.layers[k], h, cos, sin, valid, qpos, qvalid, "max")
             attn = out.attentions[k].mean(1)  # (B, T, T)
             for b in range(2):
                 rows = qpos[b][qvalid[b]]
                 torch.testing.assert_close(ours[b], attn[b, rows].mean(0))
+                torch.testing.assert_close(ours_max[b], attn[b, rows].amax(0))
 
 
 def test_attached_model_saves_as_stock_and_contexts_nest(tiny_llava, make_llava_batch, tmp_path):

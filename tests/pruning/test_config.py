@@ -21,6 +21,7 @@ def test_defaults_validate_and_disabled():
         (Stage2Config(layer=-1), "layer"),
         (Stage2Config(selector="budget"), "budget"),
         (Stage2Config(selector="iqr"), "selector"),
+        (Stage2Config(reduce="sum"), "reduce"),
         (Stage2Config(min_keep=3, max_keep=2), "min_keep = 3 > max_keep = 2"),
     ],
 )

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from tpkit.pruning import Stage2Config, relevance, select_tokens
@@ -26,6 +27,43 @@ def test_relevance_equals_masked_softmax_reference():
     torch.testing.assert_close(ours[1], ref1)
     assert ours[1, :2].abs().max() == 0  # padding gets nothing
     torch.testing.assert_close(ours.sum(1), torch.ones(b))
+    # reduce="max": the most any valid query pays (the invalid third query of sample 1 is ignored,
+    # even where the valid ones pay less than it would)
+    mx = relevance(q, k, qpos, qvalid, key_valid, scaling=d**-0.5, reduce="max")
+    torch.testing.assert_close(mx[0], w[0, [4, 5, 6]].amax(0))
+    torch.testing.assert_close(mx[1], w[1, [5, 6]].amax(0))
+    assert (mx >= ours - 1e-7).all()
+    with pytest.raises(ValueError, match="reduce"):
+        relevance(q, k, qpos, qvalid, key_valid, scaling=d**-0.5, reduce="median")
+
+
+def test_max_reduce_keeps_what_one_query_wants_and_the_mean_dilutes():
+    """Queries A and B each want their own object (keys 0 and 1), and every query pays a little to
+    key 2. The mean ranks key 2 first, so a cut at two droppable keys loses one object; max keeps
+    both. With one-hot keys, logits = log of the attention rows wanted (scaling 1)."""
+    t = 6
+    k = torch.eye(t)[None, None]  # (1, 1, T, T): key j = e_j
+    rows = {  # query position -> attention over the keys it sees (0..pos)
+        3: [0.6, 0.05, 0.3, 0.05],
+        4: [0.04, 0.6, 0.3, 0.035, 0.025],
+        5: [0.025, 0.025, 0.3, 0.025, 0.025, 0.6],
+    }
+    q = torch.full((1, 1, 3, t), -30.0)
+    for i, p in enumerate(rows.values()):
+        q[0, 0, i, : len(p)] = torch.tensor(p).log()
+    qpos = torch.tensor([list(rows)])
+    qvalid = torch.ones(1, 3, dtype=torch.bool)
+    kv = torch.ones(1, t, dtype=torch.bool)
+    mean = relevance(q, k, qpos, qvalid, kv, scaling=1.0)[0]
+    mx = relevance(q, k, qpos, qvalid, kv, scaling=1.0, reduce="max")[0]
+    torch.testing.assert_close(mean[:3], torch.tensor([0.665 / 3, 0.225, 0.3]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(mx[:3], torch.tensor([0.6, 0.6, 0.3]), atol=1e-5, rtol=0)
+    droppable = torch.tensor([[True, True, True, False, False, False]])
+    cfg = Stage2Config(selector="budget", budget=2)
+    kept_mean = select_tokens(mean[None], droppable, ~droppable, cfg)[0, :3].tolist()
+    kept_max = select_tokens(mx[None], droppable, ~droppable, cfg)[0, :3].tolist()
+    assert kept_mean == [False, True, True]  # object A lost
+    assert kept_max == [True, True, False]  # both objects
 
 
 def test_select_tokens_protected_and_overrides():

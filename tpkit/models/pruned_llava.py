@@ -519,7 +519,7 @@ def _layer_call(layer, h, mask, cos, sin, pos, cache, cache_kw):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _stage2_scores(layer, h, cos, sin, valid, qpos, qvalid) -> torch.Tensor:
+def _stage2_scores(layer, h, cos, sin, valid, qpos, qvalid, reduce="mean") -> torch.Tensor:
     """Relevance (B, T) of every token to the queries at ``qpos`` (B, Q), from the layer's own q/k."""
     attn = layer.self_attn
     x = layer.input_layernorm(h)  # (B, T, D)
@@ -532,7 +532,7 @@ def _stage2_scores(layer, h, cos, sin, valid, qpos, qvalid) -> torch.Tensor:
         q, k = attn.q_norm(q), attn.k_norm(k)
     q = apply_rope(q.transpose(1, 2), _gather_rows(cos, qpos), _gather_rows(sin, qpos))  # (B, H, Q, hd)
     k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, Hk, T, hd)
-    return relevance(q, k, qpos, qvalid, valid, attn.scaling)
+    return relevance(q, k, qpos, qvalid, valid, attn.scaling, reduce)
 
 
 def _stage2_roles(ids1, valid1, ans1, image_token_id, k1, prune_text, query, prune_visual=True):
@@ -625,7 +625,7 @@ def _prefill(
                 ids1, valid1, ans1, mcfg.image_token_id, k1, s2.prune_text, s2.query, s2.prune_visual
             )
             with torch.no_grad():  # scores only pick indices
-                scores = _stage2_scores(layer, h, cos, sin, valid, qpos, qvalid)
+                scores = _stage2_scores(layer, h, cos, sin, valid, qpos, qvalid, s2.reduce)
             keep2 = select_tokens(scores, droppable, always, s2, stage2_keep)
             index2, full2 = _compact_full(keep2)  # (B, T2) into the stage-1 sequence
             valid = index2 >= 0

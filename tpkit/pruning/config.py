@@ -9,6 +9,7 @@ STAGE1_SCORES = ("cosine", "cosine_centered", "cls_attn", "random")
 STAGE1_SELECTORS = ("kneedle", "curvature", "iqr", "ratio", "budget")
 STAGE1_POSITIONS = ("contiguous", "original")
 STAGE2_QUERIES = ("instruction", "last")
+STAGE2_REDUCES = ("mean", "max")
 STAGE2_SELECTORS = ("kneedle", "curvature", "ratio", "budget")
 
 
@@ -60,6 +61,10 @@ class Stage2Config:
     layer: int = 2  # layers >= layer run on the kept tokens; scored with this layer's own q/k
     # instruction: text tokens after the image (not answers) are the queries; last: FastV (last token)
     query: Literal["instruction", "last"] = "instruction"
+    # how the queries' attention rows (head-averaged) become one score per token: mean (each query
+    # weighs the same), max (a token counts as much as the query that attends to it most, so that an
+    # instruction naming two objects keeps both)
+    reduce: Literal["mean", "max"] = "mean"
     selector: Literal["kneedle", "curvature", "ratio", "budget"] = "kneedle"
     ratio: float = 0.5  # selector "ratio": fraction of the droppable tokens kept
     budget: int | None = None  # selector "budget": droppable tokens kept
@@ -71,6 +76,8 @@ class Stage2Config:
     def validate(self) -> None:
         if self.query not in STAGE2_QUERIES:
             raise ValueError(f"query = {self.query!r} must be one of {list(STAGE2_QUERIES)}")
+        if self.reduce not in STAGE2_REDUCES:
+            raise ValueError(f"reduce = {self.reduce!r} must be one of {list(STAGE2_REDUCES)}")
         if self.selector not in STAGE2_SELECTORS:
             raise ValueError(f"selector = {self.selector!r} must be one of {list(STAGE2_SELECTORS)}")
         if self.layer < 0:

@@ -30,13 +30,15 @@ def relevance(
     query_valid: torch.Tensor,
     key_valid: torch.Tensor,
     scaling: float,
+    reduce: str = "mean",
 ) -> torch.Tensor:
-    """Mean attention that the queries pay to every key -> (B, T).
+    """Attention that the queries pay to every key -> (B, T).
 
     q (B, H, Q, d) post-RoPE; k (B, Hk, T, d) post-RoPE, expanded to H heads (GQA) here;
     query_pos (B, Q) sequence index of each query (causality: a query sees keys <= its index);
     query_valid (B, Q) bool (ragged query sets); key_valid (B, T) bool (padding).
-    Softmax over the visible keys, then averaged over heads and valid queries.
+    Softmax over the visible keys, averaged over heads, then reduced over the valid queries:
+    ``mean`` (their average) or ``max`` (the most any one of them pays).
     """
     b, h, nq, _ = q.shape
     t = k.shape[2]
@@ -49,6 +51,10 @@ def relevance(
     logits = logits.masked_fill(~visible[:, None], float("-inf"))
     w = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows of invalid queries are all -inf -> 0
     w = w.mean(dim=1)  # (B, Q, T)
+    if reduce == "max":  # invalid queries' rows are 0, attention >= 0: they never win
+        return w.amax(dim=1)
+    if reduce != "mean":
+        raise ValueError(f"reduce = {reduce!r} must be 'mean' or 'max'")
     n = query_valid.sum(dim=1).clamp_min(1).to(w.dtype)  # (B,)
     return w.sum(dim=1) / n[:, None]
 
