@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a session with a GPU lease should run, as ONE call (the lease is short):
-#   1. scripts/gpu_base.sh  - the embedded base model (assets/tiny-llava) + premise report, ~7 min
+#   1. scripts/gpu_base.sh  - the embedded base model (assets/tiny-llava) + premise report, ~7 min;
+#      skipped when assets/tiny-llava/model.safetensors exists (BASE=1 runs it anyway)
 #   2. scripts/gpu_speed.sh - LLaVA-1.5-7B-shaped prefill speed, dense vs ours, ~1-2 min, if time is left
 #
 #   bash scripts/gpu_session.sh                                   # on the GPU machine, repo root
@@ -17,10 +18,15 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/outputs/gpu_session}"
 mkdir -p "$OUT"
 SECONDS=0
-OUT="$OUT" bash scripts/gpu_base.sh "$@"
-base_rc=$?
+if [ -f assets/tiny-llava/model.safetensors ] && [ "${BASE:-0}" != 1 ]; then
+    echo "[gpu_session] assets/tiny-llava exists: base recipe skipped (BASE=1 runs it anyway)"
+    base_rc=0
+else
+    OUT="$OUT" bash scripts/gpu_base.sh "$@"
+    base_rc=$?
+fi
 left=$(( ${TOTAL:-570} - SECONDS ))
-echo "[gpu_session] base recipe exit code $base_rc after ${SECONDS}s; ${left}s left for the speed benchmark"
+echo "[gpu_session] base part exit code $base_rc after ${SECONDS}s; ${left}s left for the speed benchmark"
 if [ "$left" -gt 60 ]; then
     SPEED="$(mktemp -d "${TMPDIR:-/tmp}/gpu_speed.XXXXXX")"
     env ${SPEED_ENV:-} OUT="$SPEED" timeout "$left" bash scripts/gpu_speed.sh
