@@ -27,8 +27,7 @@ def test_relevance_equals_masked_softmax_reference():
     torch.testing.assert_close(ours[1], ref1)
     assert ours[1, :2].abs().max() == 0  # padding gets nothing
     torch.testing.assert_close(ours.sum(1), torch.ones(b))
-    # reduce="max": the most any valid query pays (the invalid third query of sample 1 is ignored,
-    # even where the valid ones pay less than it would)
+    # reduce="max": the most any valid query pays (the invalid third query of sample 1 adds nothing)
     mx = relevance(q, k, qpos, qvalid, key_valid, scaling=d**-0.5, reduce="max")
     torch.testing.assert_close(mx[0], w[0, [4, 5, 6]].amax(0))
     torch.testing.assert_close(mx[1], w[1, [5, 6]].amax(0))
