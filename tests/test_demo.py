@@ -75,7 +75,6 @@ def demo_run(tiny_base, tmp_path_factory):
 
 def test_demo_runs_end_to_end_and_writes_its_tables(demo_run):
     summary, tmp_path = demo_run
-    assert summary["standin_base_model"] is False
     out = tmp_path / "demo"
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["dense_accuracy"] == summary["dense_accuracy"]
@@ -138,9 +137,11 @@ def test_demo_config_errors_name_the_key_and_file(tmp_path):
         load_config(DemoConfig, p)
 
 
-def test_demo_without_base_and_without_standin_says_how_to_build_it(tmp_path, capsys):
+def test_demo_without_base_model_says_how_to_build_it(tmp_path, capsys):
     p = tmp_path / "demo.yaml"
-    p.write_text(f"base_model: {tmp_path}/nowhere\nstandin_config: null\nout_dir: {tmp_path}/o\n")
+    p.write_text(f"base_model: {tmp_path}/nowhere\nout_dir: {tmp_path}/o\n")
     assert main(["--config", str(p)]) == 2
     err = capsys.readouterr().err
-    assert "not found" in err and "tpkit.training.base_recipe --config configs/base_tiny.yaml" in err
+    assert f"base model '{tmp_path}/nowhere': no such model directory" in err
+    assert "scripts/gpu_base.sh" in err and "--config configs/base_tiny_cpu.yaml" in err
+    assert not (tmp_path / "o" / "eval_base").exists()  # failed before any work

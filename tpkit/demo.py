@@ -42,14 +42,11 @@ class DemoConfig:
 
     out_dir: str = "runs/demo"
     base_model: str = "assets/tiny-llava"
-    # while the GPU-trained fixture is missing: build (once) and use a CPU stand-in from this recipe
-    standin_config: str | None = "configs/base_cpu.yaml"
-    standin_dir: str = "runs/base-standin"
     train_config: str = "configs/train_tiny.yaml"
     eval_config: str = "configs/eval_tiny.yaml"
     train_overrides: list[str] = field(default_factory=list)  # applied to both fine-tuning runs
     eval_overrides: list[str] = field(default_factory=list)  # applied to every evaluation
-    max_steps: int = 200
+    max_steps: int = 1500
     distill_alpha: float = 1.0
     compare_plain_lora: bool = True  # also train alpha = 0 with the same steps and data
     ablations: bool = True  # the ABLATIONS rows, as eval.variants of the training-free evaluation
@@ -144,44 +141,24 @@ KEPT_NOTE = (
 )
 
 
-STANDIN_WARNING = (
-    "WARNING: the base model is a CPU stand-in (the GPU-trained fixture assets/tiny-llava is missing): "
-    "it answers near the answer prior, so these numbers show the pipeline, not the method's result."
-)
-
-
-def _standin_base(cfg: DemoConfig) -> DemoConfig:
-    """Point ``cfg`` at a CPU stand-in base model, training it first if it does not exist yet."""
-    import dataclasses
-
-    build = f"python -m tpkit.training.base_recipe --config configs/base_tiny.yaml --out {cfg.base_model}"
-    if cfg.standin_config is None:
-        raise FileNotFoundError(
-            f"base model {cfg.base_model!r} not found and standin_config is null. Build it with: {build} "
-            "(minutes on a GPU, see assets/README.md)"
-        )
-    out = Path(cfg.standin_dir)
-    _log(f"base model {cfg.base_model!r} not found; {STANDIN_WARNING.split(': ', 1)[1]}")
-    if not (out / "config.json").is_file():
-        from tpkit.training.base_recipe import BaseRecipeConfig
-        from tpkit.training.base_recipe import run as run_recipe
-
-        rcfg = load_config(BaseRecipeConfig, cfg.standin_config)
-        _log(f"training the CPU stand-in ({cfg.standin_config}) into {out} ...")
-        run_recipe(rcfg, out)
-    else:
-        _log(f"reusing the CPU stand-in in {out}")
-    return dataclasses.replace(cfg, base_model=str(out))
+def _check_base(path: str) -> None:
+    """A clear error, with the commands that build one, when the base model directory is missing."""
+    if (Path(path) / "config.json").is_file():
+        return
+    raise FileNotFoundError(
+        f"base model {path!r}: no such model directory (config.json missing). The committed one is "
+        "assets/tiny-llava; to build it again: bash scripts/gpu_base.sh (one GPU, minutes) or python -m "
+        "tpkit.training.base_recipe --config configs/base_tiny_cpu.yaml --out assets/tiny-llava (CPU, "
+        "hours, resumable); a run in progress gives one with --snapshot DIR (see assets/README.md)"
+    )
 
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the whole demo; returns the summary dict (also ``<out_dir>/summary.json``)."""
+    _check_base(cfg.base_model)
     t0 = time.perf_counter()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    standin = not (Path(cfg.base_model) / "config.json").is_file()
-    if standin:
-        cfg = _standin_base(cfg)
     if cfg.threads:
         import torch
 
@@ -264,7 +241,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     total = time.perf_counter() - t0
     summary = {
         "base_model": cfg.base_model,
-        "standin_base_model": standin,
         "dense_accuracy": dense_acc,
         "ours_distilled": {"accuracy": final["accuracy"], "relative": rel, "token_layer_fraction": frac},
         "ours_training_free": {
@@ -283,16 +259,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     (out / "summary.md").write_text(
-        (STANDIN_WARNING + "\n\n" if standin else "")
-        + "## Results (synthetic test split)\n\n"
+        "## Results (synthetic test split)\n\n"
         + table
         + "\n\n## Ablations (training-free)\n\n"
         + abl_table
         + (f"\n\n## {KEPT_HEADING}\n\n{KEPT_NOTE}\n\n{kept_table}" if kept_table else "")
         + "\n"
     )
-    if standin:
-        print("\n" + STANDIN_WARNING)
     print("\n## Results (synthetic test split)\n")
     print(table)
     if abl_table:
@@ -304,8 +277,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(f"\nplots and overlays: {', '.join(str(v) for v in base.get('files', {}).values())}")
     print(f"full results: {out}/summary.md, {out}/summary.json, {out}/*/results.json")
     print(
-        ("SUMMARY (stand-in base model): " if standin else "SUMMARY: ")
-        + f"ours + LoRA + distillation keeps {100 * frac:.1f}% of the token-layers and reaches "
+        f"SUMMARY: ours + LoRA + distillation keeps {100 * frac:.1f}% of the token-layers and reaches "
         f"{final['accuracy']:.3f} accuracy = {100 * rel:.1f}% of dense ({dense_acc:.3f}); "
         f"training-free {bm['ours']['accuracy']:.3f} (first word right: "
         f"{bm['ours'].get('first_word_accuracy', float('nan')):.3f}); total {total / 60:.1f} min"
