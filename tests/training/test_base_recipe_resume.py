@@ -78,6 +78,9 @@ def test_stop_and_resume_in_each_phase_equals_uninterrupted(uninterrupted, tmp_p
     assert main([*cmd, "--resume"]) == 0
     assert not (out / ".resume").exists()  # finished: no state left behind in the model directory
     _assert_same_model(uninterrupted, out)
+    # the training time of all three processes, from each phase's clock saved with its state
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["train_seconds"] == {"tower": m["tower"]["seconds"], "llava": m["llava"]["seconds"]}
 
 
 def test_kill_loses_only_the_steps_since_the_last_checkpoint(uninterrupted, tmp_path, monkeypatch, capsys):
