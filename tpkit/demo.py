@@ -46,7 +46,7 @@ class DemoConfig:
     eval_config: str = "configs/eval_tiny.yaml"
     train_overrides: list[str] = field(default_factory=list)  # applied to both fine-tuning runs
     eval_overrides: list[str] = field(default_factory=list)  # applied to every evaluation
-    max_steps: int = 1500
+    max_steps: int = 2000
     distill_alpha: float = 1.0
     compare_plain_lora: bool = True  # also train alpha = 0 with the same steps and data
     ablations: bool = True  # the ABLATIONS rows, as eval.variants of the training-free evaluation
