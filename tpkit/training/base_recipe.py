@@ -379,9 +379,8 @@ def run(cfg: BaseRecipeConfig, out_dir: str | Path, resume: bool = False) -> dic
         "pixel_check_max_abs": pixel_diff,
         "train_tokens_per_record": {"min": min(lengths), "max": max(lengths)},
         # wall-clock seconds of this process only: after --resume they miss the earlier processes, whose
-        # training time train_seconds (from each phase's own clock, saved with its state) includes
+        # training time tower.seconds / llava.seconds (each phase's own clock, saved with its state) include
         "timings": timings,
-        "train_seconds": {"tower": tower_metrics.get("seconds"), "llava": lm_metrics.get("seconds")},
         "machine": _machine(device),
         "config": to_dict(cfg),
     }
@@ -393,8 +392,9 @@ def run(cfg: BaseRecipeConfig, out_dir: str | Path, resume: bool = False) -> dic
     log(
         f"[base] tower F1 {tower_metrics['f1'] if tower_metrics['f1'] is None else round(tower_metrics['f1'], 4)}; "
         f"params {counts['total']:,}; "
-        f"model.safetensors {size / 1e6:.2f} MB; training seconds {metrics['train_seconds']} (all "
-        f"resumed processes); this process's timings {timings}; saved to {out_dir}"
+        f"model.safetensors {size / 1e6:.2f} MB; training seconds, all resumed processes: tower "
+        f"{tower_metrics.get('seconds')}, llava {lm_metrics.get('seconds')}; this process's timings {timings}; "
+        f"saved to {out_dir}"
     )
     return metrics
 
