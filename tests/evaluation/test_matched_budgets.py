@@ -110,3 +110,14 @@ def test_dense_is_deterministic_and_unpruned(runs):
     assert d["answers"] == d2["answers"]
     assert d["fraction"].tolist() == [1.0] * 6
     assert d["k1"].tolist() == d["n_visual"].tolist()
+
+
+def test_fastv_is_fastv_whatever_ours_stage2_adds():
+    from tpkit.evaluation.methods import _fastv_cfg
+    from tpkit.pruning import PruningConfig, Stage2Config
+
+    ours = PruningConfig(stage2=Stage2Config(layer=1, diversity=2.0, diversity_radius=1))
+    fv = _fastv_cfg(ours, layer=2)
+    assert not fv.stage1.enabled and fv.stage2.layer == 2 and fv.stage2.query == "last"
+    assert not fv.stage2.prune_text and fv.stage2.diversity == 0.0
+    assert ours.stage2.diversity == 2.0  # a copy

@@ -130,6 +130,25 @@ def test_stage2_can_prune_text_only_or_visual_only(model, make_llava_batch):
         PruningConfig(stage2=Stage2Config(prune_visual=False, prune_text=False)).validate()
 
 
+def test_stage2_diversity_changes_which_patches_not_how_many(model, make_llava_batch):
+    batch = make_llava_batch(model, before=(5, 3, 4), after=(4, 2, 6))
+    ids = batch["input_ids"]
+    runs = []
+    for div in ({}, {"diversity": 5.0}, {"diversity": 5.0, "diversity_radius": 1}):
+        set_pruning(model, PruningConfig(stage2=Stage2Config(selector="ratio", ratio=0.4, **div)))
+        with torch.no_grad():
+            out = model(**batch)
+        s = last_stats(model)
+        text = [{int(i) for i in row if i >= 0 and ids[b, i] != 3} for b, row in enumerate(out.kept_index)]
+        runs.append(
+            (s["k2"].tolist(), [len(v) for v in s["stage2_visual_keep"]], text, s["stage2_visual_keep_mask"])
+        )
+    plain, *diverse = runs
+    for run in diverse:
+        assert run[:3] == plain[:3]  # same k2, same patch count, same text tokens
+    assert not torch.equal(diverse[0][3], plain[3])  # other patches (random tiny model, fixed seed)
+
+
 def test_stage1_only_and_baseline_configs(model, make_llava_batch):
     batch = make_llava_batch(model, before=(3, 6), after=(4, 2))
     configs = [

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from tpkit.pruning import Stage2Config, relevance, select_tokens
+from tpkit.pruning.stage2 import diverse_order, redundancy
 
 
 def test_relevance_equals_masked_softmax_reference():
@@ -152,3 +153,89 @@ def test_select_tokens_vectorised_equals_per_sample_loop():
         ours = select_tokens(scores, droppable, always, Stage2Config(), keep_total=keep_total)
         assert torch.equal(ours, _select_tokens_loop(scores, droppable, always, Stage2Config(), keep_total))
     assert n_checked == 40 * len(cfgs)
+
+
+def test_redundancy_is_clamped_cosine_and_radius_keeps_only_near_patches():
+    f = torch.tensor([[[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [1.0, 0.0]]])
+    sim = redundancy(f)
+    assert sim.shape == (1, 5, 5)
+    assert sim[0, 0, 1] == pytest.approx(1.0) and sim[0, 0, 2] == pytest.approx(0.0)
+    assert sim[0, 0, 3] == 0.0  # opposite: clamped, not negative
+    # a 3 x 3 grid: cells 0 and 1 touch, 0 and 8 do not; token 4 is text (-1)
+    cells = torch.tensor([[0, 1, 2, 8, -1]])
+    near = redundancy(f, cells, side=3, radius=1)
+    assert near[0, 0, 1] == pytest.approx(1.0)  # alike and adjacent
+    assert near[0, 0, 3] == 0.0 and near[0, 0, 4] == 0.0  # far / text: never redundant
+    far = redundancy(torch.ones(1, 5, 2), cells, side=3, radius=2)  # all alike
+    assert far[0, 0, 3] == pytest.approx(1.0) and far[0, 1, 3] == pytest.approx(1.0) and far[0, 4, 0] == 0.0
+    with pytest.raises(ValueError, match="radius"):
+        redundancy(f, None, side=0, radius=1)
+
+
+def _diverse_loop(scores, cand, sim, steps, weight):
+    out = []
+    for i in range(scores.shape[0]):
+        c = cand[i].nonzero().flatten().tolist()
+        rel = {j: float(scores[i, j]) / max(float(scores[i, c].max()), 1e-12) for j in c} if c else {}
+        worst = dict.fromkeys(c, 0.0)
+        picks = []
+        for _ in range(min(steps, len(c))):
+            j = max((j for j in c if j not in picks), key=lambda j: (rel[j] - weight * worst[j], -j))
+            picks.append(j)
+            for u in c:
+                worst[u] = max(worst[u], float(sim[i, j, u]))
+        out.append(picks)
+    return out
+
+
+def test_diverse_order_equals_per_sample_greedy():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        b, t = 4, int(torch.randint(1, 40, (1,), generator=g))
+        scores = torch.rand(b, t, generator=g)
+        cand = torch.rand(b, t, generator=g) < 0.7
+        cand[0] = False  # no candidates
+        sim = redundancy(torch.randn(b, t, 3, generator=g))
+        steps = int(cand.sum(1).max())
+        w = [0.0, 0.5, 2.0][trial % 3]
+        picks = diverse_order(scores, cand, sim, steps, w)
+        for i, ref in enumerate(_diverse_loop(scores, cand, sim, steps, w)):
+            assert picks[i, : len(ref)].tolist() == ref, (trial, i)
+        if w == 0.0:  # no penalty: plain descending score order among the candidates
+            for i in range(b):
+                c = cand[i].nonzero().flatten()
+                ref = c[torch.sort(scores[i, c], descending=True, stable=True).indices]
+                assert picks[i, : len(c)].tolist() == ref.tolist()
+
+
+def test_diversity_swaps_a_duplicate_patch_for_another_object():
+    # tokens: 0 text (protected), 1-2 text (droppable), 3-8 patches; 3 and 4 are two views of one
+    # object (same features), 5 is another object; the budget keeps 1 text + 2 patches either way
+    scores = torch.tensor([[1.0, 0.60, 0.05, 0.9, 0.85, 0.5, 0.1, 0.1, 0.1]])
+    always = torch.zeros(1, 9, dtype=torch.bool)
+    always[0, 0] = True
+    droppable = ~always
+    patches = torch.zeros(1, 9, dtype=torch.bool)
+    patches[0, 3:] = True
+    feats = torch.tensor(
+        [
+            [[0, 0, 1.0], [0, 1.0, 0], [0, 1.0, 0], [1.0, 0, 0], [1.0, 0, 0], [0.3, 0.954, 0]]
+            + [[0.0, 0.0, 1.0]] * 3
+        ]
+    )
+    sim = redundancy(feats)
+    plain = select_tokens(scores, droppable, always, Stage2Config(selector="budget", budget=3))
+    assert plain[0].nonzero().flatten().tolist() == [0, 1, 3, 4]
+    cfg = Stage2Config(selector="budget", budget=3, diversity=1.0)
+    keep = select_tokens(scores, droppable, always, cfg, sim=sim, diverse=patches)
+    assert keep[0].nonzero().flatten().tolist() == [0, 1, 3, 5]  # same text, same patch count
+    # without sim (or diversity 0) nothing changes; forced totals keep their counts
+    assert torch.equal(select_tokens(scores, droppable, always, cfg), plain)
+    forced = select_tokens(
+        scores, droppable, always, cfg, keep_total=torch.tensor([3]), sim=sim, diverse=patches
+    )
+    assert forced[0].nonzero().flatten().tolist() == [0, 3, 5]
+    with pytest.raises(ValueError, match="diversity"):
+        Stage2Config(diversity=-1.0).validate()
+    with pytest.raises(ValueError, match="diversity_radius"):
+        Stage2Config(diversity_radius=-1).validate()

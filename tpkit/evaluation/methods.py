@@ -99,6 +99,7 @@ def _fastv_cfg(ours: PruningConfig, layer: int) -> PruningConfig:
     cfg.stage2.layer = layer
     cfg.stage2.query = "last"
     cfg.stage2.prune_text = False  # FastV drops image tokens only
+    cfg.stage2.diversity = 0.0  # and keeps the most attended ones
     return cfg
 
 

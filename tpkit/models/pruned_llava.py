@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,7 @@ from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
 from tpkit.pruning import PruningConfig
 from tpkit.pruning.stage1 import cls_attention, cls_cosine, random_scores, select_patches
-from tpkit.pruning.stage2 import apply_rope, relevance, select_tokens
+from tpkit.pruning.stage2 import apply_rope, redundancy, relevance, select_tokens
 
 __all__ = [
     "attach_pruner",
@@ -624,9 +625,19 @@ def _prefill(
             always, droppable, qpos, qvalid = _stage2_roles(
                 ids1, valid1, ans1, mcfg.image_token_id, k1, s2.prune_text, s2.query, s2.prune_visual
             )
+            sim = None
             with torch.no_grad():  # scores only pick indices
                 scores = _stage2_scores(layer, h, cos, sin, valid, qpos, qvalid, s2.reduce)
-            keep2 = select_tokens(scores, droppable, always, s2, stage2_keep)
+                if s2.diversity > 0:
+                    n_tokens, _ = _image_token_count(model)
+                    cell = index1 - img_start[:, None]
+                    cell = torch.where(valid1 & (ids1 == mcfg.image_token_id), cell, -1)
+                    side = math.isqrt(n_tokens) if math.isqrt(n_tokens) ** 2 == n_tokens else 0
+                    sim = redundancy(layer.input_layernorm(h), cell, side, s2.diversity_radius)
+                    patches = cell >= 0
+            keep2 = select_tokens(
+                scores, droppable, always, s2, stage2_keep, sim, patches if sim is not None else None
+            )
             index2, full2 = _compact_full(keep2)  # (B, T2) into the stage-1 sequence
             valid = index2 >= 0
             h = _gather_rows(h, index2)

@@ -72,8 +72,18 @@ class Stage2Config:
     prune_visual: bool = True  # stage 1's visual tokens are droppable (false: stage 2 prunes text only)
     min_keep: int = 1  # droppable tokens kept at least
     max_keep: int | None = None  # droppable tokens kept at most (None = no cap): bounds k2 whatever the knee
+    # Redundancy-aware choice of the kept tokens (the knee still decides how many): they are taken
+    # greedily by score minus diversity x their largest redundancy with a token already taken, the
+    # cosine of the layer's normed hidden states. 0 = by score alone (the paper's rule).
+    diversity: float = 0.0
+    # with diversity: only patches within this many grid cells of each other are redundant (None: any)
+    diversity_radius: int | None = None
 
     def validate(self) -> None:
+        if self.diversity < 0:
+            raise ValueError(f"diversity = {self.diversity} must be >= 0")
+        if self.diversity_radius is not None and self.diversity_radius < 0:
+            raise ValueError(f"diversity_radius = {self.diversity_radius} must be >= 0 (or null)")
         if self.query not in STAGE2_QUERIES:
             raise ValueError(f"query = {self.query!r} must be one of {list(STAGE2_QUERIES)}")
         if self.reduce not in STAGE2_REDUCES:

@@ -59,12 +59,62 @@ def relevance(
     return w.sum(dim=1) / n[:, None]
 
 
+def redundancy(
+    features: torch.Tensor, cells: torch.Tensor | None = None, side: int = 0, radius: int | None = None
+) -> torch.Tensor:
+    """How much each token repeats each other token, (B, T, T) in [0, 1].
+
+    The cosine of the tokens' features (B, T, D), clamped at 0. With ``radius``, only patches
+    within ``radius`` grid cells of each other (Chebyshev distance on the ``side`` x ``side`` grid;
+    ``cells`` (B, T) is each token's patch index, -1 for text) count as redundant: two views of one
+    object are, two objects that look alike are not.
+    """
+    f = torch.nn.functional.normalize(features.float(), dim=-1)
+    sim = (f @ f.transpose(-1, -2)).clamp(0.0, 1.0)  # (B, T, T)
+    if radius is not None:
+        if cells is None or side < 1:
+            raise ValueError("a redundancy radius needs the tokens' patch cells and the grid side")
+        r, c = cells.div(side, rounding_mode="floor"), cells.remainder(side)
+        near = ((r[:, :, None] - r[:, None, :]).abs() <= radius) & (
+            (c[:, :, None] - c[:, None, :]).abs() <= radius
+        )
+        patch = cells >= 0
+        sim = sim * (near & patch[:, :, None] & patch[:, None, :]).to(sim.dtype)
+    return sim
+
+
+def diverse_order(
+    scores: torch.Tensor, candidate: torch.Tensor, sim: torch.Tensor, steps: int, weight: float
+):
+    """Greedy picks (B, steps): each step takes the candidate with the highest score (scaled so the
+    row's best candidate is 1) minus ``weight`` x its largest redundancy with a token already taken.
+
+    Rows with fewer than ``steps`` candidates repeat an arbitrary index after their last one; the
+    caller keeps only the first ``k`` picks of each row (``k`` <= its candidate count).
+    """
+    b, t = scores.shape
+    s = scores.float().masked_fill(~candidate, float("-inf"))
+    top = s.amax(dim=1, keepdim=True)
+    rel = torch.where(candidate, scores.float() / top.clamp_min(1e-12), torch.zeros_like(s))
+    free = candidate.clone()
+    worst = torch.zeros_like(rel)  # each token's largest redundancy with the picks so far
+    picks = []
+    for _ in range(steps):
+        p = (rel - weight * worst).masked_fill(~free, float("-inf")).argmax(dim=1)  # (B,)
+        picks.append(p)
+        free = free.scatter(1, p[:, None], False)
+        worst = torch.maximum(worst, sim.gather(1, p[:, None, None].expand(b, 1, t)).squeeze(1))
+    return torch.stack(picks, dim=1) if picks else scores.new_zeros((b, 0), dtype=torch.long)
+
+
 def select_tokens(
     scores: torch.Tensor,
     droppable: torch.Tensor,
     always: torch.Tensor,
     cfg: Stage2Config,
     keep_total: torch.Tensor | None = None,
+    sim: torch.Tensor | None = None,
+    diverse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Kept tokens (B, T) bool: every ``always`` token plus the head of the droppable ones.
 
@@ -77,6 +127,11 @@ def select_tokens(
     descending score order, ties by position), a per-row count ``k`` is computed and the first ``k``
     sorted positions are scattered back. No host sync for forced counts, ``ratio`` and ``budget``; the
     knee selectors sync once (the distinct candidate counts) and run the detector once per count.
+
+    With ``cfg.diversity`` > 0 and ``sim`` (B, T, T) (:func:`redundancy`), the kept set has the same
+    size, and as many tokens of the ``diverse`` pool (B, T) bool (the patches; None: every
+    droppable token) as the score order gives it, but the pool's tokens are taken by
+    :func:`diverse_order` instead of by score alone (one more sync: the largest pool count).
     """
     b, t = scores.shape
     dev = scores.device
@@ -107,4 +162,14 @@ def select_tokens(
     if keep_total is None and cfg.max_keep is not None:
         k = k.clamp(max=cfg.max_keep)
     rank = torch.arange(t, device=dev)[None, :] < k[:, None]  # (B, T) in sorted order
-    return always | torch.zeros_like(droppable).scatter(1, order, rank)
+    kept = torch.zeros_like(droppable).scatter(1, order, rank)
+    if cfg.diversity > 0 and sim is not None:
+        pool = droppable if diverse is None else droppable & diverse
+        m = (kept & pool).sum(dim=1)  # (B,) slots of the pool: the score order decides how many
+        steps = int(m.max()) if b else 0
+        picks = diverse_order(s, pool, sim, steps, cfg.diversity)  # (B, steps)
+        take = torch.arange(steps, device=dev)[None, :] < m[:, None]
+        chosen = torch.zeros(b, t + 1, dtype=torch.bool, device=dev)
+        chosen = chosen.scatter(1, torch.where(take, picks, t), take)[:, :t]
+        kept = (kept & ~pool) | chosen
+    return always | kept
