@@ -10,6 +10,7 @@ import torch
 from tpkit.config import ConfigError, load_config
 from tpkit.demo import ABLATIONS, DemoConfig, main, run_demo
 from tpkit.evaluation.report import parse_markdown_table
+from tpkit.training.run import load_train_config
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,7 @@ def _tiny_demo(base, tmp_path, out="demo") -> DemoConfig:
             "trainer.checkpoint_every_n_steps=0",
             "trainer.logger=none",
             "trainer.progress_bar=false",
+            "distill.hidden_weight=1.0",  # the distillation run's; the plain run drops it
         ],
         eval_overrides=[
             f"data.test_json={data}/test.json",
@@ -91,6 +93,12 @@ def test_demo_runs_end_to_end_and_writes_its_tables(demo_run):
     assert sum(name.startswith("ours[") for name in base) == sum(1 for ch in ABLATIONS.values() if ch)
     assert (out / "train_distill" / "export" / "adapter_config.json").is_file()
     assert (out / "train_plain" / "export" / "adapter_config.json").is_file()
+    # plain is plain: no teacher term, whatever train_overrides add
+    kd_cfg = load_train_config(out / "train_distill" / "config.yaml").distill
+    plain_cfg = load_train_config(out / "train_plain" / "config.yaml").distill
+    assert (kd_cfg.alpha, kd_cfg.hidden_weight) == (1.0, 1.0)
+    assert (plain_cfg.alpha, plain_cfg.hidden_weight) == (0.0, 0.0)
+    assert labels[-1] == "**ours + LoRA + distillation** (alpha=1, hidden_weight=1)"
     assert (out / "eval_base" / "results.md").is_file()
     # the distilled export ran with the pruner on: its token-layer fraction is below dense's
     assert summary["ours_distilled"]["token_layer_fraction"] < 1.0

@@ -390,7 +390,8 @@ class LoraConfig:
 
 @dataclass
 class DistillConfig:
-    """loss = ce_weight * CE(answer tokens) + alpha * T^2 * D(teacher, student) on answer logits."""
+    """loss = ce_weight * CE(answer tokens) + alpha * T^2 * D(teacher, student) on answer logits
+    (+ hidden_weight * (1 - cos) on the final hidden states of the kept text positions)."""
 
     alpha: float = 1.0  # 0 = plain pruned LoRA fine-tuning (the teacher is not run)
     temperature: float = 1.0
@@ -400,12 +401,25 @@ class DistillConfig:
     # directory written by `python -m tpkit.training.teacher_cache`: the teacher's answer logits are
     # read from it instead of running the teacher each step; null = online teacher
     teacher_cache: str | None = None
+    # + hidden_weight * (1 - cos) between the student's and the teacher's final-normed hidden states
+    # at every text position the student kept (instruction and answers): the teacher's state after
+    # reading the whole image, where its answer logits are nearly one-hot. Online teacher only.
+    hidden_weight: float = 0.0
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.alpha > 0 or self.hidden_weight > 0
 
     def validate(self) -> None:
-        if self.alpha < 0 or self.ce_weight < 0:
-            raise ValueError("alpha and ce_weight must be >= 0")
-        if self.alpha == 0 and self.ce_weight == 0:
-            raise ValueError("alpha and ce_weight are both 0: nothing to train")
+        if self.alpha < 0 or self.ce_weight < 0 or self.hidden_weight < 0:
+            raise ValueError("alpha, ce_weight and hidden_weight must be >= 0")
+        if self.alpha == 0 and self.ce_weight == 0 and self.hidden_weight == 0:
+            raise ValueError("alpha, ce_weight and hidden_weight are all 0: nothing to train")
+        if self.hidden_weight > 0 and self.teacher_cache:
+            raise ValueError(
+                "hidden_weight > 0 needs the online teacher: the teacher cache holds answer logits only "
+                "(set teacher_cache: null)"
+            )
         if self.temperature <= 0:
             raise ValueError(f"temperature = {self.temperature} must be > 0")
         if not 0.0 < self.jsd_beta < 1.0:

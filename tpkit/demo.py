@@ -7,7 +7,8 @@ On a 2-core CPU, in minutes, it
 1. checks the base model (``assets/tiny-llava``, a committed fixture; see assets/README.md),
 2. evaluates it training-free: dense, ours (stage 1, stage 1+2), the matched-budget baselines, the
    budget sweep and the ablations (stage 1 only / stage 2 only / both, knee detectors,
-   ``prune_text``, ``prune_visual``, stage 2 mean or max over queries, stage-1 position ids;
+   ``prune_text``, ``prune_visual``, stage 2 mean or max over queries, stage 2's patches by score
+   alone or diverse, stage-1 position ids;
    ``eval.variants`` of one run),
 3. fine-tunes LoRA with the pruner in the forward path twice, with the same steps and data:
    distillation from the unpruned model (``distill.alpha > 0``) and plain pruned LoRA (``alpha = 0``),
@@ -29,6 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tpkit.config import ConfigError, load_config
 from tpkit.evaluation.report import retention_table
@@ -69,7 +71,8 @@ class DemoConfig:
 ABLATIONS: dict[str, dict[str, object]] = {
     "stage 1 only (kneedle)": {"stage2.enabled": False},
     "stage 2 only": {"stage1.enabled": False},
-    "stage 1 + 2 (kneedle, prune_text)": {},
+    "stage 1 + 2 (kneedle, prune_text, diverse patches)": {},
+    "stage 1 + 2, stage 2 patches by score alone": {"stage2.diversity": 0.0},
     "stage 1 + 2, prune_text off": {"stage2.prune_text": False},
     "stage 1 + 2, stage 2 prunes text only": {"stage2.prune_visual": False},
     "stage 1 curvature + 2": {"stage1.selector": "curvature"},
@@ -94,7 +97,9 @@ def _eval(cfg: DemoConfig, name: str, extra: list[str]) -> dict:
     return evaluate(ecfg)
 
 
-def _train(cfg: DemoConfig, name: str, alpha: float) -> Path:
+def _train(cfg: DemoConfig, name: str, alpha: float) -> tuple[Path, Any]:
+    """One fine-tuning run -> (its export, its resolved distill config). ``alpha`` 0 is plain pruned
+    LoRA: no teacher term of any kind, whatever the train config or ``train_overrides`` say."""
     from tpkit.training.run import fit, load_train_config
 
     overrides = [
@@ -103,11 +108,13 @@ def _train(cfg: DemoConfig, name: str, alpha: float) -> Path:
         f"trainer.max_steps={cfg.max_steps}",
         f"distill.alpha={alpha}",
     ] + list(cfg.train_overrides)
+    if alpha == 0:
+        overrides += ["distill.alpha=0", "distill.hidden_weight=0"]
     tcfg = load_train_config(cfg.train_config, overrides)
     res = fit(tcfg)
     if res.export_dir is None:
         raise RuntimeError(f"training run {name!r} ended without an export (interrupted?)")
-    return Path(res.export_dir)
+    return Path(res.export_dir), tcfg.distill
 
 
 def _row(label: str, r: dict, dense_acc: float) -> str:
@@ -182,9 +189,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         f"fine-tune LoRA + distillation (alpha={cfg.distill_alpha}, {cfg.max_steps} steps)",
         _train, cfg, "train_distill", cfg.distill_alpha,
     )  # fmt: skip
+    kd_export, kd_cfg = kd_export
     runs = {"distill": kd_export}
     if cfg.compare_plain_lora:
-        runs["plain"] = step(
+        runs["plain"], _ = step(
             f"fine-tune plain pruned LoRA (alpha=0, {cfg.max_steps} steps)", _train, cfg, "train_plain", 0.0
         )
     tuned = {}
@@ -218,7 +226,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         rows.append(_row("ours + LoRA, alpha=0 (plain)", tuned["plain"]["methods"]["ours"], dense_acc))
     rows.append(
         _row(
-            f"**ours + LoRA + distillation** (alpha={cfg.distill_alpha})",
+            f"**ours + LoRA + distillation** (alpha={kd_cfg.alpha:g}"
+            + (f", hidden_weight={kd_cfg.hidden_weight:g})" if kd_cfg.hidden_weight else ")"),
             tuned["distill"]["methods"]["ours"],
             dense_acc,
         )

@@ -77,6 +77,40 @@ def test_kd_zero_when_student_equals_teacher(make_cfg, processor, batch):
     assert parts["ce"].item() > 1.0
 
 
+def test_hidden_distill_matches_a_reference_and_trains_the_adapter(make_cfg, processor, batch):
+    off = {"stage1": {"enabled": False}, "stage2": {"enabled": False}}
+    m = _module(make_cfg(pruning=off, distill={"hidden_weight": 1.0}), processor)
+    with torch.no_grad():
+        assert m.losses(batch)["hid"].item() == pytest.approx(0.0, abs=1e-6)  # student = teacher
+    for alpha in (1.0, 0.0):  # the teacher's states from its logits pass, or from a pass of their own
+        m = _module(make_cfg(distill={"hidden_weight": 2.0, "alpha": alpha}), processor)
+        parts = m.losses(batch)
+        assert ("kd" in parts) == (alpha > 0)
+        hid = parts["hid"]
+        # reference: both full final-normed hidden states, compared at the student's kept text positions
+        base = m.model.get_base_model()
+        with m.final_hidden() as seen, torch.no_grad():
+            out = m.student_forward(batch)
+            m.teacher_logits(batch)
+        student, teacher = seen
+        ids, kept = batch["input_ids"], out.kept_index
+        ref = []
+        for b in range(ids.shape[0]):
+            for j in range(kept.shape[1]):
+                i = int(kept[b, j])
+                if i >= 0 and int(ids[b, i]) != base.config.image_token_id and batch["attention_mask"][b, i]:
+                    ref.append(1 - torch.cosine_similarity(student[b, j], teacher[b, i], dim=0))
+        assert 0 < hid.item() == pytest.approx(torch.stack(ref).mean().item(), rel=1e-5)
+        assert parts["loss"].item() == pytest.approx(
+            (parts["ce"] + parts.get("kd", 0.0) * alpha + 2.0 * hid).item(), rel=1e-5
+        )
+        parts["loss"].backward()
+        grads = [p.grad for n, p in m.model.named_parameters() if p.requires_grad and "lora_B" in n]
+        assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    with pytest.raises(ValueError, match="online teacher"):
+        make_cfg(distill={"hidden_weight": 1.0, "teacher_cache": "runs/cache"})
+
+
 def test_loss_decreases(make_cfg, processor, batch):
     torch.manual_seed(0)
     m = _module(make_cfg(), processor)

@@ -27,6 +27,7 @@ __all__ = [
     "distill_rows",
     "distill_loss",
     "gather_rows",
+    "hidden_cosine",
 ]
 
 
@@ -176,3 +177,14 @@ def distill_rows_topk(
     log_s = topk_log_probs(student_rows / temperature, teacher_indices)  # (N, k + 1)
     log_t = _with_rest(log_tk, TAIL_FLOOR)  # (N, k + 1)
     return divergence_logp(log_s, log_t.detach(), kind, beta).mean() * temperature**2
+
+
+def hidden_cosine(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean ``1 - cos`` between matching rows: (N, D), (N, D) -> (); 0 for N = 0."""
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"hidden rows differ in shape: student {tuple(student.shape)}, teacher {tuple(teacher.shape)}"
+        )
+    if student.shape[0] == 0:
+        return student.sum() * 0.0
+    return (1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()

@@ -18,7 +18,14 @@ import torch
 from peft import PeftModel
 
 from tpkit.config import DistillConfig, OptimConfig
-from tpkit.training.losses import IGNORE_INDEX, answer_ce, answer_targets, distill_rows, distill_rows_topk
+from tpkit.training.losses import (
+    IGNORE_INDEX,
+    answer_ce,
+    answer_targets,
+    distill_rows,
+    distill_rows_topk,
+    hidden_cosine,
+)
 
 __all__ = ["DistillLoRAModule", "lr_lambda", "pruner_api", "reuse_tower_output"]
 
@@ -134,6 +141,17 @@ class DistillLoRAModule(L.LightningModule):
         with self.model.disable_adapter(), off:
             return self.model(**kw).logits
 
+    @contextlib.contextmanager
+    def final_hidden(self):
+        """Records the language model's final-normed hidden states of the forwards inside: a list of
+        (B, T, D) tensors, one per forward (the pruned forward's are its kept positions)."""
+        seen: list[torch.Tensor] = []
+        handle = self.base.model.language_model.norm.register_forward_hook(lambda m, a, out: seen.append(out))
+        try:
+            yield seen
+        finally:
+            handle.remove()
+
     def cached_teacher_rows(self, batch: dict, mask: torch.Tensor, orig: torch.Tensor, targets: torch.Tensor):
         """The teacher's rows for the student's answer rows, from the teacher cache (no forward)."""
         from tpkit.training.teacher_cache import TeacherCacheError, answer_ranks
@@ -154,13 +172,15 @@ class DistillLoRAModule(L.LightningModule):
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         tower = self.base.model.vision_tower
-        online = self.distill.alpha > 0 and self.teacher_cache is None
+        online = self.distill.needs_teacher and self.teacher_cache is None
         share = reuse_tower_output(tower) if online else contextlib.nullcontext()
         with share:
             return self._losses(batch)
 
     def _losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        out = self.student_forward(batch)
+        feat = self.distill.hidden_weight > 0
+        with self.final_hidden() if feat else contextlib.nullcontext() as seen:
+            out = self.student_forward(batch)
         kept = getattr(out, "kept_index", None)  # (B, T_out) or None (no pruner)
         parts: dict[str, torch.Tensor] = {}
         if self.pruning_attached:
@@ -176,6 +196,7 @@ class DistillLoRAModule(L.LightningModule):
         mask = targets != IGNORE_INDEX  # (B, T_out) answer-predicting positions
         with torch.no_grad():  # teacher-forced answer-token accuracy of the (pruned) student
             parts["acc"] = (out.logits[mask].argmax(-1) == targets[mask]).float().mean()
+        teacher_hidden = None
         if self.distill.alpha > 0:
             if kept is None:
                 kept = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
@@ -189,7 +210,9 @@ class DistillLoRAModule(L.LightningModule):
                 teacher_pred = t.indices.gather(1, t.values.argmax(-1, keepdim=True))[:, 0]
             else:
                 positions = torch.unique(orig)  # (P,) sorted; the teacher's LM head runs on these only
-                t_logits = self.teacher_logits(batch, positions)  # (B, P, V)
+                with self.final_hidden() if feat else contextlib.nullcontext() as t_seen:
+                    t_logits = self.teacher_logits(batch, positions)  # (B, P, V)
+                teacher_hidden = t_seen[-1] if feat else None
                 rows = mask.nonzero()[:, 0]
                 t_rows = t_logits[rows, torch.searchsorted(positions, orig)]  # (N, V)
                 kd = distill_rows(out.logits[mask], t_rows, **kw)
@@ -197,8 +220,38 @@ class DistillLoRAModule(L.LightningModule):
             loss = loss + self.distill.alpha * kd
             parts["kd"] = kd.detach()
             parts["teacher_acc"] = (teacher_pred == targets[mask]).float().mean()
+        if feat:
+            hid = self.hidden_distill(batch, seen[-1], kept, teacher_hidden)
+            loss = loss + self.distill.hidden_weight * hid
+            parts["hid"] = hid.detach()
         parts["loss"] = loss
         return parts
+
+    def hidden_distill(
+        self,
+        batch: dict,
+        student: torch.Tensor,
+        kept: torch.Tensor | None,
+        teacher: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``1 - cos`` between the student's final hidden states (B, T_out, D) at its kept text
+        positions and the unpruned teacher's (B, T, D) at the same original positions (``teacher``
+        None: the teacher runs here)."""
+        ids = batch["input_ids"]
+        if kept is None:
+            kept = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        kept = kept[:, -student.shape[1] :]
+        image_id = getattr(self.base.config, "image_token_id", None)
+        at = kept.clamp(min=0)
+        text = (kept >= 0) & (ids.gather(1, at) != image_id)  # (B, T_out)
+        text &= batch["attention_mask"].gather(1, at).bool()  # a stock student keeps its pads
+        if teacher is None:
+            with self.final_hidden() as seen:  # the LM head on one position only
+                self.teacher_logits(batch, positions=torch.zeros(1, dtype=torch.long, device=ids.device))
+            teacher = seen[-1]
+        rows = text.nonzero()  # (N, 2)
+        t_rows = teacher[rows[:, 0], kept[rows[:, 0], rows[:, 1]]]
+        return hidden_cosine(student[rows[:, 0], rows[:, 1]], t_rows)
 
     # ---------------------------------------------------------------------------------------
     # Lightning hooks
