@@ -393,7 +393,7 @@ class DistillConfig:
     """loss = ce_weight * CE(answer tokens) + alpha * T^2 * D(teacher, student) on answer logits
     (+ hidden_weight * (1 - cos) on the final hidden states of the kept text positions)."""
 
-    alpha: float = 1.0  # 0 = plain pruned LoRA fine-tuning (the teacher is not run)
+    alpha: float = 1.0  # 0 (and hidden_weight 0) = plain pruned LoRA fine-tuning (no teacher run)
     temperature: float = 1.0
     kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"  # forward = KL(teacher || student)
     jsd_beta: float = 0.5  # JSD mixture weight

@@ -72,9 +72,10 @@ class Stage2Config:
     prune_visual: bool = True  # stage 1's visual tokens are droppable (false: stage 2 prunes text only)
     min_keep: int = 1  # droppable tokens kept at least
     max_keep: int | None = None  # droppable tokens kept at most (None = no cap): bounds k2 whatever the knee
-    # Redundancy-aware choice of the kept tokens (the knee still decides how many): they are taken
-    # greedily by score minus diversity x their largest redundancy with a token already taken, the
-    # cosine of the layer's normed hidden states. 0 = by score alone (the paper's rule).
+    # Redundancy-aware choice of the kept patches (the knee and the score order still decide how many
+    # tokens, and how many of them patches): the patches are taken greedily by score minus diversity
+    # x their largest cosine (the layer's normed hidden states) to a patch already taken. 0 = by
+    # score alone (the paper's rule).
     diversity: float = 0.0
     # with diversity: only patches within this many grid cells of each other are redundant (None: any)
     diversity_radius: int | None = None

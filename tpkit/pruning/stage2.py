@@ -85,7 +85,7 @@ def redundancy(
 
 def diverse_order(
     scores: torch.Tensor, candidate: torch.Tensor, sim: torch.Tensor, steps: int, weight: float
-):
+) -> torch.Tensor:
     """Greedy picks (B, steps): each step takes the candidate with the highest score (scaled so the
     row's best candidate is 1) minus ``weight`` x its largest redundancy with a token already taken.
 
