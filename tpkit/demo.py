@@ -185,11 +185,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         "evaluate the base model training-free (dense, ours, baselines, ablations, sweep)",
         _eval, cfg, "eval_base", [f"eval.variants={json.dumps(variants)}"],
     )  # fmt: skip
-    kd_export = step(
+    kd_export, kd_cfg = step(
         f"fine-tune LoRA + distillation (alpha={cfg.distill_alpha}, {cfg.max_steps} steps)",
         _train, cfg, "train_distill", cfg.distill_alpha,
     )  # fmt: skip
-    kd_export, kd_cfg = kd_export
     runs = {"distill": kd_export}
     if cfg.compare_plain_lora:
         runs["plain"], _ = step(

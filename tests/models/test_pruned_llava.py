@@ -149,6 +149,38 @@ def test_stage2_diversity_changes_which_patches_not_how_many(model, make_llava_b
     assert not torch.equal(diverse[0][3], plain[3])  # other patches (random tiny model, fixed seed)
 
 
+@pytest.mark.parametrize("strategy", ["default", "full"])
+def test_stage2_diversity_cells_are_the_patch_grid(
+    tiny_llava_factory, make_llava_batch, monkeypatch, strategy
+):
+    import tpkit.models.pruned_llava as pl
+
+    model = tiny_llava_factory()
+    model.config.vision_feature_select_strategy = strategy  # full: a CLS placeholder leads the patches
+    attach_pruner(
+        model,
+        PruningConfig(
+            stage1=Stage1Config(enabled=False), stage2=Stage2Config(diversity=1.0, diversity_radius=1)
+        ),
+    )
+    seen = {}
+    real = pl.redundancy
+
+    def spy(features, cells=None, side=0, radius=None):
+        seen["cells"], seen["side"] = cells, side
+        return real(features, cells, side, radius)
+
+    monkeypatch.setattr(pl, "redundancy", spy)
+    batch = make_llava_batch(model, before=(3,), after=(4,))
+    with torch.no_grad():
+        model(**batch)
+    vc = model.config.vision_config
+    side = vc.image_size // vc.patch_size
+    cells = seen["cells"][0]
+    assert seen["side"] == side
+    assert sorted(cells[cells >= 0].tolist()) == list(range(side * side))  # every patch once, no CLS
+
+
 def test_stage1_only_and_baseline_configs(model, make_llava_batch):
     batch = make_llava_batch(model, before=(3, 6), after=(4, 2))
     configs = [

@@ -615,6 +615,7 @@ def _prefill(
     cache_kw = _cache_kwarg(layers[0])
     s2 = cfg.stage2
     split = s2.layer if s2.enabled else n_layers
+    n_tokens, n_patches = _image_token_count(model)  # placeholders (a leading CLS with "full"), patches
     h = embeds
     cos, sin = lm.rotary_emb(h, position_ids=pos1)
     valid, pos, index = valid1, pos1, index1
@@ -628,11 +629,10 @@ def _prefill(
             sim = None
             with torch.no_grad():  # scores only pick indices
                 scores = _stage2_scores(layer, h, cos, sin, valid, qpos, qvalid, s2.reduce)
-                if s2.diversity > 0:
-                    n_tokens, _ = _image_token_count(model)
-                    cell = index1 - img_start[:, None]
-                    cell = torch.where(valid1 & (ids1 == mcfg.image_token_id), cell, -1)
-                    side = math.isqrt(n_tokens) if math.isqrt(n_tokens) ** 2 == n_tokens else 0
+                if s2.diversity > 0:  # each token's patch cell on the grid, -1 for text (and CLS)
+                    cell = index1 - img_start[:, None] - (n_tokens - n_patches)
+                    cell = torch.where(valid1 & (ids1 == mcfg.image_token_id) & (cell >= 0), cell, -1)
+                    side = math.isqrt(n_patches)
                     sim = redundancy(layer.input_layernorm(h), cell, side, s2.diversity_radius)
                     patches = cell >= 0
             keep2 = select_tokens(
@@ -653,7 +653,6 @@ def _prefill(
     n1 = valid1.sum(dim=1)
     k2 = valid.sum(dim=1)
     tokens_seen = split * n1 + (n_layers - split) * k2
-    n_tokens, _ = _image_token_count(model)
     patch_of = index - img_start[:, None]  # (B, T_out)
     is_patch = (index >= 0) & (patch_of >= 0) & (patch_of < n_tokens)
     keep12 = torch.zeros(b, n_tokens + 1, dtype=torch.bool, device=device).scatter(
