@@ -1,13 +1,13 @@
 """Fine-tune a LLaVA-style model with LoRA, the token pruner in the forward path and distillation.
 
-    python train.py --config configs/train_tiny.yaml [--set optim.lr=1e-4 ...] [--resume]
+    python train.py --config configs/train/tiny.yaml [--set optim.lr=1e-4 ...] [--resume]
 
-All logic lives in :mod:`tpkit.training.run`.
+The same as ``tpkit train``; all logic lives in :mod:`tpkit.training`.
 """
 
 import sys
 
-from tpkit.training.run import main
+from tpkit.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["train", *sys.argv[1:]], prog="train.py"))

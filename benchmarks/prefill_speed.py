@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from tpkit.evaluation.config import EvalConfig
+    from tpkit.evaluation.random_init import evaluate_speed_only
     from tpkit.evaluation.report import speed_markdown
-    from tpkit.evaluation.runner import evaluate_speed_only
 
     cfg = EvalConfig()
     cfg.device = args.device

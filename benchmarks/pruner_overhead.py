@@ -33,16 +33,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
-from tpkit.models import attach_pruner, last_stats, pruning_disabled  # noqa: E402
-from tpkit.models.pruned_llava import (  # noqa: E402
-    _attn_mask,
-    _layer_call,
-    _prefill,
-    _scores_from_states,
-    _stage2_roles,
-    _stage2_scores,
-    _tower_states,
-)
+from tpkit.models import attach_pruner, family_of, last_stats, pruning_disabled  # noqa: E402
+from tpkit.models.core.masks import attn_mask  # noqa: E402
+from tpkit.models.core.prefill import layer_call, prefill, stage2_roles, stage2_scores  # noqa: E402
+from tpkit.models.llava.family import tower_states  # noqa: E402
 from tpkit.models.tiny import build_tiny_llava  # noqa: E402
 from tpkit.pruning import PruningConfig, select_patches, select_tokens  # noqa: E402
 
@@ -153,31 +147,29 @@ def _measure(model, cfg: PruningConfig, bs: int, args) -> tuple:
     t_pruned = _median_ms(pruned, args.repeats)
     stats = last_stats(model)
 
-    hs = _tower_states(model, px)
+    hs = tower_states(model, px)
+    family = family_of(model)
 
     def stage1():
-        scores = _scores_from_states(model, hs, cfg.stage1)
+        scores = family.scores(model, hs, cfg.stage1)
         select_patches(scores, cfg.stage1)
 
     t1 = _median_ms(stage1, args.repeats)
 
     # the stage-1 sequence and the hidden states entering layer K
-    pre = _prefill(model, ids, px, am)
-    ids1 = ids.gather(1, pre.index1.clamp(min=0)).masked_fill(~pre.valid1, 0)
-    k1 = stats["k1"]
+    pre = prefill(model, ids, px, am)
+    img1 = pre.valid1 & (ids.gather(1, pre.index1.clamp(min=0)) == model.config.image_token_id)
     h = pre.embeds1
     cos, sin = lm.rotary_emb(h, position_ids=pre.pos1)
-    mask = _attn_mask(pre.valid1, h.shape[1], lm.config._attn_implementation, h.dtype)
+    mask = attn_mask(pre.valid1, h.shape[1], lm.config._attn_implementation, h.dtype)
     for layer in lm.layers[: cfg.stage2.layer]:
-        h = _layer_call(layer, h, mask, cos, sin, pre.pos1, None, "")
+        h = layer_call(layer, h, mask, cos, sin, pre.pos1, None, "")
     layer_k = lm.layers[cfg.stage2.layer]
     ans = torch.zeros_like(pre.valid1)
 
     def stage2():
-        always, droppable, qpos, qvalid = _stage2_roles(
-            ids1, pre.valid1, ans, model.config.image_token_id, k1, cfg.stage2.prune_text, cfg.stage2.query
-        )
-        scores = _stage2_scores(layer_k, h, cos, sin, pre.valid1, qpos, qvalid)
+        always, droppable, qpos, qvalid = stage2_roles(img1, pre.valid1, ans, cfg.stage2.prune_text, cfg.stage2.query)
+        scores = stage2_scores(layer_k, h, cos, sin, pre.valid1, qpos, qvalid)
         select_tokens(scores, droppable, always, cfg.stage2)
 
     t2 = _median_ms(stage2, args.repeats)

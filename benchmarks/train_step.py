@@ -5,7 +5,7 @@ teacher, and with the teacher read from a teacher cache (tiny model, CPU).
 
 One step = student forward + loss (+ teacher forward or cache read) + backward + AdamW step on one fixed
 batch; the setups are timed round-robin (so machine noise hits them alike) and the median is reported.
-The cache is built first (``tpkit.training.teacher_cache``, full vocabulary, so its KD equals the online
+The cache is built first (``tpkit teacher-cache``, full vocabulary, so its KD equals the online
 KD); its build time per batch is reported too: it is paid once per record, shared by every epoch and
 every run on the same base model and data. The last lines are the headline: KD's cost over
 LoRA + pruning (target <= 1.6x), online and cached.
@@ -25,13 +25,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from tpkit.config import TrainConfig, from_dict
+from tpkit.config import from_dict
 from tpkit.data.collator import LlavaCollator
-from tpkit.training.run import build_module, build_processor_for, build_student
+from tpkit.models.loading import load_processor_for
+from tpkit.synthetic.questions import synthetic_processor
+from tpkit.training.config import TrainConfig
+from tpkit.training.recipe import build_module, build_student
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# the embedded base model's shape (configs/base_tiny.yaml): 96 px / patch 8 = 144 visual tokens
+# the embedded base model's shape (configs/fixture/tiny_gpu.yaml): 96 px / patch 8 = 144 visual tokens
 FIXTURE_SHAPE = {
     "hidden_size": 256,
     "num_layers": 4,
@@ -55,7 +58,7 @@ def setups(model: dict) -> dict[str, dict]:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="model dir (default: assets/tiny-llava, else random tiny)")
     ap.add_argument("--batch", type=int, default=8)
@@ -68,7 +71,7 @@ def main() -> None:
         default="cpu",
         help="cpu: process CPU time (stable on a shared machine; use with --threads 1), wall: perf_counter",
     )
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -78,11 +81,11 @@ def main() -> None:
     model = {"path": path} if path else {"path": "tiny:llama", "tiny": FIXTURE_SHAPE}
     base_cfg = {"data": {"train_json": "unused.json"}, "lora": {"r": 8, "alpha": 16.0}}
     cfgs = {k: from_dict(TrainConfig, {**base_cfg, **v}) for k, v in setups(model).items()}
-    processor = build_processor_for(next(iter(cfgs.values())))
+    processor = load_processor_for(next(iter(cfgs.values())).model) if path else synthetic_processor()
 
     from tpkit.data.llava_json import load_llava_json
-    from tpkit.data.synthetic import generate_split
-    from tpkit.training.teacher_cache import build_teacher_cache
+    from tpkit.synthetic.splits import generate_split
+    from tpkit.training.teacher_cache.build import build_teacher_cache
 
     tmp_cache = tempfile.TemporaryDirectory()
     with tempfile.TemporaryDirectory() as tmp:

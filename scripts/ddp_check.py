@@ -3,7 +3,7 @@
     python scripts/ddp_check.py --out /tmp/ddp [--data train.json] [--steps 2] [--devices 2]
 
 Run as a script, not inside pytest: Lightning's DDP launcher re-executes ``sys.argv`` for rank >= 1
-(DESIGN.md pitfalls). Each rank writes ``<out>/rank<r>.pt``: its trainable tensors and the record ids
+(a Lightning DDP launcher behaviour). Each rank writes ``<out>/rank<r>.pt``: its trainable tensors and the record ids
 of the batches it trained on. tests/training/test_ddp.py compares them. ``--teacher-cache DIR``
 distills from a teacher cache instead of the online teacher (built first by rank 0 if missing).
 """
@@ -44,13 +44,14 @@ def main() -> None:
     out = Path(args.out)
     data = Path(args.data) if args.data else out / "data" / "train.json"
     if not data.exists() and os.environ.get("LOCAL_RANK", "0") == "0":
-        from tpkit.data.synthetic import generate_split
+        from tpkit.synthetic.splits import generate_split
 
         generate_split(data.parent, split="train", n=16, seed=0)
 
-    from tpkit.config import TrainConfig, from_dict
-    from tpkit.data.processor import build_processor
-    from tpkit.training.run import fit
+    from tpkit.config import from_dict
+    from tpkit.training.config import TrainConfig
+    from tpkit.synthetic.questions import synthetic_processor
+    from tpkit.training.recipe import fit
 
     torch.set_num_threads(1)  # two ranks share the cores
     cfg = from_dict(
@@ -78,11 +79,11 @@ def main() -> None:
             },
         },
     )
-    processor = build_processor(image_size=32, patch_size=8)
+    processor = synthetic_processor(image_size=32, patch_size=8)
     cache = Path(args.teacher_cache) if args.teacher_cache else None
     if cache is not None and not (cache / "meta.json").exists() and os.environ.get("LOCAL_RANK", "0") == "0":
         # before fit: the launcher starts rank 1 inside fit, so it finds the cache finished
-        from tpkit.training.teacher_cache import build_teacher_cache
+        from tpkit.training.teacher_cache.build import build_teacher_cache
 
         build_teacher_cache(cfg, cache, processor=processor, device="cpu", progress=False)
     ids = RecordIds()

@@ -4,7 +4,7 @@
 #   bash scripts/gpu_base.sh                      # on the GPU machine, from the repository root
 #   OUT=/tmp/out bash scripts/gpu_base.sh --device cpu --set tower.max_steps=3 lm.max_steps=3 ...  # CPU rehearsal
 #
-# Extra arguments go to `python -m tpkit.training.base_recipe` (after the config). Writes to $OUT
+# Extra arguments go to `tpkit fixture` (after the config). Writes to $OUT
 # (default ./outputs/gpu_base), at most 6 files, none deeper than $OUT/a/file:
 #   log.txt                 everything printed (also on the terminal)
 #   tiny-llava.tar          the model directory: config.json, model.safetensors, processor files,
@@ -42,7 +42,7 @@ log "start; OUT=$OUT WORK=$WORK args: $*"
 
 # 1. The recipe (data, tower, LLaVA, save, reload, evaluate). Its own budgets keep it to ~5 minutes;
 #    the timeout only guards against a hang, so that whatever was saved still comes back.
-timeout "${RECIPE_TIMEOUT:-480}" "$PY" -m tpkit.training.base_recipe --config configs/base_tiny.yaml --out "$MODEL" --archive "$OUT/tiny-llava.tar" "$@" 2>&1 | tee -a "$LOG"
+timeout "${RECIPE_TIMEOUT:-480}" "$PY" -m tpkit fixture --config configs/fixture/tiny_gpu.yaml --out "$MODEL" --archive "$OUT/tiny-llava.tar" "$@" 2>&1 | tee -a "$LOG"
 rc=$?
 log "recipe exit code $rc after ${SECONDS}s"
 
@@ -54,14 +54,14 @@ else
     log "no model.safetensors in $MODEL"
 fi
 
-# 3. The premise report, when the evaluation module exists and the model was saved.
-if [ -f "$MODEL/model.safetensors" ] && "$PY" -c "import tpkit.evaluation.premise" 2>/dev/null; then
+# 3. The premise report, when the model was saved.
+if [ -f "$MODEL/model.safetensors" ]; then
     N_PREMISE="${N_PREMISE:-300}"
-    "$PY" -m tpkit.data.synthetic --out "$WORK/synth" --split test --n "$N_PREMISE" --seed 0 --workers 8 2>&1 | tail -n 3 | tee -a "$LOG"
-    timeout 100 "$PY" -m tpkit.evaluation.premise --model "$MODEL" --data "$WORK/synth" --n "$N_PREMISE" \
+    "$PY" -m tpkit data synthetic --out "$WORK/synth" --split test --n "$N_PREMISE" --seed 0 --workers 8 2>&1 | tail -n 3 | tee -a "$LOG"
+    timeout 100 "$PY" -m tpkit premise --model "$MODEL" --data "$WORK/synth" --n "$N_PREMISE" \
         --out "$OUT/premise" 2>&1 | tee -a "$LOG" || log "premise report (cosine) failed"
 else
-    log "premise report skipped (no saved model, or tpkit.evaluation.premise missing)"
+    log "premise report skipped (no saved model)"
 fi
 
 log "done in ${SECONDS}s; files in $OUT:"

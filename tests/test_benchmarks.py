@@ -15,11 +15,32 @@ def _load(name: str):
     return module
 
 
-def test_base_step_benchmark_prints_its_headline(capsys):
-    bench = _load("base_step")
+def test_fixture_step_benchmark_prints_its_headline(capsys):
+    bench = _load("fixture_step")
     assert bench.main(["--batch", "2", "--tokens", "210", "--steps", "1"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("eager / sdpa step time: ") and out[-1].endswith("x")
     assert any(line.strip().startswith("sdpa") for line in out) and any(
         line.strip().startswith("eager") for line in out
     )
+
+
+def test_pruner_overhead_benchmark_prints_its_headline(capsys):
+    bench = _load("pruner_overhead")
+    worst = bench.main(["--batch-sizes", "1", "--repeats", "1", "--hidden", "64", "--layers", "4"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("HEADLINE pruner overhead") and 0 < worst < 1
+
+
+def test_prefill_speed_benchmark_prints_its_headline(capsys, tmp_path):
+    bench = _load("prefill_speed")
+    assert bench.main(["--batch-size", "1", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("prefill speedup ours@22.0% token-layer fraction vs dense: ")
+
+
+def test_train_step_benchmark_prints_its_ratios(capsys):
+    bench = _load("train_step")
+    bench.main(["--batch", "2", "--steps", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert "KD step time over LoRA+pruning, online teacher: " in out and "5 pass(es): " in out

@@ -8,14 +8,17 @@ import pytest
 
 from tpkit.config import (
     ConfigError,
-    DataConfig,
-    ModelConfig,
-    TrainConfig,
+    commented_yaml,
+    field_docs,
     from_dict,
     load_config,
+    reference_markdown,
     save_config,
     to_dict,
 )
+from tpkit.data.config import DataConfig
+from tpkit.models.config import ModelConfig
+from tpkit.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,24 +109,70 @@ def test_model_and_data_sections_alone():
     assert d.train_json is None and d.eval_batch_size == 3
 
 
-@pytest.mark.parametrize("name", ["train_tiny.yaml", "llava15_7b_distill.yaml"])
-def test_shipped_configs_load(name):
-    cfg = load_config(TrainConfig, ROOT / "configs" / name)
-    assert "language_model" in cfg.lora.target_modules
+def _config_class(path: Path) -> type:
+    from tpkit.cli import config_classes
+
+    by_dir = {"train": "Training", "eval": "Evaluation", "fixture": "Base-model fixture"}
+    title = by_dir.get(path.parent.name, "Demo")
+    return next(cls for t, cls in config_classes().items() if t.startswith(title))
 
 
-def test_train_py_reports_config_errors_before_loading_a_model(tmp_path, capsys, monkeypatch):
-    from tpkit.training import run
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(_config_class(path), path)
+    if isinstance(cfg, TrainConfig):
+        assert "language_model" in cfg.lora.target_modules
 
-    def boom(*a, **k):
-        raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(run, "load_base_model", boom)
+def test_field_docs_come_from_the_source_comments():
+    docs = {d.key: d for d in field_docs(TrainConfig)}
+    assert docs["pruning"].section and docs["pruning.stage1"].section
+    assert docs["optim.min_lr_ratio"].doc == "final lr = lr * min_lr_ratio (cosine / linear)"
+    assert docs["pruning.stage2.diversity_radius"].doc.startswith("with diversity: only patches within")
+    # a comment block above a field and its trailing comment both belong to it
+    assert "original: every kept token keeps the position" in docs["pruning.stage1.positions"].doc
+    assert docs["data.batch_size"].default == 4 and docs["data.batch_size"].type == "int"
+
+
+def test_commented_yaml_round_trips_and_carries_the_comments(tmp_path):
+    cfg = load_config(TrainConfig, _write(tmp_path, GOOD), ["optim.lr=0.01"])
+    text = commented_yaml(cfg)
+    assert "lr: 0.01" in text and "# final lr = lr * min_lr_ratio" in text
+    assert to_dict(load_config(TrainConfig, _write(tmp_path, text))) == to_dict(cfg)
+    table = reference_markdown({"Training": TrainConfig})
+    assert "| `optim.lr` | `float` | `0.0002` |" in table and "### `pruning.stage2`" in table
+
+
+def test_the_config_reference_is_current():
+    """docs/config.md is generated from the dataclasses: run `tpkit config-reference` after a change."""
+    from tpkit.cli import config_reference
+
+    assert (ROOT / "docs" / "config.md").read_text() == config_reference()
+
+
+def test_config_errors_come_before_heavy_imports(tmp_path):
+    """A bad config answers in a fresh process without importing torch, transformers or lightning."""
+    import subprocess
+    import sys
+
+    bad = _write(tmp_path, GOOD + "trainer2:\n  x: 1\n")
+    code = (
+        "import sys; from tpkit.cli import main; rc = main(['train', '--config', sys.argv[1]]); "
+        "print(rc, sorted(m for m in ('torch', 'transformers', 'lightning', 'peft') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split("\n")[0] == "2 []", out.stdout + out.stderr
+    assert f"{bad}:12" in out.stderr and "unknown key 'trainer2'" in out.stderr
+
+
+def test_train_reports_config_errors_before_loading_a_model(tmp_path, capsys):
+    from tpkit.cli import main
+
     p = _write(tmp_path, GOOD + "trainer2:\n  x: 1\n")
-    assert run.main(["--config", str(p)]) == 2
+    assert main(["train", "--config", str(p)]) == 2
     err = capsys.readouterr().err
     assert f"{p}:12" in err and "unknown key 'trainer2'" in err and "did you mean 'trainer'" in err
-    assert run.main(["--config", str(_write(tmp_path, GOOD)), "--set", "optim.lr=x"]) == 2
+    assert main(["train", "--config", str(_write(tmp_path, GOOD)), "--set", "optim.lr=x"]) == 2
     assert "'optim.lr' = 'x' must be a number" in capsys.readouterr().err
-    assert run.main(["--config", str(_write(tmp_path, GOOD)), "--resume"]) == 2
+    assert main(["train", "--config", str(_write(tmp_path, GOOD)), "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err

@@ -7,20 +7,21 @@ import json
 import pytest
 import torch
 
+from tpkit.cli import main
 from tpkit.config import ConfigError, load_config
-from tpkit.demo import ABLATIONS, DemoConfig, main, run_demo
+from tpkit.demo import ABLATIONS, DemoConfig, SyntheticData, run_demo
 from tpkit.evaluation.report import parse_markdown_table
-from tpkit.training.run import load_train_config
+from tpkit.training.config import load_train_config
 
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
     """A save_pretrained LLaVA + processor directory shaped like assets/tiny-llava, random weights."""
-    from tpkit.data.processor import build_processor
     from tpkit.models.tiny import build_tiny_llava
+    from tpkit.synthetic.questions import synthetic_processor
 
     root = tmp_path_factory.mktemp("demo_base")
-    processor = build_processor(image_size=32, patch_size=8)
+    processor = synthetic_processor(image_size=32, patch_size=8)
     tok = processor.tokenizer
     model = build_tiny_llava(
         vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids("<image>"), image_size=32, patch_size=8
@@ -31,16 +32,12 @@ def tiny_base(tmp_path_factory):
 
 
 def _tiny_demo(base, tmp_path, out="demo") -> DemoConfig:
-    data = tmp_path / "data"
     return DemoConfig(
         out_dir=str(tmp_path / out),
         base_model=str(base),
         max_steps=2,
+        data=SyntheticData(dir=str(tmp_path / "data"), n_train=16, n_val=4, n_test=8),
         train_overrides=[
-            f"data.train_json={data}/train.json",
-            f"data.val_json={data}/val.json",
-            "data.synthetic_n_train=16",
-            "data.synthetic_n_val=4",
             "data.batch_size=4",
             "trainer.val_every_n_steps=0",
             "trainer.checkpoint_every_n_steps=0",
@@ -49,8 +46,6 @@ def _tiny_demo(base, tmp_path, out="demo") -> DemoConfig:
             "distill.hidden_weight=1.0",  # the distillation run's; the plain run drops it
         ],
         eval_overrides=[
-            f"data.test_json={data}/test.json",
-            "eval.synthetic_n=8",
             "eval.budgets=[0.5]",
             "eval.max_new_tokens=2",
             "eval.progress=false",
@@ -148,8 +143,8 @@ def test_demo_config_errors_name_the_key_and_file(tmp_path):
 def test_demo_without_base_model_says_how_to_build_it(tmp_path, capsys):
     p = tmp_path / "demo.yaml"
     p.write_text(f"base_model: {tmp_path}/nowhere\nout_dir: {tmp_path}/o\n")
-    assert main(["--config", str(p)]) == 2
+    assert main(["demo", "--config", str(p)]) == 2
     err = capsys.readouterr().err
     assert f"base model '{tmp_path}/nowhere': no such model directory" in err
-    assert "scripts/gpu_base.sh" in err and "--config configs/base_tiny_cpu.yaml" in err
+    assert "scripts/gpu_base.sh" in err and "--config configs/fixture/tiny_cpu.yaml" in err
     assert not (tmp_path / "o" / "eval_base").exists()  # failed before any work

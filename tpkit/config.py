@@ -14,22 +14,23 @@ location of that section.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import io
 import re
+import textwrap
+import tokenize
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
 # `1e-4` / `5E3`: numbers to everyone, strings to YAML 1.1 (which wants `1.0e-4`)
 _YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-if TYPE_CHECKING:  # imported lazily (see _hints): tpkit.pruning may import this module
-    from tpkit.pruning import PruningConfig
 
 T = TypeVar("T")
 
@@ -41,13 +42,9 @@ __all__ = [
     "save_config",
     "apply_overrides",
     "set_dotted",
-    "ModelConfig",
-    "DataConfig",
-    "LoraConfig",
-    "DistillConfig",
-    "OptimConfig",
-    "TrainerConfig",
-    "TrainConfig",
+    "field_docs",
+    "commented_yaml",
+    "reference_markdown",
 ]
 
 
@@ -99,8 +96,14 @@ class _Where:
 
 
 def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "None"
     if isinstance(tp, type):
         return tp.__name__
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if _is_union(tp):
+        return " | ".join(_type_name(a) for a in get_args(tp))
     return str(tp).replace("typing.", "")
 
 
@@ -171,14 +174,8 @@ def _coerce(value: Any, tp: Any, key: str, where: _Where) -> Any:
 
 
 def _hints(cls: type) -> dict[str, Any]:
-    """Resolved annotations of ``cls``; names imported lazily (``PruningConfig``) are bound on demand."""
-    try:
-        return typing.get_type_hints(cls)
-    except NameError:
-        from tpkit.pruning import PruningConfig
-
-        globals()["PruningConfig"] = PruningConfig
-        return typing.get_type_hints(cls)
+    """Resolved annotations of ``cls`` (its module's names resolve ``from __future__`` strings)."""
+    return typing.get_type_hints(cls)
 
 
 def _from_dict(cls: type[T], data: dict, prefix: str, where: _Where) -> T:
@@ -297,225 +294,142 @@ def save_config(cfg: Any, path: str | Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# The typed sections shared by train.py and evaluate.py
-#
-# Defaults give a working CPU run on the tiny fixture; real-model recipes live in configs/*.yaml.
-
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Documentation from the dataclasses themselves: each field's comment in its source is its doc
 
 
-@dataclass
-class ModelConfig:
-    """Which base LLaVA to load and how."""
+@dataclasses.dataclass
+class FieldDoc:
+    """One config key: dotted name, type, default and the comment written beside it in the source."""
 
-    # local save_pretrained dir or hub id; "tiny" / "tiny:<llama|mistral|qwen2>" = random tiny model
-    # built from ``tiny`` kwargs (tests, benchmarks)
-    path: str = "assets/tiny-llava"
-    # processor dir or hub id; None = ``path`` (a "tiny" model has no processor: set it or data.processor)
-    processor_path: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    revision: str | None = None
-    tiny: dict[str, Any] = field(default_factory=dict)  # kwargs of tpkit.models.tiny.build_tiny_llava
-    seed: int = 0  # init seed of a "tiny" model
-
-    def validate(self) -> None:
-        if not self.path:
-            raise ValueError("path must not be empty")
-        if self.path.startswith("tiny:"):
-            backbone = self.path.split(":", 1)[1]
-            if backbone not in ("llama", "mistral", "qwen2"):
-                raise ValueError(f"path {self.path!r}: tiny backbone must be llama, mistral or qwen2")
+    key: str
+    type: str
+    default: Any
+    doc: str
+    section: bool = False  # a nested dataclass (its doc is the class docstring)
 
 
-@dataclass
-class DataConfig:
-    """LLaVA conversation-JSON data (tpkit.data)."""
-
-    train_json: str | None = None
-    val_json: str | None = None
-    test_json: str | None = None
-    image_folder: str | None = None  # None = the json's directory
-    on_error: Literal["raise", "skip"] = "raise"  # unreadable image / malformed / over-long record
-    check_images: Literal["open", "decode", "exists", "none"] = "open"  # at load time (exists: large sets)
-    max_length: int = 512
-    batch_size: int = 4  # per device
-    eval_batch_size: int = 8
-    num_workers: int = 0
-    # write the synthetic benchmark into the json paths' directory when they do not exist, and again
-    # when written earlier with another size, seed or generator (tpkit.data.synthetic.ensure_split)
-    generate_synthetic: bool = False
-    synthetic_n_train: int = 512
-    synthetic_n_val: int = 64
-    synthetic_seed: int = 0
-
-    def validate(self) -> None:
-        if self.max_length < 8:
-            raise ValueError(f"max_length = {self.max_length} is too small (>= 8)")
-        if self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ValueError("batch_size and eval_batch_size must be >= 1")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers = {self.num_workers} must be >= 0")
-
-
-# language-model linear layers only: a plain name list would also hit the CLIP tower (DESIGN pitfalls)
-DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-
-
-@dataclass
-class LoraConfig:
-    """PEFT LoRA on the language model; the projector optionally trained in full."""
-
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    # a regex (peft full-match on module names) or a list of names; must not hit the vision tower
-    target_modules: str | list[str] = DEFAULT_LORA_TARGETS
-    train_projector: bool = False  # multi_modal_projector via peft modules_to_save (saved in the adapter)
-    init_seed: int = 0
-
-    def validate(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"r = {self.r} must be >= 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout = {self.dropout} must be in [0, 1)")
-        if isinstance(self.target_modules, str):
-            import re
-
-            try:
-                re.compile(self.target_modules)
-            except re.error as e:
-                raise ValueError(f"target_modules is not a valid regex: {e}") from None
+def _source_comments(cls: type) -> dict[str, str]:
+    """Field name -> its comment: the comment lines right above the field and the one after it."""
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    comments: dict[int, str] = {}  # line -> comment text
+    columns: dict[int, int] = {}  # line -> the comment's column
+    code_lines: set[int] = set()
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+            columns[tok.start[0]] = tok.start[1]
+        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
+            code_lines.update(range(tok.start[0], tok.end[0] + 1))
+    body = ast.parse(src).body[0].body  # the class body
+    out: dict[str, str] = {}
+    for node in body:
+        if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
+            continue
+        above = []
+        line = node.lineno - 1
+        while line in comments and line not in code_lines:
+            above.insert(0, comments[line])
+            line -= 1
+        after = [comments[i] for i in range(node.lineno, node.end_lineno + 1) if i in comments]
+        nxt = node.end_lineno + 1  # comment-only lines indented past the field continue its comment
+        while after and nxt in comments and nxt not in code_lines and columns[nxt] > node.col_offset:
+            after.append(comments[nxt])
+            nxt += 1
+        out[node.target.id] = " ".join(above + after)
+    return out
 
 
-@dataclass
-class DistillConfig:
-    """loss = ce_weight * CE(answer tokens) + alpha * T^2 * D(teacher, student) on answer logits
-    (+ hidden_weight * (1 - cos) on the final hidden states of the kept text positions)."""
-
-    alpha: float = 1.0  # 0 (and hidden_weight 0) = plain pruned LoRA fine-tuning (no teacher run)
-    temperature: float = 1.0
-    kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"  # forward = KL(teacher || student)
-    jsd_beta: float = 0.5  # JSD mixture weight
-    ce_weight: float = 1.0
-    # directory written by `python -m tpkit.training.teacher_cache`: the teacher's answer logits are
-    # read from it instead of running the teacher each step; null = online teacher
-    teacher_cache: str | None = None
-    # + hidden_weight * (1 - cos) between the student's and the teacher's final-normed hidden states
-    # at every text position the student kept (instruction and answers): the teacher's state after
-    # reading the whole image, where its answer logits are nearly one-hot. Online teacher only.
-    hidden_weight: float = 0.0
-
-    @property
-    def needs_teacher(self) -> bool:
-        return self.alpha > 0 or self.hidden_weight > 0
-
-    def validate(self) -> None:
-        if self.alpha < 0 or self.ce_weight < 0 or self.hidden_weight < 0:
-            raise ValueError("alpha, ce_weight and hidden_weight must be >= 0")
-        if self.alpha == 0 and self.ce_weight == 0 and self.hidden_weight == 0:
-            raise ValueError("alpha, ce_weight and hidden_weight are all 0: nothing to train")
-        if self.hidden_weight > 0 and self.teacher_cache:
-            raise ValueError(
-                "hidden_weight > 0 needs the online teacher: the teacher cache holds answer logits only "
-                "(set teacher_cache: null)"
-            )
-        if self.temperature <= 0:
-            raise ValueError(f"temperature = {self.temperature} must be > 0")
-        if not 0.0 < self.jsd_beta < 1.0:
-            raise ValueError(f"jsd_beta = {self.jsd_beta} must be in (0, 1)")
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
 
 
-@dataclass
-class OptimConfig:
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0  # final lr = lr * min_lr_ratio (cosine / linear)
-    grad_clip: float | None = 1.0
-
-    def validate(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"lr = {self.lr} must be > 0")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas = {self.betas} must be two numbers in [0, 1)")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps = {self.warmup_steps} must be >= 0")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio = {self.min_lr_ratio} must be in [0, 1]")
+def field_docs(cls: type, prefix: str = "") -> list[FieldDoc]:
+    """Every key of dataclass ``cls`` (nested sections flattened, depth first) with its doc comment."""
+    hints = _hints(cls)
+    comments = _source_comments(cls)
+    out: list[FieldDoc] = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = hints[f.name]
+        key = prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            doc = " ".join((tp.__doc__ or "").split()) or comments.get(f.name, "")
+            out.append(FieldDoc(key, tp.__name__, None, doc, section=True))
+            out += field_docs(tp, key + ".")
+        else:
+            out.append(FieldDoc(key, _type_name(tp), to_dict(_default_of(f)), comments.get(f.name, "")))
+    return out
 
 
-@dataclass
-class TrainerConfig:
-    """Lightning Trainer, checkpointing and logging."""
-
-    out_dir: str = "runs/tiny"
-    seed: int = 0
-    max_steps: int = 100  # optimizer steps
-    max_epochs: int = -1  # -1: bounded by max_steps only
-    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
-    devices: int | str = "auto"
-    num_nodes: int = 1
-    strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = "auto"
-    deepspeed_stage: int = 2
-    precision: Literal["auto", "32", "32-true", "bf16-mixed", "bf16-true", "16-mixed"] = (
-        "auto"  # auto: bf16-mixed on GPU, 32 on CPU
-    )
-    accumulate_grad_batches: int = 1
-    gradient_checkpointing: bool = False
-    checkpoint_every_n_steps: int = 50  # last.ckpt (atomic); 0 = only at the end
-    val_every_n_steps: int = 0  # 0 = no validation
-    limit_val_batches: int | float = 1.0
-    log_every_n_steps: int = 10
-    logger: Literal["csv", "tensorboard", "none"] = "csv"
-    progress_bar: bool = True
-    deterministic: bool = False
-    export_at_end: bool = True  # write out_dir/export (adapter + pruning config + processor + card)
-
-    def validate(self) -> None:
-        if self.max_steps < 1:
-            raise ValueError(f"max_steps = {self.max_steps} must be >= 1")
-        if self.num_nodes < 1 or self.accumulate_grad_batches < 1:
-            raise ValueError("num_nodes and accumulate_grad_batches must be >= 1")
-        if (
-            isinstance(self.devices, str)
-            and self.devices != "auto"
-            and not self.devices.replace(",", "").isdigit()
-        ):
-            raise ValueError(f"devices = {self.devices!r} must be an integer, 'auto' or a list like '0,1'")
-        if self.deepspeed_stage not in (1, 2, 3):
-            raise ValueError(f"deepspeed_stage = {self.deepspeed_stage} must be 1, 2 or 3")
-        if self.checkpoint_every_n_steps < 0 or self.val_every_n_steps < 0:
-            raise ValueError("checkpoint_every_n_steps and val_every_n_steps must be >= 0")
+def _yaml_scalar(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000, sort_keys=False).strip()
+    return text.removesuffix("\n...").removesuffix("...").strip()
 
 
-def _default_pruning() -> PruningConfig:
-    from tpkit.pruning import PruningConfig
+def commented_yaml(cfg: Any, *, width: int = 110) -> str:
+    """``cfg`` (a dataclass instance) as YAML with each key's doc comment: what ``--print-config`` shows."""
+    docs = {d.key: d for d in field_docs(type(cfg))}
+    lines: list[str] = []
 
-    return PruningConfig()
+    def emit(obj: Any, prefix: str, indent: str) -> None:
+        for f in dataclasses.fields(obj):
+            if not f.init:
+                continue
+            value = getattr(obj, f.name)
+            d = docs.get(prefix + f.name)
+            doc = d.doc if d else ""
+            if dataclasses.is_dataclass(value):
+                lines.append(f"{indent}{f.name}:" + (f"  # {doc}" if doc else ""))
+                emit(value, prefix + f.name + ".", indent + "  ")
+                continue
+            head = f"{indent}{f.name}: {_yaml_scalar(to_dict(value))}"
+            if doc and len(head) + 4 + len(doc) <= width:
+                lines.append(f"{head}  # {doc}")
+            elif doc:
+                for chunk in textwrap.wrap(doc, width - len(indent) - 2):
+                    lines.append(f"{indent}# {chunk}")
+                lines.append(head)
+            else:
+                lines.append(head)
+
+    emit(cfg, "", "")
+    return "\n".join(lines) + "\n"
 
 
-@dataclass
-class TrainConfig:
-    """Everything ``train.py`` reads: one YAML file, sections below."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    pruning: PruningConfig = field(default_factory=_default_pruning)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-
-    def validate(self) -> None:
-        if self.data.train_json is None:
-            raise ValueError("data.train_json is required for training")
-        if self.trainer.val_every_n_steps and self.data.val_json is None:
-            raise ValueError("trainer.val_every_n_steps > 0 needs data.val_json")
-        s1 = getattr(self.pruning, "stage1", None)
-        lo, hi = getattr(s1, "min_keep", None), getattr(s1, "max_keep", None)
-        if lo is not None and hi is not None and lo > hi:
-            raise ValueError(f"pruning.stage1.min_keep = {lo} > pruning.stage1.max_keep = {hi}")
+def reference_markdown(configs: dict[str, type]) -> str:
+    """A Markdown reference of every key of ``configs`` ({title: dataclass}), one table per section."""
+    out: list[str] = []
+    for title, cls in configs.items():
+        out.append(f"## {title}\n")
+        doc = " ".join((cls.__doc__ or "").split())
+        if doc:
+            out.append(doc + "\n")
+        rows: dict[str, list[FieldDoc]] = {"": []}
+        for d in field_docs(cls):
+            if d.section:
+                rows[d.key] = []
+                continue
+            rows[d.key.rpartition(".")[0]].append(d)
+        sections = {d.key: d for d in field_docs(cls) if d.section}
+        for section, items in rows.items():
+            if not items:
+                continue
+            if section:
+                sdoc = sections[section].doc
+                out.append(f"### `{section}`\n" + (f"\n{sdoc}\n" if sdoc else ""))
+            out.append("| key | type | default | description |\n|---|---|---|---|")
+            for d in items:
+                default = _yaml_scalar(d.default).replace("|", "\\|")
+                desc = d.doc.replace("|", "\\|")
+                kind = d.type.replace("|", "\\|")
+                out.append(f"| `{d.key}` | `{kind}` | `{default}` | {desc} |")
+            out.append("")
+    return "\n".join(out).rstrip() + "\n"

@@ -1,41 +1,59 @@
 """The demo: prune the embedded tiny LLaVA to ~22% of its tokens and win the accuracy back.
 
-    python -m tpkit.demo [--config configs/demo.yaml] [--set key=value ...]
+    tpkit demo [--config configs/demo.yaml] [--set key=value ...]
 
 On a 2-core CPU, in minutes, it
 
-1. checks the base model (``assets/tiny-llava``, a committed fixture; see assets/README.md),
+1. checks the base model (``assets/tiny-llava``, a committed fixture; see assets/README.md) and
+   writes the synthetic benchmark's train, val and test splits (:mod:`tpkit.synthetic.splits`),
 2. evaluates it training-free: dense, ours (stage 1, stage 1+2), the matched-budget baselines, the
-   budget sweep and the ablations (stage 1 only / stage 2 only / both, knee detectors,
-   ``prune_text``, ``prune_visual``, stage 2 mean or max over queries, stage 2's patches by score
-   alone or diverse, stage-1 position ids;
-   ``eval.variants`` of one run),
+   budget sweep and the ablations (:data:`ABLATIONS`, ``eval.variants`` of one run),
 3. fine-tunes LoRA with the pruner in the forward path twice, with the same steps and data:
    distillation from the unpruned model (``distill.alpha > 0``) and plain pruned LoRA (``alpha = 0``),
 4. evaluates both exports with the pruner on (``dense`` there is the base model without the adapter),
 5. prints the result and ablation tables, and which question-named objects each method's kept
    patches hold (:mod:`tpkit.evaluation.retention`), and writes them (Markdown + JSON) to ``out_dir``.
 
-Every step is the library's own entry point (:func:`tpkit.training.run.fit`,
+Every step is the library's own entry point (:func:`tpkit.training.recipe.fit`,
 :func:`tpkit.evaluation.runner.evaluate`), configured from ``train_config`` / ``eval_config`` plus
-the overrides below, so what the demo shows is what ``train.py`` and ``evaluate.py`` do.
+the changes below, so what the demo shows is what ``tpkit train`` and ``tpkit evaluate`` do.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tpkit.config import ConfigError, load_config
-from tpkit.evaluation.report import retention_table
+import torch
 
-__all__ = ["DemoConfig", "ABLATIONS", "run_demo", "main"]
+from tpkit.evaluation.config import EvalConfig, load_eval_config
+from tpkit.evaluation.methods import METHODS
+from tpkit.evaluation.report import retention_table, summary_table
+from tpkit.evaluation.runner import evaluate
+from tpkit.synthetic.splits import ensure_split
+from tpkit.training.config import TrainConfig, load_train_config
+from tpkit.training.recipe import fit
+
+__all__ = ["DemoConfig", "SyntheticData", "ABLATIONS", "run_demo"]
+
+
+@dataclass
+class SyntheticData:
+    """The synthetic splits the demo trains and evaluates on (written once, reused while unchanged)."""
+
+    dir: str = "runs/data/synthetic"  # <dir>/{train,val,test}.json and images/
+    n_train: int = 8000  # 2,000 steps x batch 8 = 2 epochs (2,000 records overfit at 1,500 steps)
+    n_val: int = 128
+    n_test: int = 1024  # 256 per question type: at 96% accuracy the standard error is ~0.6 point
+    seed: int = 0  # records are drawn from (seed, split, index): disjoint splits for one seed
+    test_seed: int = 2  # the test split's seed (every published number of the demo used 2)
+
+    def validate(self) -> None:
+        if min(self.n_train, self.n_val, self.n_test) < 1:
+            raise ValueError("n_train, n_val and n_test must be >= 1")
 
 
 @dataclass
@@ -44,10 +62,11 @@ class DemoConfig:
 
     out_dir: str = "runs/demo"
     base_model: str = "assets/tiny-llava"
-    train_config: str = "configs/train_tiny.yaml"
-    eval_config: str = "configs/eval_tiny.yaml"
-    train_overrides: list[str] = field(default_factory=list)  # applied to both fine-tuning runs
-    eval_overrides: list[str] = field(default_factory=list)  # applied to every evaluation
+    train_config: str = "configs/train/tiny.yaml"
+    eval_config: str = "configs/eval/tiny.yaml"
+    data: SyntheticData = field(default_factory=SyntheticData)
+    train_overrides: list[str] = field(default_factory=list)  # --set items for both fine-tuning runs
+    eval_overrides: list[str] = field(default_factory=list)  # --set items for every evaluation
     max_steps: int = 2000
     distill_alpha: float = 1.0
     compare_plain_lora: bool = True  # also train alpha = 0 with the same steps and data
@@ -82,64 +101,6 @@ ABLATIONS: dict[str, dict[str, object]] = {
     "stage 1 + 2, contiguous position ids": {"stage1.positions": "contiguous"},
 }
 
-
-def _log(msg: str) -> None:
-    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _eval(cfg: DemoConfig, name: str, extra: list[str]) -> dict:
-    from tpkit.evaluation.config import load_eval_config
-    from tpkit.evaluation.runner import evaluate
-
-    overrides = [f"model.path={cfg.base_model}", f"out_dir={Path(cfg.out_dir) / name}"]
-    overrides += list(cfg.eval_overrides) + extra
-    ecfg = load_eval_config(cfg.eval_config, overrides)
-    return evaluate(ecfg)
-
-
-def _train(cfg: DemoConfig, name: str, alpha: float) -> tuple[Path, Any]:
-    """One fine-tuning run -> (its export, its resolved distill config). ``alpha`` 0 is plain pruned
-    LoRA: no teacher term of any kind, whatever the train config or ``train_overrides`` say."""
-    from tpkit.training.run import fit, load_train_config
-
-    overrides = [
-        f"model.path={cfg.base_model}",
-        f"trainer.out_dir={Path(cfg.out_dir) / name}",
-        f"trainer.max_steps={cfg.max_steps}",
-        f"distill.alpha={alpha}",
-    ] + list(cfg.train_overrides)
-    if alpha == 0:
-        overrides += ["distill.alpha=0", "distill.hidden_weight=0"]
-    tcfg = load_train_config(cfg.train_config, overrides)
-    res = fit(tcfg)
-    if res.export_dir is None:
-        raise RuntimeError(f"training run {name!r} ended without an export (interrupted?)")
-    return Path(res.export_dir), tcfg.distill
-
-
-def _row(label: str, r: dict, dense_acc: float) -> str:
-    tok = r.get("tokens", {})
-    frac = tok.get("fraction", {}).get("mean")
-    speed = (r.get("speed") or {}).get("prefill_speedup")
-    by = r.get("by_qtype", {})
-    cells = [
-        label,
-        f"{r['accuracy']:.3f}",
-        f"{100 * r['accuracy'] / dense_acc:.1f}%" if dense_acc else "–",
-        f"{r['first_word_accuracy']:.3f}" if r.get("first_word_accuracy") is not None else "–",
-        f"{100 * frac:.1f}%" if frac is not None else "–",
-        f"{speed:.2f}×" if speed else "–",
-    ] + [f"{by[q]['accuracy']:.3f}" if q in by else "–" for q in ("color", "count", "exist", "position")]
-    return "| " + " | ".join(cells) + " |"
-
-
-HEADER = (
-    "| method | accuracy | % of dense | first word right | token-layer frac. | prefill speedup "
-    "| color | count | exist | position |\n"
-    "|---|---|---|---|---|---|---|---|---|---|"
-)
-
-
 KEPT_HEADING = "Do the kept patches hold the objects the question names?"
 KEPT_NOTE = (
     "Share of test samples in which every object the question names keeps at least one patch, after "
@@ -148,15 +109,54 @@ KEPT_NOTE = (
 )
 
 
+def _log(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _splits(cfg: DemoConfig) -> dict[str, Path]:
+    d = cfg.data
+    return {
+        split: ensure_split(d.dir, split, n=n, seed=seed)
+        for split, n, seed in (
+            ("train", d.n_train, d.seed),
+            ("val", d.n_val, d.seed),
+            ("test", d.n_test, d.test_seed),
+        )
+    }
+
+
+def _eval_config(cfg: DemoConfig, name: str, test_json: Path) -> EvalConfig:
+    ecfg = load_eval_config(cfg.eval_config, cfg.eval_overrides)
+    ecfg.model.path = cfg.base_model
+    ecfg.data.test_json = str(test_json)
+    ecfg.out_dir = str(Path(cfg.out_dir) / name)
+    return ecfg
+
+
+def _train_config(cfg: DemoConfig, name: str, alpha: float, splits: dict[str, Path]) -> TrainConfig:
+    """One fine-tuning run's config. ``alpha`` 0 is plain pruned LoRA: no teacher term of any kind,
+    whatever the train config or ``train_overrides`` say."""
+    tcfg = load_train_config(cfg.train_config, cfg.train_overrides)
+    tcfg.model.path = cfg.base_model
+    tcfg.data.train_json, tcfg.data.val_json = str(splits["train"]), str(splits["val"])
+    tcfg.trainer.out_dir = str(Path(cfg.out_dir) / name)
+    tcfg.trainer.max_steps = cfg.max_steps
+    tcfg.distill.alpha = alpha
+    if alpha == 0:
+        tcfg.distill.hidden_weight = 0.0
+    tcfg.validate()
+    return tcfg
+
+
 def _check_base(path: str) -> None:
     """A clear error, with the commands that build one, when the base model directory is missing."""
     if (Path(path) / "config.json").is_file():
         return
     raise FileNotFoundError(
         f"base model {path!r}: no such model directory (config.json missing). The committed one is "
-        "assets/tiny-llava; to build it again: bash scripts/gpu_base.sh (one GPU, minutes) or python -m "
-        "tpkit.training.base_recipe --config configs/base_tiny_cpu.yaml --out assets/tiny-llava (CPU, "
-        "hours, resumable); a run in progress gives one with --snapshot DIR (see assets/README.md)"
+        "assets/tiny-llava; to build it again: bash scripts/gpu_base.sh (one GPU, minutes) or tpkit "
+        "fixture --config configs/fixture/tiny_cpu.yaml --out assets/tiny-llava (CPU, hours, resumable); "
+        "a run in progress gives one with --snapshot DIR (see assets/README.md)"
     )
 
 
@@ -167,8 +167,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
-        import torch
-
         torch.set_num_threads(cfg.threads)
     timings: dict[str, float] = {}
 
@@ -180,27 +178,32 @@ def run_demo(cfg: DemoConfig) -> dict:
         _log(f"{label}: {timings[label]:.0f}s")
         return r
 
-    variants = {name: ch for name, ch in ABLATIONS.items() if ch} if cfg.ablations else {}
+    splits = _splits(cfg)
+    base_cfg = _eval_config(cfg, "eval_base", splits["test"])
+    if cfg.ablations:
+        base_cfg.eval.variants = {name: ch for name, ch in ABLATIONS.items() if ch}
+        base_cfg.validate()
     base = step(
-        "evaluate the base model training-free (dense, ours, baselines, ablations, sweep)",
-        _eval, cfg, "eval_base", [f"eval.variants={json.dumps(variants)}"],
-    )  # fmt: skip
-    kd_export, kd_cfg = step(
-        f"fine-tune LoRA + distillation (alpha={cfg.distill_alpha}, {cfg.max_steps} steps)",
-        _train, cfg, "train_distill", cfg.distill_alpha,
-    )  # fmt: skip
-    runs = {"distill": kd_export}
+        "evaluate the base model training-free (dense, ours, baselines, ablations, sweep)", evaluate, base_cfg
+    )
+    runs: dict[str, TrainConfig] = {"distill": _train_config(cfg, "train_distill", cfg.distill_alpha, splits)}
+    labels = {"distill": f"fine-tune LoRA + distillation (alpha={cfg.distill_alpha}, {cfg.max_steps} steps)"}
     if cfg.compare_plain_lora:
-        runs["plain"], _ = step(
-            f"fine-tune plain pruned LoRA (alpha=0, {cfg.max_steps} steps)", _train, cfg, "train_plain", 0.0
-        )
-    tuned = {}
-    for key, export in runs.items():
-        tuned[key] = step(
-            f"evaluate the {key} export (ours)",
-            _eval, cfg, f"eval_{key}",
-            [f"adapter={export}", "eval.methods=[dense,ours]", "eval.budgets=[]", "speed.enabled=false"],
-        )  # fmt: skip
+        runs["plain"] = _train_config(cfg, "train_plain", 0.0, splits)
+        labels["plain"] = f"fine-tune plain pruned LoRA (alpha=0, {cfg.max_steps} steps)"
+    exports: dict[str, Path] = {}
+    for key, tcfg in runs.items():
+        res = step(labels[key], fit, tcfg)
+        if res.export_dir is None:
+            raise RuntimeError(f"training run {key!r} ended without an export (interrupted?)")
+        exports[key] = Path(res.export_dir)
+    tuned: dict[str, dict[str, Any]] = {}
+    for key, export in exports.items():
+        ecfg = _eval_config(cfg, f"eval_{key}", splits["test"])
+        ecfg.adapter = str(export)
+        ecfg.eval.methods, ecfg.eval.budgets, ecfg.speed.enabled = ["dense", "ours"], [], False
+        ecfg.validate()
+        tuned[key] = step(f"evaluate the {key} export (ours)", evaluate, ecfg)
 
     bm = base["methods"]
     ablations = (  # untimed rows: ours' own row without its speed, so that none of them shows one
@@ -209,40 +212,22 @@ def run_demo(cfg: DemoConfig) -> dict:
         else {}
     )
     dense_acc = bm["dense"]["accuracy"]
-    rows = [HEADER, _row("dense", bm["dense"], dense_acc)]
-    labels = {
-        "ours-s1": "ours, stage 1 only (training-free)",
-        "ours": "ours (training-free)",
-        "random": "random (matched)",
-        "topk-cls": "topk-cls (matched mean K)",
-        "fastv": "fastv (matched)",
-        "prumerge-iqr": "prumerge-iqr",
+    training_free = {
+        name: m.label + (" (training-free)" if m.kind == "ours" else "") for name, m in METHODS.items()
     }
-    for key, label in labels.items():
-        if key in bm:
-            rows.append(_row(label, bm[key], dense_acc))
+    rows = [(training_free[k], bm[k]) for k in METHODS if k in bm]
     if "plain" in tuned:
-        rows.append(_row("ours + LoRA, alpha=0 (plain)", tuned["plain"]["methods"]["ours"], dense_acc))
-    rows.append(
-        _row(
-            f"**ours + LoRA + distillation** (alpha={kd_cfg.alpha:g}"
-            + (f", hidden_weight={kd_cfg.hidden_weight:g})" if kd_cfg.hidden_weight else ")"),
-            tuned["distill"]["methods"]["ours"],
-            dense_acc,
-        )
-    )
-    table = "\n".join(rows)
-    abl_table = ""
-    if ablations:
-        abl_rows = [HEADER] + [_row(name, r, dense_acc) for name, r in ablations.items()]
-        abl_table = "\n".join(abl_rows)
-
+        rows.append(("ours + LoRA, alpha=0 (plain)", tuned["plain"]["methods"]["ours"]))
+    kd = runs["distill"].distill
     final = tuned["distill"]["methods"]["ours"]
-    kept_rows = {label: bm[key] for key, label in labels.items() if key in bm}
-    if "plain" in tuned:
-        kept_rows["ours + LoRA, alpha=0 (plain)"] = tuned["plain"]["methods"]["ours"]
+    kd_label = f"**ours + LoRA + distillation** (alpha={kd.alpha:g}" + (
+        f", hidden_weight={kd.hidden_weight:g})" if kd.hidden_weight else ")"
+    )
+    table = summary_table([*rows, (kd_label, final)], dense_acc)
+    abl_table = summary_table(list(ablations.items()), dense_acc) if ablations else ""
+    kept_rows = {label: r for label, r in rows if label != "dense"}
     kept_rows["ours + LoRA + distillation"] = final
-    kept_rows.update({f"ablation: {name}": r for name, r in (ablations or {}).items()})
+    kept_rows.update({f"ablation: {name}": r for name, r in ablations.items()})
     kept_table = retention_table(kept_rows).strip()
     frac = final["tokens"]["fraction"]["mean"]
     rel = final["accuracy"] / dense_acc if dense_acc else float("nan")
@@ -255,9 +240,9 @@ def run_demo(cfg: DemoConfig) -> dict:
             "accuracy": bm["ours"]["accuracy"],
             "token_layer_fraction": bm["ours"]["tokens"]["fraction"]["mean"],
         },
-        "ours_plain_lora": (
-            {"accuracy": tuned["plain"]["methods"]["ours"]["accuracy"]} if "plain" in tuned else None
-        ),
+        "ours_plain_lora": {"accuracy": tuned["plain"]["methods"]["ours"]["accuracy"]}
+        if "plain" in tuned
+        else None,
         "timings_s": timings,
         "total_s": round(total, 1),
         "table": table,
@@ -291,21 +276,3 @@ def run_demo(cfg: DemoConfig) -> dict:
         f"{bm['ours'].get('first_word_accuracy', float('nan')):.3f}); total {total / 60:.1f} min"
     )
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tpkit.demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="configs/demo.yaml", help="YAML file (default: configs/demo.yaml)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = ap.parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        cfg = load_config(DemoConfig, args.config, args.overrides)
-        return 0 if run_demo(cfg) else 1
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

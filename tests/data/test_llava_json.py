@@ -140,8 +140,9 @@ def test_round_trip_hand_written(tmp_path):
 
 
 def test_round_trip_generated_split(tmp_path):
-    synthetic = pytest.importorskip("tpkit.data.synthetic")
-    json_path = synthetic.generate_split(tmp_path, split="test", n=12, seed=0)
+    from tpkit.synthetic.splits import generate_split
+
+    json_path = generate_split(tmp_path, split="test", n=12, seed=0)
     raw = json.loads(Path(json_path).read_text())
     ds, report = load_llava_json(json_path)
     assert (report.n_records, report.n_loaded, report.n_skipped) == (12, 12, 0)

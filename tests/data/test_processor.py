@@ -140,15 +140,14 @@ def test_save_pretrained_round_trip(processor, tmp_path):
         assert torch.equal(x["pixel_values"], y["pixel_values"])
 
 
-def test_default_corpus_is_the_synthetic_benchmark():
-    synthetic = pytest.importorskip("tpkit.data.synthetic")
-    if not hasattr(synthetic, "text_corpus"):
-        pytest.skip("tpkit.data.synthetic.text_corpus not written yet")
-    proc = build_processor(image_size=32, patch_size=8)
-    tok = proc.tokenizer
-    lines = list(synthetic.text_corpus())
-    assert lines
-    assert all(4 not in tok(line).input_ids for line in lines[:200])  # no <unk> on its own text
+def test_default_processor_encodes_any_ascii_text():
+    """Without a corpus (a tiny model with no processor of its own) the tokenizer still knows every
+    printable character: no <unk>, and answers decode back to themselves."""
+    tok = build_processor(image_size=32, patch_size=8).tokenizer
+    text = "Is there a blue ~circle~ at (3, 4)? Answer: {yes} | no & 100% #1"
+    ids = tok(text).input_ids
+    assert 4 not in ids  # <unk>
+    assert tok.decode(ids, skip_special_tokens=True) == text
 
 
 def test_building_the_processor_prints_no_backend_warning():

@@ -8,17 +8,17 @@ import copy
 
 import pytest
 
-from tpkit.config import ModelConfig
+from tpkit.models.config import ModelConfig
 
 
 @pytest.fixture(scope="session")
 def eval_assets(tmp_path_factory):
-    from tpkit.data.processor import build_processor
-    from tpkit.data.synthetic import generate_split
+    from tpkit.synthetic.questions import synthetic_processor
+    from tpkit.synthetic.splits import generate_split
 
     root = tmp_path_factory.mktemp("eval_assets")
     test_json = generate_split(str(root / "data"), split="test", n=6, seed=2)
-    processor = build_processor()
+    processor = synthetic_processor()
     processor.save_pretrained(str(root / "processor"))
     return {
         "root": root,
@@ -55,7 +55,8 @@ def eval_cfg(eval_assets, tmp_path):
 def loaded(eval_assets):
     """(model with the pruner attached, processor, ours' PruningConfig, dataset) for the default cfg."""
     from tpkit.evaluation.config import EvalConfig
-    from tpkit.evaluation.runner import load_dataset, load_model_and_processor, resolve_device
+    from tpkit.evaluation.runner import load_dataset, load_model_and_processor
+    from tpkit.models.loading import resolve_device
 
     cfg = EvalConfig()
     cfg.model = ModelConfig(path="tiny", processor_path=eval_assets["processor_dir"], dtype="float32")

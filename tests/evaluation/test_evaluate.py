@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tpkit.cli import main
 from tpkit.config import ConfigError
 from tpkit.evaluation.config import load_eval_config
 from tpkit.evaluation.report import TABLE_COLUMNS, parse_markdown_table
@@ -39,7 +40,7 @@ def test_evaluate_writes_report(eval_cfg):
     assert len(preds) == 6 and set(expected) <= set(preds[0])
     assert res["table"] == (out / "results.md").read_text()
     # which question-named objects survive each stage, on every sample that names one
-    from tpkit.data.synthetic import named_objects
+    from tpkit.synthetic.questions import named_objects
 
     n_named = sum(bool(named_objects(r)) for r in json.loads(Path(eval_cfg.data.test_json).read_text()))
     assert n_named > 0 and "named_objects" not in data["methods"]["dense"]
@@ -146,15 +147,18 @@ def test_unknown_key_is_a_clear_error(tmp_path, eval_assets):
         load_eval_config(path)
 
 
-def test_missing_adapter_dir_is_a_clear_error(tmp_path, eval_assets):
+def test_missing_adapter_dir_is_a_clear_error(tmp_path, eval_assets, capsys):
     path = _write(tmp_path, f"adapter: {tmp_path}/nope\ndata:\n  test_json: {eval_assets['test_json']}\n")
-    with pytest.raises(ConfigError, match=r"adapter = '.*nope': no such directory"):
-        load_eval_config(path)
+    with pytest.raises(EvalError, match=r"adapter = '.*nope': no such directory"):
+        evaluate(load_eval_config(path))
+    assert main(["evaluate", "--config", str(path)]) == 2  # before any model work
+    assert "no such directory" in capsys.readouterr().err
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
-    with pytest.raises(ConfigError, match=r"data\.test_json = '.*missing\.json': no such file"):
-        load_eval_config(None, [f"data.test_json={tmp_path}/missing.json"])
+    cfg = load_eval_config(None, [f"data.test_json={tmp_path}/missing.json"])
+    with pytest.raises(EvalError, match=r"data\.test_json = '.*missing\.json': no such file"):
+        evaluate(cfg)
 
 
 def test_empty_dataset_is_a_clear_error(eval_cfg, tmp_path):
@@ -165,22 +169,25 @@ def test_empty_dataset_is_a_clear_error(eval_cfg, tmp_path):
         evaluate(eval_cfg)
 
 
-def test_cli_reports_config_errors(tmp_path, capsys):
-    import importlib.util
+def test_cli_reports_config_errors(tmp_path):
+    """evaluate.py, run as users run it, answers a bad config with the key and exit code 2."""
+    import subprocess
+    import sys
 
-    spec = importlib.util.spec_from_file_location("evaluate_cli", Path(__file__).parents[2] / "evaluate.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    rc = cli.main(["--set", "eval.methods=[dense,bogus]", "--set", f"data.test_json={tmp_path}/x.json"])
-    assert rc == 2
-    assert "unknown method(s) ['bogus']" in capsys.readouterr().err
+    script = Path(__file__).parents[2] / "evaluate.py"
+    args = ["--set", "eval.methods=[dense,bogus]", "--set", f"data.test_json={tmp_path}/x.json"]
+    out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "unknown method(s) ['bogus']" in out.stderr
 
 
 def test_evaluate_with_exported_adapter_uses_its_pruning(eval_cfg, eval_assets, tmp_path):
-    from tpkit.config import ModelConfig, TrainConfig
-    from tpkit.export import export_adapter
+    from tpkit.models.config import ModelConfig
+    from tpkit.models.loading import load_base_model
     from tpkit.pruning import PruningConfig
-    from tpkit.training.modeling import apply_lora, load_base_model
+    from tpkit.training.config import TrainConfig
+    from tpkit.training.export import export_adapter
+    from tpkit.training.lora import apply_lora
 
     processor = eval_assets["processor"]
     mcfg = ModelConfig(path="tiny", dtype="float32")
@@ -206,9 +213,11 @@ def test_with_an_adapter_dense_is_the_base_model_and_the_rest_use_the_adapter(
 
     import torch
 
-    from tpkit.config import ModelConfig, TrainConfig
-    from tpkit.export import export_adapter
-    from tpkit.training.modeling import apply_lora, load_base_model
+    from tpkit.models.config import ModelConfig
+    from tpkit.models.loading import load_base_model
+    from tpkit.training.config import TrainConfig
+    from tpkit.training.export import export_adapter
+    from tpkit.training.lora import apply_lora
 
     processor = eval_assets["processor"]
     mcfg = ModelConfig(path="tiny", dtype="float32")

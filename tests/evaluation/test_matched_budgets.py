@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from tpkit.evaluation.methods import base_spec, matched_spec, sweep_spec
+from tpkit.evaluation.methods import method_spec, sweep_spec
 from tpkit.evaluation.runner import _make_loader, _ours_stats, run_method
 
 
@@ -27,18 +27,18 @@ def runs(loaded):
     def run(spec):
         return run_method(model, spec, loader, torch.device("cpu"), tok, 2, keep_visual=2, progress=False)
 
-    out = {"ours": run(base_spec("ours", ours))}
+    out = {"ours": run(method_spec("ours", ours))}
     stats = _ours_stats(out["ours"])
     for name in ("random", "topk-cls", "fastv"):
-        out[name] = run(matched_spec(name, ours, stats, n_layers, fastv_layer=1))
+        out[name] = run(method_spec(name, ours, stats, n_layers, fastv_layer=1))
     for fam in ("ours", "random", "topk-cls", "fastv"):
         out[f"{fam}@0.5"] = run(sweep_spec(fam, 0.5, ours, stats, n_layers, 1, 1.5))
     # the sweep from ours' default knees (deep cuts, very uneven k1): every sample still lands on it
     knee = loaded["ours"]
-    out["knee"] = run(base_spec("ours", knee))
+    out["knee"] = run(method_spec("ours", knee))
     out["knee@0.33"] = run(sweep_spec("ours", 0.33, knee, _ours_stats(out["knee"]), n_layers, 1, 1.5))
-    out["dense"] = run(base_spec("dense", ours))
-    out["dense2"] = run(base_spec("dense", ours))
+    out["dense"] = run(method_spec("dense", ours))
+    out["dense2"] = run(method_spec("dense", ours))
     return out
 
 
@@ -113,11 +113,11 @@ def test_dense_is_deterministic_and_unpruned(runs):
 
 
 def test_fastv_is_fastv_whatever_ours_stage2_adds():
-    from tpkit.evaluation.methods import _fastv_cfg
+    from tpkit.evaluation.methods import fastv_config
     from tpkit.pruning import PruningConfig, Stage2Config
 
     ours = PruningConfig(stage2=Stage2Config(layer=1, diversity=2.0, diversity_radius=1))
-    fv = _fastv_cfg(ours, layer=2)
+    fv = fastv_config(ours, layer=2)
     assert not fv.stage1.enabled and fv.stage2.layer == 2 and fv.stage2.query == "last"
     assert not fv.stage2.prune_text and fv.stage2.diversity == 0.0
     assert ours.stage2.diversity == 2.0  # a copy

@@ -4,8 +4,8 @@ import random
 import pytest
 import torch
 
-from tpkit.data.synthetic import make_record, named_objects
-from tpkit.evaluation.retention import named_cells, object_cells, p_all_hit, retention
+from tpkit.evaluation.retention import named_cells, object_cells, p_all_hit, patch_coverage, retention
+from tpkit.synthetic.questions import make_record, named_objects
 
 
 def _brute(objects, pool, k):
@@ -62,10 +62,23 @@ def test_runner_skips_data_without_object_boxes(tiny_llava):
     """Real LLaVA-JSON data (no ``objects``) gets no retention numbers, and no error."""
     import datasets
 
-    from tpkit.evaluation.runner import _named_cells
+    from tpkit.evaluation.retention import dataset_cells
 
     ds = datasets.Dataset.from_list(
         [{"id": "a", "conversations": [{"from": "human", "value": "<image>\nWhat is this?"}]}]
     )
     vc = tiny_llava.config.vision_config
-    assert _named_cells(ds, tiny_llava) == (None, (vc.image_size // vc.patch_size) ** 2)
+    assert dataset_cells(ds, tiny_llava.config.vision_config) == (None, (vc.image_size // vc.patch_size) ** 2)
+
+
+def test_patch_coverage_hand_made():
+    cov = patch_coverage([[0, 0, 8, 8]], 16, 8)
+    assert cov.tolist() == [1.0, 0.0, 0.0, 0.0]
+    cov = patch_coverage([[4, 4, 12, 12]], 16, 8)
+    assert cov.tolist() == [0.25, 0.25, 0.25, 0.25]
+    # overlapping boxes count once; row-major patch order
+    cov = patch_coverage([[8, 0, 16, 4], [8, 0, 16, 2], [0, 8, 2, 16]], 16, 8)
+    assert cov.tolist() == [0.0, 0.5, 0.25, 0.0]
+    assert patch_coverage([], (16, 24), 8).shape == (6,)
+    with pytest.raises(ValueError, match="must divide"):
+        patch_coverage([], 20, 8)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tpkit.config import TrainConfig, from_dict
+from tpkit.config import from_dict
+from tpkit.training.config import TrainConfig
 
 # 32x32 images, patch 8: 16 visual tokens; a 2-layer LM of width 32 — a training step takes ms
 TINY_MODEL = {"path": "tiny:llama", "tiny": {"hidden_size": 32, "num_layers": 2, "intermediate_size": 64}}
@@ -15,14 +16,14 @@ TINY_MODEL = {"path": "tiny:llama", "tiny": {"hidden_size": 32, "num_layers": 2,
 
 @pytest.fixture(scope="session")
 def processor():
-    from tpkit.data.processor import build_processor
+    from tpkit.synthetic.questions import synthetic_processor
 
-    return build_processor(image_size=32, patch_size=8)
+    return synthetic_processor(image_size=32, patch_size=8)
 
 
 @pytest.fixture(scope="session")
 def train_json(tmp_path_factory) -> Path:
-    from tpkit.data.synthetic import generate_split
+    from tpkit.synthetic.splits import generate_split
 
     return generate_split(tmp_path_factory.mktemp("data"), split="train", n=16, seed=0)
 

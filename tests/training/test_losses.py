@@ -2,32 +2,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tpkit.training.losses import (
-    IGNORE_INDEX,
-    answer_ce,
-    answer_targets,
-    distill_loss,
-    divergence,
-    gather_rows,
-)
+from tpkit.data.collator import IGNORE_INDEX
+from tpkit.training.losses import answer_ce, answer_positions, distill_rows, divergence
 
 
-def test_answer_targets_follow_kept_index():
-    # original row: 6 tokens, answer tokens at 4, 5 (labels unshifted)
-    labels = torch.tensor([[-100, -100, -100, -100, 40, 50]])
-    # no pruning: position t predicts labels[t + 1]
-    assert answer_targets(labels).tolist() == [[-100, -100, -100, 40, 50, -100]]
-    # pruned: kept original positions 0, 3, 4, 5 (+ one pad at the left, -1)
-    kept = torch.tensor([[-1, 0, 3, 4, 5]])
-    assert answer_targets(labels, kept).tolist() == [[-100, -100, 40, 50, -100]]
+def distill_loss(student, teacher, targets, **kw):
+    """KD over the answer positions of aligned (B, T, V) logits: the rows distill_rows compares."""
+    mask = targets != IGNORE_INDEX
+    return distill_rows(student[mask], teacher[mask], **kw)
 
 
-def test_gather_rows():
-    logits = torch.arange(2 * 4 * 3, dtype=torch.float).view(2, 4, 3)
-    idx = torch.tensor([[0, 3], [2, -1]])
-    out = gather_rows(logits, idx)
-    assert torch.equal(out[0, 1], logits[0, 3]) and torch.equal(out[1, 0], logits[1, 2])
-    assert torch.equal(out[1, 1], logits[1, 0])  # padding (-1) reads row 0; its target is ignored
+def test_answer_positions_are_the_tokens_before_answers():
+    labels = torch.tensor([[-100, -100, -100, -100, 40, 50], [-100, 7, -100, -100, -100, 8]])
+    assert answer_positions(labels).tolist() == [
+        [False, False, False, True, True, False],
+        [True, False, False, False, True, False],
+    ]
 
 
 def test_ce_equals_cross_entropy_by_hand():

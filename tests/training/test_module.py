@@ -10,8 +10,8 @@ import torch
 from tpkit.data.collator import LlavaCollator
 from tpkit.data.llava_json import load_llava_json
 from tpkit.models import is_attached, pruning_disabled
-from tpkit.training.modeling import load_base_model, resolve_dtype
-from tpkit.training.run import build_module, build_student, fit
+from tpkit.models.loading import load_base_model, resolve_dtype
+from tpkit.training.recipe import build_module, build_student, fit
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_lora_hits_language_model_only_and_answer_mask_reaches_pruned_forward(ma
 
 def test_teacher_logits_equal_stock_model(make_cfg, processor, batch):
     cfg = make_cfg()
-    base = load_base_model(cfg.model, dtype=resolve_dtype(cfg.model.dtype, False), processor=processor)
+    base = load_base_model(cfg.model, dtype=resolve_dtype(cfg.model.dtype, "cpu"), processor=processor)
     stock = copy.deepcopy(base)
     m = _module(cfg, processor, base=base)
     with torch.no_grad():
@@ -166,7 +166,10 @@ def test_only_trainable_params_change(make_cfg, processor, train_projector):
 @pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
 def test_fast_kd_path_equals_the_naive_one(make_cfg, processor, batch, kind):
     """Shared tower output + teacher LM head on answer rows only == full teacher logits gathered."""
-    from tpkit.training.losses import answer_targets, distill_loss, gather_rows
+    from tpkit.models.core.masks import gather_rows
+    from tpkit.models.core.prefill import next_token_targets
+
+    from .test_losses import distill_loss
 
     m = _module(make_cfg(distill={"kind": kind, "temperature": 2.0}), processor)
     with torch.no_grad():
@@ -175,7 +178,7 @@ def test_fast_kd_path_equals_the_naive_one(make_cfg, processor, batch, kind):
                 p.add_(0.05 * torch.randn_like(p))
         parts = m.losses(batch)
         out = m.student_forward(batch)
-        targets = answer_targets(batch["labels"], out.kept_index)
+        targets = next_token_targets(batch["labels"], out.kept_index)
         teacher = gather_rows(m.teacher_logits(batch), out.kept_index)
         naive = distill_loss(out.logits, teacher, targets, kind=kind, temperature=2.0)
     assert naive.item() > 1e-4

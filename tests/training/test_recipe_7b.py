@@ -1,4 +1,4 @@
-"""configs/llava15_7b_distill.yaml: loads, and its student builds on the meta device (no download)."""
+"""configs/train/llava15_7b.yaml: loads, and its student builds on the meta device (no download)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from tpkit.training.modeling import apply_lora
-from tpkit.training.run import load_train_config
+from tpkit.training.config import load_train_config
+from tpkit.training.lora import apply_lora
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,7 +48,7 @@ def llava15_7b_config() -> LlavaConfig:
 
 
 def test_7b_recipe_loads_and_builds_on_meta():
-    cfg = load_train_config(ROOT / "configs" / "llava15_7b_distill.yaml")
+    cfg = load_train_config(ROOT / "configs" / "train" / "llava15_7b.yaml")
     assert cfg.model.path == "llava-hf/llava-1.5-7b-hf"
     assert (cfg.trainer.strategy, cfg.trainer.devices, cfg.trainer.precision) == ("ddp", 8, "bf16-mixed")
     with torch.device("meta"):

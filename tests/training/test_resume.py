@@ -6,9 +6,10 @@ import lightning as L
 import pytest
 import torch
 
-from tpkit.config import TrainConfig, from_dict
+from tpkit.config import from_dict
+from tpkit.training.config import TrainConfig
 from tpkit.training.data import ResumableSampler
-from tpkit.training.run import fit
+from tpkit.training.recipe import fit
 
 from .conftest import tiny_cfg_dict
 

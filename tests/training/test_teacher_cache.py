@@ -8,10 +8,12 @@ import json
 import pytest
 import torch
 
+from tpkit.cli import main
 from tpkit.data.collator import LlavaCollator
 from tpkit.data.llava_json import load_llava_json
-from tpkit.training.run import build_module, build_student, fit
-from tpkit.training.teacher_cache import TeacherCache, TeacherCacheError, build_teacher_cache, main
+from tpkit.training.recipe import build_module, build_student, fit
+from tpkit.training.teacher_cache.build import build_teacher_cache
+from tpkit.training.teacher_cache.cache import TeacherCache, TeacherCacheError
 
 from .conftest import tiny_cfg_dict
 
@@ -92,7 +94,8 @@ def test_training_on_the_cache_equals_online(make_cfg, processor, records, tmp_p
         d = tiny_cfg_dict(
             cfg.data.train_json, tmp_path / name, distill={"alpha": 1.0, "temperature": 2.0, **extra}
         )
-        from tpkit.config import TrainConfig, from_dict
+        from tpkit.config import from_dict
+        from tpkit.training.config import TrainConfig
 
         res = fit(from_dict(TrainConfig, d), processor=processor)
         results.append(
@@ -129,7 +132,7 @@ def test_refuses_another_teacher_temperature_or_data(make_cfg, processor, record
 def test_interrupted_build_continues(make_cfg, processor, records, tmp_path, monkeypatch):
     cfg = _cfg(make_cfg)
     whole = _build(cfg, processor, records, tmp_path / "whole", batch_size=4)
-    import tpkit.training.teacher_cache as tc
+    import tpkit.training.teacher_cache.build as tc
 
     calls = {"n": 0}
     original = tc._Writer.commit
@@ -161,9 +164,14 @@ def test_cli_builds_and_refuses_to_overwrite(processor, train_json, tmp_path, ca
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(d))
     out = tmp_path / "cache"
-    assert main(["--config", str(cfg_path), "--out", str(out), "--top-k", "4", "--device", "cpu"]) == 0
+    assert (
+        main(
+            ["teacher-cache", "--config", str(cfg_path), "--out", str(out), "--top-k", "4", "--device", "cpu"]
+        )
+        == 0
+    )
     assert "16 records" in capsys.readouterr().out
-    assert main(["--config", str(cfg_path), "--out", str(out), "--device", "cpu"]) == 2
+    assert main(["teacher-cache", "--config", str(cfg_path), "--out", str(out), "--device", "cpu"]) == 2
     assert "already holds" in capsys.readouterr().err
 
 
@@ -204,7 +212,7 @@ def test_duplicate_or_missing_ids_are_refused_before_building(make_cfg, processo
 def test_rows_of_a_student_that_dropped_answer_positions(make_cfg, processor, records, tmp_path):
     """Rows are looked up by rank among the record's answer positions, so a student that kept only
     some of them (or saw other left padding) still gets each row's own teacher row."""
-    from tpkit.training.teacher_cache import answer_ranks
+    from tpkit.training.teacher_cache.cache import answer_ranks
 
     cfg = _cfg(make_cfg)
     cache = TeacherCache(_build(cfg, processor, records, tmp_path / "c", batch_size=3))
@@ -223,8 +231,8 @@ def test_rows_of_a_student_that_dropped_answer_positions(make_cfg, processor, re
 
 
 def test_fingerprint_survives_dtype_but_not_other_weights(make_cfg, processor):
-    from tpkit.training.modeling import load_base_model
-    from tpkit.training.teacher_cache import _fingerprint_diff, model_fingerprint
+    from tpkit.models.loading import load_base_model
+    from tpkit.training.teacher_cache.cache import _fingerprint_diff, model_fingerprint
 
     cfg = make_cfg()
     base = load_base_model(cfg.model, dtype=torch.float32, processor=processor)

@@ -1,11 +1,11 @@
-"""train.py end to end through tpkit.training.run.main: config -> fit -> last.ckpt/export -> --resume."""
+"""`tpkit train` end to end: config -> fit -> last.ckpt/export -> --resume."""
 
 from __future__ import annotations
 
 import torch
 import yaml
 
-from tpkit.training.run import main
+from tpkit.cli import main
 
 from .conftest import tiny_cfg_dict
 
@@ -21,20 +21,20 @@ def test_train_main_then_resume(train_json, processor, tmp_path, capsys):
     d["model"]["processor_path"] = str(tmp_path / "proc")
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(d))
-    assert main(["--config", str(cfg_path)]) == 0
+    assert main(["train", "--config", str(cfg_path)]) == 0
     assert "done: step 2" in capsys.readouterr().out
     for name in ("config.yaml", "last.ckpt", "export/adapter_model.safetensors", "export/README.md"):
         assert (out / name).is_file(), name
     assert list((out / "logs").glob("version_*/metrics.csv"))
-    assert main(["--config", str(cfg_path), "--set", "trainer.max_steps=3", "--resume"]) == 0
+    assert main(["train", "--config", str(cfg_path), "--set", "trainer.max_steps=3", "--resume"]) == 0
     assert "done: step 3" in capsys.readouterr().out
     assert torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 3
 
 
 def test_train_main_names_a_missing_model_directory(tmp_path, capsys):
-    from tpkit.training.run import main
+    from tpkit.cli import main
 
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text("model:\n  path: ./no-such-model\ndata:\n  train_json: train.json\n")
-    assert main(["--config", str(cfg_path)]) == 2
+    assert main(["train", "--config", str(cfg_path)]) == 2
     assert "model.path = './no-such-model': no such directory" in capsys.readouterr().err

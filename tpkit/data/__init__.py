@@ -1,7 +1,7 @@
-"""Data: LLaVA conversation JSON (via ``datasets``), the collator, the offline processor, the synthetic benchmark.
+"""Data: LLaVA conversation JSON (via ``datasets``), the collator, the offline processor.
 
-Names are imported lazily so that ``import tpkit.data`` stays cheap and does not need ``datasets``
-(the collator works on plain dict records).
+Names are resolved on first use, so that ``import tpkit.data`` stays cheap and does not need
+``datasets`` (the collator works on plain dict records).
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {
+_LAZY = {
+    "DataConfig": "tpkit.data.config",
     "build_processor": "tpkit.data.processor",
     "num_image_tokens": "tpkit.data.processor",
     "DEFAULT_SYSTEM_PROMPT": "tpkit.data.processor",
@@ -18,14 +19,13 @@ _EXPORTS = {
     "LoadReport": "tpkit.data.llava_json",
     "LlavaDataError": "tpkit.data.llava_json",
     "LlavaCollator": "tpkit.data.collator",
-    "generate_split": "tpkit.data.synthetic",
-    "SyntheticConfig": "tpkit.data.synthetic",
+    "IGNORE_INDEX": "tpkit.data.collator",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
+    if name not in _LAZY:
         raise AttributeError(f"module 'tpkit.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+    return getattr(importlib.import_module(_LAZY[name]), name)

@@ -38,9 +38,9 @@ class LlavaCollator:
 
     Train batch (``mode="train"``):
         ``input_ids`` (B, T) long, left-padded; ``attention_mask`` (B, T) long;
-        ``pixel_values`` (B, 3, H, W) float; ``labels`` (B, T) long, ``-100`` except answer tokens
+        ``pixel_values`` (B, 3, H, W) float; ``labels`` (B, T) long, ``IGNORE_INDEX`` (-100) except answer tokens
         (each answer and its closing ``</s>``, every turn), where ``labels[b, t] = input_ids[b, t]``
-        (unshifted); ``answer_mask`` (B, T) bool (``labels != -100``); ``ids`` list[str].
+        (unshifted); ``answer_mask`` (B, T) bool (``labels != IGNORE_INDEX``); ``ids`` list[str].
     Eval batch (``mode="eval"``):
         ``input_ids``, ``attention_mask``, ``pixel_values`` for the prompt up to the first answer,
         ending with the generation prompt (``... ASSISTANT:``); ``answers`` (first answer of each

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tpkit.data.collator import LlavaCollator
+
 if TYPE_CHECKING:  # `datasets` is imported lazily: the GPU machine does not have it
     import datasets
     from transformers import ProcessorMixin
@@ -270,8 +272,6 @@ def load_llava_json(
             reject(index, record, e.args[0])
 
     if processor is not None and good:
-        from tpkit.data.collator import LlavaCollator
-
         collator = LlavaCollator(processor, max_length=max_length, mode="train", system_prompt=system_prompt)
         lengths = collator.sequence_lengths([r for _, r in good])
         kept = []

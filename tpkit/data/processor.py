@@ -1,9 +1,10 @@
 """An offline LLaVA processor: a BPE tokenizer trained locally plus a CLIP image processor.
 
-No tokenizer or processor can be downloaded where tpkit is built, so the embedded default trains its
-own on the synthetic benchmark's text. The result is a stock ``transformers.LlavaProcessor`` that
-``save_pretrained``/``from_pretrained`` round-trips, so everything downstream (collator, export,
-evaluation) treats it exactly like a hub processor such as ``llava-hf/llava-1.5-7b-hf``.
+No tokenizer or processor can be downloaded where tpkit is built, so tiny models get one trained
+locally on a text corpus (the synthetic benchmark passes its own; by default a few template lines).
+The result is a stock ``transformers.LlavaProcessor`` that ``save_pretrained``/``from_pretrained``
+round-trips, so everything downstream (collator, export, evaluation) treats it exactly like a hub
+processor such as ``llava-hf/llava-1.5-7b-hf``.
 
 Tokenizer: SentencePiece-style BPE (``Metaspace`` pre-tokenisation: split on spaces, ``▁`` marks a
 word start), which decodes losslessly, so an answer's tokens decode back to the answer string. The
@@ -151,18 +152,15 @@ def build_processor(
 ) -> LlavaProcessor:
     """Build the offline ``LlavaProcessor`` (deterministic for a given corpus).
 
-    ``corpus``: training text for the tokenizer; defaults to ``tpkit.data.synthetic.text_corpus()``.
+    ``corpus``: training text for the tokenizer; by default only the chat template's own lines, so that
+    any ASCII text encodes (the synthetic benchmark passes its questions and answers).
     ``<image>`` expands to ``(image_size // patch_size) ** 2`` tokens (CLS dropped: LLaVA's
     ``vision_feature_select_strategy="default"`` with ``num_additional_image_tokens=1``).
     ``vocab_size`` is an upper bound: BPE stops once every corpus word is a single token.
     """
     if image_size % patch_size:
         raise ValueError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
-    if corpus is None:
-        from tpkit.data.synthetic import text_corpus
-
-        corpus = text_corpus()
-    tokenizer = train_tokenizer(corpus, vocab_size=vocab_size)
+    tokenizer = train_tokenizer(corpus or [], vocab_size=vocab_size)
     return LlavaProcessor(
         image_processor=build_image_processor(image_size),
         tokenizer=tokenizer,

@@ -1,7 +1,7 @@
-"""``EvalConfig``: everything ``evaluate.py`` reads (one YAML file + ``--set`` overrides).
+"""``EvalConfig``: everything ``tpkit evaluate`` reads (one YAML file + ``--set`` overrides).
 
-The model and data sections are the shared :class:`tpkit.config.ModelConfig` /
-:class:`tpkit.config.DataConfig` (``data.test_json`` is the evaluation set); ``pruning`` is the
+The model and data sections are the shared :class:`tpkit.models.config.ModelConfig` /
+:class:`tpkit.data.config.DataConfig` (``data.test_json`` is the evaluation set); ``pruning`` is the
 configuration of ``ours`` (other methods are derived from it, see :mod:`tpkit.evaluation.methods`).
 """
 
@@ -11,22 +11,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tpkit.config import ConfigError, DataConfig, ModelConfig, from_dict, load_config, set_dotted, to_dict
-from tpkit.pruning import PruningConfig
+from tpkit.config import ConfigError, from_dict, load_config, set_dotted, to_dict
+from tpkit.data.config import DataConfig
+from tpkit.evaluation.methods import METHODS
+from tpkit.models.config import ModelConfig
+from tpkit.pruning.config import PruningConfig
 
 __all__ = [
     "EvalConfig",
     "EvalSection",
     "SpeedConfig",
     "RandomInitConfig",
-    "METHODS",
     "load_eval_config",
     "variant_pruning",
 ]
 
-# every name ``eval.methods`` accepts; the budget sweep adds "<family>@<fraction>" runs
-METHODS = ("dense", "ours-s1", "ours", "random", "topk-cls", "fastv", "prumerge-iqr")
-SWEEP_FAMILIES = ("ours", "random", "topk-cls", "fastv")
+SWEEP_FAMILIES = [m.name for m in METHODS.values() if m.sweep]
 
 
 @dataclass
@@ -42,7 +42,6 @@ class EvalSection:
     fastv_layer: int = 2  # FastV's K (its paper: K=2)
     max_new_tokens: int = 8
     limit: int | None = None  # evaluate the first N samples only
-    synthetic_n: int = 64  # with data.generate_synthetic: samples written to data.test_json
     grid_samples: int = 8  # kept-patch overlays of the first N samples
     progress: bool = True
     # more rows of ours with some pruning settings changed, in the same run (one dense run for all):
@@ -113,7 +112,7 @@ class SpeedConfig:
 class RandomInitConfig:
     """Speed-only runs on a full-size architecture with random weights (``--random-init NAME``)."""
 
-    name: str | None = None  # e.g. llava-1.5-7b (tpkit.evaluation.speed.ARCHITECTURES)
+    name: str | None = None  # e.g. llava-1.5-7b (tpkit.models.tiny.ARCHITECTURES)
     scale_down: int = 1  # divide widths (CPU smoke tests of the same code path)
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     # ours runs with fixed counts (random weights have no meaningful CLS): stage 1 keeps
@@ -136,7 +135,9 @@ class EvalConfig:
     """One evaluation run: a model, a dataset, the methods to compare, speed and report settings."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    adapter: str | None = None  # exported adapter dir (tpkit.export); its pruning config becomes ours'
+    adapter: str | None = (
+        None  # exported adapter dir (train.py's out_dir/export); its pruning config becomes ours'
+    )
     pruning: PruningConfig = field(default_factory=PruningConfig)  # ours
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalSection = field(default_factory=EvalSection)
@@ -146,19 +147,25 @@ class EvalConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     seed: int = 0
 
-    def validate(self) -> None:
+    def missing_inputs(self) -> str | None:
+        """Why this run cannot start (a model, adapter or dataset path that is not there), else None:
+        checked by the command line before any heavy import."""
+        if self.random_init.name is not None:
+            return None
         if self.adapter is not None and not Path(self.adapter).is_dir():
-            raise ValueError(f"adapter = {self.adapter!r}: no such directory")
-        if self.random_init.name is None:
-            if self.data.test_json is None:
-                raise ValueError("data.test_json is required (or random_init.name for a speed-only run)")
-            if not self.data.generate_synthetic and not Path(self.data.test_json).is_file():
-                raise ValueError(
-                    f"data.test_json = {self.data.test_json!r}: no such file "
-                    "(set data.generate_synthetic: true to write the synthetic benchmark there)"
-                )
+            return f"adapter = {self.adapter!r}: no such directory"
+        if not Path(self.data.test_json).is_file():
+            return (
+                f"data.test_json = {self.data.test_json!r}: no such file (the synthetic benchmark's test "
+                "split: `tpkit data synthetic --out <dir>`, or the demo, writes <dir>/test.json)"
+            )
+        return self.model.missing_paths()
+
+    def validate(self) -> None:
+        if self.random_init.name is None and self.data.test_json is None:
+            raise ValueError("data.test_json is required (or random_init.name for a speed-only run)")
         s2 = self.pruning.stage2
-        needs_ours = {"random", "topk-cls", "fastv"} & set(self.eval.methods) or self.eval.budgets
+        needs_ours = any(METHODS[m].needs_ours for m in self.eval.methods) or self.eval.budgets
         if needs_ours and not self.pruning.stage1.enabled:
             raise ValueError("matched baselines and the budget sweep need pruning.stage1.enabled (ours)")
         if self.eval.budgets and "ours" in self.eval.sweep_methods and not s2.enabled:
@@ -173,6 +180,3 @@ class EvalConfig:
 def load_eval_config(path: str | Path | None = None, overrides: list[str] | None = None) -> EvalConfig:
     """:func:`tpkit.config.load_config` for :class:`EvalConfig` (errors name file, line and key)."""
     return load_config(EvalConfig, path, overrides)
-
-
-__all__ += ["ConfigError"]

@@ -2,7 +2,7 @@
 
 Every baseline changes one thing relative to ``ours`` and matches the rest, so a difference in
 accuracy is attributable (per-sample counts come from ``ours``' own run, see
-:mod:`tpkit.evaluation.budgets`):
+:mod:`tpkit.pruning.budgets`):
 
 - ``dense``: pruning off (stock model).
 - ``ours``: ``cfg.pruning`` (stage 1 + 2); ``ours-s1``: the same with stage 2 off.
@@ -24,16 +24,16 @@ accuracy is attributable (per-sample counts come from ``ours``' own run, see
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from tpkit.evaluation.budgets import scale_stage1_keep, solve_stage2_keep
-from tpkit.pruning import PruningConfig
+from tpkit.pruning.budgets import scale_stage1_keep, solve_stage2_keep
+from tpkit.pruning.config import PruningConfig
 
-__all__ = ["MethodSpec", "OursStats", "base_spec", "matched_spec", "sweep_spec", "NEEDS_OURS"]
-
-NEEDS_OURS = ("random", "topk-cls", "fastv")
+__all__ = ["METHODS", "Method", "MethodSpec", "OursStats", "method_spec", "sweep_spec", "fastv_config"]
 
 
 @dataclass
@@ -73,26 +73,33 @@ class OursStats:
         return self.n_prompt - self.k1
 
 
-def base_spec(name: str, ours: PruningConfig) -> MethodSpec:
-    """Specs that need no counts from ours' run: dense, ours, ours-s1, prumerge-iqr."""
+def _dense(ours: PruningConfig, stats: OursStats | None, num_layers: int, fastv_layer: int) -> MethodSpec:
+    return MethodSpec("dense", "dense", PruningConfig.disabled())
+
+
+def _ours(ours: PruningConfig, stats: OursStats | None, num_layers: int, fastv_layer: int) -> MethodSpec:
+    return MethodSpec("ours", "ours", copy.deepcopy(ours))
+
+
+def _ours_s1(ours: PruningConfig, stats: OursStats | None, num_layers: int, fastv_layer: int) -> MethodSpec:
     cfg = copy.deepcopy(ours)
-    if name == "dense":
-        return MethodSpec(name, name, PruningConfig.disabled())
-    if name == "ours":
-        return MethodSpec(name, name, cfg)
-    if name == "ours-s1":
-        cfg.stage2.enabled = False
-        return MethodSpec(name, name, cfg)
-    if name == "prumerge-iqr":
-        cfg.stage1.enabled = True
-        cfg.stage1.score = "cls_attn"
-        cfg.stage1.selector = "iqr"
-        cfg.stage2.enabled = False
-        return MethodSpec(name, name, cfg)
-    raise ValueError(f"{name!r} needs ours' counts: use matched_spec")
+    cfg.stage2.enabled = False
+    return MethodSpec("ours-s1", "ours-s1", cfg)
 
 
-def _fastv_cfg(ours: PruningConfig, layer: int) -> PruningConfig:
+def _prumerge_iqr(
+    ours: PruningConfig, stats: OursStats | None, num_layers: int, fastv_layer: int
+) -> MethodSpec:
+    cfg = copy.deepcopy(ours)
+    cfg.stage1.enabled = True
+    cfg.stage1.score = "cls_attn"
+    cfg.stage1.selector = "iqr"
+    cfg.stage2.enabled = False
+    return MethodSpec("prumerge-iqr", "prumerge-iqr", cfg)
+
+
+def fastv_config(ours: PruningConfig, layer: int) -> PruningConfig:
+    """FastV: no stage 1; at ``layer`` the last token's attention ranks the image tokens only."""
     cfg = copy.deepcopy(ours)
     cfg.stage1.enabled = False
     cfg.stage2.enabled = True
@@ -103,26 +110,69 @@ def _fastv_cfg(ours: PruningConfig, layer: int) -> PruningConfig:
     return cfg
 
 
-def matched_spec(
-    name: str, ours: PruningConfig, stats: OursStats, num_layers: int, fastv_layer: int
-) -> MethodSpec:
-    """random / topk-cls / fastv with budgets matched per sample to ours' run."""
+def _random(ours: PruningConfig, stats: OursStats, num_layers: int, fastv_layer: int) -> MethodSpec:
     cfg = copy.deepcopy(ours)
-    s2_on = ours.stage2.enabled
-    if name == "random":
-        cfg.stage1.score = "random"
-        return MethodSpec(name, name, cfg, stats.k1.clone(), stats.k2.clone() if s2_on else None)
-    if name == "topk-cls":
-        k = int(torch.round(stats.k1.double().mean()).clamp(min=1))
-        k1 = torch.minimum(torch.full_like(stats.k1, k), stats.n_visual)
-        cfg.stage1.score = "cosine"
-        k2 = torch.minimum(stats.k2, stats.n_text + k1) if s2_on else None
-        return MethodSpec(name, name, cfg, k1, k2)
-    if name == "fastv":
-        k2 = solve_stage2_keep(stats.fraction, stats.n_dense, stats.n_dense, num_layers, fastv_layer)
-        k2 = torch.maximum(k2, stats.n_dense - stats.n_visual)  # text is never dropped by FastV
-        return MethodSpec(name, name, _fastv_cfg(ours, fastv_layer), None, k2)
-    raise ValueError(f"unknown matched method {name!r}")
+    cfg.stage1.score = "random"
+    k2 = stats.k2.clone() if ours.stage2.enabled else None
+    return MethodSpec("random", "random", cfg, stats.k1.clone(), k2)
+
+
+def _topk_cls(ours: PruningConfig, stats: OursStats, num_layers: int, fastv_layer: int) -> MethodSpec:
+    cfg = copy.deepcopy(ours)
+    k = int(torch.round(stats.k1.double().mean()).clamp(min=1))
+    k1 = torch.minimum(torch.full_like(stats.k1, k), stats.n_visual)
+    cfg.stage1.score = "cosine"
+    k2 = torch.minimum(stats.k2, stats.n_text + k1) if ours.stage2.enabled else None
+    return MethodSpec("topk-cls", "topk-cls", cfg, k1, k2)
+
+
+def _fastv(ours: PruningConfig, stats: OursStats, num_layers: int, fastv_layer: int) -> MethodSpec:
+    k2 = solve_stage2_keep(stats.fraction, stats.n_dense, stats.n_dense, num_layers, fastv_layer)
+    k2 = torch.maximum(k2, stats.n_dense - stats.n_visual)  # text is never dropped by FastV
+    return MethodSpec("fastv", "fastv", fastv_config(ours, fastv_layer), None, k2)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One entry of the registry: what ``eval.methods`` (and the harness) accept by name."""
+
+    name: str
+    label: str  # its row in reports
+    kind: Literal["dense", "ours", "baseline"]
+    needs_ours: bool  # built from ours' per-sample counts (matched budgets): ours runs first
+    sweep: bool  # may be a family of the budget sweep (``eval.sweep_methods``)
+    build: Callable[[PruningConfig, OursStats | None, int, int], MethodSpec]
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("dense", "dense", "dense", False, False, _dense),
+        Method("ours-s1", "ours, stage 1 only", "ours", False, False, _ours_s1),
+        Method("ours", "ours", "ours", False, True, _ours),
+        Method("random", "random (matched)", "baseline", True, True, _random),
+        Method("topk-cls", "topk-cls (matched mean K)", "baseline", True, True, _topk_cls),
+        Method("fastv", "fastv (matched)", "baseline", True, True, _fastv),
+        Method("prumerge-iqr", "prumerge-iqr", "baseline", False, False, _prumerge_iqr),
+    )
+}
+
+
+def method_spec(
+    name: str,
+    ours: PruningConfig,
+    stats: OursStats | None = None,
+    num_layers: int = 0,
+    fastv_layer: int = 2,
+) -> MethodSpec:
+    """The run of method ``name``: ``ours`` is ours' pruning config; the matched baselines need
+    ``stats`` (ours' per-sample counts) and the language model's ``num_layers``."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    method = METHODS[name]
+    if method.needs_ours and stats is None:
+        raise ValueError(f"method {name!r} is matched to ours' per-sample counts: run ours first")
+    return method.build(ours, stats, num_layers, fastv_layer)
 
 
 def sweep_spec(
@@ -135,11 +185,14 @@ def sweep_spec(
     stage1_factor: float,
 ) -> MethodSpec:
     """``<family>@<budget>``: every sample at token-layer fraction ``budget`` (see module doc)."""
+    if family not in METHODS or not METHODS[family].sweep:
+        sweepable = [m.name for m in METHODS.values() if m.sweep]
+        raise ValueError(f"{family!r} cannot be swept (sweep families: {', '.join(sweepable)})")
     name = f"{family}@{budget:g}"
     if family == "fastv":
         k2 = solve_stage2_keep(budget, stats.n_dense, stats.n_dense, num_layers, fastv_layer)
         k2 = torch.maximum(k2, stats.n_dense - stats.n_visual)
-        return MethodSpec(name, family, _fastv_cfg(ours, fastv_layer), None, k2, budget)
+        return MethodSpec(name, family, fastv_config(ours, fastv_layer), None, k2, budget)
     layer = ours.stage2.layer
     # keep every sample feasible: its stage-1 prompt must hold at least budget * n_dense tokens (else
     # even keeping everything at stage 2 falls short) and leave stage 2 room above the text it
@@ -166,18 +219,3 @@ def sweep_spec(
     elif family != "ours":
         raise ValueError(f"unknown sweep family {family!r}")
     return MethodSpec(name, family, cfg, k1, k2, budget)
-
-
-def fixed_budget_counts(
-    n_text: int, n_visual: int, num_layers: int, layer: int, budget: float, stage1_factor: float
-) -> tuple[int, int]:
-    """(k1, k2) for one prompt shape at token-layer fraction ``budget`` (random-init speed runs):
-    stage 1 keeps ``stage1_factor * budget`` of the dense prompt, stage 2 the rest."""
-    n_dense = n_text + n_visual
-    target_n1 = min(1.0, stage1_factor * budget) * n_dense
-    k1 = int(min(n_visual, max(1, round(target_n1 - n_text))))
-    k2 = solve_stage2_keep(budget, torch.tensor([n_dense]), torch.tensor([n_text + k1]), num_layers, layer)
-    return k1, int(k2[0])
-
-
-__all__ += ["fixed_budget_counts"]

@@ -22,13 +22,19 @@ import torch
 
 __all__ = [
     "TABLE_COLUMNS",
+    "SPEED_COLUMNS",
+    "RETENTION_COLUMNS",
     "markdown_table",
+    "summary_table",
+    "speed_markdown",
+    "retention_table",
     "qtype_table",
     "parse_markdown_table",
     "write_json",
     "plot_curves",
     "plot_kept_patches",
     "write_report",
+    "overlay_samples",
 ]
 
 TABLE_COLUMNS = (
@@ -84,6 +90,36 @@ def markdown_table(methods: dict[str, dict]) -> str:
     for name, r in methods.items():
         lines.append("| " + " | ".join(_row(name, r)) + " |")
     return "\n".join(lines) + "\n"
+
+
+def summary_table(rows: Sequence[tuple[str, dict]], dense_accuracy: float | None) -> str:
+    """The short table of a comparison (the demo's): accuracy, share of dense, first word right,
+    token-layer fraction, prefill speedup and accuracy per question type, one row per (label, result)."""
+    qtypes = sorted({q for _, r in rows for q in r.get("by_qtype", {})})
+    cols = [
+        "method",
+        "accuracy",
+        "% of dense",
+        "first word right",
+        "token-layer frac.",
+        "prefill speedup",
+        *qtypes,
+    ]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for label, r in rows:
+        frac = r.get("tokens", {}).get("fraction", {}).get("mean")
+        speed = (r.get("speed") or {}).get("prefill_speedup")
+        by = r.get("by_qtype", {})
+        cells = [
+            label,
+            f"{r['accuracy']:.3f}",
+            f"{100 * r['accuracy'] / dense_accuracy:.1f}%" if dense_accuracy else "–",
+            f"{r['first_word_accuracy']:.3f}" if r.get("first_word_accuracy") is not None else "–",
+            f"{100 * frac:.1f}%" if frac is not None else "–",
+            f"{speed:.2f}×" if speed else "–",
+        ] + [f"{by[q]['accuracy']:.3f}" if q in by else "–" for q in qtypes]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def qtype_table(methods: dict[str, dict]) -> str:
@@ -349,7 +385,7 @@ SPEED_COLUMNS = (
 
 
 def speed_markdown(speeds: dict[str, dict]) -> str:
-    """Markdown table of :func:`tpkit.evaluation.runner.speed_table` results."""
+    """Markdown table of :func:`tpkit.evaluation.speed.speed_table` results."""
     lines = ["| " + " | ".join(SPEED_COLUMNS) + " |", "|" + "|".join("---" for _ in SPEED_COLUMNS) + "|"]
     for name, r in speeds.items():
         cells = [
@@ -366,4 +402,27 @@ def speed_markdown(speeds: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ += ["SPEED_COLUMNS", "speed_markdown", "RETENTION_COLUMNS", "retention_table"]
+def overlay_samples(run: dict, processor, first: dict, n: int) -> list[dict]:
+    """The first ``n`` images as the model saw them (``first``: a batch; pixel_values un-normalised) with
+    the patches a run kept, for :func:`plot_kept_patches`."""
+    ip = processor.image_processor
+    mean = torch.tensor(ip.image_mean).view(3, 1, 1)
+    std = torch.tensor(ip.image_std).view(3, 1, 1)
+    px = first["pixel_values"][:n].float().cpu()
+    side = px.shape[-1]
+    patch = getattr(processor, "patch_size", None) or 14
+    out = []
+    for i in range(min(n, px.shape[0], len(run["visual_keep"]))):
+        if run["visual_keep"][i] is None:
+            break
+        img = (px[i] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+        out.append(
+            {
+                "image": img,
+                "grid": side // patch,
+                "visual_keep": run["visual_keep"][i],
+                "stage2_visual_keep": run["stage2_visual_keep"][i],
+                "title": f"{run['references'][i]} -> {run['answers'][i]}"[:28],
+            }
+        )
+    return out

@@ -1,7 +1,8 @@
 """Do the kept patches include the objects the question is about?
 
-On the synthetic benchmark every question names its objects (``tpkit.data.synthetic.named_objects``)
-and every object has a box, so a method's kept visual tokens can be checked directly: after stage 1
+A record may say which objects its (first) question names, with their pixel boxes:
+``"named_objects": [{"box": [x0, y0, x1, y1], ...}, ...]`` (exclusive ends; the synthetic benchmark
+writes it). A method's kept visual tokens can then be checked directly: after stage 1
 (the patches the LLM sees at all) and after stage 2 (the patches the layers from ``stage2.layer`` on
 see). Each is compared with a random choice of the same number of patches from the same pool (all
 patches for stage 1, the stage-1 kept set for stage 2), computed exactly, not sampled: a stage that
@@ -20,12 +21,38 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
-from tpkit.data.synthetic import OBJECT_PATCH_COVERAGE, named_objects, patch_coverage
+__all__ = [
+    "COVERED",
+    "patch_coverage",
+    "object_cells",
+    "named_cells",
+    "dataset_cells",
+    "p_all_hit",
+    "retention",
+]
 
-__all__ = ["COVERED", "object_cells", "named_cells", "p_all_hit", "retention"]
+# A patch "is" an object patch when object boxes cover at least this fraction of it: thinner slivers
+# are not asked for (the premise report and stage-1 recall count the same way).
+COVERED = 0.25
 
-COVERED = OBJECT_PATCH_COVERAGE
+
+def patch_coverage(
+    boxes: Sequence[Sequence[int]] | np.ndarray, image_size: int | tuple[int, int], patch_size: int
+) -> np.ndarray:
+    """Fraction of each patch covered by the union of ``boxes`` ([x0, y0, x1, y1], exclusive ends).
+
+    Returns (N_patches,) float64 in row-major patch order (the vision tower's order).
+    """
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"patch_size = {patch_size} must divide image size {h}x{w}")
+    mask = np.zeros((h, w), dtype=np.float64)
+    for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.int64).reshape(-1, 4):
+        mask[max(y0, 0) : min(y1, h), max(x0, 0) : min(x1, w)] = 1.0
+    p = patch_size
+    return mask.reshape(h // p, p, w // p, p).mean(axis=(1, 3)).reshape(-1)
 
 
 def object_cells(box: Sequence[int], image_size: int, patch_size: int, scale: float = 1.0) -> frozenset[int]:
@@ -44,14 +71,15 @@ def object_cells(box: Sequence[int], image_size: int, patch_size: int, scale: fl
 def named_cells(
     records: Sequence[dict[str, Any]], image_size: int, patch_size: int, source_size: int | None = None
 ) -> list[list[frozenset[int]] | None]:
-    """Per record, the patch sets of the objects its question names (None: not applicable).
+    """Per record, the patch sets of the objects its question names (``record["named_objects"]``;
+    None where a record has none).
 
     ``source_size``: side of the records' images in pixels (None = ``image_size``).
     """
     scale = image_size / source_size if source_size else 1.0
     out: list[list[frozenset[int]] | None] = []
     for r in records:
-        objs = named_objects(r)
+        objs = r.get("named_objects")
         if not objs:
             out.append(None)
             continue
@@ -141,3 +169,21 @@ def retention(
     if types:
         out["by_qtype"] = {q: summary([r for r in rows if r[0] == q]) for q in types}
     return out
+
+
+def dataset_cells(ds, vision_config) -> tuple[list | None, int]:
+    """Per sample, the patch sets of the objects its question names, and the patch count N.
+
+    (None, N) unless the records (a ``datasets.Dataset``) carry ``named_objects``.
+    """
+    vc = vision_config
+    n_patches = (vc.image_size // vc.patch_size) ** 2
+    if "named_objects" not in ds.column_names or len(ds) == 0:
+        return None, n_patches
+    rows = ds.select_columns([c for c in ("named_objects", "image_path") if c in ds.column_names]).to_list()
+    source = None
+    if rows[0].get("image_path"):
+        with Image.open(rows[0]["image_path"]) as im:
+            source = im.size[0]
+    cells = named_cells(rows, vc.image_size, vc.patch_size, source)
+    return (cells if any(c is not None for c in cells) else None), n_patches

@@ -14,8 +14,8 @@ the FFN size. Summed over layers with ``n`` the tokens at that layer (``n1`` bef
 layer, ``k2`` after) and averaged over samples. It ignores the vision tower (identical for every
 method), GQA savings and the third SwiGLU matrix, like FastV's own formula.
 
-``--random-init NAME`` builds a full-size architecture (:data:`ARCHITECTURES`) with random weights
-directly on the target device and dtype (no CPU init), for speed-only runs.
+``--random-init NAME`` (:mod:`tpkit.evaluation.random_init`) times a full-size architecture with
+random weights (:data:`tpkit.models.tiny.ARCHITECTURES`) on a prompt from :func:`random_prompt_batch`.
 """
 
 from __future__ import annotations
@@ -25,12 +25,18 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+
+from tpkit.evaluation.methods import MethodSpec
+from tpkit.models.core.attach import set_pruning
 
 __all__ = [
-    "ARCHITECTURES",
-    "build_random_init",
+    "LMShape",
+    "speed_table",
+    "torch_threads",
     "random_prompt_batch",
     "time_calls",
     "summarize_times",
@@ -41,117 +47,6 @@ __all__ = [
     "peak_memory_mb",
     "reset_peak_memory",
 ]
-
-# name -> kwargs of tpkit.models.tiny.tiny_llava_config (the same builder, full-size numbers)
-ARCHITECTURES: dict[str, dict] = {
-    # CLIP ViT-L/14-336 (24 layers, 1024-d, 576 patches) + Vicuna-7B (Llama, 4096-d, 32 layers)
-    "llava-1.5-7b": dict(
-        text_backbone="llama",
-        vocab_size=32064,
-        image_token_id=32000,
-        pad_token_id=32001,
-        image_size=336,
-        patch_size=14,
-        vision_hidden=1024,
-        vision_layers=24,
-        vision_heads=16,
-        hidden_size=4096,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=32,
-        intermediate_size=11008,
-        max_position_embeddings=4096,
-    ),
-    # same tower + Vicuna-13B (5120-d, 40 layers)
-    "llava-1.5-13b": dict(
-        text_backbone="llama",
-        vocab_size=32064,
-        image_token_id=32000,
-        pad_token_id=32001,
-        image_size=336,
-        patch_size=14,
-        vision_hidden=1024,
-        vision_layers=24,
-        vision_heads=16,
-        hidden_size=5120,
-        num_layers=40,
-        num_heads=40,
-        num_kv_heads=40,
-        intermediate_size=13824,
-        max_position_embeddings=4096,
-    ),
-    # benchmarks/prefill_speed.py: LLaVA-1.5's token counts (576 patches) with a small tower and an
-    # LM large enough (512-d, 8 layers, batch 8) that compute, not overhead, dominates on a CPU
-    "cpu-bench": dict(
-        text_backbone="llama",
-        vocab_size=1024,
-        image_token_id=3,
-        pad_token_id=0,
-        image_size=336,
-        patch_size=14,
-        vision_hidden=64,
-        vision_layers=2,
-        vision_heads=2,
-        hidden_size=512,
-        num_layers=8,
-        num_heads=8,
-        num_kv_heads=8,
-        intermediate_size=1376,
-        max_position_embeddings=2048,
-    ),
-}
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def architecture_kwargs(name: str, scale_down: int = 1) -> dict:
-    """Config kwargs of a named architecture; ``scale_down`` divides widths (not depths, not token
-    counts) so a CPU can run the same code path in seconds."""
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")
-    kw = dict(ARCHITECTURES[name])
-    if scale_down < 1:
-        raise ValueError(f"scale_down = {scale_down} must be >= 1")
-    if scale_down > 1:
-        for k in ("vision_hidden", "vision_heads", "hidden_size", "num_heads", "num_kv_heads"):
-            kw[k] = max(1, kw[k] // scale_down)
-        kw["intermediate_size"] = max(8, kw["intermediate_size"] // scale_down)
-    return kw
-
-
-def build_random_init(
-    name: str,
-    device: str | torch.device = "cuda",
-    dtype: str | torch.dtype = "bfloat16",
-    attn_implementation: str = "sdpa",
-    scale_down: int = 1,
-    seed: int = 0,
-):
-    """A ``LlavaForConditionalGeneration`` of architecture ``name`` with random weights, in eval mode.
-
-    Parameters are allocated and initialised on ``device`` in ``dtype`` (default-dtype switch plus a
-    ``torch.device`` context), so a 7B model appears in seconds on a GPU instead of minutes of CPU
-    init followed by a copy.
-    """
-    from transformers import LlavaForConditionalGeneration
-
-    from tpkit.models.tiny import tiny_llava_config
-
-    dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
-    kw = architecture_kwargs(name, scale_down)
-    backbone = kw.pop("text_backbone")
-    cfg = tiny_llava_config(backbone, attn_implementation=attn_implementation, **kw)
-    torch.manual_seed(seed)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(cfg)
-    finally:
-        torch.set_default_dtype(prev)
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(attn_implementation)
-    return model.eval()
 
 
 def random_prompt_batch(
@@ -210,8 +105,6 @@ def time_calls(
     device = torch.device(device)
     rounds = range(warmup + repeats)
     if progress:
-        from tqdm.auto import tqdm
-
         rounds = tqdm(rounds, desc=f"timing {len(fns)} calls ({warmup} warm-up rounds)", leave=False)
     it = iter(rounds)
     for _ in range(warmup):
@@ -341,3 +234,65 @@ def torch_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(prev)
+
+
+def speed_table(
+    model,
+    specs: list[MethodSpec],
+    batch: dict,
+    index: torch.Tensor,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    decode_tokens: int = 16,
+    generation: list[str] | None = None,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """Per spec: prefill median/p90 ms, samples/s, optional time to first token and decode tok/s,
+    peak memory; ``prefill_speedup`` (and ``ttft_speedup``) relative to the spec named ``dense``.
+
+    All timed calls are interleaved round by round (dense, ours, ..., dense, ours, ...), each one
+    switching the pruner's config first (an attribute assignment), so that load from other processes
+    and clock changes hit every method alike. ``generation`` names the specs whose ``generate`` is
+    timed too; peak memory comes from one separate prefill + generate per spec (CUDA only).
+    """
+    bsz = batch["input_ids"].shape[0]
+
+    def with_cfg(spec: MethodSpec, fn):
+        def run():
+            set_pruning(model, spec.pruning)
+            return fn()
+
+        return run
+
+    fns = {}
+    for spec in specs:
+        extra = spec.forced(index, device)
+        fns[(spec.name, "prefill")] = with_cfg(spec, prefill_call(model, batch, extra))
+        if generation is not None and spec.name in generation:
+            fns[(spec.name, "gen1")] = with_cfg(spec, generate_call(model, batch, 1, extra))
+            fns[(spec.name, "genN")] = with_cfg(spec, generate_call(model, batch, 1 + decode_tokens, extra))
+    times = time_calls(fns, device, repeats, warmup, progress)
+    out: dict[str, dict] = {}
+    for spec in specs:
+        r: dict[str, Any] = {"batch_size": bsz, "prefill": summarize_times(times[(spec.name, "prefill")])}
+        r["samples_per_s"] = 1e3 * bsz / r["prefill"]["median_ms"]
+        if (spec.name, "gen1") in times:
+            t1 = summarize_times(times[(spec.name, "gen1")])["median_ms"]
+            tn = summarize_times(times[(spec.name, "genN")])["median_ms"]
+            r["ttft_ms"] = t1
+            r["decode_tokens_per_s"] = 1e3 * bsz * decode_tokens / (tn - t1) if tn > t1 else None
+        if device.type == "cuda":
+            reset_peak_memory(device)
+            fns[(spec.name, "prefill")]()
+            if (spec.name, "genN") in fns:
+                fns[(spec.name, "genN")]()
+        r["peak_memory_mb"] = peak_memory_mb(device)
+        out[spec.name] = r
+    if "dense" in out:
+        base = out["dense"]["prefill"]["median_ms"]
+        for r in out.values():
+            r["prefill_speedup"] = base / r["prefill"]["median_ms"]
+            if "ttft_ms" in r and "ttft_ms" in out["dense"]:
+                r["ttft_speedup"] = out["dense"]["ttft_ms"] / r["ttft_ms"]
+    return out

@@ -1,17 +1,62 @@
-"""Load a LLaVA-style model and its processor from a local directory or a hub id."""
+"""Load models and processors: a hub id, a local ``save_pretrained`` directory, a random tiny model,
+or a tpkit export (base + LoRA adapter + the pruning it was trained with).
+
+Every entry point takes the ``model`` config section (:class:`tpkit.models.config.ModelConfig`) or
+plain paths, and fails with an error that names the path and says what was expected.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+from tpkit.config import from_dict
+from tpkit.data.processor import build_processor
+from tpkit.models.config import ModelConfig, parse_model_path
+from tpkit.models.families import attach_pruner
+from tpkit.models.tiny import build_tiny_llava, tiny_kwargs_from_processor
+from tpkit.pruning.config import PruningConfig
+
+__all__ = [
+    "EXPORT_META",
+    "PRUNING_JSON",
+    "resolve_dtype",
+    "resolve_device",
+    "check_llava_config",
+    "load_pretrained",
+    "load_model",
+    "load_processor",
+    "load_processor_for",
+    "load_base_model",
+    "read_export",
+    "load_exported",
+]
+
+# the files of a tpkit export that tpkit itself reads (tpkit.training.export writes them)
+EXPORT_META = "tpkit_export.json"
+PRUNING_JSON = "pruning.json"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but torch.cuda.is_available() is False")
+    return torch.device(name)
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
-    """ "auto" -> bf16 on CUDA, fp32 elsewhere; names -> torch dtypes."""
+    """ "auto" -> bf16 on CUDA, fp32 elsewhere (no ``device``: CUDA when available); names -> dtypes."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
@@ -21,35 +66,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r} must be one of auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
-
-
-def missing_local_dir(path: str | Path) -> str | None:
-    """Why ``path`` cannot be loaded, when it can only mean a local directory and none is there; else None.
-
-    A path starting with ``.``, ``/`` or ``~``, one without ``/``, or one whose first component is an
-    existing directory (``assets/tiny-llava`` in a checkout) is local; any other ``org/name`` may be a
-    hub id, which ``from_pretrained`` resolves (or fails to, with its own message).
-    """
-    source = str(path)
-    p = Path(source).expanduser()
-    looks_local = source.startswith((".", "/", "~")) or "/" not in source or Path(p.parts[0]).is_dir()
-    if p.exists() or not looks_local:
-        return None
-    return f"{source!r}: no such directory (expected a save_pretrained directory, or a hub id 'org/name')"
-
-
-def model_paths_error(path: str, processor_path: str | None = None) -> str | None:
-    """The error for a config's ``model.path`` / ``model.processor_path`` that can only be a local
-    directory and is missing (see :func:`missing_local_dir`), else None. ``tiny`` and
-    ``tiny:<backbone>`` (random tiny models) need no directory."""
-    tiny = path == "tiny" or path.startswith("tiny:")
-    for key, value in (("model.path", None if tiny else path), ("model.processor_path", processor_path)):
-        if value and (why := missing_local_dir(value)):
-            return (
-                f"{key} = {why}; 'tiny' builds a random tiny model, and assets/README.md says how the "
-                "embedded assets/tiny-llava is built"
-            )
-    return None
 
 
 def check_llava_config(config: Any, source: str) -> None:
@@ -65,57 +81,156 @@ def check_llava_config(config: Any, source: str) -> None:
         )
 
 
-def load_llava(
+def _local_only(source: str) -> bool:
+    return parse_model_path(source).kind == "local"
+
+
+def load_pretrained(
     path: str | Path,
     *,
     dtype: str | torch.dtype | None = "auto",
     attn_implementation: str = "sdpa",
     device: str | torch.device | None = None,
     revision: str | None = None,
-    local_files_only: bool | None = None,
-):
+) -> nn.Module:
     """``LlavaForConditionalGeneration.from_pretrained`` (eval mode) with a clear error for other models."""
-    from transformers import AutoConfig, LlavaForConditionalGeneration
-
     source = str(path)
-    if why := missing_local_dir(source):
+    if why := parse_model_path(source).missing():
         raise ValueError(why)
-    if local_files_only is None:
-        local_files_only = Path(source).exists()
+    local = _local_only(source)
     try:
-        config = AutoConfig.from_pretrained(source, revision=revision, local_files_only=local_files_only)
+        config = AutoConfig.from_pretrained(source, revision=revision, local_files_only=local)
     except (OSError, ValueError) as e:
         raise ValueError(f"{source}: cannot read a model config ({e})") from None
     check_llava_config(config, source)
-    torch_dtype = resolve_dtype(dtype, device)
     model = LlavaForConditionalGeneration.from_pretrained(
         source,
-        dtype=torch_dtype,
+        dtype=resolve_dtype(dtype, device),
         attn_implementation=attn_implementation,
         revision=revision,
-        local_files_only=local_files_only,
+        local_files_only=local,
     )
     if device is not None:
         model = model.to(device)
     return model.eval()
 
 
-def load_processor(path: str | Path, *, revision: str | None = None, local_files_only: bool | None = None):
-    """``AutoProcessor.from_pretrained`` of a local dir or hub id."""
-    from transformers import AutoProcessor
+def load_model(
+    path: str | Path,
+    processor_path: str | Path | None = None,
+    *,
+    dtype: str = "auto",
+    attn_implementation: str = "sdpa",
+    device: str | torch.device | None = None,
+    revision: str | None = None,
+) -> tuple[nn.Module, Any]:
+    """(model, processor) of a hub id, a local directory or ``tiny[:backbone]``; eval mode, no pruner."""
+    cfg = ModelConfig(
+        path=str(path),
+        processor_path=None if processor_path is None else str(processor_path),
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        revision=revision,
+    )
+    cfg.validate()
+    processor = load_processor_for(cfg)
+    return load_base_model(cfg, processor=processor, device=device), processor
 
+
+def load_processor(path: str | Path, *, revision: str | None = None) -> Any:
+    """``AutoProcessor.from_pretrained`` of a local directory or hub id."""
     source = str(path)
-    if why := missing_local_dir(source):
+    if why := parse_model_path(source).missing():
         raise ValueError(why)
-    if local_files_only is None:
-        local_files_only = Path(source).exists()
     try:
-        return AutoProcessor.from_pretrained(source, revision=revision, local_files_only=local_files_only)
+        return AutoProcessor.from_pretrained(source, revision=revision, local_files_only=_local_only(source))
     except (OSError, ValueError) as e:
         raise ValueError(f"{source}: cannot load a processor ({e})") from None
 
 
-def load_llava_and_processor(path: str | Path, processor_path: str | Path | None = None, **kwargs):
-    """(model, processor); ``processor_path`` defaults to ``path``."""
-    revision = kwargs.get("revision")
-    return load_llava(path, **kwargs), load_processor(processor_path or path, revision=revision)
+def load_processor_for(cfg: ModelConfig) -> Any:
+    """The processor of a ``model`` section: ``processor_path``, else the model's own; a tiny model
+    without one gets the offline processor (:func:`tpkit.data.processor.build_processor`)."""
+    if cfg.processor_path:
+        return load_processor(cfg.processor_path, revision=cfg.revision)
+    if cfg.source.is_tiny:
+        return build_processor()
+    return load_processor(cfg.path, revision=cfg.revision)
+
+
+def load_base_model(
+    cfg: ModelConfig,
+    *,
+    dtype: torch.dtype | None = None,
+    processor: Any = None,
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """The stock model of a ``model`` section (eval mode), from a local dir / hub id, or a random tiny one.
+
+    ``path: tiny[:backbone]`` builds :func:`tpkit.models.tiny.build_tiny_llava`; vocabulary and image
+    geometry come from ``processor`` when given (``cfg.tiny`` wins). ``dtype`` None: ``cfg.dtype``.
+    """
+    dtype = dtype or resolve_dtype(cfg.dtype, device)
+    src = cfg.source
+    if src.is_tiny:
+        kw = tiny_kwargs_from_processor(processor) if processor is not None else {}
+        kw.update(cfg.tiny)
+        model = build_tiny_llava(src.name, seed=cfg.seed, attn_implementation=cfg.attn_implementation, **kw)
+        model = model.to(dtype)
+        return model.to(device) if device is not None else model
+    return load_pretrained(
+        cfg.path,
+        dtype=dtype,
+        attn_implementation=cfg.attn_implementation,
+        revision=cfg.revision,
+        device=device,
+    )
+
+
+def read_export(export_dir: str | Path) -> tuple[dict[str, Any], PruningConfig]:
+    """The metadata of a tpkit export and the pruning config it was trained with (checked)."""
+    d = Path(export_dir)
+    meta_path = d / EXPORT_META
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"{d} is not a tpkit export (no {EXPORT_META}; train.py writes out_dir/export)"
+        )
+    meta = json.loads(meta_path.read_text())
+    pruning_data = meta["pruning"]
+    if (d / PRUNING_JSON).is_file():
+        pruning_data = json.loads((d / PRUNING_JSON).read_text())
+    return meta, from_dict(PruningConfig, pruning_data, source=str(d / PRUNING_JSON))
+
+
+def load_exported(
+    export_dir: str | Path,
+    base: Any = None,
+    *,
+    merge: bool = False,
+    attach: bool = True,
+    dtype: torch.dtype | None = None,
+) -> tuple[nn.Module, Any]:
+    """Base model + adapter + pruner (the trained ``pruning.json``) in one call -> (model, processor).
+
+    ``base``: None = the base recorded in the export (path or tiny recipe), a path/hub id, or a loaded
+    model. Returns a PeftModel in eval mode (its ``forward`` and ``generate`` prune), or with
+    ``merge=True`` the merged stock model with the pruner attached; the processor is the one saved
+    in the export (None when it holds none).
+    """
+    from peft import PeftModel  # lazy: peft costs seconds to import, and only exports need it here
+
+    d = Path(export_dir)
+    meta, pruning = read_export(d)
+    processor = load_processor(str(d)) if meta.get("has_processor") else None
+    if base is None or isinstance(base, str):
+        mcfg = from_dict(ModelConfig, meta["model"], source=str(d / EXPORT_META))
+        if isinstance(base, str):
+            mcfg.path = base
+        base = load_base_model(mcfg, dtype=dtype, processor=processor)
+    model = PeftModel.from_pretrained(base, str(d))
+    model.eval()
+    if merge:
+        model = model.merge_and_unload()
+    if attach:
+        attach_pruner(model if merge else model.get_base_model(), pruning)
+    return model, processor

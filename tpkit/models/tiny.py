@@ -1,10 +1,13 @@
-"""Tiny LLaVA models built from configs (random weights): test fixtures and CPU benchmarks.
+"""Models built from configs with random weights: tiny ones (tests, CPU runs) and full-size
+architectures (speed runs on a GPU, ``--random-init``).
 
 They are stock ``LlavaForConditionalGeneration`` instances, so everything that works on them
 works on a checkpoint loaded with ``from_pretrained``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from transformers import (
@@ -92,4 +95,135 @@ def build_tiny_llava(
     cfg = tiny_llava_config(text_backbone, **kwargs)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg)
+    return model.eval()
+
+
+def tiny_kwargs_from_processor(processor: Any) -> dict[str, Any]:
+    """Vocabulary and image geometry of a processor, so that a random tiny model matches it."""
+    tok = processor.tokenizer
+    kw: dict[str, Any] = {"vocab_size": len(tok)}
+    image_token = getattr(processor, "image_token", "<image>")
+    image_token_id = tok.convert_tokens_to_ids(image_token)
+    if image_token_id is not None:
+        kw["image_token_id"] = int(image_token_id)
+    if tok.pad_token_id is not None:
+        kw["pad_token_id"] = int(tok.pad_token_id)
+    ip = getattr(processor, "image_processor", None)
+    for size in (getattr(ip, "crop_size", None), getattr(ip, "size", None)):
+        if size is None:
+            continue
+        get = size.get if isinstance(size, dict) else lambda k, s=size: getattr(s, k, None)
+        side = get("height") or get("shortest_edge")
+        if side:
+            kw["image_size"] = int(side)
+            break
+    patch = getattr(processor, "patch_size", None)
+    if patch:
+        kw["patch_size"] = int(patch)
+    return kw
+
+
+# name -> kwargs of tpkit.models.tiny.tiny_llava_config (the same builder, full-size numbers)
+ARCHITECTURES: dict[str, dict] = {
+    # CLIP ViT-L/14-336 (24 layers, 1024-d, 576 patches) + Vicuna-7B (Llama, 4096-d, 32 layers)
+    "llava-1.5-7b": dict(
+        text_backbone="llama",
+        vocab_size=32064,
+        image_token_id=32000,
+        pad_token_id=32001,
+        image_size=336,
+        patch_size=14,
+        vision_hidden=1024,
+        vision_layers=24,
+        vision_heads=16,
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        intermediate_size=11008,
+        max_position_embeddings=4096,
+    ),
+    # same tower + Vicuna-13B (5120-d, 40 layers)
+    "llava-1.5-13b": dict(
+        text_backbone="llama",
+        vocab_size=32064,
+        image_token_id=32000,
+        pad_token_id=32001,
+        image_size=336,
+        patch_size=14,
+        vision_hidden=1024,
+        vision_layers=24,
+        vision_heads=16,
+        hidden_size=5120,
+        num_layers=40,
+        num_heads=40,
+        num_kv_heads=40,
+        intermediate_size=13824,
+        max_position_embeddings=4096,
+    ),
+    # benchmarks/prefill_speed.py: LLaVA-1.5's token counts (576 patches) with a small tower and an
+    # LM large enough (512-d, 8 layers, batch 8) that compute, not overhead, dominates on a CPU
+    "cpu-bench": dict(
+        text_backbone="llama",
+        vocab_size=1024,
+        image_token_id=3,
+        pad_token_id=0,
+        image_size=336,
+        patch_size=14,
+        vision_hidden=64,
+        vision_layers=2,
+        vision_heads=2,
+        hidden_size=512,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=8,
+        intermediate_size=1376,
+        max_position_embeddings=2048,
+    ),
+}
+
+
+def architecture_kwargs(name: str, scale_down: int = 1) -> dict:
+    """Config kwargs of a named architecture; ``scale_down`` divides widths (not depths, not token
+    counts) so a CPU can run the same code path in seconds."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+    kw = dict(ARCHITECTURES[name])
+    if scale_down < 1:
+        raise ValueError(f"scale_down = {scale_down} must be >= 1")
+    if scale_down > 1:
+        for k in ("vision_hidden", "vision_heads", "hidden_size", "num_heads", "num_kv_heads"):
+            kw[k] = max(1, kw[k] // scale_down)
+        kw["intermediate_size"] = max(8, kw["intermediate_size"] // scale_down)
+    return kw
+
+
+def build_random_init(
+    name: str,
+    device: str | torch.device = "cuda",
+    dtype: str | torch.dtype = "bfloat16",
+    attn_implementation: str = "sdpa",
+    scale_down: int = 1,
+    seed: int = 0,
+):
+    """A ``LlavaForConditionalGeneration`` of architecture ``name`` with random weights, in eval mode.
+
+    Parameters are allocated and initialised on ``device`` in ``dtype`` (default-dtype switch plus a
+    ``torch.device`` context), so a 7B model appears in seconds on a GPU instead of minutes of CPU
+    init followed by a copy.
+    """
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    kw = architecture_kwargs(name, scale_down)
+    backbone = kw.pop("text_backbone")
+    cfg = tiny_llava_config(backbone, attn_implementation=attn_implementation, **kw)
+    torch.manual_seed(seed)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(attn_implementation)
     return model.eval()

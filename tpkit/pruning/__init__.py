@@ -1,22 +1,38 @@
-"""Two-stage token pruning, pure torch: configs, knee detectors, stage-1 and stage-2 selection."""
+"""Two-stage token pruning, pure torch: configs, knee detectors, stage-1 and stage-2 selection, and
+the token-layer accounting (:mod:`tpkit.pruning.budgets`).
 
-from tpkit.pruning.config import PruningConfig, Stage1Config, Stage2Config
-from tpkit.pruning.knee import curvature, head_count, iqr_count, kneedle
-from tpkit.pruning.stage1 import cls_attention, cls_cosine, random_scores, select_patches
-from tpkit.pruning.stage2 import relevance, select_tokens
+Names are resolved on first use: ``tpkit.pruning.config`` (the dataclasses) imports without torch,
+so a config file can be checked before any heavy import.
+"""
 
-__all__ = [
-    "PruningConfig",
-    "Stage1Config",
-    "Stage2Config",
-    "kneedle",
-    "curvature",
-    "iqr_count",
-    "head_count",
-    "cls_cosine",
-    "cls_attention",
-    "random_scores",
-    "select_patches",
-    "relevance",
-    "select_tokens",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "PruningConfig": "tpkit.pruning.config",
+    "Stage1Config": "tpkit.pruning.config",
+    "Stage2Config": "tpkit.pruning.config",
+    "kneedle": "tpkit.pruning.knee",
+    "curvature": "tpkit.pruning.knee",
+    "iqr_count": "tpkit.pruning.knee",
+    "head_count": "tpkit.pruning.knee",
+    "cls_cosine": "tpkit.pruning.stage1",
+    "cls_attention": "tpkit.pruning.stage1",
+    "random_scores": "tpkit.pruning.stage1",
+    "select_patches": "tpkit.pruning.stage1",
+    "relevance": "tpkit.pruning.stage2",
+    "select_tokens": "tpkit.pruning.stage2",
+    "token_layer_fraction": "tpkit.pruning.budgets",
+    "solve_stage2_keep": "tpkit.pruning.budgets",
+    "scale_stage1_keep": "tpkit.pruning.budgets",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'tpkit.pruning' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)

@@ -33,7 +33,7 @@ class Stage1Config:
     # model saw it - the pruned forward is the unpruned one with the dropped tokens masked out, as for
     # stage 2; contiguous: renumbered 0..T1-1, as if the dropped patches had never been there (what
     # pre-LLM pruning often does). On the tiny LLaVA early in training, training-free, original kept
-    # 101.7% of dense accuracy where contiguous kept 81.0% (README "The method").
+    # 101.7% of dense accuracy where contiguous kept 81.0% (docs/method.md).
     positions: Literal["contiguous", "original"] = "original"
 
     def validate(self) -> None:

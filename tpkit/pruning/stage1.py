@@ -1,7 +1,7 @@
 """Stage 1: score the vision tower's patches against CLS and keep the head of the sorted curve.
 
 Pure torch. The vision-tower call and the projection of kept patches live in
-:mod:`tpkit.models.pruned_llava`; this module turns hidden states into per-image kept sets.
+:mod:`tpkit.models` (each family's tower); this module turns hidden states into per-image kept sets.
 """
 
 from __future__ import annotations

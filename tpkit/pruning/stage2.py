@@ -1,6 +1,6 @@
 """Stage 2: relevance of prompt tokens to the instruction at one decoder layer, and the kept set.
 
-Pure torch. The caller (``tpkit.models.pruned_llava``) forms the layer's q (instruction queries
+Pure torch. The caller (``tpkit.models.core.prefill``) forms the layer's q (instruction queries
 only) and k (all tokens) from its own projections of the normed layer input; here they are rotated,
 GQA-expanded and turned into a softmax over keys -- a (Q x T) matrix per head, never (T x T).
 """

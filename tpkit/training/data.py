@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader, Sampler
 
-from tpkit.config import DataConfig
+from tpkit.data.collator import LlavaCollator
+from tpkit.data.config import DataConfig
+from tpkit.data.llava_json import load_llava_json
 
-__all__ = ["ResumableSampler", "ResumableDataLoader", "LlavaDataModule", "ensure_synthetic_data"]
+__all__ = ["ResumableSampler", "ResumableDataLoader", "LlavaDataModule"]
 
 
 class ResumableSampler(Sampler[int]):
@@ -123,25 +125,6 @@ class ResumableDataLoader(DataLoader):
         self.sampler.load_state_dict(state)
 
 
-def ensure_synthetic_data(cfg: DataConfig) -> None:
-    """Write the synthetic benchmark where ``train_json``/``val_json`` point: if missing, or if written
-    earlier with another size, seed or generator config (``tpkit.data.synthetic.ensure_split``)."""
-    from tpkit.data.synthetic import ensure_split
-
-    for path, n, split in (
-        (cfg.train_json, cfg.synthetic_n_train, "train"),
-        (cfg.val_json, cfg.synthetic_n_val, "val"),
-    ):
-        if path is None:
-            continue
-        if Path(path).name != f"{split}.json":
-            if Path(path).exists():
-                continue  # someone's own data under another name
-            raise ValueError(f"data.generate_synthetic writes <dir>/{split}.json; got {path}")
-        # records are seeded by (seed, split, index): the same seed gives the standard, disjoint splits
-        ensure_split(Path(path).parent, split, n=n, seed=cfg.synthetic_seed)
-
-
 class LlavaDataModule(L.LightningDataModule):
     """LLaVA conversation-JSON train/val data; datasets and collate can be injected (tests)."""
 
@@ -167,8 +150,6 @@ class LlavaDataModule(L.LightningDataModule):
     def _load(self, path: str | None) -> Any:
         if path is None:
             return None
-        from tpkit.data.llava_json import load_llava_json
-
         # with the processor, over-long records are found now (raise / skip), not mid-run by the collator
         ds, report = load_llava_json(
             path,
@@ -179,16 +160,12 @@ class LlavaDataModule(L.LightningDataModule):
             max_length=self.cfg.max_length,
         )
         if getattr(report, "errors", None):
-            from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-
             first = report.errors[0]
             rank_zero_warn(f"{path}: skipped {len(report.errors)} bad records (first: {first})")
         return ds
 
     def setup(self, stage: str | None = None) -> None:
         if self.collate_fn is None:
-            from tpkit.data.collator import LlavaCollator
-
             self.collate_fn = LlavaCollator(self.processor, max_length=self.cfg.max_length, mode="train")
         if self.train_dataset is None:
             self.train_dataset = self._load(self.cfg.train_json)

@@ -2,8 +2,9 @@
 
 Once the pruner drops tokens, the student's logits no longer line up with ``labels``: output
 position ``j`` of sample ``b`` is original position ``kept_index[b, j]`` and predicts the token
-after it. :func:`answer_targets` maps labels through ``kept_index``; the (unpruned) teacher's
-logits are gathered at the same original positions, so both sides predict the same token.
+after it (:func:`tpkit.models.core.prefill.next_token_targets` maps labels through ``kept_index``);
+the (unpruned) teacher's logits are gathered at the same original positions, so both sides predict
+the same token.
 """
 
 from __future__ import annotations
@@ -14,43 +15,25 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from tpkit.data.collator import IGNORE_INDEX
+from tpkit.models.core.prefill import next_token_targets
 
 __all__ = [
-    "IGNORE_INDEX",
-    "answer_targets",
+    "answer_positions",
     "answer_ce",
     "divergence",
     "divergence_logp",
     "topk_log_probs",
     "distill_rows_topk",
     "distill_rows",
-    "distill_loss",
-    "gather_rows",
     "hidden_cosine",
 ]
 
 
-def answer_targets(labels: torch.Tensor, kept_index: torch.Tensor | None = None) -> torch.Tensor:
-    """Next-token targets for each output position; IGNORE_INDEX where there is none.
-
-    labels: (B, T) unshifted (``labels[b, t] = input_ids[b, t]`` on answer tokens, else -100).
-    kept_index: (B, T_out) original index of each output position, -1 = padding; None = no pruning.
-    Returns (B, T_out) long.
-    """
-    B, T = labels.shape
-    if kept_index is None:
-        kept_index = torch.arange(T, device=labels.device).expand(B, T)
-    nxt = kept_index + 1  # the token predicted by output position j
-    valid = (kept_index >= 0) & (nxt < T)
-    tgt = labels.gather(1, nxt.clamp(0, T - 1))
-    return torch.where(valid, tgt, torch.full_like(tgt, IGNORE_INDEX))
-
-
-def gather_rows(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``logits[b, index[b, j]]`` for every (b, j): (B, T, V), (B, T_out) -> (B, T_out, V)."""
-    idx = index.clamp(min=0).unsqueeze(-1).expand(-1, -1, logits.shape[-1])
-    return logits.gather(1, idx)
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the (unpruned) positions whose next token is an answer token, i.e. the rows that
+    distillation compares."""
+    return next_token_targets(labels) != IGNORE_INDEX
 
 
 def answer_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -96,23 +79,6 @@ def divergence_logp(
         kl_s = (log_s.exp() * (log_s - log_m)).sum(-1)
         return beta * kl_t + (1 - beta) * kl_s
     raise ValueError(f"unknown divergence kind {kind!r}")
-
-
-def distill_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    targets: torch.Tensor,
-    kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-) -> torch.Tensor:
-    """``T^2 * mean divergence(student / T, teacher / T)`` over answer positions.
-
-    student_logits, teacher_logits: (B, T_out, V), aligned (teacher already gathered at the
-    student's original positions); targets: (B, T_out), IGNORE_INDEX marks positions to skip.
-    """
-    mask = targets != IGNORE_INDEX  # (B, T_out)
-    return distill_rows(student_logits[mask], teacher_logits[mask], kind, temperature, beta)
 
 
 def distill_rows(

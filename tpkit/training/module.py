@@ -17,27 +17,14 @@ import lightning as L
 import torch
 from peft import PeftModel
 
-from tpkit.config import DistillConfig, OptimConfig
-from tpkit.training.losses import (
-    IGNORE_INDEX,
-    answer_ce,
-    answer_targets,
-    distill_rows,
-    distill_rows_topk,
-    hidden_cosine,
-)
+from tpkit.data.collator import IGNORE_INDEX
+from tpkit.models.core.attach import last_stats, pruning_disabled
+from tpkit.models.core.prefill import next_token_targets
+from tpkit.training.config import DistillConfig, OptimConfig
+from tpkit.training.losses import answer_ce, distill_rows, distill_rows_topk, hidden_cosine
+from tpkit.training.teacher_cache.cache import TeacherCache, TeacherCacheError, answer_ranks
 
-__all__ = ["DistillLoRAModule", "lr_lambda", "pruner_api", "reuse_tower_output"]
-
-
-def pruner_api() -> Any:
-    """``tpkit.models`` when the pruner is available, else None (stock forward, no kept_index)."""
-    try:
-        import tpkit.models as m
-
-        return m if hasattr(m, "attach_pruner") else None
-    except ImportError:
-        return None
+__all__ = ["DistillLoRAModule", "lr_lambda", "reuse_tower_output"]
 
 
 @contextlib.contextmanager
@@ -93,10 +80,10 @@ class DistillLoRAModule(L.LightningModule):
         *,
         max_steps: int,
         pruning_attached: bool = False,
-        teacher_cache: Any = None,
+        teacher_cache: TeacherCache | None = None,
     ) -> None:
         super().__init__()
-        self.teacher_cache = teacher_cache  # a tpkit.training.teacher_cache.TeacherCache, or None: online
+        self.teacher_cache = teacher_cache  # None: the online teacher
         self.model = model
         self.distill = distill
         self.optim = optim
@@ -133,8 +120,7 @@ class DistillLoRAModule(L.LightningModule):
 
         (B, T, V), or (B, P, V) at ``positions`` (P,) sorted — the LM head then runs on P rows only.
         """
-        api = pruner_api()
-        off = api.pruning_disabled(self.base) if (self.pruning_attached and api) else contextlib.nullcontext()
+        off = pruning_disabled(self.base) if self.pruning_attached else contextlib.nullcontext()
         kw = self._inputs(batch)
         if positions is not None:
             kw["logits_to_keep"] = positions
@@ -154,8 +140,6 @@ class DistillLoRAModule(L.LightningModule):
 
     def cached_teacher_rows(self, batch: dict, mask: torch.Tensor, orig: torch.Tensor, targets: torch.Tensor):
         """The teacher's rows for the student's answer rows, from the teacher cache (no forward)."""
-        from tpkit.training.teacher_cache import TeacherCacheError, answer_ranks
-
         if "ids" not in batch:
             raise TeacherCacheError(
                 "distill.teacher_cache needs record ids in the batch (LlavaCollator adds them)"
@@ -184,12 +168,12 @@ class DistillLoRAModule(L.LightningModule):
         kept = getattr(out, "kept_index", None)  # (B, T_out) or None (no pruner)
         parts: dict[str, torch.Tensor] = {}
         if self.pruning_attached:
-            stats = pruner_api().last_stats(self.base) or {}
+            stats = last_stats(self.base) or {}
             if "token_layer_fraction" in stats:
                 parts["kept_frac"] = stats["token_layer_fraction"].float().mean().detach()
             if "k1" in stats and "n_visual" in stats:
                 parts["visual_kept"] = (stats["k1"].float() / stats["n_visual"].float().clamp(min=1)).mean()
-        targets = answer_targets(batch["labels"], kept)  # (B, T_out)
+        targets = next_token_targets(batch["labels"], kept)  # (B, T_out)
         ce = answer_ce(out.logits, targets)
         loss = self.distill.ce_weight * ce
         parts["ce"] = ce.detach()
@@ -310,10 +294,6 @@ class DistillLoRAModule(L.LightningModule):
                     n = n.replace(w, "")
                 names.add(n)
         return names
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        names = self._trainable_names()
-        return {k: v for k, v in self.state_dict().items() if k in names}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         names = self._trainable_names()

@@ -1,0 +1,123 @@
+"""The ``tpkit`` command: every job is a subcommand with --help, --print-config shows the resolved
+config, and an installed (non-editable) tpkit trains, evaluates and exports outside the checkout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tpkit.cli import build_parser, main
+from tpkit.config import load_config, to_dict
+from tpkit.training.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = (
+    "train",
+    "evaluate",
+    "export",
+    "teacher-cache",
+    "data",
+    "demo",
+    "fixture",
+    "premise",
+    "config-reference",
+)
+
+
+def test_help_lists_every_job():
+    out = subprocess.run(
+        [sys.executable, "-m", "tpkit", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0
+    for name in COMMANDS:
+        assert f"    {name}" in out.stdout, name
+
+
+@pytest.mark.parametrize("argv", [[c] for c in COMMANDS if c != "data"] + [["data", "synthetic"]], ids=str)
+def test_every_command_has_help(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    assert "usage: tpkit " + " ".join(argv) in capsys.readouterr().out
+
+
+def test_print_config_is_the_resolved_config_with_comments(capsys):
+    cfg_path = ROOT / "configs" / "train" / "tiny.yaml"
+    assert main(["train", "--config", str(cfg_path), "--set", "optim.lr=0.01", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    printed = yaml.safe_load(text)
+    assert printed == to_dict(load_config(TrainConfig, cfg_path, ["optim.lr=0.01"]))
+    assert "# local save_pretrained dir or hub id" in text
+
+
+def test_commands_share_one_parser_style():
+    """Config-driven commands take --config, --set (repeatable) and --print-config alike."""
+    parser = build_parser()
+    for name in ("train", "evaluate", "teacher-cache", "demo", "fixture"):
+        sub = parser._subparsers._group_actions[0].choices[name]
+        flags = {f for a in sub._actions for f in a.option_strings}
+        assert {"--config", "--set", "--print-config"} <= flags, name
+
+
+@pytest.mark.slow
+def test_an_installed_tpkit_trains_evaluates_and_exports(tmp_path):
+    """``pip install .`` into a fresh target (a wheel build, not the checkout), then the console script,
+    from another directory: synthetic data, a tiny run, its evaluation with the adapter, an export."""
+    import shutil
+
+    src, target = tmp_path / "src", tmp_path / "site"  # a copy: the build writes build/ beside the source
+    shutil.copytree(ROOT / "tpkit", src / "tpkit", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    pip = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(target), str(src)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    env = dict(os.environ, PYTHONPATH=str(target), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env["PATH"] = f"{target / 'bin'}{os.pathsep}{env['PATH']}"
+    work = tmp_path / "work"
+    work.mkdir()
+
+    def tpkit(*args: str) -> str:
+        out = subprocess.run(["tpkit", *args], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, f"tpkit {' '.join(args)}:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+        return out.stdout
+
+    where = subprocess.run(
+        [sys.executable, "-c", "import tpkit.cli; print(tpkit.cli.__file__)"],
+        cwd=work, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert where.stdout.strip().startswith(str(target)), where.stdout  # not the checkout
+    tpkit("data", "synthetic", "--out", "data", "--split", "train", "--n", "8")
+    tpkit("data", "synthetic", "--out", "data", "--split", "test", "--n", "4", "--seed", "2")
+    model = {"path": "tiny:llama", "tiny": {"hidden_size": 32, "num_layers": 2, "intermediate_size": 64}}
+    train = {
+        "model": model,
+        "pruning": {"stage2": {"layer": 1}},
+        "lora": {"r": 2, "alpha": 4.0},
+        "data": {"train_json": "data/train.json", "batch_size": 4},
+        "trainer": {"out_dir": "run", "max_steps": 2, "logger": "none", "progress_bar": False},
+    }
+    (work / "train.yaml").write_text(yaml.safe_dump(train))
+    assert "done: step 2" in tpkit("train", "--config", "train.yaml")
+    evaluation = {
+        "model": model,
+        "adapter": "run/export",
+        "data": {"test_json": "data/test.json", "eval_batch_size": 4},
+        "eval": {"methods": ["dense", "ours"], "budgets": [], "max_new_tokens": 2, "progress": False},
+        "speed": {"enabled": False},
+        "out_dir": "eval",
+        "device": "cpu",
+    }
+    (work / "eval.yaml").write_text(yaml.safe_dump(evaluation))
+    table = tpkit("evaluate", "--config", "eval.yaml")
+    assert "| dense |" in table and "| ours |" in table
+    tpkit("export", "--ckpt", "run/last.ckpt", "--out", "exported")
+    assert (work / "exported" / "adapter_model.safetensors").is_file()

@@ -1,0 +1,58 @@
+"""The README's commands and example are the ones that work."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+
+
+def test_the_first_block_is_the_two_commands_ci_runs():
+    demo, tests = _blocks("bash")[0].strip().splitlines()
+    assert demo.endswith("&& tpkit demo") and tests.endswith("&& ruff check . && pytest -q")
+    assert "pytest" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_python_example_runs_on_the_embedded_model(tmp_path):
+    (code,) = _blocks("python")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = out.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"patches kept \d+/144, prompt tokens kept \d+/\d+, token-layers \d+\.\d%", last), (
+        last
+    )
+
+
+def test_every_config_and_command_the_readme_names_exists():
+    from tpkit.cli import build_parser
+
+    for path in re.findall(r"configs/[\w/]+\.yaml", README):
+        assert (ROOT / path).is_file(), path
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name in re.findall(r"^tpkit (\S+)", "\n".join(_blocks("bash")), flags=re.M):
+        assert name in commands, name
+    for link in re.findall(r"\]\(((?:docs|assets)/[^)#]+)\)", README):
+        assert (ROOT / link).is_file(), link
+
+
+def test_the_config_driven_commands_validate(capsys):
+    """Each `tpkit train|evaluate|teacher-cache` line of the README loads and validates its config
+    (``--print-config`` stops before any work)."""
+    import shlex
+
+    from tpkit.cli import main
+
+    lines = [ln.split("#")[0] for b in _blocks("bash")[1:] for ln in b.splitlines()]
+    runs = [shlex.split(ln)[1:] for ln in lines if re.match(r"tpkit (train|evaluate|teacher-cache) ", ln)]
+    assert len(runs) >= 8
+    for argv in runs:
+        assert main([*argv, "--print-config"]) == 0, argv
+        capsys.readouterr()

@@ -1,0 +1,492 @@
+"""``tpkit``: one command for every job.
+
+    tpkit train --config configs/train/tiny.yaml [--set optim.lr=1e-4 ...] [--resume]
+    tpkit evaluate --config configs/eval/tiny.yaml [--set adapter=runs/tiny/export ...]
+    tpkit export --ckpt runs/tiny/last.ckpt --out runs/tiny/export [--merged]
+    tpkit teacher-cache --config configs/train/tiny.yaml --out runs/teacher_cache
+    tpkit data synthetic --out runs/data/synthetic
+    tpkit demo
+    tpkit fixture --config configs/fixture/tiny_gpu.yaml --out assets/tiny-llava
+    tpkit premise --model assets/tiny-llava --data runs/data/synthetic --out outputs/premise
+    tpkit config-reference --check
+
+Every subcommand has ``--help``; the config-driven ones take ``--set key.sub=value`` (repeatable)
+and ``--print-config`` (the resolved config with each key's comment). Configs are checked before
+anything heavy is imported: the modules behind each command are imported inside it, for start-up
+time (``tpkit --help`` and a config error answer in well under a second).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tpkit.config import ConfigError, commented_yaml, load_config, reference_markdown
+
+__all__ = ["main", "build_parser", "CONFIG_REFERENCE"]
+
+CONFIG_REFERENCE = "docs/config.md"
+
+
+class _Fail(Exception):
+    """A user-facing error: printed as ``error: <message>``, exit code 2."""
+
+
+def _config_args(p: argparse.ArgumentParser, *, required: bool = True, default: str | None = None) -> None:
+    p.add_argument(
+        "--config",
+        required=required,
+        default=default,
+        help="YAML file" + (f" (default: {default})" if default else ""),
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set optim.lr=1e-4 (repeatable; several after one --set)",
+    )
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved config with comments and exit"
+    )
+
+
+def _load(cls: type, args: argparse.Namespace, extra: list[str] | None = None) -> Any:
+    try:
+        return load_config(cls, args.config, [*args.overrides, *(extra or [])])
+    except ConfigError as e:
+        raise _Fail(f"config error: {e}") from None
+
+
+def _printed(cfg: Any, args: argparse.Namespace) -> bool:
+    if args.print_config:
+        print(commented_yaml(cfg), end="")
+    return args.print_config
+
+
+# --------------------------------------------------------------------------------------------
+# train / evaluate / export / teacher-cache
+
+
+def _train(args: argparse.Namespace) -> int:
+    from tpkit.training.config import TrainConfig
+
+    cfg = _load(TrainConfig, args)
+    if _printed(cfg, args):
+        return 0
+    if why := cfg.model.missing_paths():
+        raise _Fail(why)
+    ckpt = Path(cfg.trainer.out_dir) / "last.ckpt"
+    if args.resume and not ckpt.is_file():
+        raise _Fail(f"--resume: no checkpoint at {ckpt}")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from tpkit.training.recipe import fit  # lazy: lightning, peft and transformers take seconds
+    from tpkit.training.teacher_cache.cache import TeacherCacheError
+
+    try:
+        res = fit(cfg, resume=args.resume)
+    except TeacherCacheError as e:
+        raise _Fail(str(e)) from None
+    if res.module.global_rank == 0:  # under ddp every rank runs this command
+        print(
+            f"done: step {int(res.metrics['global_step'])}, checkpoint {res.checkpoint}, export {res.export_dir}"
+        )
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from tpkit.evaluation.config import EvalConfig
+
+    extra = []
+    if args.random_init:
+        extra.append(f"random_init.name={args.random_init}")
+    if args.scale_down:
+        extra.append(f"random_init.scale_down={args.scale_down}")
+    if args.device:
+        extra.append(f"device={args.device}")
+    if args.out:
+        extra.append(f"out_dir={args.out}")
+    cfg = _load(EvalConfig, args, extra)
+    if _printed(cfg, args):
+        return 0
+    if why := cfg.missing_inputs():
+        raise _Fail(why)
+    from tpkit.evaluation.report import speed_markdown  # lazy: torch and transformers take seconds
+    from tpkit.evaluation.runner import EvalError, evaluate
+
+    try:
+        results = evaluate(cfg)
+    except (EvalError, ConfigError) as e:
+        raise _Fail(str(e)) from None
+    if results.get("mode") == "random_init":
+        print(speed_markdown(results["speed"]))
+        ach = results["achieved"].get("token_layer_fraction", {}).get("mean")
+        print(
+            f"{results['architecture']} (random init, {results['device_name']}, {results['dtype']}, "
+            f"batch {results['batch_size']}, {results['prompt']['n_dense']} tokens): "
+            f"k1={results['counts']['k1']} k2={results['counts']['k2']} token-layer fraction "
+            f"{ach if ach is None else round(ach, 4)}; results in {cfg.out_dir}/speed.json"
+        )
+        print(f"prefill speedup ours@{results['budget']:g} vs dense: {results['prefill_speedup']:.2f}x")
+        return 0
+    print(results["table"])
+    print(f"report: {', '.join(results['files'].values())}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from tpkit.training.export import export_checkpoint  # lazy: peft and transformers take seconds
+
+    try:
+        out = export_checkpoint(args.ckpt, args.out, config=args.config, merged=args.merged)
+    except (ConfigError, FileNotFoundError) as e:
+        raise _Fail(str(e)) from None
+    print(f"exported {args.ckpt} -> {out}")
+    return 0
+
+
+def _teacher_cache(args: argparse.Namespace) -> int:
+    from tpkit.training.config import TrainConfig
+
+    if args.top_k < 0:
+        raise _Fail("--top-k must be >= 0")
+    try:
+        shard = tuple(int(x) for x in args.shard.split("/"))
+        if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
+            raise ValueError
+    except ValueError:
+        raise _Fail(f"--shard {args.shard!r}: expected I/N with 0 <= I < N, e.g. 3/8") from None
+    cfg = _load(TrainConfig, args)
+    if _printed(cfg, args):
+        return 0
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from tpkit.training.teacher_cache.build import build_teacher_cache  # lazy: start-up time
+    from tpkit.training.teacher_cache.cache import TeacherCacheError
+
+    try:
+        out = build_teacher_cache(
+            cfg,
+            args.out,
+            top_k=args.top_k,
+            batch_size=args.batch_size,
+            dtype=args.dtype,
+            device=args.device,
+            shard=shard,
+            workers=args.workers,
+        )
+    except TeacherCacheError as e:
+        raise _Fail(str(e)) from None
+    meta = json.loads((out / "meta.json").read_text())
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(
+        f"teacher cache: {meta['records']} records, {meta['rows']} answer rows, k={meta['k']}, "
+        f"{size / 1e6:.1f} MB in {out}"
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# the embedded world: data, demo, fixture, premise
+
+
+def _data_synthetic(args: argparse.Namespace) -> int:
+    from tpkit.demo import SyntheticData  # lazy: start-up time
+    from tpkit.synthetic.scenes import SyntheticConfig
+    from tpkit.synthetic.splits import bench, ensure_split, generate_split
+
+    if args.bench:
+        return bench(args.bench, args.seed or 0)
+    if not args.out:
+        raise _Fail("--out is required (unless --bench)")
+    try:
+        if args.split is None:  # the demo's splits, reused when already written the same way
+            d = SyntheticData()
+            for split, n, seed in (
+                ("train", d.n_train, d.seed),
+                ("val", d.n_val, d.seed),
+                ("test", d.n_test, d.test_seed),
+            ):
+                print(f"{ensure_split(args.out, split, n=n, seed=seed)}: {n} records (seed {seed})")
+            return 0
+        overrides = {} if args.image_size is None else {"image_size": args.image_size}
+        cfg = SyntheticConfig.for_split(args.split, **overrides)
+        n = args.n or 1000
+        path = generate_split(
+            args.out,
+            args.split,
+            n,
+            args.seed or 0,
+            cfg,
+            turns=args.turns,
+            workers=args.workers,
+            progress=True,
+        )
+    except ValueError as e:
+        raise _Fail(str(e)) from None
+    print(f"wrote {n} records to {path}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from tpkit.demo import DemoConfig  # lazy: start-up time
+
+    cfg = _load(DemoConfig, args)
+    if _printed(cfg, args):
+        return 0
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from tpkit.demo import run_demo
+
+    try:
+        run_demo(cfg)
+    except (ConfigError, FileNotFoundError) as e:
+        raise _Fail(str(e)) from None
+    return 0
+
+
+def _fixture(args: argparse.Namespace) -> int:
+    from tpkit.synthetic.fixture.config import FixtureConfig
+
+    extra = []
+    if args.archive is not None:
+        extra.append(f"archive={args.archive}")
+    if args.device is not None:
+        extra.append(f"device={args.device}")
+    cfg = _load(FixtureConfig, args, extra)
+    if _printed(cfg, args):
+        return 0
+    from tpkit.synthetic.fixture.loop import ResumeError, install_stop_handlers, restore_handlers  # lazy
+    from tpkit.synthetic.fixture.recipe import run, snapshot
+
+    if args.snapshot is not None:
+        try:
+            snapshot(cfg, args.out, args.snapshot)
+        except ResumeError as e:
+            raise _Fail(str(e)) from None
+        return 0
+    previous = install_stop_handlers()
+    try:
+        run(cfg, args.out, resume=args.resume)
+    except ResumeError as e:
+        raise _Fail(str(e)) from None
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
+        return 130
+    finally:
+        restore_handlers(previous)
+    return 0
+
+
+def _premise(args: argparse.Namespace) -> int:
+    from tpkit.pruning.config import Stage1Config
+
+    try:
+        cfg = Stage1Config(score=args.score, selector=args.selector, min_keep=args.min_keep)
+        cfg.validate()
+    except ValueError as e:
+        raise _Fail(str(e)) from None
+    import torch  # lazy: start-up time
+
+    from tpkit.synthetic.premise import format_report, run_premise
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        report = run_premise(
+            args.data,
+            args.model,
+            n=args.n,
+            out_dir=args.out,
+            cfg=cfg,
+            patch_size=args.patch_size,
+            batch_size=args.batch_size,
+            device=device,
+            progress=True,
+        )
+    except (ValueError, OSError) as e:
+        raise _Fail(str(e)) from None
+    print(format_report(report))
+    if args.out:
+        print(f"wrote {Path(args.out) / 'premise.json'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# config reference
+
+
+def config_classes() -> dict[str, type]:
+    """The top-level configs users write, titled as in docs/config.md."""
+    from tpkit.demo import DemoConfig
+    from tpkit.evaluation.config import EvalConfig
+    from tpkit.synthetic.fixture.config import FixtureConfig
+    from tpkit.training.config import TrainConfig
+
+    return {
+        "Training (`tpkit train`, `train.py`)": TrainConfig,
+        "Evaluation (`tpkit evaluate`, `evaluate.py`)": EvalConfig,
+        "Demo (`tpkit demo`)": DemoConfig,
+        "Base-model fixture (`tpkit fixture`)": FixtureConfig,
+    }
+
+
+def config_reference() -> str:
+    head = (
+        "# Configuration reference\n\n"
+        "Every key of every config, with its type, default and the comment beside it in the source. "
+        "Generated by `tpkit config-reference` from the dataclasses; a test fails when it is stale. "
+        "Unknown keys, wrong types and impossible values fail when the file is loaded, naming the file, "
+        "the line and the key; `--set key.sub=value` overrides any key, `--print-config` prints the "
+        "resolved config.\n\n"
+    )
+    return head + reference_markdown(config_classes())
+
+
+def _config_reference(args: argparse.Namespace) -> int:
+    text = config_reference()
+    path = Path(args.out)
+    if args.check:
+        if not path.is_file() or path.read_text() != text:
+            raise _Fail(f"{path} is stale: run tpkit config-reference --out {path}")
+        print(f"{path} is up to date")
+        return 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"wrote {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# the parser
+
+
+def build_parser(prog: str = "tpkit") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog=prog,
+        description="Two-stage token pruning + LoRA distillation for multimodal LLMs (transformers, Lightning).",
+    )
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("train", _train, "fine-tune LoRA with the pruner in the forward path and distillation")
+    _config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from <trainer.out_dir>/last.ckpt")
+
+    p = command("evaluate", _evaluate, "compare dense, ours and baselines: accuracy, tokens, speed, FLOPs")
+    _config_args(p, required=False)
+    p.add_argument(
+        "--random-init",
+        metavar="NAME",
+        help="speed-only run on a random-weight architecture (e.g. llava-1.5-7b)",
+    )
+    p.add_argument(
+        "--scale-down", type=int, metavar="N", help="with --random-init: divide widths by N (CPU check)"
+    )
+    p.add_argument("--device", help="cuda / cpu / auto (overrides the config)")
+    p.add_argument("--out", help="output directory (overrides out_dir)")
+
+    p = command("export", _export, "write a PEFT adapter export from a training checkpoint")
+    p.add_argument("--ckpt", required=True, help="a training checkpoint (out_dir/last.ckpt)")
+    p.add_argument("--out", required=True, help="export directory")
+    p.add_argument("--config", default=None, help="the run's config (default: config.yaml next to --ckpt)")
+    p.add_argument("--merged", action="store_true", help="also write a full merged model to <out>/merged")
+
+    p = command(
+        "teacher-cache",
+        _teacher_cache,
+        "precompute the unpruned teacher's answer logits (distill.teacher_cache)",
+    )
+    _config_args(p)
+    p.add_argument("--out", required=True, help="cache directory (an unfinished build there continues)")
+    p.add_argument(
+        "--top-k", type=int, default=0, help="logits kept per row; 0 = the whole vocabulary (exact)"
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="default: data.eval_batch_size")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored logits")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--workers", type=int, default=None, help="collation processes (default: data.num_workers)"
+    )
+    p.add_argument(
+        "--shard", default="0/1", metavar="I/N", help="build records I, I+N, ... only (one process per GPU)"
+    )
+
+    p = command("data", lambda a: 0, "write datasets (the synthetic benchmark)")
+    data_sub = p.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    d = data_sub.add_parser(
+        "synthetic",
+        help="the synthetic LLaVA benchmark",
+        description="Write splits of the synthetic LLaVA benchmark: without --split, the demo's train, val "
+        "and test splits (reused when already written the same way).",
+    )
+    d.set_defaults(func=_data_synthetic)
+    d.add_argument("--out", help="output directory (gets <split>.json and images/<split>/)")
+    d.add_argument("--split", default=None, choices=["train", "val", "test", "ood"], help="one split only")
+    d.add_argument("--n", type=int, default=None, help="records of --split (default 1000)")
+    d.add_argument("--seed", type=int, default=None, help="seed of --split (default 0)")
+    d.add_argument("--turns", type=int, default=None, help="QA turns per record (1-3; default 1)")
+    d.add_argument("--image-size", type=int, default=None, help="image side in pixels (default 96)")
+    d.add_argument("--workers", type=int, default=1, help="processes (output identical for any value)")
+    d.add_argument("--bench", type=int, default=0, metavar="N", help="only time scene rendering on N images")
+
+    p = command(
+        "demo", _demo, "prune the embedded tiny LLaVA, fine-tune it back, evaluate and print the tables"
+    )
+    _config_args(p, required=False, default="configs/demo.yaml")
+
+    p = command("fixture", _fixture, "train the embedded base model (assets/tiny-llava) from scratch")
+    _config_args(p)
+    p.add_argument("--out", required=True, help="output directory (the model directory)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="overrides 'device'")
+    p.add_argument("--archive", default=None, help="tar the model dir here right after saving (GPU leases)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the interrupted run whose state is in OUT/.resume"
+    )
+    p.add_argument(
+        "--snapshot",
+        default=None,
+        metavar="DIR",
+        help="write the LLaVA phase's last saved state in OUT/.resume as a model directory DIR and exit",
+    )
+
+    p = command("premise", _premise, "stage-1 premise report: kept fraction, object-patch recall, AUROC")
+    p.add_argument("--model", default=None, help="model directory (omit: the pixel control only)")
+    p.add_argument("--data", required=True, help="split JSON with 'objects', or a directory with test.json")
+    p.add_argument("--n", type=int, default=300, help="number of records (the first n)")
+    p.add_argument("--out", default=None, help="directory for premise.json and the curve PNGs")
+    p.add_argument(
+        "--score", default="cosine", help="stage-1 score: cosine, cosine_centered, cls_attn, random"
+    )
+    p.add_argument("--selector", default="kneedle", help="knee: kneedle, curvature, iqr, ratio, budget")
+    p.add_argument("--min-keep", type=int, default=4)
+    p.add_argument(
+        "--patch-size", type=int, default=8, help="patch grid of the pixel control without a model"
+    )
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+
+    p = command(
+        "config-reference", _config_reference, f"write (or --check) the config reference {CONFIG_REFERENCE}"
+    )
+    p.add_argument("--out", default=CONFIG_REFERENCE, help=f"default: {CONFIG_REFERENCE}")
+    p.add_argument("--check", action="store_true", help="exit 2 when the file differs from the code")
+    return ap
+
+
+def main(argv: list[str] | None = None, prog: str = "tpkit") -> int:
+    args = build_parser(prog).parse_args(argv)
+    try:
+        return args.func(args)
+    except _Fail as e:
+        msg = str(e)
+        print(msg if msg.startswith("config error:") else f"error: {msg}", file=sys.stderr)
+        return 2

@@ -1,0 +1,134 @@
+"""``--random-init NAME``: speed only, on a full-size architecture with random weights.
+
+A LLaVA-shaped random prompt (``random_init.text_before`` + the image run + ``text_after``), ``dense``
+against ``ours`` at a fixed token-layer fraction (``random_init.budget``): random weights have no
+meaningful CLS, so ours runs with fixed counts (:func:`tpkit.pruning.budgets.fixed_budget_counts`).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import transformers
+
+from tpkit.config import to_dict
+from tpkit.evaluation import metrics
+from tpkit.evaluation.config import EvalConfig
+from tpkit.evaluation.methods import MethodSpec
+from tpkit.evaluation.report import write_json
+from tpkit.evaluation.speed import (
+    LMShape,
+    prefill_call,
+    prefill_flops,
+    random_prompt_batch,
+    speed_table,
+    torch_threads,
+)
+from tpkit.models.core.attach import last_stats, set_pruning
+from tpkit.models.families import attach_pruner
+from tpkit.models.loading import resolve_device
+from tpkit.models.tiny import build_random_init
+from tpkit.pruning.budgets import fixed_budget_counts
+from tpkit.pruning.config import PruningConfig
+
+__all__ = ["evaluate_speed_only"]
+
+
+def evaluate_speed_only(cfg: EvalConfig) -> dict:
+    """dense vs ours at ``random_init.budget`` on a random-weight ``random_init.name`` architecture."""
+    ri, sp = cfg.random_init, cfg.speed
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    model = build_random_init(
+        ri.name, device, ri.dtype, cfg.model.attn_implementation, scale_down=ri.scale_down, seed=cfg.seed
+    )
+    shape = LMShape.of(model)
+    batch = random_prompt_batch(
+        model, sp.batch_size, ri.text_before, ri.text_after, seed=cfg.seed, device=device
+    )
+    n_vis = int((batch["input_ids"][0] == model.config.image_token_id).sum())
+    n_text = batch["input_ids"].shape[1] - n_vis
+    ours = copy.deepcopy(cfg.pruning)
+    ours.stage1.enabled = ours.stage2.enabled = True
+    k1, k2 = fixed_budget_counts(
+        n_text, n_vis, shape.num_layers, ours.stage2.layer, ri.budget, cfg.eval.sweep_stage1_factor
+    )
+    bsz = sp.batch_size
+    specs = [
+        MethodSpec("dense", "dense", PruningConfig.disabled()),
+        MethodSpec(
+            f"ours@{ri.budget:g}",
+            "ours",
+            ours,
+            torch.full((bsz,), k1, dtype=torch.long),
+            torch.full((bsz,), k2, dtype=torch.long),
+            ri.budget,
+        ),
+    ]
+    attach_pruner(model, copy.deepcopy(ours))
+    index = torch.arange(bsz)
+    # achieved counts (one prefill of ours)
+    set_pruning(model, specs[1].pruning)
+    prefill_call(model, batch, specs[1].forced(index, device))()
+    st = last_stats(model)
+    achieved = {
+        k: metrics.token_summary(st[k].float()) for k in ("k1", "k2", "token_layer_fraction") if k in st
+    }
+    gen = [s.name for s in specs] if sp.generation else None
+    with torch_threads(sp.threads):
+        speeds = speed_table(
+            model,
+            specs,
+            batch,
+            index,
+            device,
+            sp.warmup,
+            sp.repeats,
+            sp.decode_tokens,
+            gen,
+            cfg.eval.progress,
+        )
+    n_dense = n_text + n_vis
+    flops = {
+        "dense": float(
+            prefill_flops(torch.tensor(n_dense), None, shape.num_layers, 0, shape.hidden, shape.ffn)
+        ),
+        specs[1].name: float(
+            prefill_flops(
+                torch.tensor(n_text + k1),
+                torch.tensor(k2),
+                shape.num_layers,
+                ours.stage2.layer,
+                shape.hidden,
+                shape.ffn,
+            )
+        ),
+    }
+    results = {
+        "mode": "random_init",
+        "architecture": ri.name,
+        "scale_down": ri.scale_down,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": ri.dtype,
+        "attn_implementation": cfg.model.attn_implementation,
+        "torch": torch.__version__,
+        "batch_size": bsz,
+        "prompt": {"n_dense": n_dense, "n_visual": n_vis, "n_text": n_text},
+        "lm": {"num_layers": shape.num_layers, "hidden": shape.hidden, "ffn": shape.ffn},
+        "budget": ri.budget,
+        "counts": {"k1": k1, "k2": k2, "stage2_layer": ours.stage2.layer},
+        "achieved": achieved,
+        "flops_gflops_per_sample": {k: v / 1e9 for k, v in flops.items()},
+        "speed": speeds,
+        "prefill_speedup": speeds[specs[1].name]["prefill_speedup"],
+        "config": to_dict(cfg),
+    }
+    results["transformers"] = transformers.__version__
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(results, out_dir / "speed.json")
+    return results

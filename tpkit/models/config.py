@@ -1,0 +1,89 @@
+"""The ``model`` config section and the one parser of ``model.path`` (torch-free: configs are checked
+before anything heavy is imported)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["ModelConfig", "ModelSource", "TINY_BACKBONES", "parse_model_path"]
+
+TINY_BACKBONES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What a ``model.path`` names: a random tiny model, a local directory or a hub id."""
+
+    kind: Literal["tiny", "local", "hub"]
+    name: str  # tiny: the LM backbone; local: the directory; hub: the id
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.kind == "tiny"
+
+    def missing(self) -> str | None:
+        """Why this source cannot be loaded, when it is a local directory that is not there; else None."""
+        if self.kind != "local" or Path(self.name).expanduser().exists():
+            return None
+        return (
+            f"{self.name!r}: no such directory (expected a save_pretrained directory, or a hub id 'org/name')"
+        )
+
+
+def parse_model_path(path: str) -> ModelSource:
+    """``tiny`` / ``tiny:<backbone>`` -> a random tiny model; else a local directory or a hub id.
+
+    A path starting with ``.``, ``/`` or ``~``, one without ``/``, one that exists, or one whose first
+    component is an existing directory (``assets/tiny-llava`` in a checkout) is local; any other
+    ``org/name`` is a hub id, which ``from_pretrained`` resolves (or fails to, with its own message).
+    """
+    source = str(path)
+    if source == "tiny" or source.startswith("tiny:"):
+        backbone = source.split(":", 1)[1] if ":" in source else "llama"
+        if backbone not in TINY_BACKBONES:
+            raise ValueError(f"path {source!r}: tiny backbone must be one of {', '.join(TINY_BACKBONES)}")
+        return ModelSource("tiny", backbone)
+    p = Path(source).expanduser()
+    local = source.startswith((".", "/", "~")) or "/" not in source or p.exists() or Path(p.parts[0]).is_dir()
+    return ModelSource("local" if local else "hub", source)
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load and how."""
+
+    # local save_pretrained dir or hub id; "tiny" / "tiny:<llama|mistral|qwen2>" = random tiny model
+    # built from ``tiny`` kwargs (tests, benchmarks)
+    path: str = "assets/tiny-llava"
+    # processor dir or hub id; None = ``path`` (a "tiny" model gets the offline processor of
+    # tpkit.data.processor, whose vocabulary and image size it then matches)
+    processor_path: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    revision: str | None = None
+    tiny: dict[str, Any] = field(default_factory=dict)  # kwargs of tpkit.models.tiny.build_tiny_llava
+    seed: int = 0  # init seed of a "tiny" model
+
+    @property
+    def source(self) -> ModelSource:
+        return parse_model_path(self.path)
+
+    def validate(self) -> None:
+        if not self.path:
+            raise ValueError("path must not be empty")
+        parse_model_path(self.path)
+
+    def missing_paths(self) -> str | None:
+        """The error for a ``path`` / ``processor_path`` that can only be a missing local directory."""
+        items = (("model.path", self.source), ("model.processor_path", None))
+        if self.processor_path:
+            items = (items[0], ("model.processor_path", parse_model_path(self.processor_path)))
+        for key, src in items:
+            if src is not None and (why := src.missing()):
+                return (
+                    f"{key} = {why}; 'tiny' builds a random tiny model, and assets/README.md says how the "
+                    "embedded assets/tiny-llava is built"
+                )
+        return None

@@ -1,0 +1,68 @@
+"""Index and mask plumbing of a pruned sequence: compaction of kept columns and attention masks.
+
+Positions may have gaps once tokens are dropped, so masks here never rely on position ids: a
+query sees the keys at or before it in sequence order that are not padding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["FLASH", "attn_mask", "compact", "compact_full", "gather_rows"]
+
+FLASH = ("flash_attention_2", "flash_attention_3")
+
+
+def attn_mask(
+    key_valid: torch.Tensor, q_len: int, impl: str, dtype: torch.dtype, no_padding: bool = False
+) -> torch.Tensor | None:
+    """Mask for queries that are the last ``q_len`` of the keys (B, Lk): causal by sequence order and
+    padding.
+
+    eager: additive float (B, 1, q, Lk); sdpa: bool (B, 1, q, Lk); flash: the 2D key mask.
+    A query always sees itself, so padded query rows stay finite.
+    ``no_padding`` (the caller knows on the host that every key is valid): sdpa with ``q_len == Lk``
+    gets None, so the attention runs with ``is_causal`` (flash/cuDNN kernels), as stock does.
+    """
+    if impl in FLASH:
+        return key_valid.to(torch.int32)
+    lk = key_valid.shape[1]
+    if impl == "sdpa" and no_padding and q_len == lk:
+        return None
+    q_idx = torch.arange(lk - q_len, lk, device=key_valid.device)  # (q,)
+    k_idx = torch.arange(lk, device=key_valid.device)
+    causal = k_idx[None, :] <= q_idx[:, None]  # (q, Lk)
+    allowed = causal[None] & key_valid[:, None, :]
+    allowed = allowed | (k_idx[None, :] == q_idx[:, None])[None]
+    allowed = allowed[:, None]  # (B, 1, q, Lk)
+    if impl == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+def compact(keep: torch.Tensor) -> torch.Tensor:
+    """keep (B, T) bool -> index (B, T') of kept columns, left-padded with -1 (T' = max kept)."""
+    return compact_full(keep)[0]
+
+
+def compact_full(keep: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """:func:`compact`, and whether no row is padded (every row keeps T'): one host sync for both."""
+    b, t = keep.shape
+    n = keep.sum(dim=1)  # (B,)
+    t_out, t_min = torch.stack([n.max(), n.min()]).tolist() if b else (0, 0)
+    dest = (t_out - n)[:, None] + keep.long().cumsum(dim=1) - 1  # (B, T)
+    dest = torch.where(keep, dest, torch.full_like(dest, t_out))
+    idx = torch.full((b, t_out + 1), -1, dtype=torch.long, device=keep.device)
+    src = torch.arange(t, device=keep.device).expand(b, t)
+    idx.scatter_(1, dest, torch.where(keep, src, torch.full_like(src, -1)))
+    return idx[:, :t_out], t_min == t_out
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, T, ...) gathered along dim 1 by idx (B, T') (-1 -> row 0, mask it yourself)."""
+    i = idx.clamp(min=0)
+    if x.dim() == 2:
+        return x.gather(1, i)
+    return x.gather(1, i.view(*i.shape, *([1] * (x.dim() - 2))).expand(*i.shape, *x.shape[2:]))

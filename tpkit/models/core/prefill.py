@@ -1,0 +1,292 @@
+"""The pruned prefill, shared by every family: stage-1 compaction, the decoder-layer loop with stage 2
+at layer K, and the token accounting.
+
+* **Stage 1**: the family runs its tower once and says which visual placeholders stay and what
+  their LM embeddings are (:class:`tpkit.models.core.family.Visual`); the input is rebuilt shorter
+  (left-padded; each token keeps its original position id, or they are renumbered:
+  ``stage1.positions``).
+* **Stage 2** runs the stock decoder layers in this module's loop (the language model's own
+  ``forward`` is never called on the pruned path, so its class stays stock): at layer ``K`` it scores
+  tokens with that layer's q/k projections, gathers the kept tokens (hidden states, rotary cos/sin,
+  original position ids, padding) and builds a new mask for layers >= K. With a cache the two
+  layer groups cache different lengths; decoding uses one mask per group.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tpkit.data.collator import IGNORE_INDEX
+from tpkit.models.core.family import llama_rotate
+from tpkit.models.core.masks import FLASH, attn_mask, compact, compact_full, gather_rows
+from tpkit.pruning.budgets import token_layer_fraction
+from tpkit.pruning.config import PruningConfig
+from tpkit.pruning.stage2 import redundancy, relevance, select_tokens
+
+__all__ = [
+    "Prefill",
+    "SUPPORTED_ATTN",
+    "attn_impl",
+    "cache_kwarg",
+    "check_layer",
+    "layer_call",
+    "next_token_targets",
+    "pruned_lm_loss",
+    "prefill",
+    "stage2_roles",
+    "stage2_scores",
+]
+
+SUPPORTED_ATTN = ("eager", "sdpa", *FLASH)
+
+
+def attn_impl(lm: nn.Module) -> str:
+    return getattr(lm.config, "_attn_implementation", None) or "eager"
+
+
+def check_layer(lm: nn.Module, cfg: PruningConfig) -> None:
+    """ValueError when stage 2's layer or the attention implementation cannot work on ``lm``."""
+    n_layers = len(lm.layers)
+    if cfg.stage2.enabled and not 0 <= cfg.stage2.layer < n_layers:
+        raise ValueError(
+            f"stage2.layer = {cfg.stage2.layer} is out of range: the language model has {n_layers} layers "
+            f"(valid: 0..{n_layers - 1})"
+        )
+    impl = attn_impl(lm)
+    if cfg.stage2.enabled and impl not in SUPPORTED_ATTN:
+        raise ValueError(
+            f"attn_implementation {impl!r} is not supported with stage 2 (use one of {SUPPORTED_ATTN})"
+        )
+
+
+def cache_kwarg(layer: nn.Module) -> str:
+    """transformers >= 5.2x names the decoder's cache kwarg ``cache``; 5.17 ``past_key_values``."""
+    params = inspect.signature(type(layer).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def layer_call(layer, h, mask, cos, sin, pos, cache, cache_kw):
+    kw = {cache_kw: cache} if cache is not None else {}
+    out = layer(
+        h,
+        attention_mask=mask,
+        position_ids=pos,
+        position_embeddings=(cos, sin),
+        use_cache=cache is not None,
+        **kw,
+    )
+    return out[0] if isinstance(out, tuple) else out
+
+
+def next_token_targets(labels: torch.Tensor, kept_index: torch.Tensor | None = None) -> torch.Tensor:
+    """The target of each output position: the label of the token after it, IGNORE_INDEX where none.
+
+    labels (B, T) unshifted (``labels[b, t] = input_ids[b, t]`` on answer tokens, else IGNORE_INDEX);
+    kept_index (B, T_out): original index of each output position, -1 = padding (None: unpruned).
+    Position j predicts ``labels[b, kept_index[b, j] + 1]``. Returns (B, T_out) long.
+    """
+    b, t = labels.shape
+    if kept_index is None:
+        kept_index = torch.arange(t, device=labels.device).expand(b, t)
+    nxt = kept_index + 1
+    valid = (kept_index >= 0) & (nxt < t)
+    target = labels.gather(1, nxt.clamp(0, t - 1))
+    return torch.where(valid, target, torch.full_like(target, IGNORE_INDEX))
+
+
+def pruned_lm_loss(logits: torch.Tensor, labels: torch.Tensor, kept_index: torch.Tensor) -> torch.Tensor:
+    """Mean CE of next-token targets after pruning (:func:`next_token_targets`)."""
+    target = next_token_targets(labels, kept_index)
+    return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX)
+
+
+@dataclass
+class Prefill:
+    """What one pruned prefill produced (tests use the intermediate tensors for references)."""
+
+    hidden: torch.Tensor  # (B, T_out, D) final-normed hidden states
+    kept_index: torch.Tensor  # (B, T_out) original input index, -1 = pad
+    embeds1: torch.Tensor  # (B, T1, D) LLM input after stage 1
+    index1: torch.Tensor  # (B, T1) original input index after stage 1, -1 = pad
+    valid1: torch.Tensor  # (B, T1) bool
+    pos1: torch.Tensor  # (B, T1) position ids after stage 1 (see Stage1Config.positions)
+    keep2: torch.Tensor  # (B, T1) bool, kept by stage 2 (all valid if stage 2 is off)
+    valid2: torch.Tensor  # (B, T_out) bool
+    split: int  # layers < split cache T1 tokens, layers >= split cache T_out tokens
+    stats: dict[str, Any]
+
+
+def stage2_scores(
+    layer: nn.Module,
+    h: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    valid: torch.Tensor,
+    qpos: torch.Tensor,
+    qvalid: torch.Tensor,
+    reduce: str = "mean",
+    rotate: Callable | None = None,
+) -> torch.Tensor:
+    """Relevance (B, T) of every token to the queries at ``qpos`` (B, Q), from the layer's own q/k.
+
+    ``rotate(q, k, cos, sin, qpos)`` applies the family's rotary embedding (default: Llama's).
+    """
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)  # (B, T, D)
+    b, t, _ = x.shape
+    hd = attn.head_dim
+    xq = gather_rows(x, qpos)  # (B, Q, D)
+    q = attn.q_proj(xq).view(b, qpos.shape[1], -1, hd)
+    k = attn.k_proj(x).view(b, t, -1, hd)
+    if hasattr(attn, "q_norm"):  # Qwen3-style q/k norms
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    rotate = rotate or llama_rotate
+    q, k = rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin, qpos)  # (B, H, Q, hd), (B, Hk, T, hd)
+    return relevance(q, k, qpos, qvalid, valid, attn.scaling, reduce)
+
+
+def stage2_roles(img1, valid1, ans1, prune_text, query, prune_visual=True):
+    """Protected tokens, droppable tokens and query positions on the stage-1 sequence.
+
+    img1 (B, T1) bool: visual tokens; valid1 (B, T1) bool; ans1 (B, T1) bool: answer tokens.
+    Droppable: the visual tokens (``prune_visual``) and the text before the first of them
+    (``prune_text``). The instruction is the text after the last visual token, answers excluded;
+    its tokens are the queries (``query`` "instruction"), or the last token (``query`` "last").
+    Returns (always (B, T1), droppable (B, T1), query index (B, Q), query valid (B, Q)).
+    """
+    b, t1 = img1.shape
+    ar = torch.arange(t1, device=img1.device)[None, :]
+    img = valid1 & img1
+    start = img.long().argmax(dim=1)[:, None]  # (B, 1) first visual token
+    end = torch.where(img, ar, -1).amax(dim=1, keepdim=True) + 1  # (B, 1) after the last one
+    first = ar == (t1 - valid1.sum(dim=1))[:, None]
+    last = ar == t1 - 1
+    nxt_ans = torch.zeros_like(ans1)
+    nxt_ans[:, :-1] = ans1[:, 1:]
+    instr = valid1 & (ar >= end) & ~ans1 & ~img
+    always = valid1 & (first | last | instr | ans1 | nxt_ans)
+    droppable = img.clone() if prune_visual else torch.zeros_like(img)
+    if prune_text:
+        droppable |= valid1 & (ar < start)
+    droppable &= ~always
+    always = valid1 & ~droppable  # everything that is not a candidate stays
+    qmask = instr if query == "instruction" else last.expand(b, t1)
+    qmask = torch.where(qmask.any(dim=1, keepdim=True), qmask, last.expand(b, t1))  # no instruction: last
+    qidx = compact(qmask)  # (B, Q), -1 padded
+    return always, droppable, qidx.clamp(min=0), qidx >= 0
+
+
+def prefill(
+    model,
+    input_ids,
+    pixel_values,
+    attention_mask,
+    *,
+    answer_mask=None,
+    stage1_keep=None,
+    stage2_keep=None,
+    cache=None,
+) -> Prefill:
+    """The pruned prefill of an attached model (``model._tp_family``, ``model._tp_cfg``)."""
+    cfg: PruningConfig = model._tp_cfg
+    family = model._tp_family
+    lm = family.language_model(model)
+    device = input_ids.device
+    b, t = input_ids.shape
+    am = (
+        torch.ones_like(input_ids, dtype=torch.bool)
+        if attention_mask is None
+        else attention_mask.to(device=device).bool()
+    )
+
+    # ---- stage 1: the shorter LLM input
+    vis = family.encode(model, input_ids, pixel_values, cfg.stage1, stage1_keep)
+    n_slots = vis.slots.shape[1]
+    keep_tok = am.scatter(1, vis.slots, vis.keep & am.gather(1, vis.slots))  # no boolean indexing: no sync
+    index1, full1 = compact_full(keep_tok)  # (B, T1); full1: no padding
+    valid1 = index1 >= 0
+    image_id = family.image_token_id(model)
+    pad_id = getattr(lm.config, "pad_token_id", None)
+    pad_id = 0 if pad_id is None else pad_id
+    ids1 = input_ids.gather(1, index1.clamp(min=0)).masked_fill(~valid1, pad_id)
+    embeds = lm.embed_tokens(ids1)  # (B, T1, D)
+    img1 = valid1 & (ids1 == image_id)
+    embeds = embeds.masked_scatter(img1[..., None], vis.projected.to(embeds.dtype))
+    if cfg.stage1.positions == "original":  # each kept token's position in the unpruned prompt
+        dense_pos = (am.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T), as stock builds them
+        pos1 = gather_rows(dense_pos, index1).masked_fill(~valid1, 0)
+    else:
+        pos1 = (valid1.long().cumsum(dim=1) - 1).clamp(min=0)  # contiguous, pads 0
+    if answer_mask is not None:
+        ans1 = answer_mask.to(device).bool().gather(1, index1.clamp(min=0)) & valid1
+    else:
+        ans1 = torch.zeros_like(valid1)
+    # each input position's placeholder slot (0..N-1) and patch cell, -1 for text
+    slot_of = torch.full_like(input_ids, -1).scatter(
+        1, vis.slots, torch.arange(n_slots, device=device).expand(b, -1)
+    )
+
+    # ---- layers, with stage 2 at layer K
+    impl = attn_impl(lm)
+    n_layers = lm.config.num_hidden_layers
+    layers = lm.layers[:n_layers]
+    cache_kw = cache_kwarg(layers[0])
+    s2 = cfg.stage2
+    split = s2.layer if s2.enabled else n_layers
+    h = embeds
+    cos, sin = lm.rotary_emb(h, position_ids=pos1)
+    valid, pos, index = valid1, pos1, index1
+    mask = attn_mask(valid, h.shape[1], impl, h.dtype, no_padding=full1)
+    keep2 = valid1
+    for i, layer in enumerate(layers):
+        if i == split:
+            always, droppable, qpos, qvalid = stage2_roles(
+                img1, valid1, ans1, s2.prune_text, s2.query, s2.prune_visual
+            )
+            sim = patches = None
+            with torch.no_grad():  # scores only pick indices
+                scores = stage2_scores(layer, h, cos, sin, valid, qpos, qvalid, s2.reduce, family.rotate)
+                if s2.diversity > 0:  # each token's patch cell on the grid, -1 for text (and CLS)
+                    slot1 = gather_rows(slot_of, index1)
+                    cell = torch.where(img1 & (slot1 >= 0), vis.cells.gather(1, slot1.clamp(min=0)), -1)
+                    sim = redundancy(layer.input_layernorm(h), cell, vis.grid, s2.diversity_radius)
+                    patches = cell >= 0
+            keep2 = select_tokens(scores, droppable, always, s2, stage2_keep, sim, patches)
+            index2, full2 = compact_full(keep2)  # (B, T2) into the stage-1 sequence
+            valid = index2 >= 0
+            h = gather_rows(h, index2)
+            cos, sin = gather_rows(cos, index2), gather_rows(sin, index2)
+            pos = gather_rows(pos1, index2)
+            index = gather_rows(index1, index2).masked_fill(~valid, -1)
+            mask = attn_mask(valid, h.shape[1], impl, h.dtype, no_padding=full2)
+        h = layer_call(layer, h, mask, cos, sin, pos, cache, cache_kw)
+    h = lm.norm(h)
+
+    # ---- token accounting
+    n_dense = am.sum(dim=1)
+    n1 = valid1.sum(dim=1)
+    k2 = valid.sum(dim=1)
+    slot = torch.where(index >= 0, gather_rows(slot_of, index), -1)  # (B, T_out)
+    keep12 = torch.zeros(b, n_slots + 1, dtype=torch.bool, device=device).scatter(
+        1, torch.where(slot >= 0, slot, n_slots), slot >= 0
+    )[:, :n_slots]  # (B, N) placeholders kept by both stages
+    stats = {
+        "n_visual": torch.full((b,), n_slots, dtype=torch.long, device=device),
+        "k1": vis.k1,
+        "n_prompt": n1,
+        "k2": k2,
+        "n_dense": n_dense,
+        "token_layer_fraction": token_layer_fraction(n_dense, n1, k2, n_layers, split),
+        "visual_keep_mask": vis.keep,  # (B, N); last_stats adds the "visual_keep" index lists
+        "stage1_scores": vis.scores,  # (B, P) or None when stage 1 is off
+        "stage2_visual_keep_mask": keep12,  # (B, N); last_stats adds "stage2_visual_keep"
+    }
+    model._tp_stats = stats
+    return Prefill(h, index, embeds, index1, valid1, pos1, keep2 & valid1, valid, split, stats)

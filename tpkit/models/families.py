@@ -1,0 +1,48 @@
+"""The model families tpkit prunes, and the public entry points that pick a model's family."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tpkit.models.core.attach import attach, pruning_config, unwrap
+from tpkit.models.core.family import Family
+from tpkit.models.llava.family import LlavaFamily
+from tpkit.pruning.config import PruningConfig
+
+__all__ = ["FAMILIES", "family_of", "attach_pruner", "stage1_scores"]
+
+FAMILIES: tuple[Family, ...] = (LlavaFamily(),)
+
+
+def family_of(model: nn.Module) -> Family:
+    """The family that handles ``model`` (or the model inside a PEFT wrapper); ValueError if none."""
+    inner = unwrap(model)
+    for family in FAMILIES:
+        if family.matches(inner):
+            return family
+    known = ", ".join(c for f in FAMILIES for c in f.classes)
+    raise ValueError(f"{type(inner).__name__} is not a model family tpkit can prune (supported: {known})")
+
+
+def attach_pruner(model: nn.Module, config: PruningConfig | None = None) -> nn.Module:
+    """Make ``model``'s forward and generate prune (two stages, ``config``); returns the same object.
+
+    Works on the stock model or a PEFT wrapper of it; re-attaching sets ``config``. Pruning off, or a
+    config that keeps every token, reproduces the stock outputs.
+    """
+    return attach(model, config, family_of(model))
+
+
+def stage1_scores(model: nn.Module, pixel_values: torch.Tensor, config: Any = None) -> torch.Tensor:
+    """The stage-1 score of every patch, (B, P), exactly as the pruner computes it.
+
+    ``config``: a ``PruningConfig`` or ``Stage1Config`` (default: the attached config's, else cosine).
+    For overlays and premise studies; runs the vision tower once.
+    """
+    inner = unwrap(model)
+    if config is None:
+        config = pruning_config(inner) or PruningConfig()
+    return family_of(inner).stage1_scores(inner, pixel_values, getattr(config, "stage1", config))

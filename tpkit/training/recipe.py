@@ -1,0 +1,207 @@
+"""The training recipe: config -> student, data, trainer -> fit -> checkpoint -> export.
+
+``tpkit train`` (and ``train.py``) only parse arguments and call :func:`fit`. Lifecycle
+(torchtune-style): :func:`tpkit.training.config.load_train_config` (all config errors, before
+anything heavy), :func:`build_student`, :func:`build_module`, :func:`build_datamodule`,
+:func:`build_trainer`, :func:`fit`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from tpkit.config import save_config
+from tpkit.models.families import attach_pruner
+from tpkit.models.loading import load_base_model, load_processor_for, resolve_dtype
+from tpkit.training.checkpoint import LAST, AtomicCheckpointIO, LastCheckpoint
+from tpkit.training.config import TrainConfig
+from tpkit.training.data import LlavaDataModule
+from tpkit.training.export import export_adapter
+from tpkit.training.lora import apply_lora
+from tpkit.training.module import DistillLoRAModule
+from tpkit.training.teacher_cache.cache import TeacherCache
+
+__all__ = [
+    "build_student",
+    "build_module",
+    "build_datamodule",
+    "build_trainer",
+    "fit",
+    "TrainResult",
+]
+
+
+def _on_gpu(cfg: TrainConfig) -> bool:
+    acc = cfg.trainer.accelerator
+    return acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available())
+
+
+def build_student(
+    cfg: TrainConfig, processor: Any = None, base: torch.nn.Module | None = None
+) -> tuple[Any, bool]:
+    """Base model (or ``base``) -> PeftModel with LoRA on the LM -> pruner on the base model.
+
+    Returns ``(peft_model, pruning_attached)``. PeftModel.forward passes ``answer_mask`` through
+    to the base model's (pruned) forward unchanged.
+    """
+    if base is None:
+        device = "cuda" if _on_gpu(cfg) else "cpu"
+        base = load_base_model(cfg.model, dtype=resolve_dtype(cfg.model.dtype, device), processor=processor)
+    peft_model = apply_lora(base, cfg.lora)
+    if cfg.pruning.enabled:
+        attach_pruner(peft_model.get_base_model(), cfg.pruning)
+    return peft_model, cfg.pruning.enabled
+
+
+def build_module(cfg: TrainConfig, peft_model: Any, pruning_attached: bool) -> DistillLoRAModule:
+    if cfg.trainer.gradient_checkpointing:
+        base = peft_model.get_base_model()
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    cache = None
+    if cfg.distill.teacher_cache and cfg.distill.alpha > 0:
+        cache = TeacherCache(cfg.distill.teacher_cache)
+        cache.check(peft_model, cfg.distill.temperature, cfg.data.max_length)
+    return DistillLoRAModule(
+        peft_model,
+        cfg.distill,
+        cfg.optim,
+        max_steps=cfg.trainer.max_steps,
+        pruning_attached=pruning_attached,
+        teacher_cache=cache,
+    )
+
+
+def build_datamodule(cfg: TrainConfig, processor: Any, **kwargs: Any) -> LlavaDataModule:
+    return LlavaDataModule(cfg.data, processor, seed=cfg.trainer.seed, **kwargs)
+
+
+def _strategy(cfg: TrainConfig) -> Any:
+    t = cfg.trainer
+    if t.strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(find_unused_parameters=False, checkpoint_io=AtomicCheckpointIO())
+    if t.strategy == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+        from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+        from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+        # one FSDP unit per transformer block; use_orig_params: LoRA and frozen tensors share units
+        layers = {LlamaDecoderLayer, MistralDecoderLayer, Qwen2DecoderLayer, CLIPEncoderLayer}
+        return FSDPStrategy(
+            auto_wrap_policy=layers,
+            use_orig_params=True,
+            state_dict_type="full",
+            sharding_strategy="FULL_SHARD",
+        )
+    if t.strategy == "deepspeed":
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(stage=t.deepspeed_stage)
+    return "auto"
+
+
+def _precision(cfg: TrainConfig) -> str:
+    p = cfg.trainer.precision
+    if p == "auto":
+        return "bf16-mixed" if _on_gpu(cfg) else "32-true"
+    return "32-true" if p == "32" else p
+
+
+def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, **overrides: Any) -> L.Trainer:
+    t = cfg.trainer
+    out = Path(t.out_dir)
+    callbacks: list = [LastCheckpoint(out, t.checkpoint_every_n_steps), *(extra_callbacks or [])]
+    if t.logger == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        logger: Any = CSVLogger(str(out), name="logs")  # logs/version_N: a resumed run keeps the old logs
+    elif t.logger == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        logger = TensorBoardLogger(str(out), name="tb")
+    else:
+        logger = False
+    strategy = _strategy(cfg)
+    kwargs: dict[str, Any] = dict(
+        default_root_dir=str(out),
+        max_steps=t.max_steps,
+        max_epochs=t.max_epochs,
+        accelerator="gpu" if t.accelerator == "cuda" else t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=strategy,
+        precision=_precision(cfg),
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=cfg.optim.grad_clip,
+        log_every_n_steps=t.log_every_n_steps,
+        logger=logger,
+        callbacks=callbacks,
+        enable_checkpointing=False,  # LastCheckpoint is the policy
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        deterministic=t.deterministic,
+        use_distributed_sampler=False,  # LlavaDataModule shards by rank with a resumable sampler
+        num_sanity_val_steps=0,
+        limit_val_batches=t.limit_val_batches if t.val_every_n_steps else 0,
+        val_check_interval=t.val_every_n_steps or None,
+        check_val_every_n_epoch=None if t.val_every_n_steps else 1,
+    )
+    if strategy == "auto":
+        kwargs["plugins"] = [AtomicCheckpointIO()]
+    kwargs.update(overrides)
+    return L.Trainer(**kwargs)
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    checkpoint: Path
+    export_dir: Path | None
+    metrics: dict[str, float]
+    module: DistillLoRAModule
+
+
+def fit(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    processor: Any = None,
+    base: torch.nn.Module | None = None,
+    datamodule: LlavaDataModule | None = None,
+    callbacks: list | None = None,
+    trainer_overrides: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Run the recipe. ``resume`` continues from ``out_dir/last.ckpt`` (error if it is missing)."""
+    out = Path(cfg.trainer.out_dir)
+    ckpt = out / LAST
+    if resume and not ckpt.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}")
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    if processor is None:
+        processor = load_processor_for(cfg.model)
+    peft_model, attached = build_student(cfg, processor, base=base)
+    module = build_module(cfg, peft_model, attached)
+    dm = datamodule or build_datamodule(cfg, processor)
+    trainer = build_trainer(cfg, extra_callbacks=callbacks, **(trainer_overrides or {}))
+    if trainer.is_global_zero:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        processor.save_pretrained(str(out / "processor"))  # the run's exact processor, for export
+    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if resume else None)
+    metrics = {
+        k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
+    }
+    metrics["global_step"] = float(trainer.global_step)
+    export_dir = None
+    if cfg.trainer.export_at_end and trainer.is_global_zero and not trainer.interrupted:
+        export_dir = export_adapter(module.model, cfg, out / "export", processor=processor, metrics=metrics)
+    return TrainResult(out, ckpt, export_dir, metrics, module)
