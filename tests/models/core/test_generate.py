@@ -148,32 +148,6 @@ def test_batch_of_4_equals_per_sample(tiny_llava_factory, make_llava_batch):
             assert torch.equal(g[0, -6:], gen[b, t:])
 
 
-def test_generate_eos_pad_and_sampling(tiny_llava, make_llava_batch):
-    model = attach_pruner(tiny_llava, CFG)
-    batch = make_llava_batch(model, before=(3, 6), after=(4, 2))
-    t = batch["input_ids"].shape[1]
-    with torch.no_grad():
-        free = model.generate(**batch, max_new_tokens=5, do_sample=False, eos_token_id=None)
-        eos = int(free[0, t])  # sample 0 stops at once
-        gen = model.generate(**batch, max_new_tokens=5, do_sample=False, eos_token_id=eos, pad_token_id=0)
-        row1_stop = (free[1, t:] == eos).nonzero()
-        if len(row1_stop) == 0:
-            assert gen.shape[1] == t + 5
-            assert gen[0, t] == eos and (gen[0, t + 1 :] == 0).all()
-            assert torch.equal(gen[1], free[1])
-        g = torch.Generator().manual_seed(0)
-        s1 = model.generate(
-            **batch, max_new_tokens=5, do_sample=True, temperature=0.7, top_p=0.9, top_k=20, generator=g
-        )
-        g = torch.Generator().manual_seed(0)
-        s2 = model.generate(
-            **batch, max_new_tokens=5, do_sample=True, temperature=0.7, top_p=0.9, top_k=20, generator=g
-        )
-    assert s1.shape[0] == 2 and torch.equal(s1, s2)
-    with pytest.raises(ValueError, match="num_beams"):
-        model.generate(**batch, num_beams=2)
-
-
 def test_stage1_only_equals_stock_on_the_rebuilt_input(tiny_llava_factory, make_llava_batch):
     """Stage 1 alone = the stock model fed the shorter input (stock generate, stock masks, stock cache)."""
     model = tiny_llava_factory("mistral", "sdpa", seed=3)

@@ -62,3 +62,17 @@ def test_prefill_syncs_do_not_grow_with_batch(tiny_llava, make_llava_batch, sele
         counts.append(_count(tiny_llava, batch, **kw))
     assert counts[0] == counts[1] <= (7 if div else 6), counts  # diversity: +1 (the largest patch count)
     assert len(last_stats(tiny_llava)["visual_keep"]) == 6  # lists still built on request
+
+
+@pytest.mark.parametrize("before", [(3,), (3, 6)])  # no padding / padding
+def test_decoding_steps_make_no_host_sync(tiny_llava, make_llava_batch, before):
+    """After the prefill, a decoding step on the pruned cache never waits for the host (its masks come
+    from the left padding recorded at the prefill, not from growing concatenated masks)."""
+    from tpkit.models.core.attach import CACHE_FIELD
+
+    attach_pruner(tiny_llava, PruningConfig(stage2=Stage2Config(selector="ratio", ratio=0.5)))
+    batch = make_llava_batch(tiny_llava, before=before, after=(4,) * len(before))
+    with torch.no_grad():
+        out = tiny_llava(**batch, use_cache=True)
+        step = {"input_ids": out.logits[:, -1:].argmax(-1), CACHE_FIELD: getattr(out, CACHE_FIELD)}
+    assert _count(tiny_llava, step) == 0

@@ -9,6 +9,7 @@ that is how the same weights serve as the unpruned teacher (:func:`pruning_disab
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,8 +18,9 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from tpkit.models.core.cache import PrunedCache
 from tpkit.models.core.family import Family
-from tpkit.models.core.generate import generate
+from tpkit.models.core.generate import check_generate_kwargs, decode_step
 from tpkit.models.core.prefill import check_layer, prefill, pruned_lm_loss
 from tpkit.pruning.config import PruningConfig
 
@@ -51,10 +53,15 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+# transformers >= 5.2x names the cache ``cache`` (forward argument and output field); 5.17 ``past_key_values``
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+_EXTRA_ARGS = ("answer_mask", "stage1_keep", "stage2_keep")
+
+
 class _PrunedMixin:
     """Overrides of ``forward`` and ``generate`` on the attached model (see the module docstring)."""
 
-    def forward(
+    def _tp_forward(
         self,
         input_ids=None,
         pixel_values=None,
@@ -64,8 +71,12 @@ class _PrunedMixin:
         stage2_keep=None,
         **kwargs,
     ):
+        cache = kwargs.get(CACHE_FIELD)
+        if isinstance(cache, PrunedCache) and cache.prefilled:  # a decoding step after a pruned prefill
+            return self._tp_decode(input_ids, cache, kwargs)
         kwargs.update(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
-        if not _active(self) or kwargs.get("pixel_values") is None or input_ids is None:
+        if not _active(self) or pixel_values is None or input_ids is None:
+            self._tp_stats = None  # this call pruned nothing: last_stats must not report an earlier one
             out = super().forward(**kwargs)
             ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
             if ref is not None and out.logits is not None and out.logits.shape[1] == ref.shape[1]:
@@ -76,38 +87,93 @@ class _PrunedMixin:
                     kept = kept.masked_fill(am.to(kept.device) == 0, -1)
                 out["kept_index"] = kept  # the stock output type, one key more
             return out
-        for key in ("cache", "past_key_values"):
-            if kwargs.get(key) is not None:
-                raise ValueError(
-                    "a pruned forward is a prefill: use model.generate for decoding with a cache"
-                )
+        if kwargs.get("output_attentions"):
+            raise ValueError(
+                "output_attentions=True does not work with the pruner (its layers run sdpa or flash kernels on "
+                "fewer keys per group): call the model inside `with pruning_disabled(model):`"
+            )
+        if cache is not None and (not isinstance(cache, PrunedCache) or cache.get_seq_length() > 0):
+            raise ValueError(
+                f"a pruned forward is a prefill: pass no {CACHE_FIELD} (it makes a PrunedCache, returned in the "
+                f"output's `{CACHE_FIELD}`, which later calls decode with), or call it inside "
+                "`with pruning_disabled(model):`"
+            )
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(self._tp_family.language_model(self).config, "use_cache", True)
+        if cache is None and use_cache:
+            cache = PrunedCache(config=self._tp_family.language_model(self).config)
         pre = prefill(
             self,
             input_ids,
-            kwargs["pixel_values"],
+            pixel_values,
             kwargs.get("attention_mask"),
             answer_mask=answer_mask,
             stage1_keep=stage1_keep,
             stage2_keep=stage2_keep,
+            cache=cache if use_cache else None,
+            output_hidden_states=bool(kwargs.get("output_hidden_states")),
         )
-        hidden = pre.hidden
-        logits_to_keep = kwargs.get("logits_to_keep", 0) or 0
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden = hidden[:, -logits_to_keep:]
+        hidden = _keep_logits(pre.hidden, kwargs.get("logits_to_keep"))
         logits = self._tp_family.lm_head(self)(hidden)
         loss = None
         labels = kwargs.get("labels")
         if labels is not None:
             loss = pruned_lm_loss(logits, labels, pre.kept_index[:, -logits.shape[1] :])
-        return PrunedOutput(loss=loss, logits=logits, kept_index=pre.kept_index)
+        return PrunedOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=pre.hidden_states,
+            kept_index=pre.kept_index,
+            **{CACHE_FIELD: cache if use_cache else None},
+        )
 
-    @torch.no_grad()
+    def _tp_decode(self, input_ids, cache, kwargs):
+        if input_ids is None:
+            raise ValueError(
+                "decoding after a pruned prefill takes input_ids (the new tokens), not inputs_embeds"
+            )
+        decode = getattr(self, "_tp_compiled", {}).get("decode", decode_step)
+        hidden, states = decode(
+            self, input_ids, cache, output_hidden_states=bool(kwargs.get("output_hidden_states"))
+        )
+        logits = self._tp_family.lm_head(self)(_keep_logits(hidden, kwargs.get("logits_to_keep")))
+        return PrunedOutput(logits=logits, hidden_states=states, **{CACHE_FIELD: cache})
+
     def generate(self, *args, **kwargs):
-        for name, value in zip(("input_ids",), args):
-            kwargs[name] = value
-        if not _active(self) or kwargs.get("pixel_values") is None:
-            return super().generate(**kwargs)
-        return generate(self, **kwargs)
+        """transformers' ``generate``; with the pruner on and images given, the prefill prunes and the
+        decoding steps run on the pruned cache (:mod:`tpkit.models.core.generate`)."""
+        if _active(self) and kwargs.get("pixel_values") is not None:
+            check_generate_kwargs(kwargs, CACHE_FIELD)
+            static = _new_tokens(self, args, kwargs) if getattr(self, "_tp_compiled", None) else None
+            kwargs[CACHE_FIELD] = PrunedCache(
+                config=self._tp_family.language_model(self).config, static_extra=static
+            )
+        return super().generate(*args, **kwargs)
+
+    def _supports_mm_encoder_outputs(self) -> bool:
+        # stage 1 needs the tower's hidden states: generate must not encode the images ahead of the prefill
+        return not _active(self) and super()._supports_mm_encoder_outputs()
+
+
+def _new_tokens(model, args, kwargs) -> int:
+    """How many tokens a generate call may add (a compiled model's static cache holds that many more)."""
+    gc = kwargs.get("generation_config") or model.generation_config
+    new = kwargs.get("max_new_tokens", gc.max_new_tokens)
+    if new is None:
+        ids = args[0] if args else kwargs["input_ids"]
+        new = kwargs.get("max_length", gc.max_length) - ids.shape[1]
+    return max(int(new), 1)
+
+
+def _keep_logits(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
+    """The positions whose logits are computed: the last ``n`` (an int > 0), the given indices (a
+    tensor), or all."""
+    if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+        return hidden[:, -logits_to_keep:]
+    if isinstance(logits_to_keep, torch.Tensor):
+        return hidden[:, logits_to_keep]
+    return hidden
 
 
 def _active(model: nn.Module) -> bool:
@@ -118,10 +184,45 @@ def _active(model: nn.Module) -> bool:
 _CLASS_CACHE: dict[type, type] = {}
 
 
+def _forward_for(base: type):
+    """The attached class's ``forward``: the stock signature (transformers reads it: logits_to_keep,
+    position_ids, the cache argument) plus tpkit's keyword arguments, bound and passed to the mixin."""
+    sig = inspect.signature(base.forward)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    names = {p.name for p in params}
+    params += [
+        inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None)
+        for n in _EXTRA_ARGS
+        if n not in names
+    ]
+    params += [p for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    signature = sig.replace(parameters=params)
+
+    def forward(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        values = dict(bound.arguments)
+        values.pop("self")
+        extra = {
+            k: v
+            for p in params
+            if p.kind is inspect.Parameter.VAR_KEYWORD
+            for k, v in values.pop(p.name, {}).items()
+        }
+        return _PrunedMixin._tp_forward(self, **values, **extra)
+
+    forward.__signature__ = signature
+    forward.__doc__ = base.forward.__doc__
+    return forward
+
+
 def _pruned_class(base: type) -> type:
     if base not in _CLASS_CACHE:
         # same name: save_pretrained writes config.architectures from the class name
-        _CLASS_CACHE[base] = type(base.__name__, (_PrunedMixin, base), {"__module__": base.__module__})
+        _CLASS_CACHE[base] = type(
+            base.__name__,
+            (_PrunedMixin, base),
+            {"__module__": base.__module__, "forward": _forward_for(base)},
+        )
     return _CLASS_CACHE[base]
 
 

@@ -85,6 +85,16 @@ def layer_call(layer, h, mask, cos, sin, pos, cache, cache_kw):
     return out[0] if isinstance(out, tuple) else out
 
 
+def run_group(lm: nn.Module, start: int, stop: int, h, mask, cos, sin, pos, cache, cache_kw, states=None):
+    """Decoder layers ``start..stop-1`` of ``lm`` over h (B, T, D) with one mask; ``states`` (a list)
+    collects each layer's input. The unit that ``tpkit.models.core.compile`` compiles."""
+    for layer in lm.layers[start:stop]:
+        if states is not None:
+            states.append(h)
+        h = layer_call(layer, h, mask, cos, sin, pos, cache, cache_kw)
+    return h
+
+
 def next_token_targets(labels: torch.Tensor, kept_index: torch.Tensor | None = None) -> torch.Tensor:
     """The target of each output position: the label of the token after it, IGNORE_INDEX where none.
 
@@ -121,6 +131,7 @@ class Prefill:
     valid2: torch.Tensor  # (B, T_out) bool
     split: int  # layers < split cache T1 tokens, layers >= split cache T_out tokens
     stats: dict[str, Any]
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # with output_hidden_states: each layer's input
 
 
 def stage2_scores(
@@ -193,8 +204,15 @@ def prefill(
     stage1_keep=None,
     stage2_keep=None,
     cache=None,
+    output_hidden_states: bool = False,
 ) -> Prefill:
-    """The pruned prefill of an attached model (``model._tp_family``, ``model._tp_cfg``)."""
+    """The pruned prefill of an attached model (``model._tp_family``, ``model._tp_cfg``).
+
+    ``cache`` (a :class:`tpkit.models.core.cache.PrunedCache`, empty) receives the keys and values of
+    both layer groups and the layout decoding needs. ``output_hidden_states``: ``Prefill.hidden_states``
+    holds each layer's input and the final normed output, as stock models return them (the layers
+    from stage 2's on see fewer tokens).
+    """
     cfg: PruningConfig = model._tp_cfg
     family = model._tp_family
     lm = family.language_model(model)
@@ -210,7 +228,7 @@ def prefill(
     vis = family.encode(model, input_ids, pixel_values, cfg.stage1, stage1_keep)
     n_slots = vis.slots.shape[1]
     keep_tok = am.scatter(1, vis.slots, vis.keep & am.gather(1, vis.slots))  # no boolean indexing: no sync
-    index1, full1 = compact_full(keep_tok)  # (B, T1); full1: no padding
+    index1, full1 = compact_full(keep_tok, cfg.bucket)  # (B, T1); full1: no padding
     valid1 = index1 >= 0
     image_id = family.image_token_id(model)
     pad_id = getattr(lm.config, "pad_token_id", None)
@@ -244,30 +262,37 @@ def prefill(
     cos, sin = lm.rotary_emb(h, position_ids=pos1)
     valid, pos, index = valid1, pos1, index1
     mask = attn_mask(valid, h.shape[1], impl, h.dtype, no_padding=full1)
-    keep2 = valid1
-    for i, layer in enumerate(layers):
-        if i == split:
-            always, droppable, qpos, qvalid = stage2_roles(
-                img1, valid1, ans1, s2.prune_text, s2.query, s2.prune_visual
-            )
-            sim = patches = None
-            with torch.no_grad():  # scores only pick indices
-                scores = stage2_scores(layer, h, cos, sin, valid, qpos, qvalid, s2.reduce, family.rotate)
-                if s2.diversity > 0:  # each token's patch cell on the grid, -1 for text (and CLS)
-                    slot1 = gather_rows(slot_of, index1)
-                    cell = torch.where(img1 & (slot1 >= 0), vis.cells.gather(1, slot1.clamp(min=0)), -1)
-                    sim = redundancy(layer.input_layernorm(h), cell, vis.grid, s2.diversity_radius)
-                    patches = cell >= 0
-            keep2 = select_tokens(scores, droppable, always, s2, stage2_keep, sim, patches)
-            index2, full2 = compact_full(keep2)  # (B, T2) into the stage-1 sequence
-            valid = index2 >= 0
-            h = gather_rows(h, index2)
-            cos, sin = gather_rows(cos, index2), gather_rows(sin, index2)
-            pos = gather_rows(pos1, index2)
-            index = gather_rows(index1, index2).masked_fill(~valid, -1)
-            mask = attn_mask(valid, h.shape[1], impl, h.dtype, no_padding=full2)
-        h = layer_call(layer, h, mask, cos, sin, pos, cache, cache_kw)
+    keep2, full = valid1, full1
+    states: list[torch.Tensor] | None = [] if output_hidden_states else None
+    run = getattr(model, "_tp_compiled", {}).get("group", run_group)
+    h = run(lm, 0, split, h, mask, cos, sin, pos, cache, cache_kw, states)
+    if split < n_layers:
+        layer = layers[split]
+        always, droppable, qpos, qvalid = stage2_roles(
+            img1, valid1, ans1, s2.prune_text, s2.query, s2.prune_visual
+        )
+        sim = patches = None
+        with torch.no_grad():  # scores only pick indices
+            scores = stage2_scores(layer, h, cos, sin, valid, qpos, qvalid, s2.reduce, family.rotate)
+            if s2.diversity > 0:  # each token's patch cell on the grid, -1 for text (and CLS)
+                slot1 = gather_rows(slot_of, index1)
+                cell = torch.where(img1 & (slot1 >= 0), vis.cells.gather(1, slot1.clamp(min=0)), -1)
+                sim = redundancy(layer.input_layernorm(h), cell, vis.grid, s2.diversity_radius)
+                patches = cell >= 0
+        keep2 = select_tokens(scores, droppable, always, s2, stage2_keep, sim, patches)
+        index2, full = compact_full(keep2, cfg.bucket)  # (B, T2) into the stage-1 sequence
+        valid = index2 >= 0
+        h = gather_rows(h, index2)
+        cos, sin = gather_rows(cos, index2), gather_rows(sin, index2)
+        pos = gather_rows(pos1, index2)
+        index = gather_rows(index1, index2).masked_fill(~valid, -1)
+        mask = attn_mask(valid, h.shape[1], impl, h.dtype, no_padding=full)
+        h = run(lm, split, n_layers, h, mask, cos, sin, pos, cache, cache_kw, states)
     h = lm.norm(h)
+    if states is not None:
+        states.append(h)
+    if cache is not None:  # decoding continues after each row's last prompt position
+        cache.start(split, valid1, valid, pos1.max(dim=1).values + 1, (not full1, not full))
 
     # ---- token accounting
     n_dense = am.sum(dim=1)
@@ -289,4 +314,5 @@ def prefill(
         "stage2_visual_keep_mask": keep12,  # (B, N); last_stats adds "stage2_visual_keep"
     }
     model._tp_stats = stats
-    return Prefill(h, index, embeds, index1, valid1, pos1, keep2 & valid1, valid, split, stats)
+    hidden_states = tuple(states) if states is not None else None
+    return Prefill(h, index, embeds, index1, valid1, pos1, keep2 & valid1, valid, split, stats, hidden_states)
