@@ -168,7 +168,9 @@ def _measure(model, cfg: PruningConfig, bs: int, args) -> tuple:
     ans = torch.zeros_like(pre.valid1)
 
     def stage2():
-        always, droppable, qpos, qvalid = stage2_roles(img1, pre.valid1, ans, cfg.stage2.prune_text, cfg.stage2.query)
+        always, droppable, qpos, qvalid = stage2_roles(
+            img1, pre.valid1, ans, cfg.stage2.prune_text, cfg.stage2.query
+        )
         scores = stage2_scores(layer_k, h, cos, sin, pre.valid1, qpos, qvalid)
         select_tokens(scores, droppable, always, cfg.stage2)
 

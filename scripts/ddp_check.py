@@ -49,8 +49,8 @@ def main() -> None:
         generate_split(data.parent, split="train", n=16, seed=0)
 
     from tpkit.config import from_dict
-    from tpkit.training.config import TrainConfig
     from tpkit.synthetic.questions import synthetic_processor
+    from tpkit.training.config import TrainConfig
     from tpkit.training.recipe import fit
 
     torch.set_num_threads(1)  # two ranks share the cores

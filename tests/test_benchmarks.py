@@ -44,3 +44,22 @@ def test_train_step_benchmark_prints_its_ratios(capsys):
     bench.main(["--batch", "2", "--steps", "1", "--warmup", "0"])
     out = capsys.readouterr().out
     assert "KD step time over LoRA+pruning, online teacher: " in out and "5 pass(es): " in out
+
+
+def test_decode_speed_benchmark_prints_its_headline(capsys, tmp_path):
+    bench = _load("decode_speed")
+    args = [
+        "--batch-size",
+        "1",
+        "--new-tokens",
+        "2",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--out",
+        str(tmp_path),
+    ]
+    assert bench.main(args) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("decode tokens/s ours vs dense: ") and "x (TTFT " in last

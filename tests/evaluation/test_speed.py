@@ -39,18 +39,26 @@ def test_time_calls_interleaves_and_summarizes():
 
 
 def test_gpu_speed_script_runs_on_cpu(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path), DEVICE="cpu", DTYPE="float32", SCALE_DOWN="64", BATCH="1",
-               REPEATS="1", WARMUP="0", DECODE="1", PYTHON=sys.executable, OMP_NUM_THREADS="1")  # fmt: skip
+    """The GPU script's rehearsal: both runs' JSON, the summary rows with dense and ours side by side."""
+    env = dict(os.environ, OUT=str(tmp_path), DEVICE="cpu", DTYPE="float32", SCALE_DOWN="64", RUNS="1:eager 2:eager",
+               REPEATS="1", WARMUP="0", DECODE="2", PYTHON=sys.executable, OMP_NUM_THREADS="1")  # fmt: skip
     p = subprocess.run(
         ["bash", str(ROOT / "scripts/gpu_speed.sh")], env=env, capture_output=True, text=True, timeout=300
     )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    last = p.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"prefill speedup ours@0\.22 vs dense: \d+\.\d\dx", last), last
+    rows = [
+        line for line in p.stdout.strip().splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")
+    ]
+    assert len(rows) == 2
+    for row in rows:
+        assert re.fullmatch(
+            r"\| \d \| eager \| [\d.]+ -> [\d.]+ \| [\d.]+x \| [\d.]+x \| \d+ -> \d+ \| [\d.]+x \|", row
+        ), row
     log = (tmp_path / "log.txt").read_text()
-    assert log.strip().splitlines()[-1] == last
-    res = json.loads((tmp_path / "speed.json").read_text())
-    assert res["counts"] == {"k1": 147, "k2": 136, "stage2_layer": 2}
+    assert log.strip().splitlines()[-1] == p.stdout.strip().splitlines()[-1]
+    res = json.loads((tmp_path / "b1_eager" / "speed.json").read_text())
+    assert res["counts"] == {"k1": 147, "k2": 136, "stage2_layer": 2} and res["compile"] == "none"
     assert abs(res["achieved"]["token_layer_fraction"]["mean"] - 0.22) < 1 / 640
     assert set(res["speed"]) == {"dense", "ours@0.22"}
-    assert res["speed"]["ours@0.22"]["ttft_ms"] > 0
+    ours = res["speed"]["ours@0.22"]
+    assert ours["ttft_ms"] > 0 and ours["decode_speedup"] > 0 and ours["ttft_speedup"] > 0

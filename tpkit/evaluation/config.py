@@ -102,6 +102,9 @@ class SpeedConfig:
     sweep: bool = True  # also time the budget-sweep runs (prefill only)
     generation: bool = True  # time to first token and decode tok/s (main methods)
     threads: int | None = None  # torch CPU threads while timing (None = torch's default)
+    # time dense and ours compiled alike with this torch.compile mode (reduce-overhead: CUDA graphs, for
+    # batch-1 latency; set pruning.bucket too, e.g. 16, so that the pruned lengths take a few values)
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.repeats < 1 or self.warmup < 0 or self.decode_tokens < 1:

@@ -90,6 +90,7 @@ def evaluate_speed_only(cfg: EvalConfig) -> dict:
             sp.decode_tokens,
             gen,
             cfg.eval.progress,
+            sp.compile,
         )
     n_dense = n_text + n_vis
     flops = {
@@ -125,6 +126,7 @@ def evaluate_speed_only(cfg: EvalConfig) -> dict:
         "flops_gflops_per_sample": {k: v / 1e9 for k, v in flops.items()},
         "speed": speeds,
         "prefill_speedup": speeds[specs[1].name]["prefill_speedup"],
+        "compile": sp.compile,
         "config": to_dict(cfg),
     }
     results["transformers"] = transformers.__version__

@@ -381,6 +381,8 @@ SPEED_COLUMNS = (
     "decode tok/s",
     "peak MiB",
     "prefill speedup",
+    "TTFT speedup",
+    "decode speedup",
 )
 
 
@@ -397,6 +399,8 @@ def speed_markdown(speeds: dict[str, dict]) -> str:
             _fmt(r.get("decode_tokens_per_s"), ".1f"),
             _fmt(r.get("peak_memory_mb"), ".0f"),
             _fmt(r.get("prefill_speedup"), ".2f"),
+            _fmt(r.get("ttft_speedup"), ".2f"),
+            _fmt(r.get("decode_speedup"), ".2f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -316,7 +316,17 @@ def evaluate(cfg: EvalConfig) -> dict:
         gen = main if sp.generation else None
         with torch_threads(sp.threads):
             speeds = speed_table(
-                model, timed, sbatch, index, device, sp.warmup, sp.repeats, sp.decode_tokens, gen, progress
+                model,
+                timed,
+                sbatch,
+                index,
+                device,
+                sp.warmup,
+                sp.repeats,
+                sp.decode_tokens,
+                gen,
+                progress,
+                sp.compile,
             )
         for n, s in speeds.items():
             methods[n]["speed"] = s

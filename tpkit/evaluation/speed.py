@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from tpkit.evaluation.methods import MethodSpec
 from tpkit.models.core.attach import set_pruning
+from tpkit.models.core.compile import compile_model, is_compiled
 
 __all__ = [
     "LMShape",
@@ -167,11 +168,16 @@ def prefill_call(model, batch: dict, extra: dict | None = None) -> Callable[[], 
     return run
 
 
-def generate_call(model, batch: dict, new_tokens: int, extra: dict | None = None) -> Callable[[], object]:
+def generate_call(
+    model, batch: dict, new_tokens: int, extra: dict | None = None, static: bool = False
+) -> Callable[[], object]:
     """Greedy ``generate`` of exactly ``new_tokens`` tokens: no eos (the model's generation config
-    loses its eos while the call runs), so every method decodes the same number of steps."""
+    loses its eos while the call runs), so every method decodes the same number of steps. ``static``:
+    transformers' static cache (the dense path of a compiled model; the pruned path makes its own)."""
     kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
     kwargs.update(extra or {})
+    if static:  # fixed shapes for the compiled language model; tpkit compiled it, generate must not again
+        kwargs.update(cache_implementation="static", disable_compile=True)
 
     @torch.inference_mode()
     def run():
@@ -247,9 +253,13 @@ def speed_table(
     decode_tokens: int = 16,
     generation: list[str] | None = None,
     progress: bool = True,
+    compile: str = "none",
 ) -> dict[str, dict]:
     """Per spec: prefill median/p90 ms, samples/s, optional time to first token and decode tok/s,
-    peak memory; ``prefill_speedup`` (and ``ttft_speedup``) relative to the spec named ``dense``.
+    peak memory; ``prefill_speedup``, ``ttft_speedup`` and ``decode_speedup`` relative to the spec
+    named ``dense``. ``compile`` (a ``torch.compile`` mode, or "none") compiles the model's dense and
+    pruned paths alike first (:func:`tpkit.models.core.compile.compile_model`); the warm-up rounds
+    then include the compilation.
 
     All timed calls are interleaved round by round (dense, ours, ..., dense, ours, ...), each one
     switching the pruner's config first (an attribute assignment), so that load from other processes
@@ -257,6 +267,9 @@ def speed_table(
     timed too; peak memory comes from one separate prefill + generate per spec (CUDA only).
     """
     bsz = batch["input_ids"].shape[0]
+    compiled = compile != "none"
+    if compiled and not is_compiled(model):
+        compile_model(model, compile)
 
     def with_cfg(spec: MethodSpec, fn):
         def run():
@@ -270,8 +283,11 @@ def speed_table(
         extra = spec.forced(index, device)
         fns[(spec.name, "prefill")] = with_cfg(spec, prefill_call(model, batch, extra))
         if generation is not None and spec.name in generation:
-            fns[(spec.name, "gen1")] = with_cfg(spec, generate_call(model, batch, 1, extra))
-            fns[(spec.name, "genN")] = with_cfg(spec, generate_call(model, batch, 1 + decode_tokens, extra))
+            static = compiled and not spec.pruning.enabled
+            fns[(spec.name, "gen1")] = with_cfg(spec, generate_call(model, batch, 1, extra, static))
+            fns[(spec.name, "genN")] = with_cfg(
+                spec, generate_call(model, batch, 1 + decode_tokens, extra, static)
+            )
     times = time_calls(fns, device, repeats, warmup, progress)
     out: dict[str, dict] = {}
     for spec in specs:
@@ -295,4 +311,7 @@ def speed_table(
             r["prefill_speedup"] = base / r["prefill"]["median_ms"]
             if "ttft_ms" in r and "ttft_ms" in out["dense"]:
                 r["ttft_speedup"] = out["dense"]["ttft_ms"] / r["ttft_ms"]
+            dense_tps, tps = out["dense"].get("decode_tokens_per_s"), r.get("decode_tokens_per_s")
+            if dense_tps and tps:
+                r["decode_speedup"] = tps / dense_tps
     return out

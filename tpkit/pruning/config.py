@@ -115,6 +115,10 @@ class PruningConfig:
 
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    # Round the pruned sequence lengths (after stage 1 and after stage 2) up to a multiple of this, the
+    # extra slots masked like padding (results do not change): a compiled or graph-captured model then
+    # sees a few shapes only. 0 = exact lengths.
+    bucket: int = 0
 
     @classmethod
     def disabled(cls) -> PruningConfig:
@@ -125,6 +129,8 @@ class PruningConfig:
         return self.stage1.enabled or self.stage2.enabled
 
     def validate(self) -> None:
+        if self.bucket < 0:
+            raise ValueError(f"bucket = {self.bucket} must be >= 0 (0 = exact lengths)")
         for name in ("stage1", "stage2"):
             try:
                 getattr(self, name).validate()

@@ -47,11 +47,17 @@ def compact(keep: torch.Tensor) -> torch.Tensor:
     return compact_full(keep)[0]
 
 
-def compact_full(keep: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """:func:`compact`, and whether no row is padded (every row keeps T'): one host sync for both."""
+def compact_full(keep: torch.Tensor, bucket: int = 0) -> tuple[torch.Tensor, bool]:
+    """:func:`compact`, and whether no row is padded (every row keeps T'): one host sync for both.
+
+    ``bucket`` > 0 rounds T' up to a multiple of it (more left padding, masked like any other), so
+    that the pruned sequence takes a few lengths only: what graph capture needs.
+    """
     b, t = keep.shape
     n = keep.sum(dim=1)  # (B,)
     t_out, t_min = torch.stack([n.max(), n.min()]).tolist() if b else (0, 0)
+    if bucket > 0:
+        t_out = -(-t_out // bucket) * bucket
     dest = (t_out - n)[:, None] + keep.long().cumsum(dim=1) - 1  # (B, T)
     dest = torch.where(keep, dest, torch.full_like(dest, t_out))
     idx = torch.full((b, t_out + 1), -1, dtype=torch.long, device=keep.device)
