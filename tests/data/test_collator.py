@@ -212,3 +212,35 @@ def test_list_of_parts_chat_template(records):
     ev = LlavaCollator(proc, mode="eval")(records)
     text = tok.decode(ev["input_ids"][0].tolist(), skip_special_tokens=True)
     assert text.endswith("USER: \nWhat color is the circle? ASSISTANT:")
+
+
+def truncate_image(path) -> None:
+    """Keep the header (PIL still opens the file), cut the pixel data: fails only when decoded."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_an_image_that_fails_to_decode_at_batch_time(processor, records):
+    from tpkit.data.errors import LlavaDataError
+
+    truncate_image(__import__("pathlib").Path(records[1]["image_path"]))
+    with Image.open(records[1]["image_path"]) as im:  # the load-time check ("open") passes it
+        assert im.size == (48, 40)
+    with pytest.raises(
+        LlavaDataError,
+        match=r"record id='rec-1': cannot read image .*001\.png: OSError: image file is truncated",
+    ):
+        LlavaCollator(processor)(records)
+    batch = LlavaCollator(processor, on_error="skip")(records)
+    assert batch["ids"] == ["rec-0", "rec-2"] and batch["input_ids"].shape[0] == 2
+    assert [(e.id, e.index) for e in batch["skipped"]] == [("rec-1", None)]
+    assert "cannot read image" in batch["skipped"][0].reason
+    alone = LlavaCollator(processor, on_error="skip", mode="eval")([records[1]])
+    assert alone["ids"] == [] and len(alone["skipped"]) == 1 and "input_ids" not in alone
+
+
+def test_over_long_records_are_skipped_in_skip_mode(processor, records):
+    lengths = LlavaCollator(processor).sequence_lengths(records)
+    batch = LlavaCollator(processor, max_length=max(lengths[0], lengths[2]), on_error="skip")(records)
+    assert batch["ids"] == ["rec-0", "rec-2"] and batch["pixel_values"].shape[0] == 2
+    assert "exceeds max_length" in batch["skipped"][0].reason

@@ -261,3 +261,57 @@ def test_real_llava_layouts(tmp_path):
     path.write_text(json.dumps([rec]))
     ds, report = load_llava_json(path)
     assert ds["id"] == ["33471"] and report.n_loaded == 1
+
+
+def test_a_file_that_is_not_utf8_names_the_file_and_the_byte(tmp_path):
+    records = [good_record(0, note="caf\u00e9")]
+    path = write_set(tmp_path, records)
+    path.write_bytes(json.dumps(records, ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(
+        LlavaDataError, match=r"data\.json: not UTF-8 text \(byte 0xe9 at line 1, offset \d+\)"
+    ):
+        load_llava_json(path)
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(records).encode())  # a byte-order mark is fine
+    assert load_llava_json(path)[0]["id"] == ["rec-0"]
+
+
+def test_duplicate_ids_are_refused_naming_them_or_renamed(tmp_path):
+    records = [good_record(0), good_record(1), good_record(2), good_record(3)]
+    records[2]["id"] = records[3]["id"] = "rec-0"
+    path = write_set(tmp_path, records)
+    with pytest.raises(
+        LlavaDataError, match=r"1 record ids occur more than once: 'rec-0' \(records #0, #2, #3\)"
+    ):
+        load_llava_json(path)
+    with pytest.raises(LlavaDataError, match="duplicate_ids: rename"):
+        load_llava_json(path, on_error="skip")  # not a bad record: skipping would lose data
+    ds, report = load_llava_json(path, duplicate_ids="rename")
+    assert ds["id"] == ["rec-0", "rec-1", "rec-0#2", "rec-0#3"]
+    assert report.renamed == {"rec-0": ["rec-0#2", "rec-0#3"]}
+
+
+def test_an_empty_or_all_bad_file_is_refused(tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(LlavaDataError, match=r"empty\.json: no usable records: the file holds no records"):
+        load_llava_json(empty)
+    path = _prepare(tmp_path, [BAD_KINDS["missing_image_file"][0](0), BAD_KINDS["no_image_field"][0](1)])
+    with pytest.raises(LlavaDataError, match=r"no usable records: all 2 records are bad \(first: record #0"):
+        load_llava_json(path, on_error="skip")
+
+
+def test_confine_images_keeps_reads_inside_the_image_folder(tmp_path):
+    outside = tmp_path / "secret.png"
+    write_png(outside)
+    records = [good_record(0), good_record(1, image="../secret.png"), good_record(2, image=str(outside))]
+    path = write_set(tmp_path / "set", records)
+    ds, _ = load_llava_json(path)  # the default reads absolute and ../ paths as given (real LLaVA files)
+    assert len(ds) == 3
+    (tmp_path / "set" / "images" / "link.png").symlink_to(outside)
+    records.append(good_record(3, image="images/link.png"))
+    path.write_text(json.dumps(records))
+    ds, report = load_llava_json(path, confine_images=True, on_error="skip")
+    assert ds["id"] == ["rec-0"] and [e.index for e in report.errors] == [1, 2, 3]
+    assert all("outside the image folder" in e.reason for e in report.errors)
+    with pytest.raises(LlavaDataError, match=r"record #1 .*'\.\./secret\.png' is outside the image folder"):
+        load_llava_json(path, confine_images=True)

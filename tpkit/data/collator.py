@@ -13,8 +13,10 @@ overlap an answer span. The ``<image>`` token is then repeated to its run of ima
 what ``LlavaProcessor.__call__`` does to the text (a test checks the ids are identical) without
 tokenising hundreds of placeholders. Images go through the processor's image processor.
 
-Over-long sequences are rejected (``ValueError`` naming the record id), never truncated: see
-``tpkit.data.llava_json``.
+Over-long sequences are rejected, never truncated (see ``tpkit.data.llava_json``), and so are
+images that fail to decode at batch time (a truncated file passes the load-time header check):
+``on_error="raise"`` raises ``LlavaDataError`` naming the record id; ``on_error="skip"`` drops the
+record from the batch and lists it in ``batch["skipped"]`` (a batch may then be empty).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tpkit.data.errors import LlavaDataError, RecordError
 from tpkit.data.processor import num_image_tokens
 
 IGNORE_INDEX = -100
@@ -45,6 +48,8 @@ class LlavaCollator:
         ``input_ids``, ``attention_mask``, ``pixel_values`` for the prompt up to the first answer,
         ending with the generation prompt (``... ASSISTANT:``); ``answers`` (first answer of each
         record), ``qtypes``, ``ids``, ``neg_types`` lists (``None`` where a record has no such key).
+    Both modes, when records were dropped (``on_error="skip"``): ``skipped`` list[RecordError]; when
+    every record of the batch was, the batch holds only ``ids`` (empty) and ``skipped``.
 
     Args:
         processor: a ``LlavaProcessor`` (``tpkit.data.processor.build_processor`` or a hub one).
@@ -53,6 +58,8 @@ class LlavaCollator:
         system_prompt: ``None`` keeps the chat template's own system prompt; a string replaces it
             (sent as a system message; ``""`` removes it).
         image_folder: resolves relative ``image`` paths of records without ``image_path``.
+        on_error: ``"raise"`` (``LlavaDataError``) or ``"skip"`` for an image that does not decode or
+            a sequence over ``max_length``.
     """
 
     def __init__(
@@ -62,9 +69,13 @@ class LlavaCollator:
         mode: str = "train",
         system_prompt: str | None = None,
         image_folder: str | os.PathLike | None = None,
+        on_error: str = "raise",
     ):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.on_error = on_error
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
@@ -213,33 +224,60 @@ class LlavaCollator:
         if isinstance(image, Image.Image):
             return image.convert("RGB")
         if not isinstance(image, (str, os.PathLike)) or not str(image):
-            raise ValueError(f"record id={record.get('id')!r}: no image (got {image!r:.60})")
+            raise _Dropped(f"no image (got {image!r:.60})")
         path = Path(image)
         if not path.is_absolute() and self.image_folder is not None:
             path = self.image_folder / path
         try:
             with Image.open(path) as im:
-                return im.convert("RGB")
-        except Exception as e:
-            raise ValueError(f"record id={record.get('id')!r}: cannot read image {path}: {e}") from None
+                return im.convert("RGB")  # decodes the whole image: a truncated file fails here
+        except Exception as e:  # PIL raises many types for corrupt files
+            raise _Dropped(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+    def _drop(self, record: dict[str, Any], reason: str, skipped: list[RecordError]) -> None:
+        rid = None if record.get("id") is None else str(record.get("id"))
+        if self.on_error == "raise":
+            raise LlavaDataError(
+                f"record id={rid!r}: {reason} (data.on_error: skip drops such records and lists them)"
+            )
+        skipped.append(RecordError(None, rid, reason))
 
     # ---- batch ------------------------------------------------------------------------------
     def __call__(self, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if not records:
             raise ValueError("empty batch")
-        images = [self._load_image(r) for r in records]
+        skipped: list[RecordError] = []
+        images, kept = [], []
+        for r in records:
+            try:
+                images.append(self._load_image(r))
+                kept.append(r)
+            except _Dropped as e:
+                self._drop(r, e.args[0], skipped)
+        if not kept:
+            return {"ids": [], "skipped": skipped}
+        records = kept
         pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
         n_image = num_image_tokens(self.processor, pixel_values.shape[-2], pixel_values.shape[-1])
         encoded = self._encode(records, n_image)
         lengths = [len(ids) for ids, _ in encoded]
+        fits = [n <= self.max_length for n in lengths]
         for r, n in zip(records, lengths):
             if n > self.max_length:
-                raise ValueError(
-                    f"record id={r.get('id')!r}: sequence of {n} tokens ({n_image} image tokens) exceeds "
-                    f"max_length={self.max_length}. Over-long records are rejected, not truncated: raise "
-                    "max_length, or drop them with load_llava_json(..., processor=..., max_length=..., "
-                    "on_error='skip')"
+                self._drop(
+                    r,
+                    f"sequence of {n} tokens ({n_image} image tokens) exceeds max_length={self.max_length}. "
+                    "Over-long records are rejected, not truncated: raise max_length, or drop them with "
+                    "load_llava_json(..., processor=..., max_length=..., on_error='skip')",
+                    skipped,
                 )
+        if not all(fits):
+            if not any(fits):
+                return {"ids": [], "skipped": skipped}
+            records = [r for r, ok in zip(records, fits) if ok]
+            encoded = [e for e, ok in zip(encoded, fits) if ok]
+            pixel_values = pixel_values[torch.tensor(fits)]
+            lengths = [n for n, ok in zip(lengths, fits) if ok]
         B, T = len(records), max(lengths)
         input_ids = np.full((B, T), self.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((B, T), dtype=np.int64)
@@ -264,7 +302,13 @@ class LlavaCollator:
             batch["qtypes"] = [r.get("qtype") for r in records]
             batch["ids"] = ids
             batch["neg_types"] = [r.get("neg_type") for r in records]
+        if skipped:
+            batch["skipped"] = skipped
         return batch
+
+
+class _Dropped(Exception):
+    """Internal: one record of a batch cannot be collated (reason in args[0])."""
 
 
 def _first_answer(record: dict[str, Any]) -> str:

@@ -16,8 +16,17 @@ class DataConfig:
     val_json: str | None = None
     test_json: str | None = None
     image_folder: str | None = None  # None = the json's directory
-    on_error: Literal["raise", "skip"] = "raise"  # unreadable image / malformed / over-long record
+    # true: read images under image_folder only (an absolute path, ../ or a symlink out of it is a bad
+    # record); false: relative paths are under image_folder, absolute ones are read as given (real
+    # LLaVA files use absolute paths)
+    confine_images: bool = False
+    # bad record (malformed, unreadable or undecodable image, over-long): raise = stop naming it;
+    # skip = drop it, at load time and at batch time, and list it in <out_dir>/skipped_records.jsonl
+    on_error: Literal["raise", "skip"] = "raise"
     check_images: Literal["open", "decode", "exists", "none"] = "open"  # at load time (exists: large sets)
+    # records sharing an id (teacher cache and outputs are keyed by id): raise = refuse, naming them;
+    # rename = the 2nd, 3rd ... record of id x becomes x#2, x#3 ...
+    duplicate_ids: Literal["raise", "rename"] = "raise"
     max_length: int = 512
     batch_size: int = 4  # per device
     eval_batch_size: int = 8

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tpkit.data.collator import LlavaCollator
+from tpkit.data.errors import LlavaDataError, RecordError
 
 if TYPE_CHECKING:  # `datasets` is imported lazily: the GPU machine does not have it
     import datasets
@@ -40,27 +41,9 @@ IMAGE_PLACEHOLDER = "<image>"
 USER_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant")
 CHECK_IMAGES = ("none", "exists", "open", "decode")
+DUPLICATE_IDS = ("raise", "rename")
 
-
-class LlavaDataError(ValueError):
-    """A bad LLaVA-JSON file or record; the message names the file, record index and id."""
-
-    def __init__(self, path: str | os.PathLike, reason: str, index: int | None = None, record_id: Any = None):
-        self.path, self.reason, self.index, self.record_id = str(path), reason, index, record_id
-        where = str(path) if index is None else f"{path}: record #{index} (id={record_id!r})"
-        super().__init__(f"{where}: {reason}")
-
-
-@dataclass
-class RecordError:
-    """One rejected record."""
-
-    index: int
-    id: str | None
-    reason: str
-
-    def __str__(self) -> str:
-        return f"record #{self.index} (id={self.id!r}): {self.reason}"
+__all__ = ["LlavaDataError", "RecordError", "LoadReport", "load_llava_json", "validate_record"]
 
 
 @dataclass
@@ -72,6 +55,7 @@ class LoadReport:
     n_records: int = 0  # records examined (after max_records)
     n_loaded: int = 0
     errors: list[RecordError] = field(default_factory=list)
+    renamed: dict[str, list[str]] = field(default_factory=dict)  # duplicate id -> the ids it became
 
     @property
     def n_skipped(self) -> int:
@@ -84,6 +68,11 @@ class LoadReport:
         lines += [f"  {e}" for e in self.errors[:max_errors]]
         if len(self.errors) > max_errors:
             lines.append(f"  ... and {len(self.errors) - max_errors} more")
+        if self.renamed:
+            n = sum(map(len, self.renamed.values()))
+            lines.append(
+                f"  {n} records of {len(self.renamed)} duplicate ids renamed (e.g. {next(iter(self.renamed.values()))[0]!r})"
+            )
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -136,12 +125,18 @@ def _check_conversations(conv: Any) -> None:
         raise _Bad("conversation ends with a human turn (no answer)")
 
 
-def _check_image(image: Any, folder: Path, check: str) -> str:
+def _check_image(image: Any, folder: Path, check: str, confine: bool = False) -> str:
     if image is None:
         raise _Bad("no 'image' field (text-only records are not supported: one image per sample)")
     if not isinstance(image, str) or not image:
         raise _Bad(f"'image' must be a non-empty path string, got {image!r:.80}")
     path = Path(image) if os.path.isabs(image) else folder / image
+    # resolved (symlinks followed): a link inside the folder that points out of it is outside too
+    if confine and not path.resolve().is_relative_to(folder.resolve()):
+        raise _Bad(
+            f"image path {image!r} is outside the image folder {folder} (data.confine_images is on: "
+            "only files under the image folder are read)"
+        )
     if check == "none":
         return str(path)
     if not path.is_file():
@@ -163,7 +158,7 @@ class _Bad(Exception):
 
 
 def validate_record(
-    record: Any, image_folder: str | os.PathLike, check_images: str = "open"
+    record: Any, image_folder: str | os.PathLike, check_images: str = "open", confine_images: bool = False
 ) -> dict[str, Any]:
     """Check one record; return a copy with ``id`` as str and ``image_path`` (absolute) added.
 
@@ -176,7 +171,7 @@ def validate_record(
     if "conversations" not in record:
         raise _Bad("missing 'conversations'")
     _check_conversations(record["conversations"])
-    image_path = _check_image(record.get("image"), Path(image_folder), check_images)
+    image_path = _check_image(record.get("image"), Path(image_folder), check_images, confine_images)
     out = dict(record)
     out["id"] = str(record["id"])
     out["image_path"] = str(Path(image_path).resolve())
@@ -186,20 +181,30 @@ def validate_record(
 def _read_json(path: Path) -> list[Any]:
     if not path.is_file():
         raise LlavaDataError(path, "file not found")
-    with open(path, encoding="utf-8") as f:
-        if path.suffix == ".jsonl":
-            data = []
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        data.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise LlavaDataError(path, f"line {lineno}: invalid JSON: {e.msg}") from None
-            return data
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise LlavaDataError(path, f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: a byte-order mark is read past, not an error
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise LlavaDataError(
+            path,
+            f"not UTF-8 text (byte 0x{raw[e.start]:02x} at line {line}, offset {e.start}): LLaVA JSON is "
+            "UTF-8; re-encode the file (e.g. iconv -f latin1 -t utf-8 IN > OUT)",
+        ) from None
+    del raw
+    if path.suffix == ".jsonl":
+        data = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    data.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise LlavaDataError(path, f"line {lineno}: invalid JSON: {e.msg}") from None
+        return data
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LlavaDataError(path, f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     if not isinstance(data, list):
         raise LlavaDataError(path, f"top level must be a list of records, got {type(data).__name__}")
     return data
@@ -220,34 +225,47 @@ def load_llava_json(
     max_records: int | None = None,
     *,
     check_images: str = "open",
+    confine_images: bool = False,
+    duplicate_ids: str = "raise",
     processor: ProcessorMixin | None = None,
     max_length: int = 512,
     system_prompt: str | None = None,
+    mode: str = "train",
 ) -> tuple[datasets.Dataset, LoadReport]:
     """Read a LLaVA conversation JSON (or JSONL) file into a ``datasets.Dataset`` and a ``LoadReport``.
 
     Args:
-        json_path: the ``.json`` (list of records) or ``.jsonl`` file.
+        json_path: the ``.json`` (list of records) or ``.jsonl`` file, UTF-8.
         image_folder: where relative ``image`` paths live; defaults to the JSON file's directory.
         on_error: ``"raise"`` (``LlavaDataError`` naming file, index and id at the first bad record)
             or ``"skip"`` (drop bad records, list each in the report; no good record is lost).
         max_records: only the first ``max_records`` entries of the file are examined.
         check_images: ``"open"`` (exists and PIL reads its header, default), ``"decode"`` (full
             decode, slow), ``"exists"``, or ``"none"``.
-        processor, max_length, system_prompt: if ``processor`` is given, every record is rendered
-            and tokenised as ``LlavaCollator(processor, max_length, system_prompt=...)`` would, and
-            records longer than ``max_length`` tokens are bad records (rejected, not truncated).
+        confine_images: only read images under ``image_folder``: an absolute path or one that
+            leaves the folder (``../``, a symlink out of it) is a bad record. Off by default: real
+            LLaVA files name absolute paths, which are then read as given.
+        duplicate_ids: ``"raise"`` (two records with one id are an error naming the ids: the teacher
+            cache and per-sample outputs are keyed by id) or ``"rename"`` (the 2nd, 3rd ... record
+            of an id ``x`` becomes ``x#2``, ``x#3`` ...; listed in ``report.renamed``).
+        processor, max_length, system_prompt, mode: if ``processor`` is given, every record is
+            rendered and tokenised as ``LlavaCollator(processor, max_length, mode, system_prompt=...)``
+            would (``mode="eval"``: the prompt up to the first answer), and records longer than
+            ``max_length`` tokens are bad records (rejected, not truncated).
 
     Rows keep every key of the record (``id`` as str) plus ``image_path``, the resolved image file.
     Bad records: not an object, missing id, non-list or empty conversations, malformed turns,
     unknown or non-alternating roles (human, gpt, human, ...), empty answer, missing or misplaced
     ``<image>`` placeholder (exactly one, in the first human turn), no image field, missing or
-    unreadable image file, over-long sequence (with ``processor``).
+    unreadable image file, image outside the folder (``confine_images``), over-long sequence (with
+    ``processor``). A file without any usable record is an error.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if check_images not in CHECK_IMAGES:
         raise ValueError(f"check_images must be one of {CHECK_IMAGES}, got {check_images!r}")
+    if duplicate_ids not in DUPLICATE_IDS:
+        raise ValueError(f"duplicate_ids must be one of {DUPLICATE_IDS}, got {duplicate_ids!r}")
     path = Path(json_path)
     folder = Path(image_folder) if image_folder is not None else path.parent
     report = LoadReport(json_path=str(path), image_folder=str(folder))
@@ -267,12 +285,12 @@ def load_llava_json(
     good: list[tuple[int, dict[str, Any]]] = []
     for index, record in enumerate(_progress(data, len(data), f"checking {path.name}")):
         try:
-            good.append((index, validate_record(record, folder, check_images)))
+            good.append((index, validate_record(record, folder, check_images, confine_images)))
         except _Bad as e:
             reject(index, record, e.args[0])
 
     if processor is not None and good:
-        collator = LlavaCollator(processor, max_length=max_length, mode="train", system_prompt=system_prompt)
+        collator = LlavaCollator(processor, max_length=max_length, mode=mode, system_prompt=system_prompt)
         lengths = collator.sequence_lengths([r for _, r in good])
         kept = []
         for (index, record), n in zip(good, lengths):
@@ -286,10 +304,52 @@ def load_llava_json(
                 kept.append((index, record))
         good = kept
 
+    _unique_ids(good, path, duplicate_ids, report)
     report.errors.sort(key=lambda e: e.index)
     rows = [r for _, r in good]
     report.n_loaded = len(rows)
+    if not rows:
+        why = "the file holds no records" if not data else f"all {len(data)} records are bad"
+        first = f" (first: {report.errors[0]})" if report.errors else ""
+        raise LlavaDataError(path, f"no usable records: {why}{first}")
     return _to_dataset(rows, path), report
+
+
+def _unique_ids(good: list[tuple[int, dict[str, Any]]], path: Path, how: str, report: LoadReport) -> None:
+    """Refuse (or, ``how="rename"``, rename) ids that several kept records share, in place."""
+    where: dict[str, list[int]] = {}
+    for index, record in good:
+        where.setdefault(record["id"], []).append(index)
+    dup = {rid: idx for rid, idx in where.items() if len(idx) > 1}
+    if not dup:
+        return
+    if how == "raise":
+        shown = "; ".join(
+            f"{rid!r} (records {', '.join(f'#{i}' for i in idx[:4])})" for rid, idx in list(dup.items())[:5]
+        )
+        more = f"; and {len(dup) - 5} more" if len(dup) > 5 else ""
+        raise LlavaDataError(
+            path,
+            f"{len(dup)} record ids occur more than once: {shown}{more}. The teacher cache and the per-sample "
+            "outputs are keyed by id: make them unique, or set data.duplicate_ids: rename (the 2nd, 3rd ... "
+            "record of id x becomes x#2, x#3 ...)",
+        )
+    taken = set(where)
+    seen: dict[str, int] = {}
+    for _, record in good:
+        rid = record["id"]
+        if rid not in dup:
+            continue
+        seen[rid] = seen.get(rid, 0) + 1
+        if seen[rid] == 1:
+            continue
+        k, new = seen[rid], f"{rid}#{seen[rid]}"
+        while new in taken:  # "x#2" may itself be an id of the file
+            k += 1
+            new = f"{rid}#{k}"
+        taken.add(new)
+        record["id"] = new
+        report.renamed.setdefault(rid, []).append(new)
 
 
 def _to_dataset(rows: list[dict[str, Any]], path: Path) -> datasets.Dataset:
