@@ -243,3 +243,21 @@ def test_fingerprint_survives_dtype_but_not_other_weights(make_cfg, processor):
     with torch.no_grad():
         base.get_output_embeddings().weight[0, :4] += 1.0
     assert _fingerprint_diff(fp32, model_fingerprint(base))[0].startswith("lm_head_sum")
+
+
+@pytest.mark.parametrize("edit", ["k", "rows", "cut values.bin"])
+def test_a_cache_whose_metadata_and_arrays_disagree_is_refused(make_cfg, processor, records, tmp_path, edit):
+    cfg = _cfg(make_cfg)
+    cache = _build(cfg, processor, records[:4], tmp_path / "cache", top_k=8)
+    meta_path = cache / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    if edit == "cut values.bin":
+        data = (cache / "values.bin").read_bytes()
+        (cache / "values.bin").write_bytes(data[: len(data) // 2])
+    else:
+        meta[edit] = int(meta[edit]) + 1  # e.g. k edited by hand: rows would be read misaligned
+        meta_path.write_text(json.dumps(meta))
+    with pytest.raises(
+        TeacherCacheError, match=r"is inconsistent: .*values\.bin: \d+ bytes, meta\.json \(rows="
+    ):
+        TeacherCache(cache)

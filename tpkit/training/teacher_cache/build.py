@@ -179,7 +179,10 @@ def build_teacher_cache(
     }
     _check_ids(dataset)  # before hours of teacher forwards, not after
     writer = _Writer(out, meta)
-    collate = LlavaCollator(processor, max_length=cfg.data.max_length, mode="train")
+    # data.on_error skip: a record that fails at batch time is left out here as in training
+    collate = LlavaCollator(
+        processor, max_length=cfg.data.max_length, mode="train", on_error=cfg.data.on_error
+    )
     bs = batch_size or cfg.data.eval_batch_size
     mine = range(index, len(dataset), num_shards)
     start = len(writer.ids)
@@ -196,6 +199,11 @@ def build_teacher_cache(
     bar = tqdm(total=len(mine), initial=start, desc="teacher cache", unit="rec", disable=not progress)
     last_commit = time.monotonic()
     for batch in loader:
+        if batch.get("skipped"):
+            bar.write(f"teacher cache: skipped {', '.join(str(e) for e in batch['skipped'])}")
+            bar.update(len(batch["skipped"]))
+        if not batch["ids"]:
+            continue
         labels = batch["labels"]
         dense = answer_positions(labels)  # (B, T): positions that predict an answer token
         positions = dense.any(0).nonzero()[:, 0]  # (P,) union over the batch

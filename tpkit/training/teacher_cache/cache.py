@@ -32,7 +32,6 @@ progress, so an interrupted build continues.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tpkit.models.checks import fingerprint_diff, model_fingerprint
 from tpkit.training.losses import answer_positions
 
 __all__ = [
@@ -54,53 +54,14 @@ __all__ = [
 ]
 
 FORMAT = 1
-_VOLATILE_CONFIG_KEYS = {
-    "_name_or_path",
-    "transformers_version",
-    "torch_dtype",
-    "dtype",
-    "_attn_implementation",
-}
 
 
 class TeacherCacheError(ValueError):
     """The teacher cache is missing, unfinished, or does not fit the run or the data (message says which)."""
 
 
-def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
-    """What identifies the teacher: its config (less dtype/paths) and checksums of two weight matrices.
-
-    The sums are float64 over the weights rounded to bfloat16, so a cache built in one dtype or on one
-    device is recognised in another (compared with a relative tolerance); LoRA never touches the
-    embeddings or ``lm_head``.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = {k: v for k, v in base.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-    for sub in ("text_config", "vision_config"):
-        if isinstance(cfg.get(sub), dict):
-            cfg[sub] = {k: v for k, v in cfg[sub].items() if k not in _VOLATILE_CONFIG_KEYS}
-    blob = json.dumps(cfg, sort_keys=True, default=str).encode()
-    emb = base.get_input_embeddings().weight
-    head = base.get_output_embeddings().weight
-    return {
-        "class": type(base).__name__,
-        "config_sha256": hashlib.sha256(blob).hexdigest(),
-        "embed_sum": float(emb.detach().to(torch.bfloat16).double().sum()),
-        "lm_head_sum": float(head.detach().to(torch.bfloat16).double().sum()),
-        "vocab_size": int(head.shape[0]),
-    }
-
-
 def _fingerprint_diff(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    out = []
-    for k in sorted(set(saved) | set(now)):
-        a, b = saved.get(k), now.get(k)
-        if isinstance(a, float) and isinstance(b, float):
-            if abs(a - b) > 1e-6 * max(1.0, abs(a), abs(b)):
-                out.append(f"{k}: {a!r} (cache) vs {b!r} (model)")
-        elif a != b:
-            out.append(f"{k}: {a!r} (cache) vs {b!r} (model)")
-    return out
+    return fingerprint_diff(saved, now, ("cache", "model"))
 
 
 @dataclass
@@ -132,6 +93,7 @@ class _Part:
         self.ids = rec["ids"]
         self.offsets = np.asarray(rec["offsets"], dtype=np.int64)  # (n + 1,)
         rows, k = int(self.meta["rows"]), int(self.meta["k"])
+        self._check_arrays(rows, k)
         self.values = np.memmap(
             path / "values.bin", dtype=np.dtype(self.meta["dtype"]), mode="r", shape=(rows, k)
         )
@@ -142,6 +104,38 @@ class _Part:
         )
         self.lse = np.memmap(path / "lse.bin", dtype=np.float32, mode="r", shape=(rows,))
         self.targets = np.memmap(path / "targets.bin", dtype=np.int32, mode="r", shape=(rows,))
+
+    def _check_arrays(self, rows: int, k: int) -> None:
+        """The arrays hold what ``meta.json`` and ``records.json`` say (an edited ``k`` or a cut file
+        would otherwise be read as other rows, silently)."""
+        problems = []
+        if len(self.offsets) != len(self.ids) + 1 or self.offsets[-1] != rows:
+            problems.append(
+                f"records.json: {len(self.ids)} ids and offsets up to {self.offsets[-1]}, meta.json: {rows} rows"
+            )
+        if int(self.meta.get("records", len(self.ids))) != len(self.ids):
+            problems.append(f"meta.json: {self.meta['records']} records, records.json: {len(self.ids)}")
+        files = {
+            "values.bin": rows * k * np.dtype(self.meta["dtype"]).itemsize,
+            "lse.bin": rows * 4,
+            "targets.bin": rows * 4,
+        }
+        if not self.meta["full_vocab"]:
+            files["indices.bin"] = rows * k * 4
+        for name, size in files.items():
+            f = self.path / name
+            have = f.stat().st_size if f.is_file() else None
+            if have != size:
+                problems.append(
+                    f"{name}: {have if have is not None else 'missing'} bytes, meta.json "
+                    f"(rows={rows}, k={k}, dtype={self.meta['dtype']}) needs {size}"
+                )
+        if problems:
+            raise TeacherCacheError(
+                f"teacher cache {self.path} is inconsistent: "
+                + "; ".join(problems)
+                + ". Rebuild it: tpkit teacher-cache --config <the run's config> --out <dir>"
+            )
 
 
 # what every shard of one cache must agree on
