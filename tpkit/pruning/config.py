@@ -128,6 +128,22 @@ class PruningConfig:
     def enabled(self) -> bool:
         return self.stage1.enabled or self.stage2.enabled
 
+    def check_patches(self, n_patches: int) -> None:
+        """ValueError (naming the key) when stage 1 cannot prune an image of ``n_patches`` patches."""
+        s1 = self.stage1
+        if not s1.enabled:
+            return
+        if s1.min_keep >= n_patches:
+            raise ValueError(
+                f"pruning.stage1.min_keep = {s1.min_keep} but an image of this model has {n_patches} patches: "
+                f"stage 1 would keep every patch. Set it below {n_patches}"
+            )
+        if s1.selector == "budget" and s1.budget >= n_patches:
+            raise ValueError(
+                f"pruning.stage1.budget = {s1.budget} but an image of this model has {n_patches} patches: "
+                f"stage 1 would keep every patch. Set it below {n_patches}"
+            )
+
     def validate(self) -> None:
         if self.bucket < 0:
             raise ValueError(f"bucket = {self.bucket} must be >= 0 (0 = exact lengths)")

@@ -3,6 +3,8 @@ heavy import)."""
 
 from __future__ import annotations
 
+import importlib.util
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +76,9 @@ class DistillConfig:
         return self.alpha > 0 or self.hidden_weight > 0
 
     def validate(self) -> None:
+        for key in ("alpha", "temperature", "jsd_beta", "ce_weight", "hidden_weight"):
+            if not math.isfinite(getattr(self, key)):
+                raise ValueError(f"{key} = {getattr(self, key)} must be a finite number")
         if self.alpha < 0 or self.ce_weight < 0 or self.hidden_weight < 0:
             raise ValueError("alpha, ce_weight and hidden_weight must be >= 0")
         if self.alpha == 0 and self.ce_weight == 0 and self.hidden_weight == 0:
@@ -102,6 +107,10 @@ class OptimConfig:
     grad_clip: float | None = 1.0
 
     def validate(self) -> None:
+        for key in ("lr", "weight_decay", "eps", "grad_clip", "min_lr_ratio"):
+            value = getattr(self, key)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{key} = {value} must be a finite number")
         if self.lr <= 0:
             raise ValueError(f"lr = {self.lr} must be > 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -134,7 +143,12 @@ class TrainerConfig:
     val_every_n_steps: int = 0  # 0 = no validation
     limit_val_batches: int | float = 1.0
     log_every_n_steps: int = 10
-    logger: Literal["csv", "tensorboard", "none"] = "csv"
+    # metrics to out_dir: csv (logs/), tensorboard (tb/; pip install tensorboard), wandb (pip install
+    # wandb; project "tpkit"), mlflow (mlruns/; pip install mlflow), none
+    logger: Literal["csv", "tensorboard", "wandb", "mlflow", "none"] = "csv"
+    # the csv/tensorboard log version (logs/version_N); null: a new run takes the next free one, a
+    # resumed run continues its own
+    log_version: int | None = None
     progress_bar: bool = True
     deterministic: bool = False
     export_at_end: bool = True  # write out_dir/export (adapter + pruning config + processor + card)
@@ -154,6 +168,27 @@ class TrainerConfig:
             raise ValueError(f"deepspeed_stage = {self.deepspeed_stage} must be 1, 2 or 3")
         if self.checkpoint_every_n_steps < 0 or self.val_every_n_steps < 0:
             raise ValueError("checkpoint_every_n_steps and val_every_n_steps must be >= 0")
+        if self.log_version is not None and self.log_version < 0:
+            raise ValueError(f"log_version = {self.log_version} must be >= 0 (or null)")
+        if why := logger_missing(self.logger):
+            raise ValueError(why)
+
+
+# logger -> the packages Lightning's logger needs (any one of them)
+LOGGER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+
+
+def logger_missing(logger: str) -> str | None:
+    """Why ``logger`` cannot run here (its package is not installed), else None."""
+    packages = LOGGER_PACKAGES.get(logger, ())
+    if not packages or any(importlib.util.find_spec(p) is not None for p in packages):
+        return None
+    return (
+        f"logger = {logger!r} needs the {packages[0]} package, which is not installed: pip install "
+        f"{packages[0]}"
+        + (" (or pip install tpkit[tensorboard])" if logger == "tensorboard" else "")
+        + ", or choose logger: csv"
+    )
 
 
 @dataclass

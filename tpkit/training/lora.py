@@ -13,13 +13,18 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from torch import nn
 
+from tpkit.config import ConfigError
 from tpkit.training.config import LoraConfig
 
 __all__ = [
     "peft_lora_config",
     "apply_lora",
     "lora_target_names",
+    "check_lora_size",
 ]
+
+# bytes per trainable LoRA parameter while training: fp32 weight, gradient, two AdamW moments
+_BYTES_PER_PARAM = 16
 
 
 def peft_lora_config(cfg: LoraConfig) -> PeftLoraConfig:
@@ -48,6 +53,42 @@ def lora_target_names(model: torch.nn.Module, target_modules: str | list[str]) -
     return names
 
 
+def _free_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on ``device`` (None: not known)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_lora_size(model: nn.Module, targets: list[str], r: int) -> None:
+    """ConfigError, before anything is allocated, when rank ``r`` cannot help or cannot fit: a rank
+    above a target layer's smaller side adds nothing a full matrix would not, and the adapter's
+    training state must fit in the memory that is free."""
+    modules = dict(model.named_modules())
+    smallest = min(targets, key=lambda n: min(modules[n].in_features, modules[n].out_features))
+    side = min(modules[smallest].in_features, modules[smallest].out_features)
+    if r > side:
+        raise ConfigError(
+            f"lora.r = {r} is larger than the smaller side ({side}) of the target layer {smallest}: a rank above "
+            f"it adds parameters, not capacity. Set lora.r <= {side}"
+        )
+    params = sum(r * (modules[n].in_features + modules[n].out_features) for n in targets)
+    need = params * _BYTES_PER_PARAM
+    device = next(model.parameters()).device
+    free = _free_bytes(device)
+    if free is not None and need > free:
+        raise ConfigError(
+            f"lora.r = {r}: the adapter ({params / 1e6:.1f}M parameters on {len(targets)} layers) needs about "
+            f"{need / 2**30:.1f} GiB for its weights, gradients and AdamW state, and {free / 2**30:.1f} GiB "
+            f"is free on {device}. Lower lora.r or narrow lora.target_modules"
+        )
+
+
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> PeftModel:
     """Wrap ``model`` in a PeftModel: LoRA on the LM (checked: no vision-tower target), base frozen.
 
@@ -55,13 +96,14 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> PeftModel:
     """
     targets = lora_target_names(model, cfg.target_modules)
     if not targets:
-        raise ValueError(f"lora.target_modules {cfg.target_modules!r} matches no Linear layer")
+        raise ConfigError(f"lora.target_modules {cfg.target_modules!r} matches no Linear layer")
     bad = [n for n in targets if "vision_tower" in n]
     if bad:
-        raise ValueError(
+        raise ConfigError(
             f"lora.target_modules {cfg.target_modules!r} hits the vision tower ({bad[0]} and {len(bad) - 1} more):"
             " target the language model by regex, e.g. r'.*language_model.*\\.(q_proj|v_proj)'"
         )
+    check_lora_size(model, targets, cfg.r)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)
         peft_model = get_peft_model(model, peft_lora_config(cfg))
