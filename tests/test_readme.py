@@ -56,3 +56,24 @@ def test_the_config_driven_commands_validate(capsys):
     for argv in runs:
         assert main([*argv, "--print-config"]) == 0, argv
         capsys.readouterr()
+
+
+def test_the_readme_training_runs_do_not_overwrite_each_other():
+    """Run one after another, the README's `tpkit train` lines (less --resume/--overwrite ones) write
+    to different trainer.out_dirs: none would be refused for finding another's run there."""
+    import shlex
+
+    from tpkit.cli import build_parser
+    from tpkit.config import load_config
+    from tpkit.training.config import TrainConfig
+
+    lines = [ln.split("#")[0] for b in _blocks("bash")[1:] for ln in b.splitlines()]
+    out_dirs = []
+    for ln in lines:
+        if not re.match(r"tpkit train ", ln) or "--resume" in ln or "--overwrite" in ln:
+            continue
+        args = build_parser().parse_args(shlex.split(ln)[1:])
+        cfg = load_config(TrainConfig, ROOT / args.config, args.overrides)
+        if cfg.trainer.strategy == "auto":  # the multi-GPU lines are alternatives, not a sequence
+            out_dirs.append(cfg.trainer.out_dir)
+    assert len(out_dirs) >= 2 and len(set(out_dirs)) == len(out_dirs), out_dirs

@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tpkit.config import ConfigError, commented_yaml, load_config, reference_markdown
+from tpkit.config import ConfigError, commented_yaml, load_config, reference_markdown, unwritable_dir
 
 __all__ = ["main", "build_parser", "CONFIG_REFERENCE"]
 
@@ -75,29 +76,76 @@ def _printed(cfg: Any, args: argparse.Namespace) -> bool:
 # train / evaluate / export / teacher-cache
 
 
+def _command(args: argparse.Namespace) -> str:
+    """The command line that ran, as a user would type it again (less --resume and --overwrite)."""
+    argv = [a for a in args.argv if a not in ("--resume", "--overwrite")]
+    if args.prog != "tpkit":  # train.py / evaluate.py: the subcommand is implied
+        return " ".join(["python", args.prog, *map(shlex.quote, argv[1:])])
+    return " ".join(["tpkit", *map(shlex.quote, argv)])
+
+
+def _checkpoint_hint(out: Path, command: str) -> str:
+    """Where an ended run can continue from, when it left a checkpoint."""
+    ckpt = out / "last.ckpt"
+    if not ckpt.is_file():
+        return ""
+    return f"\nthe checkpoint {ckpt} is intact; continue with: {command} --resume"
+
+
 def _train(args: argparse.Namespace) -> int:
     from tpkit.training.config import TrainConfig
+    from tpkit.training.rundir import SKIPPED, new_run_refusal
 
     cfg = _load(TrainConfig, args)
     if _printed(cfg, args):
         return 0
     if why := cfg.model.missing_paths():
         raise _Fail(why)
-    ckpt = Path(cfg.trainer.out_dir) / "last.ckpt"
-    if args.resume and not ckpt.is_file():
-        raise _Fail(f"--resume: no checkpoint at {ckpt}")
+    out = Path(cfg.trainer.out_dir)
+    command = _command(args)
+    if args.resume and args.overwrite:
+        raise _Fail("--resume continues the run in trainer.out_dir, --overwrite removes it: give one")
+    if args.resume and not (out / "last.ckpt").is_file():
+        raise _Fail(f"--resume: no checkpoint at {out / 'last.ckpt'}; start the run without --resume")
+    if not args.resume and not args.overwrite and (why := new_run_refusal(out, command)):
+        raise _Fail(why)
+    if why := unwritable_dir(out, "trainer.out_dir"):
+        raise _Fail(why)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from tpkit.training.recipe import fit  # lazy: lightning, peft and transformers take seconds
+    # lazy: lightning, peft and transformers take seconds
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from tpkit.data.errors import LlavaDataError
+    from tpkit.training.checkpoint import CheckpointError, TrainingStopped
+    from tpkit.training.module import NonFiniteError
+    from tpkit.training.recipe import fit
+    from tpkit.training.rundir import RunDirError
     from tpkit.training.teacher_cache.cache import TeacherCacheError
 
+    rank0 = rank_zero_only.rank == 0  # under ddp every rank runs this command
     try:
-        res = fit(cfg, resume=args.resume)
-    except TeacherCacheError as e:
+        res = fit(cfg, resume=args.resume, overwrite=args.overwrite)
+    except TrainingStopped as e:
+        if rank0:
+            print(f"{e}\ncontinue with: {command} --resume", file=sys.stderr)
+        return 128 + e.signum
+    except LlavaDataError as e:  # at batch time: the state before the batch was saved
+        hint = _checkpoint_hint(out, command)
+        raise _Fail(
+            f"{e}{hint} (once the record is fixed, or with --set data.on_error=skip)" if hint else str(e)
+        ) from None
+    except (RunDirError, TeacherCacheError, ConfigError, NonFiniteError, CheckpointError) as e:
         raise _Fail(str(e)) from None
-    if res.module.global_rank == 0:  # under ddp every rank runs this command
-        print(
-            f"done: step {int(res.metrics['global_step'])}, checkpoint {res.checkpoint}, export {res.export_dir}"
-        )
+    except BaseException:
+        if rank0 and (hint := _checkpoint_hint(out, command)):
+            print(f"training ended with an error (below).{hint}", file=sys.stderr)
+        raise
+    if rank0:
+        ckpt = f"checkpoint {res.checkpoint}" if res.checkpoint.is_file() else "no checkpoint"
+        print(f"done: step {int(res.metrics['global_step'])}, {ckpt}, export {res.export_dir}")
+        if (out / SKIPPED).is_file():
+            n = sum(1 for _ in open(out / SKIPPED))
+            print(f"skipped {n} bad records (data.on_error: skip), each listed in {out / SKIPPED}")
     return 0
 
 
@@ -142,11 +190,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from tpkit.training.export import export_checkpoint  # lazy: peft and transformers take seconds
+    from tpkit.training.checkpoint import CheckpointError  # lazy: peft and transformers take seconds
+    from tpkit.training.export import export_checkpoint
 
     try:
         out = export_checkpoint(args.ckpt, args.out, config=args.config, merged=args.merged)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, CheckpointError) as e:
         raise _Fail(str(e)) from None
     print(f"exported {args.ckpt} -> {out}")
     return 0
@@ -166,6 +215,12 @@ def _teacher_cache(args: argparse.Namespace) -> int:
     cfg = _load(TrainConfig, args)
     if _printed(cfg, args):
         return 0
+    if cfg.distill.hidden_weight > 0:
+        print(
+            f"note: the cache holds the teacher's answer logits only; training with it needs "
+            f"--set distill.hidden_weight=0 (this config has {cfg.distill.hidden_weight:g})",
+            file=sys.stderr,
+        )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from tpkit.training.teacher_cache.build import build_teacher_cache  # lazy: start-up time
     from tpkit.training.teacher_cache.cache import TeacherCacheError
@@ -379,7 +434,17 @@ def build_parser(prog: str = "tpkit") -> argparse.ArgumentParser:
 
     p = command("train", _train, "fine-tune LoRA with the pruner in the forward path and distillation")
     _config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from <trainer.out_dir>/last.ckpt")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in trainer.out_dir from its last.ckpt (refused when the config changes what "
+        "the run computes: model, data, pruning, LoRA, loss, optimizer, seed)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in a trainer.out_dir that holds one, removing its checkpoint, export and logs",
+    )
 
     p = command("evaluate", _evaluate, "compare dense, ours and baselines: accuracy, tokens, speed, FLOPs")
     _config_args(p, required=False)
@@ -483,7 +548,9 @@ def build_parser(prog: str = "tpkit") -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, prog: str = "tpkit") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(prog).parse_args(argv)
+    args.argv, args.prog = argv, prog
     try:
         return args.func(args)
     except _Fail as e:

@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import inspect
 import io
+import os
 import re
 import textwrap
 import tokenize
@@ -45,6 +46,7 @@ __all__ = [
     "field_docs",
     "commented_yaml",
     "reference_markdown",
+    "unwritable_dir",
 ]
 
 
@@ -283,6 +285,20 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             lines.pop(item.split("=", 1)[0].strip(), None)
         source = f"{source} (with --set)" if source else "--set"
     return _from_dict(cls, data, "", _Where(source, lines))
+
+
+def unwritable_dir(path: str | Path, key: str) -> str | None:
+    """Why the output directory ``path`` (config key ``key``) cannot be written, else None: checked
+    before a run starts, not when its first file is due. Creates the directory."""
+    d = Path(path)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".tpkit-write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return f"{key} = {str(path)!r} cannot be written ({e.strerror or e}): choose another directory"
+    return None
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:

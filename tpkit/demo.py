@@ -193,7 +193,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         labels["plain"] = f"fine-tune plain pruned LoRA (alpha=0, {cfg.max_steps} steps)"
     exports: dict[str, Path] = {}
     for key, tcfg in runs.items():
-        res = step(labels[key], fit, tcfg)
+        # the demo owns its out_dir: a second demo starts its runs afresh (it says what it removed)
+        res = step(labels[key], lambda c: fit(c, overwrite=True), tcfg)
         if res.export_dir is None:
             raise RuntimeError(f"training run {key!r} ended without an export (interrupted?)")
         exports[key] = Path(res.export_dir)

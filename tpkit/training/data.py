@@ -9,8 +9,10 @@ produced — Lightning fetches one batch ahead.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -20,9 +22,23 @@ from torch.utils.data import DataLoader, Sampler
 
 from tpkit.data.collator import LlavaCollator
 from tpkit.data.config import DataConfig
+from tpkit.data.errors import RecordError, write_skipped
 from tpkit.data.llava_json import load_llava_json
+from tpkit.training.rundir import RunDirError
 
-__all__ = ["ResumableSampler", "ResumableDataLoader", "LlavaDataModule"]
+__all__ = ["ResumableSampler", "ResumableDataLoader", "LlavaDataModule", "ids_fingerprint"]
+
+
+def ids_fingerprint(dataset: Sequence) -> str | None:
+    """A short hash of the dataset's record ids in order (None: records without ids)."""
+    cols = getattr(dataset, "column_names", None)
+    if cols is not None:
+        ids = dataset["id"] if "id" in cols else None
+    else:
+        ids = [r.get("id") if isinstance(r, dict) else None for r in dataset]
+    if not ids or any(i is None for i in ids):
+        return None
+    return hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()[:16]
 
 
 class ResumableSampler(Sampler[int]):
@@ -43,6 +59,7 @@ class ResumableSampler(Sampler[int]):
         num_replicas: int = 1,
         rank: int = 0,
         drop_last: bool = False,
+        fingerprint: str | None = None,
     ) -> None:
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} not in [0, {num_replicas})")
@@ -52,6 +69,7 @@ class ResumableSampler(Sampler[int]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.drop_last = drop_last
+        self.fingerprint = fingerprint  # of the dataset's record ids: a resume must see the same data
         self.epoch = 0
         self.consumed = 0
         self.in_flight = 0
@@ -96,12 +114,32 @@ class ResumableSampler(Sampler[int]):
         self.consumed += self.in_flight
         self.in_flight = 0
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "n": self.n}
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "consumed": self.consumed,
+            "seed": self.seed,
+            "n": self.n,
+            "world": self.num_replicas,
+            "fingerprint": self.fingerprint,
+        }
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("n", self.n) != self.n:
-            raise ValueError(f"checkpoint sampler saw {state['n']} samples, the dataset has {self.n}")
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("n", self.n) != self.n or state.get("fingerprint") not in (None, self.fingerprint):
+            raise RunDirError(
+                f"--resume: the checkpoint was trained on {state['n']} training records, the training data "
+                f"now has {self.n}"
+                + (" (other records)" if state["n"] == self.n else "")
+                + ": a resumed run "
+                "must read the data it started with. Restore that data, or start a new run (--overwrite, "
+                "or another trainer.out_dir)"
+            )
+        if state.get("world", self.num_replicas) != self.num_replicas:
+            raise RunDirError(
+                f"--resume: the checkpoint was written by {state['world']} processes (devices x nodes), this "
+                f"run has {self.num_replicas}: the data order is sharded by process, so a run resumes on as "
+                f"many (set trainer.devices / trainer.num_nodes to give {state['world']})"
+            )
         self.epoch = int(state["epoch"])
         self.consumed = int(state["consumed"])
         self.in_flight = 0
@@ -118,15 +156,19 @@ class ResumableDataLoader(DataLoader):
         n = len(self.sampler)
         return n // bs if self.drop_last else math.ceil(n / bs)
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state)
 
 
 class LlavaDataModule(L.LightningDataModule):
-    """LLaVA conversation-JSON train/val data; datasets and collate can be injected (tests)."""
+    """LLaVA conversation-JSON train/val data; datasets and collate can be injected (tests).
+
+    With ``data.on_error: skip`` every skipped record, at load time and at batch time (an image that
+    does not decode), is appended to ``skipped_path`` (one JSON line each) and counted in a warning.
+    """
 
     def __init__(
         self,
@@ -137,6 +179,7 @@ class LlavaDataModule(L.LightningDataModule):
         train_dataset: Sequence | None = None,
         val_dataset: Sequence | None = None,
         collate_fn: Callable | None = None,
+        skipped_path: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -145,7 +188,9 @@ class LlavaDataModule(L.LightningDataModule):
         self.train_dataset = train_dataset
         self.val_dataset = val_dataset
         self.collate_fn = collate_fn
+        self.skipped_path = None if skipped_path is None else Path(skipped_path)
         self.train_sampler: ResumableSampler | None = None
+        self.n_skipped = 0
 
     def _load(self, path: str | None) -> Any:
         if path is None:
@@ -156,17 +201,35 @@ class LlavaDataModule(L.LightningDataModule):
             image_folder=self.cfg.image_folder,
             on_error=self.cfg.on_error,
             check_images=self.cfg.check_images,
+            confine_images=self.cfg.confine_images,
+            duplicate_ids=self.cfg.duplicate_ids,
             processor=self.processor,
             max_length=self.cfg.max_length,
         )
-        if getattr(report, "errors", None):
-            first = report.errors[0]
-            rank_zero_warn(f"{path}: skipped {len(report.errors)} bad records (first: {first})")
+        if report.errors:
+            self.report_skipped(report.errors, path, stage="load")
+        if report.renamed:
+            n = sum(map(len, report.renamed.values()))
+            rank_zero_warn(f"{path}: {n} records of {len(report.renamed)} duplicate ids renamed (id#2, ...)")
         return ds
+
+    def report_skipped(self, errors: list[RecordError], source: str | None = None, **where: Any) -> None:
+        """Count and list skipped records (``where``: stage, step, ... of each line)."""
+        source = source or str(self.cfg.train_json)
+        self.n_skipped += len(errors)
+        listed = ""
+        if self.skipped_path is not None:
+            write_skipped(self.skipped_path, source, errors, **where)
+            listed = f"; every skipped record is listed in {self.skipped_path}"
+        shown = "; ".join(str(e) for e in errors[:3]) + (" ..." if len(errors) > 3 else "")
+        stage = where.get("stage", "")
+        rank_zero_warn(f"{source}: skipped {len(errors)} bad records at {stage} time ({shown}){listed}")
 
     def setup(self, stage: str | None = None) -> None:
         if self.collate_fn is None:
-            self.collate_fn = LlavaCollator(self.processor, max_length=self.cfg.max_length, mode="train")
+            self.collate_fn = LlavaCollator(
+                self.processor, max_length=self.cfg.max_length, mode="train", on_error=self.cfg.on_error
+            )
         if self.train_dataset is None:
             self.train_dataset = self._load(self.cfg.train_json)
         if self.val_dataset is None:
@@ -187,6 +250,7 @@ class LlavaDataModule(L.LightningDataModule):
             num_replicas=world,
             rank=rank,
             drop_last=True,
+            fingerprint=ids_fingerprint(self.train_dataset),
         )
         self.train_sampler = sampler
         g = torch.Generator()  # the loader's base seed must not draw from the global RNG stream

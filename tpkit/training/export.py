@@ -22,8 +22,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from tpkit.config import to_dict
 from tpkit.models.core.attach import detach_pruner
 from tpkit.models.loading import (
@@ -34,6 +32,7 @@ from tpkit.models.loading import (
     load_processor_for,
     resolve_dtype,
 )
+from tpkit.training.checkpoint import CheckpointError, load_checkpoint
 from tpkit.training.config import load_train_config
 from tpkit.training.lora import apply_lora
 
@@ -137,10 +136,15 @@ def export_checkpoint(
     config: str | Path | None = None,
     merged: bool = False,
 ) -> Path:
-    """Rebuild the student from the run's ``config.yaml``, load the checkpoint's trainable tensors, export."""
+    """Rebuild the student from the run's ``config.yaml``, load the checkpoint's trainable tensors, export.
+
+    The checkpoint is read first, tensors and plain containers only (``weights_only``): a crafted
+    file is refused before any model work and runs nothing.
+    """
     ckpt = Path(ckpt)
     if not ckpt.is_file():
         raise FileNotFoundError(f"no checkpoint at {ckpt}")
+    state = load_checkpoint(ckpt)
     config = Path(config) if config else ckpt.parent / "config.yaml"
     cfg = load_train_config(config)
     run_processor = ckpt.parent / "processor"  # saved by the run
@@ -149,14 +153,20 @@ def export_checkpoint(
     )
     base = load_base_model(cfg.model, dtype=resolve_dtype(cfg.model.dtype, "cpu"), processor=processor)
     peft_model = apply_lora(base, cfg.lora)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
     sd = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
-    missing, unexpected = peft_model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = peft_model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shapes: the checkpoint was trained with another lora / model config
+        first = str(e).strip().splitlines()[1:2] or [str(e)[:300]]
+        raise CheckpointError(
+            f"{ckpt}: its tensors do not fit the model {config} describes ({first[0].strip()}): export it "
+            "with the config of the run that wrote it (--config)"
+        ) from None
     if unexpected:
-        raise RuntimeError(f"{ckpt}: unexpected tensors {unexpected[:3]}")
+        raise CheckpointError(f"{ckpt}: tensors that {config} does not make, e.g. {unexpected[:3]}")
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     lacking = trainable - set(sd)
     if lacking:
-        raise RuntimeError(f"{ckpt}: lacks trainable tensors, e.g. {sorted(lacking)[0]}")
+        raise CheckpointError(f"{ckpt}: lacks trainable tensors of {config}, e.g. {sorted(lacking)[0]}")
     metrics = {"global_step": float(state.get("global_step", 0))}
     return export_adapter(peft_model, cfg, out_dir, processor=processor, metrics=metrics, merged=merged)

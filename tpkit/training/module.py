@@ -24,7 +24,16 @@ from tpkit.training.config import DistillConfig, OptimConfig
 from tpkit.training.losses import answer_ce, distill_rows, distill_rows_topk, hidden_cosine
 from tpkit.training.teacher_cache.cache import TeacherCache, TeacherCacheError, answer_ranks
 
-__all__ = ["DistillLoRAModule", "lr_lambda", "reuse_tower_output"]
+__all__ = ["DistillLoRAModule", "NonFiniteError", "lr_lambda", "reuse_tower_output"]
+
+
+def _batch_size(batch: dict) -> int:
+    """Records in a batch (0: every record was skipped at collation, ``data.on_error: skip``)."""
+    return len(batch["ids"]) if "ids" in batch else int(batch["input_ids"].shape[0])
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or weights: stopped before it is saved or exported."""
 
 
 @contextlib.contextmanager
@@ -241,15 +250,38 @@ class DistillLoRAModule(L.LightningModule):
     # Lightning hooks
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        parts = self.losses(batch)
-        bs = batch["input_ids"].shape[0]
         dm = getattr(self.trainer, "datamodule", None)
+        skipped = batch.get("skipped") or []
         if dm is not None and hasattr(dm, "mark_in_flight"):
-            dm.mark_in_flight(bs)  # committed to the loader's resume position at batch end
+            # committed to the loader's resume position at batch end: every record the sampler gave,
+            # skipped ones too
+            dm.mark_in_flight(_batch_size(batch) + len(skipped))
+        if skipped and dm is not None and hasattr(dm, "report_skipped"):
+            dm.report_skipped(skipped, stage="batch", step=self.trainer.global_step)
+        if not _batch_size(batch):
+            # every record was skipped: a zero loss that reaches every trainable tensor, so that all
+            # ranks of a DDP run still take part in the same gradient all-reduce
+            return sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
+        parts = self.losses(batch)
+        self.check_finite(parts)
+        bs = batch["input_ids"].shape[0]
         for k, v in parts.items():
             self.log(f"train/{k}", v, prog_bar=k in ("loss", "kd", "kept_frac", "acc"), batch_size=bs)
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=False, batch_size=bs)
         return parts["loss"]
+
+    def check_finite(self, parts: dict[str, torch.Tensor]) -> None:
+        """Stop on a non-finite loss, on every rank at once (one host sync per step)."""
+        ok = torch.isfinite(parts["loss"].detach()).float()
+        if self.trainer.world_size > 1:
+            ok = self.trainer.strategy.reduce(ok, reduce_op="min")
+        if not bool(ok):
+            terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items() if v.numel() == 1)
+            raise NonFiniteError(
+                f"non-finite loss at step {self.trainer.global_step} ({terms}): training diverged. Nothing "
+                f"of this step is saved; lower optim.lr (now {self.optim.lr:g}) or check the data, and start "
+                "again (the last checkpoint holds the state before it)"
+            )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._t_last is None:
@@ -259,11 +291,13 @@ class DistillLoRAModule(L.LightningModule):
         now = time.perf_counter()
         dt = now - (self._t_last or now)
         self._t_last = now
-        if dt > 0:
-            sps = batch["input_ids"].shape[0] * self.trainer.world_size / dt
-            self.log("train/samples_per_s", sps, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        bs = _batch_size(batch)
+        if dt > 0 and bs:
+            self.log("train/samples_per_s", bs * self.trainer.world_size / dt, prog_bar=True, batch_size=bs)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if not _batch_size(batch):  # every record of the batch was skipped (data.on_error: skip)
+            return
         parts = self.losses(batch)
         bs = batch["input_ids"].shape[0]
         for k, v in parts.items():
@@ -298,6 +332,14 @@ class DistillLoRAModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         names = self._trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
+        bad = [
+            k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not v.isfinite().all()
+        ]
+        if bad:  # raised before the file is written: the previous checkpoint stays
+            raise NonFiniteError(
+                f"non-finite weights at step {checkpoint.get('global_step')} ({len(bad)} tensors, e.g. {bad[0]}): "
+                "training diverged; not saved. Lower optim.lr and start again"
+            )
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()

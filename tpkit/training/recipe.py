@@ -2,31 +2,47 @@
 
 ``tpkit train`` (and ``train.py``) only parse arguments and call :func:`fit`. Lifecycle
 (torchtune-style): :func:`tpkit.training.config.load_train_config` (all config errors, before
-anything heavy), :func:`build_student`, :func:`build_module`, :func:`build_datamodule`,
+anything heavy), :func:`check_run_dir` (no run overwritten or mixed with another, before any model
+work), :func:`build_student`, :func:`build_module`, :func:`build_datamodule`,
 :func:`build_trainer`, :func:`fit`.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+import yaml
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from tpkit.config import save_config
+from tpkit.config import ConfigError, from_dict, save_config, to_dict
+from tpkit.models.checks import check_pruning_fits
 from tpkit.models.families import attach_pruner
 from tpkit.models.loading import load_base_model, load_processor_for, resolve_dtype
-from tpkit.training.checkpoint import LAST, AtomicCheckpointIO, LastCheckpoint
+from tpkit.training.checkpoint import LAST, AtomicCheckpointIO, LastCheckpoint, load_checkpoint
 from tpkit.training.config import TrainConfig
+from tpkit.training.console import ContinuedCSVLogger, StepProgressBar, log_version, quiet_dependencies
 from tpkit.training.data import LlavaDataModule
 from tpkit.training.export import export_adapter
 from tpkit.training.lora import apply_lora
 from tpkit.training.module import DistillLoRAModule
+from tpkit.training.rundir import (
+    CONFIG,
+    SKIPPED,
+    RunDirError,
+    clear_run,
+    new_run_refusal,
+    remove_stale_tmp,
+    resume_changes,
+)
 from tpkit.training.teacher_cache.cache import TeacherCache
 
 __all__ = [
+    "check_run_dir",
     "build_student",
     "build_module",
     "build_datamodule",
@@ -52,6 +68,8 @@ def build_student(
     if base is None:
         device = "cuda" if _on_gpu(cfg) else "cpu"
         base = load_base_model(cfg.model, dtype=resolve_dtype(cfg.model.dtype, device), processor=processor)
+    if cfg.pruning.enabled:
+        check_pruning_fits(base, cfg.pruning)
     peft_model = apply_lora(base, cfg.lora)
     if cfg.pruning.enabled:
         attach_pruner(peft_model.get_base_model(), cfg.pruning)
@@ -78,6 +96,7 @@ def build_module(cfg: TrainConfig, peft_model: Any, pruning_attached: bool) -> D
 
 
 def build_datamodule(cfg: TrainConfig, processor: Any, **kwargs: Any) -> LlavaDataModule:
+    kwargs.setdefault("skipped_path", Path(cfg.trainer.out_dir) / SKIPPED)
     return LlavaDataModule(cfg.data, processor, seed=cfg.trainer.seed, **kwargs)
 
 
@@ -116,20 +135,42 @@ def _precision(cfg: TrainConfig) -> str:
     return "32-true" if p == "32" else p
 
 
-def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, **overrides: Any) -> L.Trainer:
+def _logger(cfg: TrainConfig, resume_step: int | None) -> Any:
     t = cfg.trainer
     out = Path(t.out_dir)
-    callbacks: list = [LastCheckpoint(out, t.checkpoint_every_n_steps), *(extra_callbacks or [])]
-    if t.logger == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        logger: Any = CSVLogger(str(out), name="logs")  # logs/version_N: a resumed run keeps the old logs
-    elif t.logger == "tensorboard":
+    resume = resume_step is not None
+    if t.logger == "csv":  # logs/version_N; a resumed run continues its own version
+        version = log_version(out / "logs", t.log_version, resume)
+        return ContinuedCSVLogger(str(out), "logs", version, resume_step if resume else None)
+    if t.logger == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        logger = TensorBoardLogger(str(out), name="tb")
-    else:
-        logger = False
+        return TensorBoardLogger(str(out), name="tb", version=log_version(out / "tb", t.log_version, resume))
+    if t.logger == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        return WandbLogger(project="tpkit", name=out.name, save_dir=str(out))
+    if t.logger == "mlflow":
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        return MLFlowLogger(
+            experiment_name="tpkit", run_name=out.name, tracking_uri=(out / "mlruns").resolve().as_uri()
+        )
+    return False
+
+
+def build_trainer(
+    cfg: TrainConfig, extra_callbacks: list | None = None, resume_step: int | None = None, **overrides: Any
+) -> L.Trainer:
+    """The Lightning Trainer of ``cfg``; ``resume_step``: the step of the checkpoint a resumed run
+    starts from (its metrics log continues from there)."""
+    t = cfg.trainer
+    out = Path(t.out_dir)
+    callbacks: list = [LastCheckpoint(out, t.checkpoint_every_n_steps, run_config=to_dict(cfg))]
+    if t.progress_bar:
+        callbacks.append(StepProgressBar())
+    callbacks += extra_callbacks or []
+    logger = _logger(cfg, resume_step)
     strategy = _strategy(cfg)
     kwargs: dict[str, Any] = dict(
         default_root_dir=str(out),
@@ -170,33 +211,109 @@ class TrainResult:
     module: DistillLoRAModule
 
 
+def _saved_config(ckpt_state: dict, out: Path) -> dict | None:
+    """The config a checkpoint was written with (older checkpoints: the run's config.yaml), with
+    today's defaults for keys it predates."""
+    saved = ckpt_state.get("tpkit_config")
+    if saved is None and (out / CONFIG).is_file():
+        saved = yaml.safe_load((out / CONFIG).read_text())
+    if saved is None:
+        return None
+    try:
+        return to_dict(from_dict(TrainConfig, saved))
+    except ConfigError:
+        return saved
+
+
+def check_run_dir(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> int | None:
+    """Refuse what would overwrite a run or mix two (before any model work); returns the step a
+    resumed run starts from (None: a new run). ``overwrite`` removes an old run's files first."""
+    out = Path(cfg.trainer.out_dir)
+    rank0 = rank_zero_only.rank == 0
+    ckpt = out / LAST
+    if resume and overwrite:
+        raise RunDirError("--resume continues the run in trainer.out_dir, --overwrite removes it: give one")
+    if not resume:
+        if why := new_run_refusal(out):
+            if not overwrite:
+                raise RunDirError(why)
+            if rank0:
+                print(f"--overwrite: removed {', '.join(clear_run(out))} from {out}", file=sys.stderr)
+        return None
+    if not ckpt.is_file():
+        raise RunDirError(
+            f"--resume: no checkpoint at {ckpt} (a run writes it every trainer.checkpoint_every_n_steps); "
+            "start the run without --resume"
+        )
+    state = load_checkpoint(ckpt)
+    step = int(state.get("global_step", 0))
+    saved = _saved_config(state, out)
+    if saved is not None:
+        refused, accepted = resume_changes(saved, to_dict(cfg))
+        if refused:
+            raise RunDirError(
+                f"--resume: {ckpt} (step {step}) was trained with another config; these changes would make "
+                "the resumed run not the run that was started:\n  " + "\n  ".join(refused) + "\nResume "
+                "with the run's own values (they are in the checkpoint and in "
+                f"{out / CONFIG}), or start a new run (--overwrite, or another trainer.out_dir)"
+            )
+        if cfg.trainer.max_steps <= step:
+            raise RunDirError(
+                f"--resume: {ckpt} is at step {step} and trainer.max_steps = {cfg.trainer.max_steps}: nothing "
+                f"left to train (a longer run: --set trainer.max_steps=N with N > {step})"
+            )
+        if accepted and rank0:
+            print(f"resuming from step {step} with changes: " + "; ".join(accepted), file=sys.stderr)
+    if rank0:
+        remove_stale_tmp(out)
+    return step
+
+
+class _RunFiles(L.Callback):
+    """Writes the run's config.yaml and processor once training starts: after a resumed run's
+    checkpoint was accepted and restored, never before (a refused resume changes nothing)."""
+
+    def __init__(self, cfg: TrainConfig, processor: Any) -> None:
+        self.cfg, self.processor = cfg, processor
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            out = Path(self.cfg.trainer.out_dir)
+            save_config(self.cfg, out / CONFIG)
+            self.processor.save_pretrained(str(out / "processor"))  # the run's exact processor, for export
+
+
 def fit(
     cfg: TrainConfig,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     processor: Any = None,
     base: torch.nn.Module | None = None,
     datamodule: LlavaDataModule | None = None,
     callbacks: list | None = None,
     trainer_overrides: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Run the recipe. ``resume`` continues from ``out_dir/last.ckpt`` (error if it is missing)."""
+    """Run the recipe. ``resume`` continues from ``out_dir/last.ckpt`` (refused when it is missing or
+    the config changed what the run computes); a new run into an ``out_dir`` that holds one is
+    refused unless ``overwrite``. Raises :class:`tpkit.training.checkpoint.TrainingStopped` when a
+    stop was requested (Ctrl-C, SIGTERM), after the checkpoint was saved."""
     out = Path(cfg.trainer.out_dir)
     ckpt = out / LAST
-    if resume and not ckpt.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}")
-    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    if processor is None:
-        processor = load_processor_for(cfg.model)
-    peft_model, attached = build_student(cfg, processor, base=base)
-    module = build_module(cfg, peft_model, attached)
-    dm = datamodule or build_datamodule(cfg, processor)
-    trainer = build_trainer(cfg, extra_callbacks=callbacks, **(trainer_overrides or {}))
-    if trainer.is_global_zero:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        processor.save_pretrained(str(out / "processor"))  # the run's exact processor, for export
-    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if resume else None)
+    resume_step = check_run_dir(cfg, resume=resume, overwrite=overwrite)
+    with quiet_dependencies():
+        L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+        if processor is None:
+            processor = load_processor_for(cfg.model)
+        peft_model, attached = build_student(cfg, processor, base=base)
+        module = build_module(cfg, peft_model, attached)
+        dm = datamodule or build_datamodule(cfg, processor)
+        extra = [_RunFiles(cfg, processor), *(callbacks or [])]
+        trainer = build_trainer(
+            cfg, extra_callbacks=extra, resume_step=resume_step, **(trainer_overrides or {})
+        )
+        # weights_only: a checkpoint is tensors and plain containers; nothing else is unpickled
+        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if resume else None, weights_only=True)
     metrics = {
         k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
     }

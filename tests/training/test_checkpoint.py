@@ -1,0 +1,198 @@
+"""Checkpoints under real faults, in a real ``tpkit train`` process: SIGKILL while a checkpoint is
+being written (the previous one stays whole, the resumed run equals an uninterrupted one, the
+writer's temporary file is cleaned), SIGTERM and Ctrl-C (a save, a non-zero exit, the command to
+continue), and no entry point unpickles anything but tensors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tpkit.config import from_dict
+from tpkit.models.loading import load_exported
+from tpkit.training.checkpoint import CheckpointError
+from tpkit.training.config import TrainConfig
+from tpkit.training.recipe import fit
+
+from .conftest import tiny_cfg_dict
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Runs `tpkit train` in this process after two test hooks: every optimizer step takes at least
+# STEP_S seconds (time for the test to act), and the checkpoint of step HOLD_AT is written to its
+# temporary file, then the writer waits (a kill lands mid-write). Each event writes a marker file.
+DRIVER = """
+import os, sys, time, torch
+torch.set_num_threads(1)
+from tpkit.training import checkpoint
+marks, hold_at, step_s = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+real_save, real_end = torch.save, checkpoint.LastCheckpoint.on_train_batch_end
+
+def save(obj, f, *a, **k):
+    real_save(obj, f, *a, **k)
+    if isinstance(obj, dict) and obj.get("global_step") == hold_at:
+        f.flush()
+        open(os.path.join(marks, "writing"), "w").close()
+        time.sleep(600)
+
+def batch_end(self, trainer, *a):
+    real_end(self, trainer, *a)
+    open(os.path.join(marks, f"step{trainer.global_step}"), "w").close()
+    time.sleep(step_s)
+
+checkpoint.torch.save = save
+checkpoint.LastCheckpoint.on_train_batch_end = batch_end
+from tpkit.cli import main
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+def _start(tmp_path: Path, cfg_path: Path, *extra: str, hold_at: int = -1, step_s: float = 0.0):
+    marks = tmp_path / "marks"
+    marks.mkdir(exist_ok=True)
+    for m in marks.iterdir():
+        m.unlink()
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [
+        sys.executable,
+        str(driver),
+        str(marks),
+        str(hold_at),
+        str(step_s),
+        "train",
+        "--config",
+        str(cfg_path),
+        *extra,
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, marks
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t0 = time.monotonic()
+    while not path.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before {path.name}: {proc.stderr.read()[-3000:]}")
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            pytest.fail(f"no {path.name} after {timeout} s")
+        time.sleep(0.05)
+
+
+def _config(
+    train_json: Path, tmp_path: Path, processor, out: str = "run", **trainer
+) -> tuple[Path, TrainConfig]:
+    processor.save_pretrained(str(tmp_path / "proc"))
+    trainer = {"max_steps": 6, "checkpoint_every_n_steps": 2, **trainer}
+    d = tiny_cfg_dict(train_json, tmp_path / out, trainer=trainer)
+    d["model"]["processor_path"] = str(tmp_path / "proc")
+    path = tmp_path / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path, from_dict(TrainConfig, d)
+
+
+def test_sigkill_while_writing_a_checkpoint_then_resume_is_exact(train_json, processor, tmp_path):
+    cfg_path, cfg = _config(train_json, tmp_path, processor)
+    proc, marks = _start(tmp_path, cfg_path, hold_at=4)
+    _wait_for(marks / "writing", proc)
+    tmp = list((tmp_path / "run").glob(".last.ckpt.tmp*"))
+    assert len(tmp) == 1 and tmp[0].stat().st_size > 0  # step 4's checkpoint, whole but not yet in place
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    ckpt = torch.load(tmp_path / "run" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2  # the previous checkpoint, intact
+    resumed = fit(cfg, resume=True, processor=processor)
+    assert resumed.metrics["global_step"] == 6
+    assert not list((tmp_path / "run").glob(".last.ckpt.tmp*"))  # the killed writer's file is gone
+    ref = fit(_config(train_json, tmp_path, processor, out="ref")[1], processor=processor)
+    for (name, a), (_, b) in zip(
+        ref.module.model.named_parameters(), resumed.module.model.named_parameters()
+    ):
+        if a.requires_grad:
+            torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stopped_run_saves_exits_non_zero_and_says_how_to_continue(train_json, processor, tmp_path, sig):
+    cfg_path, _ = _config(
+        train_json,
+        tmp_path,
+        processor,
+        export_at_end=True,
+        checkpoint_every_n_steps=0,
+        progress_bar=True,
+        logger="csv",
+        log_every_n_steps=1,
+    )
+    proc, marks = _start(tmp_path, cfg_path, step_s=1.0)
+    _wait_for(marks / "step2", proc)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err[-3000:]
+    assert f"stopped by {signal.Signals(sig).name} after step" in err
+    assert f"continue with: tpkit train --config {cfg_path} --resume" in err
+    step = torch.load(tmp_path / "run" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    assert 2 <= step < 6 and not (tmp_path / "run" / "export").exists()
+    # what the user reads before the bar: none of the dependency warnings they cannot act on
+    for noise in ("LeafSpec", "Tip:", "is_gradient_checkpointing", "v_num", "Epoch 0/"):
+        assert noise not in err, noise
+    assert "train:" in err and "/6" in err  # the bar counts the run's optimizer steps
+    # the printed command continues the run to the end, its bar from the saved step
+    proc, _ = _start(tmp_path, cfg_path, "--resume")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "done: step 6" in out and (tmp_path / "run" / "export").is_dir()
+    assert f" {step}/6 " in err.replace("\r", "\n") or f"{step}/6" in err
+    # one metrics log for the run, continued: each step once, in order
+    assert [p.name for p in (tmp_path / "run" / "logs").iterdir()] == ["version_0"]
+    rows = (tmp_path / "run" / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    steps = [int(r.split(",")[rows[0].split(",").index("step")]) for r in rows[1:]]
+    assert steps == list(range(6))
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = Path("/tmp/tpkit_crafted_checkpoint_ran")
+
+
+def _crafted(path: Path) -> Path:
+    """A checkpoint-looking file whose unpickling runs a shell command."""
+    MARKER.unlink(missing_ok=True)
+    torch.save({"state_dict": {}, "global_step": 1, "tpkit_config": {}, "x": _Boom()}, path)
+    return path
+
+
+def test_no_entry_point_unpickles_a_crafted_checkpoint(make_cfg, processor, tmp_path, capsys):
+    from tpkit.cli import main
+
+    cfg = make_cfg()
+    fit(cfg, processor=processor)
+    out = Path(cfg.trainer.out_dir)
+    _crafted(out / "last.ckpt")
+    assert main(["export", "--ckpt", str(out / "last.ckpt"), "--out", str(tmp_path / "exp")]) == 2
+    assert "refused - it holds objects other than tensors" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="weights_only"):
+        fit(cfg, resume=True, processor=processor)
+    assert not MARKER.exists()
+    # an export whose adapter weights are a pickle (adapter_model.bin): peft reads it weights_only too
+    res = fit(
+        make_cfg(trainer={"out_dir": str(tmp_path / "run2"), "export_at_end": True}), processor=processor
+    )
+    (res.export_dir / "adapter_model.safetensors").unlink()
+    _crafted(res.export_dir / "adapter_model.bin")
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        load_exported(res.export_dir)
+    assert not MARKER.exists()

@@ -1,0 +1,133 @@
+"""The run directory: no run is overwritten silently, a resume that would mix two runs is refused
+(naming the keys) before any model work and without touching the run, safe changes are announced."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tpkit.cli import main
+from tpkit.training.rundir import RESUME_SAFE_KEYS, new_run_refusal, remove_stale_tmp, resume_changes
+
+from .conftest import tiny_cfg_dict
+
+
+@pytest.fixture
+def run(train_json, processor, tmp_path):
+    """A finished 4-step run (checkpoint at 2 and 4, export) through the command line, and its config file."""
+    processor.save_pretrained(str(tmp_path / "proc"))
+    data = tmp_path / "train.json"  # a copy this test may change; the images stay where they are
+    data.write_text(train_json.read_text())
+    d = tiny_cfg_dict(data, tmp_path / "run", trainer={"export_at_end": True})
+    d["data"]["image_folder"] = str(train_json.parent)
+    d["model"]["processor_path"] = str(tmp_path / "proc")
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(d))
+    assert main(["train", "--config", str(cfg_path)]) == 0
+    return tmp_path / "run", cfg_path
+
+
+def _snapshot(out) -> dict[str, bytes]:
+    return {
+        p.name: p.read_bytes()
+        for p in (out / "last.ckpt", out / "config.yaml", out / "export/adapter_model.safetensors")
+    }
+
+
+def test_a_second_run_into_the_same_out_dir_is_refused_then_overwritten_on_request(run, capsys):
+    out, cfg_path = run
+    before = _snapshot(out)
+    capsys.readouterr()
+    argv = ["train", "--config", str(cfg_path), "--set", "trainer.max_steps=2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: trainer.out_dir '{out}' already holds a run (config.yaml, last.ckpt, export" in err
+    assert f"`tpkit train --config {cfg_path} --set trainer.max_steps=2 --resume`" in err
+    assert "--overwrite" in err
+    assert _snapshot(out) == before  # nothing touched
+    assert main([*argv, "--overwrite"]) == 0
+    captured = capsys.readouterr()
+    assert "--overwrite: removed config.yaml, last.ckpt, export" in captured.err
+    assert "done: step 2" in captured.out
+    assert main([*argv, "--overwrite", "--resume"]) == 2
+
+
+def test_resume_refuses_changes_to_what_the_run_computes(run, tmp_path, capsys):
+    out, cfg_path = run
+    before = _snapshot(out)
+    other = tmp_path / "other.json"
+    capsys.readouterr()
+    changes = ["optim.lr=0.01", "lora.r=2", "lora.alpha=4.0", f"data.train_json={other}", "trainer.seed=3"]
+    assert (
+        main(["train", "--config", str(cfg_path), "--set", "trainer.max_steps=6", *changes, "--resume"]) == 2
+    )
+    err = capsys.readouterr().err
+    for key in (
+        "optim.lr: 0.005 -> 0.01",
+        "lora.r: 4 -> 2",
+        "lora.alpha: 8.0 -> 4.0",
+        "data.train_json:",
+        "trainer.seed: 0 -> 3",
+    ):
+        assert key in err, key
+    assert "trainer.max_steps" not in err  # a longer run is a safe change
+    assert _snapshot(out) == before  # the run's config.yaml is not rewritten by a refused resume
+    assert main(["train", "--config", str(cfg_path), "--resume"]) == 2  # max_steps 4: nothing left
+    assert "is at step 4 and trainer.max_steps = 4: nothing left to train" in capsys.readouterr().err
+
+
+def test_resume_accepts_and_announces_safe_changes(run, capsys):
+    out, cfg_path = run
+    capsys.readouterr()
+    argv = ["train", "--config", str(cfg_path), "--set", "trainer.max_steps=6", "trainer.log_every_n_steps=1"]
+    assert main([*argv, "--resume"]) == 0
+    captured = capsys.readouterr()
+    assert (
+        "resuming from step 4 with changes: trainer.log_every_n_steps: 10 -> 1; trainer.max_steps: 4 -> 6"
+        in captured.err
+    )
+    assert "done: step 6" in captured.out
+    assert yaml.safe_load((out / "config.yaml").read_text())["trainer"]["max_steps"] == 6
+
+
+def test_resume_on_other_training_data_under_the_same_path_is_refused(run, capsys):
+    out, cfg_path = run
+    before = _snapshot(out)
+    data = out.parent / "train.json"
+    data.write_text(json.dumps(json.loads(data.read_text())[:12]))
+    capsys.readouterr()
+    assert main(["train", "--config", str(cfg_path), "--set", "trainer.max_steps=6", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "the checkpoint was trained on 16 training records, the training data now has 12" in err
+    assert _snapshot(out) == before
+
+
+def test_resume_changes_are_classified():
+    saved = {"trainer": {"max_steps": 4, "logger": "csv", "seed": 0}, "data": {"train_json": "d/x.json"}}
+    now = {"trainer": {"max_steps": 8, "logger": "none", "seed": 0}, "data": {"train_json": "./d/x.json"}}
+    refused, accepted = resume_changes(saved, now)
+    assert refused == [] and accepted == ["trainer.logger: 'csv' -> 'none'", "trainer.max_steps: 4 -> 8"]
+    refused, _ = resume_changes(saved, {**now, "pruning": {"stage1": {"min_keep": 8}}})
+    assert refused == ["pruning.stage1.min_keep: '(unset)' -> 8"]
+    assert not any(
+        k.startswith(("model.path", "lora.", "optim.", "distill.", "pruning.")) for k in RESUME_SAFE_KEYS
+    )
+
+
+def test_stale_checkpoint_temporaries_are_removed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale = tmp_path / f".last.ckpt.tmp{int(dead.stdout)}"
+    live = tmp_path / f".last.ckpt.tmp{os.getpid()}"  # a writer that still runs: kept
+    stale.write_bytes(b"x")
+    live.write_bytes(b"x")
+    assert remove_stale_tmp(tmp_path) == [stale]
+    assert live.exists() and not stale.exists()
+    assert new_run_refusal(tmp_path) is None
