@@ -15,7 +15,7 @@ from tpkit.data.llava_json import load_llava_json
 from tpkit.models import is_attached, pruning_disabled
 from tpkit.models.loading import load_base_model, load_exported
 from tpkit.training.config import TrainConfig
-from tpkit.training.export import export_checkpoint
+from tpkit.training.export import export_adapter, export_checkpoint
 from tpkit.training.recipe import fit
 
 from .conftest import tiny_cfg_dict
@@ -101,3 +101,114 @@ def test_export_cli_from_checkpoint_and_merged(trained, tmp_path):
         )
     with pytest.raises(FileNotFoundError):
         export_checkpoint(tmp_path / "missing.ckpt", tmp_path / "x")
+
+
+@pytest.fixture(scope="module")
+def local_export(processor, tmp_path_factory):
+    """An export of a run whose base is a local directory, named relatively (as configs do)."""
+    import os
+
+    from tpkit.models.tiny import build_tiny_llava
+
+    root = tmp_path_factory.mktemp("local_base")
+    tok = processor.tokenizer
+    base = build_tiny_llava(
+        vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids("<image>"), image_size=32, patch_size=8
+    )
+    base.save_pretrained(root / "base")
+    processor.save_pretrained(root / "base")
+    cfg = from_dict(
+        TrainConfig,
+        {"model": {"path": "base"}, "data": {"train_json": "x.json"}, "distill": {"hidden_weight": 4.0}},
+    )
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        from tpkit.training.lora import apply_lora
+
+        peft_model = apply_lora(load_base_model(cfg.model, processor=processor), cfg.lora)
+        out = export_adapter(peft_model, cfg, root / "export", processor=processor, metrics={"loss": 1.0})
+    finally:
+        os.chdir(cwd)
+    return root, out
+
+
+def test_an_export_travels(local_export, tmp_path, monkeypatch):
+    """The base is named so that stock AutoPeftModel loads from any directory of this machine; no
+    absolute path outside the field meant for this machine; the model card has a metadata block and
+    the run's real loss."""
+    from huggingface_hub import ModelCard
+    from peft import AutoPeftModel
+
+    root, out = local_export
+    monkeypatch.chdir(tmp_path)  # another working directory
+    adapter_cfg = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == str((root / "base").resolve())
+    assert (
+        type(AutoPeftModel.from_pretrained(str(out)).get_base_model()).__name__
+        == "LlavaForConditionalGeneration"
+    )
+    meta = json.loads((out / "tpkit_export.json").read_text())
+    assert meta["model"]["path"] == "base" and meta["base"]["local_path"] == str((root / "base").resolve())
+    assert meta["base"]["hub_id"] is None and set(meta["base"]["fingerprint"]) >= {
+        "config_sha256",
+        "embed_sum",
+    }
+    del meta["base"]["local_path"]
+    assert str(root) not in json.dumps(meta)
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "peft" and "tpkit" in card.data.tags
+    assert str(root) not in card.text
+    assert "4 * (1 - cos) of the final hidden states" in card.text and "1 * CE(answer tokens)" in card.text
+
+
+def test_load_exported_checks_and_takes_another_base(local_export, processor, tmp_path):
+    import shutil
+    import warnings
+
+    from tpkit.models import pruning_config
+    from tpkit.models.loading import ExportBaseError
+    from tpkit.models.tiny import build_tiny_llava
+
+    root, out = local_export
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(root / "base", moved)
+    shutil.move(root / "base", tmp_path / "gone")  # the base is not where it was trained any more
+    try:
+        with pytest.raises(
+            ExportBaseError,
+            match=r"trained on the model 'base' \(.*base on the machine that trained\), which is not on this machine",
+        ):
+            load_exported(out)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*trained on")  # the same base: no warning
+            model, proc = load_exported(out, base=str(moved))
+        assert proc is not None and pruning_config(model.get_base_model()) == read_pruning(out)
+        tok = processor.tokenizer
+        kw = dict(
+            vocab_size=len(tok),
+            image_token_id=tok.convert_tokens_to_ids("<image>"),
+            image_size=32,
+            patch_size=8,
+        )
+        other = load_base_model(read_base_config(out, moved), processor=processor)
+        with torch.no_grad():
+            other.get_input_embeddings().weight.mul_(2)  # the same model, other weights
+        with pytest.warns(UserWarning, match="same architecture but other weights .*embed_sum"):
+            load_exported(out, base=other)
+        with pytest.raises(ExportBaseError, match=r"another architecture \(config_sha256"):
+            load_exported(out, base=build_tiny_llava(hidden_size=48, **kw))
+    finally:
+        shutil.move(tmp_path / "gone", root / "base")
+
+
+def read_base_config(out, path):
+    from tpkit.models.loading import export_base_config
+
+    return export_base_config(out, str(path))
+
+
+def read_pruning(out):
+    from tpkit.models.loading import read_export
+
+    return read_export(out)[1]

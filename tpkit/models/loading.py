@@ -8,6 +8,7 @@ plain paths, and fails with an error that names the path and says what was expec
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +18,17 @@ from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneratio
 
 from tpkit.config import from_dict
 from tpkit.data.processor import build_processor
+from tpkit.models.checks import ARCHITECTURE_KEYS, config_sha256, fingerprint_diff, model_fingerprint
 from tpkit.models.config import ModelConfig, parse_model_path
 from tpkit.models.families import attach_pruner
 from tpkit.models.tiny import build_tiny_llava, tiny_kwargs_from_processor
 from tpkit.pruning.config import PruningConfig
 
 __all__ = [
+    "ADAPTER_CONFIG",
     "EXPORT_META",
     "PRUNING_JSON",
+    "ExportBaseError",
     "resolve_dtype",
     "resolve_device",
     "check_llava_config",
@@ -34,12 +38,21 @@ __all__ = [
     "load_processor_for",
     "load_base_model",
     "read_export",
+    "export_base_config",
+    "check_export_base",
+    "check_adapter_shapes",
     "load_exported",
 ]
 
 # the files of a tpkit export that tpkit itself reads (tpkit.training.export writes them)
 EXPORT_META = "tpkit_export.json"
 PRUNING_JSON = "pruning.json"
+ADAPTER_CONFIG = "adapter_config.json"  # peft's
+
+
+class ExportBaseError(ValueError):
+    """An export and a base model that do not belong together (the message names both)."""
+
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -202,6 +215,98 @@ def read_export(export_dir: str | Path) -> tuple[dict[str, Any], PruningConfig]:
     return meta, from_dict(PruningConfig, pruning_data, source=str(d / PRUNING_JSON))
 
 
+def _trained_on(meta: dict[str, Any]) -> str:
+    b = meta.get("base") or {}
+    if b.get("hub_id"):
+        return f"the hub model {b['hub_id']!r}"
+    if b.get("source") == "tiny":
+        return f"the tiny model {b.get('name')!r}"
+    where = f" ({b['local_path']} on the machine that trained)" if b.get("local_path") else ""
+    return f"the model {b.get('name', meta['model']['path'])!r}{where}"
+
+
+def export_base_config(export_dir: str | Path, base: str | None = None) -> ModelConfig:
+    """The ``model`` section that loads an export's base: ``base`` (a path or hub id) when given,
+    else the hub id or this machine's directory it was trained on; ExportBaseError when that is
+    not here."""
+    d = Path(export_dir)
+    meta, _ = read_export(d)
+    mcfg = from_dict(ModelConfig, meta["model"], source=str(d / EXPORT_META))
+    b = meta.get("base")
+    if base is not None:
+        mcfg.path = base
+    elif b is not None and b["source"] != "tiny":
+        mcfg.path = b["hub_id"] or b["local_path"]
+        if b["source"] == "local" and not Path(b["local_path"]).exists():
+            raise ExportBaseError(
+                f"{d} was trained on {_trained_on(meta)}, which is not on this machine: give the base, "
+                "load_exported(dir, base='its/path/or/hub-id'), or model.path with evaluate's adapter"
+            )
+    return mcfg
+
+
+def check_export_base(export_dir: str | Path, model_or_config: Any) -> list[str]:
+    """Compare a base (a loaded model, or a transformers config before the weights are loaded) with
+    the one the export was trained on: another architecture is an ExportBaseError naming both; the
+    same architecture with other weights returns a warning (list of str, empty: the same base)."""
+    d = Path(export_dir)
+    meta, _ = read_export(d)
+    saved = (meta.get("base") or {}).get("fingerprint")
+    if saved is None:  # an export older than fingerprints: check_adapter_shapes still applies
+        return []
+    if isinstance(model_or_config, nn.Module):
+        now = model_fingerprint(model_or_config)
+    else:
+        now = {"config_sha256": config_sha256(model_or_config)}
+    diff = fingerprint_diff({k: saved[k] for k in now}, now, ("trained on", "given"))
+    arch = [x for x in diff if x.split(":")[0] in ARCHITECTURE_KEYS]
+    if arch:
+        raise ExportBaseError(
+            f"adapter {d} was trained on {_trained_on(meta)}, and this base is another architecture "
+            f"({'; '.join(arch)}): use that base (model.path / base=...)"
+        )
+    if diff:
+        return [
+            f"adapter {d} was trained on {_trained_on(meta)}; this base has the same architecture but other "
+            f"weights ({'; '.join(diff)}): results may differ from the run's"
+        ]
+    return []
+
+
+def check_adapter_shapes(model: nn.Module, export_dir: str | Path) -> None:
+    """ExportBaseError, naming a tensor, when the export's adapter weights do not fit ``model``
+    (read from the safetensors header only: before any of them is loaded)."""
+    from safetensors import safe_open
+
+    d = Path(export_dir)
+    f = d / "adapter_model.safetensors"
+    if not f.is_file():
+        return
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    problems = []
+    with safe_open(str(f), framework="pt") as st:
+        for key in st.keys():
+            shape = tuple(st.get_slice(key).get_shape())
+            name = key.removeprefix("base_model.model.")
+            if ".lora_A." in name or ".lora_B." in name:
+                target = modules.get(name.split(".lora_")[0])
+                if not isinstance(target, nn.Linear):
+                    problems.append(f"{key}: the base has no linear layer {name.split('.lora_')[0]}")
+                elif ".lora_A." in name and shape[1] != target.in_features:
+                    problems.append(f"{key}: {shape} for a layer of {target.in_features} inputs")
+                elif ".lora_B." in name and shape[0] != target.out_features:
+                    problems.append(f"{key}: {shape} for a layer of {target.out_features} outputs")
+            elif name in params and tuple(params[name].shape) != shape:
+                problems.append(f"{key}: {shape}, the base's is {tuple(params[name].shape)}")
+    if problems:
+        meta, _ = read_export(d)
+        raise ExportBaseError(
+            f"adapter {d} does not fit this base ({len(problems)} tensors, e.g. {problems[0]}): it was "
+            f"trained on {_trained_on(meta)}"
+        )
+
+
 def load_exported(
     export_dir: str | Path,
     base: Any = None,
@@ -212,10 +317,13 @@ def load_exported(
 ) -> tuple[nn.Module, Any]:
     """Base model + adapter + pruner (the trained ``pruning.json``) in one call -> (model, processor).
 
-    ``base``: None = the base recorded in the export (path or tiny recipe), a path/hub id, or a loaded
-    model. Returns a PeftModel in eval mode (its ``forward`` and ``generate`` prune), or with
-    ``merge=True`` the merged stock model with the pruner attached; the processor is the one saved
-    in the export (None when it holds none).
+    ``base``: None = the base recorded in the export (its hub id, its directory on the machine
+    that trained, or its tiny recipe), a path/hub id, or a loaded model. The base is checked
+    against the export's fingerprint first: another architecture is an ExportBaseError, other
+    weights a warning. Returns a PeftModel in eval mode (its ``forward`` and ``generate`` prune), or
+    with ``merge=True`` the merged stock model with the pruner attached; the processor is the one
+    saved in the export (None when it holds none). The pruning config attached is
+    ``tpkit.models.pruning_config(model)``.
     """
     from peft import PeftModel  # lazy: peft costs seconds to import, and only exports need it here
 
@@ -223,10 +331,18 @@ def load_exported(
     meta, pruning = read_export(d)
     processor = load_processor(str(d)) if meta.get("has_processor") else None
     if base is None or isinstance(base, str):
-        mcfg = from_dict(ModelConfig, meta["model"], source=str(d / EXPORT_META))
-        if isinstance(base, str):
-            mcfg.path = base
+        mcfg = export_base_config(d, base)
+        if not mcfg.source.is_tiny:
+            check_export_base(
+                d,
+                AutoConfig.from_pretrained(
+                    mcfg.path, revision=mcfg.revision, local_files_only=_local_only(mcfg.path)
+                ),
+            )
         base = load_base_model(mcfg, dtype=dtype, processor=processor)
+    for w in check_export_base(d, base):
+        warnings.warn(w, stacklevel=2)
+    check_adapter_shapes(base, d)
     model = PeftModel.from_pretrained(base, str(d))
     model.eval()
     if merge:

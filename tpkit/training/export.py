@@ -4,10 +4,16 @@ Layout of an export directory::
 
     adapter_config.json, adapter_model.safetensors   PEFT LoRA (+ projector when trained)
     pruning.json                                     the PruningConfig the student was trained with
-    tpkit_export.json                                base model (ModelConfig), lora/distill, metrics
+    tpkit_export.json                                the base (below), lora/distill, metrics
     processor files                                  tokenizer, image processor, chat template
-    README.md                                        model card with the run's metrics
+    README.md                                        model card (metadata block, loss, metrics)
     merged/                                          (--merged) full merged model, save_pretrained
+
+The base is recorded so that an export travels: ``adapter_config.json`` names the hub id when the
+base came from the hub, else its absolute path on the machine that trained (so ``AutoPeftModel``
+works from any directory there); ``tpkit_export.json`` keeps the model section as written, the hub
+id or the local path (``base.local_path``: this machine only) and a fingerprint of the base's config
+and weights, which ``load_exported`` checks on whatever base it is given elsewhere.
 
 ``tpkit.models.load_exported(dir)`` rebuilds base + adapter + pruner in one call; ``tpkit export``
 writes an export from any checkpoint of a run::
@@ -22,9 +28,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import ModelCard, ModelCardData
+
 from tpkit.config import to_dict
+from tpkit.models.checks import model_fingerprint
 from tpkit.models.core.attach import detach_pruner
 from tpkit.models.loading import (
+    ADAPTER_CONFIG,
     EXPORT_META,
     PRUNING_JSON,
     load_base_model,
@@ -39,26 +49,64 @@ from tpkit.training.lora import apply_lora
 __all__ = ["export_adapter", "export_checkpoint"]
 
 
-def _base_path(path: str) -> str:
-    """Local dirs are recorded absolute, so an export loads from any working directory."""
-    p = Path(path)
-    return str(p.resolve()) if p.exists() else path
+def _base_record(cfg: Any, base: Any) -> dict[str, Any]:
+    """Where the base came from (hub id, or a local directory of this machine, or a tiny recipe)
+    and its fingerprint."""
+    src = cfg.model.source
+    local = str(Path(cfg.model.path).expanduser().resolve()) if src.kind == "local" else None
+    return {
+        "source": src.kind,
+        "hub_id": cfg.model.path if src.kind == "hub" else None,
+        "revision": cfg.model.revision,
+        "name": Path(cfg.model.path).name if local else cfg.model.path,
+        "local_path": local,  # meaningful on the machine that trained only
+        "fingerprint": model_fingerprint(base),
+    }
 
 
-def _card(meta: dict, out: Path) -> str:
-    m = meta["model"]
+def _loss_formula(d: dict[str, Any]) -> str:
+    kind = {"forward_kl": "KL(teacher || student)", "reverse_kl": "KL(student || teacher)", "jsd": "JSD"}
+    terms = [f"{d['ce_weight']:g} * CE(answer tokens)"]
+    if d["alpha"] > 0:
+        terms.append(
+            f"{d['alpha']:g} * T^2 * {kind.get(d['kind'], d['kind'])} on answer logits (T = {d['temperature']:g})"
+        )
+    if d.get("hidden_weight", 0) > 0:
+        terms.append(
+            f"{d['hidden_weight']:g} * (1 - cos) of the final hidden states at the kept text positions"
+        )
+    teacher = " The teacher's logits came from a precomputed teacher cache." if d.get("teacher_cache") else ""
+    return "loss = " + " + ".join(terms) + "." + teacher
+
+
+def _card(meta: dict) -> ModelCard:
+    b = meta["base"]
     metrics = meta.get("metrics") or {}
     rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())) or "| (none) | |"
     p = meta["pruning"]
     s1, s2 = p.get("stage1", {}), p.get("stage2", {})
-    return f"""# tpkit LoRA adapter (token-pruned student)
+    lora = meta["lora"]
+    if b["hub_id"]:
+        base = f"[`{b['hub_id']}`](https://huggingface.co/{b['hub_id']})"
+        load = f'base = LlavaForConditionalGeneration.from_pretrained("{b["hub_id"]}")'
+    else:
+        base = (
+            f"`{b['name']}` ({'a random tiny model' if b['source'] == 'tiny' else 'a local model directory'})"
+        )
+        load = "base = LlavaForConditionalGeneration.from_pretrained(PATH_OF_THE_BASE)"
+    data = ModelCardData(
+        library_name="peft",
+        base_model=b["hub_id"],
+        tags=["tpkit", "lora", "token-pruning", "llava"],
+        pipeline_tag="image-text-to-text",
+    )
+    body = f"""# tpkit LoRA adapter (token-pruned student)
 
-Base model: `{m["path"]}` · LoRA r={meta["lora"]["r"]}, alpha={meta["lora"]["alpha"]},
-targets `{meta["lora"]["target_modules"]}` · projector trained: {meta["lora"]["train_projector"]}
+Base model: {base}, fingerprint `{b["fingerprint"]["config_sha256"][:16]}` (config) - LoRA r={lora["r"]},
+alpha={lora["alpha"]}, targets `{lora["target_modules"]}`, projector trained: {lora["train_projector"]}.
 
 Trained by tpkit with the two-stage token pruner in the forward path and distillation from the
-unpruned base (adapter off): loss = {meta["distill"]["ce_weight"]} * CE(answers) +
-{meta["distill"]["alpha"]} * T^2 * {meta["distill"]["kind"]} (T = {meta["distill"]["temperature"]}).
+unpruned base (adapter off): {_loss_formula(meta["distill"])}
 
 Pruning (`pruning.json`): stage 1 {"on" if s1.get("enabled") else "off"} (score {s1.get("score")},
 selector {s1.get("selector")}), stage 2 {"on" if s2.get("enabled") else "off"} (layer {s2.get("layer")},
@@ -74,13 +122,17 @@ selector {s2.get("selector")}).
 
 ```python
 from tpkit.models import load_exported
-model, processor = load_exported("{out}")   # base + adapter + pruner attached
+model, processor = load_exported("path/to/this/export")  # base + adapter + pruner attached
+# the base somewhere else than where it was trained: load_exported(..., base="path/or/hub-id")
 
 # or with stock peft only (no pruning):
 from peft import PeftModel
-model = PeftModel.from_pretrained(base_model, "{out}")
+from transformers import LlavaForConditionalGeneration
+{load}
+model = PeftModel.from_pretrained(base, "path/to/this/export")
 ```
 """
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
 def export_adapter(
@@ -98,13 +150,15 @@ def export_adapter(
     peft_model.save_pretrained(str(out))
     if processor is not None:
         processor.save_pretrained(str(out))
-    model_cfg = to_dict(cfg.model)
-    model_cfg["path"] = _base_path(cfg.model.path)
-    if model_cfg.get("processor_path"):
-        model_cfg["processor_path"] = _base_path(model_cfg["processor_path"])
+    base = _base_record(cfg, peft_model.get_base_model())
+    adapter_cfg = json.loads((out / ADAPTER_CONFIG).read_text())
+    # stock AutoPeftModel loads the base from here: the hub id, or this machine's absolute path
+    adapter_cfg["base_model_name_or_path"] = base["hub_id"] or base["local_path"]
+    (out / ADAPTER_CONFIG).write_text(json.dumps(adapter_cfg, indent=2, sort_keys=True) + "\n")
     meta = {
-        "format": "tpkit-export-1",
-        "model": model_cfg,
+        "format": "tpkit-export-2",
+        "model": to_dict(cfg.model),  # as the run's config wrote it
+        "base": base,
         "pruning": to_dict(cfg.pruning),
         "lora": to_dict(cfg.lora),
         "distill": to_dict(cfg.distill),
@@ -113,7 +167,7 @@ def export_adapter(
     }
     (out / PRUNING_JSON).write_text(json.dumps(meta["pruning"], indent=2) + "\n")
     (out / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
-    (out / "README.md").write_text(_card(meta, out))
+    _card(meta).save(out / "README.md")
     if merged:
         _write_merged(peft_model, out / "merged", processor)
     return out
