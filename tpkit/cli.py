@@ -27,7 +27,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tpkit.config import ConfigError, commented_yaml, load_config, reference_markdown, unwritable_dir
+from tpkit.config import (
+    ConfigError,
+    commented_yaml,
+    load_config,
+    reference_markdown,
+    to_dict,
+    unwritable_dir,
+)
 
 __all__ = ["main", "build_parser", "CONFIG_REFERENCE"]
 
@@ -149,6 +156,29 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pruning_overrides(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The pruning keys set with ``--set pruning.KEY=VALUE`` ({"stage1.min_keep": 8}): with an adapter,
+    they change its trained pruning config (the config file's pruning section does not)."""
+    values = to_dict(cfg.pruning)
+    out: dict[str, Any] = {}
+
+    def leaves(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                leaves(v, f"{key}.{k}")
+        else:
+            out[key] = value
+
+    for item in args.overrides:
+        key = item.split("=", 1)[0].strip()
+        if key.startswith("pruning."):
+            node: Any = values
+            for part in key.removeprefix("pruning.").split("."):
+                node = node[part]
+            leaves(node, key.removeprefix("pruning."))
+    return out
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from tpkit.evaluation.config import EvalConfig
 
@@ -166,12 +196,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 0
     if why := cfg.missing_inputs():
         raise _Fail(why)
-    from tpkit.evaluation.report import speed_markdown  # lazy: torch and transformers take seconds
+    pruning_overrides = _pruning_overrides(cfg, args) if cfg.adapter else None
+    from tpkit.data.errors import LlavaDataError  # lazy: torch and transformers take seconds
+    from tpkit.evaluation.report import speed_markdown
     from tpkit.evaluation.runner import EvalError, evaluate
 
     try:
-        results = evaluate(cfg)
-    except (EvalError, ConfigError) as e:
+        results = evaluate(cfg, pruning_overrides=pruning_overrides)
+    except (EvalError, ConfigError, LlavaDataError) as e:
         raise _Fail(str(e)) from None
     if results.get("mode") == "random_init":
         print(speed_markdown(results["speed"]))
@@ -222,7 +254,8 @@ def _teacher_cache(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from tpkit.training.teacher_cache.build import build_teacher_cache  # lazy: start-up time
+    from tpkit.data.errors import LlavaDataError  # lazy: start-up time
+    from tpkit.training.teacher_cache.build import build_teacher_cache
     from tpkit.training.teacher_cache.cache import TeacherCacheError
 
     try:
@@ -236,7 +269,7 @@ def _teacher_cache(args: argparse.Namespace) -> int:
             shard=shard,
             workers=args.workers,
         )
-    except TeacherCacheError as e:
+    except (TeacherCacheError, LlavaDataError) as e:
         raise _Fail(str(e)) from None
     meta = json.loads((out / "meta.json").read_text())
     size = sum(f.stat().st_size for f in out.iterdir())

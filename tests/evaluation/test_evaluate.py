@@ -162,10 +162,12 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
 
 
 def test_empty_dataset_is_a_clear_error(eval_cfg, tmp_path):
+    from tpkit.data.errors import LlavaDataError
+
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
     eval_cfg.data.test_json = str(empty)
-    with pytest.raises(EvalError, match=r"dataset .*empty\.json has no samples"):
+    with pytest.raises(LlavaDataError, match=r"empty\.json: no usable records: the file holds no records"):
         evaluate(eval_cfg)
 
 

@@ -261,3 +261,17 @@ def test_a_cache_whose_metadata_and_arrays_disagree_is_refused(make_cfg, process
         TeacherCacheError, match=r"is inconsistent: .*values\.bin: \d+ bytes, meta\.json \(rows="
     ):
         TeacherCache(cache)
+
+
+def test_a_cache_with_hidden_weight_names_the_set_that_fixes_it(tmp_path, capsys):
+    """configs/train/tiny.yaml sets hidden_weight 16, which a cache cannot serve: the error says
+    which --set to add (the README's commands add it)."""
+    argv = ["train", "--config", "configs/train/tiny.yaml", "--set", f"distill.teacher_cache={tmp_path}"]
+    assert main(argv) == 2
+    assert "--set distill.hidden_weight=0 to use the cache" in capsys.readouterr().err
+    assert (
+        main(
+            ["teacher-cache", "--config", "configs/train/tiny.yaml", "--out", str(tmp_path), "--print-config"]
+        )
+        == 0
+    )

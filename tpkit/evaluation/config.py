@@ -138,9 +138,10 @@ class EvalConfig:
     """One evaluation run: a model, a dataset, the methods to compare, speed and report settings."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    adapter: str | None = (
-        None  # exported adapter dir (train.py's out_dir/export); its pruning config becomes ours'
-    )
+    # exported adapter dir (tpkit train's out_dir/export): ours runs with its trained pruning.json
+    # (this config's pruning section is not used then), `--set pruning.KEY=VALUE` changes keys of it
+    # (recorded in results.json); its base is checked against model.path before any evaluation
+    adapter: str | None = None
     pruning: PruningConfig = field(default_factory=PruningConfig)  # ours
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalSection = field(default_factory=EvalSection)

@@ -13,15 +13,18 @@ import copy
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from transformers import AutoConfig
 
-from tpkit.config import save_config, to_dict
+from tpkit.config import ConfigError, save_config, to_dict, unwritable_dir
 from tpkit.data.collator import LlavaCollator
+from tpkit.data.errors import RecordError, write_skipped
 from tpkit.data.llava_json import load_llava_json
 from tpkit.evaluation.config import EvalConfig, variant_pruning
 from tpkit.evaluation.methods import METHODS, MethodSpec, OursStats, method_spec, sweep_spec
@@ -30,9 +33,13 @@ from tpkit.evaluation.report import overlay_samples, write_report
 from tpkit.evaluation.results import budget_gap, method_result, run_flops
 from tpkit.evaluation.retention import dataset_cells
 from tpkit.evaluation.speed import LMShape, speed_table, torch_threads
+from tpkit.models.checks import check_pruning_fits
 from tpkit.models.core.attach import detach_pruner, last_stats, set_pruning
 from tpkit.models.families import attach_pruner
 from tpkit.models.loading import (
+    ExportBaseError,
+    check_adapter_shapes,
+    check_export_base,
     load_base_model,
     load_exported,
     load_processor,
@@ -42,7 +49,15 @@ from tpkit.models.loading import (
     resolve_dtype,
 )
 
-__all__ = ["EvalError", "evaluate", "load_model_and_processor", "load_dataset", "run_method"]
+__all__ = [
+    "EvalError",
+    "evaluate",
+    "load_processor_and_pruning",
+    "load_model_and_processor",
+    "load_dataset",
+    "load_eval_records",
+    "run_method",
+]
 
 
 class EvalError(ValueError):
@@ -57,26 +72,78 @@ def _tqdm(it, enabled: bool, **kw):
 # loading
 
 
-def load_model_and_processor(cfg: EvalConfig, device: torch.device, merge_adapter: bool = True):
-    """(model with the pruner attached, processor, ours' PruningConfig).
+SKIPPED = "skipped_records.jsonl"  # every record an evaluation skipped (data.on_error: skip)
 
-    With ``cfg.adapter`` the export's trained pruning config is ours' and its processor (when saved)
-    replaces the base's; ``merge_adapter=False`` returns the base model without the adapter, which
-    :func:`merge_adapter` then merges in (``evaluate`` runs ``dense`` on the base model first: the
-    unpruned original the adapter was trained to match is the reference, not the adapter unpruned).
-    """
+
+def load_processor_and_pruning(cfg: EvalConfig, pruning_overrides: dict[str, Any] | None = None):
+    """(processor, ours' PruningConfig) before any model work: with ``cfg.adapter``, the export's
+    processor (when saved) and its trained pruning config, ``pruning_overrides`` ({"stage1.min_keep":
+    8}, from ``--set pruning.*``) applied on top; else the base's processor and ``cfg.pruning``."""
     if why := cfg.model.missing_paths():
         raise EvalError(why)
-    pruning = copy.deepcopy(cfg.pruning)
     processor = load_processor_for(cfg.model)
-    if cfg.adapter is not None:
-        pruning, processor = _check_adapter(cfg.adapter, processor)
-    dtype = resolve_dtype(cfg.model.dtype, device)
-    model = load_base_model(cfg.model, dtype=dtype, processor=processor).to(device).eval()
-    attach_pruner(model, copy.deepcopy(pruning))
+    if cfg.adapter is None:
+        return processor, copy.deepcopy(cfg.pruning)
+    pruning, processor = _check_adapter(cfg.adapter, processor)
+    if pruning_overrides:
+        pruning = variant_pruning(pruning, "--set pruning", pruning_overrides)
+    return processor, pruning
+
+
+def load_model_and_processor(
+    cfg: EvalConfig,
+    device: torch.device,
+    merge_adapter: bool = True,
+    pruning_overrides: dict[str, Any] | None = None,
+):
+    """(model with the pruner attached, processor, ours' PruningConfig).
+
+    With ``cfg.adapter`` the export's trained pruning config is ours' (``pruning_overrides`` on top)
+    and its processor (when saved) replaces the base's; the base is checked against the one the
+    adapter was trained on before its weights load (another architecture: an error naming both;
+    other weights: a warning). ``merge_adapter=False`` returns the base model without the adapter,
+    which :func:`merge_adapter` then merges in (``evaluate`` runs ``dense`` on the base model first:
+    the unpruned original the adapter was trained to match is the reference, not the adapter
+    unpruned).
+    """
+    processor, pruning = load_processor_and_pruning(cfg, pruning_overrides)
+    model = _load_model(cfg, device, processor, pruning)
     if cfg.adapter is not None and merge_adapter:
         model = merge_adapter(model, cfg.adapter, pruning)
     return model, processor, pruning
+
+
+def _load_model(cfg: EvalConfig, device: torch.device, processor, pruning):
+    """The base model with the pruner attached, checked against the adapter and ``pruning`` before use."""
+    if cfg.adapter is not None and not cfg.model.source.is_tiny:
+        try:  # the config only: no weights are read for this check
+            base_config = AutoConfig.from_pretrained(cfg.model.path, revision=cfg.model.revision)
+        except (OSError, ValueError):
+            base_config = None  # load_base_model says why
+        if base_config is not None:
+            _check_base(cfg.adapter, base_config)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    model = load_base_model(cfg.model, dtype=dtype, processor=processor).to(device).eval()
+    if cfg.adapter is not None:
+        for w in _check_base(cfg.adapter, model):
+            print(f"warning: {w}", file=sys.stderr)
+        try:
+            check_adapter_shapes(model, cfg.adapter)
+        except ExportBaseError as e:
+            raise EvalError(str(e)) from None
+    try:
+        check_pruning_fits(model, pruning)
+    except ConfigError as e:
+        raise EvalError(str(e)) from None
+    attach_pruner(model, copy.deepcopy(pruning))
+    return model
+
+
+def _check_base(adapter: str, model_or_config) -> list[str]:
+    try:
+        return check_export_base(adapter, model_or_config)
+    except ExportBaseError as e:
+        raise EvalError(f"{e} (before any evaluation: model.path = the base it was trained on)") from None
 
 
 def _check_adapter(adapter: str, processor):
@@ -97,31 +164,42 @@ def merge_adapter(model, adapter: str | Path, pruning):
     """Merge the exported LoRA adapter into ``model`` (the same weights come back as a stock model
     with the pruner attached again with ``pruning``)."""
     detach_pruner(model)
-    merged, _ = load_exported(str(adapter), base=model, merge=True, attach=False)
+    with warnings.catch_warnings():  # the base was checked (and any difference said) when it loaded
+        warnings.simplefilter("ignore")
+        merged, _ = load_exported(str(adapter), base=model, merge=True, attach=False)
     attach_pruner(merged, copy.deepcopy(pruning))
     return merged.eval()
 
 
-def load_dataset(cfg: EvalConfig):
-    """The evaluation set (datasets.Dataset); clear error when it is missing or empty."""
+def load_dataset(cfg: EvalConfig, processor: Any = None):
+    """The evaluation set (datasets.Dataset); clear error when it is missing or has no usable record."""
+    return load_eval_records(cfg, processor)[0]
+
+
+def load_eval_records(cfg: EvalConfig, processor: Any = None):
+    """The evaluation set (datasets.Dataset) and its load report. With ``processor``, prompts over
+    ``data.max_length`` are bad records (skipped with ``data.on_error: skip``) before any model work."""
     path = Path(cfg.data.test_json)
     if not path.is_file():
         raise EvalError(f"data.test_json = {str(path)!r}: no such file")
-    ds, _ = load_llava_json(
+    ds, report = load_llava_json(
         str(path),
         image_folder=cfg.data.image_folder,
         on_error=cfg.data.on_error,
         check_images=cfg.data.check_images,
+        confine_images=cfg.data.confine_images,
+        duplicate_ids=cfg.data.duplicate_ids,
+        processor=processor,
+        max_length=cfg.data.max_length,
+        mode="eval",
     )
     if cfg.eval.limit is not None and len(ds) > cfg.eval.limit:
         ds = ds.select(range(cfg.eval.limit))
-    if len(ds) == 0:
-        raise EvalError(f"dataset {path} has no samples (after eval.limit / skipped records)")
-    return ds
+    return ds, report
 
 
 def _make_loader(ds, processor, cfg: EvalConfig, batch_size: int) -> DataLoader:
-    coll = LlavaCollator(processor, max_length=cfg.data.max_length, mode="eval")
+    coll = LlavaCollator(processor, max_length=cfg.data.max_length, mode="eval", on_error=cfg.data.on_error)
     return DataLoader(
         ds, batch_size=batch_size, shuffle=False, collate_fn=coll, num_workers=cfg.data.num_workers
     )
@@ -166,8 +244,9 @@ def run_method(
     """Greedy answers and per-sample token counts of one method over the whole loader.
 
     Returns ``answers`` (list[str]), per-sample tensors (N,) ``n_dense``, ``n_visual``, ``k1``,
-    ``n_prompt``, ``k2``, ``fraction``, and the kept patch indices of the first ``keep_visual``
-    samples (``visual_keep`` / ``stage2_visual_keep`` lists).
+    ``n_prompt``, ``k2``, ``fraction``, the kept patch indices of the first ``keep_visual``
+    samples (``visual_keep`` / ``stage2_visual_keep`` lists), and ``skipped``: the records the
+    collator dropped (``data.on_error: skip``; the same for every method).
     """
     set_pruning(model, spec.pruning)
     answers: list[str] = []
@@ -178,10 +257,14 @@ def run_method(
         k: [] for k in ("n_dense", "n_visual", "k1", "n_prompt", "k2", "fraction")
     }
     vk, vk2 = [], []
+    skipped: list[RecordError] = []
     offset = 0
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for batch in _tqdm(loader, progress, desc=spec.name, leave=False):
+        skipped += batch.get("skipped") or []  # data.on_error: skip, at batch time
+        if not batch["ids"]:
+            continue
         b = batch["input_ids"].shape[0]
         idx = torch.arange(offset, offset + b)
         offset += b
@@ -215,6 +298,7 @@ def run_method(
     res["answers"] = answers
     res["references"], res["qtypes"], res["ids"] = refs, qtypes, ids
     res["visual_keep"], res["stage2_visual_keep"] = vk, vk2
+    res["skipped"] = skipped
     return res
 
 
@@ -226,21 +310,70 @@ def _ours_stats(run: dict) -> OursStats:
 # the whole run
 
 
-def evaluate(cfg: EvalConfig) -> dict:
+def _method_file(out_dir: Path, name: str, run: dict) -> None:
+    """One method's answers and token counts, written as soon as it finished (a crash later keeps them)."""
+    d = out_dir / "methods"
+    d.mkdir(exist_ok=True)
+    keys = (
+        "ids",
+        "references",
+        "qtypes",
+        "answers",
+        "n_dense",
+        "n_visual",
+        "k1",
+        "n_prompt",
+        "k2",
+        "fraction",
+    )
+    data = {k: run[k].tolist() if torch.is_tensor(run[k]) else run[k] for k in keys}
+    safe = "".join(c if c.isalnum() or c in "._@-" else "_" for c in name)
+    (d / f"{safe}.json").write_text(json.dumps({"method": name, **data}) + "\n")
+
+
+def _report_skipped(
+    out_dir: Path, cfg: EvalConfig, load: list[RecordError], batch: list[RecordError]
+) -> dict:
+    """List every skipped record in ``out_dir/skipped_records.jsonl`` and say so; the dataset entry
+    of results.json."""
+    path = out_dir / SKIPPED
+    path.unlink(missing_ok=True)
+    write_skipped(path, str(cfg.data.test_json), load, stage="load")
+    write_skipped(path, str(cfg.data.test_json), batch, stage="batch")
+    n = len(load) + len(batch)
+    if n:
+        print(
+            f"warning: {cfg.data.test_json}: skipped {n} bad records (data.on_error: skip; e.g. "
+            f"{(load + batch)[0]}): every one is listed in {path}",
+            file=sys.stderr,
+        )
+    return {"n_skipped": n, "skipped_file": str(path) if n else None}
+
+
+def evaluate(cfg: EvalConfig, pruning_overrides: dict[str, Any] | None = None) -> dict:
     """Run every method of ``cfg.eval.methods`` (+ variants and the budget sweep) and write the report.
 
-    Returns the results dict (also in ``<out_dir>/results.json``).
+    ``pruning_overrides`` ({"stage1.min_keep": 8}): with ``cfg.adapter``, changes to the adapter's
+    trained pruning config (``tpkit evaluate --set pruning.KEY=VALUE``), recorded in the results.
+    Checks come first (inputs, a writable ``out_dir``, the data, the adapter against the base), then
+    each method's answers are written to ``out_dir/methods/`` as it finishes. Returns the results
+    dict (also in ``<out_dir>/results.json``).
     """
     if cfg.random_init.name is not None:
         return evaluate_speed_only(cfg)
     if why := cfg.missing_inputs():
         raise EvalError(why)
+    if why := unwritable_dir(cfg.out_dir, "out_dir"):
+        raise EvalError(why)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     out_dir = Path(cfg.out_dir)
-    ds = load_dataset(cfg)
+    processor, ours_cfg = load_processor_and_pruning(cfg, pruning_overrides)
+    ds, load_report = load_eval_records(cfg, processor)
+    (out_dir / "methods").mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
     # with an adapter: dense runs on the base model (the reference), then the adapter is merged in
-    model, processor, ours_cfg = load_model_and_processor(cfg, device, merge_adapter=False)
+    model = _load_model(cfg, device, processor, ours_cfg)
     pending_adapter = cfg.adapter
     tok = processor.tokenizer
     shape = LMShape.of(model)
@@ -249,7 +382,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     progress = ev.progress
 
     def run(spec: MethodSpec, keep: int) -> dict:
-        return run_method(model, spec, loader, device, tok, ev.max_new_tokens, keep, progress)
+        r = run_method(model, spec, loader, device, tok, ev.max_new_tokens, keep, progress)
+        _method_file(out_dir, spec.name, r)
+        return r
 
     # which runs, in dependency order
     wanted = list(dict.fromkeys(ev.methods))
@@ -337,21 +472,29 @@ def evaluate(cfg: EvalConfig) -> dict:
         {"id": i, "reference": r, "qtype": q, **{m: runs[m]["answers"][j] for m in methods}}
         for j, (i, r, q) in enumerate(zip(dense["ids"], refs, qtypes))
     ]
+    skipped = _report_skipped(out_dir, cfg, load_report.errors, dense["skipped"])
+    config = to_dict(cfg)
+    config["pruning"] = to_dict(ours_cfg)  # what ours ran with (an adapter's, with any overrides)
     results = {
-        "config": to_dict(cfg),
-        "dataset": {"path": cfg.data.test_json, "n": len(refs)},
+        "config": config,
+        "dataset": {
+            "path": cfg.data.test_json,
+            "n": len(refs),
+            "n_records": load_report.n_records,
+            **skipped,
+        },
         "device": str(device),
         "model": {
             "path": cfg.model.path,
             "adapter": cfg.adapter,
+            # with an adapter, ours runs with its pruning.json and these --set pruning.* changes
+            "pruning_overrides": dict(pruning_overrides or {}) if cfg.adapter else None,
             "num_layers": shape.num_layers,
             # with an adapter, "dense" is the base model without it: the unpruned original
             "dense": "base model without the adapter" if cfg.adapter else "base model",
         },
         "methods": methods,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
     with open(out_dir / "predictions.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in predictions)
     grid = []
