@@ -1,11 +1,17 @@
 """DDP on CPU processes (gloo): train the tiny student a few steps on 2 ranks, dump each rank's weights.
 
     python scripts/ddp_check.py --out /tmp/ddp [--data train.json] [--steps 2] [--devices 2]
+    python scripts/ddp_check.py --out /tmp/ddp --cli --steps 40 --step-seconds 0.5   # then signal a rank
 
 Run as a script, not inside pytest: Lightning's DDP launcher re-executes ``sys.argv`` for rank >= 1
 (a Lightning DDP launcher behaviour). Each rank writes ``<out>/rank<r>.pt``: its trainable tensors and the record ids
 of the batches it trained on. tests/training/test_ddp.py compares them. ``--teacher-cache DIR``
 distills from a teacher cache instead of the online teacher (built first by rank 0 if missing).
+
+``--cli`` runs the same config through ``tpkit train`` (its exit code is the script's) with every
+step taking ``--step-seconds`` at least; each rank writes ``<out>/rank<r>.pid`` when training
+starts and rank 0 ``<out>/step<N>`` after each step, so that a test can signal one rank mid-run
+(tests/training/test_ddp.py: a signal on either rank stops both, with one checkpoint).
 """
 
 from __future__ import annotations
@@ -13,12 +19,28 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+
+class Marks(L.Callback):
+    """Slow steps and marker files for a test that signals one rank mid-run (``--cli``)."""
+
+    def __init__(self, out: Path, step_seconds: float) -> None:
+        self.out, self.step_seconds = out, step_seconds
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        (self.out / f"rank{trainer.global_rank}.pid").write_text(str(os.getpid()))
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if trainer.global_rank == 0:
+            (self.out / f"step{trainer.global_step}").touch()
+        time.sleep(self.step_seconds)
 
 
 class RecordIds(L.Callback):
@@ -40,6 +62,8 @@ def main() -> None:
         default=None,
         help="distill from a teacher cache in this directory (rank 0 builds it first when missing)",
     )
+    ap.add_argument("--cli", action="store_true", help="run through `tpkit train` (exit code, messages)")
+    ap.add_argument("--step-seconds", type=float, default=0.0, help="with --cli: each step takes this long")
     args = ap.parse_args()
     out = Path(args.out)
     data = Path(args.data) if args.data else out / "data" / "train.json"
@@ -48,8 +72,9 @@ def main() -> None:
 
         generate_split(data.parent, split="train", n=16, seed=0)
 
-    from tpkit.config import from_dict
+    from tpkit.config import from_dict, save_config
     from tpkit.synthetic.questions import synthetic_processor
+    from tpkit.training import recipe
     from tpkit.training.config import TrainConfig
     from tpkit.training.recipe import fit
 
@@ -80,6 +105,20 @@ def main() -> None:
         },
     )
     processor = synthetic_processor(image_size=32, patch_size=8)
+    if args.cli:
+        from tpkit.cli import main as tpkit_main
+
+        processor.save_pretrained(str(out / "processor"))
+        cfg.model.processor_path = str(out / "processor")
+        cfg.trainer.checkpoint_every_n_steps = 1000  # the only checkpoint is the stop's
+        save_config(cfg, out / "ddp.yaml")
+        build = recipe.build_trainer
+
+        def build_trainer(c, extra_callbacks=None, **kw):  # the test's slow steps and marker files
+            return build(c, [*(extra_callbacks or []), Marks(out, args.step_seconds)], **kw)
+
+        recipe.build_trainer = build_trainer
+        sys.exit(tpkit_main(["train", "--config", str(out / "ddp.yaml")]))
     cache = Path(args.teacher_cache) if args.teacher_cache else None
     if cache is not None and not (cache / "meta.json").exists() and os.environ.get("LOCAL_RANK", "0") == "0":
         # before fit: the launcher starts rank 1 inside fit, so it finds the cache finished

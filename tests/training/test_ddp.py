@@ -64,3 +64,54 @@ def test_ddp_with_a_teacher_cache_trains_like_the_online_teacher(online, train_j
     assert r0["ids"] == online[0]["ids"]
     for k, v in online[0]["weights"].items():  # the cache holds the whole vocabulary: same KD
         torch.testing.assert_close(r0["weights"][k], v, rtol=1e-3, atol=1e-6, msg=k)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_sigterm_on_either_rank_stops_both_with_one_checkpoint(train_json, tmp_path, rank):
+    """Lightning's own handler ran a collective inside the signal handler: a SIGTERM that reached one
+    rank hung both until the 30-minute gloo timeout. Now both stop at the next step boundary."""
+    import signal
+    import time
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    for k in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR"):
+        env.pop(k, None)
+    cmd = [sys.executable, str(ROOT / "scripts" / "ddp_check.py"), "--out", str(tmp_path), "--data", str(train_json),
+           "--cli", "--steps", "40", "--step-seconds", "0.3"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        t0 = time.monotonic()
+        while not ((tmp_path / "rank1.pid").exists() and (tmp_path / "step2").exists()):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() - t0 < 180, "the ranks did not start"
+            time.sleep(0.1)
+        pids = [int((tmp_path / f"rank{r}.pid").read_text()) for r in (0, 1)]
+        os.kill(pids[rank], signal.SIGTERM)
+        t_sig = time.monotonic()
+        out, err = proc.communicate(timeout=120)
+        while _alive(pids[1]) and time.monotonic() - t_sig < 60:  # rank 1 is rank 0's child
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        alive = [p for p in (int(f.read_text()) for f in tmp_path.glob("rank*.pid")) if _alive(p)]
+        for pid in alive:  # never leave a hung rank behind
+            os.kill(pid, signal.SIGKILL)
+    assert not alive, "a rank still ran"
+    assert time.monotonic() - t_sig < 60  # within seconds, not the 30-minute collective timeout
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "stopped by SIGTERM after step" in err and "--resume" in err
+    step = int(err.split("stopped by SIGTERM after step ")[1].split(":")[0])
+    ckpt = torch.load(tmp_path / "run" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == step and 2 <= step < 40
+    assert not list((tmp_path / "run").glob(".last.ckpt.tmp*"))
