@@ -110,7 +110,7 @@ def main() -> None:
 
         processor.save_pretrained(str(out / "processor"))
         cfg.model.processor_path = str(out / "processor")
-        cfg.trainer.checkpoint_every_n_steps = 1000  # the only checkpoint is the stop's
+        cfg.trainer.checkpoint_every_n_steps = 3
         save_config(cfg, out / "ddp.yaml")
         build = recipe.build_trainer
 

@@ -143,8 +143,8 @@ def _train(args: argparse.Namespace) -> int:
         ) from None
     except (RunDirError, TeacherCacheError, ConfigError, NonFiniteError, CheckpointError) as e:
         raise _Fail(str(e)) from None
-    except BaseException:
-        if rank0 and (hint := _checkpoint_hint(out, command)):
+    except BaseException:  # every rank says it: under DDP the rank that saw a peer die may not be 0
+        if hint := _checkpoint_hint(out, command):
             print(f"training ended with an error (below).{hint}", file=sys.stderr)
         raise
     if rank0:
