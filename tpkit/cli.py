@@ -101,7 +101,7 @@ def _checkpoint_hint(out: Path, command: str) -> str:
 
 def _train(args: argparse.Namespace) -> int:
     from tpkit.training.config import TrainConfig
-    from tpkit.training.rundir import SKIPPED, new_run_refusal
+    from tpkit.training.rundir import SKIPPED, CheckpointError, RunDirError, check_run_dir, new_run_refusal
 
     cfg = _load(TrainConfig, args)
     if _printed(cfg, args):
@@ -112,10 +112,13 @@ def _train(args: argparse.Namespace) -> int:
     command = _command(args)
     if args.resume and args.overwrite:
         raise _Fail("--resume continues the run in trainer.out_dir, --overwrite removes it: give one")
-    if args.resume and not (out / "last.ckpt").is_file():
-        raise _Fail(f"--resume: no checkpoint at {out / 'last.ckpt'}; start the run without --resume")
     if not args.resume and not args.overwrite and (why := new_run_refusal(out, command)):
         raise _Fail(why)
+    if args.resume:  # the checkpoint's config against this one (torch only: a second or so)
+        try:
+            check_run_dir(cfg, resume=True, announce=False)
+        except (RunDirError, CheckpointError) as e:
+            raise _Fail(str(e)) from None
     if why := unwritable_dir(out, "trainer.out_dir"):
         raise _Fail(why)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -123,10 +126,9 @@ def _train(args: argparse.Namespace) -> int:
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     from tpkit.data.errors import LlavaDataError
-    from tpkit.training.checkpoint import CheckpointError, TrainingStopped
+    from tpkit.training.checkpoint import TrainingStopped
     from tpkit.training.module import NonFiniteError
     from tpkit.training.recipe import fit
-    from tpkit.training.rundir import RunDirError
     from tpkit.training.teacher_cache.cache import TeacherCacheError
 
     rank0 = rank_zero_only.rank == 0  # under ddp every rank runs this command
@@ -222,8 +224,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from tpkit.training.checkpoint import CheckpointError  # lazy: peft and transformers take seconds
-    from tpkit.training.export import export_checkpoint
+    from tpkit.training.export import export_checkpoint  # lazy: peft and transformers take seconds
+    from tpkit.training.rundir import CheckpointError
 
     try:
         out = export_checkpoint(args.ckpt, args.out, config=args.config, merged=args.merged)

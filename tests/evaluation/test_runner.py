@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from tpkit.cli import main
-from tpkit.data.errors import LlavaDataError
+from tpkit.data.llava_json import LlavaDataError
 from tpkit.evaluation.runner import EvalError, evaluate
 
 

@@ -18,7 +18,6 @@ import yaml
 
 from tpkit.config import from_dict
 from tpkit.models.loading import load_exported
-from tpkit.training.checkpoint import CheckpointError
 from tpkit.training.config import TrainConfig
 from tpkit.training.recipe import fit
 
@@ -177,6 +176,7 @@ def _crafted(path: Path) -> Path:
 
 def test_no_entry_point_unpickles_a_crafted_checkpoint(make_cfg, processor, tmp_path, capsys):
     from tpkit.cli import main
+    from tpkit.training.rundir import CheckpointError
 
     cfg = make_cfg()
     fit(cfg, processor=processor)

@@ -12,7 +12,6 @@ import yaml
 from tpkit.cli import main
 from tpkit.config import ConfigError, from_dict
 from tpkit.training.config import TrainConfig
-from tpkit.training.module import NonFiniteError
 from tpkit.training.recipe import build_student, build_trainer, fit
 
 from .conftest import tiny_cfg_dict
@@ -77,7 +76,7 @@ def test_a_lora_rank_the_model_cannot_take_is_refused_before_allocating(make_cfg
 
 
 def test_a_diverging_run_stops_before_saving_or_exporting(make_cfg, processor, monkeypatch):
-    from tpkit.training.module import DistillLoRAModule
+    from tpkit.training.module import DistillLoRAModule, NonFiniteError
 
     cfg = make_cfg(trainer={"max_steps": 6, "checkpoint_every_n_steps": 2, "export_at_end": True})
     real = DistillLoRAModule.losses

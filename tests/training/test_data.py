@@ -79,7 +79,8 @@ def test_an_undecodable_image_in_raise_mode_stops_with_a_checkpoint_and_resumes_
 def test_an_undecodable_image_in_skip_mode_is_skipped_and_listed(data, tmp_path, processor, capsys):
     rid, _, _ = _truncate(data, batch=1)
     cfg_path = _cli_config(data, tmp_path, processor, on_error="skip")
-    assert main(["train", "--config", str(cfg_path)]) == 0
+    with pytest.warns(UserWarning, match=rf"skipped 1 bad records at batch time \(record \(id='{rid}'\)"):
+        assert main(["train", "--config", str(cfg_path)]) == 0
     out = capsys.readouterr().out
     skipped = tmp_path / "run" / "skipped_records.jsonl"
     assert (
@@ -101,7 +102,8 @@ def test_every_record_skipped_at_load_time_is_listed(data, tmp_path, processor, 
         r["image"] = "images/missing.png"
     data.write_text(json.dumps(records))
     cfg_path = _cli_config(data, tmp_path, processor, on_error="skip")
-    assert main(["train", "--config", str(cfg_path), "--set", "trainer.max_steps=1"]) == 0
+    with pytest.warns(UserWarning, match="skipped 3 bad records at load time"):
+        assert main(["train", "--config", str(cfg_path), "--set", "trainer.max_steps=1"]) == 0
     lines = [json.loads(x) for x in (tmp_path / "run" / "skipped_records.jsonl").read_text().splitlines()]
     assert [(e["index"], e["stage"]) for e in lines] == [(0, "load"), (1, "load"), (2, "load")]
     assert "skipped 3 bad records" in capsys.readouterr().out

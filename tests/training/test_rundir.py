@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from tpkit.cli import main
-from tpkit.training.rundir import RESUME_SAFE_KEYS, new_run_refusal, remove_stale_tmp, resume_changes
 
 from .conftest import tiny_cfg_dict
 
@@ -105,10 +104,14 @@ def test_resume_on_other_training_data_under_the_same_path_is_refused(run, capsy
 
 
 def test_resume_changes_are_classified():
+    from tpkit.training.rundir import RESUME_SAFE_KEYS, resume_changes
+
     saved = {"trainer": {"max_steps": 4, "logger": "csv", "seed": 0}, "data": {"train_json": "d/x.json"}}
     now = {"trainer": {"max_steps": 8, "logger": "none", "seed": 0}, "data": {"train_json": "./d/x.json"}}
     refused, accepted = resume_changes(saved, now)
     assert refused == [] and accepted == ["trainer.logger: 'csv' -> 'none'", "trainer.max_steps: 4 -> 8"]
+    _, accepted = resume_changes({"data": {"on_error": "raise"}}, {"data": {"on_error": "skip"}})
+    assert accepted == ["data.on_error: 'raise' -> 'skip'"]  # the way past a record that fails to decode
     refused, _ = resume_changes(saved, {**now, "pruning": {"stage1": {"min_keep": 8}}})
     assert refused == ["pruning.stage1.min_keep: '(unset)' -> 8"]
     assert not any(
@@ -120,6 +123,8 @@ def test_stale_checkpoint_temporaries_are_removed(tmp_path):
     import os
     import subprocess
     import sys
+
+    from tpkit.training.rundir import new_run_refusal, remove_stale_tmp
 
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True

@@ -1,8 +1,8 @@
 """Checkpoint policy: atomic writes, ``last.ckpt`` every N optimizer steps, a save when a stop is requested.
 
 What goes into a checkpoint (trainable tensors only, loop/sampler/RNG state) is decided by
-:class:`tpkit.training.module.DistillLoRAModule`; this module decides when and how it is written,
-and reads it back without unpickling anything but tensors and plain containers.
+:class:`tpkit.training.module.DistillLoRAModule`; this module decides when and how it is written
+(:func:`tpkit.training.rundir.load_checkpoint` reads it back, tensors and plain containers only).
 
 Stopping (Ctrl-C, SIGTERM): the first signal on any rank only sets a flag; every rank looks at all
 ranks' flags at the next step boundary, and all of them stop there together, after one checkpoint.
@@ -14,7 +14,6 @@ once, keeping the last checkpoint.
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import threading
 from pathlib import Path
@@ -27,38 +26,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from tpkit.data.errors import LlavaDataError
 
-__all__ = [
-    "AtomicCheckpointIO",
-    "CheckpointError",
-    "LastCheckpoint",
-    "TrainingStopped",
-    "LAST",
-    "load_checkpoint",
-]
+__all__ = ["AtomicCheckpointIO", "LastCheckpoint", "TrainingStopped", "LAST"]
 
-LAST = "last.ckpt"
-
-
-class CheckpointError(ValueError):
-    """A file that is not a readable tpkit checkpoint (the message names it and says why)."""
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's contents (CPU), with ``weights_only`` unpickling: tensors and plain containers
-    only, so a crafted file cannot run code. Memory-mapped: reading a few keys costs little."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{path}: refused - it holds objects other than tensors and plain containers, which are not "
-            f"loaded (weights_only): {first}. A tpkit checkpoint never does; was it made elsewhere?"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as e:  # truncated, not a torch file
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or "state_dict" not in state:
-        raise CheckpointError(f"{path}: not a training checkpoint (no state_dict)")
-    return state
+LAST = "last.ckpt"  # tpkit.training.rundir.RUN_FILES names it too
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

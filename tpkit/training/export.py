@@ -42,9 +42,9 @@ from tpkit.models.loading import (
     load_processor_for,
     resolve_dtype,
 )
-from tpkit.training.checkpoint import CheckpointError, load_checkpoint
 from tpkit.training.config import load_train_config
 from tpkit.training.lora import apply_lora
+from tpkit.training.rundir import CheckpointError, load_checkpoint
 
 __all__ = ["export_adapter", "export_checkpoint"]
 

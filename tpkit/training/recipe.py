@@ -2,47 +2,36 @@
 
 ``tpkit train`` (and ``train.py``) only parse arguments and call :func:`fit`. Lifecycle
 (torchtune-style): :func:`tpkit.training.config.load_train_config` (all config errors, before
-anything heavy), :func:`check_run_dir` (no run overwritten or mixed with another, before any model
-work), :func:`build_student`, :func:`build_module`, :func:`build_datamodule`,
+anything heavy), :func:`tpkit.training.rundir.check_run_dir` (no run overwritten or mixed with
+another, before any model work), :func:`build_student`, :func:`build_module`, :func:`build_datamodule`,
 :func:`build_trainer`, :func:`fit`.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-import yaml
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from tpkit.config import ConfigError, from_dict, save_config, to_dict
+from tpkit.config import save_config, to_dict
 from tpkit.models.checks import check_pruning_fits
 from tpkit.models.families import attach_pruner
 from tpkit.models.loading import load_base_model, load_processor_for, resolve_dtype
-from tpkit.training.checkpoint import LAST, AtomicCheckpointIO, LastCheckpoint, load_checkpoint
+from tpkit.training.checkpoint import LAST, AtomicCheckpointIO, LastCheckpoint
 from tpkit.training.config import TrainConfig
 from tpkit.training.console import ContinuedCSVLogger, StepProgressBar, log_version, quiet_dependencies
 from tpkit.training.data import LlavaDataModule
 from tpkit.training.export import export_adapter
 from tpkit.training.lora import apply_lora
 from tpkit.training.module import DistillLoRAModule
-from tpkit.training.rundir import (
-    CONFIG,
-    SKIPPED,
-    RunDirError,
-    clear_run,
-    new_run_refusal,
-    remove_stale_tmp,
-    resume_changes,
-)
+from tpkit.training.rundir import CONFIG, SKIPPED, check_run_dir
 from tpkit.training.teacher_cache.cache import TeacherCache
 
 __all__ = [
-    "check_run_dir",
     "build_student",
     "build_module",
     "build_datamodule",
@@ -211,64 +200,6 @@ class TrainResult:
     module: DistillLoRAModule
 
 
-def _saved_config(ckpt_state: dict, out: Path) -> dict | None:
-    """The config a checkpoint was written with (older checkpoints: the run's config.yaml), with
-    today's defaults for keys it predates."""
-    saved = ckpt_state.get("tpkit_config")
-    if saved is None and (out / CONFIG).is_file():
-        saved = yaml.safe_load((out / CONFIG).read_text())
-    if saved is None:
-        return None
-    try:
-        return to_dict(from_dict(TrainConfig, saved))
-    except ConfigError:
-        return saved
-
-
-def check_run_dir(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> int | None:
-    """Refuse what would overwrite a run or mix two (before any model work); returns the step a
-    resumed run starts from (None: a new run). ``overwrite`` removes an old run's files first."""
-    out = Path(cfg.trainer.out_dir)
-    rank0 = rank_zero_only.rank == 0
-    ckpt = out / LAST
-    if resume and overwrite:
-        raise RunDirError("--resume continues the run in trainer.out_dir, --overwrite removes it: give one")
-    if not resume:
-        if why := new_run_refusal(out):
-            if not overwrite:
-                raise RunDirError(why)
-            if rank0:
-                print(f"--overwrite: removed {', '.join(clear_run(out))} from {out}", file=sys.stderr)
-        return None
-    if not ckpt.is_file():
-        raise RunDirError(
-            f"--resume: no checkpoint at {ckpt} (a run writes it every trainer.checkpoint_every_n_steps); "
-            "start the run without --resume"
-        )
-    state = load_checkpoint(ckpt)
-    step = int(state.get("global_step", 0))
-    saved = _saved_config(state, out)
-    if saved is not None:
-        refused, accepted = resume_changes(saved, to_dict(cfg))
-        if refused:
-            raise RunDirError(
-                f"--resume: {ckpt} (step {step}) was trained with another config; these changes would make "
-                "the resumed run not the run that was started:\n  " + "\n  ".join(refused) + "\nResume "
-                "with the run's own values (they are in the checkpoint and in "
-                f"{out / CONFIG}), or start a new run (--overwrite, or another trainer.out_dir)"
-            )
-        if cfg.trainer.max_steps <= step:
-            raise RunDirError(
-                f"--resume: {ckpt} is at step {step} and trainer.max_steps = {cfg.trainer.max_steps}: nothing "
-                f"left to train (a longer run: --set trainer.max_steps=N with N > {step})"
-            )
-        if accepted and rank0:
-            print(f"resuming from step {step} with changes: " + "; ".join(accepted), file=sys.stderr)
-    if rank0:
-        remove_stale_tmp(out)
-    return step
-
-
 class _RunFiles(L.Callback):
     """Writes the run's config.yaml and processor once training starts: after a resumed run's
     checkpoint was accepted and restored, never before (a refused resume changes nothing)."""
@@ -300,7 +231,7 @@ def fit(
     stop was requested (Ctrl-C, SIGTERM), after the checkpoint was saved."""
     out = Path(cfg.trainer.out_dir)
     ckpt = out / LAST
-    resume_step = check_run_dir(cfg, resume=resume, overwrite=overwrite)
+    resume_step = check_run_dir(cfg, resume=resume, overwrite=overwrite, rank0=rank_zero_only.rank == 0)
     with quiet_dependencies():
         L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
         if processor is None:

@@ -1,7 +1,8 @@
 """The run directory (``trainer.out_dir``): what a run leaves there, when a new run may start there,
 and which config changes ``--resume`` accepts.
 
-Torch-free: the command line asks :func:`existing_run` before anything heavy is imported.
+The command line asks :func:`existing_run` and :func:`check_run_dir` before anything heavy is imported
+(torch only to read a checkpoint, lazily).
 
 A run is the directory's ``config.yaml``, ``last.ckpt``, ``export/`` (and the rest of
 :data:`RUN_FILES`). A new run into a directory that holds one is refused, naming ``--resume`` and
@@ -14,9 +15,16 @@ pruning, LoRA, loss, optimizer, seed, ...) are refused, naming the keys; the oth
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+from tpkit.config import ConfigError, from_dict, to_dict
+from tpkit.training.config import TrainConfig
 
 __all__ = [
     "CONFIG",
@@ -24,6 +32,9 @@ __all__ = [
     "RUN_FILES",
     "RESUME_SAFE_KEYS",
     "RunDirError",
+    "CheckpointError",
+    "load_checkpoint",
+    "check_run_dir",
     "existing_run",
     "new_run_refusal",
     "clear_run",
@@ -61,6 +72,7 @@ RESUME_SAFE_KEYS = (
     "data.eval_batch_size",
     "data.num_workers",
     "data.check_images",
+    "data.on_error",  # skip: get past a record that fails at batch time (the data order is the same)
 )
 # compared as files, not as strings ("data/x.json" and "./data/x.json" are one file)
 _PATH_KEYS = (
@@ -74,6 +86,30 @@ _PATH_KEYS = (
 
 class RunDirError(ValueError):
     """``out_dir`` holds a run that this command would overwrite or mix with another (message says what to do)."""
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable tpkit checkpoint (the message names it and says why)."""
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's contents (CPU), with ``weights_only`` unpickling: tensors and plain containers
+    only, so a crafted file cannot run code. Memory-mapped: reading a few keys costs little."""
+    import torch  # lazy: the command line checks a resume before the heavy imports
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: refused - it holds objects other than tensors and plain containers, which are not "
+            f"loaded (weights_only): {first}. A tpkit checkpoint never does; was it made elsewhere?"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:  # truncated, not a torch file
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise CheckpointError(f"{path}: not a training checkpoint (no state_dict)")
+    return state
 
 
 def existing_run(out: str | os.PathLike) -> list[str]:
@@ -162,3 +198,69 @@ def resume_changes(saved: dict[str, Any], now: dict[str, Any]) -> tuple[list[str
         change = f"{key}: {old!r} -> {new!r}"
         (accepted if key in RESUME_SAFE_KEYS else refused).append(change)
     return refused, accepted
+
+
+def _saved_config(ckpt_state: dict, out: Path) -> dict | None:
+    """The config a checkpoint was written with (older checkpoints: the run's config.yaml), with
+    today's defaults for keys it predates."""
+    saved = ckpt_state.get("tpkit_config")
+    if saved is None and (out / CONFIG).is_file():
+        saved = yaml.safe_load((out / CONFIG).read_text())
+    if saved is None:
+        return None
+    try:
+        return to_dict(from_dict(TrainConfig, saved))
+    except ConfigError:
+        return saved
+
+
+def check_run_dir(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    rank0: bool = True,
+    announce: bool = True,
+) -> int | None:
+    """Refuse what would overwrite a run or mix two (before any model work); returns the step a
+    resumed run starts from (None: a new run). ``overwrite`` removes an old run's files first;
+    ``rank0``: this process writes (removes, announces) for the run; ``announce``: say which safe
+    changes a resume accepts."""
+    out = Path(cfg.trainer.out_dir)
+    ckpt = out / "last.ckpt"
+    if resume and overwrite:
+        raise RunDirError("--resume continues the run in trainer.out_dir, --overwrite removes it: give one")
+    if not resume:
+        if why := new_run_refusal(out):
+            if not overwrite:
+                raise RunDirError(why)
+            if rank0:
+                print(f"--overwrite: removed {', '.join(clear_run(out))} from {out}", file=sys.stderr)
+        return None
+    if not ckpt.is_file():
+        raise RunDirError(
+            f"--resume: no checkpoint at {ckpt} (a run writes it every trainer.checkpoint_every_n_steps); "
+            "start the run without --resume"
+        )
+    state = load_checkpoint(ckpt)
+    step = int(state.get("global_step", 0))
+    saved = _saved_config(state, out)
+    if saved is not None:
+        refused, accepted = resume_changes(saved, to_dict(cfg))
+        if refused:
+            raise RunDirError(
+                f"--resume: {ckpt} (step {step}) was trained with another config; these changes would make "
+                "the resumed run not the run that was started:\n  " + "\n  ".join(refused) + "\nResume "
+                "with the run's own values (they are in the checkpoint and in "
+                f"{out / CONFIG}), or start a new run (--overwrite, or another trainer.out_dir)"
+            )
+        if cfg.trainer.max_steps <= step:
+            raise RunDirError(
+                f"--resume: {ckpt} is at step {step} and trainer.max_steps = {cfg.trainer.max_steps}: nothing "
+                f"left to train (a longer run: --set trainer.max_steps=N with N > {step})"
+            )
+        if accepted and rank0 and announce:
+            print(f"resuming from step {step} with changes: " + "; ".join(accepted), file=sys.stderr)
+    if rank0:
+        remove_stale_tmp(out)
+    return step
