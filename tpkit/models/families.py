@@ -36,13 +36,17 @@ def attach_pruner(model: nn.Module, config: PruningConfig | None = None) -> nn.M
     return attach(model, config, family_of(model))
 
 
-def stage1_scores(model: nn.Module, pixel_values: torch.Tensor, config: Any = None) -> torch.Tensor:
-    """The stage-1 score of every patch, (B, P), exactly as the pruner computes it.
+def stage1_scores(
+    model: nn.Module, pixel_values: torch.Tensor, config: Any = None, **visual: Any
+) -> torch.Tensor:
+    """The stage-1 score of every patch, exactly as the pruner computes it ((B, P) for LLaVA-1.5).
 
-    ``config``: a ``PruningConfig`` or ``Stage1Config`` (default: the attached config's, else cosine).
-    For overlays and premise studies; runs the vision tower once.
+    ``config``: a ``PruningConfig`` or ``Stage1Config`` (default: the attached config's, else cosine);
+    ``visual``: the family's other visual inputs (``image_sizes``, ``image_grid_thw``). For overlays
+    and premise studies; runs the vision tower once.
     """
     inner = unwrap(model)
     if config is None:
         config = pruning_config(inner) or PruningConfig()
-    return family_of(inner).stage1_scores(inner, pixel_values, getattr(config, "stage1", config))
+    visual = {"pixel_values": pixel_values, **visual}
+    return family_of(inner).stage1_scores(inner, visual, getattr(config, "stage1", config))

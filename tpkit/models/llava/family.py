@@ -145,18 +145,19 @@ class LlavaFamily(Family):
                 score_hidden.shape[0], score_hidden.shape[1] - 1, s1.seed, score_hidden.device
             )
 
-    def stage1_scores(self, model: nn.Module, pixel_values: torch.Tensor, stage1: Any) -> torch.Tensor:
+    def stage1_scores(self, model: nn.Module, visual: dict[str, Any], stage1: Any) -> torch.Tensor:
         with torch.no_grad():
-            return self.scores(model, tower_states(model, pixel_values), stage1)
+            return self.scores(model, tower_states(model, visual["pixel_values"]), stage1)
 
     def encode(
         self,
         model: nn.Module,
         input_ids: torch.Tensor,
-        pixel_values: torch.Tensor,
+        visual: dict[str, Any],
         stage1: Any,
         stage1_keep: torch.Tensor | None = None,
     ) -> Visual:
+        pixel_values = visual["pixel_values"]
         start = self._run_start(model, input_ids, pixel_values)  # (B,)
         mcfg = model.config
         hs = tower_states(model, pixel_values)
@@ -185,13 +186,16 @@ class LlavaFamily(Family):
             projected = projector(feats.flatten(0, 1).index_select(0, rows))  # (sum k1, D)
         n_tokens, n_patches = image_token_count(model)
         slot = torch.arange(n_tokens, device=input_ids.device)
-        cells = (slot - (n_tokens - n_patches)).expand(b, n_tokens)  # the CLS placeholder (full) is -1
+        cell = slot - (n_tokens - n_patches)  # the CLS placeholder (strategy "full") is no patch
+        side = math.isqrt(n_patches)
+        coords = torch.stack(
+            [torch.where(cell >= 0, 0, -1), cell.clamp(min=0) // side, cell.clamp(min=0) % side], -1
+        )
         return Visual(
             slots=start[:, None] + slot[None, :],
             keep=keep,
             k1=k1,
             projected=projected,
             scores=scores,
-            cells=cells.clamp(min=-1),
-            grid=math.isqrt(n_patches),
+            coords=coords.expand(b, n_tokens, 3),
         )
