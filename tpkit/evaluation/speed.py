@@ -34,12 +34,14 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from tpkit.evaluation.methods import MethodSpec
 from tpkit.models.core.attach import set_pruning
 from tpkit.models.core.compile import compile_model, is_compiled
+from tpkit.models.families import family_of
 
 __all__ = [
     "LMShape",
     "speed_table",
     "torch_threads",
     "random_prompt_batch",
+    "model_inputs",
     "time_calls",
     "summarize_times",
     "layer_flops",
@@ -60,36 +62,17 @@ def random_prompt_batch(
     seed: int = 0,
     device: str | torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
-    """A LLaVA-shaped prompt batch: ``text_before`` tokens (bos + system), the image placeholder
-    run, ``text_after`` instruction tokens. LLaVA-1.5-7B: 35 + 576 + 29 = 640 tokens."""
-    cfg = model.config
-    vcfg = cfg.vision_config
-    n_vis = (vcfg.image_size // vcfg.patch_size) ** 2
+    """A random prompt batch shaped like the family's real ones: ``text_before`` tokens (bos +
+    system), the visual placeholders of one image (any-res: its crops; Qwen: its merged units),
+    ``text_after`` instruction tokens, and the visual inputs. LLaVA-1.5-7B: 35 + 576 + 29 = 640."""
     device = device or next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    g = torch.Generator().manual_seed(seed)
-    vocab = cfg.text_config.vocab_size
-    image_id = cfg.image_token_id
-    specials = {0, 1, 2, image_id, getattr(cfg, "pad_token_id", None)}
-    low = 4
-    high = min(vocab, image_id) if image_id >= low + 16 else vocab
+    return family_of(model).random_prompt(model, batch_size, text_before, text_after, seed, torch.device(device))
 
-    def text(n: int) -> torch.Tensor:  # (B, n)
-        ids = torch.randint(low, high, (batch_size, n), generator=g)
-        for s in specials:
-            if s is not None:
-                ids[ids == s] = low
-        return ids
 
-    bos = torch.full((batch_size, 1), 1, dtype=torch.long)
-    image = torch.full((batch_size, n_vis), image_id, dtype=torch.long)
-    input_ids = torch.cat([bos, text(text_before - 1), image, text(text_after)], dim=1)  # (B, T)
-    pixel_values = torch.randn(batch_size, 3, vcfg.image_size, vcfg.image_size, generator=g)
-    return {
-        "input_ids": input_ids.to(device),
-        "attention_mask": torch.ones_like(input_ids).to(device),
-        "pixel_values": pixel_values.to(device=device, dtype=dtype),
-    }
+def model_inputs(model, batch: dict) -> dict:
+    """The entries of a batch that the model's forward takes: ids, mask and the family's visual inputs."""
+    keys = ("input_ids", "attention_mask", *family_of(model).visual_keys)
+    return {k: batch[k] for k in keys if batch.get(k) is not None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,7 +141,7 @@ def peak_memory_mb(device: torch.device) -> float | None:
 def prefill_call(model, batch: dict, extra: dict | None = None) -> Callable[[], object]:
     """One prefill forward (vision tower + projector + LM over the prompt) without a cache;
     only the last position's logits are computed."""
-    kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    kwargs = model_inputs(model, batch)
     kwargs.update(extra or {})
     kwargs["use_cache"] = False
     kwargs["logits_to_keep"] = 1  # stock LLaVA and the pruner both take it: no (B, T, V) logits
@@ -212,7 +195,7 @@ def generate_call(
     transformers' static cache (the dense path of a compiled model; the pruned path makes its own).
     ``clock`` (a :class:`StepClock` for ``new_tokens``) records each call's time to first token and
     decoding time."""
-    kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    kwargs = model_inputs(model, batch)
     kwargs.update(extra or {})
     if static:  # fixed shapes for the compiled language model; tpkit compiled it, generate must not again
         kwargs.update(cache_implementation="static", disable_compile=True)

@@ -1,15 +1,21 @@
 """Models built from configs with random weights: tiny ones (tests, CPU runs) and full-size
 architectures (speed runs on a GPU, ``--random-init``).
 
-They are stock ``LlavaForConditionalGeneration`` instances, so everything that works on them
-works on a checkpoint loaded with ``from_pretrained``.
+They are stock ``*ForConditionalGeneration`` instances, so everything that works on them works on a
+checkpoint loaded with ``from_pretrained``. Each family has a config builder that takes the same
+size keywords (``vision_hidden``, ``vision_heads``, ``hidden_size``, ``num_heads``, ``num_kv_heads``,
+``intermediate_size``, ...): LLaVA-1.5's is here, the others' in their family folders
+(:data:`CONFIG_BUILDERS`).
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import transformers
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -123,10 +129,26 @@ def tiny_kwargs_from_processor(processor: Any) -> dict[str, Any]:
     return kw
 
 
-# name -> kwargs of tpkit.models.tiny.tiny_llava_config (the same builder, full-size numbers)
+# family -> "module:function" building its config from size keywords, and the model class it makes
+CONFIG_BUILDERS: dict[str, tuple[str, str]] = {
+    "llava": ("tpkit.models.tiny:tiny_llava_config", "LlavaForConditionalGeneration"),
+}
+
+
+def config_builder(family: str) -> tuple[Callable[..., Any], type]:
+    """(config builder, model class) of a family named in :data:`CONFIG_BUILDERS`."""
+    if family not in CONFIG_BUILDERS:
+        raise ValueError(f"no config builder for family {family!r}; known: {', '.join(sorted(CONFIG_BUILDERS))}")
+    target, cls = CONFIG_BUILDERS[family]
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name), getattr(transformers, cls)
+
+
+# name -> the family and the keywords of its config builder (full-size numbers)
 ARCHITECTURES: dict[str, dict] = {
     # CLIP ViT-L/14-336 (24 layers, 1024-d, 576 patches) + Vicuna-7B (Llama, 4096-d, 32 layers)
     "llava-1.5-7b": dict(
+        family="llava",
         text_backbone="llama",
         vocab_size=32064,
         image_token_id=32000,
@@ -145,6 +167,7 @@ ARCHITECTURES: dict[str, dict] = {
     ),
     # same tower + Vicuna-13B (5120-d, 40 layers)
     "llava-1.5-13b": dict(
+        family="llava",
         text_backbone="llama",
         vocab_size=32064,
         image_token_id=32000,
@@ -164,6 +187,7 @@ ARCHITECTURES: dict[str, dict] = {
     # benchmarks/prefill_speed.py: LLaVA-1.5's token counts (576 patches) with a small tower and an
     # LM large enough (512-d, 8 layers, batch 8) that compute, not overhead, dominates on a CPU
     "cpu-bench": dict(
+        family="llava",
         text_backbone="llama",
         vocab_size=1024,
         image_token_id=3,
@@ -193,8 +217,11 @@ def architecture_kwargs(name: str, scale_down: int = 1) -> dict:
         raise ValueError(f"scale_down = {scale_down} must be >= 1")
     if scale_down > 1:
         for k in ("vision_hidden", "vision_heads", "hidden_size", "num_heads", "num_kv_heads"):
-            kw[k] = max(1, kw[k] // scale_down)
-        kw["intermediate_size"] = max(8, kw["intermediate_size"] // scale_down)
+            if k in kw:
+                kw[k] = max(1, kw[k] // scale_down)
+        for k in ("intermediate_size", "vision_intermediate"):
+            if k in kw:
+                kw[k] = max(8, kw[k] // scale_down)
     return kw
 
 
@@ -206,7 +233,7 @@ def build_random_init(
     scale_down: int = 1,
     seed: int = 0,
 ):
-    """A ``LlavaForConditionalGeneration`` of architecture ``name`` with random weights, in eval mode.
+    """A model of architecture ``name`` (:data:`ARCHITECTURES`) with random weights, in eval mode.
 
     Parameters are allocated and initialised on ``device`` in ``dtype`` (default-dtype switch plus a
     ``torch.device`` context), so a 7B model appears in seconds on a GPU instead of minutes of CPU
@@ -214,14 +241,14 @@ def build_random_init(
     """
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     kw = architecture_kwargs(name, scale_down)
-    backbone = kw.pop("text_backbone")
-    cfg = tiny_llava_config(backbone, attn_implementation=attn_implementation, **kw)
+    build_config, model_class = config_builder(kw.pop("family"))
+    cfg = build_config(attn_implementation=attn_implementation, **kw)
     torch.manual_seed(seed)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlavaForConditionalGeneration(cfg)
+            model = model_class(cfg)
     finally:
         torch.set_default_dtype(prev)
     if hasattr(model, "set_attn_implementation"):

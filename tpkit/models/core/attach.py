@@ -237,6 +237,7 @@ def attach(model: nn.Module, config: PruningConfig | None, family: Family) -> nn
     config = config if config is not None else PruningConfig()
     config.validate()
     check_layer(family.language_model(model), config)
+    family.check_config(model, config)
     if not is_attached(model):
         model._tp_base_class = model.__class__
         model.__class__ = _pruned_class(model.__class__)
@@ -276,6 +277,7 @@ def set_pruning(model: nn.Module, config: PruningConfig) -> None:
         raise ValueError("set_pruning: no pruner attached (call attach_pruner first)")
     config.validate()
     check_layer(inner._tp_family.language_model(inner), config)
+    inner._tp_family.check_config(inner, config)
     inner._tp_cfg = config
 
 

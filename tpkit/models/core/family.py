@@ -25,9 +25,31 @@ import torch
 from torch import nn
 
 from tpkit.models.core.masks import gather_rows
+from tpkit.pruning.config import CLS_SCORES
 from tpkit.pruning.stage2 import apply_rope
 
-__all__ = ["Visual", "Family", "llama_rotate"]
+__all__ = ["Visual", "Family", "llama_rotate", "random_text"]
+
+
+def random_text(model: nn.Module, batch_size: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, n) random ordinary token ids: none of the config's special ids (placeholders, pad, bos/eos)."""
+    cfg = model.config
+    text = getattr(cfg, "text_config", cfg)
+    specials = {0, 1, 2}
+    for key in ("image_token_id", "video_token_id", "image_token_index", "vision_start_token_id",
+                "vision_end_token_id", "pad_token_id", "bos_token_id", "eos_token_id"):  # fmt: skip
+        for c in (cfg, text):
+            v = getattr(c, key, None)
+            if isinstance(v, int):
+                specials.add(v)
+    low, high = 4, text.vocab_size
+    lowest = min(v for v in specials if v >= low) if any(v >= low for v in specials) else high
+    if lowest >= low + 16:  # ordinary ids below the first special one (LLaVA: 4..31999)
+        high = lowest
+    ids = torch.randint(low, high, (batch_size, n), generator=generator)
+    for v in specials:
+        ids[ids == v] = low
+    return ids
 
 
 def llama_rotate(
@@ -67,7 +89,26 @@ class Family:
         """ValueError naming what a model of this family lacks (called once, by ``attach_pruner``)."""
 
     def check_config(self, model: nn.Module, config: Any) -> None:
-        """ValueError for pruning settings this family cannot honour (called by ``attach_pruner``)."""
+        """ValueError for pruning settings this family cannot honour (called by ``attach_pruner`` and
+        ``set_pruning``). Here: a CLS-based stage-1 score on a tower without a CLS token."""
+        score = config.stage1.score
+        if config.stage1.enabled and score in CLS_SCORES and not self.has_cls(model):
+            raise ValueError(
+                f"pruning.stage1.score = {score!r} compares patches with the CLS token, but "
+                f"{type(model).__name__}'s vision tower has none: use 'cosine_mean' or 'attn_received' "
+                "(or null for the family's default)"
+            )
+
+    def has_cls(self, model: nn.Module) -> bool:
+        """Whether the vision tower's sequence starts with a CLS token (CLIP) or is patches only."""
+        return True
+
+    def score_kind(self, model: nn.Module, stage1: Any) -> str:
+        """The stage-1 score in use: the config's, or the family's default (``cosine`` with a CLS
+        token, else ``cosine_mean``)."""
+        if stage1.score is not None:
+            return stage1.score
+        return "cosine" if self.has_cls(model) else "cosine_mean"
 
     def language_model(self, model: nn.Module) -> nn.Module:
         """The decoder stack: ``layers``, ``embed_tokens``, ``norm``, ``rotary_emb``, ``config``."""
@@ -112,6 +153,20 @@ class Family:
     def decode_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """Position ids of decoded tokens from their 1-D positions (B, q) (text: every axis the same)."""
         return positions
+
+    def random_prompt(
+        self,
+        model: nn.Module,
+        batch_size: int,
+        text_before: int,
+        text_after: int,
+        seed: int,
+        device: torch.device,
+    ) -> dict[str, torch.Tensor]:
+        """A random prompt batch for speed runs (``--random-init``): ``text_before`` tokens (bos +
+        system), one image's placeholders at its full-size shape, ``text_after`` tokens, and the visual
+        inputs (random pixels), as the family's processor would lay them out."""
+        raise NotImplementedError
 
     # how the decoder's rotary embedding rotates q and k (stage 2 scores with the layer's own q/k)
     rotate = staticmethod(llama_rotate)
