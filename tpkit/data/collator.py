@@ -80,6 +80,8 @@ class LlavaCollator:
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._bos = self.tokenizer.bos_token
         self._parts = self._content_as_parts()
+        # one fixed-size image per sample (LlavaProcessor): its count needs no image
+        self._fixed = type(processor).__name__ == "LlavaProcessor"
 
     def _content_as_parts(self) -> bool:
         """Whether the chat template wants list-of-parts content (llava-hf hub templates) or strings."""
@@ -153,8 +155,12 @@ class LlavaCollator:
             spans.append((len(before), len(through)))
         return full, spans, prompt
 
-    def _encode(self, records: Sequence[dict[str, Any]], n_image: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Token ids and answer mask (bool) per record, unpadded, the image placeholder expanded."""
+    def _encode(
+        self, records: Sequence[dict[str, Any]], n_image: int | Sequence[int]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Token ids and answer mask (bool) per record, unpadded, the image placeholder expanded to
+        ``n_image`` tokens (one count for all records, or one per record)."""
+        counts = [n_image] * len(records) if isinstance(n_image, int) else list(n_image)
         texts, spans = [], []
         for r in records:
             full, sp, prompt = self._texts(r)
@@ -171,7 +177,9 @@ class LlavaCollator:
             texts, add_special_tokens=add_bos, return_offsets_mapping=True, return_attention_mask=False
         )
         out = []
-        for r, ids, offsets, sp in zip(records, enc["input_ids"], enc["offset_mapping"], spans):
+        for r, ids, offsets, sp, n_img in zip(
+            records, enc["input_ids"], enc["offset_mapping"], spans, counts
+        ):
             ids = np.asarray(ids, dtype=np.int64)  # (L,)
             is_image = ids == self.image_token_id
             if int(is_image.sum()) != 1:
@@ -183,7 +191,7 @@ class LlavaCollator:
             mask = ((off[:, None, 1] > sp[None, :, 0]) & (off[:, None, 0] < sp[None, :, 1])).any(1)
             # expand the placeholder to its run of n_image tokens, as LlavaProcessor does on the text
             # (the placeholder is a special token, so neighbouring tokens are unchanged)
-            repeat = np.where(is_image, n_image, 1)
+            repeat = np.where(is_image, n_img, 1)
             out.append((np.repeat(ids, repeat), np.repeat(mask, repeat)))
         return out
 
@@ -195,15 +203,63 @@ class LlavaCollator:
             raise ValueError(f"cannot tell the image size from the image processor (size={size})")
         return num_image_tokens(self.processor, size["height"], size["width"])
 
+    def _counts_from_sizes(self, records: Sequence[dict[str, Any]]) -> list[int]:
+        """Image tokens of each record from its image's size (read from the file header, not decoded),
+        as the processor counts them for any-resolution models."""
+        from PIL import Image
+
+        sizes = []
+        for r in records:
+            image = r.get("image")
+            if isinstance(image, Image.Image):
+                sizes.append((image.height, image.width))
+                continue
+            try:
+                with Image.open(self._image_path(r)) as im:
+                    sizes.append((im.height, im.width))
+            except OSError as e:
+                raise ValueError(f"record id={r.get('id')!r}: cannot read image: {e}") from None
+        counts = self.processor._get_num_multimodal_tokens(image_sizes=sizes)
+        return [int(n) for n in counts["num_image_tokens"]]
+
     def sequence_lengths(self, records: Sequence[dict[str, Any]], batch_size: int = 256) -> list[int]:
         """Token count (image tokens included) of each record as this collator would build it."""
-        n_image = self._n_image_tokens()
         lengths: list[int] = []
         for i in range(0, len(records), batch_size):
-            lengths += [len(ids) for ids, _ in self._encode(records[i : i + batch_size], n_image)]
+            chunk = records[i : i + batch_size]
+            n_image = self._n_image_tokens() if self._fixed else self._counts_from_sizes(chunk)
+            lengths += [len(ids) for ids, _ in self._encode(chunk, n_image)]
         return lengths
 
+    def encode_images(self, images: list) -> tuple[dict[str, Any], list[int]]:
+        """The visual inputs of a batch of PIL images and each image's placeholder count.
+
+        LLaVA-1.5 (one fixed-size image): the image processor, and the count from its output size.
+        Any-resolution models (LLaVA-NeXT/OneVision, Qwen2-VL): the processor itself, on one
+        placeholder per image, so that the counts (crops, newlines, merged units) and the tensors it
+        returns (``image_sizes``, ``image_grid_thw``) are exactly the processor's.
+        """
+        if self._fixed:
+            pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
+            n = num_image_tokens(self.processor, pixel_values.shape[-2], pixel_values.shape[-1])
+            return {"pixel_values": pixel_values}, [n] * len(images)
+        out = self.processor(
+            text=[self.image_token] * len(images), images=images, padding=True, return_tensors="pt"
+        )
+        counts = (out["input_ids"] == self.image_token_id).sum(dim=1).tolist()
+        text_keys = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+        return {k: v for k, v in out.items() if k not in text_keys}, counts
+
     # ---- images -----------------------------------------------------------------------------
+    def _image_path(self, record: dict[str, Any]) -> Path:
+        image = record.get("image_path") or record.get("image")
+        if not isinstance(image, (str, os.PathLike)) or not str(image):
+            raise ValueError(f"record id={record.get('id')!r}: no image (got {image!r:.60})")
+        path = Path(image)
+        if not path.is_absolute() and self.image_folder is not None:
+            path = self.image_folder / path
+        return path
+
     def _load_image(self, record: dict[str, Any]):
         from PIL import Image
 
@@ -212,11 +268,7 @@ class LlavaCollator:
             image = record.get("image_path") or image
         if isinstance(image, Image.Image):
             return image.convert("RGB")
-        if not isinstance(image, (str, os.PathLike)) or not str(image):
-            raise ValueError(f"record id={record.get('id')!r}: no image (got {image!r:.60})")
-        path = Path(image)
-        if not path.is_absolute() and self.image_folder is not None:
-            path = self.image_folder / path
+        path = self._image_path(record)
         try:
             with Image.open(path) as im:
                 return im.convert("RGB")
@@ -228,11 +280,10 @@ class LlavaCollator:
         if not records:
             raise ValueError("empty batch")
         images = [self._load_image(r) for r in records]
-        pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
-        n_image = num_image_tokens(self.processor, pixel_values.shape[-2], pixel_values.shape[-1])
-        encoded = self._encode(records, n_image)
+        visual, counts = self.encode_images(images)
+        encoded = self._encode(records, counts)
         lengths = [len(ids) for ids, _ in encoded]
-        for r, n in zip(records, lengths):
+        for r, n, n_image in zip(records, lengths, counts):
             if n > self.max_length:
                 raise ValueError(
                     f"record id={r.get('id')!r}: sequence of {n} tokens ({n_image} image tokens) exceeds "
@@ -251,7 +302,7 @@ class LlavaCollator:
         batch: dict[str, Any] = {
             "input_ids": torch.from_numpy(input_ids),  # (B, T)
             "attention_mask": torch.from_numpy(attention_mask),  # (B, T)
-            "pixel_values": pixel_values,  # (B, 3, H, W)
+            **visual,  # pixel_values (B, 3, H, W); any-res: (B, views, 3, H, W) + image_sizes; Qwen: grids
         }
         ids = [str(r.get("id")) for r in records]
         if self.mode == "train":

@@ -24,14 +24,21 @@ from tpkit.config import save_config, to_dict
 from tpkit.data.collator import LlavaCollator
 from tpkit.data.llava_json import load_llava_json
 from tpkit.evaluation.config import EvalConfig, variant_pruning
-from tpkit.evaluation.methods import METHODS, MethodSpec, OursStats, method_spec, sweep_spec
+from tpkit.evaluation.methods import (
+    METHODS,
+    MethodSpec,
+    OursStats,
+    check_methods,
+    method_spec,
+    sweep_spec,
+)
 from tpkit.evaluation.random_init import evaluate_speed_only
 from tpkit.evaluation.report import overlay_samples, write_report
 from tpkit.evaluation.results import budget_gap, method_result, run_flops
 from tpkit.evaluation.retention import dataset_cells
 from tpkit.evaluation.speed import LMShape, speed_table, torch_threads
-from tpkit.models.core.attach import detach_pruner, last_stats, set_pruning
-from tpkit.models.families import attach_pruner
+from tpkit.models.core.attach import detach_pruner, last_stats, set_pruning, unwrap
+from tpkit.models.families import attach_pruner, device_inputs, family_of
 from tpkit.models.loading import (
     load_base_model,
     load_exported,
@@ -136,7 +143,8 @@ def _stats_or_dense(model, batch: dict, pruned: bool) -> dict[str, torch.Tensor]
     then: its stats would be the previous pruned call's)."""
     st = (last_stats(model) or {}) if pruned else {}
     n_dense = batch["attention_mask"].sum(1).cpu()
-    n_vis = (batch["input_ids"] == model.config.image_token_id).sum(1).cpu()
+    placeholders = torch.tensor(family_of(model).placeholder_ids(unwrap(model)))
+    n_vis = torch.isin(batch["input_ids"].cpu(), placeholders).sum(1)
     out = {
         "n_dense": n_dense,
         "n_visual": n_vis,
@@ -185,8 +193,7 @@ def run_method(
         b = batch["input_ids"].shape[0]
         idx = torch.arange(offset, offset + b)
         offset += b
-        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values")}
-        inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
+        inputs = device_inputs(model, batch, device)
         with torch.inference_mode():
             out = model.generate(
                 **inputs,
@@ -258,9 +265,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     order += [m for m in wanted if m not in order]
     specs: dict[str, MethodSpec] = {}
     runs: dict[str, dict] = {}
-    cells, n_patches = dataset_cells(
-        ds, model.config.vision_config
-    )  # records that name their objects: retention numbers
+    family = family_of(model)
+    check_methods(family, unwrap(model), wanted + list(ev.sweep_methods if ev.budgets else []))
+    # records that name their objects: retention numbers (one fixed patch grid per image: LLaVA-1.5)
+    patch_grid = family.name == "llava"
+    cells, n_patches = dataset_cells(ds, model.config.vision_config) if patch_grid else (None, 0)
     for name in _tqdm(order, progress, desc="methods"):
         if name != "dense" and pending_adapter is not None:
             model, pending_adapter = merge_adapter(model, pending_adapter, ours_cfg), None
@@ -308,8 +317,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.speed.enabled:
         sp = cfg.speed
         first = next(iter(_make_loader(ds, processor, cfg, sp.batch_size)))
-        sbatch = {k: first[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values")}
-        sbatch["pixel_values"] = sbatch["pixel_values"].to(next(model.parameters()).dtype)
+        sbatch = device_inputs(model, first, device)
         index = torch.arange(sbatch["input_ids"].shape[0])
         main = [n for n in methods if "@" not in n and specs[n].family != "variant"]
         timed = [specs[n] for n in methods if (sp.sweep and "@" in n) or n in main]
@@ -355,7 +363,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     with open(out_dir / "predictions.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in predictions)
     grid = []
-    if "ours" in runs and ev.grid_samples:
+    if "ours" in runs and ev.grid_samples and patch_grid:
         first = next(iter(_make_loader(ds, processor, cfg, ev.grid_samples)))
         grid = overlay_samples(runs["ours"], processor, first, ev.grid_samples)
     results["files"] = write_report(results, out_dir, grid)

@@ -34,14 +34,13 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from tpkit.evaluation.methods import MethodSpec
 from tpkit.models.core.attach import set_pruning
 from tpkit.models.core.compile import compile_model, is_compiled
-from tpkit.models.families import family_of
+from tpkit.models.families import family_of, model_inputs
 
 __all__ = [
     "LMShape",
     "speed_table",
     "torch_threads",
     "random_prompt_batch",
-    "model_inputs",
     "time_calls",
     "summarize_times",
     "layer_flops",
@@ -66,13 +65,9 @@ def random_prompt_batch(
     system), the visual placeholders of one image (any-res: its crops; Qwen: its merged units),
     ``text_after`` instruction tokens, and the visual inputs. LLaVA-1.5-7B: 35 + 576 + 29 = 640."""
     device = device or next(model.parameters()).device
-    return family_of(model).random_prompt(model, batch_size, text_before, text_after, seed, torch.device(device))
-
-
-def model_inputs(model, batch: dict) -> dict:
-    """The entries of a batch that the model's forward takes: ids, mask and the family's visual inputs."""
-    keys = ("input_ids", "attention_mask", *family_of(model).visual_keys)
-    return {k: batch[k] for k in keys if batch.get(k) is not None}
+    return family_of(model).random_prompt(
+        model, batch_size, text_before, text_after, seed, torch.device(device)
+    )
 
 
 # --------------------------------------------------------------------------------------------

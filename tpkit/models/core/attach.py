@@ -149,9 +149,7 @@ class _PrunedMixin:
         if _active(self) and family.has_visual({k: kwargs.get(k) for k in family.visual_keys}):
             check_generate_kwargs(kwargs, CACHE_FIELD)
             static = _new_tokens(self, args, kwargs) if getattr(self, "_tp_compiled", None) else None
-            kwargs[CACHE_FIELD] = PrunedCache(
-                config=family.language_model(self).config, static_extra=static
-            )
+            kwargs[CACHE_FIELD] = PrunedCache(config=family.language_model(self).config, static_extra=static)
         return super().generate(*args, **kwargs)
 
     def _supports_mm_encoder_outputs(self) -> bool:

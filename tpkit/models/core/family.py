@@ -114,6 +114,10 @@ class Family:
         """The decoder stack: ``layers``, ``embed_tokens``, ``norm``, ``rotary_emb``, ``config``."""
         raise NotImplementedError
 
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        """The vision encoder (frozen in training; its output is shared by student and teacher)."""
+        return model.model.vision_tower
+
     def lm_head(self, model: nn.Module) -> nn.Module:
         return model.lm_head
 
