@@ -42,7 +42,7 @@ from tpkit.models.loading import (
     resolve_dtype,
 )
 
-__all__ = ["EvalError", "evaluate", "load_model_and_processor", "load_dataset", "run_method"]
+__all__ = ["EvalError", "evaluate", "load_model_and_processor", "load_dataset", "prefill_stats", "run_method"]
 
 
 class EvalError(ValueError):
@@ -131,7 +131,7 @@ def _make_loader(ds, processor, cfg: EvalConfig, batch_size: int) -> DataLoader:
 # one method over the dataset
 
 
-def _stats_or_dense(model, batch: dict, pruned: bool) -> dict[str, torch.Tensor]:
+def prefill_stats(model, batch: dict, pruned: bool) -> dict[str, torch.Tensor]:
     """last_stats of the prefill, or dense counts when pruning is off (the pruner records nothing
     then: its stats would be the previous pruned call's)."""
     st = (last_stats(model) or {}) if pruned else {}
@@ -201,7 +201,7 @@ def run_method(
         refs += list(batch.get("answers") or [None] * b)
         qtypes += list(batch.get("qtypes") or [None] * b)
         ids += [str(i) for i in (batch.get("ids") or range(offset - b, offset))]
-        st = _stats_or_dense(model, inputs, spec.pruning.enabled)
+        st = prefill_stats(model, inputs, spec.pruning.enabled)
         for k in ("n_dense", "n_visual", "k1", "n_prompt", "k2"):
             cols[k].append(st[k].long())
         cols["fraction"].append(st["token_layer_fraction"].double())
