@@ -57,11 +57,11 @@ def _tqdm(it, enabled: bool, **kw):
 # loading
 
 
-def load_model_and_processor(cfg: EvalConfig, device: torch.device, merge_adapter: bool = True):
+def load_model_and_processor(cfg: EvalConfig, device: torch.device, with_adapter: bool = True):
     """(model with the pruner attached, processor, ours' PruningConfig).
 
     With ``cfg.adapter`` the export's trained pruning config is ours' and its processor (when saved)
-    replaces the base's; ``merge_adapter=False`` returns the base model without the adapter, which
+    replaces the base's; ``with_adapter=False`` returns the base model without the adapter, which
     :func:`merge_adapter` then merges in (``evaluate`` runs ``dense`` on the base model first: the
     unpruned original the adapter was trained to match is the reference, not the adapter unpruned).
     """
@@ -74,7 +74,7 @@ def load_model_and_processor(cfg: EvalConfig, device: torch.device, merge_adapte
     dtype = resolve_dtype(cfg.model.dtype, device)
     model = load_base_model(cfg.model, dtype=dtype, processor=processor).to(device).eval()
     attach_pruner(model, copy.deepcopy(pruning))
-    if cfg.adapter is not None and merge_adapter:
+    if cfg.adapter is not None and with_adapter:
         model = merge_adapter(model, cfg.adapter, pruning)
     return model, processor, pruning
 
@@ -240,7 +240,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     out_dir = Path(cfg.out_dir)
     ds = load_dataset(cfg)
     # with an adapter: dense runs on the base model (the reference), then the adapter is merged in
-    model, processor, ours_cfg = load_model_and_processor(cfg, device, merge_adapter=False)
+    model, processor, ours_cfg = load_model_and_processor(cfg, device, with_adapter=False)
     pending_adapter = cfg.adapter
     tok = processor.tokenizer
     shape = LMShape.of(model)

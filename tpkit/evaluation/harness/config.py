@@ -115,8 +115,13 @@ def parse_model_args(args: dict[str, Any]) -> tuple[HarnessConfig, list[tuple[st
                 f"--model_args: unknown key {key!r} for --model tpkit (known: {', '.join(sorted(names))}, "
                 "and pruning.<key> overrides)"
             )
-    if isinstance(plain.get("batch_size"), str):
-        raise ConfigError(f"--model_args: batch_size = {plain['batch_size']!r} must be an integer")
+    batch = plain.get("batch_size")
+    if isinstance(batch, str):  # lmms-eval's --batch_size is a string ("8", "auto")
+        if not batch.isdigit():
+            raise ConfigError(
+                f"batch_size = {batch!r}: --model tpkit takes an integer (it batches ragged prompts itself)"
+            )
+        plain["batch_size"] = int(batch)
     return from_dict(HarnessConfig, plain, source="--model_args"), overrides
 
 

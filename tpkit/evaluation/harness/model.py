@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
+from lmms_eval.utils import simple_parse_args_string
 from tqdm.auto import tqdm
 
 from tpkit.config import ConfigError, from_dict
@@ -155,6 +156,16 @@ class TpkitLMM(lmms):
         self._rows: list[dict[str, float]] = []  # token accounting of every answered request
         self._gen_tokens = 0
         self._seconds = 0.0
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> TpkitLMM:
+        """``--model_args`` plus lmms-eval's ``--batch_size``/``--device`` (which it always passes:
+        ``--batch_size`` defaults to 1), a key given in ``--model_args`` winning."""
+        args = simple_parse_args_string(arg_string)
+        for key, value in (additional_config or {}).items():
+            if value is not None and key not in args:
+                args[key] = value
+        return cls(**args)
 
     # ---- what lmms-eval reads ---------------------------------------------------------------
     @property
