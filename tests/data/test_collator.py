@@ -225,7 +225,9 @@ def test_score_mode_is_the_eval_prompt_then_the_answer_as_given(processor, recor
         mask = sc["answer_mask"][b][sc["attention_mask"][b].bool()]
         assert full[: len(prompt)] == prompt  # the same prompt tokens, the answer's after them
         assert runs(mask.numpy()) == [(len(prompt), len(full))]
-        assert tok.decode(full[len(prompt) :]).strip() == answers_of(rec)[0]  # the first answer, nothing closes it
+        assert (
+            tok.decode(full[len(prompt) :]).strip() == answers_of(rec)[0]
+        )  # the first answer, nothing closes it
         labels = sc["labels"][b][sc["attention_mask"][b].bool()]
         assert labels[mask].tolist() == full[len(prompt) :] and (labels[~mask] == -100).all()
 
