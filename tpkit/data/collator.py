@@ -43,13 +43,18 @@ class LlavaCollator:
         (unshifted); ``answer_mask`` (B, T) bool (``labels != IGNORE_INDEX``); ``ids`` list[str].
     Eval batch (``mode="eval"``):
         ``input_ids``, ``attention_mask``, ``pixel_values`` for the prompt up to the first answer,
-        ending with the generation prompt (``... ASSISTANT:``); ``answers`` (first answer of each
-        record), ``qtypes``, ``ids``, ``neg_types`` lists (``None`` where a record has no such key).
+        ending with the generation prompt (``... ASSISTANT:``); a record whose conversation ends with
+        a question (no answer turn) is rendered whole, earlier turns as history, with the generation
+        prompt. ``answers`` (first answer of each record, ``None`` if none), ``qtypes``, ``ids``,
+        ``neg_types`` lists (``None`` where a record has no such key).
+    Score batch (``mode="score"``, for loglikelihood requests): the eval prompt of the first answer
+        followed by that answer's text exactly as given (no closing token of the template);
+        ``labels`` and ``answer_mask`` as in training, on the answer's tokens only; ``ids``.
 
     Args:
         processor: a ``LlavaProcessor`` (``tpkit.data.processor.build_processor`` or a hub one).
         max_length: longest allowed sequence in tokens, image tokens included; longer records raise.
-        mode: ``"train"`` or ``"eval"``.
+        mode: ``"train"``, ``"eval"`` or ``"score"``.
         system_prompt: ``None`` keeps the chat template's own system prompt; a string replaces it
             (sent as a system message; ``""`` removes it).
         image_folder: resolves relative ``image`` paths of records without ``image_path``.
@@ -63,8 +68,8 @@ class LlavaCollator:
         system_prompt: str | None = None,
         image_folder: str | os.PathLike | None = None,
     ):
-        if mode not in ("train", "eval"):
-            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        if mode not in ("train", "eval", "score"):
+            raise ValueError(f"mode must be 'train', 'eval' or 'score', got {mode!r}")
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
@@ -136,8 +141,14 @@ class LlavaCollator:
         """(full conversation text, answer character spans in it, prompt up to the first answer)."""
         msgs = self.messages(record)
         answers = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        if self.mode == "eval" and msgs[-1]["role"] == "user":  # a question to answer: the whole of it
+            return "", [], self._render(msgs, True)
         if not answers:
             raise ValueError(f"record id={record.get('id')!r}: no answer turn")
+        if self.mode == "score":  # the answer as given, after the generation prompt: no closing token
+            prompt = self._render(msgs[: answers[0]], True)
+            full = prompt + _first_answer(record)
+            return full, [(len(prompt), len(full))], prompt
         full = self._render(msgs, False) if self.mode == "train" else ""
         spans, prompt = [], ""
         for k, i in enumerate(answers):
@@ -164,14 +175,14 @@ class LlavaCollator:
         texts, spans = [], []
         for r in records:
             full, sp, prompt = self._texts(r)
-            text = full if self.mode == "train" else prompt
+            text = prompt if self.mode == "eval" else full
             if text.count(self.image_token) != 1:
                 raise ValueError(
                     f"record id={r.get('id')!r}: expected exactly one {self.image_token} placeholder, "
                     f"found {text.count(self.image_token)}"
                 )
             texts.append(text)
-            spans.append(np.asarray(sp if self.mode == "train" else [], dtype=np.int64).reshape(-1, 2))
+            spans.append(np.asarray(sp, dtype=np.int64).reshape(-1, 2))
         add_bos = not (self._bos and all(t.startswith(self._bos) for t in texts))
         enc = self.tokenizer(
             texts, add_special_tokens=add_bos, return_offsets_mapping=True, return_attention_mask=False
@@ -305,21 +316,23 @@ class LlavaCollator:
             **visual,  # pixel_values (B, 3, H, W); any-res: (B, views, 3, H, W) + image_sizes; Qwen: grids
         }
         ids = [str(r.get("id")) for r in records]
-        if self.mode == "train":
+        if self.mode != "eval":
             labels = np.where(answer_mask, input_ids, IGNORE_INDEX)
             batch["labels"] = torch.from_numpy(labels)  # (B, T)
             batch["answer_mask"] = torch.from_numpy(answer_mask)  # (B, T)
             batch["ids"] = ids
         else:
-            batch["answers"] = [_first_answer(r) for r in records]
+            batch["answers"] = [_first_answer(r, required=False) for r in records]
             batch["qtypes"] = [r.get("qtype") for r in records]
             batch["ids"] = ids
             batch["neg_types"] = [r.get("neg_type") for r in records]
         return batch
 
 
-def _first_answer(record: dict[str, Any]) -> str:
+def _first_answer(record: dict[str, Any], required: bool = True) -> str | None:
     for turn in record["conversations"]:
         if _ROLES.get(turn.get("from")) == "assistant":
             return turn["value"]
+    if not required:
+        return None
     raise ValueError(f"record id={record.get('id')!r}: no answer turn")

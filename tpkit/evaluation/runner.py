@@ -49,7 +49,7 @@ from tpkit.models.loading import (
     resolve_dtype,
 )
 
-__all__ = ["EvalError", "evaluate", "load_model_and_processor", "load_dataset", "run_method"]
+__all__ = ["EvalError", "evaluate", "load_model_and_processor", "load_dataset", "prefill_stats", "run_method"]
 
 
 class EvalError(ValueError):
@@ -64,11 +64,11 @@ def _tqdm(it, enabled: bool, **kw):
 # loading
 
 
-def load_model_and_processor(cfg: EvalConfig, device: torch.device, merge_adapter: bool = True):
+def load_model_and_processor(cfg: EvalConfig, device: torch.device, with_adapter: bool = True):
     """(model with the pruner attached, processor, ours' PruningConfig).
 
     With ``cfg.adapter`` the export's trained pruning config is ours' and its processor (when saved)
-    replaces the base's; ``merge_adapter=False`` returns the base model without the adapter, which
+    replaces the base's; ``with_adapter=False`` returns the base model without the adapter, which
     :func:`merge_adapter` then merges in (``evaluate`` runs ``dense`` on the base model first: the
     unpruned original the adapter was trained to match is the reference, not the adapter unpruned).
     """
@@ -81,7 +81,7 @@ def load_model_and_processor(cfg: EvalConfig, device: torch.device, merge_adapte
     dtype = resolve_dtype(cfg.model.dtype, device)
     model = load_base_model(cfg.model, dtype=dtype, processor=processor).to(device).eval()
     attach_pruner(model, copy.deepcopy(pruning))
-    if cfg.adapter is not None and merge_adapter:
+    if cfg.adapter is not None and with_adapter:
         model = merge_adapter(model, cfg.adapter, pruning)
     return model, processor, pruning
 
@@ -138,7 +138,7 @@ def _make_loader(ds, processor, cfg: EvalConfig, batch_size: int) -> DataLoader:
 # one method over the dataset
 
 
-def _stats_or_dense(model, batch: dict, pruned: bool) -> dict[str, torch.Tensor]:
+def prefill_stats(model, batch: dict, pruned: bool) -> dict[str, torch.Tensor]:
     """last_stats of the prefill, or dense counts when pruning is off (the pruner records nothing
     then: its stats would be the previous pruned call's)."""
     st = (last_stats(model) or {}) if pruned else {}
@@ -208,7 +208,7 @@ def run_method(
         refs += list(batch.get("answers") or [None] * b)
         qtypes += list(batch.get("qtypes") or [None] * b)
         ids += [str(i) for i in (batch.get("ids") or range(offset - b, offset))]
-        st = _stats_or_dense(model, inputs, spec.pruning.enabled)
+        st = prefill_stats(model, inputs, spec.pruning.enabled)
         for k in ("n_dense", "n_visual", "k1", "n_prompt", "k2"):
             cols[k].append(st[k].long())
         cols["fraction"].append(st["token_layer_fraction"].double())
@@ -247,7 +247,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     out_dir = Path(cfg.out_dir)
     ds = load_dataset(cfg)
     # with an adapter: dense runs on the base model (the reference), then the adapter is merged in
-    model, processor, ours_cfg = load_model_and_processor(cfg, device, merge_adapter=False)
+    model, processor, ours_cfg = load_model_and_processor(cfg, device, with_adapter=False)
     pending_adapter = cfg.adapter
     tok = processor.tokenizer
     shape = LMShape.of(model)
