@@ -244,3 +244,35 @@ def test_over_long_records_are_skipped_in_skip_mode(processor, records):
     batch = LlavaCollator(processor, max_length=max(lengths[0], lengths[2]), on_error="skip")(records)
     assert batch["ids"] == ["rec-0", "rec-2"] and batch["pixel_values"].shape[0] == 2
     assert "exceeds max_length" in batch["skipped"][0].reason
+
+
+def test_score_mode_is_the_eval_prompt_then_the_answer_as_given(processor, records):
+    """loglikelihood requests: eval prompt + the continuation's text, labels on it only, no closing token."""
+    ev = LlavaCollator(processor, mode="eval")(records)
+    sc = LlavaCollator(processor, mode="score")(records)
+    tok = processor.tokenizer
+    for b, rec in enumerate(records):
+        prompt = ev["input_ids"][b][ev["attention_mask"][b].bool()].tolist()
+        full = sc["input_ids"][b][sc["attention_mask"][b].bool()].tolist()
+        mask = sc["answer_mask"][b][sc["attention_mask"][b].bool()]
+        assert full[: len(prompt)] == prompt  # the same prompt tokens, the answer's after them
+        assert runs(mask.numpy()) == [(len(prompt), len(full))]
+        assert (
+            tok.decode(full[len(prompt) :]).strip() == answers_of(rec)[0]
+        )  # the first answer, nothing closes it
+        labels = sc["labels"][b][sc["attention_mask"][b].bool()]
+        assert labels[mask].tolist() == full[len(prompt) :] and (labels[~mask] == -100).all()
+
+
+def test_eval_record_ending_with_a_question_is_rendered_whole(processor, records):
+    """multi-round requests: earlier turns are chat history, the last question gets the generation prompt."""
+    rec = dict(records[1])
+    rec["conversations"] = rec["conversations"][:3]  # q1, a1, q2
+    coll = LlavaCollator(processor, mode="eval")
+    batch = coll([rec])
+    text = processor.tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])
+    assert "What color is the circle?" in text and "How many squares are there?" in text
+    assert text.index("red") < text.index("How many squares")
+    assert batch["answers"] == ["red"]  # the first answer, as for any eval record
+    first = coll([{**rec, "conversations": rec["conversations"][:2]}])  # q1, a1: the prompt of a1 only
+    assert int(first["attention_mask"][0].sum()) < int(batch["attention_mask"][0].sum())

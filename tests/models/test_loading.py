@@ -16,12 +16,24 @@ def test_round_trip_and_options(tiny_llava, tmp_path):
     assert resolve_dtype("auto", "cpu") == torch.float32
 
 
+@pytest.mark.parametrize("kind", ["next", "ov"])
+def test_every_family_loads_from_a_save_pretrained_directory(kind, tmp_path):
+    from tests.models.llava_next.test_family import build
+
+    model = build(kind)
+    model.save_pretrained(tmp_path / "m")
+    loaded = load_pretrained(tmp_path / "m", dtype="float32")
+    assert type(loaded) is type(model)
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 def test_not_llava_like_is_a_clear_error(tmp_path):
     cfg = LlamaConfig(
         vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
     )
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
-    with pytest.raises(ValueError, match="'llama' is not LLaVA-like"):
+    with pytest.raises(ValueError, match="'llama' .* is not a family tpkit prunes; supported: Llava"):
         load_pretrained(tmp_path / "llama")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="cannot read a model config"):

@@ -3,7 +3,16 @@ import torch.nn.functional as F
 from transformers import CLIPVisionConfig
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
-from tpkit.pruning import Stage1Config, cls_attention, cls_cosine, random_scores, select_patches
+from tpkit.pruning import (
+    Stage1Config,
+    attention_received,
+    cls_attention,
+    cls_cosine,
+    mean_cosine,
+    random_scores,
+    select_patches,
+    tower_attention_received,
+)
 
 
 def test_cosine_scores():
@@ -55,3 +64,52 @@ def test_random_is_seeded_and_ties_are_stable():
     assert mask[0].nonzero().flatten().tolist() == [0, 1, 2]
     mask, _ = select_patches(torch.full((1, 6), float("nan")), Stage1Config(min_keep=2, max_keep=3))
     assert 2 <= int(mask.sum()) <= 3
+
+
+def test_cosine_mean_is_the_cls_less_summary_and_ignores_padding():
+    h = torch.randn(2, 5, 8)
+    s = mean_cosine(h)
+    torch.testing.assert_close(s[1, 2], F.cosine_similarity(h[1].mean(0), h[1, 2], dim=0))
+    valid = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    padded = mean_cosine(h, valid)
+    torch.testing.assert_close(padded[1, :3], mean_cosine(h[1:, :3])[0])
+    assert padded[1, 3:].isnan().all() and torch.equal(padded[0], s[0])
+
+
+def test_attention_received_matches_eager_weights_in_chunks_and_with_padding():
+    cfg = CLIPVisionConfig(hidden_size=16, num_attention_heads=2, intermediate_size=32)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    layer = CLIPEncoderLayer(cfg).eval()
+    x = torch.randn(2, 1 + 6, 16)
+    with torch.no_grad():
+        _, weights = layer.self_attn(hidden_states=layer.layer_norm1(x), attention_mask=None)
+        ours = tower_attention_received(x, layer)  # CLS column left out
+        patches_only = tower_attention_received(x[:, 1:], layer, cls=False)
+    torch.testing.assert_close(ours, weights.mean(1).mean(1)[:, 1:])
+    assert patches_only.shape == (2, 6)
+    q, k = torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 4)
+    whole = attention_received(q, k, 0.5)
+    torch.testing.assert_close(attention_received(q, k, 0.5, chunk=2), whole)
+    torch.testing.assert_close(whole.sum(1), torch.ones(2))  # each query spreads 1 over the keys
+    valid = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+    padded = attention_received(q, k, 0.5, valid)
+    torch.testing.assert_close(padded[1, :4], attention_received(q[1:, :, :4], k[1:, :, :4], 0.5)[0])
+    assert padded[1, 4:].isnan().all()
+
+
+def test_select_with_ragged_counts_equals_each_row_alone():
+    torch.manual_seed(1)
+    rows = [torch.rand(9), torch.rand(5), torch.rand(9), torch.rand(2)]
+    padded = torch.full((4, 9), 7.0)  # padding scores above every real one: they must not count
+    for i, r in enumerate(rows):
+        padded[i, : len(r)] = r
+    counts = torch.tensor([len(r) for r in rows])
+    for cfg in (Stage1Config(min_keep=1), Stage1Config(selector="ratio", ratio=0.5, min_keep=1)):
+        mask, k = select_patches(padded, cfg, counts=counts)
+        for i, r in enumerate(rows):
+            alone, ka = select_patches(r[None], cfg)
+            assert int(k[i]) == int(ka[0])
+            assert torch.equal(mask[i, : len(r)], alone[0]) and not mask[i, len(r) :].any()
+    mask, k = select_patches(padded, Stage1Config(), keep=torch.tensor([3, 9, 1, 5]), counts=counts)
+    assert k.tolist() == [3, 5, 1, 2]  # forced counts clamp to each row's candidates

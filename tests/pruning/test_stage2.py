@@ -161,15 +161,18 @@ def test_redundancy_is_clamped_cosine_and_radius_keeps_only_near_patches():
     assert sim.shape == (1, 5, 5)
     assert sim[0, 0, 1] == pytest.approx(1.0) and sim[0, 0, 2] == pytest.approx(0.0)
     assert sim[0, 0, 3] == 0.0  # opposite: clamped, not negative
-    # a 3 x 3 grid: cells 0 and 1 touch, 0 and 8 do not; token 4 is text (-1)
-    cells = torch.tensor([[0, 1, 2, 8, -1]])
-    near = redundancy(f, cells, side=3, radius=1)
+    # a 3 x 3 grid: cells (0, 0) and (0, 1) touch, (0, 0) and (2, 2) do not; token 4 is text (view -1)
+    coords = torch.tensor([[[0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 2, 2], [-1, 0, 0]]])
+    near = redundancy(f, coords, radius=1)
     assert near[0, 0, 1] == pytest.approx(1.0)  # alike and adjacent
     assert near[0, 0, 3] == 0.0 and near[0, 0, 4] == 0.0  # far / text: never redundant
-    far = redundancy(torch.ones(1, 5, 2), cells, side=3, radius=2)  # all alike
+    far = redundancy(torch.ones(1, 5, 2), coords, radius=2)  # all alike
     assert far[0, 0, 3] == pytest.approx(1.0) and far[0, 1, 3] == pytest.approx(1.0) and far[0, 4, 0] == 0.0
+    other_view = coords.clone()
+    other_view[0, 1, 0] = 1  # the same cell of another view (a crop, a frame): not a neighbour
+    assert redundancy(torch.ones(1, 5, 2), other_view, radius=1)[0, 0, 1] == 0.0
     with pytest.raises(ValueError, match="radius"):
-        redundancy(f, None, side=0, radius=1)
+        redundancy(f, None, radius=1)
 
 
 def _diverse_loop(scores, cand, sim, steps, weight):

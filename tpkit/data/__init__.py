@@ -12,6 +12,7 @@ from typing import Any
 _LAZY = {
     "DataConfig": "tpkit.data.config",
     "build_processor": "tpkit.data.processor",
+    "build_next_processor": "tpkit.data.processor",
     "num_image_tokens": "tpkit.data.processor",
     "DEFAULT_SYSTEM_PROMPT": "tpkit.data.processor",
     "CHAT_TEMPLATE": "tpkit.data.processor",

@@ -46,15 +46,20 @@ class LlavaCollator:
         (unshifted); ``answer_mask`` (B, T) bool (``labels != IGNORE_INDEX``); ``ids`` list[str].
     Eval batch (``mode="eval"``):
         ``input_ids``, ``attention_mask``, ``pixel_values`` for the prompt up to the first answer,
-        ending with the generation prompt (``... ASSISTANT:``); ``answers`` (first answer of each
-        record), ``qtypes``, ``ids``, ``neg_types`` lists (``None`` where a record has no such key).
-    Both modes, when records were dropped (``on_error="skip"``): ``skipped`` list[RecordError]; when
+        ending with the generation prompt (``... ASSISTANT:``); a record whose conversation ends with
+        a question (no answer turn) is rendered whole, earlier turns as history, with the generation
+        prompt. ``answers`` (first answer of each record, ``None`` if none), ``qtypes``, ``ids``,
+        ``neg_types`` lists (``None`` where a record has no such key).
+    Score batch (``mode="score"``, for loglikelihood requests): the eval prompt of the first answer
+        followed by that answer's text exactly as given (no closing token of the template);
+        ``labels`` and ``answer_mask`` as in training, on the answer's tokens only; ``ids``.
+    Every mode, when records were dropped (``on_error="skip"``): ``skipped`` list[RecordError]; when
     every record of the batch was, the batch holds only ``ids`` (empty) and ``skipped``.
 
     Args:
         processor: a ``LlavaProcessor`` (``tpkit.data.processor.build_processor`` or a hub one).
         max_length: longest allowed sequence in tokens, image tokens included; longer records raise.
-        mode: ``"train"`` or ``"eval"``.
+        mode: ``"train"``, ``"eval"`` or ``"score"``.
         system_prompt: ``None`` keeps the chat template's own system prompt; a string replaces it
             (sent as a system message; ``""`` removes it).
         image_folder: resolves relative ``image`` paths of records without ``image_path``.
@@ -71,8 +76,8 @@ class LlavaCollator:
         image_folder: str | os.PathLike | None = None,
         on_error: str = "raise",
     ):
-        if mode not in ("train", "eval"):
-            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        if mode not in ("train", "eval", "score"):
+            raise ValueError(f"mode must be 'train', 'eval' or 'score', got {mode!r}")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.on_error = on_error
@@ -91,6 +96,8 @@ class LlavaCollator:
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._bos = self.tokenizer.bos_token
         self._parts = self._content_as_parts()
+        # one fixed-size image per sample (LlavaProcessor): its count needs no image
+        self._fixed = type(processor).__name__ == "LlavaProcessor"
 
     def _content_as_parts(self) -> bool:
         """Whether the chat template wants list-of-parts content (llava-hf hub templates) or strings."""
@@ -145,8 +152,14 @@ class LlavaCollator:
         """(full conversation text, answer character spans in it, prompt up to the first answer)."""
         msgs = self.messages(record)
         answers = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        if self.mode == "eval" and msgs[-1]["role"] == "user":  # a question to answer: the whole of it
+            return "", [], self._render(msgs, True)
         if not answers:
             raise ValueError(f"record id={record.get('id')!r}: no answer turn")
+        if self.mode == "score":  # the answer as given, after the generation prompt: no closing token
+            prompt = self._render(msgs[: answers[0]], True)
+            full = prompt + _first_answer(record)
+            return full, [(len(prompt), len(full))], prompt
         full = self._render(msgs, False) if self.mode == "train" else ""
         spans, prompt = [], ""
         for k, i in enumerate(answers):
@@ -164,25 +177,31 @@ class LlavaCollator:
             spans.append((len(before), len(through)))
         return full, spans, prompt
 
-    def _encode(self, records: Sequence[dict[str, Any]], n_image: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Token ids and answer mask (bool) per record, unpadded, the image placeholder expanded."""
+    def _encode(
+        self, records: Sequence[dict[str, Any]], n_image: int | Sequence[int]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Token ids and answer mask (bool) per record, unpadded, the image placeholder expanded to
+        ``n_image`` tokens (one count for all records, or one per record)."""
+        counts = [n_image] * len(records) if isinstance(n_image, int) else list(n_image)
         texts, spans = [], []
         for r in records:
             full, sp, prompt = self._texts(r)
-            text = full if self.mode == "train" else prompt
+            text = prompt if self.mode == "eval" else full
             if text.count(self.image_token) != 1:
                 raise ValueError(
                     f"record id={r.get('id')!r}: expected exactly one {self.image_token} placeholder, "
                     f"found {text.count(self.image_token)}"
                 )
             texts.append(text)
-            spans.append(np.asarray(sp if self.mode == "train" else [], dtype=np.int64).reshape(-1, 2))
+            spans.append(np.asarray(sp, dtype=np.int64).reshape(-1, 2))
         add_bos = not (self._bos and all(t.startswith(self._bos) for t in texts))
         enc = self.tokenizer(
             texts, add_special_tokens=add_bos, return_offsets_mapping=True, return_attention_mask=False
         )
         out = []
-        for r, ids, offsets, sp in zip(records, enc["input_ids"], enc["offset_mapping"], spans):
+        for r, ids, offsets, sp, n_img in zip(
+            records, enc["input_ids"], enc["offset_mapping"], spans, counts
+        ):
             ids = np.asarray(ids, dtype=np.int64)  # (L,)
             is_image = ids == self.image_token_id
             if int(is_image.sum()) != 1:
@@ -194,7 +213,7 @@ class LlavaCollator:
             mask = ((off[:, None, 1] > sp[None, :, 0]) & (off[:, None, 0] < sp[None, :, 1])).any(1)
             # expand the placeholder to its run of n_image tokens, as LlavaProcessor does on the text
             # (the placeholder is a special token, so neighbouring tokens are unchanged)
-            repeat = np.where(is_image, n_image, 1)
+            repeat = np.where(is_image, n_img, 1)
             out.append((np.repeat(ids, repeat), np.repeat(mask, repeat)))
         return out
 
@@ -206,15 +225,63 @@ class LlavaCollator:
             raise ValueError(f"cannot tell the image size from the image processor (size={size})")
         return num_image_tokens(self.processor, size["height"], size["width"])
 
+    def _counts_from_sizes(self, records: Sequence[dict[str, Any]]) -> list[int]:
+        """Image tokens of each record from its image's size (read from the file header, not decoded),
+        as the processor counts them for any-resolution models."""
+        from PIL import Image
+
+        sizes = []
+        for r in records:
+            image = r.get("image")
+            if isinstance(image, Image.Image):
+                sizes.append((image.height, image.width))
+                continue
+            try:
+                with Image.open(self._image_path(r)) as im:
+                    sizes.append((im.height, im.width))
+            except (OSError, _Dropped) as e:
+                raise ValueError(f"record id={r.get('id')!r}: cannot read image: {e}") from None
+        counts = self.processor._get_num_multimodal_tokens(image_sizes=sizes)
+        return [int(n) for n in counts["num_image_tokens"]]
+
     def sequence_lengths(self, records: Sequence[dict[str, Any]], batch_size: int = 256) -> list[int]:
         """Token count (image tokens included) of each record as this collator would build it."""
-        n_image = self._n_image_tokens()
         lengths: list[int] = []
         for i in range(0, len(records), batch_size):
-            lengths += [len(ids) for ids, _ in self._encode(records[i : i + batch_size], n_image)]
+            chunk = records[i : i + batch_size]
+            n_image = self._n_image_tokens() if self._fixed else self._counts_from_sizes(chunk)
+            lengths += [len(ids) for ids, _ in self._encode(chunk, n_image)]
         return lengths
 
+    def encode_images(self, images: list) -> tuple[dict[str, Any], list[int]]:
+        """The visual inputs of a batch of PIL images and each image's placeholder count.
+
+        LLaVA-1.5 (one fixed-size image): the image processor, and the count from its output size.
+        Any-resolution models (LLaVA-NeXT/OneVision, Qwen2-VL): the processor itself, on one
+        placeholder per image, so that the counts (crops, newlines, merged units) and the tensors it
+        returns (``image_sizes``, ``image_grid_thw``) are exactly the processor's.
+        """
+        if self._fixed:
+            pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
+            n = num_image_tokens(self.processor, pixel_values.shape[-2], pixel_values.shape[-1])
+            return {"pixel_values": pixel_values}, [n] * len(images)
+        out = self.processor(
+            text=[self.image_token] * len(images), images=images, padding=True, return_tensors="pt"
+        )
+        counts = (out["input_ids"] == self.image_token_id).sum(dim=1).tolist()
+        text_keys = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+        return {k: v for k, v in out.items() if k not in text_keys}, counts
+
     # ---- images -----------------------------------------------------------------------------
+    def _image_path(self, record: dict[str, Any]) -> Path:
+        image = record.get("image_path") or record.get("image")
+        if not isinstance(image, (str, os.PathLike)) or not str(image):
+            raise _Dropped(f"no image (got {image!r:.60})")
+        path = Path(image)
+        if not path.is_absolute() and self.image_folder is not None:
+            path = self.image_folder / path
+        return path
+
     def _load_image(self, record: dict[str, Any]):
         from PIL import Image
 
@@ -223,11 +290,7 @@ class LlavaCollator:
             image = record.get("image_path") or image
         if isinstance(image, Image.Image):
             return image.convert("RGB")
-        if not isinstance(image, (str, os.PathLike)) or not str(image):
-            raise _Dropped(f"no image (got {image!r:.60})")
-        path = Path(image)
-        if not path.is_absolute() and self.image_folder is not None:
-            path = self.image_folder / path
+        path = self._image_path(record)
         try:
             with Image.open(path) as im:
                 return im.convert("RGB")  # decodes the whole image: a truncated file fails here
@@ -257,12 +320,11 @@ class LlavaCollator:
         if not kept:
             return {"ids": [], "skipped": skipped}
         records = kept
-        pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
-        n_image = num_image_tokens(self.processor, pixel_values.shape[-2], pixel_values.shape[-1])
-        encoded = self._encode(records, n_image)
+        visual, counts = self.encode_images(images)
+        encoded = self._encode(records, counts)
         lengths = [len(ids) for ids, _ in encoded]
         fits = [n <= self.max_length for n in lengths]
-        for r, n in zip(records, lengths):
+        for r, n, n_image in zip(records, lengths, counts):
             if n > self.max_length:
                 self._drop(
                     r,
@@ -271,13 +333,14 @@ class LlavaCollator:
                     "load_llava_json(..., processor=..., max_length=..., on_error='skip')",
                     skipped,
                 )
-        if not all(fits):
+        if not all(fits):  # rare (over-long records were skipped): the kept images, encoded again
             if not any(fits):
                 return {"ids": [], "skipped": skipped}
             records = [r for r, ok in zip(records, fits) if ok]
-            encoded = [e for e, ok in zip(encoded, fits) if ok]
-            pixel_values = pixel_values[torch.tensor(fits)]
+            images = [im for im, ok in zip(images, fits) if ok]
+            encoded = [x for x, ok in zip(encoded, fits) if ok]
             lengths = [n for n, ok in zip(lengths, fits) if ok]
+            visual, _ = self.encode_images(images)
         B, T = len(records), max(lengths)
         input_ids = np.full((B, T), self.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((B, T), dtype=np.int64)
@@ -289,16 +352,16 @@ class LlavaCollator:
         batch: dict[str, Any] = {
             "input_ids": torch.from_numpy(input_ids),  # (B, T)
             "attention_mask": torch.from_numpy(attention_mask),  # (B, T)
-            "pixel_values": pixel_values,  # (B, 3, H, W)
+            **visual,  # pixel_values (B, 3, H, W); any-res: (B, views, 3, H, W) + image_sizes; Qwen: grids
         }
         ids = [str(r.get("id")) for r in records]
-        if self.mode == "train":
+        if self.mode != "eval":
             labels = np.where(answer_mask, input_ids, IGNORE_INDEX)
             batch["labels"] = torch.from_numpy(labels)  # (B, T)
             batch["answer_mask"] = torch.from_numpy(answer_mask)  # (B, T)
             batch["ids"] = ids
         else:
-            batch["answers"] = [_first_answer(r) for r in records]
+            batch["answers"] = [_first_answer(r, required=False) for r in records]
             batch["qtypes"] = [r.get("qtype") for r in records]
             batch["ids"] = ids
             batch["neg_types"] = [r.get("neg_type") for r in records]
@@ -311,8 +374,10 @@ class _Dropped(Exception):
     """Internal: one record of a batch cannot be collated (reason in args[0])."""
 
 
-def _first_answer(record: dict[str, Any]) -> str:
+def _first_answer(record: dict[str, Any], required: bool = True) -> str | None:
     for turn in record["conversations"]:
         if _ROLES.get(turn.get("from")) == "assistant":
             return turn["value"]
+    if not required:
+        return None
     raise ValueError(f"record id={record.get('id')!r}: no answer turn")

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import transformers
-from transformers import LlavaProcessor, PreTrainedTokenizerFast
+from transformers import LlavaNextProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
 PAD, BOS, EOS, IMAGE, UNK = "<pad>", "<s>", "</s>", "<image>", "<unk>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, IMAGE, UNK]  # ids 0, 1, 2, 3, 4 (in this order)
@@ -164,6 +164,39 @@ def build_processor(
     return LlavaProcessor(
         image_processor=build_image_processor(image_size),
         tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE,
+    )
+
+
+def build_next_processor(
+    image_size: int = 32,
+    patch_size: int = 8,
+    pinpoints: list[list[int]] | None = None,
+    corpus: Iterable[str] | None = None,
+    vocab_size: int = 512,
+) -> LlavaNextProcessor:
+    """An offline ``LlavaNextProcessor`` (any-res crops of ``image_size`` on the ``pinpoints`` grid,
+    default 1x2, 2x1, 2x2) with the same tokenizer and chat template as :func:`build_processor`; it
+    matches :func:`tpkit.models.llava_next.tiny.tiny_next_config`."""
+    cls = getattr(transformers, "LlavaNextImageProcessorPil", None)
+    if cls is None or importlib.util.find_spec("torchvision") is not None:
+        cls = transformers.LlavaNextImageProcessor
+    s = image_size
+    image_processor = cls(
+        size={"shortest_edge": s},
+        crop_size={"height": s, "width": s},
+        image_grid_pinpoints=pinpoints or [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
+        do_center_crop=True,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=train_tokenizer(corpus or [], vocab_size=vocab_size),
         patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,

@@ -98,7 +98,9 @@ class SpeedConfig:
     batch_size: int = 8
     warmup: int = 2
     repeats: int = 5
-    decode_tokens: int = 16  # decode tok/s = batch * decode_tokens / (t(1 + decode_tokens) - t(1))
+    decode_tokens: int = (
+        16  # decode tok/s = batch * decode_tokens / (time from the 1st to the last new token)
+    )
     sweep: bool = True  # also time the budget-sweep runs (prefill only)
     generation: bool = True  # time to first token and decode tok/s (main methods)
     threads: int | None = None  # torch CPU threads while timing (None = torch's default)

@@ -142,6 +142,7 @@ class Method:
     needs_ours: bool  # built from ours' per-sample counts (matched budgets): ours runs first
     sweep: bool  # may be a family of the budget sweep (``eval.sweep_methods``)
     build: Callable[[PruningConfig, OursStats | None, int, int], MethodSpec]
+    cls_only: bool = False  # scores patches against the tower's CLS token: CLIP towers only
 
 
 METHODS: dict[str, Method] = {
@@ -151,11 +152,25 @@ METHODS: dict[str, Method] = {
         Method("ours-s1", "ours, stage 1 only", "ours", False, False, _ours_s1),
         Method("ours", "ours", "ours", False, True, _ours),
         Method("random", "random (matched)", "baseline", True, True, _random),
-        Method("topk-cls", "topk-cls (matched mean K)", "baseline", True, True, _topk_cls),
+        Method("topk-cls", "topk-cls (matched mean K)", "baseline", True, True, _topk_cls, cls_only=True),
         Method("fastv", "fastv (matched)", "baseline", True, True, _fastv),
-        Method("prumerge-iqr", "prumerge-iqr", "baseline", False, False, _prumerge_iqr),
+        Method("prumerge-iqr", "prumerge-iqr", "baseline", False, False, _prumerge_iqr, cls_only=True),
     )
 }
+
+
+def check_methods(family, model, names) -> None:
+    """ValueError, before anything runs, for a method the model's family cannot run (a CLS-based
+    baseline on a tower without CLS), naming the methods that apply."""
+    if family.has_cls(model):
+        return
+    bad = [n for n in names if n in METHODS and METHODS[n].cls_only]
+    if bad:
+        ok = [m.name for m in METHODS.values() if not m.cls_only]
+        raise ValueError(
+            f"eval.methods {bad} score patches against the CLS token, which {type(model).__name__}'s vision "
+            f"tower does not have: leave them out (methods that apply: {', '.join(ok)})"
+        )
 
 
 def method_spec(

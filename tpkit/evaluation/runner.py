@@ -27,15 +27,22 @@ from tpkit.data.collator import LlavaCollator
 from tpkit.data.errors import RecordError, write_skipped
 from tpkit.data.llava_json import load_llava_json
 from tpkit.evaluation.config import EvalConfig, variant_pruning
-from tpkit.evaluation.methods import METHODS, MethodSpec, OursStats, method_spec, sweep_spec
+from tpkit.evaluation.methods import (
+    METHODS,
+    MethodSpec,
+    OursStats,
+    check_methods,
+    method_spec,
+    sweep_spec,
+)
 from tpkit.evaluation.random_init import evaluate_speed_only
 from tpkit.evaluation.report import overlay_samples, write_report
 from tpkit.evaluation.results import budget_gap, method_result, run_flops
 from tpkit.evaluation.retention import dataset_cells
 from tpkit.evaluation.speed import LMShape, speed_table, torch_threads
 from tpkit.models.checks import check_pruning_fits
-from tpkit.models.core.attach import detach_pruner, last_stats, set_pruning
-from tpkit.models.families import attach_pruner
+from tpkit.models.core.attach import detach_pruner, last_stats, set_pruning, unwrap
+from tpkit.models.families import attach_pruner, device_inputs, family_of
 from tpkit.models.loading import (
     ExportBaseError,
     check_adapter_shapes,
@@ -56,6 +63,7 @@ __all__ = [
     "load_model_and_processor",
     "load_dataset",
     "load_eval_records",
+    "prefill_stats",
     "run_method",
 ]
 
@@ -93,7 +101,7 @@ def load_processor_and_pruning(cfg: EvalConfig, pruning_overrides: dict[str, Any
 def load_model_and_processor(
     cfg: EvalConfig,
     device: torch.device,
-    merge_adapter: bool = True,
+    with_adapter: bool = True,
     pruning_overrides: dict[str, Any] | None = None,
 ):
     """(model with the pruner attached, processor, ours' PruningConfig).
@@ -101,14 +109,14 @@ def load_model_and_processor(
     With ``cfg.adapter`` the export's trained pruning config is ours' (``pruning_overrides`` on top)
     and its processor (when saved) replaces the base's; the base is checked against the one the
     adapter was trained on before its weights load (another architecture: an error naming both;
-    other weights: a warning). ``merge_adapter=False`` returns the base model without the adapter,
+    other weights: a warning). ``with_adapter=False`` returns the base model without the adapter,
     which :func:`merge_adapter` then merges in (``evaluate`` runs ``dense`` on the base model first:
     the unpruned original the adapter was trained to match is the reference, not the adapter
     unpruned).
     """
     processor, pruning = load_processor_and_pruning(cfg, pruning_overrides)
     model = _load_model(cfg, device, processor, pruning)
-    if cfg.adapter is not None and merge_adapter:
+    if cfg.adapter is not None and with_adapter:
         model = merge_adapter(model, cfg.adapter, pruning)
     return model, processor, pruning
 
@@ -209,12 +217,13 @@ def _make_loader(ds, processor, cfg: EvalConfig, batch_size: int) -> DataLoader:
 # one method over the dataset
 
 
-def _stats_or_dense(model, batch: dict, pruned: bool) -> dict[str, torch.Tensor]:
+def prefill_stats(model, batch: dict, pruned: bool) -> dict[str, torch.Tensor]:
     """last_stats of the prefill, or dense counts when pruning is off (the pruner records nothing
     then: its stats would be the previous pruned call's)."""
     st = (last_stats(model) or {}) if pruned else {}
     n_dense = batch["attention_mask"].sum(1).cpu()
-    n_vis = (batch["input_ids"] == model.config.image_token_id).sum(1).cpu()
+    placeholders = torch.tensor(family_of(model).placeholder_ids(unwrap(model)))
+    n_vis = torch.isin(batch["input_ids"].cpu(), placeholders).sum(1)
     out = {
         "n_dense": n_dense,
         "n_visual": n_vis,
@@ -268,8 +277,7 @@ def run_method(
         b = batch["input_ids"].shape[0]
         idx = torch.arange(offset, offset + b)
         offset += b
-        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values")}
-        inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
+        inputs = device_inputs(model, batch, device)
         with torch.inference_mode():
             out = model.generate(
                 **inputs,
@@ -284,7 +292,7 @@ def run_method(
         refs += list(batch.get("answers") or [None] * b)
         qtypes += list(batch.get("qtypes") or [None] * b)
         ids += [str(i) for i in (batch.get("ids") or range(offset - b, offset))]
-        st = _stats_or_dense(model, inputs, spec.pruning.enabled)
+        st = prefill_stats(model, inputs, spec.pruning.enabled)
         for k in ("n_dense", "n_visual", "k1", "n_prompt", "k2"):
             cols[k].append(st[k].long())
         cols["fraction"].append(st["token_layer_fraction"].double())
@@ -393,9 +401,11 @@ def evaluate(cfg: EvalConfig, pruning_overrides: dict[str, Any] | None = None) -
     order += [m for m in wanted if m not in order]
     specs: dict[str, MethodSpec] = {}
     runs: dict[str, dict] = {}
-    cells, n_patches = dataset_cells(
-        ds, model.config.vision_config
-    )  # records that name their objects: retention numbers
+    family = family_of(model)
+    check_methods(family, unwrap(model), wanted + list(ev.sweep_methods if ev.budgets else []))
+    # records that name their objects: retention numbers (one fixed patch grid per image: LLaVA-1.5)
+    patch_grid = family.name == "llava"
+    cells, n_patches = dataset_cells(ds, model.config.vision_config) if patch_grid else (None, 0)
     for name in _tqdm(order, progress, desc="methods"):
         if name != "dense" and pending_adapter is not None:
             model, pending_adapter = merge_adapter(model, pending_adapter, ours_cfg), None
@@ -443,8 +453,7 @@ def evaluate(cfg: EvalConfig, pruning_overrides: dict[str, Any] | None = None) -
     if cfg.speed.enabled:
         sp = cfg.speed
         first = next(iter(_make_loader(ds, processor, cfg, sp.batch_size)))
-        sbatch = {k: first[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values")}
-        sbatch["pixel_values"] = sbatch["pixel_values"].to(next(model.parameters()).dtype)
+        sbatch = device_inputs(model, first, device)
         index = torch.arange(sbatch["input_ids"].shape[0])
         main = [n for n in methods if "@" not in n and specs[n].family != "variant"]
         timed = [specs[n] for n in methods if (sp.sweep and "@" in n) or n in main]
@@ -498,7 +507,7 @@ def evaluate(cfg: EvalConfig, pruning_overrides: dict[str, Any] | None = None) -
     with open(out_dir / "predictions.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in predictions)
     grid = []
-    if "ours" in runs and ev.grid_samples:
+    if "ours" in runs and ev.grid_samples and patch_grid:
         first = next(iter(_make_loader(ds, processor, cfg, ev.grid_samples)))
         grid = overlay_samples(runs["ours"], processor, first, ev.grid_samples)
     results["files"] = write_report(results, out_dir, grid)

@@ -29,10 +29,12 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tpkit.evaluation.methods import MethodSpec
 from tpkit.models.core.attach import set_pruning
 from tpkit.models.core.compile import compile_model, is_compiled
+from tpkit.models.families import family_of, model_inputs
 
 __all__ = [
     "LMShape",
@@ -45,6 +47,7 @@ __all__ = [
     "prefill_flops",
     "prefill_call",
     "generate_call",
+    "StepClock",
     "peak_memory_mb",
     "reset_peak_memory",
 ]
@@ -58,36 +61,13 @@ def random_prompt_batch(
     seed: int = 0,
     device: str | torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
-    """A LLaVA-shaped prompt batch: ``text_before`` tokens (bos + system), the image placeholder
-    run, ``text_after`` instruction tokens. LLaVA-1.5-7B: 35 + 576 + 29 = 640 tokens."""
-    cfg = model.config
-    vcfg = cfg.vision_config
-    n_vis = (vcfg.image_size // vcfg.patch_size) ** 2
+    """A random prompt batch shaped like the family's real ones: ``text_before`` tokens (bos +
+    system), the visual placeholders of one image (any-res: its crops; Qwen: its merged units),
+    ``text_after`` instruction tokens, and the visual inputs. LLaVA-1.5-7B: 35 + 576 + 29 = 640."""
     device = device or next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    g = torch.Generator().manual_seed(seed)
-    vocab = cfg.text_config.vocab_size
-    image_id = cfg.image_token_id
-    specials = {0, 1, 2, image_id, getattr(cfg, "pad_token_id", None)}
-    low = 4
-    high = min(vocab, image_id) if image_id >= low + 16 else vocab
-
-    def text(n: int) -> torch.Tensor:  # (B, n)
-        ids = torch.randint(low, high, (batch_size, n), generator=g)
-        for s in specials:
-            if s is not None:
-                ids[ids == s] = low
-        return ids
-
-    bos = torch.full((batch_size, 1), 1, dtype=torch.long)
-    image = torch.full((batch_size, n_vis), image_id, dtype=torch.long)
-    input_ids = torch.cat([bos, text(text_before - 1), image, text(text_after)], dim=1)  # (B, T)
-    pixel_values = torch.randn(batch_size, 3, vcfg.image_size, vcfg.image_size, generator=g)
-    return {
-        "input_ids": input_ids.to(device),
-        "attention_mask": torch.ones_like(input_ids).to(device),
-        "pixel_values": pixel_values.to(device=device, dtype=dtype),
-    }
+    return family_of(model).random_prompt(
+        model, batch_size, text_before, text_after, seed, torch.device(device)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,7 +136,7 @@ def peak_memory_mb(device: torch.device) -> float | None:
 def prefill_call(model, batch: dict, extra: dict | None = None) -> Callable[[], object]:
     """One prefill forward (vision tower + projector + LM over the prompt) without a cache;
     only the last position's logits are computed."""
-    kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    kwargs = model_inputs(model, batch)
     kwargs.update(extra or {})
     kwargs["use_cache"] = False
     kwargs["logits_to_keep"] = 1  # stock LLaVA and the pruner both take it: no (B, T, V) logits
@@ -168,26 +148,68 @@ def prefill_call(model, batch: dict, extra: dict | None = None) -> Callable[[], 
     return run
 
 
+class StepClock(StoppingCriteria):
+    """A stopping criterion that stops nothing and notes the time: ``generate`` calls it once per new
+    token, so the call after the first token ends the time to first token and the call after the last
+    one ends the decoding. Synchronizes the device at those two calls only."""
+
+    def __init__(self, device: torch.device, new_tokens: int):
+        self.device, self.new_tokens = torch.device(device), new_tokens
+        self.start = 0.0
+        self.marks: list[float] = []
+        self.runs: list[tuple[float, float]] = []  # per generate call: (ttft ms, decode ms)
+        self._calls = 0
+
+    def begin(self) -> None:
+        _sync(self.device)
+        self._calls, self.marks, self.start = 0, [], time.perf_counter()
+
+    def end(self) -> None:
+        if len(self.marks) == 2:
+            first, last = self.marks
+            self.runs.append(((first - self.start) * 1e3, (last - first) * 1e3))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self._calls += 1
+        if self._calls in (1, self.new_tokens):
+            _sync(self.device)
+            self.marks.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def generate_call(
-    model, batch: dict, new_tokens: int, extra: dict | None = None, static: bool = False
+    model,
+    batch: dict,
+    new_tokens: int,
+    extra: dict | None = None,
+    static: bool = False,
+    clock: StepClock | None = None,
 ) -> Callable[[], object]:
     """Greedy ``generate`` of exactly ``new_tokens`` tokens: no eos (the model's generation config
     loses its eos while the call runs), so every method decodes the same number of steps. ``static``:
-    transformers' static cache (the dense path of a compiled model; the pruned path makes its own)."""
-    kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    transformers' static cache (the dense path of a compiled model; the pruned path makes its own).
+    ``clock`` (a :class:`StepClock` for ``new_tokens``) records each call's time to first token and
+    decoding time."""
+    kwargs = model_inputs(model, batch)
     kwargs.update(extra or {})
     if static:  # fixed shapes for the compiled language model; tpkit compiled it, generate must not again
         kwargs.update(cache_implementation="static", disable_compile=True)
+    if clock is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([clock])
 
     @torch.inference_mode()
     def run():
         gc = model.generation_config
         saved = gc.eos_token_id
         gc.eos_token_id = None
+        if clock is not None:
+            clock.begin()
         try:
             return model.generate(**kwargs, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
         finally:
             gc.eos_token_id = saved
+            if clock is not None:
+                clock.end()
 
     return run
 
@@ -279,30 +301,31 @@ def speed_table(
         return run
 
     fns = {}
+    clocks: dict[str, StepClock] = {}
     for spec in specs:
         extra = spec.forced(index, device)
         fns[(spec.name, "prefill")] = with_cfg(spec, prefill_call(model, batch, extra))
         if generation is not None and spec.name in generation:
             static = compiled and not spec.pruning.enabled
-            fns[(spec.name, "gen1")] = with_cfg(spec, generate_call(model, batch, 1, extra, static))
-            fns[(spec.name, "genN")] = with_cfg(
-                spec, generate_call(model, batch, 1 + decode_tokens, extra, static)
+            clocks[spec.name] = StepClock(device, 1 + decode_tokens)
+            fns[(spec.name, "generate")] = with_cfg(
+                spec, generate_call(model, batch, 1 + decode_tokens, extra, static, clocks[spec.name])
             )
     times = time_calls(fns, device, repeats, warmup, progress)
     out: dict[str, dict] = {}
     for spec in specs:
         r: dict[str, Any] = {"batch_size": bsz, "prefill": summarize_times(times[(spec.name, "prefill")])}
         r["samples_per_s"] = 1e3 * bsz / r["prefill"]["median_ms"]
-        if (spec.name, "gen1") in times:
-            t1 = summarize_times(times[(spec.name, "gen1")])["median_ms"]
-            tn = summarize_times(times[(spec.name, "genN")])["median_ms"]
-            r["ttft_ms"] = t1
-            r["decode_tokens_per_s"] = 1e3 * bsz * decode_tokens / (tn - t1) if tn > t1 else None
+        if spec.name in clocks:  # the timed rounds' (time to first token, decoding time)
+            ttft, decode = zip(*clocks[spec.name].runs[-repeats:])
+            r["ttft_ms"] = statistics.median(ttft)
+            r["decode_ms"] = statistics.median(decode)
+            r["decode_tokens_per_s"] = 1e3 * bsz * decode_tokens / r["decode_ms"]
         if device.type == "cuda":
             reset_peak_memory(device)
             fns[(spec.name, "prefill")]()
-            if (spec.name, "genN") in fns:
-                fns[(spec.name, "genN")]()
+            if (spec.name, "generate") in fns:
+                fns[(spec.name, "generate")]()
         r["peak_memory_mb"] = peak_memory_mb(device)
         out[spec.name] = r
     if "dense" in out:

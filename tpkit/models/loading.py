@@ -13,14 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
-from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoConfig, AutoProcessor
 
 from tpkit.config import from_dict
 from tpkit.data.processor import build_processor
 from tpkit.models.checks import ARCHITECTURE_KEYS, config_sha256, fingerprint_diff, model_fingerprint
 from tpkit.models.config import ModelConfig, parse_model_path
-from tpkit.models.families import attach_pruner
+from tpkit.models.families import FAMILIES, attach_pruner
 from tpkit.models.tiny import build_tiny_llava, tiny_kwargs_from_processor
 from tpkit.pruning.config import PruningConfig
 
@@ -31,7 +32,7 @@ __all__ = [
     "ExportBaseError",
     "resolve_dtype",
     "resolve_device",
-    "check_llava_config",
+    "model_class_for",
     "load_pretrained",
     "load_model",
     "load_processor",
@@ -81,17 +82,22 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | 
     return _DTYPES[dtype]
 
 
-def check_llava_config(config: Any, source: str) -> None:
-    """ValueError unless ``config`` describes a LLaVA-like model (vision tower + projector + causal LM)."""
-    missing = [
-        k for k in ("vision_config", "text_config", "image_token_id") if getattr(config, k, None) is None
-    ]
-    if missing:
-        kind = getattr(config, "model_type", type(config).__name__)
-        raise ValueError(
-            f"{source}: model_type {kind!r} is not LLaVA-like (missing {', '.join(missing)}); "
-            "tpkit needs a LlavaForConditionalGeneration-style checkpoint"
-        )
+def model_class_for(config: Any, source: str) -> type:
+    """The ``*ForConditionalGeneration`` class of a checkpoint's config, if tpkit prunes its family;
+    else a ValueError naming the checkpoint, its model type and the supported classes."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    supported = [c for f in FAMILIES for c in f.classes]
+    kind = getattr(config, "model_type", type(config).__name__)
+    names = list(getattr(config, "architectures", None) or [])
+    names.append(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(kind))
+    for name in names:
+        if name in supported and hasattr(transformers, name):
+            return getattr(transformers, name)
+    raise ValueError(
+        f"{source}: model_type {kind!r} (architectures {getattr(config, 'architectures', None)}) is not a "
+        f"family tpkit prunes; supported: {', '.join(supported)}"
+    )
 
 
 def _local_only(source: str) -> bool:
@@ -106,7 +112,8 @@ def load_pretrained(
     device: str | torch.device | None = None,
     revision: str | None = None,
 ) -> nn.Module:
-    """``LlavaForConditionalGeneration.from_pretrained`` (eval mode) with a clear error for other models."""
+    """``from_pretrained`` of the checkpoint's own class (any family tpkit prunes; eval mode), with a
+    clear error for other models."""
     source = str(path)
     if why := parse_model_path(source).missing():
         raise ValueError(why)
@@ -115,8 +122,7 @@ def load_pretrained(
         config = AutoConfig.from_pretrained(source, revision=revision, local_files_only=local)
     except (OSError, ValueError) as e:
         raise ValueError(f"{source}: cannot read a model config ({e})") from None
-    check_llava_config(config, source)
-    model = LlavaForConditionalGeneration.from_pretrained(
+    model = model_class_for(config, source).from_pretrained(
         source,
         dtype=resolve_dtype(dtype, device),
         attn_implementation=attn_implementation,

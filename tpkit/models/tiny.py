@@ -1,15 +1,21 @@
 """Models built from configs with random weights: tiny ones (tests, CPU runs) and full-size
 architectures (speed runs on a GPU, ``--random-init``).
 
-They are stock ``LlavaForConditionalGeneration`` instances, so everything that works on them
-works on a checkpoint loaded with ``from_pretrained``.
+They are stock ``*ForConditionalGeneration`` instances, so everything that works on them works on a
+checkpoint loaded with ``from_pretrained``. Each family has a config builder that takes the same
+size keywords (``vision_hidden``, ``vision_heads``, ``hidden_size``, ``num_heads``, ``num_kv_heads``,
+``intermediate_size``, ...): LLaVA-1.5's is here, the others' in their family folders
+(:data:`CONFIG_BUILDERS`).
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import transformers
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -20,6 +26,68 @@ from transformers import (
 )
 
 TEXT_CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+
+
+def text_config(
+    text_backbone: str = "llama",
+    *,
+    vocab_size: int = 128,
+    pad_token_id: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 2048,
+):
+    """The language model's config: Llama (Vicuna), Mistral or Qwen2."""
+    if text_backbone not in TEXT_CONFIGS:
+        raise ValueError(f"text_backbone must be one of {sorted(TEXT_CONFIGS)}, got {text_backbone!r}")
+    text_kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=pad_token_id,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    if text_backbone == "mistral":
+        text_kwargs["sliding_window"] = None
+    return TEXT_CONFIGS[text_backbone](**text_kwargs)
+
+
+def clip_config(
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    vision_heads: int = 2,
+    vision_intermediate: int | None = None,
+) -> CLIPVisionConfig:
+    """A CLIP vision tower's config (CLS token + patches)."""
+    return CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=vision_intermediate or vision_hidden * 4,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_hidden,
+    )
+
+
+def set_attn(cfg, attn_implementation: str):
+    """The attention implementation on a composite config and each of its parts."""
+    cfg._attn_implementation = attn_implementation
+    for part in ("text_config", "vision_config"):
+        if getattr(cfg, part, None) is not None:
+            getattr(cfg, part)._attn_implementation = attn_implementation
+    return cfg
 
 
 def tiny_llava_config(
@@ -45,33 +113,18 @@ def tiny_llava_config(
 
     ``num_kv_heads < num_heads`` so that GQA paths are exercised.
     """
-    if text_backbone not in TEXT_CONFIGS:
-        raise ValueError(f"text_backbone must be one of {sorted(TEXT_CONFIGS)}, got {text_backbone!r}")
-    vision = CLIPVisionConfig(
-        hidden_size=vision_hidden,
-        intermediate_size=vision_hidden * 4,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=vision_heads,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=vision_hidden,
-    )
-    text_kwargs = dict(
+    vision = clip_config(image_size, patch_size, vision_hidden, vision_layers, vision_heads)
+    text = text_config(
+        text_backbone,
         vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_position_embeddings,
         pad_token_id=pad_token_id,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
     )
-    if text_backbone == "mistral":
-        text_kwargs["sliding_window"] = None
-    text = TEXT_CONFIGS[text_backbone](**text_kwargs)
     n_patches = (image_size // patch_size) ** 2
     cfg = LlavaConfig(
         vision_config=vision,
@@ -82,10 +135,7 @@ def tiny_llava_config(
         vision_feature_select_strategy="default",
         pad_token_id=pad_token_id,
     )
-    cfg._attn_implementation = attn_implementation
-    cfg.text_config._attn_implementation = attn_implementation
-    cfg.vision_config._attn_implementation = attn_implementation
-    return cfg
+    return set_attn(cfg, attn_implementation)
 
 
 def build_tiny_llava(
@@ -123,10 +173,33 @@ def tiny_kwargs_from_processor(processor: Any) -> dict[str, Any]:
     return kw
 
 
-# name -> kwargs of tpkit.models.tiny.tiny_llava_config (the same builder, full-size numbers)
+# family -> "module:function" building its config from size keywords, and the model class it makes
+CONFIG_BUILDERS: dict[str, tuple[str, str]] = {
+    "llava": ("tpkit.models.tiny:tiny_llava_config", "LlavaForConditionalGeneration"),
+    "llava_next": ("tpkit.models.llava_next.tiny:tiny_next_config", "LlavaNextForConditionalGeneration"),
+    "llava_onevision": (
+        "tpkit.models.llava_next.tiny:tiny_onevision_config",
+        "LlavaOnevisionForConditionalGeneration",
+    ),
+}
+
+
+def config_builder(family: str) -> tuple[Callable[..., Any], type]:
+    """(config builder, model class) of a family named in :data:`CONFIG_BUILDERS`."""
+    if family not in CONFIG_BUILDERS:
+        raise ValueError(
+            f"no config builder for family {family!r}; known: {', '.join(sorted(CONFIG_BUILDERS))}"
+        )
+    target, cls = CONFIG_BUILDERS[family]
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name), getattr(transformers, cls)
+
+
+# name -> the family and the keywords of its config builder (full-size numbers)
 ARCHITECTURES: dict[str, dict] = {
     # CLIP ViT-L/14-336 (24 layers, 1024-d, 576 patches) + Vicuna-7B (Llama, 4096-d, 32 layers)
     "llava-1.5-7b": dict(
+        family="llava",
         text_backbone="llama",
         vocab_size=32064,
         image_token_id=32000,
@@ -145,6 +218,7 @@ ARCHITECTURES: dict[str, dict] = {
     ),
     # same tower + Vicuna-13B (5120-d, 40 layers)
     "llava-1.5-13b": dict(
+        family="llava",
         text_backbone="llama",
         vocab_size=32064,
         image_token_id=32000,
@@ -161,9 +235,55 @@ ARCHITECTURES: dict[str, dict] = {
         intermediate_size=13824,
         max_position_embeddings=4096,
     ),
+    # LLaVA-NeXT-7B (llava-v1.6-vicuna-7b): CLIP ViT-L/14-336, any-res crops up to 672 px (1008 x 336),
+    # Vicuna-7B. random prompts carry a 672 x 672 image: the base view + 2 x 2 crops = 2,928 tokens
+    "llava-next-7b": dict(
+        family="llava_next",
+        text_backbone="llama",
+        vocab_size=32064,
+        image_token_id=32000,
+        pad_token_id=32001,
+        image_size=336,
+        patch_size=14,
+        pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+        vision_hidden=1024,
+        vision_layers=24,
+        vision_heads=16,
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        intermediate_size=11008,
+        max_position_embeddings=4096,
+    ),
+    # LLaVA-OneVision-7B (llava-onevision-qwen2-7b-ov): SigLIP so400m/14-384 (26 layers as llava-hf
+    # keeps them, 1152-d, no CLS), any-res up to 6 x 6 crops with anyres_max_9, Qwen2-7B. random
+    # prompts carry a 768 x 768 image: the base view + 2 x 2 crops = 3,699 tokens
+    "llava-onevision-7b": dict(
+        family="llava_onevision",
+        text_backbone="qwen2",
+        vocab_size=152128,
+        image_token_id=151646,
+        video_token_id=151647,
+        pad_token_id=151643,
+        image_size=384,
+        patch_size=14,
+        max_tiles=6,
+        vision_hidden=1152,
+        vision_layers=26,
+        vision_heads=16,
+        vision_intermediate=4304,
+        hidden_size=3584,
+        num_layers=28,
+        num_heads=28,
+        num_kv_heads=4,
+        intermediate_size=18944,
+        max_position_embeddings=32768,
+    ),
     # benchmarks/prefill_speed.py: LLaVA-1.5's token counts (576 patches) with a small tower and an
     # LM large enough (512-d, 8 layers, batch 8) that compute, not overhead, dominates on a CPU
     "cpu-bench": dict(
+        family="llava",
         text_backbone="llama",
         vocab_size=1024,
         image_token_id=3,
@@ -193,8 +313,11 @@ def architecture_kwargs(name: str, scale_down: int = 1) -> dict:
         raise ValueError(f"scale_down = {scale_down} must be >= 1")
     if scale_down > 1:
         for k in ("vision_hidden", "vision_heads", "hidden_size", "num_heads", "num_kv_heads"):
-            kw[k] = max(1, kw[k] // scale_down)
-        kw["intermediate_size"] = max(8, kw["intermediate_size"] // scale_down)
+            if k in kw:
+                kw[k] = max(1, kw[k] // scale_down)
+        for k in ("intermediate_size", "vision_intermediate"):
+            if k in kw:
+                kw[k] = max(8, kw[k] // scale_down)
     return kw
 
 
@@ -206,7 +329,7 @@ def build_random_init(
     scale_down: int = 1,
     seed: int = 0,
 ):
-    """A ``LlavaForConditionalGeneration`` of architecture ``name`` with random weights, in eval mode.
+    """A model of architecture ``name`` (:data:`ARCHITECTURES`) with random weights, in eval mode.
 
     Parameters are allocated and initialised on ``device`` in ``dtype`` (default-dtype switch plus a
     ``torch.device`` context), so a 7B model appears in seconds on a GPU instead of minutes of CPU
@@ -214,14 +337,14 @@ def build_random_init(
     """
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     kw = architecture_kwargs(name, scale_down)
-    backbone = kw.pop("text_backbone")
-    cfg = tiny_llava_config(backbone, attn_implementation=attn_implementation, **kw)
+    build_config, model_class = config_builder(kw.pop("family"))
+    cfg = build_config(attn_implementation=attn_implementation, **kw)
     torch.manual_seed(seed)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlavaForConditionalGeneration(cfg)
+            model = model_class(cfg)
     finally:
         torch.set_default_dtype(prev)
     if hasattr(model, "set_attn_implementation"):

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-STAGE1_SCORES = ("cosine", "cosine_centered", "cls_attn", "random")
+STAGE1_SCORES = ("cosine", "cosine_centered", "cls_attn", "cosine_mean", "attn_received", "random")
+CLS_SCORES = ("cosine", "cosine_centered", "cls_attn")  # need a tower with a CLS token
+STAGE1_GROUPS = ("image", "view")
 STAGE1_SELECTORS = ("kneedle", "curvature", "iqr", "ratio", "budget")
 STAGE1_POSITIONS = ("contiguous", "original")
 STAGE2_QUERIES = ("instruction", "last")
@@ -19,8 +21,13 @@ class Stage1Config:
 
     enabled: bool = True
     # cosine: cos(CLS, patch) at vision_feature_layer; cosine_centered: both minus the mean patch;
-    # cls_attn: CLS row of the tower's last-layer attention (PruMerge/FasterVLM); random: seeded baseline
-    score: Literal["cosine", "cosine_centered", "cls_attn", "random"] = "cosine"
+    # cls_attn: CLS row of the tower's last-layer attention (PruMerge/FasterVLM). Towers without CLS
+    # (SigLIP, Qwen's ViT): cosine_mean: cos(mean patch, patch); attn_received: mean attention each patch
+    # receives in the tower's last layer. random: seeded baseline. null: the family's default (cosine
+    # with a CLS token, else cosine_mean)
+    score: (
+        Literal["cosine", "cosine_centered", "cls_attn", "cosine_mean", "attn_received", "random"] | None
+    ) = None
     # kneedle/curvature: inflection of the sorted curve; iqr: PruMerge outliers; ratio/budget: fixed
     selector: Literal["kneedle", "curvature", "iqr", "ratio", "budget"] = "kneedle"
     ratio: float = 0.25  # selector "ratio": fraction of patches kept
@@ -28,6 +35,9 @@ class Stage1Config:
     min_keep: int = 4  # clamps applied after every selector
     max_keep: int | None = None  # None = all patches
     seed: int = 0  # score "random"
+    # any-res images (LLaVA-NeXT/OneVision: a base view + high-resolution crops): one knee per image over
+    # all its views (image), or one per view (view: the base view and each crop)
+    groups: Literal["image", "view"] = "image"
     # Position ids of the shortened LLM input. original: every kept token keeps the position it has in
     # the unpruned prompt, so the LLM sees the patches' raster geometry and the text where the unpruned
     # model saw it - the pruned forward is the unpruned one with the dropped tokens masked out, as for
@@ -39,7 +49,9 @@ class Stage1Config:
     def validate(self) -> None:
         if self.positions not in STAGE1_POSITIONS:
             raise ValueError(f"positions = {self.positions!r} must be one of {list(STAGE1_POSITIONS)}")
-        if self.score not in STAGE1_SCORES:
+        if self.groups not in STAGE1_GROUPS:
+            raise ValueError(f"groups = {self.groups!r} must be one of {list(STAGE1_GROUPS)}")
+        if self.score is not None and self.score not in STAGE1_SCORES:
             raise ValueError(f"score = {self.score!r} must be one of {list(STAGE1_SCORES)}")
         if self.selector not in STAGE1_SELECTORS:
             raise ValueError(f"selector = {self.selector!r} must be one of {list(STAGE1_SELECTORS)}")

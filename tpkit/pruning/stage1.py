@@ -1,4 +1,10 @@
-"""Stage 1: score the vision tower's patches against CLS and keep the head of the sorted curve.
+"""Stage 1: score the vision tower's patches against a global summary and keep the head of the sorted
+curve.
+
+The summary is the CLS token where the tower has one (CLIP: ``cosine``, ``cosine_centered``,
+``cls_attn``). Towers without a CLS token (SigLIP, Qwen's ViT) score against a summary built from the
+patches themselves: ``cosine_mean`` (cosine to the image's mean patch at the scoring layer) or
+``attn_received`` (the attention each patch receives from all patches, from the layer's q/k).
 
 Pure torch. The vision-tower call and the projection of kept patches live in
 :mod:`tpkit.models` (each family's tower); this module turns hidden states into per-image kept sets.
@@ -45,6 +51,64 @@ def cls_attention(layer_input: torch.Tensor, layer: torch.nn.Module) -> torch.Te
     return w.mean(dim=1)[:, 0, 1:]
 
 
+def mean_cosine(patches: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """cos(mean patch, patch_i): patches (B, P, D) -> (B, P); ``valid`` (B, P) bool leaves padding
+    out of the mean (its scores are NaN). The CLS-less stand-in for ``cls_cosine``."""
+    h = patches.float()
+    if valid is None:
+        mean = h.mean(dim=1, keepdim=True)
+    else:
+        w = valid[..., None].to(h.dtype)
+        mean = (h * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp_min(1.0)
+    s = F.cosine_similarity(h, mean, dim=-1, eps=1e-8)
+    return s if valid is None else s.masked_fill(~valid, float("nan"))
+
+
+def attention_received(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    valid: torch.Tensor | None = None,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Mean attention each key receives: q, k (B, H, P, d) -> (B, P), softmax over the (valid) keys of
+    every (valid) query, averaged over heads and queries. Queries go in chunks of ``chunk`` so memory
+    stays O(chunk * P) per head, and q/k come from the layer's own projections, so sdpa towers work.
+    Padding keys (``valid`` False) receive NaN."""
+    b, h, p, _ = q.shape
+    kf = k.float()
+    total = torch.zeros(b, h, p, device=q.device, dtype=torch.float32)
+    for i in range(0, p, chunk):
+        logits = (q[:, :, i : i + chunk].float() @ kf.transpose(-1, -2)) * scale  # (B, H, c, P)
+        if valid is not None:
+            logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+            w = torch.softmax(logits, dim=-1) * valid[:, None, i : i + chunk, None]
+        else:
+            w = torch.softmax(logits, dim=-1)
+        total += w.sum(dim=2)
+    n = torch.full((b,), p, device=q.device) if valid is None else valid.sum(dim=1)
+    out = total.mean(dim=1) / n.clamp_min(1)[:, None].float()
+    return out if valid is None else out.masked_fill(~valid, float("nan"))
+
+
+def tower_attention_received(
+    layer_input: torch.Tensor, layer: torch.nn.Module, cls: bool = True, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`attention_received` in a CLIP/SigLIP encoder layer (``layer_norm1``,
+    ``self_attn.{q_proj, k_proj}``): layer_input (B, [1 +] P, D) -> (B, P), all tokens attending,
+    the CLS token's column (``cls``) left out of the result."""
+    attn = layer.self_attn
+    x = layer.layer_norm1(layer_input)
+    b, t, d = x.shape
+    heads = attn.num_heads
+    hd = getattr(attn, "head_dim", d // heads)
+    scale = getattr(attn, "scale", hd**-0.5)
+    q = attn.q_proj(x).view(b, t, heads, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(b, t, heads, hd).transpose(1, 2)
+    out = attention_received(q, k, scale, valid)
+    return out[:, 1:] if cls else out
+
+
 def random_scores(batch: int, n: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Seeded uniform scores (B, P): the same images-independent draw for a given seed."""
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -52,28 +116,36 @@ def random_scores(batch: int, n: int, seed: int, device: torch.device | str = "c
 
 
 def select_patches(
-    scores: torch.Tensor, cfg: Stage1Config, keep: torch.Tensor | None = None
+    scores: torch.Tensor,
+    cfg: Stage1Config,
+    keep: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image kept sets from scores (B, P).
+    """Per-image (or per-group) kept sets from scores (B, P).
 
     Returns ``(mask (B, P) bool, k (B,) long)``; the mask keeps original spatial order. ``keep``
-    (B,) forces per-image counts (matched-budget baselines), clamped to ``[1, P]``.
+    (B,) forces per-row counts (matched-budget baselines), clamped to ``[1, n]``. ``counts`` (B,):
+    row b's candidates are its first ``counts[b]`` entries (ragged groups, padding after them); each
+    distinct count runs the selector once (one host sync).
     """
     b, p = scores.shape
     s = torch.nan_to_num(scores.float(), nan=float("-inf"))
+    if counts is not None:
+        pad = torch.arange(p, device=s.device)[None, :] >= counts[:, None]
+        s = s.masked_fill(pad, float("-inf"))
     sorted_s, order = torch.sort(s, dim=1, descending=True, stable=True)  # ties: earlier patch first
+    n = torch.full((b,), p, dtype=torch.long, device=s.device) if counts is None else counts.long()
     if keep is not None:
-        k = keep.to(device=s.device, dtype=torch.long).reshape(b).clamp(1, p)
+        k = torch.minimum(keep.to(device=s.device, dtype=torch.long).reshape(b).clamp(min=1), n)
     else:
         finite = torch.nan_to_num(sorted_s, neginf=0.0, posinf=0.0)
-        k = head_count(
-            finite,
-            cfg.selector,
-            ratio=cfg.ratio,
-            budget=cfg.budget,
-            min_keep=cfg.min_keep,
-            max_keep=cfg.max_keep,
-        )
+        kw = dict(ratio=cfg.ratio, budget=cfg.budget, min_keep=cfg.min_keep, max_keep=cfg.max_keep)
+        if counts is None:
+            k = head_count(finite, cfg.selector, **kw)
+        else:
+            k = torch.zeros_like(n)
+            for c in sorted(set(n.tolist()) - {0}):  # rows with c candidates: their first c sorted scores
+                k = torch.where(n == c, head_count(finite[:, :c], cfg.selector, **kw), k)
     rank_kept = torch.arange(p, device=s.device)[None, :] < k[:, None]  # (B, P) in sorted order
     mask = torch.zeros_like(rank_kept).scatter(1, order, rank_kept)
     return mask, k

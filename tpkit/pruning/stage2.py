@@ -60,25 +60,28 @@ def relevance(
 
 
 def redundancy(
-    features: torch.Tensor, cells: torch.Tensor | None = None, side: int = 0, radius: int | None = None
+    features: torch.Tensor, coords: torch.Tensor | None = None, radius: int | None = None
 ) -> torch.Tensor:
     """How much each token repeats each other token, (B, T, T) in [0, 1].
 
-    The cosine of the tokens' features (B, T, D), clamped at 0. With ``radius``, only patches
-    within ``radius`` grid cells of each other (Chebyshev distance on the ``side`` x ``side`` grid;
-    ``cells`` (B, T) is each token's patch index, -1 for text) count as redundant: two views of one
-    object are, two objects that look alike are not.
+    The cosine of the tokens' features (B, T, D), clamped at 0. With ``radius``, only patches of the
+    same view within ``radius`` grid cells of each other (Chebyshev distance) count as redundant:
+    two patches of one object are, two objects that look alike are not. ``coords`` (B, T, 3) gives
+    each token's (view, row, col) on its view's patch grid, view -1 for tokens that are no patch (a
+    view is an image, a crop of one, or a video frame).
     """
     f = torch.nn.functional.normalize(features.float(), dim=-1)
     sim = (f @ f.transpose(-1, -2)).clamp(0.0, 1.0)  # (B, T, T)
     if radius is not None:
-        if cells is None or side < 1:
-            raise ValueError("a redundancy radius needs the tokens' patch cells and the grid side")
-        r, c = cells.div(side, rounding_mode="floor"), cells.remainder(side)
-        near = ((r[:, :, None] - r[:, None, :]).abs() <= radius) & (
-            (c[:, :, None] - c[:, None, :]).abs() <= radius
+        if coords is None:
+            raise ValueError("a redundancy radius needs the tokens' patch coordinates")
+        view, r, c = coords.unbind(-1)  # (B, T) each
+        near = (
+            (view[:, :, None] == view[:, None, :])
+            & ((r[:, :, None] - r[:, None, :]).abs() <= radius)
+            & ((c[:, :, None] - c[:, None, :]).abs() <= radius)
         )
-        patch = cells >= 0
+        patch = view >= 0
         sim = sim * (near & patch[:, :, None] & patch[:, None, :]).to(sim.dtype)
     return sim
 

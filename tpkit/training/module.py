@@ -20,6 +20,7 @@ from peft import PeftModel
 from tpkit.data.collator import IGNORE_INDEX
 from tpkit.models.core.attach import last_stats, pruning_disabled
 from tpkit.models.core.prefill import next_token_targets
+from tpkit.models.families import family_of, model_inputs
 from tpkit.training.config import DistillConfig, OptimConfig
 from tpkit.training.losses import answer_ce, distill_rows, distill_rows_topk, hidden_cosine
 from tpkit.training.teacher_cache.cache import TeacherCache, TeacherCacheError, answer_ranks
@@ -40,9 +41,10 @@ class NonFiniteError(RuntimeError):
 def reuse_tower_output(tower: torch.nn.Module):
     """Inside the block, the vision tower runs once: later calls get the first call's output.
 
-    The student (stage 1) and the teacher see the same ``pixel_values`` and the tower is frozen
+    The student (stage 1) and the teacher see the same pixel values and the tower is frozen
     and adapter-free (``apply_lora`` refuses vision-tower targets), so its output is the same
-    tensor for both; only calls with ``output_hidden_states`` (stock LLaVA and the pruner) are shared.
+    tensor for both; only calls with ``output_hidden_states`` (stock LLaVA-style models and the
+    pruner) are shared.
     """
     cache: dict[tuple, Any] = {}
     original = tower.forward
@@ -110,12 +112,7 @@ class DistillLoRAModule(L.LightningModule):
         return self.model.get_base_model()
 
     def _inputs(self, batch: dict) -> dict[str, Any]:
-        return {
-            "input_ids": batch["input_ids"],
-            "pixel_values": batch["pixel_values"],
-            "attention_mask": batch["attention_mask"],
-            "use_cache": False,
-        }
+        return {**model_inputs(self.base, batch), "use_cache": False}
 
     def student_forward(self, batch: dict) -> Any:
         kw = self._inputs(batch)
@@ -141,7 +138,11 @@ class DistillLoRAModule(L.LightningModule):
         """Records the language model's final-normed hidden states of the forwards inside: a list of
         (B, T, D) tensors, one per forward (the pruned forward's are its kept positions)."""
         seen: list[torch.Tensor] = []
-        handle = self.base.model.language_model.norm.register_forward_hook(lambda m, a, out: seen.append(out))
+        handle = (
+            family_of(self.base)
+            .language_model(self.base)
+            .norm.register_forward_hook(lambda m, a, out: seen.append(out))
+        )
         try:
             yield seen
         finally:
@@ -164,7 +165,7 @@ class DistillLoRAModule(L.LightningModule):
         return t
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        tower = self.base.model.vision_tower
+        tower = family_of(self.base).vision_tower(self.base)
         online = self.distill.needs_teacher and self.teacher_cache is None
         share = reuse_tower_output(tower) if online else contextlib.nullcontext()
         with share:
@@ -234,9 +235,9 @@ class DistillLoRAModule(L.LightningModule):
         if kept is None:
             kept = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         kept = kept[:, -student.shape[1] :]
-        image_id = getattr(self.base.config, "image_token_id", None)
+        visual = torch.tensor(family_of(self.base).placeholder_ids(self.base), device=ids.device)
         at = kept.clamp(min=0)
-        text = (kept >= 0) & (ids.gather(1, at) != image_id)  # (B, T_out)
+        text = (kept >= 0) & ~torch.isin(ids.gather(1, at), visual)  # (B, T_out)
         text &= batch["attention_mask"].gather(1, at).bool()  # a stock student keeps its pads
         if teacher is None:
             with self.final_hidden() as seen:  # the LM head on one position only

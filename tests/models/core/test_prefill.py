@@ -167,9 +167,9 @@ def test_stage2_diversity_cells_are_the_patch_grid(
     seen = {}
     real = pl.redundancy
 
-    def spy(features, cells=None, side=0, radius=None):
-        seen["cells"], seen["side"] = cells, side
-        return real(features, cells, side, radius)
+    def spy(features, coords=None, radius=None):
+        seen["coords"] = coords
+        return real(features, coords, radius)
 
     monkeypatch.setattr(pl, "redundancy", spy)
     batch = make_llava_batch(model, before=(3,), after=(4,))
@@ -177,9 +177,11 @@ def test_stage2_diversity_cells_are_the_patch_grid(
         model(**batch)
     vc = model.config.vision_config
     side = vc.image_size // vc.patch_size
-    cells = seen["cells"][0]
-    assert seen["side"] == side
-    assert sorted(cells[cells >= 0].tolist()) == list(range(side * side))  # every patch once, no CLS
+    coords = seen["coords"][0]  # (T1, 3): (view, row, col), view -1 for text and CLS
+    patches = coords[coords[:, 0] >= 0]
+    assert (patches[:, 0] == 0).all()
+    cells = (patches[:, 1] * side + patches[:, 2]).tolist()
+    assert sorted(cells) == list(range(side * side))  # every patch once, no CLS
 
 
 def test_stage1_only_and_baseline_configs(model, make_llava_batch):

@@ -2,7 +2,7 @@
 
 ``attach(model, config, family)`` swaps the model's class for a thin subclass with the same name (so
 ``save_pretrained``, PEFT and ``isinstance`` see the stock model) whose ``forward``/``generate``
-prune. Pruning disabled (or no ``pixel_values``) calls the stock ``forward``/``generate`` untouched:
+prune. Pruning disabled (or no visual input) calls the stock ``forward``/``generate`` untouched:
 that is how the same weights serve as the unpruned teacher (:func:`pruning_disabled`).
 """
 
@@ -75,7 +75,9 @@ class _PrunedMixin:
         if isinstance(cache, PrunedCache) and cache.prefilled:  # a decoding step after a pruned prefill
             return self._tp_decode(input_ids, cache, kwargs)
         kwargs.update(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
-        if not _active(self) or pixel_values is None or input_ids is None:
+        family = self._tp_family
+        visual = {k: kwargs.get(k) for k in family.visual_keys}
+        if not _active(self) or not family.has_visual(visual) or input_ids is None:
             self._tp_stats = None  # this call pruned nothing: last_stats must not report an earlier one
             out = super().forward(**kwargs)
             ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
@@ -100,13 +102,13 @@ class _PrunedMixin:
             )
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
-            use_cache = getattr(self._tp_family.language_model(self).config, "use_cache", True)
+            use_cache = getattr(family.language_model(self).config, "use_cache", True)
         if cache is None and use_cache:
-            cache = PrunedCache(config=self._tp_family.language_model(self).config)
+            cache = PrunedCache(config=family.language_model(self).config)
         pre = prefill(
             self,
             input_ids,
-            pixel_values,
+            visual,
             kwargs.get("attention_mask"),
             answer_mask=answer_mask,
             stage1_keep=stage1_keep,
@@ -115,7 +117,7 @@ class _PrunedMixin:
             output_hidden_states=bool(kwargs.get("output_hidden_states")),
         )
         hidden = _keep_logits(pre.hidden, kwargs.get("logits_to_keep"))
-        logits = self._tp_family.lm_head(self)(hidden)
+        logits = family.lm_head(self)(hidden)
         loss = None
         labels = kwargs.get("labels")
         if labels is not None:
@@ -143,12 +145,11 @@ class _PrunedMixin:
     def generate(self, *args, **kwargs):
         """transformers' ``generate``; with the pruner on and images given, the prefill prunes and the
         decoding steps run on the pruned cache (:mod:`tpkit.models.core.generate`)."""
-        if _active(self) and kwargs.get("pixel_values") is not None:
+        family = getattr(self, "_tp_family", None)
+        if _active(self) and family.has_visual({k: kwargs.get(k) for k in family.visual_keys}):
             check_generate_kwargs(kwargs, CACHE_FIELD)
             static = _new_tokens(self, args, kwargs) if getattr(self, "_tp_compiled", None) else None
-            kwargs[CACHE_FIELD] = PrunedCache(
-                config=self._tp_family.language_model(self).config, static_extra=static
-            )
+            kwargs[CACHE_FIELD] = PrunedCache(config=family.language_model(self).config, static_extra=static)
         return super().generate(*args, **kwargs)
 
     def _supports_mm_encoder_outputs(self) -> bool:
@@ -234,6 +235,7 @@ def attach(model: nn.Module, config: PruningConfig | None, family: Family) -> nn
     config = config if config is not None else PruningConfig()
     config.validate()
     check_layer(family.language_model(model), config)
+    family.check_config(model, config)
     if not is_attached(model):
         model._tp_base_class = model.__class__
         model.__class__ = _pruned_class(model.__class__)
@@ -273,6 +275,7 @@ def set_pruning(model: nn.Module, config: PruningConfig) -> None:
         raise ValueError("set_pruning: no pruner attached (call attach_pruner first)")
     config.validate()
     check_layer(inner._tp_family.language_model(inner), config)
+    inner._tp_family.check_config(inner, config)
     inner._tp_cfg = config
 
 

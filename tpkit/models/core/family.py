@@ -5,10 +5,12 @@ The core (:mod:`tpkit.models.core.prefill`) owns everything that is the same for
 masks, the decoder-layer loop, stage 2 at layer K, token accounting and generation. A family says
 only what differs between model families:
 
+* which forward arguments carry its visual inputs (``visual_keys``: pixel values, image sizes, grids);
 * where its visual placeholders are in ``input_ids`` and which of them stage 1 keeps, after running
   its vision tower, scoring the patches and projecting the kept ones (:meth:`Family.encode`);
-* where its language model, its LM head and its image token are;
-* how its rotary embedding rotates queries and keys (stage 2 scores with the layer's own q/k).
+* its position ids (1-D, or 3-D M-RoPE) and how its rotary embedding rotates queries and keys
+  (stage 2 scores with the layer's own q/k);
+* where its language model, its LM head and its image token are.
 
 A family is one small folder (``tpkit/models/llava``) with a :class:`Family` subclass, listed in
 :mod:`tpkit.models.families`.
@@ -23,9 +25,31 @@ import torch
 from torch import nn
 
 from tpkit.models.core.masks import gather_rows
+from tpkit.pruning.config import CLS_SCORES
 from tpkit.pruning.stage2 import apply_rope
 
-__all__ = ["Visual", "Family", "llama_rotate"]
+__all__ = ["Visual", "Family", "llama_rotate", "random_text"]
+
+
+def random_text(model: nn.Module, batch_size: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, n) random ordinary token ids: none of the config's special ids (placeholders, pad, bos/eos)."""
+    cfg = model.config
+    text = getattr(cfg, "text_config", cfg)
+    specials = {0, 1, 2}
+    for key in ("image_token_id", "video_token_id", "image_token_index", "vision_start_token_id",
+                "vision_end_token_id", "pad_token_id", "bos_token_id", "eos_token_id"):  # fmt: skip
+        for c in (cfg, text):
+            v = getattr(c, key, None)
+            if isinstance(v, int):
+                specials.add(v)
+    low, high = 4, text.vocab_size
+    lowest = min(v for v in specials if v >= low) if any(v >= low for v in specials) else high
+    if lowest >= low + 16:  # ordinary ids below the first special one (LLaVA: 4..31999)
+        high = lowest
+    ids = torch.randint(low, high, (batch_size, n), generator=generator)
+    for v in specials:
+        ids[ids == v] = low
+    return ids
 
 
 def llama_rotate(
@@ -38,15 +62,17 @@ def llama_rotate(
 
 @dataclass
 class Visual:
-    """What a family hands the core for one batch, stage 1 done (N = placeholders per sample)."""
+    """What a family hands the core for one batch, stage 1 done. N = the most placeholders of any
+    sample; a sample with fewer has padding slots (slot -1, never kept)."""
 
-    slots: torch.Tensor  # (B, N) long: input position of each visual placeholder, in order
-    keep: torch.Tensor  # (B, N) bool: placeholders kept by stage 1
+    slots: torch.Tensor  # (B, N) long: input position of each visual placeholder, in order; -1 = padding
+    keep: torch.Tensor  # (B, N) bool: placeholders kept by stage 1 (False on padding slots)
     k1: torch.Tensor  # (B,) long: kept placeholders per sample
     projected: torch.Tensor  # (sum k1, D) LM input embeddings of the kept placeholders, row-major
-    scores: torch.Tensor | None  # (B, P) stage-1 score of every patch; None when stage 1 is off
-    cells: torch.Tensor  # (B, N) long: patch-grid cell of each placeholder, -1 where it is no patch
-    grid: int  # patches per side of the grid (stage 2's diversity radius counts in these cells)
+    scores: (
+        torch.Tensor | None
+    )  # the stage-1 scores (family-shaped; for stats and overlays); None: stage 1 off
+    coords: torch.Tensor  # (B, N, 3) long: (view, row, col) of each placeholder's patch; view -1: no patch
 
 
 class Family:
@@ -54,6 +80,7 @@ class Family:
 
     name = "family"
     classes: tuple[str, ...] = ()  # model class names this family handles
+    visual_keys: tuple[str, ...] = ("pixel_values",)  # forward arguments that carry the visual inputs
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ in self.classes
@@ -61,9 +88,35 @@ class Family:
     def check(self, model: nn.Module) -> None:
         """ValueError naming what a model of this family lacks (called once, by ``attach_pruner``)."""
 
+    def check_config(self, model: nn.Module, config: Any) -> None:
+        """ValueError for pruning settings this family cannot honour (called by ``attach_pruner`` and
+        ``set_pruning``). Here: a CLS-based stage-1 score on a tower without a CLS token."""
+        score = config.stage1.score
+        if config.stage1.enabled and score in CLS_SCORES and not self.has_cls(model):
+            raise ValueError(
+                f"pruning.stage1.score = {score!r} compares patches with the CLS token, but "
+                f"{type(model).__name__}'s vision tower has none: use 'cosine_mean' or 'attn_received' "
+                "(or null for the family's default)"
+            )
+
+    def has_cls(self, model: nn.Module) -> bool:
+        """Whether the vision tower's sequence starts with a CLS token (CLIP) or is patches only."""
+        return True
+
+    def score_kind(self, model: nn.Module, stage1: Any) -> str:
+        """The stage-1 score in use: the config's, or the family's default (``cosine`` with a CLS
+        token, else ``cosine_mean``)."""
+        if stage1.score is not None:
+            return stage1.score
+        return "cosine" if self.has_cls(model) else "cosine_mean"
+
     def language_model(self, model: nn.Module) -> nn.Module:
         """The decoder stack: ``layers``, ``embed_tokens``, ``norm``, ``rotary_emb``, ``config``."""
         raise NotImplementedError
+
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        """The vision encoder (frozen in training; its output is shared by student and teacher)."""
+        return model.model.vision_tower
 
     def lm_head(self, model: nn.Module) -> nn.Module:
         return model.lm_head
@@ -71,11 +124,18 @@ class Family:
     def image_token_id(self, model: nn.Module) -> int:
         return int(model.config.image_token_id)
 
+    def placeholder_ids(self, model: nn.Module) -> tuple[int, ...]:
+        """Token ids of the visual placeholders in ``input_ids`` (images, video frames)."""
+        return (self.image_token_id(model),)
+
+    def has_visual(self, visual: dict[str, Any]) -> bool:
+        return visual.get(self.visual_keys[0]) is not None
+
     def encode(
         self,
         model: nn.Module,
         input_ids: torch.Tensor,
-        pixel_values: torch.Tensor,
+        visual: dict[str, Any],
         stage1: Any,
         stage1_keep: torch.Tensor | None = None,
     ) -> Visual:
@@ -83,8 +143,33 @@ class Family:
         when it is disabled) or the forced per-sample counts ``stage1_keep`` (B,), project the kept."""
         raise NotImplementedError
 
-    def stage1_scores(self, model: nn.Module, pixel_values: torch.Tensor, stage1: Any) -> torch.Tensor:
-        """The stage-1 score of every patch (B, P), as :meth:`encode` computes it."""
+    def stage1_scores(self, model: nn.Module, visual: dict[str, Any], stage1: Any) -> torch.Tensor:
+        """The stage-1 score of every patch, as :meth:`encode` computes it."""
+        raise NotImplementedError
+
+    def position_ids(
+        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: dict[str, Any]
+    ) -> torch.Tensor:
+        """The unpruned prompt's position ids: (B, T) here, as stock ``generate`` builds them from the
+        attention mask; a family with multi-dimensional positions returns (R, B, T)."""
+        return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+    def decode_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Position ids of decoded tokens from their 1-D positions (B, q) (text: every axis the same)."""
+        return positions
+
+    def random_prompt(
+        self,
+        model: nn.Module,
+        batch_size: int,
+        text_before: int,
+        text_after: int,
+        seed: int,
+        device: torch.device,
+    ) -> dict[str, torch.Tensor]:
+        """A random prompt batch for speed runs (``--random-init``): ``text_before`` tokens (bos +
+        system), one image's placeholders at its full-size shape, ``text_after`` tokens, and the visual
+        inputs (random pixels), as the family's processor would lay them out."""
         raise NotImplementedError
 
     # how the decoder's rotary embedding rotates q and k (stage 2 scores with the layer's own q/k)

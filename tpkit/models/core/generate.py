@@ -62,12 +62,14 @@ def decode_step(
     """One decoding step after a pruned prefill: ``input_ids`` (B, q) new tokens -> final-normed hidden
     states (B, q, D) (and each layer's input with ``output_hidden_states``). Positions continue from the
     prompt's; each layer group attends to its own cached keys; no host sync."""
-    lm = model._tp_family.language_model(model)
+    family = model._tp_family
+    lm = family.language_model(model)
     n_layers = lm.config.num_hidden_layers
     cache_kw = cache_kwarg(lm.layers[0])
     h = lm.embed_tokens(input_ids)  # (B, q, D)
     q = h.shape[1]
     pos = cache.next_position[:, None] + torch.arange(q, device=h.device)[None, :]  # (B, q)
+    pos = family.decode_positions(pos)  # (B, q), or (R, B, q) for multi-axis positions
     cos, sin = lm.rotary_emb(h, position_ids=pos)
     mask_a, mask_b = cache.masks(q, attn_impl(lm), h.dtype)
     states: list[torch.Tensor] | None = [] if output_hidden_states else None

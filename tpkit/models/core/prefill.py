@@ -126,7 +126,7 @@ class Prefill:
     embeds1: torch.Tensor  # (B, T1, D) LLM input after stage 1
     index1: torch.Tensor  # (B, T1) original input index after stage 1, -1 = pad
     valid1: torch.Tensor  # (B, T1) bool
-    pos1: torch.Tensor  # (B, T1) position ids after stage 1 (see Stage1Config.positions)
+    pos1: torch.Tensor  # (B, T1) or (R, B, T1) position ids after stage 1 (see Stage1Config.positions)
     keep2: torch.Tensor  # (B, T1) bool, kept by stage 2 (all valid if stage 2 is off)
     valid2: torch.Tensor  # (B, T_out) bool
     split: int  # layers < split cache T1 tokens, layers >= split cache T_out tokens
@@ -194,10 +194,26 @@ def stage2_roles(img1, valid1, ans1, prune_text, query, prune_visual=True):
     return always, droppable, qidx.clamp(min=0), qidx >= 0
 
 
+def take_positions(pos: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Position ids (B, T) or (R, B, T) at the columns ``index`` (B, T') (-1 -> 0)."""
+    if pos.dim() == 2:
+        return gather_rows(pos, index).masked_fill(index < 0, 0)
+    return torch.stack([take_positions(p, index) for p in pos])
+
+
+def _scatter_slots(base: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``base`` (B, T) with ``values`` (B, N) written at the columns ``slots`` (B, N); slots -1 are
+    padding and write nowhere (a scratch column takes them; no boolean indexing: no host sync)."""
+    t = base.shape[1]
+    out = torch.cat([base, base[:, :1]], dim=1)
+    out = out.scatter(1, torch.where(slots >= 0, slots, t), values)
+    return out[:, :t]
+
+
 def prefill(
     model,
     input_ids,
-    pixel_values,
+    visual,
     attention_mask,
     *,
     answer_mask=None,
@@ -208,10 +224,11 @@ def prefill(
 ) -> Prefill:
     """The pruned prefill of an attached model (``model._tp_family``, ``model._tp_cfg``).
 
-    ``cache`` (a :class:`tpkit.models.core.cache.PrunedCache`, empty) receives the keys and values of
-    both layer groups and the layout decoding needs. ``output_hidden_states``: ``Prefill.hidden_states``
-    holds each layer's input and the final normed output, as stock models return them (the layers
-    from stage 2's on see fewer tokens).
+    ``visual``: the family's visual inputs ({"pixel_values": ..., "image_sizes": ...}), or the pixel
+    values alone. ``cache`` (a :class:`tpkit.models.core.cache.PrunedCache`, empty) receives the keys
+    and values of both layer groups and the layout decoding needs. ``output_hidden_states``:
+    ``Prefill.hidden_states`` holds each layer's input and the final normed output, as stock models
+    return them (the layers from stage 2's on see fewer tokens).
     """
     cfg: PruningConfig = model._tp_cfg
     family = model._tp_family
@@ -223,32 +240,40 @@ def prefill(
         if attention_mask is None
         else attention_mask.to(device=device).bool()
     )
+    if not isinstance(visual, dict):
+        visual = {"pixel_values": visual}
 
     # ---- stage 1: the shorter LLM input
-    vis = family.encode(model, input_ids, pixel_values, cfg.stage1, stage1_keep)
+    vis = family.encode(model, input_ids, visual, cfg.stage1, stage1_keep)
     n_slots = vis.slots.shape[1]
-    keep_tok = am.scatter(1, vis.slots, vis.keep & am.gather(1, vis.slots))  # no boolean indexing: no sync
+    real = vis.slots >= 0  # (B, N): placeholder slots (the rest pad ragged samples)
+    tgt = vis.slots.clamp(min=0)
+    keep_tok = _scatter_slots(am, vis.slots, vis.keep & real & am.gather(1, tgt))  # (B, T)
     index1, full1 = compact_full(keep_tok, cfg.bucket)  # (B, T1); full1: no padding
     valid1 = index1 >= 0
-    image_id = family.image_token_id(model)
     pad_id = getattr(lm.config, "pad_token_id", None)
     pad_id = 0 if pad_id is None else pad_id
     ids1 = input_ids.gather(1, index1.clamp(min=0)).masked_fill(~valid1, pad_id)
     embeds = lm.embed_tokens(ids1)  # (B, T1, D)
-    img1 = valid1 & (ids1 == image_id)
+    placeholders = torch.tensor(family.placeholder_ids(model), device=device)
+    img1 = valid1 & torch.isin(ids1, placeholders)
     embeds = embeds.masked_scatter(img1[..., None], vis.projected.to(embeds.dtype))
+    dense_pos = family.position_ids(model, input_ids, am, visual)  # (B, T) or (R, B, T), as stock
     if cfg.stage1.positions == "original":  # each kept token's position in the unpruned prompt
-        dense_pos = (am.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T), as stock builds them
-        pos1 = gather_rows(dense_pos, index1).masked_fill(~valid1, 0)
-    else:
+        pos1 = take_positions(dense_pos, index1)
+    elif dense_pos.dim() == 2:
         pos1 = (valid1.long().cumsum(dim=1) - 1).clamp(min=0)  # contiguous, pads 0
+    else:
+        raise ValueError(
+            f"{type(model).__name__} has multi-axis (M-RoPE) positions: stage1.positions must be 'original'"
+        )
     if answer_mask is not None:
         ans1 = answer_mask.to(device).bool().gather(1, index1.clamp(min=0)) & valid1
     else:
         ans1 = torch.zeros_like(valid1)
-    # each input position's placeholder slot (0..N-1) and patch cell, -1 for text
-    slot_of = torch.full_like(input_ids, -1).scatter(
-        1, vis.slots, torch.arange(n_slots, device=device).expand(b, -1)
+    # each input position's placeholder slot (0..N-1), -1 for text
+    slot_of = _scatter_slots(
+        torch.full_like(input_ids, -1), vis.slots, torch.arange(n_slots, device=device).expand(b, -1)
     )
 
     # ---- layers, with stage 2 at layer K
@@ -266,7 +291,7 @@ def prefill(
     states: list[torch.Tensor] | None = [] if output_hidden_states else None
     run = getattr(model, "_tp_compiled", {}).get("group", run_group)
     h = run(lm, 0, split, h, mask, cos, sin, pos, cache, cache_kw, states)
-    if split < n_layers:
+    if split < n_layers:  # stage 2 at layer K = split, scored with that layer's own q/k
         layer = layers[split]
         always, droppable, qpos, qvalid = stage2_roles(
             img1, valid1, ans1, s2.prune_text, s2.query, s2.prune_visual
@@ -274,17 +299,18 @@ def prefill(
         sim = patches = None
         with torch.no_grad():  # scores only pick indices
             scores = stage2_scores(layer, h, cos, sin, valid, qpos, qvalid, s2.reduce, family.rotate)
-            if s2.diversity > 0:  # each token's patch cell on the grid, -1 for text (and CLS)
+            if s2.diversity > 0:  # each stage-1 token's (view, row, col), view -1 for text (and CLS)
                 slot1 = gather_rows(slot_of, index1)
-                cell = torch.where(img1 & (slot1 >= 0), vis.cells.gather(1, slot1.clamp(min=0)), -1)
-                sim = redundancy(layer.input_layernorm(h), cell, vis.grid, s2.diversity_radius)
-                patches = cell >= 0
+                coords = vis.coords.gather(1, slot1.clamp(min=0)[..., None].expand(-1, -1, 3))
+                coords[..., 0] = torch.where(img1 & (slot1 >= 0), coords[..., 0], -1)
+                sim = redundancy(layer.input_layernorm(h), coords, s2.diversity_radius)
+                patches = coords[..., 0] >= 0
         keep2 = select_tokens(scores, droppable, always, s2, stage2_keep, sim, patches)
         index2, full = compact_full(keep2, cfg.bucket)  # (B, T2) into the stage-1 sequence
         valid = index2 >= 0
         h = gather_rows(h, index2)
-        cos, sin = gather_rows(cos, index2), gather_rows(sin, index2)
-        pos = gather_rows(pos1, index2)
+        pos = take_positions(pos1, index2)
+        cos, sin = lm.rotary_emb(h, position_ids=pos)  # the kept tokens' own (the same values)
         index = gather_rows(index1, index2).masked_fill(~valid, -1)
         mask = attn_mask(valid, h.shape[1], impl, h.dtype, no_padding=full)
         h = run(lm, split, n_layers, h, mask, cos, sin, pos, cache, cache_kw, states)
@@ -292,7 +318,8 @@ def prefill(
     if states is not None:
         states.append(h)
     if cache is not None:  # decoding continues after each row's last prompt position
-        cache.start(split, valid1, valid, pos1.max(dim=1).values + 1, (not full1, not full))
+        last = pos1 if pos1.dim() == 2 else pos1.amax(dim=0)
+        cache.start(split, valid1, valid, last.max(dim=1).values + 1, (not full1, not full))
 
     # ---- token accounting
     n_dense = am.sum(dim=1)
@@ -303,14 +330,14 @@ def prefill(
         1, torch.where(slot >= 0, slot, n_slots), slot >= 0
     )[:, :n_slots]  # (B, N) placeholders kept by both stages
     stats = {
-        "n_visual": torch.full((b,), n_slots, dtype=torch.long, device=device),
+        "n_visual": real.sum(dim=1),
         "k1": vis.k1,
         "n_prompt": n1,
         "k2": k2,
         "n_dense": n_dense,
         "token_layer_fraction": token_layer_fraction(n_dense, n1, k2, n_layers, split),
         "visual_keep_mask": vis.keep,  # (B, N); last_stats adds the "visual_keep" index lists
-        "stage1_scores": vis.scores,  # (B, P) or None when stage 1 is off
+        "stage1_scores": vis.scores,  # the family's scores, or None when stage 1 is off
         "stage2_visual_keep_mask": keep12,  # (B, N); last_stats adds "stage2_visual_keep"
     }
     model._tp_stats = stats

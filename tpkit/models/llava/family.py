@@ -14,8 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from tpkit.models.core.family import Family, Visual
-from tpkit.pruning.stage1 import cls_attention, cls_cosine, random_scores, select_patches
+from tpkit.models.core.family import Family, Visual, random_text
+from tpkit.pruning.stage1 import (
+    cls_attention,
+    cls_cosine,
+    mean_cosine,
+    random_scores,
+    select_patches,
+    tower_attention_received,
+)
 
 __all__ = ["LlavaFamily", "image_token_count", "tower_states"]
 
@@ -136,27 +143,33 @@ class LlavaFamily(Family):
         """Stage-1 scores (B, P) per patch from the tower's hidden states (:func:`tower_states`)."""
         layer = model.config.vision_feature_layer
         score_hidden = _hs(hs, layer if isinstance(layer, int) else layer[-1])
+        kind = self.score_kind(model, s1)
         with torch.no_grad():  # scores only pick indices; no graph needed
-            if s1.score in ("cosine", "cosine_centered"):
-                return cls_cosine(score_hidden, centered=s1.score == "cosine_centered")
-            if s1.score == "cls_attn":
+            if kind in ("cosine", "cosine_centered"):
+                return cls_cosine(score_hidden, centered=kind == "cosine_centered")
+            if kind == "cls_attn":
                 return cls_attention(_hs(hs, -2), _tower_layers(model.model.vision_tower)[-1])
+            if kind == "cosine_mean":
+                return mean_cosine(score_hidden[:, 1:])
+            if kind == "attn_received":
+                return tower_attention_received(_hs(hs, -2), _tower_layers(model.model.vision_tower)[-1])
             return random_scores(
                 score_hidden.shape[0], score_hidden.shape[1] - 1, s1.seed, score_hidden.device
             )
 
-    def stage1_scores(self, model: nn.Module, pixel_values: torch.Tensor, stage1: Any) -> torch.Tensor:
+    def stage1_scores(self, model: nn.Module, visual: dict[str, Any], stage1: Any) -> torch.Tensor:
         with torch.no_grad():
-            return self.scores(model, tower_states(model, pixel_values), stage1)
+            return self.scores(model, tower_states(model, visual["pixel_values"]), stage1)
 
     def encode(
         self,
         model: nn.Module,
         input_ids: torch.Tensor,
-        pixel_values: torch.Tensor,
+        visual: dict[str, Any],
         stage1: Any,
         stage1_keep: torch.Tensor | None = None,
     ) -> Visual:
+        pixel_values = visual["pixel_values"]
         start = self._run_start(model, input_ids, pixel_values)  # (B,)
         mcfg = model.config
         hs = tower_states(model, pixel_values)
@@ -185,13 +198,31 @@ class LlavaFamily(Family):
             projected = projector(feats.flatten(0, 1).index_select(0, rows))  # (sum k1, D)
         n_tokens, n_patches = image_token_count(model)
         slot = torch.arange(n_tokens, device=input_ids.device)
-        cells = (slot - (n_tokens - n_patches)).expand(b, n_tokens)  # the CLS placeholder (full) is -1
+        cell = slot - (n_tokens - n_patches)  # the CLS placeholder (strategy "full") is no patch
+        side = math.isqrt(n_patches)
+        coords = torch.stack(
+            [torch.where(cell >= 0, 0, -1), cell.clamp(min=0) // side, cell.clamp(min=0) % side], -1
+        )
         return Visual(
             slots=start[:, None] + slot[None, :],
             keep=keep,
             k1=k1,
             projected=projected,
             scores=scores,
-            cells=cells.clamp(min=-1),
-            grid=math.isqrt(n_patches),
+            coords=coords.expand(b, n_tokens, 3),
         )
+
+    def random_prompt(self, model, batch_size, text_before, text_after, seed, device):
+        vcfg = model.config.vision_config
+        n_tokens, _ = image_token_count(model)
+        g = torch.Generator().manual_seed(seed)
+        bos = torch.full((batch_size, 1), 1, dtype=torch.long)
+        image = torch.full((batch_size, n_tokens), model.config.image_token_id, dtype=torch.long)
+        before = random_text(model, batch_size, text_before - 1, g)
+        input_ids = torch.cat([bos, before, image, random_text(model, batch_size, text_after, g)], dim=1)
+        pixel_values = torch.randn(batch_size, 3, vcfg.image_size, vcfg.image_size, generator=g)
+        return {
+            "input_ids": input_ids.to(device),
+            "attention_mask": torch.ones_like(input_ids).to(device),
+            "pixel_values": pixel_values.to(device=device, dtype=next(model.parameters()).dtype),
+        }

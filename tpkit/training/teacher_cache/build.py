@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from tpkit.data.collator import LlavaCollator
+from tpkit.models.families import device_inputs
 from tpkit.models.loading import load_base_model, load_processor_for, resolve_dtype
 from tpkit.training.config import TrainConfig
 from tpkit.training.losses import answer_positions
@@ -195,7 +196,6 @@ def build_teacher_cache(
         num_workers=cfg.data.num_workers if workers is None else workers,
         pin_memory=dev.type == "cuda",
     )
-    dtype_in = next(base.parameters()).dtype
     bar = tqdm(total=len(mine), initial=start, desc="teacher cache", unit="rec", disable=not progress)
     last_commit = time.monotonic()
     for batch in loader:
@@ -208,9 +208,7 @@ def build_teacher_cache(
         dense = answer_positions(labels)  # (B, T): positions that predict an answer token
         positions = dense.any(0).nonzero()[:, 0]  # (P,) union over the batch
         logits = base(
-            input_ids=batch["input_ids"].to(dev, non_blocking=True),
-            pixel_values=batch["pixel_values"].to(dev, dtype=dtype_in, non_blocking=True),
-            attention_mask=batch["attention_mask"].to(dev, non_blocking=True),
+            **device_inputs(base, batch, dev),
             logits_to_keep=positions.to(dev),
             use_cache=False,
         ).logits.float()  # (B, P, V)

@@ -1,0 +1,261 @@
+"""lmms-eval runs tpkit: the local tasks in lmms_task/ (the synthetic test split as a `datasets`
+directory, no hub) through lmms-eval's own ``simple_evaluate`` and CLI, on the fixture model dense,
+ours and with an adapter from a short training run, against ``tpkit evaluate`` on the same questions."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import datasets  # noqa: E402
+from lmms_eval.evaluator import simple_evaluate  # noqa: E402
+from lmms_eval.models import get_model  # noqa: E402
+from lmms_eval.tasks import TaskManager  # noqa: E402
+
+from tpkit.config import ConfigError, load_config  # noqa: E402
+from tpkit.evaluation.config import load_eval_config  # noqa: E402
+from tpkit.evaluation.harness.config import parse_model_args  # noqa: E402
+from tpkit.evaluation.harness.model import TpkitLMM, summarise_counts  # noqa: E402
+from tpkit.evaluation.metrics import normalize_answer, yes_no_label  # noqa: E402
+from tpkit.evaluation.runner import evaluate  # noqa: E402
+from tpkit.synthetic.splits import generate_split  # noqa: E402
+from tpkit.training.config import TrainConfig  # noqa: E402
+from tpkit.training.recipe import fit  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURE = ROOT / "assets" / "tiny-llava"
+EVAL_YAML = ROOT / "configs" / "eval" / "tiny.yaml"  # ours' pruning for both tpkit evaluate and the harness
+N = 32  # questions of the synthetic test split (8 per type)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory) -> Path:
+    return generate_split(tmp_path_factory.mktemp("synthetic"), split="test", n=N, seed=2)
+
+
+@pytest.fixture(scope="module")
+def task_dir(split, tmp_path_factory) -> Path:
+    """lmms_task/ with its dataset: the split's records as a `datasets` directory (save_to_disk)."""
+    out = tmp_path_factory.mktemp("lmms")
+    records = json.loads(split.read_text())
+    rows = {
+        "id": [r["id"] for r in records],
+        "image": [str(split.parent / r["image"]) for r in records],
+        "question": [r["conversations"][0]["value"].replace("<image>\n", "", 1) for r in records],
+        "answer": [r["conversations"][1]["value"] for r in records],
+        "qtype": [r["qtype"] for r in records],
+    }
+    ds = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+    datasets.DatasetDict({"test": ds}).save_to_disk(str(out / "data"))
+    task = out / "task"
+    shutil.copytree(Path(__file__).parent / "lmms_task", task, ignore=shutil.ignore_patterns("__pycache__"))
+    for y in task.glob("*.yaml"):
+        y.write_text(y.read_text().replace("DATASET_DIR", str(out / "data")))
+    return task
+
+
+@pytest.fixture(scope="module")
+def adapter(split, tmp_path_factory) -> Path:
+    """The demo's recipe (configs/train/tiny.yaml: LoRA + pruner + distillation) for 3 steps."""
+    out = tmp_path_factory.mktemp("train")
+    train_json = generate_split(out / "data", split="train", n=16, seed=0)
+    cfg = load_config(
+        TrainConfig,
+        ROOT / "configs" / "train" / "tiny.yaml",
+        [
+            f"data.train_json={train_json}",
+            "data.val_json=null",
+            "data.batch_size=4",
+            f"trainer.out_dir={out / 'run'}",
+            "trainer.max_steps=3",
+            "trainer.val_every_n_steps=0",
+            "trainer.checkpoint_every_n_steps=0",
+            "trainer.logger=none",
+            "trainer.progress_bar=false",
+            "optim.warmup_steps=0",
+        ],
+    )
+    return fit(cfg).export_dir
+
+
+def harness(task_dir: Path, model_args: str, tasks: list[str]) -> dict:
+    """lmms-eval's simple_evaluate with --model tpkit (resolved through the installed entry point)."""
+    tm = TaskManager(include_path=str(task_dir), include_defaults=False)
+    args = f"pretrained={FIXTURE},{model_args},progress=false"
+    return simple_evaluate(
+        model="tpkit",
+        model_args=args,
+        tasks=tasks,
+        task_manager=tm,
+        log_samples=True,
+        bootstrap_iters=0,
+        process_docs_parallel=1,
+    )
+
+
+def answers(res: dict, task: str = "tpkit_synthetic") -> dict[str, str]:
+    return {s["doc"]["id"]: s["filtered_resps"][0] for s in res["samples"][task]}
+
+
+def tpkit_evaluate(split: Path, out: Path, adapter: Path | None = None) -> dict:
+    overrides = [
+        f"data.test_json={split}",
+        f"out_dir={out}",
+        f"model.path={FIXTURE}",
+        "eval.methods=[dense, ours]",
+        "eval.budgets=[]",
+        "eval.grid_samples=0",
+        "eval.progress=false",
+        "speed.enabled=false",
+        "data.eval_batch_size=4",
+    ]
+    if adapter is not None:
+        overrides.append(f"adapter={adapter}")
+    res = evaluate(load_eval_config(EVAL_YAML, overrides))
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    res["answers"] = {m: {p["id"]: p[m] for p in preds} for m in ("dense", "ours")}
+    return res
+
+
+@pytest.fixture(scope="module")
+def reference(split, tmp_path_factory) -> dict:
+    return tpkit_evaluate(split, tmp_path_factory.mktemp("eval"))
+
+
+@pytest.fixture(scope="module")
+def ours(task_dir) -> dict:
+    return harness(
+        task_dir,
+        f"pruning={EVAL_YAML},method=ours,batch_size=4",
+        ["tpkit_synthetic", "tpkit_synthetic_exist_ll"],
+    )
+
+
+def test_the_entry_point_names_the_model():
+    assert get_model("tpkit") is TpkitLMM
+
+
+@pytest.mark.parametrize("method", ["dense", "ours"])
+def test_harness_equals_tpkit_evaluate(method, task_dir, reference, ours):
+    res = (
+        ours
+        if method == "ours"
+        else harness(task_dir, f"pruning={EVAL_YAML},method=dense,batch_size=4", ["tpkit_synthetic"])
+    )
+    got, want = answers(res), reference["answers"][method]
+    assert len(got) == N and got.keys() == want.keys()
+    assert {k: v.strip() for k, v in got.items()} == want  # the same answer to every question
+    acc = res["results"]["tpkit_synthetic"]["exact_match,none"]
+    assert acc == pytest.approx(reference["methods"][method]["accuracy"], abs=1e-9)
+    # and the same normalisation would not change a thing here (lmms-eval: case and punctuation)
+    refs = {s["doc"]["id"]: s["target"] for s in res["samples"]["tpkit_synthetic"]}
+    assert all(
+        (normalize_answer(got[k]) == normalize_answer(refs[k])) == (got[k].strip().lower() == refs[k].lower())
+        for k in got
+    )
+
+
+def test_adapter_through_the_harness(task_dir, adapter, split, tmp_path):
+    want = tpkit_evaluate(split, tmp_path / "eval", adapter)
+    res = harness(task_dir, f"adapter={adapter},method=ours,batch_size=4", ["tpkit_synthetic"])
+    got = {k: v.strip() for k, v in answers(res).items()}
+    assert got == want["answers"]["ours"]
+    assert res["results"]["tpkit_synthetic"]["exact_match,none"] == pytest.approx(
+        want["methods"]["ours"]["accuracy"], abs=1e-9
+    )
+
+
+def test_batch_size_4_gives_the_answers_of_batch_size_1(task_dir, ours):
+    one = harness(task_dir, f"pruning={EVAL_YAML},method=ours,batch_size=1", ["tpkit_synthetic"])
+    assert answers(one) == answers(ours)
+    counts = lambda r: {s["doc"]["id"]: s["token_counts"][0] for s in r["samples"]["tpkit_synthetic"]}  # noqa: E731
+    assert counts(one) == counts(ours)
+
+
+def test_loglikelihood_chooses_what_generation_answers(ours):
+    gen = answers(ours)
+    ll = ours["samples"]["tpkit_synthetic_exist_ll"]
+    assert len(ll) == N // 4
+    sure = 0
+    for s in ll:
+        (nll_yes, _), (nll_no, _) = s["filtered_resps"]
+        choice = "yes" if nll_yes < nll_no else "no"
+        said = yes_no_label(gen[s["doc"]["id"]])
+        if said is not None and abs(nll_yes - nll_no) > 1.0:  # the model is sure
+            sure += 1
+            assert choice == ("yes" if said else "no"), s["doc"]["id"]
+    assert sure >= len(ll) // 2
+    assert ours["results"]["tpkit_synthetic_exist_ll"]["acc,none"] > 0.5
+
+
+def test_token_accounting_in_samples_and_results(ours, reference):
+    samples = ours["samples"]["tpkit_synthetic"]
+    tc = [s["token_counts"][0] for s in samples]
+    assert all(
+        {"input_tokens", "output_tokens", "k1", "k2", "n_visual", "token_layer_fraction"} <= set(t)
+        for t in tc
+    )
+    assert all(
+        t["k1"] < t["n_visual"] and t["k2"] < t["input_tokens"] and 0 < t["token_layer_fraction"] < 1
+        for t in tc
+    )
+    # the same per-sample counts as tpkit evaluate: the same means
+    ref = reference["methods"]["ours"]["tokens"]
+    assert sum(t["k1"] for t in tc) / len(tc) == pytest.approx(ref["k1"]["mean"])
+    assert sum(t["token_layer_fraction"] for t in tc) / len(tc) == pytest.approx(ref["fraction"]["mean"])
+    thr = ours["throughput"]
+    ll = [t for s in ours["samples"]["tpkit_synthetic_exist_ll"] for t in (x for x in s["token_counts"])]
+    assert thr["avg_tpkit_samples"] == len(tc) + len(ll)
+    want = summarise_counts([t | {"n_dense": t["input_tokens"]} for t in tc + ll])
+    for key in ("k1_mean", "k1_p5", "k1_p95", "token_layer_fraction_mean", "k2_p95"):
+        assert thr[f"avg_tpkit_{key}"] == pytest.approx(want[f"tpkit_{key}"])
+
+
+def test_matched_baseline_and_budget(task_dir, ours):
+    res = harness(task_dir, f"pruning={EVAL_YAML},method=random,batch_size=4", ["tpkit_synthetic"])
+    k1 = lambda r: {s["doc"]["id"]: s["token_counts"][0]["k1"] for s in r["samples"]["tpkit_synthetic"]}  # noqa: E731
+    assert k1(res) == k1(ours)  # matched to ours' per-sample counts
+    res = harness(task_dir, f"pruning={EVAL_YAML},method=ours@0.3,batch_size=4,k1=12", ["tpkit_synthetic"])
+    assert set(k1(res).values()) == {12}
+
+
+def test_model_args_are_checked():
+    with pytest.raises(ConfigError, match="unknown key 'pretraind'"):
+        parse_model_args({"pretraind": "x"})
+    with pytest.raises(ValueError, match="known methods"):
+        parse_model_args({"method": "fastvv"})
+    cfg, over = parse_model_args(
+        {"method": "fastv@0.22", "pruning.stage2.layer": 1, "batch_size": 8, "device": None}
+    )
+    assert cfg.batch_size == 8 and over == [("stage2.layer", 1)]
+    with pytest.raises(ConfigError, match="did you mean"):
+        TpkitLMM(pretrained=str(FIXTURE), **{"pruning.stage2.layr": 1})
+
+
+def test_lmms_eval_cli(task_dir, tmp_path):
+    """`python -m lmms_eval --model tpkit ...` writes results with the token accounting."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "tpkit", "--tasks", "tpkit_synthetic",
+           "--model_args", f"pretrained={FIXTURE},pruning={EVAL_YAML},batch_size=4,progress=false",
+           "--include_path", str(task_dir), "--limit", "8", "--output_path", str(out), "--log_samples"]  # fmt: skip
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = [p for p in out.rglob("*results*.json")]
+    assert results, list(out.rglob("*"))
+    data = json.loads(results[0].read_text())
+    assert 0 <= data["results"]["tpkit_synthetic"]["exact_match,none"] <= 1
+    assert 0 < data["throughput"]["avg_tpkit_token_layer_fraction_mean"] < 1
+    samples = [json.loads(line) for p in out.rglob("*samples*.jsonl") for line in p.read_text().splitlines()]
+    assert len(samples) == 8 and "k1" in samples[0]["token_counts"][0]

@@ -1,0 +1,11 @@
+"""tpkit as a model of lmms-eval (0.7.x), the harness token-pruning papers report GQA, MME, POPE,
+TextVQA and MMBench with: ``lmms-eval --model tpkit --model_args pretrained=...,method=ours``.
+
+* :mod:`.plugin` - the entry point (group ``lmms_eval.models``) that names the model ``tpkit``;
+  torch-free, since lmms-eval loads every plug-in whenever it lists its models.
+* :mod:`.config` - ``--model_args`` as a typed :class:`HarnessConfig` (unknown keys fail, naming them).
+* :mod:`.model` - :class:`TpkitLMM`: ``generate_until``, ``loglikelihood`` and
+  ``generate_until_multi_round`` over ragged batches, with per-sample token accounting.
+
+Needs the ``lmms`` extra (``pip install "tpkit[lmms]"``); docs/lmms-eval.md has the commands.
+"""

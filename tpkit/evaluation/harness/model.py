@@ -1,0 +1,532 @@
+"""``--model tpkit``: a pruned (or dense) LLaVA-family model answering lmms-eval's requests.
+
+Requests become LLaVA-JSON-style records (``<image>`` + the task's text as the user turn) and go
+through :class:`tpkit.data.collator.LlavaCollator`, so the prompt is the one ``tpkit evaluate``
+builds for the same question: the family's chat template, left padding, the image placeholder run.
+Batches are ragged: every sample keeps its own k1 and k2 in one forward.
+
+* ``generate_until``: greedy (or sampled, when a task asks) ``generate`` with the pruner in it; the
+  ``until`` strings cut the text afterwards. Each answer carries a :class:`PrunedTokenCounts`, which
+  lmms-eval writes to the logged samples (``token_counts``).
+* ``loglikelihood``: one forward over prompt + continuation with the continuation as answer tokens:
+  the pruner scores the context with the instruction's queries (causal: the continuation never
+  changes which context tokens stay) and never drops a continuation token nor the token before it.
+  Returns lmms-eval's convention, which ``multiple_choice`` takes the argmin of: the mean negative
+  log-likelihood per continuation token, and whether greedy decoding would produce the continuation.
+* ``generate_until_multi_round``: each round's context (a string, or a JSON conversation whose
+  earlier turns become chat history) answered as above, until the task's ``doc_to_text`` ends it.
+
+Token accounting of every answered request is summarised when lmms-eval calls :meth:`TpkitLMM.clean`
+(after the last request, before scoring) into its throughput metrics (``results["throughput"]``:
+``avg_tpkit_<count>_<mean|p5|p95>``), gathered over ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
+from lmms_eval.api.model import lmms
+from lmms_eval.models.model_utils.gen_metrics import log_metrics
+from lmms_eval.utils import simple_parse_args_string
+from tqdm.auto import tqdm
+
+from tpkit.config import ConfigError, from_dict
+from tpkit.data.collator import IGNORE_INDEX, LlavaCollator
+from tpkit.evaluation.config import EvalConfig
+from tpkit.evaluation.harness.config import (
+    apply_pruning_overrides,
+    parse_method,
+    parse_model_args,
+    read_pruning_yaml,
+)
+from tpkit.evaluation.methods import METHODS, MethodSpec, OursStats, method_spec, sweep_spec
+from tpkit.evaluation.runner import load_model_and_processor, prefill_stats
+from tpkit.models.config import ModelConfig
+from tpkit.models.core.attach import set_pruning
+from tpkit.models.core.prefill import next_token_targets
+from tpkit.pruning.config import PruningConfig
+
+__all__ = ["PrunedTokenCounts", "TpkitLMM", "summarise_counts"]
+
+# per-sample counts of the token accounting, as last_stats names them
+COUNTS = ("n_dense", "n_visual", "k1", "n_prompt", "k2", "token_layer_fraction")
+
+
+@dataclass
+class PrunedTokenCounts(TokenCounts):
+    """lmms-eval's per-request token counts plus the pruner's: ``input_tokens`` is the dense prompt
+    (image tokens included), ``k1`` the patches stage 1 kept of ``n_visual``, ``n_prompt`` the prompt
+    after stage 1, ``k2`` the prompt after stage 2, ``token_layer_fraction`` the share of the dense
+    token-layers the prefill ran (1.0 for dense)."""
+
+    n_visual: int | None = None
+    k1: int | None = None
+    n_prompt: int | None = None
+    k2: int | None = None
+    token_layer_fraction: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = super().to_dict()
+        for name in ("n_visual", "k1", "n_prompt", "k2", "token_layer_fraction"):
+            if getattr(self, name) is not None:
+                d[name] = getattr(self, name)
+        return d
+
+
+def summarise_counts(rows: Sequence[dict[str, float]]) -> dict[str, float]:
+    """``{"tpkit_<count>_<mean|p5|p95>": value}`` over per-sample rows of :data:`COUNTS`."""
+    out: dict[str, float] = {"tpkit_samples": float(len(rows))}
+    if not rows:
+        return out
+    for name in COUNTS:
+        v = torch.tensor([float(r[name]) for r in rows], dtype=torch.float64)
+        q = torch.quantile(v, torch.tensor([0.05, 0.95], dtype=torch.float64))
+        out[f"tpkit_{name}_mean"] = float(v.mean())
+        out[f"tpkit_{name}_p5"] = float(q[0])
+        out[f"tpkit_{name}_p95"] = float(q[1])
+    return out
+
+
+def _cut(text: str, until: Sequence[str]) -> str:
+    """``text`` up to the first stop string."""
+    for stop in until:
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text
+
+
+class TpkitLMM(lmms):
+    """lmms-eval model ``tpkit`` (see the module docstring; arguments: :class:`HarnessConfig`)."""
+
+    is_simple = True
+
+    def __init__(self, **model_args: Any) -> None:
+        super().__init__()
+        cfg, overrides = parse_model_args(model_args)
+        self.cfg = cfg
+        self.method, self.budget = parse_method(cfg.method)
+        # ranks: lmms-eval shards the requests itself; each process holds the model on its own device
+        self._rank = int(os.environ.get("RANK", 0))
+        self._world_size = int(os.environ.get("WORLD_SIZE", 1))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        device = cfg.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and self._world_size > 1:
+            device = f"cuda:{local_rank}"
+        self._device = torch.device(device)
+        pruning = PruningConfig()
+        if cfg.pruning is not None:
+            pruning = from_dict(PruningConfig, read_pruning_yaml(cfg.pruning), source=cfg.pruning)
+        ecfg = EvalConfig(
+            model=ModelConfig(
+                path=cfg.pretrained,
+                processor_path=cfg.processor,
+                dtype=cfg.dtype,
+                attn_implementation=cfg.attn_implementation,
+                revision=cfg.revision,
+            ),
+            adapter=cfg.adapter,
+            pruning=pruning,
+        )
+        if cfg.adapter is not None and cfg.pruning is not None:
+            raise ConfigError(
+                "--model_args: pass adapter or pruning, not both (an adapter brings the pruning it was "
+                "trained with; change it with pruning.<key> overrides)"
+            )
+        model, processor, ours = load_model_and_processor(ecfg, self._device)
+        self._model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.ours = apply_pruning_overrides(ours, overrides)
+        set_pruning(model, copy.deepcopy(self.ours))  # checks the overrides against this model
+        self.num_layers = model.config.text_config.num_hidden_layers
+        self._collators = {
+            m: LlavaCollator(processor, max_length=cfg.max_length, mode=m) for m in ("eval", "score")
+        }
+        self._rows: list[dict[str, float]] = []  # token accounting of every answered request
+        self._gen_tokens = 0
+        self._seconds = 0.0
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> TpkitLMM:
+        """``--model_args`` plus lmms-eval's ``--batch_size``/``--device`` (which it always passes:
+        ``--batch_size`` defaults to 1), a key given in ``--model_args`` winning."""
+        args = simple_parse_args_string(arg_string)
+        for key, value in (additional_config or {}).items():
+            if value is not None and key not in args:
+                args[key] = value
+        return cls(**args)
+
+    # ---- what lmms-eval reads ---------------------------------------------------------------
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def batch_size(self) -> int:
+        return self.cfg.batch_size
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    # ---- requests -> records ----------------------------------------------------------------
+    def _doc(self, task: str, split: str, doc_id: int) -> dict:
+        return self.task_dict[task][split][doc_id]
+
+    def _image(self, visuals: Any, where: str):
+        visuals = [v for v in (visuals or []) if v is not None]
+        if len(visuals) != 1 or isinstance(visuals[0], (str, dict)):
+            raise ValueError(
+                f"{where}: --model tpkit takes one image per request (LLaVA-1.5); this one has "
+                f"{len(visuals)} visual(s) of type(s) {sorted({type(v).__name__ for v in visuals})}"
+            )
+        return visuals[0]
+
+    def _record(self, context: str, image: Any, where: str, answer: str | None = None) -> dict:
+        """A LLaVA-JSON record: the image placeholder first (unless the context places it), the
+        context as the user turn, or as a conversation when it is a JSON list of turns."""
+        token = self.processor.image_token
+        turns = _json_turns(context)
+        if turns is None:
+            turns = [{"from": "human", "value": context}]
+        if not any(token in t["value"] for t in turns):
+            turns[0] = {"from": "human", "value": f"{token}\n{turns[0]['value']}"}
+        if answer is not None:
+            turns.append({"from": "gpt", "value": answer})
+        return {"id": where, "image": image, "conversations": turns}
+
+    def _order(self, records: list[dict], keys: Sequence[str] | None = None) -> Iterator[list[int]]:
+        """Batches of record indices: grouped by ``keys`` (generation settings), longest prompts first."""
+        lengths = self._collators["eval"].sequence_lengths(records)
+        keys = keys or [""] * len(records)
+        order = sorted(range(len(records)), key=lambda i: (keys[i], -lengths[i], i))
+        batch: list[int] = []
+        for i in order:
+            if batch and (len(batch) == self.batch_size or keys[batch[0]] != keys[i]):
+                yield batch
+                batch = []
+            batch.append(i)
+        if batch:
+            yield batch
+
+    def _inputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        inputs = {k: batch[k].to(self._device) for k in ("input_ids", "attention_mask", "pixel_values")}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
+        return inputs
+
+    def _progress(self, total: int, desc: str):
+        return tqdm(total=total, desc=desc, disable=not self.cfg.progress or self._rank != 0, leave=False)
+
+    # ---- methods ----------------------------------------------------------------------------
+    def _spec(self, records: list[dict]) -> MethodSpec:
+        """The run of ``method`` over ``records``: matched baselines and budgets get ours' per-sample
+        counts from a prefill-only pass of ours over the same records (evaluate.py's matching)."""
+        stats = None
+        if self.budget is not None or METHODS[self.method].needs_ours:
+            stats = self._ours_stats(records)
+        if self.budget is not None:
+            spec = sweep_spec(
+                self.method,
+                self.budget,
+                self.ours,
+                stats,
+                self.num_layers,
+                self.cfg.fastv_layer,
+                self.cfg.sweep_stage1_factor,
+            )
+        else:
+            spec = method_spec(self.method, self.ours, stats, self.num_layers, self.cfg.fastv_layer)
+        n = len(records)
+        if self.cfg.k1 is not None:
+            spec.stage1_keep = torch.full((n,), self.cfg.k1, dtype=torch.long)
+        if self.cfg.k2 is not None:
+            spec.stage2_keep = torch.full((n,), self.cfg.k2, dtype=torch.long)
+        return spec
+
+    def _ours_stats(self, records: list[dict]) -> OursStats:
+        set_pruning(self._model, copy.deepcopy(self.ours))
+        cols: dict[str, torch.Tensor] = {k: torch.zeros(len(records), dtype=torch.float64) for k in COUNTS}
+        for idx in self._order(records):
+            inputs = self._inputs(self._collators["eval"]([records[i] for i in idx]))
+            with torch.inference_mode():
+                self._model(**inputs, use_cache=False, logits_to_keep=1)
+            st = prefill_stats(self._model, inputs, True)
+            for k in COUNTS:
+                cols[k][idx] = st[k].double()
+        c = {k: v.long() for k, v in cols.items() if k != "token_layer_fraction"}
+        return OursStats(
+            c["n_dense"], c["n_visual"], c["k1"], c["n_prompt"], c["k2"], cols["token_layer_fraction"]
+        )
+
+    def _account(self, st: dict[str, torch.Tensor], j: int, request: str) -> dict[str, float]:
+        row = {k: float(st[k][j]) for k in COUNTS}
+        self._rows.append({**row, "request": request})
+        return row
+
+    # ---- generate_until ---------------------------------------------------------------------
+    def _generate(self, records: list[dict], settings: list[dict]) -> list[GenerationResult]:
+        """Answers to ``records``, each with its generation ``settings`` (lmms-eval's gen_kwargs)."""
+        spec = self._spec(records)
+        set_pruning(self._model, spec.pruning)
+        keys = [json.dumps(s, sort_keys=True, default=str) for s in settings]
+        out: list[GenerationResult | None] = [None] * len(records)
+        tok = self.tokenizer
+        eos = tok.eos_token_id
+        pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+        bar = self._progress(len(records), "tpkit generate")
+        for idx in self._order(records, keys):
+            gen, until = self._generation_kwargs(settings[idx[0]])
+            inputs = self._inputs(self._collators["eval"]([records[i] for i in idx]))
+            start = time.perf_counter()
+            with torch.inference_mode():
+                ids = self._model.generate(
+                    **inputs,
+                    **spec.forced(torch.tensor(idx), self._device),
+                    **gen,
+                    eos_token_id=eos,
+                    pad_token_id=pad,
+                )
+            self._seconds += time.perf_counter() - start
+            new = ids[:, inputs["input_ids"].shape[1] :].cpu()  # (B, new)
+            ended = new == eos
+            # tokens up to the first eos (all of them when none ended)
+            n_new = torch.where(ended.any(dim=1), ended.long().argmax(dim=1), new.shape[1])
+            self._gen_tokens += int(n_new.sum())
+            st = prefill_stats(self._model, inputs, spec.pruning.enabled)
+            texts = tok.batch_decode(new, skip_special_tokens=True)
+            for j, i in enumerate(idx):
+                row = self._account(st, j, "generate_until")
+                counts = PrunedTokenCounts(
+                    input_tokens=int(row["n_dense"]),
+                    output_tokens=int(n_new[j]),
+                    n_visual=int(row["n_visual"]),
+                    k1=int(row["k1"]),
+                    n_prompt=int(row["n_prompt"]),
+                    k2=int(row["k2"]),
+                    token_layer_fraction=row["token_layer_fraction"],
+                )
+                out[i] = GenerationResult(text=_cut(texts[j], until), token_counts=counts)
+            bar.update(len(idx))
+        bar.close()
+        return out  # type: ignore[return-value]
+
+    def _generation_kwargs(self, settings: dict) -> tuple[dict[str, Any], list[str]]:
+        """(generate kwargs, stop strings) from a task's gen_kwargs. Only the arguments tpkit's pruned
+        generate takes: greedy unless the task samples; beams are not supported."""
+        s = dict(settings or {})
+        until = s.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        if int(s.get("num_beams", 1) or 1) != 1:
+            raise ValueError(f"--model tpkit decodes greedily or by sampling: num_beams = {s['num_beams']}")
+        temperature = float(s.get("temperature", 0.0) or 0.0)
+        do_sample = bool(s.get("do_sample", False)) or temperature > 0
+        gen: dict[str, Any] = {
+            "max_new_tokens": int(s.get("max_new_tokens") or self.cfg.max_new_tokens),
+            "do_sample": do_sample,
+        }
+        if do_sample:
+            gen["temperature"] = temperature if temperature > 0 else 1.0
+            if s.get("top_p") is not None:
+                gen["top_p"] = float(s["top_p"])
+            if s.get("top_k") is not None:
+                gen["top_k"] = int(s["top_k"])
+        return gen, until
+
+    def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
+        records, settings = [], []
+        for r in requests:
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = r.args
+            where = f"{task}/{split}/{doc_id}"
+            image = self._image(doc_to_visual(self._doc(task, split, doc_id)), where)
+            records.append(self._record(context, image, where))
+            settings.append(gen_kwargs)
+        return self._generate(records, settings) if records else []
+
+    # ---- loglikelihood ----------------------------------------------------------------------
+    def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
+        """(mean NLL per continuation token, is_greedy) per request, wrapped in a GenerationResult
+        whose ``text`` is that pair: lmms-eval 0.7.3 turns a bare tuple into its string (its
+        unwrap_generation_output keeps only strings, lists of strings and GenerationResult.text),
+        which its multiple_choice scoring cannot read; the wrapper also carries the token counts."""
+        records = []
+        for r in requests:
+            context, target, doc_to_visual, doc_id, task, split = r.args[:6]
+            doc = self._doc(task, split, doc_id)
+            where = f"{task}/{split}/{doc_id}"
+            continuation = target if isinstance(target, str) else str(target(doc))
+            records.append(self._record(context, self._image(doc_to_visual(doc), where), where, continuation))
+        if not records:
+            return []
+        # counts are chosen on the prompts alone, as generation would prune them
+        prompts = [{**r, "conversations": r["conversations"][:-1]} for r in records]
+        spec = self._spec(prompts)
+        set_pruning(self._model, spec.pruning)
+        out: list[GenerationResult | None] = [None] * len(records)
+        bar = self._progress(len(records), "tpkit loglikelihood")
+        for idx in self._order(prompts):
+            batch = self._collators["score"]([records[i] for i in idx])
+            inputs = self._inputs(batch)
+            labels = batch["labels"].to(self._device)  # (B, T): continuation ids, else IGNORE_INDEX
+            answer = batch["answer_mask"].to(self._device)  # (B, T) bool
+            n_keep = int(answer.sum(dim=1).max()) + 1  # the continuation and the token before it
+            start = time.perf_counter()
+            with torch.inference_mode():
+                res = self._model(
+                    **inputs,
+                    answer_mask=answer,
+                    use_cache=False,
+                    logits_to_keep=n_keep,
+                    **spec.forced(torch.tensor(idx), self._device),
+                )
+            self._seconds += time.perf_counter() - start
+            nll, greedy = _continuation_scores(res, inputs["attention_mask"], labels, answer, n_keep)
+            st = prefill_stats(self._model, inputs, spec.pruning.enabled)
+            for j, i in enumerate(idx):
+                row = self._account(st, j, "loglikelihood")
+                counts = PrunedTokenCounts(
+                    input_tokens=int(row["n_dense"]),
+                    n_visual=int(row["n_visual"]),
+                    k1=int(row["k1"]),
+                    n_prompt=int(row["n_prompt"]),
+                    k2=int(row["k2"]),
+                    token_layer_fraction=row["token_layer_fraction"],
+                )
+                out[i] = GenerationResult(text=(float(nll[j]), bool(greedy[j])), token_counts=counts)  # type: ignore[arg-type]
+            bar.update(len(idx))
+        bar.close()
+        return out  # type: ignore[return-value]
+
+    # ---- multi-round ------------------------------------------------------------------------
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[list[str]]:
+        """Per request, the answers of every round: round 0 answers the request's context; each later
+        round's (visuals, context, terminal, outputs, info) comes from the task's ``doc_to_text``."""
+        states = []
+        for r in requests:
+            context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = r.args
+            doc = self._doc(task, split, doc_id)
+            states.append(
+                {
+                    "where": f"{task}/{split}/{doc_id}",
+                    "doc": doc,
+                    "next": doc_to_text,
+                    "context": context,
+                    "visuals": doc_to_visual(doc),
+                    "settings": {k: v for k, v in (gen_kwargs or {}).items() if k != "until"},
+                    "outputs": [],
+                    "info": None,
+                    "done": False,
+                }
+            )
+        round_idx = 0
+        while True:
+            if round_idx > 0:
+                for s in states:
+                    if s["done"]:
+                        continue
+                    payload = s["next"](
+                        s["doc"],
+                        previous_output=s["outputs"],
+                        round_idx=round_idx,
+                        previous_round_info=s["info"],
+                    )
+                    if isinstance(payload, tuple) and len(payload) == 5:
+                        visuals, context, terminal, outputs, s["info"] = payload
+                        if outputs is not None:
+                            s["outputs"] = list(outputs)
+                        s["done"] = bool(terminal)
+                        s["visuals"] = visuals if visuals is not None else s["visuals"]
+                        s["context"] = context if context is not None else s["context"]
+                    elif isinstance(payload, str):
+                        s["context"] = payload
+                    else:
+                        s["done"] = True
+            active = [s for s in states if not s["done"]]
+            if not active:
+                break
+            records = [
+                self._record(
+                    s["context"], self._image(s["visuals"], f"{s['where']} round {round_idx}"), s["where"]
+                )
+                for s in active
+            ]
+            answers = self._generate(records, [s["settings"] for s in active])
+            for s, a in zip(active, answers):
+                s["outputs"].append(a.text)
+            round_idx += 1
+        return [list(s["outputs"]) for s in states]
+
+    # ---- end of the run ---------------------------------------------------------------------
+    def token_summary(self) -> dict[str, float]:
+        """:func:`summarise_counts` over every request answered so far (all ranks when distributed)."""
+        rows = self._rows
+        if self._world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[list[dict] | None] = [None] * self._world_size
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in (part or [])]
+        return summarise_counts(rows)
+
+    def clean(self) -> None:
+        """lmms-eval calls this once the model has answered every request: the token accounting
+        goes into its throughput metrics (``results["throughput"]``), then the model is freed."""
+        summary = self.token_summary()
+        speed = self._gen_tokens / self._seconds if self._seconds > 0 else 0.0
+        log_metrics(self._seconds, self._gen_tokens, speed, additional_metrics=summary)
+        super().clean()
+
+
+def _json_turns(context: str) -> list[dict[str, str]] | None:
+    """A context that is a JSON list of turns (``{"value": ...}``, alternating user/assistant) ->
+    LLaVA-JSON turns; any other context -> None."""
+    if not context.lstrip().startswith("["):
+        return None
+    try:
+        items = json.loads(context)
+    except json.JSONDecodeError:
+        return None
+    if (
+        not isinstance(items, list)
+        or not items
+        or not all(isinstance(t, dict) and "value" in t for t in items)
+    ):
+        return None
+    return [{"from": "human" if k % 2 == 0 else "gpt", "value": str(t["value"])} for k, t in enumerate(items)]
+
+
+def _continuation_scores(
+    res: Any, attention_mask: torch.Tensor, labels: torch.Tensor, answer: torch.Tensor, n_keep: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean NLL per continuation token (B,), greedy (B,) bool) from a forward that kept the logits of
+    the last ``n_keep`` positions; ``res.kept_index`` maps them to input positions (pruned or not)."""
+    logits = res.logits.float()  # (B, n_keep, V)
+    kept = getattr(res, "kept_index", None)
+    if kept is None or kept.shape[1] < n_keep:  # a stock forward with logits_to_keep: every position
+        b, t = attention_mask.shape
+        kept = torch.arange(t, device=logits.device).expand(b, t).masked_fill(attention_mask == 0, -1)
+    target = next_token_targets(labels, kept[:, -n_keep:])  # (B, n_keep): the token each position predicts
+    valid = target != IGNORE_INDEX
+    n = valid.sum(dim=1)
+    if not torch.equal(n, answer.sum(dim=1)):
+        raise RuntimeError(f"continuation tokens scored {n.tolist()} != given {answer.sum(dim=1).tolist()}")
+    logp = F.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0)[..., None])[..., 0]  # (B, n_keep)
+    nll = -(logp * valid).sum(dim=1) / n.clamp(min=1)
+    greedy = ((logits.argmax(dim=-1) == target) | ~valid).all(dim=1)
+    return nll.cpu(), greedy.cpu()

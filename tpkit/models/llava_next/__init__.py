@@ -1,0 +1,1 @@
+"""LLaVA-NeXT and LLaVA-OneVision (any-res images, newline tokens, video frames): the family adapter."""
