@@ -37,7 +37,7 @@ from transformers import LlavaForConditionalGeneration
 
 from tpkit.data.processor import build_image_processor, clip_image_processor_class
 from tpkit.evaluation.retention import COVERED, patch_coverage
-from tpkit.models.families import stage1_scores
+from tpkit.models.families import family_of, stage1_scores
 from tpkit.pruning.config import Stage1Config
 from tpkit.pruning.stage1 import select_patches
 
@@ -252,7 +252,8 @@ def run_premise(
         "n": len(records),
         "covered_threshold": COVERED,
         "stage1": {
-            "score": cfg.score,
+            # the score in use: null in the config is the family's default (cosine with a CLS token)
+            "score": cfg.score if model is None else family_of(model).score_kind(model, cfg),
             "selector": cfg.selector,
             "min_keep": cfg.min_keep,
             "max_keep": cfg.max_keep,
