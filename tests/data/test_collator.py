@@ -276,3 +276,19 @@ def test_eval_record_ending_with_a_question_is_rendered_whole(processor, records
     assert batch["answers"] == ["red"]  # the first answer, as for any eval record
     first = coll([{**rec, "conversations": rec["conversations"][:2]}])  # q1, a1: the prompt of a1 only
     assert int(first["attention_mask"][0].sum()) < int(batch["attention_mask"][0].sum())
+
+
+def test_a_truncated_image_fails_even_where_a_library_allowed_truncated_images(
+    processor, records, monkeypatch
+):
+    """PIL's LOAD_TRUNCATED_IMAGES is process-wide and lmms-eval turns it on when imported: the
+    collator still refuses a cut file instead of decoding it padded with grey."""
+    from PIL import ImageFile
+
+    from tpkit.data.errors import LlavaDataError
+
+    truncate_image(__import__("pathlib").Path(records[0]["image_path"]))
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(LlavaDataError, match="image file is truncated"):
+        LlavaCollator(processor)(records)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # given back as it was

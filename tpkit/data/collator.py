@@ -21,8 +21,9 @@ record from the batch and lists it in ``batch["skipped"]`` (a batch may then be 
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -292,7 +293,7 @@ class LlavaCollator:
             return image.convert("RGB")
         path = self._image_path(record)
         try:
-            with Image.open(path) as im:
+            with strict_decoding(), Image.open(path) as im:
                 return im.convert("RGB")  # decodes the whole image: a truncated file fails here
         except Exception as e:  # PIL raises many types for corrupt files
             raise _Dropped(f"cannot read image {path}: {type(e).__name__}: {e}") from None
@@ -372,6 +373,21 @@ class LlavaCollator:
 
 class _Dropped(Exception):
     """Internal: one record of a batch cannot be collated (reason in args[0])."""
+
+
+@contextlib.contextmanager
+def strict_decoding() -> Iterator[None]:
+    """Inside the block a truncated image file fails to decode, whatever the process set: PIL's
+    ``ImageFile.LOAD_TRUNCATED_IMAGES`` is a global that other libraries turn on (lmms-eval does on
+    import), after which a cut file decodes silently, padded with grey."""
+    from PIL import ImageFile
+
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
 
 
 def _first_answer(record: dict[str, Any], required: bool = True) -> str | None:

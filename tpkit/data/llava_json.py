@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tpkit.data.collator import LlavaCollator
+from tpkit.data.collator import LlavaCollator, strict_decoding
 from tpkit.data.errors import LlavaDataError, RecordError
 
 if TYPE_CHECKING:  # `datasets` is imported lazily: the GPU machine does not have it
@@ -145,7 +145,7 @@ def _check_image(image: Any, folder: Path, check: str, confine: bool = False) ->
         from PIL import Image
 
         try:
-            with Image.open(path) as im:
+            with strict_decoding(), Image.open(path) as im:
                 if check == "decode":
                     im.load()
         except Exception as e:  # PIL raises many types for corrupt files
