@@ -7,7 +7,8 @@ shape (35 text + 576 visual + 29 text = 640 tokens), a small CLIP tower, a 512-d
 Both methods run transformers' ``generate`` for exactly ``--new-tokens`` greedy tokens (no eos); ours
 prunes the prefill (stage 1 keeps 1.5 x 22% of the prompt, stage 2 at layer 2 brings the token-layer
 fraction to 22%) and then decodes on its shorter cache. Decode tokens/s = batch x new tokens over
-the time of generate(1 + N) minus generate(1); calls are interleaved and the medians compared.
+the time from the first new token to the last (noted by a stopping criterion inside one generate call);
+calls are interleaved and the medians compared.
 The last line is the headline.
 """
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Speed of ours at a 22% token-layer fraction vs dense, side by side in each run, on a LLaVA-1.5-7B-shaped
 # model with random weights (CLIP-L/336 tower, 576 visual tokens, 4096-d 32-layer Llama), bf16, sdpa:
-# prefill latency, time to first token, decode tokens/s over DECODE new tokens, peak memory.
+# prefill latency (end to end, and the language model's alone: the visual encoder's time, measured
+# apart, taken off both), time to first token, decode tokens/s over DECODE new tokens, peak memory.
 #
 #   OUT=/some/dir bash scripts/gpu_speed.sh          # writes $OUT/<run>/speed.json, $OUT/log.txt
 #
@@ -49,15 +50,16 @@ RUNS=${RUNS:-"16:eager 1:eager 1:reduce-overhead"}
   "$PY" - "$OUT" $RUNS <<'EOF'
 import json, sys
 out, runs = sys.argv[1], sys.argv[2:]
-print("| batch | mode | prefill ms dense -> ours | prefill | TTFT | decode tok/s dense -> ours | decode |")
-print("|---|---|---|---|---|---|---|")
+print("| batch | mode | prefill ms dense -> ours | prefill | LM prefill | vision ms | TTFT | decode tok/s dense -> ours | decode |")
+print("|---|---|---|---|---|---|---|---|---|")
 for run in runs:
     batch, mode = run.split(":")
     r = json.load(open(f"{out}/b{batch}_{mode}/speed.json"))
     d, o = r["speed"]["dense"], r["speed"][next(k for k in r["speed"] if k != "dense")]
     fmt = lambda x, f: "–" if x is None else format(x, f)
     print(f"| {batch} | {mode} | {d['prefill']['median_ms']:.1f} -> {o['prefill']['median_ms']:.1f} | "
-          f"{o['prefill_speedup']:.2f}x | {fmt(o.get('ttft_speedup'), '.2f')}x | "
+          f"{o['prefill_speedup']:.2f}x | {fmt(r.get('lm_prefill_speedup'), '.2f')}x | {fmt(r.get('vision_ms'), '.1f')} | "
+          f"{fmt(o.get('ttft_speedup'), '.2f')}x | "
           f"{fmt(d.get('decode_tokens_per_s'), '.0f')} -> {fmt(o.get('decode_tokens_per_s'), '.0f')} | "
           f"{fmt(o.get('decode_speedup'), '.2f')}x |")
 EOF

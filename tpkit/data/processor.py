@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import transformers
-from transformers import LlavaNextProcessor, LlavaProcessor, PreTrainedTokenizerFast
+from transformers import LlavaProcessor, PreTrainedTokenizerFast
 
 PAD, BOS, EOS, IMAGE, UNK = "<pad>", "<s>", "</s>", "<image>", "<unk>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, IMAGE, UNK]  # ids 0, 1, 2, 3, 4 (in this order)
@@ -178,7 +178,7 @@ def build_next_processor(
     pinpoints: list[list[int]] | None = None,
     corpus: Iterable[str] | None = None,
     vocab_size: int = 512,
-) -> LlavaNextProcessor:
+) -> Any:
     """An offline ``LlavaNextProcessor`` (any-res crops of ``image_size`` on the ``pinpoints`` grid,
     default 1x2, 2x1, 2x2) with the same tokenizer and chat template as :func:`build_processor`; it
     matches :func:`tpkit.models.llava_next.tiny.tiny_next_config`."""
@@ -194,7 +194,7 @@ def build_next_processor(
         image_mean=OPENAI_CLIP_MEAN,
         image_std=OPENAI_CLIP_STD,
     )
-    return LlavaNextProcessor(
+    return transformers.LlavaNextProcessor(
         image_processor=image_processor,
         tokenizer=train_tokenizer(corpus or [], vocab_size=vocab_size),
         patch_size=patch_size,

@@ -26,6 +26,7 @@ Measured (2-core CPU, 2026-11-26): pixel control on that test split keeps 47.0% 
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from transformers import LlavaForConditionalGeneration
+from transformers import AutoImageProcessor
 
-from tpkit.data.processor import build_image_processor, clip_image_processor_class
+from tpkit.data.processor import build_image_processor
 from tpkit.evaluation.retention import COVERED, patch_coverage
-from tpkit.models.families import family_of, stage1_scores
+from tpkit.models.families import family_of
+from tpkit.models.loading import load_pretrained
 from tpkit.pruning.config import Stage1Config
 from tpkit.pruning.stage1 import select_patches
 
@@ -90,8 +92,9 @@ def chroma_scores(images: np.ndarray, patch_size: int) -> np.ndarray:
 
 
 def tower_scores(model: torch.nn.Module, pixel_values: torch.Tensor, cfg: Stage1Config) -> torch.Tensor:
-    """The stage-1 score of every patch (B, P), computed by the pruner itself (one code path)."""
-    return stage1_scores(model, pixel_values, cfg)
+    """The stage-1 score of every patch (B, P) of one square view per image (B, 3, S, S), computed by
+    the pruner's own code for the model's family."""
+    return family_of(model).view_scores(model, pixel_values, cfg)
 
 
 def premise_stats(
@@ -182,12 +185,19 @@ def plot_curves(
 
 
 def _load_model(model_dir: str | Path, device: str) -> tuple[torch.nn.Module, Any]:
-    model = LlavaForConditionalGeneration.from_pretrained(str(model_dir)).to(device).eval()
+    model = load_pretrained(model_dir, dtype="float32", device=device)
     try:
-        image_processor = clip_image_processor_class().from_pretrained(str(model_dir))
-    except OSError:  # a bare model directory (no processor saved): the kit's default preprocessing
+        image_processor = AutoImageProcessor.from_pretrained(str(model_dir))
+    except (OSError, ValueError):  # a bare model directory (no processor saved): the kit's default
         image_processor = build_image_processor(model.config.vision_config.image_size)
     return model, image_processor
+
+
+def _base_views(image_processor: Any, images: list) -> torch.Tensor:
+    """One square view per image (B, 3, S, S): the processed image, or an any-res processor's base
+    view (its first; the crops that follow are left out of the premise)."""
+    px = image_processor(images=images, return_tensors="pt")["pixel_values"]
+    return px[:, 0] if px.dim() == 5 else px
 
 
 def run_premise(
@@ -212,6 +222,8 @@ def run_premise(
     model = image_processor = None
     if model_dir is not None:
         model, image_processor = _load_model(model_dir, device)
+        cfg = copy.copy(cfg)
+        cfg.score = family_of(model).score_kind(model, cfg)  # the family's default, named
         vc = model.config.vision_config
         size, patch_size = vc.image_size, vc.patch_size
     model_scores, pixel_scores, coverage = [], [], []
@@ -243,7 +255,7 @@ def run_premise(
             coverage.append(patch_coverage(np.rint(boxes).astype(int), size, patch_size))
         pixel_scores.append(chroma_scores(np.stack(arrays), patch_size))
         if model is not None:
-            px = image_processor(images=pil, return_tensors="pt")["pixel_values"].to(device)
+            px = _base_views(image_processor, pil).to(device)
             model_scores.append(tower_scores(model, px, cfg).float().cpu().numpy())
     cov = np.stack(coverage)  # (n, P)
     report: dict[str, Any] = {
@@ -252,8 +264,7 @@ def run_premise(
         "n": len(records),
         "covered_threshold": COVERED,
         "stage1": {
-            # the score in use: null in the config is the family's default (cosine with a CLS token)
-            "score": cfg.score if model is None else family_of(model).score_kind(model, cfg),
+            "score": cfg.score,
             "selector": cfg.selector,
             "min_keep": cfg.min_keep,
             "max_keep": cfg.max_keep,

@@ -143,3 +143,19 @@ def test_cls_baselines_are_refused_up_front_on_a_siglip_tower():
     with pytest.raises(ValueError, match=r"\['topk-cls', 'prumerge-iqr'\] .*\(methods that apply: dense"):
         check_methods(family_of(model), model, ["dense", "ours", "topk-cls", "prumerge-iqr"])
     check_methods(family_of(model), model, ["dense", "ours", "random", "fastv"])
+
+
+@pytest.mark.parametrize("kind", ["next", "ov"])
+def test_premise_report_runs_on_the_base_view_of_any_res_towers(processor, kind, tmp_path):
+    from tests.models.llava_next.test_family import build
+    from tpkit.synthetic.premise import format_report, run_premise
+    from tpkit.synthetic.splits import generate_split
+
+    data = generate_split(str(tmp_path / "data"), split="test", n=4, seed=2)
+    build(kind).save_pretrained(tmp_path / "m")
+    if kind == "next":
+        processor.save_pretrained(tmp_path / "m")  # OneVision's: the kit's default preprocessing
+    report = run_premise(data, tmp_path / "m", n=4, batch_size=2)
+    m = report["model_score"]
+    assert m["n_images"] == 4 and m["n_patches"] == 16 and len(m["k"]) == 4
+    assert f"model ({'cosine' if kind == 'next' else 'cosine_mean'})" in format_report(report)

@@ -53,6 +53,7 @@ from tpkit.evaluation.runner import load_model_and_processor, prefill_stats
 from tpkit.models.config import ModelConfig
 from tpkit.models.core.attach import set_pruning
 from tpkit.models.core.prefill import next_token_targets
+from tpkit.models.families import device_inputs
 from tpkit.pruning.config import PruningConfig
 
 __all__ = ["PrunedTokenCounts", "TpkitLMM", "summarise_counts"]
@@ -229,9 +230,7 @@ class TpkitLMM(lmms):
             yield batch
 
     def _inputs(self, batch: dict) -> dict[str, torch.Tensor]:
-        inputs = {k: batch[k].to(self._device) for k in ("input_ids", "attention_mask", "pixel_values")}
-        inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
-        return inputs
+        return device_inputs(self._model, batch, self._device)
 
     def _progress(self, total: int, desc: str):
         return tqdm(total=total, desc=desc, disable=not self.cfg.progress or self._rank != 0, leave=False)

@@ -147,6 +147,11 @@ class Family:
         """The stage-1 score of every patch, as :meth:`encode` computes it."""
         raise NotImplementedError
 
+    def view_scores(self, model: nn.Module, pixel_values: torch.Tensor, stage1: Any) -> torch.Tensor:
+        """Stage-1 scores (B, P) of one square view per image, pixel_values (B, 3, S, S) at the tower's
+        input size: the premise report's input (a patch grid per image)."""
+        return self.stage1_scores(model, {"pixel_values": pixel_values}, stage1)
+
     def position_ids(
         self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: dict[str, Any]
     ) -> torch.Tensor:

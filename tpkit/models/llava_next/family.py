@@ -260,6 +260,13 @@ class LlavaNextFamily(Family):
         with torch.no_grad():
             return self._scores(model, self._tower(model, self._pixels(model, visual, crops)), stage1)
 
+    def view_scores(self, model: nn.Module, pixel_values: torch.Tensor, stage1: Any) -> torch.Tensor:
+        with torch.no_grad():
+            s = self._scores(model, self._tower(model, pixel_values), stage1)
+        return (
+            s[:, 1:] if self.has_cls(model) and model.config.vision_feature_select_strategy == "full" else s
+        )
+
     # ---- speed runs -----------------------------------------------------------------------------
     def image_token_count(self, model: nn.Module, size: tuple[int, int], base_only: bool = False) -> int:
         """Placeholders one image of ``size`` (height, width) takes (the packing run on one channel);
