@@ -152,6 +152,23 @@ class _PrunedMixin:
             kwargs[CACHE_FIELD] = PrunedCache(config=family.language_model(self).config, static_extra=static)
         return super().generate(*args, **kwargs)
 
+    def _expand_inputs_for_generation(
+        self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs
+    ):
+        # beams / num_return_sequences: inputs packed across the batch (Qwen's patches) expand per sample
+        family = getattr(self, "_tp_family", None)
+        keys = family.packed_visual_keys if family is not None and _active(self) and expand_size > 1 else ()
+        packed = {k: model_kwargs.pop(k) for k in keys if model_kwargs.get(k) is not None}
+        out_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size,
+            is_encoder_decoder=is_encoder_decoder,
+            input_ids=input_ids,
+            **model_kwargs,
+        )
+        if packed:
+            model_kwargs.update(family.expand_packed(self, input_ids, packed, expand_size))
+        return out_ids, model_kwargs
+
     def _supports_mm_encoder_outputs(self) -> bool:
         # stage 1 needs the tower's hidden states: generate must not encode the images ahead of the prefill
         return not _active(self) and super()._supports_mm_encoder_outputs()

@@ -81,6 +81,9 @@ class Family:
     name = "family"
     classes: tuple[str, ...] = ()  # model class names this family handles
     visual_keys: tuple[str, ...] = ("pixel_values",)  # forward arguments that carry the visual inputs
+    # visual inputs packed across the batch (rows are patches or images, not samples): a pruned
+    # generate expands them for beams / num_return_sequences with expand_packed, not a per-row repeat
+    packed_visual_keys: tuple[str, ...] = ()
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ in self.classes
@@ -162,6 +165,13 @@ class Family:
     def decode_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """Position ids of decoded tokens from their 1-D positions (B, q) (text: every axis the same)."""
         return positions
+
+    def expand_packed(
+        self, model: nn.Module, input_ids: torch.Tensor, packed: dict[str, torch.Tensor], expand_size: int
+    ) -> dict[str, torch.Tensor]:
+        """``packed`` (the ``packed_visual_keys`` given) for ``input_ids`` (B, T) repeated ``expand_size``
+        times per sample (``repeat_interleave`` order: sample 0's copies first)."""
+        raise NotImplementedError
 
     def random_prompt(
         self,

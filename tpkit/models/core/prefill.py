@@ -77,7 +77,7 @@ def layer_call(layer, h, mask, cos, sin, pos, cache, cache_kw):
     out = layer(
         h,
         attention_mask=mask,
-        position_ids=pos,
+        position_ids=pos if pos.dim() == 2 else None,  # M-RoPE (R, B, T): none, as stock text models pass
         position_embeddings=(cos, sin),
         use_cache=cache is not None,
         **kw,
