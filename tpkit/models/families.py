@@ -11,11 +11,12 @@ from tpkit.models.core.attach import attach, pruning_config, unwrap
 from tpkit.models.core.family import Family
 from tpkit.models.llava.family import LlavaFamily
 from tpkit.models.llava_next.family import LlavaNextFamily, LlavaOnevisionFamily
+from tpkit.models.qwen2_vl.family import Qwen2VLFamily
 from tpkit.pruning.config import PruningConfig
 
 __all__ = ["FAMILIES", "family_of", "attach_pruner", "stage1_scores", "model_inputs", "device_inputs"]
 
-FAMILIES: tuple[Family, ...] = (LlavaFamily(), LlavaNextFamily(), LlavaOnevisionFamily())
+FAMILIES: tuple[Family, ...] = (LlavaFamily(), LlavaNextFamily(), LlavaOnevisionFamily(), Qwen2VLFamily())
 
 
 def family_of(model: nn.Module) -> Family:

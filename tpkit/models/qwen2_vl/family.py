@@ -1,0 +1,339 @@
+"""Qwen2-VL and Qwen2.5-VL (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``):
+images and videos at their own resolution, a ViT without CLS whose merger turns each 2x2 block of
+patches into one LM token (a merged unit), and 3-D M-RoPE positions (temporal, height, width).
+
+* **Tokens**: every ``<|image_pad|>`` / ``<|video_pad|>`` placeholder is one merged unit; an image's
+  units run row-major over its merged grid, a video's frame after frame.
+* **Stage 1** runs the tower once, as stock does (``get_image_features`` / ``get_video_features``),
+  scores every unit (:mod:`tpkit.models.qwen2_vl.tower`; default ``cosine_mean``) and cuts each image
+  or video at its knee (``stage1.groups: view``: each video frame apart) with
+  :func:`tpkit.models.core.visual.select_visual`; the kept units' embeddings are stock's, unchanged.
+* **Positions**: stock's M-RoPE ids of the unpruned prompt (``get_rope_index``), (3, B, T); every kept
+  token keeps its (t, h, w) ids through both stages, and decoding continues from the prompt's largest
+  id + 1 on all three axes, as stock's ``rope_deltas`` make it.
+* **Rotary**: the text model's ``rotary_emb`` returns cos/sin with the three sections already merged
+  (B, T, d), which the decoder layers apply as Llama does; stage 2 rotates its q/k the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tpkit.models.core.family import Family, Visual, llama_rotate, random_text
+from tpkit.models.core.visual import VisualTokens, select_visual
+from tpkit.models.qwen2_vl.tiny import IMAGE_SIZE_ATTR
+from tpkit.models.qwen2_vl.tower import run_tower, unit_scores
+
+__all__ = ["Qwen2VLFamily", "DEFAULT_IMAGE_SIZE", "token_type_ids"]
+
+# random_prompt's image side without a tpkit config attribute: 1036 = 74 patches of 14 -> 37 x 37 units
+DEFAULT_IMAGE_SIZE = 1036
+
+_KINDS = (  # (what, pixel key, grid key, token-id config key, mm_token_type)
+    ("image", "pixel_values", "image_grid_thw", "image_token_id", 1),
+    ("video", "pixel_values_videos", "video_grid_thw", "video_token_id", 2),
+)
+
+
+def token_type_ids(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) int: 0 text, 1 image placeholder, 2 video placeholder (what the processor returns as
+    ``mm_token_type_ids``)."""
+    cfg = model.config
+    out = torch.zeros_like(input_ids, dtype=torch.int32)
+    out = out.masked_fill(input_ids == cfg.image_token_id, 1)
+    return out.masked_fill(input_ids == cfg.video_token_id, 2)
+
+
+def qwen_rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qpos: torch.Tensor):
+    """Stage 2's rotary for Qwen's M-RoPE: the text model's ``rotary_emb`` gives (B, T, d) cos/sin with
+    the (t, h, w) sections merged, applied as Llama's. Raises on per-axis (3, B, T, d) tables."""
+    if cos.dim() != 3:
+        raise ValueError(
+            f"Qwen2-VL stage 2 expects rotary cos/sin of shape (B, T, d) with the M-RoPE sections merged, "
+            f"got {tuple(cos.shape)}: this transformers version lays them out differently"
+        )
+    return llama_rotate(q, k, cos, sin, qpos)
+
+
+class Qwen2VLFamily(Family):
+    name = "qwen2_vl"
+    classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    visual_keys = (
+        "pixel_values",
+        "image_grid_thw",
+        "pixel_values_videos",
+        "video_grid_thw",
+        "second_per_grid_ts",  # Qwen2.5-VL videos: seconds per temporal patch (temporal position ids)
+        "mm_token_type_ids",  # stock's M-RoPE needs it; derived from input_ids when absent
+    )
+    packed_visual_keys = (
+        "pixel_values",
+        "image_grid_thw",
+        "pixel_values_videos",
+        "video_grid_thw",
+        "second_per_grid_ts",
+    )
+    rotate = staticmethod(qwen_rotate)
+
+    def check(self, model: nn.Module) -> None:
+        name = type(model).__name__
+        needed = [
+            "model.visual",
+            "model.visual.merger",
+            "model.visual.blocks",
+            "model.language_model.layers",
+            "model.language_model.embed_tokens",
+            "model.language_model.norm",
+            "model.language_model.rotary_emb",
+            "model.get_rope_index",
+            "model.get_image_features",
+            "model.get_video_features",
+            "lm_head",
+            "config.image_token_id",
+            "config.video_token_id",
+            "config.vision_config",
+        ]
+        for path in needed:
+            obj = model
+            for part in path.split("."):
+                obj = getattr(obj, part, None)
+                if obj is None:
+                    raise ValueError(
+                        f"{name} is not Qwen2-VL-like: it has no '{path}' (expected a Qwen2(.5)-VL model with "
+                        "model.visual, model.language_model and lm_head)"
+                    )
+        attn = model.model.language_model.layers[0].self_attn
+        for part in ("q_proj", "k_proj"):
+            if not hasattr(attn, part):
+                raise ValueError(f"{name} is not Qwen2-VL-like: decoder attention has no '{part}'")
+
+    def has_cls(self, model: nn.Module) -> bool:
+        return False
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return model.model.language_model
+
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        return model.model.visual
+
+    def placeholder_ids(self, model: nn.Module) -> tuple[int, ...]:
+        return (int(model.config.image_token_id), int(model.config.video_token_id))
+
+    def has_visual(self, visual: dict[str, Any]) -> bool:
+        return visual.get("pixel_values") is not None or visual.get("pixel_values_videos") is not None
+
+    # ------------------------------------------------------------------------------------------
+    # stage 1
+
+    def _grid(self, model: nn.Module, visual: dict[str, Any], pix_key: str, grid_key: str) -> torch.Tensor:
+        """The (n, 3) grid of a kind, checked against its pixel rows and the merge size."""
+        grid = visual.get(grid_key)
+        pixels = visual[pix_key]
+        if grid is None:
+            raise ValueError(
+                f"{pix_key} is given but {grid_key} is not: pass the processor's {grid_key} (n, 3) with it"
+            )
+        grid = torch.as_tensor(grid)
+        if grid.dim() != 2 or grid.shape[1] != 3:
+            raise ValueError(f"{grid_key} must be (n, 3) rows of (t, h, w) patches, got {tuple(grid.shape)}")
+        vc = model.config.vision_config
+        merge = vc.spatial_merge_size
+        rows = grid.tolist()
+        bad = [r for r in rows if r[1] % merge or r[2] % merge or min(r) < 1]
+        if bad:
+            raise ValueError(
+                f"{grid_key} row {bad[0]}: h and w must be positive multiples of spatial_merge_size = {merge}"
+            )
+        n_patches = sum(t * h * w for t, h, w in rows)
+        width = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+        if pixels.dim() != 2 or pixels.shape[0] != n_patches or pixels.shape[1] != width:
+            raise ValueError(
+                f"{pix_key} is {tuple(pixels.shape)} but {grid_key} gives {n_patches} patches of "
+                f"{width} values (channels x temporal_patch_size x patch_size^2): pass the processor's "
+                "flattened patches with their grid"
+            )
+        return grid
+
+    def _kind_tokens(
+        self,
+        model: nn.Module,
+        visual: dict[str, Any],
+        stage1: Any,
+        what: str,
+        pix_key: str,
+        grid_key: str,
+        tok_key: str,
+    ) -> tuple[VisualTokens, torch.Tensor]:
+        grid = self._grid(model, visual, pix_key, grid_key).to(visual[pix_key].device)
+        kind = self.score_kind(model, stage1)
+        run = run_tower(
+            model, visual[pix_key], grid, what == "video", stage1.enabled and kind == "attn_received"
+        )
+        device = run.embeds.device
+        merge = model.config.vision_config.spatial_merge_size
+        seed_offset = 0 if what == "image" else 1
+        if stage1.enabled:
+            scores = unit_scores(model, run, grid, kind, stage1.seed + seed_offset)
+        else:
+            scores = torch.zeros(run.embeds.shape[0], device=device)
+        items, frames, rows, cols = [], [], [], []
+        frame_base = 0
+        for i, (t, h, w) in enumerate(grid.tolist()):
+            gh, gw = h // merge, w // merge
+            f = torch.arange(t, device=device).repeat_interleave(gh * gw)
+            rc = torch.arange(gh * gw, device=device).repeat(t)
+            items.append(torch.full_like(f, i))
+            frames.append(f + frame_base)
+            rows.append(rc // gw)
+            cols.append(rc % gw)
+            frame_base += t
+        item, frame = torch.cat(items), torch.cat(frames)
+        group = frame if stage1.groups == "view" else item
+        tokens = VisualTokens(
+            token_id=int(getattr(model.config, tok_key)),
+            embeds=run.embeds,
+            scores=scores,
+            group=group,
+            content=torch.ones_like(item, dtype=torch.bool),
+            row=torch.full_like(item, -1),
+            coords=torch.stack([frame, torch.cat(rows), torch.cat(cols)], dim=-1),
+            what=what,
+        )
+        return tokens, scores
+
+    def _check_placeholders(self, model: nn.Module, input_ids: torch.Tensor, visual: dict[str, Any]) -> None:
+        counts = torch.stack([(input_ids == getattr(model.config, k[3])).sum() for k in _KINDS]).tolist()
+        for (what, pix_key, *_), n in zip(_KINDS, counts):
+            if n and visual.get(pix_key) is None:
+                raise ValueError(
+                    f"the prompts hold {n} {what} placeholders but no {pix_key} is given: pass the {what} "
+                    f"inputs ({pix_key} and its grid) that the processor made with input_ids"
+                )
+
+    def encode(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        visual: dict[str, Any],
+        stage1: Any,
+        stage1_keep: torch.Tensor | None = None,
+    ) -> Visual:
+        self._check_placeholders(model, input_ids, visual)
+        kinds = []
+        for what, pix_key, grid_key, tok_key, _ in _KINDS:
+            if visual.get(pix_key) is not None:
+                kinds.append(self._kind_tokens(model, visual, stage1, what, pix_key, grid_key, tok_key)[0])
+        return select_visual(input_ids, kinds, stage1, stage1_keep)
+
+    def stage1_scores(self, model: nn.Module, visual: dict[str, Any], stage1: Any) -> list[torch.Tensor]:
+        """The stage-1 score of every merged unit: one (t, h/merge, w/merge) grid per image, then per video."""
+        merge = model.config.vision_config.spatial_merge_size
+        out = []
+        with torch.no_grad():
+            for what, pix_key, grid_key, tok_key, _ in _KINDS:
+                if visual.get(pix_key) is None:
+                    continue
+                _, scores = self._kind_tokens(model, visual, stage1, what, pix_key, grid_key, tok_key)
+                grid = torch.as_tensor(visual[grid_key]).tolist()
+                sizes = [t * (h // merge) * (w // merge) for t, h, w in grid]
+                for s, (t, h, w) in zip(scores.split(sizes), grid):
+                    out.append(s.view(t, h // merge, w // merge))
+        return out
+
+    def expand_packed(
+        self, model: nn.Module, input_ids: torch.Tensor, packed: dict[str, torch.Tensor], expand_size: int
+    ) -> dict[str, torch.Tensor]:
+        """Each sample's images (and videos) repeated ``expand_size`` times in a row: their patch rows,
+        grid rows and (videos) ``second_per_grid_ts``; a sample's items are its placeholder runs."""
+        out = dict(packed)
+        for what, pix_key, grid_key, tok_key, _ in _KINDS:
+            if packed.get(grid_key) is None:
+                continue
+            tok = input_ids == getattr(model.config, tok_key)
+            starts = tok.clone()
+            starts[:, 1:] &= ~tok[:, :-1]  # first placeholder of each run = one image / video
+            per_sample = starts.sum(dim=1).tolist()
+            grid = packed[grid_key]
+            if sum(per_sample) != grid.shape[0]:
+                raise ValueError(
+                    f"the prompts hold {sum(per_sample)} {what} placeholder runs but {grid_key} has "
+                    f"{grid.shape[0]} rows: one run of placeholders per {what}"
+                )
+            items = torch.arange(grid.shape[0]).split(per_sample)
+            order = (
+                torch.cat([i.repeat(expand_size) for i in items])
+                if items
+                else torch.zeros(0, dtype=torch.long)
+            )
+            order = order.to(grid.device)
+            out[grid_key] = grid[order]
+            if what == "video" and packed.get("second_per_grid_ts") is not None:
+                out["second_per_grid_ts"] = torch.as_tensor(packed["second_per_grid_ts"])[order.cpu()]
+            if packed.get(pix_key) is not None:
+                rows = grid.prod(dim=-1)
+                start = rows.cumsum(0) - rows
+                idx = [torch.arange(int(start[i]), int(start[i] + rows[i])) for i in order.tolist()]
+                out[pix_key] = packed[pix_key][torch.cat(idx).to(packed[pix_key].device)]
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # positions
+
+    def position_ids(
+        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: dict[str, Any]
+    ) -> torch.Tensor:
+        """Stock M-RoPE ids (3, B, T) of the unpruned prompt (padding 0), from ``get_rope_index``."""
+        types = visual.get("mm_token_type_ids")
+        types = token_type_ids(model, input_ids) if types is None else types.to(input_ids.device)
+        kw = {"image_grid_thw": visual.get("image_grid_thw"), "video_grid_thw": visual.get("video_grid_thw")}
+        if visual.get("second_per_grid_ts") is not None:
+            kw["second_per_grid_ts"] = visual["second_per_grid_ts"]
+        pos, _ = model.model.get_rope_index(
+            input_ids, mm_token_type_ids=types, attention_mask=attention_mask.long(), **kw
+        )
+        return pos
+
+    def decode_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B, q) -> (3, B, q): decoded text tokens share one id on every axis."""
+        return positions[None].expand(3, *positions.shape)
+
+    # ------------------------------------------------------------------------------------------
+    # speed runs
+
+    def random_prompt(self, model, batch_size, text_before, text_after, seed, device):
+        """``text_before`` random tokens, ``<|vision_start|>``, the merged units of one square image,
+        ``<|vision_end|>``, ``text_after`` tokens; pixels as the processor flattens them (one row of
+        channels x temporal_patch_size x patch^2 values per patch) with ``image_grid_thw``. The image side
+        is the config's ``tpkit_image_size`` (tiny configs set it), else 1036 (37 x 37 = 1369 units at
+        patch 14, merge 2)."""
+        cfg = model.config
+        vc = cfg.vision_config
+        side = int(getattr(cfg, IMAGE_SIZE_ATTR, DEFAULT_IMAGE_SIZE))
+        merge = vc.spatial_merge_size
+        if side % (vc.patch_size * merge):
+            raise ValueError(
+                f"image side {side} is not a multiple of patch_size x spatial_merge_size = {vc.patch_size * merge}"
+            )
+        n = side // vc.patch_size
+        units = (n // merge) ** 2
+        g = torch.Generator().manual_seed(seed)
+        start = torch.full((batch_size, 1), cfg.vision_start_token_id, dtype=torch.long)
+        end = torch.full((batch_size, 1), cfg.vision_end_token_id, dtype=torch.long)
+        image = torch.full((batch_size, units), cfg.image_token_id, dtype=torch.long)
+        before = random_text(model, batch_size, text_before, g)
+        after = random_text(model, batch_size, text_after, g)
+        input_ids = torch.cat([before, start, image, end, after], dim=1)
+        width = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+        pixel_values = torch.randn(batch_size * n * n, width, generator=g)
+        grid = torch.tensor([[1, n, n]] * batch_size, dtype=torch.long)
+        dtype = next(model.parameters()).dtype
+        return {
+            "input_ids": input_ids.to(device),
+            "attention_mask": torch.ones_like(input_ids).to(device),
+            "mm_token_type_ids": token_type_ids(model, input_ids).to(device),
+            "pixel_values": pixel_values.to(device=device, dtype=dtype),
+            "image_grid_thw": grid.to(device),
+        }

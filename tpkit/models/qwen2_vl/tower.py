@@ -1,0 +1,187 @@
+"""Qwen2-VL / Qwen2.5-VL's vision tower as stage 1 sees it: one stock run, the merged units it yields,
+and a score per unit.
+
+The tower takes the patches of every image (or video) of a batch packed into one sequence, in the
+processor's block-major order (each run of ``merge**2`` consecutive patches is one merged unit), and
+its merger turns each unit's patches into one LM token. Qwen2.5-VL permutes the units into window
+order before its blocks (so that each attention window is contiguous) and back after the merger;
+:func:`window_order` rebuilds that permutation so the scores read in unit order.
+
+Scores, one per merged unit (the unit's ``merge**2`` patches averaged):
+
+* ``cosine_mean``: cosine between the unit's mean merger-input state (the last block's output) and
+  the mean of those over its image (or video);
+* ``attn_received``: the attention the unit's patches receive in the tower's last block, from the
+  block's own q/k with the tower's rotary embedding, within the block's attention segments;
+* ``random``: seeded uniform.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tpkit.pruning.stage1 import attention_received, mean_cosine, random_scores
+
+__all__ = ["TowerRun", "run_tower", "unit_scores", "window_order", "window_units", "vision_rotate"]
+
+
+def window_units(tower: nn.Module) -> int | None:
+    """Side of Qwen2.5-VL's attention window in merged units; None for a tower without windows."""
+    window = getattr(tower, "window_size", None)
+    if window is None:
+        return None
+    return max(1, window // tower.spatial_merge_size // tower.patch_size)
+
+
+def window_order(grid_thw: torch.Tensor, merge: int, win: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen2.5-VL's window order of the merged units of a packed batch.
+
+    grid_thw (n, 3) in patches. Each frame's unit grid (h/merge x w/merge) is cut into ``win`` x ``win``
+    windows (the last row and column of windows may be smaller), windows row-major, units row-major
+    within a window. Returns ``(order (U,), window_lengths (W,))``: ``order[j]`` is the unit (in the
+    packed unit order) at window position ``j``; ``window_lengths`` counts units per window.
+    """
+    orders, lengths = [], []
+    base = 0
+    for t, h, w in grid_thw.tolist():
+        gh, gw = h // merge, w // merge
+        nwh, nww = -(-gh // win), -(-gw // win)
+        f = torch.arange(t)[:, None, None]
+        r = torch.arange(gh)[None, :, None]
+        c = torch.arange(gw)[None, None, :]
+        window = (f * nwh + r // win) * nww + c // win  # (t, gh, gw) window id
+        key = window * win * win + (r % win) * win + c % win
+        orders.append(torch.argsort(key.flatten()) + base)
+        counts = torch.bincount(window.flatten(), minlength=t * nwh * nww)
+        lengths.append(counts[counts > 0])
+        base += t * gh * gw
+    device = grid_thw.device
+    return torch.cat(orders).to(device), torch.cat(lengths).to(device)
+
+
+def vision_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The tower's rotary embedding: x (N, H, d), cos/sin (N, d), in fp32 as the tower computes it."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rot = torch.cat((-x2, x1), dim=-1)
+    return (xf * cos[:, None].float() + rot * sin[:, None].float()).to(x.dtype)
+
+
+@dataclass
+class TowerRun:
+    """What one stock run of the tower over a packed batch gave stage 1."""
+
+    embeds: torch.Tensor  # (U, D_lm) merged-unit embeddings, in unit order: what stock scatters
+    states: torch.Tensor  # (P, D_vis) merger input (last block output), in the tower's (window) order
+    unit_of_row: torch.Tensor  # (U,) the unit at each group of merge**2 rows of ``states`` (window order)
+    last_block: dict[str, Any] | None  # the last block's input, cu_seqlens and rotary (attn_received)
+
+
+@contextlib.contextmanager
+def _capture(tower: nn.Module, last_block: bool) -> Iterator[dict[str, Any]]:
+    seen: dict[str, Any] = {}
+
+    def merger_in(module, args):
+        seen["states"] = args[0]
+
+    def block_in(module, args, kwargs):
+        seen["block"] = {
+            "hidden": args[0] if args else kwargs["hidden_states"],
+            "cu_seqlens": kwargs["cu_seqlens"],
+            "rotary": kwargs["position_embeddings"],
+        }
+
+    handles = [tower.merger.register_forward_pre_hook(merger_in)]
+    if last_block:
+        handles.append(tower.blocks[-1].register_forward_pre_hook(block_in, with_kwargs=True))
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_tower(
+    model: nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor, video: bool, last_block: bool
+) -> TowerRun:
+    """The stock ``get_image_features`` / ``get_video_features`` call (one tower run), with the merger's
+    input (and, ``last_block``, the last block's inputs) recorded on the way."""
+    tower = model.model.visual
+    get = model.model.get_video_features if video else model.model.get_image_features
+    with _capture(tower, last_block) as seen:
+        out = get(pixels, grid_thw, return_dict=True)
+    pooled = out.pooler_output
+    embeds = torch.cat(list(pooled), dim=0) if isinstance(pooled, (list, tuple)) else pooled
+    n_units = embeds.shape[0]
+    win = window_units(tower)
+    if win is None:
+        unit_of_row = torch.arange(n_units, device=embeds.device)
+    else:
+        unit_of_row = window_order(grid_thw, tower.spatial_merge_size, win)[0]
+    return TowerRun(embeds, seen["states"], unit_of_row, seen.get("block"))
+
+
+def _to_units(per_row: torch.Tensor, run: TowerRun, unit: int) -> torch.Tensor:
+    """(P, ...) per patch row in the tower's order -> (U, ...) per merged unit (mean of its patches),
+    in unit order."""
+    grouped = per_row.reshape(-1, unit, *per_row.shape[1:]).float().mean(dim=1)  # window order
+    out = torch.empty_like(grouped)
+    out[run.unit_of_row] = grouped
+    return out
+
+
+def _attn_received_rows(block: nn.Module, seen: dict[str, Any], chunk: int = 512) -> torch.Tensor:
+    """(P,) attention each patch row receives in ``block`` (all its queries, heads averaged), within the
+    block's attention segments (``cu_seqlens``: an image or frame, or a window)."""
+    attn = block.attn
+    x = block.norm1(seen["hidden"])
+    n = x.shape[0]
+    heads = attn.num_heads
+    q, k, _ = attn.qkv(x).reshape(n, 3, heads, -1).unbind(1)  # (P, H, d) each
+    cos, sin = seen["rotary"]
+    q, k = vision_rotate(q, cos, sin), vision_rotate(k, cos, sin)
+    scale = getattr(attn, "scaling", q.shape[-1] ** -0.5)
+    cu = seen["cu_seqlens"].tolist()
+    out = []
+    for a, b in zip(cu[:-1], cu[1:]):
+        if b > a:
+            qs = q[a:b].transpose(0, 1)[None]  # (1, H, n, d)
+            ks = k[a:b].transpose(0, 1)[None]
+            out.append(attention_received(qs, ks, scale, chunk=chunk)[0])
+    return torch.cat(out)
+
+
+def unit_scores(
+    model: nn.Module, run: TowerRun, grid_thw: torch.Tensor, kind: str, seed: int
+) -> torch.Tensor:
+    """(U,) stage-1 score of every merged unit, in unit order (see the module docstring)."""
+    tower = model.model.visual
+    unit = tower.spatial_merge_size**2
+    sizes = (grid_thw.prod(dim=-1) // unit).tolist()  # units per image / video
+    with torch.no_grad():  # scores only pick indices
+        if kind == "cosine_mean":
+            feats = _to_units(run.states, run, unit)  # (U, D)
+            padded = torch.nn.utils.rnn.pad_sequence(list(feats.split(sizes)), batch_first=True)
+            valid = torch.nn.utils.rnn.pad_sequence(
+                [torch.ones(s, dtype=torch.bool, device=feats.device) for s in sizes], batch_first=True
+            )
+            return mean_cosine(padded, valid)[valid]
+        if kind == "attn_received":
+            if run.last_block is None:
+                raise ValueError(
+                    "attn_received needs the tower's last block inputs (run_tower(last_block=True))"
+                )
+            rows = _attn_received_rows(tower.blocks[-1], run.last_block)
+            return _to_units(rows[:, None], run, unit)[:, 0]
+        if kind == "random":
+            return random_scores(1, sum(sizes), seed, run.embeds.device)[0]
+    raise ValueError(
+        f"pruning.stage1.score = {kind!r} is not available for Qwen2-VL's tower (no CLS token): "
+        "use 'cosine_mean', 'attn_received' or 'random'"
+    )
