@@ -97,7 +97,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> PeftModel:
     targets = lora_target_names(model, cfg.target_modules)
     if not targets:
         raise ConfigError(f"lora.target_modules {cfg.target_modules!r} matches no Linear layer")
-    bad = [n for n in targets if "vision_tower" in n]
+    bad = [n for n in targets if "vision_tower" in n or re.search(r"(^|\.)visual\.", n)]  # LLaVA's, Qwen's
     if bad:
         raise ConfigError(
             f"lora.target_modules {cfg.target_modules!r} hits the vision tower ({bad[0]} and {len(bad) - 1} more):"
