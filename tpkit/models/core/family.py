@@ -84,6 +84,7 @@ class Family:
     # visual inputs packed across the batch (rows are patches or images, not samples): a pruned
     # generate expands them for beams / num_return_sequences with expand_packed, not a per-row repeat
     packed_visual_keys: tuple[str, ...] = ()
+    in_tower = False  # whether stage 1 can cut inside the vision tower (stage1.in_tower_block)
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ in self.classes
@@ -93,8 +94,14 @@ class Family:
 
     def check_config(self, model: nn.Module, config: Any) -> None:
         """ValueError for pruning settings this family cannot honour (called by ``attach_pruner`` and
-        ``set_pruning``). Here: a CLS-based stage-1 score on a tower without a CLS token."""
+        ``set_pruning``). Here: a CLS-based stage-1 score on a tower without a CLS token, and an
+        in-tower stage 1 on a family without one."""
         score = config.stage1.score
+        if getattr(config.stage1, "in_tower_block", None) is not None and not self.in_tower:
+            raise ValueError(
+                f"pruning.stage1.in_tower_block = {config.stage1.in_tower_block}: {type(model).__name__}'s "
+                "stage 1 runs after its vision tower only; set it to null"
+            )
         if config.stage1.enabled and score in CLS_SCORES and not self.has_cls(model):
             raise ValueError(
                 f"pruning.stage1.score = {score!r} compares patches with the CLS token, but "

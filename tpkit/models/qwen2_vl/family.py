@@ -24,6 +24,7 @@ from torch import nn
 
 from tpkit.models.core.family import Family, Visual, llama_rotate, random_text
 from tpkit.models.core.visual import VisualTokens, select_visual
+from tpkit.models.qwen2_vl.intower import TowerHead, tower_head, tower_tail
 from tpkit.models.qwen2_vl.tiny import IMAGE_SIZE_ATTR
 from tpkit.models.qwen2_vl.tower import run_tower, unit_scores
 
@@ -77,6 +78,7 @@ class Qwen2VLFamily(Family):
         "second_per_grid_ts",
     )
     rotate = staticmethod(qwen_rotate)
+    in_tower = True
 
     def check(self, model: nn.Module) -> None:
         name = type(model).__name__
@@ -163,24 +165,37 @@ class Qwen2VLFamily(Family):
         visual: dict[str, Any],
         stage1: Any,
         what: str,
-        pix_key: str,
-        grid_key: str,
-        tok_key: str,
-    ) -> tuple[VisualTokens, torch.Tensor]:
+        keys: tuple[str, str, str],
+        frame_base: int = 0,
+        id_base: int = 0,
+    ) -> tuple[VisualTokens, torch.Tensor, TowerHead | None]:
+        """One kind's placeholders (images or videos) as stage 1 sees them; ``frame_base`` offsets their
+        frame (view) ids past the other kind's. In-tower stage 1: the tower runs up to the scoring block
+        only (the returned head), and the embeddings are the units' ids + ``id_base`` (one column),
+        filled in once the cut is known."""
+        pix_key, grid_key, tok_key = keys
         grid = self._grid(model, visual, pix_key, grid_key).to(visual[pix_key].device)
         kind = self.score_kind(model, stage1)
-        run = run_tower(
-            model, visual[pix_key], grid, what == "video", stage1.enabled and kind == "attn_received"
-        )
-        device = run.embeds.device
+        head = None
+        if stage1.enabled and stage1.in_tower_block is not None:
+            head = tower_head(model, visual[pix_key], grid, stage1.in_tower_block, kind == "attn_received")
+            run = head.run
+            device = run.states.device
+            n_units = run.unit_of_row.numel()
+            embeds = (torch.arange(n_units, device=device, dtype=torch.float64) + id_base)[:, None]
+        else:
+            run = run_tower(
+                model, visual[pix_key], grid, what == "video", stage1.enabled and kind == "attn_received"
+            )
+            embeds = run.embeds
+            device, n_units = embeds.device, embeds.shape[0]
         merge = model.config.vision_config.spatial_merge_size
         seed_offset = 0 if what == "image" else 1
         if stage1.enabled:
             scores = unit_scores(model, run, grid, kind, stage1.seed + seed_offset)
         else:
-            scores = torch.zeros(run.embeds.shape[0], device=device)
+            scores = torch.zeros(n_units, device=device)
         items, frames, rows, cols = [], [], [], []
-        frame_base = 0
         for i, (t, h, w) in enumerate(grid.tolist()):
             gh, gw = h // merge, w // merge
             f = torch.arange(t, device=device).repeat_interleave(gh * gw)
@@ -194,7 +209,7 @@ class Qwen2VLFamily(Family):
         group = frame if stage1.groups == "view" else item
         tokens = VisualTokens(
             token_id=int(getattr(model.config, tok_key)),
-            embeds=run.embeds,
+            embeds=embeds,
             scores=scores,
             group=group,
             content=torch.ones_like(item, dtype=torch.bool),
@@ -202,7 +217,7 @@ class Qwen2VLFamily(Family):
             coords=torch.stack([frame, torch.cat(rows), torch.cat(cols)], dim=-1),
             what=what,
         )
-        return tokens, scores
+        return tokens, scores, head
 
     def _check_placeholders(self, model: nn.Module, input_ids: torch.Tensor, visual: dict[str, Any]) -> None:
         counts = torch.stack([(input_ids == getattr(model.config, k[3])).sum() for k in _KINDS]).tolist()
@@ -213,6 +228,21 @@ class Qwen2VLFamily(Family):
                     f"inputs ({pix_key} and its grid) that the processor made with input_ids"
                 )
 
+    def _all_kinds(self, model: nn.Module, visual: dict[str, Any], stage1: Any):
+        """(kind name, tokens, scores, head) of the images, then the videos, present in ``visual``."""
+        out = []
+        frame_base = id_base = 0
+        for what, pix_key, grid_key, tok_key, _ in _KINDS:
+            if visual.get(pix_key) is None:
+                continue
+            tokens, scores, head = self._kind_tokens(
+                model, visual, stage1, what, (pix_key, grid_key, tok_key), frame_base, id_base
+            )
+            out.append((what, tokens, scores, head))
+            frame_base += int(torch.as_tensor(visual[grid_key])[:, 0].sum())
+            id_base += len(tokens)
+        return out
+
     def encode(
         self,
         model: nn.Module,
@@ -222,26 +252,56 @@ class Qwen2VLFamily(Family):
         stage1_keep: torch.Tensor | None = None,
     ) -> Visual:
         self._check_placeholders(model, input_ids, visual)
-        kinds = []
-        for what, pix_key, grid_key, tok_key, _ in _KINDS:
-            if visual.get(pix_key) is not None:
-                kinds.append(self._kind_tokens(model, visual, stage1, what, pix_key, grid_key, tok_key)[0])
-        return select_visual(input_ids, kinds, stage1, stage1_keep)
+        kinds = self._all_kinds(model, visual, stage1)
+        vis = select_visual(input_ids, [k[1] for k in kinds], stage1, stage1_keep)
+        if kinds and kinds[0][3] is not None:  # in-tower: the kept units' embeddings from the tower's tail
+            kept = vis.projected[:, 0].long()  # (sum k1,) unit ids in prompt order
+            parts, base = [], 0
+            for _, tokens, _, head in kinds:
+                keep = torch.zeros(len(tokens), dtype=torch.bool, device=kept.device)
+                ids = kept[(kept >= base) & (kept < base + len(tokens))] - base
+                keep[ids] = True
+                units, embeds = tower_tail(model, head, keep)
+                parts.append((units + base, embeds))
+                base += len(tokens)
+            units = torch.cat([u for u, _ in parts])
+            table = torch.cat([e for _, e in parts])[torch.argsort(units)]  # kept units in id order
+            vis.projected = table[torch.searchsorted(torch.sort(units).values, kept)]
+        return vis
 
     def stage1_scores(self, model: nn.Module, visual: dict[str, Any], stage1: Any) -> list[torch.Tensor]:
         """The stage-1 score of every merged unit: one (t, h/merge, w/merge) grid per image, then per video."""
         merge = model.config.vision_config.spatial_merge_size
         out = []
         with torch.no_grad():
-            for what, pix_key, grid_key, tok_key, _ in _KINDS:
-                if visual.get(pix_key) is None:
-                    continue
-                _, scores = self._kind_tokens(model, visual, stage1, what, pix_key, grid_key, tok_key)
+            for what, _, scores, _ in self._all_kinds(model, visual, stage1):
+                grid_key = "image_grid_thw" if what == "image" else "video_grid_thw"
                 grid = torch.as_tensor(visual[grid_key]).tolist()
                 sizes = [t * (h // merge) * (w // merge) for t, h, w in grid]
                 for s, (t, h, w) in zip(scores.split(sizes), grid):
                     out.append(s.view(t, h // merge, w // merge))
         return out
+
+    def check_config(self, model: nn.Module, config: Any) -> None:
+        """Family checks, plus ``stage1.in_tower_block``: a block before the tower's last, and on Qwen2.5-VL
+        a full-attention one (its scores and its cut see the whole image, not a window)."""
+        super().check_config(model, config)
+        block = config.stage1.in_tower_block
+        if block is None:
+            return
+        tower = model.model.visual
+        depth = len(tower.blocks)
+        if not 0 <= block < depth:
+            raise ValueError(
+                f"pruning.stage1.in_tower_block = {block} is out of range: the vision tower has {depth} blocks "
+                f"(valid: 0..{depth - 1})"
+            )
+        full = list(getattr(tower, "fullatt_block_indexes", range(depth)))
+        if block not in full:
+            raise ValueError(
+                f"pruning.stage1.in_tower_block = {block} is a window-attention block of "
+                f"{type(model).__name__}'s tower: use a full-attention block ({', '.join(map(str, full))})"
+            )
 
     def expand_packed(
         self, model: nn.Module, input_ids: torch.Tensor, packed: dict[str, torch.Tensor], expand_size: int

@@ -28,7 +28,17 @@ from torch import nn
 
 from tpkit.pruning.stage1 import attention_received, mean_cosine, random_scores
 
-__all__ = ["TowerRun", "run_tower", "unit_scores", "window_order", "window_units", "vision_rotate"]
+__all__ = [
+    "TowerRun",
+    "attn_received_rows",
+    "run_tower",
+    "to_units",
+    "unit_of_row",
+    "unit_scores",
+    "vision_rotate",
+    "window_order",
+    "window_units",
+]
 
 
 def window_units(tower: nn.Module) -> int | None:
@@ -75,12 +85,14 @@ def vision_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 
 @dataclass
 class TowerRun:
-    """What one stock run of the tower over a packed batch gave stage 1."""
+    """What a run of the tower over a packed batch gives stage 1: the states it scores and, after the
+    whole tower, the unit embeddings."""
 
-    embeds: torch.Tensor  # (U, D_lm) merged-unit embeddings, in unit order: what stock scatters
-    states: torch.Tensor  # (P, D_vis) merger input (last block output), in the tower's (window) order
+    embeds: torch.Tensor | None  # (U, D_lm) merged-unit embeddings, unit order (what stock scatters)
+    states: torch.Tensor  # (P, D_vis) the scored block's output (merger input), the tower's (window) order
     unit_of_row: torch.Tensor  # (U,) the unit at each group of merge**2 rows of ``states`` (window order)
-    last_block: dict[str, Any] | None  # the last block's input, cu_seqlens and rotary (attn_received)
+    block: nn.Module  # the scored block (attn_received reads its attention)
+    block_inputs: dict[str, Any] | None  # that block's input, cu_seqlens and rotary (attn_received)
 
 
 @contextlib.contextmanager
@@ -107,6 +119,15 @@ def _capture(tower: nn.Module, last_block: bool) -> Iterator[dict[str, Any]]:
             h.remove()
 
 
+def unit_of_row(tower: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
+    """(U,) the merged unit at each window position of the tower's sequence (identity without windows)."""
+    win = window_units(tower)
+    if win is None:
+        n = int((grid_thw.prod(dim=-1) // tower.spatial_merge_size**2).sum())
+        return torch.arange(n, device=grid_thw.device)
+    return window_order(grid_thw, tower.spatial_merge_size, win)[0]
+
+
 def run_tower(
     model: nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor, video: bool, last_block: bool
 ) -> TowerRun:
@@ -118,16 +139,10 @@ def run_tower(
         out = get(pixels, grid_thw, return_dict=True)
     pooled = out.pooler_output
     embeds = torch.cat(list(pooled), dim=0) if isinstance(pooled, (list, tuple)) else pooled
-    n_units = embeds.shape[0]
-    win = window_units(tower)
-    if win is None:
-        unit_of_row = torch.arange(n_units, device=embeds.device)
-    else:
-        unit_of_row = window_order(grid_thw, tower.spatial_merge_size, win)[0]
-    return TowerRun(embeds, seen["states"], unit_of_row, seen.get("block"))
+    return TowerRun(embeds, seen["states"], unit_of_row(tower, grid_thw), tower.blocks[-1], seen.get("block"))
 
 
-def _to_units(per_row: torch.Tensor, run: TowerRun, unit: int) -> torch.Tensor:
+def to_units(per_row: torch.Tensor, run: TowerRun, unit: int) -> torch.Tensor:
     """(P, ...) per patch row in the tower's order -> (U, ...) per merged unit (mean of its patches),
     in unit order."""
     grouped = per_row.reshape(-1, unit, *per_row.shape[1:]).float().mean(dim=1)  # window order
@@ -136,18 +151,18 @@ def _to_units(per_row: torch.Tensor, run: TowerRun, unit: int) -> torch.Tensor:
     return out
 
 
-def _attn_received_rows(block: nn.Module, seen: dict[str, Any], chunk: int = 512) -> torch.Tensor:
+def attn_received_rows(block: nn.Module, inputs: dict[str, Any], chunk: int = 512) -> torch.Tensor:
     """(P,) attention each patch row receives in ``block`` (all its queries, heads averaged), within the
     block's attention segments (``cu_seqlens``: an image or frame, or a window)."""
     attn = block.attn
-    x = block.norm1(seen["hidden"])
+    x = block.norm1(inputs["hidden"])
     n = x.shape[0]
     heads = attn.num_heads
     q, k, _ = attn.qkv(x).reshape(n, 3, heads, -1).unbind(1)  # (P, H, d) each
-    cos, sin = seen["rotary"]
+    cos, sin = inputs["rotary"]
     q, k = vision_rotate(q, cos, sin), vision_rotate(k, cos, sin)
     scale = getattr(attn, "scaling", q.shape[-1] ** -0.5)
-    cu = seen["cu_seqlens"].tolist()
+    cu = inputs["cu_seqlens"].tolist()
     out = []
     for a, b in zip(cu[:-1], cu[1:]):
         if b > a:
@@ -166,21 +181,19 @@ def unit_scores(
     sizes = (grid_thw.prod(dim=-1) // unit).tolist()  # units per image / video
     with torch.no_grad():  # scores only pick indices
         if kind == "cosine_mean":
-            feats = _to_units(run.states, run, unit)  # (U, D)
+            feats = to_units(run.states, run, unit)  # (U, D)
             padded = torch.nn.utils.rnn.pad_sequence(list(feats.split(sizes)), batch_first=True)
             valid = torch.nn.utils.rnn.pad_sequence(
                 [torch.ones(s, dtype=torch.bool, device=feats.device) for s in sizes], batch_first=True
             )
             return mean_cosine(padded, valid)[valid]
         if kind == "attn_received":
-            if run.last_block is None:
-                raise ValueError(
-                    "attn_received needs the tower's last block inputs (run_tower(last_block=True))"
-                )
-            rows = _attn_received_rows(tower.blocks[-1], run.last_block)
-            return _to_units(rows[:, None], run, unit)[:, 0]
+            if run.block_inputs is None:
+                raise ValueError("attn_received needs the scored block's inputs (run_tower(last_block=True))")
+            rows = attn_received_rows(run.block, run.block_inputs)
+            return to_units(rows[:, None], run, unit)[:, 0]
         if kind == "random":
-            return random_scores(1, sum(sizes), seed, run.embeds.device)[0]
+            return random_scores(1, sum(sizes), seed, run.states.device)[0]
     raise ValueError(
         f"pruning.stage1.score = {kind!r} is not available for Qwen2-VL's tower (no CLS token): "
         "use 'cosine_mean', 'attn_received' or 'random'"
