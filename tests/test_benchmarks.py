@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -63,3 +65,15 @@ def test_decode_speed_benchmark_prints_its_headline(capsys, tmp_path):
     assert bench.main(args) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("decode tokens/s ours vs dense: ") and "x (TTFT " in last
+
+
+@pytest.mark.slow
+def test_qwen_in_tower_benchmark_prints_its_table(capsys):
+    bench = _load("qwen_in_tower")
+    res = bench.main(
+        ["--scale-down", "64", "--prompts", "1", "--repeats", "1", "--blocks", "7", "--threads", "1"]
+    )
+    out = capsys.readouterr().out
+    assert res["keep_all_bitwise_b7"] is True and "| 7 |" in out
+    assert 0 <= res["same_units"][0]["rel_l2"] and 0 <= res["jaccard_cosine_mean"][7] <= 1
+    assert "visual path in-tower stage 1 @ block 7" in out
