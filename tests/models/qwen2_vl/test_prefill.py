@@ -264,3 +264,22 @@ def test_forced_counts_and_every_score(qwen_factory, make_qwen_batch):
             # 30% of each image / video, rounded, at least min_keep (4): 7; 5 + 4; 10
             assert last_stats(model)["k1"].tolist() == [7, 9, 10]
     assert torch.equal(kept[1], kept[2]) and not torch.equal(kept[0], kept[1])
+
+
+def test_a_text_only_sample_beside_images(qwen_factory, make_qwen_batch):
+    """A sample without visual tokens rides along: its positions are stock's (text only), stage 2 has
+    nothing to drop there, the masked reference holds for both rows, and beams expand the patches of
+    the sample that has them."""
+    model = attach_pruner(qwen_factory("qwen2.5-vl", "sdpa", seed=8), CUT)
+    batch = make_qwen_batch(model, [[("text", 3), ("image", (8, 8)), ("text", 4)], [("text", 9)]], seed=8)
+    am = batch["attention_mask"].bool()
+    with torch.no_grad():
+        out, pre, stats, kept1, kept2, embeds, pos = _pruned_and_reference(model, batch)
+        assert stats["n_visual"].tolist() == [16, 0] and stats["k1"][0] < 16
+        ref = masked_logits(model, embeds, pos, kept1 & am, kept2 & am, pre.split)
+        for b in range(2):
+            torch.testing.assert_close(out.logits[b][out.kept_index[b] >= 0], ref[b][kept2[b]])
+        beams = model.generate(
+            **model_inputs(batch), max_new_tokens=3, do_sample=False, pad_token_id=0, num_beams=2
+        )
+    assert beams.shape == (2, batch["input_ids"].shape[1] + 3)
