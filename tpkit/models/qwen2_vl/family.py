@@ -13,6 +13,8 @@ patches into one LM token (a merged unit), and 3-D M-RoPE positions (temporal, h
   id + 1 on all three axes, as stock's ``rope_deltas`` make it.
 * **Rotary**: the text model's ``rotary_emb`` returns cos/sin with the three sections already merged
   (B, T, d), which the decoder layers apply as Llama does; stage 2 rotates its q/k the same way.
+* **In-tower stage 1** (``stage1.in_tower_block``): the scores come from a block inside the tower and
+  the later blocks run on the kept units only (:mod:`tpkit.models.qwen2_vl.intower`).
 """
 
 from __future__ import annotations
@@ -42,10 +44,10 @@ _KINDS = (  # (what, pixel key, grid key, token-id config key, mm_token_type)
 def token_type_ids(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """(B, T) int: 0 text, 1 image placeholder, 2 video placeholder (what the processor returns as
     ``mm_token_type_ids``)."""
-    cfg = model.config
     out = torch.zeros_like(input_ids, dtype=torch.int32)
-    out = out.masked_fill(input_ids == cfg.image_token_id, 1)
-    return out.masked_fill(input_ids == cfg.video_token_id, 2)
+    for _, _, _, tok_key, code in _KINDS:
+        out = out.masked_fill(input_ids == getattr(model.config, tok_key), code)
+    return out
 
 
 def qwen_rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qpos: torch.Tensor):
@@ -283,8 +285,8 @@ class Qwen2VLFamily(Family):
         return out
 
     def check_config(self, model: nn.Module, config: Any) -> None:
-        """Family checks, plus ``stage1.in_tower_block``: a block before the tower's last, and on Qwen2.5-VL
-        a full-attention one (its scores and its cut see the whole image, not a window)."""
+        """Family checks, plus ``stage1.in_tower_block``: a block of the tower, and on Qwen2.5-VL a
+        full-attention one (its scores and its cut see the whole image, not a window)."""
         super().check_config(model, config)
         block = config.stage1.in_tower_block
         if block is None:
