@@ -99,6 +99,7 @@ class LlavaCollator:
         self._parts = self._content_as_parts()
         # one fixed-size image per sample (LlavaProcessor): its count needs no image
         self._fixed = type(processor).__name__ == "LlavaProcessor"
+        self._mm_types = False  # the processor marks each token's modality (set by encode_images)
 
     def _content_as_parts(self) -> bool:
         """Whether the chat template wants list-of-parts content (llava-hf hub templates) or strings."""
@@ -271,6 +272,7 @@ class LlavaCollator:
         )
         counts = (out["input_ids"] == self.image_token_id).sum(dim=1).tolist()
         text_keys = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+        self._mm_types = "mm_token_type_ids" in out  # rebuilt for the final ids (Qwen2-VL needs it)
         return {k: v for k, v in out.items() if k not in text_keys}, counts
 
     # ---- images -----------------------------------------------------------------------------
@@ -355,6 +357,10 @@ class LlavaCollator:
             "attention_mask": torch.from_numpy(attention_mask),  # (B, T)
             **visual,  # pixel_values (B, 3, H, W); any-res: (B, views, 3, H, W) + image_sizes; Qwen: grids
         }
+        if self._mm_types:  # the processor's modality of each token, as it marks them
+            batch["mm_token_type_ids"] = torch.tensor(
+                self.processor.create_mm_token_type_ids(input_ids.tolist())
+            )
         ids = [str(r.get("id")) for r in records]
         if self.mode != "eval":
             labels = np.where(answer_mask, input_ids, IGNORE_INDEX)

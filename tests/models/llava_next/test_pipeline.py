@@ -159,3 +159,17 @@ def test_premise_report_runs_on_the_base_view_of_any_res_towers(processor, kind,
     m = report["model_score"]
     assert m["n_images"] == 4 and m["n_patches"] == 16 and len(m["k"]) == 4
     assert f"model ({'cosine' if kind == 'next' else 'cosine_mean'})" in format_report(report)
+
+
+def test_collator_rebuilds_the_processors_token_types_for_the_final_ids(processor):
+    """Processors that mark each token's modality (Qwen2-VL's on transformers >= 5.2x) get the marks
+    rebuilt on the collated ids, which hold the whole conversation."""
+    import copy
+
+    marking = copy.deepcopy(processor)
+    marking.return_mm_token_type_ids = True
+    batch = LlavaCollator(marking, max_length=512, mode="train")(_records(2))
+    types = batch["mm_token_type_ids"]
+    assert types.shape == batch["input_ids"].shape
+    assert torch.equal(types, (batch["input_ids"] == processor.image_token_id).long())
+    assert "mm_token_type_ids" not in LlavaCollator(processor, max_length=512, mode="train")(_records(2))
