@@ -185,6 +185,28 @@ def test_fast_kd_path_equals_the_naive_one(make_cfg, processor, batch, kind):
     torch.testing.assert_close(parts["kd"], naive, rtol=1e-5, atol=1e-7)
 
 
+def test_student_and_teacher_share_one_tower_run(make_cfg, processor, batch):
+    """The online teacher reuses the student's vision-tower run; the losses are those of two runs."""
+    from tpkit.models.families import family_of
+
+    m = _module(make_cfg(distill={"kind": "forward_kl", "temperature": 2.0}), processor)
+    base = m.model.get_base_model()
+    runs = []
+    inner = next(family_of(base).vision_tower(base).children())  # runs inside the tower's own forward only
+    handle = inner.register_forward_hook(lambda *args: runs.append(1))
+    try:
+        with torch.no_grad():
+            shared = m.losses(batch)
+            n_shared = len(runs)
+            alone = m._losses(batch)
+    finally:
+        handle.remove()
+    assert (n_shared, len(runs)) == (1, 3)
+    assert set(shared) == set(alone)
+    for name in shared:
+        torch.testing.assert_close(shared[name], alone[name], rtol=0, atol=0)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(make_cfg, processor, batch):
     grads = []
     for ckpt in (False, True):

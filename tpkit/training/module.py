@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
 from peft import PeftModel
+from transformers.utils import ModelOutput
 
 from tpkit.data.collator import IGNORE_INDEX
 from tpkit.models.core.attach import last_stats, pruning_disabled
@@ -38,24 +40,26 @@ class NonFiniteError(RuntimeError):
 
 
 @contextlib.contextmanager
-def reuse_tower_output(tower: torch.nn.Module):
-    """Inside the block, the vision tower runs once: later calls get the first call's output.
+def reuse_tower_output(tower: torch.nn.Module, key: Callable[[torch.Tensor, tuple, dict], tuple | None]):
+    """Inside the block, each vision-tower call runs once: a later call with the same ``key`` (the
+    family's :meth:`~tpkit.models.core.family.Family.tower_call_key`) gets the first call's output.
 
     The student (stage 1) and the teacher see the same pixel values and the tower is frozen
     and adapter-free (``apply_lora`` refuses vision-tower targets), so its output is the same
-    tensor for both; only calls with ``output_hidden_states`` (stock LLaVA-style models and the
-    pruner) are shared.
+    tensor for both. Each caller gets its own shallow copy of a ``ModelOutput`` (stock callers set
+    fields on it).
     """
     cache: dict[tuple, Any] = {}
     original = tower.forward
 
     def forward(pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if not kwargs.get("output_hidden_states"):
+        k = key(pixel_values, args, kwargs)
+        if k is None:
             return original(pixel_values, *args, **kwargs)
-        key = (tuple(pixel_values.shape), pixel_values.device)  # the tower casts to its own dtype
-        if key not in cache:
-            cache[key] = original(pixel_values, *args, **kwargs)
-        return cache[key]
+        if k not in cache:
+            cache[k] = original(pixel_values, *args, **kwargs)
+        out = cache[k]
+        return type(out)(**out) if isinstance(out, ModelOutput) else out
 
     tower.forward = forward
     try:
@@ -165,9 +169,13 @@ class DistillLoRAModule(L.LightningModule):
         return t
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        tower = family_of(self.base).vision_tower(self.base)
+        family = family_of(self.base)
         online = self.distill.needs_teacher and self.teacher_cache is None
-        share = reuse_tower_output(tower) if online else contextlib.nullcontext()
+        share = (
+            reuse_tower_output(family.vision_tower(self.base), family.tower_call_key)
+            if online
+            else contextlib.nullcontext()
+        )
         with share:
             return self._losses(batch)
 

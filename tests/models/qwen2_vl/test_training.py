@@ -74,3 +74,40 @@ def test_lora_distillation_step_and_export_reload(qwen_factory, make_qwen_batch,
             got = again(**model_inputs(batch))
             torch.testing.assert_close(got.kept_index, pruned.kept_index, rtol=0, atol=0)
             torch.testing.assert_close(got.logits, pruned.logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("in_tower_block", [None, 1])
+def test_student_and_teacher_share_one_tower_run(qwen_factory, make_qwen_batch, in_tower_block):
+    """With the online teacher, a training step runs each stock tower call once (the image's and the
+    video's), and the losses are those of running it twice; the in-tower stage 1 runs its own loop, so
+    nothing is shared there."""
+    model = qwen_factory("qwen2.5-vl", "sdpa", seed=0)
+    batch = make_qwen_batch(model, SAMPLES, seed=0, answer=(3, 2))
+    batch["labels"] = batch["input_ids"].masked_fill(~batch["answer_mask"], -100)
+    peft_model = apply_lora(model, LoraConfig(r=4, alpha=8.0))
+    cut = PruningConfig(
+        stage1=Stage1Config(min_keep=2, max_keep=12, in_tower_block=in_tower_block),
+        stage2=Stage2Config(layer=1),
+    )
+    attach_pruner(peft_model.get_base_model(), cut)
+    distill = DistillConfig(alpha=1.0, temperature=2.0, hidden_weight=1.0)
+    module = DistillLoRAModule(peft_model, distill, OptimConfig(lr=5e-3), max_steps=1, pruning_attached=True)
+    runs = []
+    tower = peft_model.get_base_model().model.visual
+    handle = tower.merger.register_forward_hook(lambda *args: runs.append(1))  # once per real tower run
+    try:
+        with torch.no_grad():
+            shared = module.losses(batch)
+            n_shared = len(runs)
+            runs.clear()
+            alone = module._losses(batch)  # no sharing: the student's and the teacher's calls both run
+            n_alone = len(runs)
+    finally:
+        handle.remove()
+    if in_tower_block is None:  # the image's run and the video's, each once
+        assert (n_shared, n_alone) == (2, 4)
+    else:  # the student's cut runs and the teacher's stock runs
+        assert n_shared == n_alone == 4
+    assert shared["kd"] > 0 and set(shared) == set(alone)
+    for name in shared:
+        torch.testing.assert_close(shared[name], alone[name], rtol=0, atol=0)

@@ -128,6 +128,15 @@ class Family:
         """The vision encoder (frozen in training; its output is shared by student and teacher)."""
         return model.model.vision_tower
 
+    def tower_call_key(self, pixel_values: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
+        """The key under which one call of :meth:`vision_tower` is shared by the student and the teacher
+        of a training step (``tpkit.training.module.reuse_tower_output``): calls with equal keys in one
+        step give the same output. None: the call runs. Here: the calls that ask for hidden states (stock
+        LLaVA-style models and the pruner), keyed by the pixels' shape (the tower casts their dtype)."""
+        if not kwargs.get("output_hidden_states"):
+            return None
+        return (tuple(pixel_values.shape), pixel_values.device)
+
     def lm_head(self, model: nn.Module) -> nn.Module:
         return model.lm_head
 

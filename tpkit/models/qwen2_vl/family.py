@@ -123,6 +123,15 @@ class Qwen2VLFamily(Family):
     def vision_tower(self, model: nn.Module) -> nn.Module:
         return model.model.visual
 
+    def tower_call_key(self, pixel_values: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
+        """Stock ``get_image_features`` / ``get_video_features`` calls (the student's after-tower stage 1
+        and the teacher make the same one), keyed by the pixels' shape and the grids; the in-tower stage 1
+        runs the tower's blocks in its own loop and never calls it."""
+        grid = kwargs.get("grid_thw", args[0] if args else None)
+        if grid is None or kwargs.get("return_dict") is False:
+            return None
+        return (tuple(pixel_values.shape), pixel_values.device, tuple(grid.flatten().tolist()))
+
     def placeholder_ids(self, model: nn.Module) -> tuple[int, ...]:
         return (int(model.config.image_token_id), int(model.config.video_token_id))
 
