@@ -564,7 +564,10 @@ def build_parser(prog: str = "tpkit") -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=300, help="number of records (the first n)")
     p.add_argument("--out", default=None, help="directory for premise.json and the curve PNGs")
     p.add_argument(
-        "--score", default="cosine", help="stage-1 score: cosine, cosine_centered, cls_attn, random"
+        "--score",
+        default=None,
+        help="stage-1 score: cosine, cosine_centered, cls_attn (CLS towers), cosine_mean, attn_received, "
+        "random (default: the family's: cosine with a CLS token, else cosine_mean)",
     )
     p.add_argument("--selector", default="kneedle", help="knee: kneedle, curvature, iqr, ratio, budget")
     p.add_argument("--min-keep", type=int, default=4)

@@ -185,11 +185,16 @@ def plot_curves(
 
 
 def _load_model(model_dir: str | Path, device: str) -> tuple[torch.nn.Module, Any]:
+    """The model and its saved image processor (None: none saved, or one that packs patches, as
+    Qwen's do: the premise then makes its square views with the kit's CLIP preprocessing, whose
+    mean and std are also Qwen's)."""
     model = load_pretrained(model_dir, dtype="float32", device=device)
+    if family_of(model).packed_visual_keys:
+        return model, None
     try:
         image_processor = AutoImageProcessor.from_pretrained(str(model_dir))
-    except (OSError, ValueError):  # a bare model directory (no processor saved): the kit's default
-        image_processor = build_image_processor(model.config.vision_config.image_size)
+    except (OSError, ValueError, ImportError):  # a bare model directory, or a processor needing torchvision
+        image_processor = None
     return model, image_processor
 
 
@@ -213,8 +218,9 @@ def run_premise(
 ) -> dict[str, Any]:
     """The premise report over the first ``n`` records of ``data``; writes files if ``out_dir``.
 
-    Without ``model_dir`` only the pixel control is measured (at ``patch_size``); with it, the patch
-    grid is the vision tower's and images are resized to the tower's input size for the control.
+    Without ``model_dir`` only the pixel control is measured (at ``patch_size``); with it, the grid
+    is the one the family scores (the tower's patches; Qwen's merged units) and images are resized
+    to the family's view (``Family.premise_view``) for the control and the boxes.
     """
     cfg = cfg or Stage1Config()
     records, root = load_records(data)
@@ -224,8 +230,7 @@ def run_premise(
         model, image_processor = _load_model(model_dir, device)
         cfg = copy.copy(cfg)
         cfg.score = family_of(model).score_kind(model, cfg)  # the family's default, named
-        vc = model.config.vision_config
-        size, patch_size = vc.image_size, vc.patch_size
+    size = None
     model_scores, pixel_scores, coverage = [], [], []
     batches = range(0, len(records), batch_size)
     if progress:
@@ -242,8 +247,11 @@ def run_premise(
                     pil.append(im.convert("RGB"))
             except OSError as e:
                 raise OSError(f"{path}: cannot read image of record {r.get('id')!r}: {e}") from e
-        if model is None:
+        if size is None:  # the model's view (the tower's input, or for Qwen the images' own size)
             size = pil[0].size[0]
+            if model is not None:
+                size, patch_size = family_of(model).premise_view(model, size)
+                image_processor = image_processor or build_image_processor(size)
         arrays = []
         for r, im in zip(chunk, pil):
             w0, h0 = im.size

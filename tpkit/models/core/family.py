@@ -167,9 +167,16 @@ class Family:
         raise NotImplementedError
 
     def view_scores(self, model: nn.Module, pixel_values: torch.Tensor, stage1: Any) -> torch.Tensor:
-        """Stage-1 scores (B, P) of one square view per image, pixel_values (B, 3, S, S) at the tower's
-        input size: the premise report's input (a patch grid per image)."""
+        """Stage-1 scores (B, P) of one square view per image, pixel_values (B, 3, S, S) at the
+        :meth:`premise_view` size: the premise report's input (a row-major grid of scored units)."""
         return self.stage1_scores(model, {"pixel_values": pixel_values}, stage1)
+
+    def premise_view(self, model: nn.Module, side: int) -> tuple[int, int]:
+        """(S, u): the side in pixels of the square view the premise report scores and the side of
+        one scored unit in it, for images ``side`` pixels wide. Here: the tower's fixed input size
+        and its patch."""
+        vc = model.config.vision_config
+        return int(vc.image_size), int(vc.patch_size)
 
     def position_ids(
         self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: dict[str, Any]

@@ -28,7 +28,7 @@ from tpkit.models.core.family import Family, Visual, llama_rotate, random_text
 from tpkit.models.core.visual import VisualTokens, select_visual
 from tpkit.models.qwen2_vl.intower import TowerHead, tower_head, tower_tail
 from tpkit.models.qwen2_vl.tiny import IMAGE_SIZE_ATTR
-from tpkit.models.qwen2_vl.tower import run_tower, unit_scores
+from tpkit.models.qwen2_vl.tower import pack_views, run_tower, unit_scores
 
 __all__ = ["Qwen2VLFamily", "DEFAULT_IMAGE_SIZE", "token_type_ids"]
 
@@ -292,6 +292,20 @@ class Qwen2VLFamily(Family):
                 for s, (t, h, w) in zip(scores.split(sizes), grid):
                     out.append(s.view(t, h // merge, w // merge))
         return out
+
+    def view_scores(self, model: nn.Module, pixel_values: torch.Tensor, stage1: Any) -> torch.Tensor:
+        """(B, U) scores of the merged units of square views (B, 3, S, S), units row-major: each view
+        packed as the processor packs an image of that size (:func:`pack_views`)."""
+        pixels, grid = pack_views(pixel_values, model.config.vision_config)
+        scores = self.stage1_scores(model, {"pixel_values": pixels, "image_grid_thw": grid}, stage1)
+        return torch.stack([s.flatten() for s in scores])
+
+    def premise_view(self, model: nn.Module, side: int) -> tuple[int, int]:
+        """No fixed input size: the image's own side rounded to whole merged units (at least one), as
+        the processor's resize does; a unit is ``patch_size * spatial_merge_size`` pixels."""
+        vc = model.config.vision_config
+        unit = int(vc.patch_size * vc.spatial_merge_size)
+        return max(1, round(side / unit)) * unit, unit
 
     def check_config(self, model: nn.Module, config: Any) -> None:
         """Family checks, plus ``stage1.in_tower_block``: a block of the tower, and on Qwen2.5-VL a

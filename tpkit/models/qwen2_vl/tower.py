@@ -31,6 +31,7 @@ from tpkit.pruning.stage1 import attention_received, mean_cosine, random_scores
 __all__ = [
     "TowerRun",
     "attn_received_rows",
+    "pack_views",
     "run_tower",
     "to_units",
     "unit_of_row",
@@ -140,6 +141,26 @@ def run_tower(
     pooled = out.pooler_output
     embeds = torch.cat(list(pooled), dim=0) if isinstance(pooled, (list, tuple)) else pooled
     return TowerRun(embeds, seen["states"], unit_of_row(tower, grid_thw), tower.blocks[-1], seen.get("block"))
+
+
+def pack_views(pixel_values: torch.Tensor, tower_config: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Square images (B, C, S, S), already normalised, as the processor hands them to the tower: each
+    image a frame repeated ``temporal_patch_size`` times, cut into patches, in block-major order (each
+    run of ``merge**2`` rows one merged unit, units row-major). Returns ``(pixels (B*h*w, C*t*p*p),
+    grid_thw (B, 3))`` with ``h = w = S / patch_size``."""
+    b, c, side, width = pixel_values.shape
+    p, t, m = tower_config.patch_size, tower_config.temporal_patch_size, tower_config.spatial_merge_size
+    if side != width or side % (p * m):
+        raise ValueError(
+            f"views are {side}x{width}: they must be square with a side that is a multiple of "
+            f"patch_size x spatial_merge_size = {p * m}"
+        )
+    g = side // p
+    x = pixel_values[:, None].expand(b, t, c, side, side)
+    x = x.reshape(b, t, c, g // m, m, p, g // m, m, p)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (B, h/m, w/m, m, m, C, t, p, p)
+    grid = torch.tensor([[1, g, g]] * b, device=pixel_values.device)
+    return x.reshape(b * g * g, c * t * p * p), grid
 
 
 def to_units(per_row: torch.Tensor, run: TowerRun, unit: int) -> torch.Tensor:
