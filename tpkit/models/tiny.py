@@ -313,32 +313,6 @@ ARCHITECTURES: dict[str, dict] = {
         intermediate_size=18944,
         max_position_embeddings=128000,
     ),
-    # Qwen2-VL-7B: ViT of 32 full-attention blocks (1280-d, 16 heads, MLP 5120) + the same LM
-    "qwen2-vl-7b": dict(
-        family="qwen2_vl",
-        vocab_size=152064,
-        image_token_id=151655,
-        video_token_id=151656,
-        vision_start_token_id=151652,
-        vision_end_token_id=151653,
-        pad_token_id=151643,
-        bos_token_id=151643,
-        eos_token_id=151645,
-        image_size=1036,
-        patch_size=14,
-        temporal_patch_size=2,
-        merge_size=2,
-        vision_hidden=1280,
-        vision_layers=32,
-        vision_heads=16,
-        vision_intermediate=5120,
-        hidden_size=3584,
-        num_layers=28,
-        num_heads=28,
-        num_kv_heads=4,
-        intermediate_size=18944,
-        max_position_embeddings=32768,
-    ),
     # benchmarks/prefill_speed.py: LLaVA-1.5's token counts (576 patches) with a small tower and an
     # LM large enough (512-d, 8 layers, batch 8) that compute, not overhead, dominates on a CPU
     "cpu-bench": dict(
@@ -359,6 +333,18 @@ ARCHITECTURES: dict[str, dict] = {
         intermediate_size=1376,
         max_position_embeddings=2048,
     ),
+}
+# Qwen2-VL-7B: Qwen2.5-VL-7B's LM and token ids, a ViT of 32 full-attention blocks (no windows,
+# MLP 5120) and the shorter context of Qwen2-VL
+ARCHITECTURES["qwen2-vl-7b"] = {
+    **{
+        k: v
+        for k, v in ARCHITECTURES["qwen2.5-vl-7b"].items()
+        if k not in ("window_size", "fullatt_block_indexes", "tokens_per_second")
+    },
+    "family": "qwen2_vl",
+    "vision_intermediate": 5120,
+    "max_position_embeddings": 32768,
 }
 
 
