@@ -28,7 +28,19 @@ from tpkit.models.core.masks import gather_rows
 from tpkit.pruning.config import CLS_SCORES
 from tpkit.pruning.stage2 import apply_rope
 
-__all__ = ["Visual", "Family", "llama_rotate", "random_text"]
+__all__ = ["Visual", "Family", "first_missing", "llama_rotate", "random_text"]
+
+
+def first_missing(model: nn.Module, paths: list[str]) -> str | None:
+    """The first dotted attribute path (``"model.language_model.norm"``) that ``model`` lacks or holds
+    None at; None when it has them all (what a family's :meth:`Family.check` names in its error)."""
+    for path in paths:
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                return path
+    return None
 
 
 def random_text(model: nn.Module, batch_size: int, n: int, generator: torch.Generator) -> torch.Tensor:

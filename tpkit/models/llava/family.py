@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tpkit.models.core.family import Family, Visual, random_text
+from tpkit.models.core.family import Family, Visual, first_missing, random_text
 from tpkit.pruning.stage1 import (
     cls_attention,
     cls_cosine,
@@ -82,15 +82,12 @@ class LlavaFamily(Family):
             "config.vision_config",
             "config.text_config",
         ]
-        for path in needed:
-            obj = model
-            for part in path.split("."):
-                obj = getattr(obj, part, None)
-                if obj is None:
-                    raise ValueError(
-                        f"{name} is not LLaVA-like: it has no '{path}' (expected a LlavaForConditionalGeneration "
-                        "with vision_tower, multi_modal_projector, language_model and lm_head)"
-                    )
+        path = first_missing(model, needed)
+        if path is not None:
+            raise ValueError(
+                f"{name} is not LLaVA-like: it has no '{path}' (expected a LlavaForConditionalGeneration "
+                "with vision_tower, multi_modal_projector, language_model and lm_head)"
+            )
         layer = model.model.language_model.layers[0]
         for part in ("input_layernorm", "self_attn"):
             if not hasattr(layer, part):

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tpkit.models.core.family import Family, random_text
+from tpkit.models.core.family import Family, first_missing, random_text
 from tpkit.models.core.visual import VisualTokens, select_visual
 from tpkit.pruning.stage1 import (
     cls_attention,
@@ -57,13 +57,10 @@ class LlavaNextFamily(Family):
     # ---- structure ------------------------------------------------------------------------------
     def check(self, model: nn.Module) -> None:
         name = type(model).__name__
-        for path in ("model.vision_tower", "model.multi_modal_projector", "model.language_model",
-                     "model.image_newline", "lm_head", "config.image_grid_pinpoints"):  # fmt: skip
-            obj = model
-            for part in path.split("."):
-                obj = getattr(obj, part, None)
-            if obj is None:
-                raise ValueError(f"{name} has no '{path}': expected a stock {self.classes[0]}")
+        path = first_missing(model, ["model.vision_tower", "model.multi_modal_projector", "model.language_model",
+                                     "model.image_newline", "lm_head", "config.image_grid_pinpoints"])  # fmt: skip
+        if path is not None:
+            raise ValueError(f"{name} has no '{path}': expected a stock {self.classes[0]}")
 
     def language_model(self, model: nn.Module) -> nn.Module:
         return model.model.language_model

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tpkit.models.core.family import Family, Visual, llama_rotate, random_text
+from tpkit.models.core.family import Family, Visual, first_missing, llama_rotate, random_text
 from tpkit.models.core.visual import VisualTokens, select_visual
 from tpkit.models.qwen2_vl.intower import TowerHead, tower_head, tower_tail
 from tpkit.models.qwen2_vl.tiny import IMAGE_SIZE_ATTR
@@ -100,15 +100,12 @@ class Qwen2VLFamily(Family):
             "config.video_token_id",
             "config.vision_config",
         ]
-        for path in needed:
-            obj = model
-            for part in path.split("."):
-                obj = getattr(obj, part, None)
-                if obj is None:
-                    raise ValueError(
-                        f"{name} is not Qwen2-VL-like: it has no '{path}' (expected a Qwen2(.5)-VL model with "
-                        "model.visual, model.language_model and lm_head)"
-                    )
+        path = first_missing(model, needed)
+        if path is not None:
+            raise ValueError(
+                f"{name} is not Qwen2-VL-like: it has no '{path}' (expected a Qwen2(.5)-VL model with "
+                "model.visual, model.language_model and lm_head)"
+            )
         attn = model.model.language_model.layers[0].self_attn
         for part in ("q_proj", "k_proj"):
             if not hasattr(attn, part):
