@@ -32,6 +32,22 @@ def cls_cosine(hidden: torch.Tensor, centered: bool = False) -> torch.Tensor:
     return F.cosine_similarity(patches, cls, dim=-1, eps=1e-8)
 
 
+def _encoder_qk(
+    layer_input: torch.Tensor, layer: torch.nn.Module, n_queries: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Queries (of the first ``n_queries`` tokens; None: all) and keys (B, H, T, hd) of a CLIP/SigLIP
+    encoder layer (``layer_norm1``, ``self_attn.{q_proj, k_proj}``) for its input, and its scale."""
+    attn = layer.self_attn
+    x = layer.layer_norm1(layer_input)
+    b, t, d = x.shape
+    heads = attn.num_heads
+    hd = getattr(attn, "head_dim", d // heads)
+    xq = x if n_queries is None else x[:, :n_queries]
+    q = attn.q_proj(xq).view(b, xq.shape[1], heads, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(b, t, heads, hd).transpose(1, 2)
+    return q, k, getattr(attn, "scale", hd**-0.5)
+
+
 def cls_attention(layer_input: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
     """CLS row of a CLIP encoder layer's self-attention, averaged over heads -> (B, P).
 
@@ -39,14 +55,7 @@ def cls_attention(layer_input: torch.Tensor, layer: torch.nn.Module) -> torch.Te
     ``layer`` has ``layer_norm1`` and ``self_attn.{q_proj, k_proj}``. Computed from q/k here because
     sdpa attention returns no weights. Only the CLS query is formed: O(P) not O(P^2).
     """
-    attn = layer.self_attn
-    x = layer.layer_norm1(layer_input)
-    b, t, d = x.shape
-    heads = attn.num_heads
-    hd = getattr(attn, "head_dim", d // heads)
-    scale = getattr(attn, "scale", hd**-0.5)
-    q = attn.q_proj(x[:, :1]).view(b, 1, heads, hd).transpose(1, 2)  # (B, H, 1, hd)
-    k = attn.k_proj(x).view(b, t, heads, hd).transpose(1, 2)  # (B, H, 1+P, hd)
+    q, k, scale = _encoder_qk(layer_input, layer, n_queries=1)  # (B, H, 1, hd), (B, H, 1+P, hd)
     w = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1)  # (B, H, 1, 1+P)
     return w.mean(dim=1)[:, 0, 1:]
 
@@ -97,14 +106,7 @@ def tower_attention_received(
     """:func:`attention_received` in a CLIP/SigLIP encoder layer (``layer_norm1``,
     ``self_attn.{q_proj, k_proj}``): layer_input (B, [1 +] P, D) -> (B, P), all tokens attending,
     the CLS token's column (``cls``) left out of the result."""
-    attn = layer.self_attn
-    x = layer.layer_norm1(layer_input)
-    b, t, d = x.shape
-    heads = attn.num_heads
-    hd = getattr(attn, "head_dim", d // heads)
-    scale = getattr(attn, "scale", hd**-0.5)
-    q = attn.q_proj(x).view(b, t, heads, hd).transpose(1, 2)
-    k = attn.k_proj(x).view(b, t, heads, hd).transpose(1, 2)
+    q, k, scale = _encoder_qk(layer_input, layer)
     out = attention_received(q, k, scale, valid)
     return out[:, 1:] if cls else out
 
