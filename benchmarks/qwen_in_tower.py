@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from tpkit.evaluation.speed import model_inputs, random_prompt_batch, summarize_times, time_calls  # noqa: E402
 from tpkit.models import attach_pruner  # noqa: E402
+from tpkit.models.core.state import state_of  # noqa: E402
 from tpkit.models.tiny import build_random_init  # noqa: E402
 from tpkit.pruning import PruningConfig, Stage1Config, Stage2Config  # noqa: E402
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     model = build_random_init("qwen2.5-vl-7b", "cpu", "float32", scale_down=args.scale_down)
     attach_pruner(model, _config(None, "random", args.keep))
-    family = model._tp_family
+    family = state_of(model).family
     results: dict = {"scale_down": args.scale_down, "keep": args.keep, "threads": torch.get_num_threads()}
 
     with torch.no_grad():
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
                 outs = {}
                 for mode in (None, block):
                     attach_pruner(model, _config(mode, "random", args.keep, seed=p))
-                    vis = family.encode(model, b["input_ids"], x, model._tp_cfg.stage1)
+                    vis = family.encode(model, b["input_ids"], x, state_of(model).config.stage1)
                     logits = model(**x, use_cache=False, logits_to_keep=1).logits[0, -1].float()
                     outs[mode] = (vis.keep, vis.projected.float(), logits)
                 (k0, e0, l0), (k1, e1, l1) = outs[None], outs[block]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tpkit.models import attach_pruner, last_stats
+from tpkit.models import attach_pruner, detach_pruner, last_stats
 from tpkit.models.core.attach import CACHE_FIELD
 from tpkit.models.core.cache import PrunedCache
 from tpkit.models.core.compile import compile_model, is_compiled
@@ -73,3 +73,10 @@ def test_compiled_regions_trace_whole_and_match_eager(tiny_llava_factory, make_l
         torch.testing.assert_close(model(**batch, use_cache=False).logits, eager_logits)
         ids = model.generate(**batch, **GEN)
     assert torch.equal(ids, eager_ids)
+    detach_pruner(model)  # the compiled regions go with the pruner: stock class, stock LM forward
+    lm = model.model.language_model
+    assert (
+        not is_compiled(model)
+        and "forward" not in vars(lm)
+        and type(model).__name__ == "LlavaForConditionalGeneration"
+    )

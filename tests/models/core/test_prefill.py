@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers import LlavaForConditionalGeneration
 
 from tpkit.models import attach_pruner, detach_pruner, last_stats, set_pruning, stage1_scores
 from tpkit.models.core.masks import gather_rows
@@ -237,7 +238,7 @@ def test_bad_inputs_raise(tiny_llava, make_llava_batch):
     with pytest.raises(ValueError, match="one image per sample"):
         model(**{**batch, "pixel_values": batch["pixel_values"][:1]})
     detach_pruner(model)
-    assert not hasattr(model, "_tp_cfg")
+    assert type(model) is LlavaForConditionalGeneration and "_tpkit" not in vars(model)
 
 
 def test_cls_attn_is_the_towers_last_layer_cls_row(tiny_llava_factory, make_llava_batch):

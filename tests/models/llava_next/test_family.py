@@ -11,6 +11,7 @@ import transformers
 from tests.models.core.test_generate import _ref_mask
 from tpkit.models import attach_pruner, detach_pruner, last_stats, pruning_disabled
 from tpkit.models.core.prefill import prefill
+from tpkit.models.core.state import state_of
 from tpkit.models.families import family_of
 from tpkit.models.llava_next.tiny import tiny_next_config, tiny_onevision_config
 from tpkit.pruning import PruningConfig, Stage1Config, Stage2Config
@@ -182,7 +183,7 @@ def test_newlines_follow_their_rows_and_groups_cut_per_image():
     fam = family_of(model)
     with torch.no_grad():
         vis = fam.encode(model, batch["input_ids"], {k: batch[k] for k in ("pixel_values", "image_sizes")},
-                         model._tp_cfg.stage1)  # fmt: skip
+                         state_of(model).config.stage1)  # fmt: skip
     for b in range(2):
         real = vis.slots[b] >= 0
         content = vis.coords[b, :, 0] >= 0

@@ -10,6 +10,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from tpkit.models import attach_pruner, last_stats, pruning_disabled
 from tpkit.models.core.prefill import prefill
+from tpkit.models.core.state import state_of
 from tpkit.models.qwen2_vl.tiny import build_tiny_qwen
 from tpkit.pruning import PruningConfig, Stage1Config, Stage2Config
 
@@ -183,7 +184,9 @@ def test_stage1_groups_image_or_video_frame(qwen_factory, make_qwen_batch, varia
         seen[groups] = stats["visual_keep"][2]
     frames = seen["view"] // 16  # the video's 2 frames of 4 x 4 units
     assert sorted(frames.tolist()) == [0, 0, 1, 1]
-    vis = model._tp_family.encode(model, batch["input_ids"], model_inputs(batch), Stage1Config(enabled=False))
+    vis = state_of(model).family.encode(
+        model, batch["input_ids"], model_inputs(batch), Stage1Config(enabled=False)
+    )
     coords = vis.coords[2, :32]  # the video: frame-major, then rows, then columns
     assert coords[:, 0].tolist() == [coords[0, 0].item()] * 16 + [coords[0, 0].item() + 1] * 16
     assert coords[:16, 1].tolist() == [r for r in range(4) for _ in range(4)]
@@ -237,7 +240,9 @@ def test_stage2_scores_equal_the_layers_attention(qwen_factory, make_qwen_batch,
         ids = batch["input_ids"]
         visual = (ids == model.config.image_token_id) | (ids == model.config.video_token_id)
         _, _, qpos, qvalid = stage2_roles(visual, valid, torch.zeros_like(valid), True, "instruction")
-        ours = stage2_scores(lm.layers[k], h, cos, sin, valid, qpos, qvalid, rotate=model._tp_family.rotate)
+        ours = stage2_scores(
+            lm.layers[k], h, cos, sin, valid, qpos, qvalid, rotate=state_of(model).family.rotate
+        )
         attn = out.attentions[k].mean(1)  # (B, T, T)
     for b in range(3):
         rows = qpos[b][qvalid[b]]

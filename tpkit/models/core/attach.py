@@ -22,6 +22,7 @@ from tpkit.models.core.cache import PrunedCache
 from tpkit.models.core.family import Family
 from tpkit.models.core.generate import check_generate_kwargs, decode_step
 from tpkit.models.core.prefill import check_layer, prefill, pruned_lm_loss
+from tpkit.models.core.state import ATTR, PrunerState, find_state, state_of
 from tpkit.pruning.config import PruningConfig
 
 __all__ = [
@@ -75,10 +76,11 @@ class _PrunedMixin:
         if isinstance(cache, PrunedCache) and cache.prefilled:  # a decoding step after a pruned prefill
             return self._tp_decode(input_ids, cache, kwargs)
         kwargs.update(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
-        family = self._tp_family
+        state = state_of(self)
+        family = state.family
         visual = {k: kwargs.get(k) for k in family.visual_keys}
-        if not _active(self) or not family.has_visual(visual) or input_ids is None:
-            self._tp_stats = None  # this call pruned nothing: last_stats must not report an earlier one
+        if not state.active or not family.has_visual(visual) or input_ids is None:
+            state.stats = None  # this call pruned nothing: last_stats must not report an earlier one
             out = super().forward(**kwargs)
             ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
             if ref is not None and out.logits is not None and out.logits.shape[1] == ref.shape[1]:
@@ -135,20 +137,22 @@ class _PrunedMixin:
             raise ValueError(
                 "decoding after a pruned prefill takes input_ids (the new tokens), not inputs_embeds"
             )
-        decode = getattr(self, "_tp_compiled", {}).get("decode", decode_step)
+        state = state_of(self)
+        decode = (state.compiled or {}).get("decode", decode_step)
         hidden, states = decode(
             self, input_ids, cache, output_hidden_states=bool(kwargs.get("output_hidden_states"))
         )
-        logits = self._tp_family.lm_head(self)(_keep_logits(hidden, kwargs.get("logits_to_keep")))
+        logits = state.family.lm_head(self)(_keep_logits(hidden, kwargs.get("logits_to_keep")))
         return PrunedOutput(logits=logits, hidden_states=states, **{CACHE_FIELD: cache})
 
     def generate(self, *args, **kwargs):
         """transformers' ``generate``; with the pruner on and images given, the prefill prunes and the
         decoding steps run on the pruned cache (:mod:`tpkit.models.core.generate`)."""
-        family = getattr(self, "_tp_family", None)
-        if _active(self) and family.has_visual({k: kwargs.get(k) for k in family.visual_keys}):
+        state = state_of(self)
+        family = state.family
+        if state.active and family.has_visual({k: kwargs.get(k) for k in family.visual_keys}):
             check_generate_kwargs(kwargs, CACHE_FIELD)
-            static = _new_tokens(self, args, kwargs) if getattr(self, "_tp_compiled", None) else None
+            static = _new_tokens(self, args, kwargs) if state.compiled else None
             kwargs[CACHE_FIELD] = PrunedCache(config=family.language_model(self).config, static_extra=static)
         return super().generate(*args, **kwargs)
 
@@ -156,8 +160,8 @@ class _PrunedMixin:
         self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs
     ):
         # beams / num_return_sequences: inputs packed across the batch (Qwen's patches) expand per sample
-        family = getattr(self, "_tp_family", None)
-        keys = family.packed_visual_keys if family is not None and _active(self) and expand_size > 1 else ()
+        state = state_of(self)
+        keys = state.family.packed_visual_keys if state.active and expand_size > 1 else ()
         packed = {k: model_kwargs.pop(k) for k in keys if model_kwargs.get(k) is not None}
         out_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size=expand_size,
@@ -166,12 +170,12 @@ class _PrunedMixin:
             **model_kwargs,
         )
         if packed:
-            model_kwargs.update(family.expand_packed(self, input_ids, packed, expand_size))
+            model_kwargs.update(state.family.expand_packed(self, input_ids, packed, expand_size))
         return out_ids, model_kwargs
 
     def _supports_mm_encoder_outputs(self) -> bool:
         # stage 1 needs the tower's hidden states: generate must not encode the images ahead of the prefill
-        return not _active(self) and super()._supports_mm_encoder_outputs()
+        return not state_of(self).active and super()._supports_mm_encoder_outputs()
 
 
 def _new_tokens(model, args, kwargs) -> int:
@@ -192,11 +196,6 @@ def _keep_logits(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
     if isinstance(logits_to_keep, torch.Tensor):
         return hidden[:, logits_to_keep]
     return hidden
-
-
-def _active(model: nn.Module) -> bool:
-    cfg = getattr(model, "_tp_cfg", None)
-    return cfg is not None and cfg.enabled and getattr(model, "_tp_off", 0) == 0
 
 
 _CLASS_CACHE: dict[type, type] = {}
@@ -253,13 +252,12 @@ def attach(model: nn.Module, config: PruningConfig | None, family: Family) -> nn
     config.validate()
     check_layer(family.language_model(model), config)
     family.check_config(model, config)
-    if not is_attached(model):
-        model._tp_base_class = model.__class__
+    state = find_state(model)
+    if state is None:
+        setattr(model, ATTR, PrunerState(family=family, config=config, base_class=model.__class__))
         model.__class__ = _pruned_class(model.__class__)
-        model._tp_off = 0
-        model._tp_stats = None
-    model._tp_family = family
-    model._tp_cfg = config
+    else:
+        state.family, state.config = family, config
     return outer
 
 
@@ -267,47 +265,49 @@ def detach_pruner(model: nn.Module) -> nn.Module:
     """Stock class and behaviour back."""
     outer = model
     model = unwrap(model)
-    if is_attached(model):
-        model.__class__ = model._tp_base_class
-        for attr in ("_tp_base_class", "_tp_cfg", "_tp_off", "_tp_stats", "_tp_family"):
-            if attr in model.__dict__:
-                delattr(model, attr)
+    state = find_state(model)
+    if state is not None:
+        model.__class__ = state.base_class
+        if state.compiled:  # compile_model compiled the language model's forward on the instance
+            state.family.language_model(model).__dict__.pop("forward", None)
+        delattr(model, ATTR)  # family, config, stats and compiled regions go together
     return outer
 
 
 def is_attached(model: nn.Module) -> bool:
-    return isinstance(unwrap(model), _PrunedMixin)
+    return find_state(unwrap(model)) is not None
 
 
 def pruning_config(model: nn.Module) -> PruningConfig | None:
     """The pruning config attached to ``model`` (or the model inside a PEFT wrapper), None if none."""
-    inner = unwrap(model)
-    return inner._tp_cfg if is_attached(inner) else None
+    state = find_state(unwrap(model))
+    return state.config if state is not None else None
 
 
 def set_pruning(model: nn.Module, config: PruningConfig) -> None:
     """Change the config of an attached model."""
     inner = unwrap(model)
-    if not is_attached(inner):
+    state = find_state(inner)
+    if state is None:
         raise ValueError("set_pruning: no pruner attached (call attach_pruner first)")
     config.validate()
-    check_layer(inner._tp_family.language_model(inner), config)
-    inner._tp_family.check_config(inner, config)
-    inner._tp_cfg = config
+    check_layer(state.family.language_model(inner), config)
+    state.family.check_config(inner, config)
+    state.config = config
 
 
 @contextlib.contextmanager
 def pruning_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Stock behaviour inside the block (the teacher); nests; a no-op on an unattached model."""
-    inner = unwrap(model)
-    if not is_attached(inner):
+    state = find_state(unwrap(model))
+    if state is None:
         yield model
         return
-    inner._tp_off += 1
+    state.off += 1
     try:
         yield model
     finally:
-        inner._tp_off -= 1
+        state.off -= 1
 
 
 def last_stats(model: nn.Module) -> dict[str, Any] | None:
@@ -319,7 +319,8 @@ def last_stats(model: nn.Module) -> dict[str, Any] | None:
     ``stage2_visual_keep_mask`` (B, N) bool; ``visual_keep`` / ``stage2_visual_keep`` (per-sample
     index lists) are built from the masks here on first request (three host syncs) and cached.
     """
-    stats = getattr(unwrap(model), "_tp_stats", None)
+    state = find_state(unwrap(model))
+    stats = state.stats if state is not None else None
     if stats is not None and "visual_keep" not in stats:
         m1, m2 = stats["visual_keep_mask"], stats["stage2_visual_keep_mask"]  # (B, N) bool each
         counts = torch.stack([m1.sum(dim=1), m2.sum(dim=1)]).tolist()  # (2, B)

@@ -21,6 +21,7 @@ from torch import nn
 from tpkit.models.core.attach import unwrap
 from tpkit.models.core.generate import decode_step
 from tpkit.models.core.prefill import run_group
+from tpkit.models.core.state import find_state
 
 __all__ = ["COMPILE_MODES", "compile_model", "is_compiled"]
 
@@ -37,17 +38,19 @@ def compile_model(model: nn.Module, mode: str = "reduce-overhead", backend: str 
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {mode!r} must be one of {', '.join(COMPILE_MODES)}")
     inner = unwrap(model)
-    if not hasattr(inner, "_tp_family"):
+    state = find_state(inner)
+    if state is None:
         raise ValueError("compile_model: attach the pruner first (attach_pruner)")
     options = {"mode": mode} if backend == "inductor" else {}
-    inner._tp_compiled = {
+    state.compiled = {
         "group": torch.compile(run_group, backend=backend, fullgraph=True, dynamic=False, **options),
         "decode": torch.compile(decode_step, backend=backend, fullgraph=True, dynamic=False, **options),
     }
-    lm = inner._tp_family.language_model(inner)
+    lm = state.family.language_model(inner)
     lm.forward = torch.compile(lm.forward, backend=backend, dynamic=False, **options)
     return model
 
 
 def is_compiled(model: nn.Module) -> bool:
-    return bool(getattr(unwrap(model), "_tp_compiled", None))
+    state = find_state(unwrap(model))
+    return state is not None and bool(state.compiled)

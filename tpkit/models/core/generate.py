@@ -17,6 +17,7 @@ from torch import nn
 
 from tpkit.models.core.cache import PrunedCache
 from tpkit.models.core.prefill import attn_impl, cache_kwarg, run_group
+from tpkit.models.core.state import state_of
 
 __all__ = ["UNSUPPORTED_GENERATE", "check_generate_kwargs", "decode_step"]
 
@@ -62,7 +63,7 @@ def decode_step(
     """One decoding step after a pruned prefill: ``input_ids`` (B, q) new tokens -> final-normed hidden
     states (B, q, D) (and each layer's input with ``output_hidden_states``). Positions continue from the
     prompt's; each layer group attends to its own cached keys; no host sync."""
-    family = model._tp_family
+    family = state_of(model).family
     lm = family.language_model(model)
     n_layers = lm.config.num_hidden_layers
     cache_kw = cache_kwarg(lm.layers[0])

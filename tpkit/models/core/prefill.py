@@ -26,6 +26,7 @@ from torch import nn
 from tpkit.data.collator import IGNORE_INDEX
 from tpkit.models.core.family import llama_rotate
 from tpkit.models.core.masks import FLASH, attn_mask, compact, compact_full, gather_rows
+from tpkit.models.core.state import state_of
 from tpkit.pruning.budgets import token_layer_fraction
 from tpkit.pruning.config import PruningConfig
 from tpkit.pruning.stage2 import redundancy, relevance, select_tokens
@@ -222,7 +223,7 @@ def prefill(
     cache=None,
     output_hidden_states: bool = False,
 ) -> Prefill:
-    """The pruned prefill of an attached model (``model._tp_family``, ``model._tp_cfg``).
+    """The pruned prefill of an attached model (its family and config: :func:`state_of`).
 
     ``visual``: the family's visual inputs ({"pixel_values": ..., "image_sizes": ...}), or the pixel
     values alone. ``cache`` (a :class:`tpkit.models.core.cache.PrunedCache`, empty) receives the keys
@@ -230,8 +231,9 @@ def prefill(
     ``Prefill.hidden_states`` holds each layer's input and the final normed output, as stock models
     return them (the layers from stage 2's on see fewer tokens).
     """
-    cfg: PruningConfig = model._tp_cfg
-    family = model._tp_family
+    state = state_of(model)
+    cfg: PruningConfig = state.config
+    family = state.family
     lm = family.language_model(model)
     device = input_ids.device
     b, t = input_ids.shape
@@ -289,7 +291,7 @@ def prefill(
     mask = attn_mask(valid, h.shape[1], impl, h.dtype, no_padding=full1)
     keep2, full = valid1, full1
     states: list[torch.Tensor] | None = [] if output_hidden_states else None
-    run = getattr(model, "_tp_compiled", {}).get("group", run_group)
+    run = (state.compiled or {}).get("group", run_group)
     h = run(lm, 0, split, h, mask, cos, sin, pos, cache, cache_kw, states)
     if split < n_layers:  # stage 2 at layer K = split, scored with that layer's own q/k
         layer = layers[split]
@@ -340,6 +342,6 @@ def prefill(
         "stage1_scores": vis.scores,  # the family's scores, or None when stage 1 is off
         "stage2_visual_keep_mask": keep12,  # (B, N); last_stats adds "stage2_visual_keep"
     }
-    model._tp_stats = stats
+    state.stats = stats
     hidden_states = tuple(states) if states is not None else None
     return Prefill(h, index, embeds, index1, valid1, pos1, keep2 & valid1, valid, split, stats, hidden_states)
