@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tpkit.data.collator import IGNORE_INDEX
+from tpkit.data.labels import IGNORE_INDEX
 from tpkit.training.losses import answer_ce, answer_positions, distill_rows, divergence
 
 

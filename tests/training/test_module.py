@@ -166,8 +166,8 @@ def test_only_trainable_params_change(make_cfg, processor, train_projector):
 @pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
 def test_fast_kd_path_equals_the_naive_one(make_cfg, processor, batch, kind):
     """Shared tower output + teacher LM head on answer rows only == full teacher logits gathered."""
+    from tpkit.data.labels import next_token_targets
     from tpkit.models.core.masks import gather_rows
-    from tpkit.models.core.prefill import next_token_targets
 
     from .test_losses import distill_loss
 

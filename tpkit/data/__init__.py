@@ -20,7 +20,8 @@ _LAZY = {
     "LoadReport": "tpkit.data.llava_json",
     "LlavaDataError": "tpkit.data.llava_json",
     "LlavaCollator": "tpkit.data.collator",
-    "IGNORE_INDEX": "tpkit.data.collator",
+    "IGNORE_INDEX": "tpkit.data.labels",
+    "next_token_targets": "tpkit.data.labels",
 }
 
 __all__ = sorted(_LAZY)

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from tpkit.data.errors import LlavaDataError, RecordError
+from tpkit.data.labels import IGNORE_INDEX
 from tpkit.data.processor import num_image_tokens
 
-IGNORE_INDEX = -100
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 

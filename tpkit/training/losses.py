@@ -15,8 +15,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from tpkit.data.collator import IGNORE_INDEX
-from tpkit.models.core.prefill import next_token_targets
+from tpkit.data.labels import IGNORE_INDEX, next_token_targets
 
 __all__ = [
     "answer_positions",

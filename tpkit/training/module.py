@@ -19,9 +19,8 @@ import torch
 from peft import PeftModel
 from transformers.utils import ModelOutput
 
-from tpkit.data.collator import IGNORE_INDEX
+from tpkit.data.labels import IGNORE_INDEX, next_token_targets
 from tpkit.models.core.attach import last_stats, pruning_disabled
-from tpkit.models.core.prefill import next_token_targets
 from tpkit.models.families import family_of, model_inputs
 from tpkit.training.config import DistillConfig, OptimConfig
 from tpkit.training.losses import answer_ce, distill_rows, distill_rows_topk, hidden_cosine

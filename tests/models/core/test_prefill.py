@@ -6,7 +6,7 @@ from transformers import LlavaForConditionalGeneration
 
 from tpkit.models import attach_pruner, detach_pruner, last_stats, set_pruning, stage1_scores
 from tpkit.models.core.masks import gather_rows
-from tpkit.models.core.prefill import next_token_targets, pruned_lm_loss
+from tpkit.models.core.prefill import pruned_lm_loss
 from tpkit.pruning import PruningConfig, Stage1Config, Stage2Config
 
 
@@ -309,16 +309,6 @@ def test_attached_model_saves_as_stock_and_contexts_nest(tiny_llava, make_llava_
     with pytest.raises(ValueError, match="no pruner attached"):
         set_pruning(detach_pruner(model), PruningConfig())
     assert not is_attached(model)
-
-
-def test_next_token_targets_follow_kept_index():
-    # original row: 6 tokens, answer tokens at 4, 5 (labels unshifted)
-    labels = torch.tensor([[-100, -100, -100, -100, 40, 50]])
-    # no pruning: position t predicts labels[t + 1]
-    assert next_token_targets(labels).tolist() == [[-100, -100, -100, 40, 50, -100]]
-    # pruned: kept original positions 0, 3, 4, 5 (+ one pad at the left, -1)
-    kept = torch.tensor([[-1, 0, 3, 4, 5]])
-    assert next_token_targets(labels, kept).tolist() == [[-100, -100, 40, 50, -100]]
 
 
 def test_gather_rows():

@@ -40,7 +40,8 @@ from lmms_eval.utils import simple_parse_args_string
 from tqdm.auto import tqdm
 
 from tpkit.config import ConfigError, from_dict
-from tpkit.data.collator import IGNORE_INDEX, LlavaCollator
+from tpkit.data.collator import LlavaCollator
+from tpkit.data.labels import IGNORE_INDEX, next_token_targets
 from tpkit.evaluation.config import EvalConfig
 from tpkit.evaluation.harness.config import (
     apply_pruning_overrides,
@@ -52,7 +53,6 @@ from tpkit.evaluation.methods import METHODS, MethodSpec, OursStats, method_spec
 from tpkit.evaluation.runner import load_model_and_processor, prefill_stats
 from tpkit.models.config import ModelConfig
 from tpkit.models.core.attach import set_pruning
-from tpkit.models.core.prefill import next_token_targets
 from tpkit.models.families import device_inputs
 from tpkit.pruning.config import PruningConfig
 

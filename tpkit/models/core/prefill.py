@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tpkit.data.collator import IGNORE_INDEX
+from tpkit.data.labels import IGNORE_INDEX, next_token_targets
 from tpkit.models.core.family import llama_rotate
 from tpkit.models.core.masks import FLASH, attn_mask, compact, compact_full, gather_rows
 from tpkit.models.core.state import state_of
@@ -38,7 +38,6 @@ __all__ = [
     "cache_kwarg",
     "check_layer",
     "layer_call",
-    "next_token_targets",
     "pruned_lm_loss",
     "prefill",
     "stage2_roles",
@@ -94,22 +93,6 @@ def run_group(lm: nn.Module, start: int, stop: int, h, mask, cos, sin, pos, cach
             states.append(h)
         h = layer_call(layer, h, mask, cos, sin, pos, cache, cache_kw)
     return h
-
-
-def next_token_targets(labels: torch.Tensor, kept_index: torch.Tensor | None = None) -> torch.Tensor:
-    """The target of each output position: the label of the token after it, IGNORE_INDEX where none.
-
-    labels (B, T) unshifted (``labels[b, t] = input_ids[b, t]`` on answer tokens, else IGNORE_INDEX);
-    kept_index (B, T_out): original index of each output position, -1 = padding (None: unpruned).
-    Position j predicts ``labels[b, kept_index[b, j] + 1]``. Returns (B, T_out) long.
-    """
-    b, t = labels.shape
-    if kept_index is None:
-        kept_index = torch.arange(t, device=labels.device).expand(b, t)
-    nxt = kept_index + 1
-    valid = (kept_index >= 0) & (nxt < t)
-    target = labels.gather(1, nxt.clamp(0, t - 1))
-    return torch.where(valid, target, torch.full_like(target, IGNORE_INDEX))
 
 
 def pruned_lm_loss(logits: torch.Tensor, labels: torch.Tensor, kept_index: torch.Tensor) -> torch.Tensor:
