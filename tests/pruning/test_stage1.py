@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 from transformers import CLIPVisionConfig
@@ -8,7 +9,9 @@ from tpkit.pruning import (
     attention_received,
     cls_attention,
     cls_cosine,
+    encoder_attention,
     mean_cosine,
+    patch_scores,
     random_scores,
     select_patches,
     tower_attention_received,
@@ -113,3 +116,29 @@ def test_select_with_ragged_counts_equals_each_row_alone():
             assert torch.equal(mask[i, : len(r)], alone[0]) and not mask[i, len(r) :].any()
     mask, k = select_patches(padded, Stage1Config(), keep=torch.tensor([3, 9, 1, 5]), counts=counts)
     assert k.tolist() == [3, 5, 1, 2]  # forced counts clamp to each row's candidates
+
+
+def test_patch_scores_is_the_one_dispatch():
+    cfg = CLIPVisionConfig(hidden_size=16, num_attention_heads=2, intermediate_size=32)
+    torch.manual_seed(0)
+    layer = CLIPEncoderLayer(cfg).eval()
+    h, x = torch.randn(2, 1 + 6, 16), torch.randn(2, 1 + 6, 16)
+    att = encoder_attention(x, layer, cls=True)
+    expect = {
+        "cosine": cls_cosine(h),
+        "cosine_centered": cls_cosine(h, centered=True),
+        "cosine_mean": mean_cosine(h[:, 1:]),
+        "random": random_scores(2, 6, 5),
+    }
+    with torch.no_grad():
+        expect["cls_attn"] = cls_attention(x, layer)
+        expect["attn_received"] = tower_attention_received(x, layer)
+    for kind, want in expect.items():
+        torch.testing.assert_close(patch_scores(kind, h, cls=True, attention=att, seed=5), want)
+    with pytest.raises(ValueError, match="'cosine' compares patches with the CLS token"):
+        patch_scores("cosine", h[:, 1:], cls=False)
+    # ragged rows: padding is NaN, and random draws the valid entries in row-major order, as a packed batch
+    valid = torch.tensor([[True] * 6, [True] * 2 + [False] * 4])
+    r = patch_scores("random", h[:, 1:], cls=False, valid=valid, seed=5)
+    assert torch.equal(r[valid], random_scores(1, 8, 5)[0]) and r[~valid].isnan().all()
+    assert patch_scores("cosine_mean", h[:, 1:], cls=False, valid=valid)[~valid].isnan().all()

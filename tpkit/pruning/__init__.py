@@ -24,6 +24,8 @@ _LAZY = {
     "attention_received": "tpkit.pruning.stage1",
     "tower_attention_received": "tpkit.pruning.stage1",
     "random_scores": "tpkit.pruning.stage1",
+    "patch_scores": "tpkit.pruning.stage1",
+    "encoder_attention": "tpkit.pruning.stage1",
     "select_patches": "tpkit.pruning.stage1",
     "relevance": "tpkit.pruning.stage2",
     "select_tokens": "tpkit.pruning.stage2",

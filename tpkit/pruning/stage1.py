@@ -12,10 +12,12 @@ Pure torch. The vision-tower call and the projection of kept patches live in
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
-from tpkit.pruning.config import Stage1Config
+from tpkit.pruning.config import CLS_SCORES, STAGE1_SCORES, Stage1Config
 from tpkit.pruning.knee import head_count
 
 
@@ -115,6 +117,65 @@ def random_scores(batch: int, n: int, seed: int, device: torch.device | str = "c
     """Seeded uniform scores (B, P): the same images-independent draw for a given seed."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     return torch.rand(batch, n, generator=g).to(device)
+
+
+def encoder_attention(
+    layer_input: torch.Tensor, layer: torch.nn.Module, cls: bool
+) -> Callable[[str], torch.Tensor]:
+    """The attention-based scores of a CLIP/SigLIP-shaped encoder layer (``layer_norm1``,
+    ``self_attn.{q_proj, k_proj}``) for :func:`patch_scores`: ``"cls_attn"`` -> :func:`cls_attention`,
+    ``"attn_received"`` -> :func:`tower_attention_received`; layer_input (B, [1 +] P, D)."""
+
+    def scores(kind: str) -> torch.Tensor:
+        if kind == "cls_attn":
+            return cls_attention(layer_input, layer)
+        return tower_attention_received(layer_input, layer, cls=cls)
+
+    return scores
+
+
+def patch_scores(
+    kind: str,
+    hidden: torch.Tensor,
+    *,
+    cls: bool,
+    attention: Callable[[str], torch.Tensor] | None = None,
+    valid: torch.Tensor | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """The stage-1 score ``kind`` of every patch: the one dispatch every family calls.
+
+    hidden (B, [1 +] P, D): the tower's states at the scoring layer, a CLS token first when ``cls``;
+    ``attention(kind)`` -> (B, P): the family's attention-based scores (``cls_attn``,
+    ``attn_received``) from its own q/k (:func:`encoder_attention` for CLIP/SigLIP layers); ``valid``
+    (B, P) bool: ragged rows (padding scores NaN; ``random`` draws the valid entries in row-major
+    order, so a packed batch gets the same draw as its rows concatenated). Returns (B, P) float.
+    """
+    patches = hidden[:, 1:] if cls else hidden
+    if kind in CLS_SCORES and not cls:
+        raise ValueError(
+            f"pruning.stage1.score = {kind!r} compares patches with the CLS token, but this vision tower has "
+            "none: use 'cosine_mean', 'attn_received' or 'random'"
+        )
+    with torch.no_grad():  # scores only pick indices
+        if kind in ("cosine", "cosine_centered"):
+            return cls_cosine(hidden, centered=kind == "cosine_centered")
+        if kind == "cosine_mean":
+            return mean_cosine(patches, valid)
+        if kind in ("cls_attn", "attn_received"):
+            if attention is None:
+                raise ValueError(
+                    f"pruning.stage1.score = {kind!r} needs the tower's attention (q/k of a layer)"
+                )
+            return attention(kind)
+        if kind == "random":
+            b, p = patches.shape[:2]
+            if valid is None:
+                return random_scores(b, p, seed, patches.device)
+            out = torch.full((b, p), float("nan"), device=patches.device)
+            n = int(valid.sum())
+            return out.masked_scatter(valid, random_scores(1, n, seed, patches.device)[0])
+    raise ValueError(f"pruning.stage1.score = {kind!r} is not one of {list(STAGE1_SCORES)}")
 
 
 def select_patches(

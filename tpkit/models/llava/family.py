@@ -15,14 +15,7 @@ import torch
 from torch import nn
 
 from tpkit.models.core.family import Family, Visual, first_missing, random_text
-from tpkit.pruning.stage1 import (
-    cls_attention,
-    cls_cosine,
-    mean_cosine,
-    random_scores,
-    select_patches,
-    tower_attention_received,
-)
+from tpkit.pruning.stage1 import encoder_attention, patch_scores, select_patches
 
 __all__ = ["LlavaFamily", "image_token_count", "tower_states"]
 
@@ -140,19 +133,11 @@ class LlavaFamily(Family):
         """Stage-1 scores (B, P) per patch from the tower's hidden states (:func:`tower_states`)."""
         layer = model.config.vision_feature_layer
         score_hidden = _hs(hs, layer if isinstance(layer, int) else layer[-1])
-        kind = self.score_kind(model, s1)
-        with torch.no_grad():  # scores only pick indices; no graph needed
-            if kind in ("cosine", "cosine_centered"):
-                return cls_cosine(score_hidden, centered=kind == "cosine_centered")
-            if kind == "cls_attn":
-                return cls_attention(_hs(hs, -2), _tower_layers(model.model.vision_tower)[-1])
-            if kind == "cosine_mean":
-                return mean_cosine(score_hidden[:, 1:])
-            if kind == "attn_received":
-                return tower_attention_received(_hs(hs, -2), _tower_layers(model.model.vision_tower)[-1])
-            return random_scores(
-                score_hidden.shape[0], score_hidden.shape[1] - 1, s1.seed, score_hidden.device
-            )
+        last = _tower_layers(model.model.vision_tower)[-1]
+        attention = encoder_attention(_hs(hs, -2), last, cls=True)
+        return patch_scores(
+            self.score_kind(model, s1), score_hidden, cls=True, attention=attention, seed=s1.seed
+        )
 
     def stage1_scores(self, model: nn.Module, visual: dict[str, Any], stage1: Any) -> torch.Tensor:
         with torch.no_grad():

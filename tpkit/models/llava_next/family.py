@@ -27,13 +27,7 @@ from torch import nn
 
 from tpkit.models.core.family import Family, first_missing, random_text
 from tpkit.models.core.visual import VisualTokens, select_visual
-from tpkit.pruning.stage1 import (
-    cls_attention,
-    cls_cosine,
-    mean_cosine,
-    random_scores,
-    tower_attention_received,
-)
+from tpkit.pruning.stage1 import encoder_attention, patch_scores
 
 __all__ = ["LlavaNextFamily", "LlavaOnevisionFamily"]
 
@@ -114,18 +108,8 @@ class LlavaNextFamily(Family):
         layer = model.config.vision_feature_layer
         h = hs[layer if isinstance(layer, int) else layer[-1]]
         cls = self.has_cls(model)
-        kind = self.score_kind(model, stage1)
-        with torch.no_grad():
-            if kind in ("cosine", "cosine_centered"):
-                s = cls_cosine(h, centered=kind == "cosine_centered")
-            elif kind == "cls_attn":
-                s = cls_attention(hs[-2], _tower_layers(model.model.vision_tower)[-1])
-            elif kind == "cosine_mean":
-                s = mean_cosine(h[:, 1:] if cls else h)
-            elif kind == "attn_received":
-                s = tower_attention_received(hs[-2], _tower_layers(model.model.vision_tower)[-1], cls=cls)
-            else:
-                s = random_scores(h.shape[0], h.shape[1] - int(cls), stage1.seed, h.device)
+        attention = encoder_attention(hs[-2], _tower_layers(model.model.vision_tower)[-1], cls=cls)
+        s = patch_scores(self.score_kind(model, stage1), h, cls=cls, attention=attention, seed=stage1.seed)
         strategy = model.config.vision_feature_select_strategy
         if cls and strategy == "full":  # the CLS feature is a token too: never dropped
             s = torch.cat([torch.full_like(s[:, :1], float("inf")), s], dim=1)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tpkit.pruning.stage1 import attention_received, mean_cosine, random_scores
+from tpkit.pruning.stage1 import attention_received, patch_scores
 
 __all__ = [
     "TowerRun",
@@ -200,22 +200,17 @@ def unit_scores(
     tower = model.model.visual
     unit = tower.spatial_merge_size**2
     sizes = (grid_thw.prod(dim=-1) // unit).tolist()  # units per image / video
-    with torch.no_grad():  # scores only pick indices
-        if kind == "cosine_mean":
-            feats = to_units(run.states, run, unit)  # (U, D)
-            padded = torch.nn.utils.rnn.pad_sequence(list(feats.split(sizes)), batch_first=True)
-            valid = torch.nn.utils.rnn.pad_sequence(
-                [torch.ones(s, dtype=torch.bool, device=feats.device) for s in sizes], batch_first=True
-            )
-            return mean_cosine(padded, valid)[valid]
-        if kind == "attn_received":
-            if run.block_inputs is None:
-                raise ValueError("attn_received needs the scored block's inputs (run_tower(last_block=True))")
-            rows = attn_received_rows(run.block, run.block_inputs)
-            return to_units(rows[:, None], run, unit)[:, 0]
-        if kind == "random":
-            return random_scores(1, sum(sizes), seed, run.states.device)[0]
-    raise ValueError(
-        f"pruning.stage1.score = {kind!r} is not available for Qwen2-VL's tower (no CLS token): "
-        "use 'cosine_mean', 'attn_received' or 'random'"
+    feats = to_units(run.states, run, unit)  # (U, D)
+    padded = torch.nn.utils.rnn.pad_sequence(list(feats.split(sizes)), batch_first=True)  # (items, U_max, D)
+    valid = torch.nn.utils.rnn.pad_sequence(
+        [torch.ones(s, dtype=torch.bool, device=feats.device) for s in sizes], batch_first=True
     )
+
+    def attention(_: str) -> torch.Tensor:  # attn_received, the only attention score of a CLS-less tower
+        if run.block_inputs is None:
+            raise ValueError("attn_received needs the scored block's inputs (run_tower(last_block=True))")
+        rows = attn_received_rows(run.block, run.block_inputs)
+        out = torch.full(valid.shape, float("nan"), device=rows.device)
+        return out.masked_scatter(valid, to_units(rows[:, None], run, unit)[:, 0])
+
+    return patch_scores(kind, padded, cls=False, attention=attention, valid=valid, seed=seed)[valid]
