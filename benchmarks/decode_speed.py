@@ -2,7 +2,7 @@
 
     python benchmarks/decode_speed.py            # ~1 minute on a 2-core box (1 torch thread)
 
-Model (``cpu-bench`` in tpkit.models.tiny.ARCHITECTURES, random weights, fp32): LLaVA-1.5's prompt
+Model (``cpu-bench`` in tpkit.models.registry.architectures(), random weights, fp32): LLaVA-1.5's prompt
 shape (35 text + 576 visual + 29 text = 640 tokens), a small CLIP tower, a 512-d 8-layer Llama LM.
 Both methods run transformers' ``generate`` for exactly ``--new-tokens`` greedy tokens (no eos); ours
 prunes the prefill (stage 1 keeps 1.5 x 22% of the prompt, stage 2 at layer 2 brings the token-layer

@@ -37,7 +37,7 @@ from tpkit.models import attach_pruner, family_of, last_stats, pruning_disabled 
 from tpkit.models.core.masks import attn_mask  # noqa: E402
 from tpkit.models.core.prefill import layer_call, prefill, stage2_roles, stage2_scores  # noqa: E402
 from tpkit.models.llava.family import tower_states  # noqa: E402
-from tpkit.models.tiny import build_tiny_llava  # noqa: E402
+from tpkit.models.llava.tiny import build_tiny_llava  # noqa: E402
 from tpkit.pruning import PruningConfig, select_patches, select_tokens  # noqa: E402
 
 

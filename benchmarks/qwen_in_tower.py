@@ -1,7 +1,7 @@
 """Stage 1 inside Qwen2.5-VL's tower (``stage1.in_tower_block``) against stage 1 after it, on random
 weights: what it saves in the tower and how much it changes the outputs.
 
-Model: ``qwen2.5-vl-7b`` from :data:`tpkit.models.tiny.ARCHITECTURES` with widths divided by
+Model: ``qwen2.5-vl-7b`` from :func:`tpkit.models.registry.architectures` with widths divided by
 ``--scale-down`` (depth, windows and token counts kept: 32 tower blocks, full attention in 7/15/23/31,
 one 1036 x 1036 image = 1,369 merged units), fp32, sdpa, random weights; stage 2 off, so that only the
 visual tokens differ.
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from tpkit.evaluation.speed import model_inputs, random_prompt_batch, summarize_times, time_calls  # noqa: E402
 from tpkit.models import attach_pruner  # noqa: E402
 from tpkit.models.core.state import state_of  # noqa: E402
-from tpkit.models.tiny import build_random_init  # noqa: E402
+from tpkit.models.registry import build_random_init  # noqa: E402
 from tpkit.pruning import PruningConfig, Stage1Config, Stage2Config  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random LLaVA models (tpkit.models.tiny) and left-padded multimodal batches.
+"""Shared fixtures: tiny random LLaVA models (tpkit.models.llava.tiny) and left-padded multimodal batches.
 
 Generic on purpose (other test packages use them):
 
@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import pytest
 import torch
 
-from tpkit.models.tiny import build_tiny_llava
+from tpkit.models.llava.tiny import build_tiny_llava
 
 # Tiny models are launch-bound: one intra-op thread is ~10x faster than two when the 2-core CI box
 # is busy (OpenMP spin contention). TPKIT_TEST_THREADS overrides.

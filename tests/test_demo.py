@@ -17,7 +17,7 @@ from tpkit.training.config import load_train_config
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
     """A save_pretrained LLaVA + processor directory shaped like assets/tiny-llava, random weights."""
-    from tpkit.models.tiny import build_tiny_llava
+    from tpkit.models.llava.tiny import build_tiny_llava
     from tpkit.synthetic.questions import synthetic_processor
 
     root = tmp_path_factory.mktemp("demo_base")

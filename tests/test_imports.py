@@ -5,7 +5,10 @@
   nothing in the product imports the embedded world (``tpkit.synthetic``);
 * no import circle between modules;
 * no function-local tpkit import outside ``tpkit/cli.py`` (whose commands import what they run
-  lazily, for start-up time).
+  lazily, for start-up time);
+* ``importlib.import_module`` only in the lazy ``__init__`` tables and in ``tpkit/models/registry.py``,
+  whose discovery of the family folders counts as an import of each ``tpkit/models/<name>/family.py``
+  that defines ``FAMILIES`` (so a circle through a family folder is seen too).
 """
 
 from __future__ import annotations
@@ -76,12 +79,34 @@ def _imports(path: Path, modules: set[str]) -> list[tuple[str, int, bool]]:
     return out
 
 
+REGISTRY = "tpkit.models.registry"
+
+
+def _defines_families(path: Path) -> bool:
+    tree = ast.parse(path.read_text())
+    return any(
+        isinstance(n, (ast.Assign, ast.AnnAssign))
+        and any(
+            getattr(t, "id", None) == "FAMILIES"
+            for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+        )
+        for n in tree.body
+    )
+
+
+def _family_modules() -> list[str]:
+    """What the registry discovers: ``tpkit/models/<name>/family.py`` files that define FAMILIES."""
+    return sorted(_module_name(p) for p in (PKG / "models").glob("*/family.py") if _defines_families(p))
+
+
 def _graph() -> tuple[dict[str, set[str]], dict[str, list[tuple[str, int, bool]]]]:
     files = {_module_name(p): p for p in PKG.rglob("*.py")}
     edges: dict[str, set[str]] = {m: set() for m in files}
     raw = {}
     for mod, path in files.items():
         raw[mod] = _imports(path, set(files))
+        if mod == REGISTRY:
+            raw[mod] += [(m, 0, False) for m in _family_modules()]
         for target, _, _ in raw[mod]:
             if target in files and target != mod:
                 edges[mod].add(target)
@@ -93,6 +118,23 @@ def test_the_graph_sees_the_package():
     assert "tpkit.models.core.prefill" in edges and "tpkit.cli" in edges
     assert "tpkit.models.core.masks" in edges["tpkit.models.core.prefill"]
     assert "tpkit.models.families" in edges["tpkit.models"]  # through the lazy table
+
+
+def test_the_graph_sees_the_registry_discovery():
+    edges, _ = _graph()
+    assert {"tpkit.models.llava.family", "tpkit.models.qwen2_vl.family"} <= edges[REGISTRY]
+    assert "tpkit.models.core.family" not in _family_modules()  # the seam itself defines no FAMILIES
+
+
+def test_importlib_loads_only_where_the_graph_sees_them():
+    loads = [
+        f"{_module_name(p)}:{n.lineno}"
+        for p in PKG.rglob("*.py")
+        for n in ast.walk(ast.parse(p.read_text()))
+        if isinstance(n, ast.Attribute) and n.attr == "import_module"
+    ]
+    allowed = {REGISTRY} | {_module_name(p) for p in PKG.rglob("__init__.py")}
+    assert all(entry.split(":")[0] in allowed for entry in loads), loads
 
 
 def test_layers():

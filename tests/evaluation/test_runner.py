@@ -50,7 +50,7 @@ def _methods_run(out_dir) -> list[str]:
 def test_an_adapter_of_another_base_is_refused_before_any_model_work(
     eval_cfg, exported, eval_assets, tmp_path
 ):
-    from tpkit.models.tiny import build_tiny_llava
+    from tpkit.models.llava.tiny import build_tiny_llava
 
     tok = eval_assets["processor"].tokenizer
     other = build_tiny_llava(

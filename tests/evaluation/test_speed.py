@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from tpkit.evaluation.speed import random_prompt_batch, summarize_times, time_calls
-from tpkit.models.tiny import build_random_init
+from tpkit.models.registry import build_random_init
 
 ROOT = Path(__file__).resolve().parents[2]
 

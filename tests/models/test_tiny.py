@@ -1,6 +1,8 @@
 """Models built from configs: tiny ones match a processor; full-size architectures scale down."""
 
-from tpkit.models.tiny import architecture_kwargs, build_tiny_llava, tiny_kwargs_from_processor
+from tpkit.models.llava.tiny import build_tiny_llava
+from tpkit.models.registry import architecture_kwargs
+from tpkit.models.tiny import tiny_kwargs_from_processor
 
 
 def test_architecture_scale_down_keeps_depth_and_tokens():

@@ -49,7 +49,7 @@ def test_premise_stats_on_a_step():
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
-    from tpkit.models.tiny import build_tiny_llava
+    from tpkit.models.llava.tiny import build_tiny_llava
 
     root = tmp_path_factory.mktemp("premise")
     generate_split(root / "data", "test", n=10, seed=0)

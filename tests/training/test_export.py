@@ -108,7 +108,7 @@ def local_export(processor, tmp_path_factory):
     """An export of a run whose base is a local directory, named relatively (as configs do)."""
     import os
 
-    from tpkit.models.tiny import build_tiny_llava
+    from tpkit.models.llava.tiny import build_tiny_llava
 
     root = tmp_path_factory.mktemp("local_base")
     tok = processor.tokenizer
@@ -167,8 +167,8 @@ def test_load_exported_checks_and_takes_another_base(local_export, processor, tm
     import warnings
 
     from tpkit.models import pruning_config
+    from tpkit.models.llava.tiny import build_tiny_llava
     from tpkit.models.loading import ExportBaseError
-    from tpkit.models.tiny import build_tiny_llava
 
     root, out = local_export
     moved = tmp_path / "elsewhere"

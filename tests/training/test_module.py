@@ -187,7 +187,7 @@ def test_fast_kd_path_equals_the_naive_one(make_cfg, processor, batch, kind):
 
 def test_student_and_teacher_share_one_tower_run(make_cfg, processor, batch):
     """The online teacher reuses the student's vision-tower run; the losses are those of two runs."""
-    from tpkit.models.families import family_of
+    from tpkit.models.registry import family_of
 
     m = _module(make_cfg(distill={"kind": "forward_kl", "temperature": 2.0}), processor)
     base = m.model.get_base_model()

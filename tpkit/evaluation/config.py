@@ -117,7 +117,9 @@ class SpeedConfig:
 class RandomInitConfig:
     """Speed-only runs on a full-size architecture with random weights (``--random-init NAME``)."""
 
-    name: str | None = None  # e.g. llava-1.5-7b (tpkit.models.tiny.ARCHITECTURES)
+    name: str | None = (
+        None  # e.g. llava-1.5-7b (tpkit.models.registry.architectures(): `tpkit evaluate --help` lists them)
+    )
     scale_down: int = 1  # divide widths (CPU smoke tests of the same code path)
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     # ours runs with fixed counts (random weights have no meaningful CLS): stage 1 keeps

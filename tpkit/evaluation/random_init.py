@@ -29,9 +29,9 @@ from tpkit.evaluation.speed import (
     torch_threads,
 )
 from tpkit.models.core.attach import last_stats, set_pruning
-from tpkit.models.families import attach_pruner, family_of
+from tpkit.models.families import attach_pruner
 from tpkit.models.loading import resolve_device
-from tpkit.models.tiny import build_random_init
+from tpkit.models.registry import build_random_init, family_of
 from tpkit.pruning.budgets import fixed_budget_counts
 from tpkit.pruning.config import PruningConfig, Stage1Config
 

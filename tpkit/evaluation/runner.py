@@ -42,7 +42,7 @@ from tpkit.evaluation.retention import dataset_cells
 from tpkit.evaluation.speed import LMShape, speed_table, torch_threads
 from tpkit.models.checks import check_pruning_fits
 from tpkit.models.core.attach import detach_pruner, last_stats, set_pruning, unwrap
-from tpkit.models.families import attach_pruner, device_inputs, family_of
+from tpkit.models.families import attach_pruner, device_inputs
 from tpkit.models.loading import (
     ExportBaseError,
     check_adapter_shapes,
@@ -55,6 +55,7 @@ from tpkit.models.loading import (
     resolve_device,
     resolve_dtype,
 )
+from tpkit.models.registry import family_of
 
 __all__ = [
     "EvalError",
@@ -403,8 +404,8 @@ def evaluate(cfg: EvalConfig, pruning_overrides: dict[str, Any] | None = None) -
     runs: dict[str, dict] = {}
     family = family_of(model)
     check_methods(family, unwrap(model), wanted + list(ev.sweep_methods if ev.budgets else []))
-    # records that name their objects: retention numbers (one fixed patch grid per image: LLaVA-1.5)
-    patch_grid = family.name == "llava"
+    # records that name their objects: retention numbers (families whose image is one fixed patch grid)
+    patch_grid = family.fixed_patch_grid
     cells, n_patches = dataset_cells(ds, model.config.vision_config) if patch_grid else (None, 0)
     for name in _tqdm(order, progress, desc="methods"):
         if name != "dense" and pending_adapter is not None:

@@ -15,7 +15,7 @@ layer, ``k2`` after) and averaged over samples. It ignores the vision tower (ide
 method), GQA savings and the third SwiGLU matrix, like FastV's own formula.
 
 ``--random-init NAME`` (:mod:`tpkit.evaluation.random_init`) times a full-size architecture with
-random weights (:data:`tpkit.models.tiny.ARCHITECTURES`) on a prompt from :func:`random_prompt_batch`.
+random weights (:func:`tpkit.models.registry.architectures`) on a prompt from :func:`random_prompt_batch`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from tpkit.evaluation.methods import MethodSpec
 from tpkit.models.core.attach import set_pruning
 from tpkit.models.core.compile import compile_model, is_compiled
-from tpkit.models.families import family_of, model_inputs
+from tpkit.models.families import model_inputs
+from tpkit.models.registry import family_of
 
 __all__ = [
     "LMShape",

@@ -14,7 +14,9 @@ from typing import Any
 _LAZY = {
     "attach_pruner": "tpkit.models.families",
     "stage1_scores": "tpkit.models.families",
-    "family_of": "tpkit.models.families",
+    "family_of": "tpkit.models.registry",
+    "families": "tpkit.models.registry",
+    "build_random_init": "tpkit.models.registry",
     "detach_pruner": "tpkit.models.core.attach",
     "set_pruning": "tpkit.models.core.attach",
     "pruning_disabled": "tpkit.models.core.attach",

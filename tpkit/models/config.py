@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["ModelConfig", "ModelSource", "TINY_BACKBONES", "parse_model_path"]
+__all__ = ["ModelConfig", "ModelSource", "TINY_BACKBONES", "TINY_BUILDER", "parse_model_path"]
 
+TINY_BUILDER = "llava"  # ``path: tiny`` is a tiny LLaVA-1.5 (the offline processor's layout)
 TINY_BACKBONES = ("llama", "mistral", "qwen2")
 
 
@@ -63,7 +64,7 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     revision: str | None = None
-    tiny: dict[str, Any] = field(default_factory=dict)  # kwargs of tpkit.models.tiny.build_tiny_llava
+    tiny: dict[str, Any] = field(default_factory=dict)  # kwargs of the tiny LLaVA's config builder
     seed: int = 0  # init seed of a "tiny" model
 
     @property

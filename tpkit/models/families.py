@@ -1,4 +1,4 @@
-"""The model families tpkit prunes, and the public entry points that pick a model's family."""
+"""The public entry points that pick a model's family (:mod:`tpkit.models.registry`) and act on it."""
 
 from __future__ import annotations
 
@@ -8,25 +8,10 @@ import torch
 from torch import nn
 
 from tpkit.models.core.attach import attach, pruning_config, unwrap
-from tpkit.models.core.family import Family
-from tpkit.models.llava.family import LlavaFamily
-from tpkit.models.llava_next.family import LlavaNextFamily, LlavaOnevisionFamily
-from tpkit.models.qwen2_vl.family import Qwen2VLFamily
+from tpkit.models.registry import family_of
 from tpkit.pruning.config import PruningConfig
 
-__all__ = ["FAMILIES", "family_of", "attach_pruner", "stage1_scores", "model_inputs", "device_inputs"]
-
-FAMILIES: tuple[Family, ...] = (LlavaFamily(), LlavaNextFamily(), LlavaOnevisionFamily(), Qwen2VLFamily())
-
-
-def family_of(model: nn.Module) -> Family:
-    """The family that handles ``model`` (or the model inside a PEFT wrapper); ValueError if none."""
-    inner = unwrap(model)
-    for family in FAMILIES:
-        if family.matches(inner):
-            return family
-    known = ", ".join(c for f in FAMILIES for c in f.classes)
-    raise ValueError(f"{type(inner).__name__} is not a model family tpkit can prune (supported: {known})")
+__all__ = ["attach_pruner", "stage1_scores", "model_inputs", "device_inputs"]
 
 
 def attach_pruner(model: nn.Module, config: PruningConfig | None = None) -> nn.Module:

@@ -20,9 +20,10 @@ from transformers import AutoConfig, AutoProcessor
 from tpkit.config import from_dict
 from tpkit.data.processor import build_processor
 from tpkit.models.checks import ARCHITECTURE_KEYS, config_sha256, fingerprint_diff, model_fingerprint
-from tpkit.models.config import ModelConfig, parse_model_path
-from tpkit.models.families import FAMILIES, attach_pruner
-from tpkit.models.tiny import build_tiny_llava, tiny_kwargs_from_processor
+from tpkit.models.config import TINY_BUILDER, ModelConfig, parse_model_path
+from tpkit.models.families import attach_pruner
+from tpkit.models.registry import build_tiny, families
+from tpkit.models.tiny import tiny_kwargs_from_processor
 from tpkit.pruning.config import PruningConfig
 
 __all__ = [
@@ -87,7 +88,7 @@ def model_class_for(config: Any, source: str) -> type:
     else a ValueError naming the checkpoint, its model type and the supported classes."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-    supported = [c for f in FAMILIES for c in f.classes]
+    supported = [c for f in families() for c in f.classes]
     kind = getattr(config, "model_type", type(config).__name__)
     names = list(getattr(config, "architectures", None) or [])
     names.append(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(kind))
@@ -186,7 +187,7 @@ def load_base_model(
 ) -> nn.Module:
     """The stock model of a ``model`` section (eval mode), from a local dir / hub id, or a random tiny one.
 
-    ``path: tiny[:backbone]`` builds :func:`tpkit.models.tiny.build_tiny_llava`; vocabulary and image
+    ``path: tiny[:backbone]`` builds a tiny LLaVA (config builder :data:`TINY_BUILDER`); vocabulary and image
     geometry come from ``processor`` when given (``cfg.tiny`` wins). ``dtype`` None: ``cfg.dtype``.
     """
     dtype = dtype or resolve_dtype(cfg.dtype, device)
@@ -194,7 +195,8 @@ def load_base_model(
     if src.is_tiny:
         kw = tiny_kwargs_from_processor(processor) if processor is not None else {}
         kw.update(cfg.tiny)
-        model = build_tiny_llava(src.name, seed=cfg.seed, attn_implementation=cfg.attn_implementation, **kw)
+        kw.update(text_backbone=src.name, attn_implementation=cfg.attn_implementation)
+        model = build_tiny(TINY_BUILDER, seed=cfg.seed, **kw)
         model = model.to(dtype)
         return model.to(device) if device is not None else model
     return load_pretrained(

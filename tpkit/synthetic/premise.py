@@ -38,8 +38,8 @@ from transformers import AutoImageProcessor
 
 from tpkit.data.processor import build_image_processor
 from tpkit.evaluation.retention import COVERED, patch_coverage
-from tpkit.models.families import family_of
 from tpkit.models.loading import load_pretrained
+from tpkit.models.registry import family_of
 from tpkit.pruning.config import Stage1Config
 from tpkit.pruning.stage1 import select_patches
 

@@ -16,7 +16,6 @@ from tpkit.models.config import ModelConfig
 from tpkit.pruning.config import PruningConfig
 
 __all__ = [
-    "DEFAULT_LORA_TARGETS",
     "LoraConfig",
     "DistillConfig",
     "OptimConfig",
@@ -24,9 +23,6 @@ __all__ = [
     "TrainConfig",
     "load_train_config",
 ]
-
-# language-model linear layers only: a plain name list would also hit the CLIP tower
-DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 @dataclass
@@ -36,9 +32,13 @@ class LoraConfig:
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    # a regex (peft full-match on module names) or a list of names; must not hit the vision tower
-    target_modules: str | list[str] = DEFAULT_LORA_TARGETS
-    train_projector: bool = False  # multi_modal_projector via peft modules_to_save (saved in the adapter)
+    # a regex (peft full-match on module names) or a list of names; must not hit the vision tower (a plain
+    # name list would). null: the model family's default, every linear layer of the language model
+    # (r'.*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)')
+    target_modules: str | list[str] | None = None
+    # the projector trained in full via peft modules_to_save (saved in the adapter): the family's
+    # projector modules (LLaVA's multi_modal_projector, Qwen's visual.merger)
+    train_projector: bool = False
     init_seed: int = 0
 
     def validate(self) -> None:

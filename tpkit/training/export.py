@@ -32,7 +32,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from tpkit.config import to_dict
 from tpkit.models.checks import model_fingerprint
-from tpkit.models.core.attach import detach_pruner
+from tpkit.models.core.attach import detach_pruner, unwrap
 from tpkit.models.loading import (
     ADAPTER_CONFIG,
     EXPORT_META,
@@ -42,8 +42,9 @@ from tpkit.models.loading import (
     load_processor_for,
     resolve_dtype,
 )
+from tpkit.models.registry import family_of
 from tpkit.training.config import load_train_config
-from tpkit.training.lora import apply_lora
+from tpkit.training.lora import apply_lora, lora_targets
 from tpkit.training.rundir import CheckpointError, load_checkpoint
 
 __all__ = ["export_adapter", "export_checkpoint"]
@@ -60,6 +61,8 @@ def _base_record(cfg: Any, base: Any) -> dict[str, Any]:
         "revision": cfg.model.revision,
         "name": Path(cfg.model.path).name if local else cfg.model.path,
         "local_path": local,  # meaningful on the machine that trained only
+        "class": type(unwrap(base)).__name__,  # the stock class (the model card's loading example)
+        "family": family_of(base).name,
         "fingerprint": model_fingerprint(base),
     }
 
@@ -86,18 +89,19 @@ def _card(meta: dict) -> ModelCard:
     p = meta["pruning"]
     s1, s2 = p.get("stage1", {}), p.get("stage2", {})
     lora = meta["lora"]
+    cls = b["class"]
     if b["hub_id"]:
         base = f"[`{b['hub_id']}`](https://huggingface.co/{b['hub_id']})"
-        load = f'base = LlavaForConditionalGeneration.from_pretrained("{b["hub_id"]}")'
+        load = f'base = {cls}.from_pretrained("{b["hub_id"]}")'
     else:
         base = (
             f"`{b['name']}` ({'a random tiny model' if b['source'] == 'tiny' else 'a local model directory'})"
         )
-        load = "base = LlavaForConditionalGeneration.from_pretrained(PATH_OF_THE_BASE)"
+        load = f"base = {cls}.from_pretrained(PATH_OF_THE_BASE)"
     data = ModelCardData(
         library_name="peft",
         base_model=b["hub_id"],
-        tags=["tpkit", "lora", "token-pruning", "llava"],
+        tags=["tpkit", "lora", "token-pruning", b["family"]],
         pipeline_tag="image-text-to-text",
     )
     body = f"""# tpkit LoRA adapter (token-pruned student)
@@ -127,7 +131,7 @@ model, processor = load_exported("path/to/this/export")  # base + adapter + prun
 
 # or with stock peft only (no pruning):
 from peft import PeftModel
-from transformers import LlavaForConditionalGeneration
+from transformers import {cls}
 {load}
 model = PeftModel.from_pretrained(base, "path/to/this/export")
 ```
@@ -160,7 +164,7 @@ def export_adapter(
         "model": to_dict(cfg.model),  # as the run's config wrote it
         "base": base,
         "pruning": to_dict(cfg.pruning),
-        "lora": to_dict(cfg.lora),
+        "lora": {**to_dict(cfg.lora), "target_modules": lora_targets(cfg.lora, family_of(peft_model))},
         "distill": to_dict(cfg.distill),
         "metrics": {k: float(v) for k, v in (metrics or {}).items()},
         "has_processor": processor is not None,

@@ -1,5 +1,9 @@
 """PEFT LoRA on the language model only (a plain module-name list would also hit the vision tower).
 
+The model's family (:mod:`tpkit.models.registry`) gives the defaults: the target regex when
+``lora.target_modules`` is null, the projector modules ``lora.train_projector`` trains in full, and the
+vision tower's module names that no target may hit.
+
 The teacher is never a separate model: it is the same PeftModel with the adapter disabled and
 the pruner off (see :mod:`tpkit.training.module`).
 """
@@ -14,11 +18,14 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from tpkit.config import ConfigError
+from tpkit.models.core.family import Family
+from tpkit.models.registry import family_of
 from tpkit.training.config import LoraConfig
 
 __all__ = [
     "peft_lora_config",
     "apply_lora",
+    "lora_targets",
     "lora_target_names",
     "check_lora_size",
 ]
@@ -27,15 +34,20 @@ __all__ = [
 _BYTES_PER_PARAM = 16
 
 
-def peft_lora_config(cfg: LoraConfig) -> PeftLoraConfig:
+def peft_lora_config(cfg: LoraConfig, family: Family) -> PeftLoraConfig:
     return PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
-        modules_to_save=["multi_modal_projector"] if cfg.train_projector else None,
+        target_modules=lora_targets(cfg, family),
+        modules_to_save=list(family.projector_modules) if cfg.train_projector else None,
         bias="none",
     )
+
+
+def lora_targets(cfg: LoraConfig, family: Family) -> str | list[str]:
+    """``lora.target_modules``, or the family's default when it is null."""
+    return family.lora_target if cfg.target_modules is None else cfg.target_modules
 
 
 def lora_target_names(model: torch.nn.Module, target_modules: str | list[str]) -> list[str]:
@@ -94,19 +106,21 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> PeftModel:
 
     LoRA init is seeded by ``cfg.init_seed`` without disturbing the global RNG stream.
     """
-    targets = lora_target_names(model, cfg.target_modules)
+    family = family_of(model)
+    pattern = lora_targets(cfg, family)
+    targets = lora_target_names(model, pattern)
     if not targets:
-        raise ConfigError(f"lora.target_modules {cfg.target_modules!r} matches no Linear layer")
-    bad = [n for n in targets if "vision_tower" in n or re.search(r"(^|\.)visual\.", n)]  # LLaVA's, Qwen's
+        raise ConfigError(f"lora.target_modules {pattern!r} matches no Linear layer")
+    bad = [n for n in targets if re.search(family.tower_pattern, n)]
     if bad:
         raise ConfigError(
-            f"lora.target_modules {cfg.target_modules!r} hits the vision tower ({bad[0]} and {len(bad) - 1} more):"
+            f"lora.target_modules {pattern!r} hits the vision tower ({bad[0]} and {len(bad) - 1} more):"
             " target the language model by regex, e.g. r'.*language_model.*\\.(q_proj|v_proj)'"
         )
     check_lora_size(model, targets, cfg.r)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)
-        peft_model = get_peft_model(model, peft_lora_config(cfg))
+        peft_model = get_peft_model(model, peft_lora_config(cfg, family))
     for p in peft_model.parameters():  # optimizer state and updates in fp32 (a bf16 projector copy too)
         if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
             p.data = p.data.float()

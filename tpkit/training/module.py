@@ -21,7 +21,8 @@ from transformers.utils import ModelOutput
 
 from tpkit.data.labels import IGNORE_INDEX, next_token_targets
 from tpkit.models.core.attach import last_stats, pruning_disabled
-from tpkit.models.families import family_of, model_inputs
+from tpkit.models.families import model_inputs
+from tpkit.models.registry import family_of
 from tpkit.training.config import DistillConfig, OptimConfig
 from tpkit.training.losses import answer_ce, distill_rows, distill_rows_topk, hidden_cosine
 from tpkit.training.teacher_cache.cache import TeacherCache, TeacherCacheError, answer_ranks
@@ -169,10 +170,14 @@ class DistillLoRAModule(L.LightningModule):
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         family = family_of(self.base)
+        tower = family.vision_tower(self.base)
         online = self.distill.needs_teacher and self.teacher_cache is None
+        # a projector trained inside the tower module (Qwen's merger, lora.train_projector) makes the
+        # student's tower output differ from the teacher's: then each runs its own
+        frozen = not any(p.requires_grad for p in tower.parameters())
         share = (
-            reuse_tower_output(family.vision_tower(self.base), family.tower_call_key)
-            if online
+            reuse_tower_output(tower, family.tower_call_key)
+            if online and frozen
             else contextlib.nullcontext()
         )
         with share:

@@ -19,8 +19,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from tpkit.config import save_config, to_dict
 from tpkit.models.checks import check_pruning_fits
+from tpkit.models.core.attach import unwrap
 from tpkit.models.families import attach_pruner
 from tpkit.models.loading import load_base_model, load_processor_for, resolve_dtype
+from tpkit.models.registry import family_of
 from tpkit.training.checkpoint import LAST, AtomicCheckpointIO, LastCheckpoint
 from tpkit.training.config import TrainConfig
 from tpkit.training.console import ContinuedCSVLogger, StepProgressBar, log_version, quiet_dependencies
@@ -89,7 +91,7 @@ def build_datamodule(cfg: TrainConfig, processor: Any, **kwargs: Any) -> LlavaDa
     return LlavaDataModule(cfg.data, processor, seed=cfg.trainer.seed, **kwargs)
 
 
-def _strategy(cfg: TrainConfig) -> Any:
+def _strategy(cfg: TrainConfig, model: torch.nn.Module | None = None) -> Any:
     t = cfg.trainer
     if t.strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
@@ -97,13 +99,12 @@ def _strategy(cfg: TrainConfig) -> Any:
         return DDPStrategy(find_unused_parameters=False, checkpoint_io=AtomicCheckpointIO())
     if t.strategy == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy
-        from transformers.models.clip.modeling_clip import CLIPEncoderLayer
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-        from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
-        from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
-        # one FSDP unit per transformer block; use_orig_params: LoRA and frozen tensors share units
-        layers = {LlamaDecoderLayer, MistralDecoderLayer, Qwen2DecoderLayer, CLIPEncoderLayer}
+        if model is None:
+            raise ValueError("trainer.strategy = fsdp: the model is needed to choose its FSDP units")
+        # one FSDP unit per decoder layer and vision block (the family's, from the model's own
+        # _no_split_modules); use_orig_params: LoRA and frozen tensors share units
+        layers = family_of(model).fsdp_blocks(unwrap(model))
         return FSDPStrategy(
             auto_wrap_policy=layers,
             use_orig_params=True,
@@ -149,10 +150,15 @@ def _logger(cfg: TrainConfig, resume_step: int | None) -> Any:
 
 
 def build_trainer(
-    cfg: TrainConfig, extra_callbacks: list | None = None, resume_step: int | None = None, **overrides: Any
+    cfg: TrainConfig,
+    extra_callbacks: list | None = None,
+    resume_step: int | None = None,
+    model: torch.nn.Module | None = None,
+    **overrides: Any,
 ) -> L.Trainer:
     """The Lightning Trainer of ``cfg``; ``resume_step``: the step of the checkpoint a resumed run
-    starts from (its metrics log continues from there)."""
+    starts from (its metrics log continues from there); ``model``: the student (a sharded strategy
+    wraps its blocks)."""
     t = cfg.trainer
     out = Path(t.out_dir)
     callbacks: list = [LastCheckpoint(out, t.checkpoint_every_n_steps, run_config=to_dict(cfg))]
@@ -160,7 +166,7 @@ def build_trainer(
         callbacks.append(StepProgressBar())
     callbacks += extra_callbacks or []
     logger = _logger(cfg, resume_step)
-    strategy = _strategy(cfg)
+    strategy = _strategy(cfg, model)
     kwargs: dict[str, Any] = dict(
         default_root_dir=str(out),
         max_steps=t.max_steps,
@@ -241,7 +247,7 @@ def fit(
         dm = datamodule or build_datamodule(cfg, processor)
         extra = [_RunFiles(cfg, processor), *(callbacks or [])]
         trainer = build_trainer(
-            cfg, extra_callbacks=extra, resume_step=resume_step, **(trainer_overrides or {})
+            cfg, extra_callbacks=extra, resume_step=resume_step, model=peft_model, **(trainer_overrides or {})
         )
         # weights_only: a checkpoint is tensors and plain containers; nothing else is unpickled
         trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if resume else None, weights_only=True)

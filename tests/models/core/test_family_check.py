@@ -5,10 +5,10 @@ import torch
 import transformers
 
 from tpkit.models.core.family import first_missing
-from tpkit.models.families import family_of
+from tpkit.models.llava.tiny import build_tiny_llava
 from tpkit.models.llava_next.tiny import tiny_next_config
 from tpkit.models.qwen2_vl.tiny import build_tiny_qwen
-from tpkit.models.tiny import build_tiny_llava
+from tpkit.models.registry import family_of
 
 
 def test_first_missing_walks_dotted_paths():

@@ -24,7 +24,8 @@ from tpkit.models import attach_pruner, last_stats, pruning_disabled
 from tpkit.models.core.attach import CACHE_FIELD
 from tpkit.models.core.cache import PrunedCache
 from tpkit.models.core.prefill import prefill
-from tpkit.models.tiny import build_tiny_llava, tiny_kwargs_from_processor
+from tpkit.models.llava.tiny import build_tiny_llava
+from tpkit.models.tiny import tiny_kwargs_from_processor
 from tpkit.pruning import PruningConfig, Stage1Config, Stage2Config
 
 from .test_generate import _slow_reference

@@ -12,8 +12,8 @@ from tests.models.core.test_generate import _ref_mask
 from tpkit.models import attach_pruner, detach_pruner, last_stats, pruning_disabled
 from tpkit.models.core.prefill import prefill
 from tpkit.models.core.state import state_of
-from tpkit.models.families import family_of
 from tpkit.models.llava_next.tiny import tiny_next_config, tiny_onevision_config
+from tpkit.models.registry import family_of
 from tpkit.pruning import PruningConfig, Stage1Config, Stage2Config
 
 KEEP_ALL = PruningConfig(

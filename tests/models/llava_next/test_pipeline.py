@@ -14,9 +14,9 @@ from tpkit.config import from_dict
 from tpkit.data.collator import LlavaCollator
 from tpkit.data.processor import build_next_processor
 from tpkit.models import is_attached, pruning_disabled
-from tpkit.models.families import family_of
 from tpkit.models.llava_next.tiny import tiny_next_config
 from tpkit.models.loading import load_exported
+from tpkit.models.registry import family_of
 from tpkit.training.config import TrainConfig
 from tpkit.training.recipe import fit
 

@@ -7,8 +7,8 @@ import torch
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from tpkit.models import stage1_scores
-from tpkit.models.families import family_of
 from tpkit.models.qwen2_vl.tower import pack_views
+from tpkit.models.registry import family_of
 from tpkit.pruning import Stage1Config
 
 

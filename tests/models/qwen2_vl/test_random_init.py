@@ -9,7 +9,7 @@ import torch
 from tpkit.evaluation.speed import model_inputs, random_prompt_batch
 from tpkit.models import attach_pruner, last_stats
 from tpkit.models.qwen2_vl.tiny import mrope_section, tiny_config
-from tpkit.models.tiny import architecture_kwargs, build_random_init
+from tpkit.models.registry import architecture_kwargs, build_random_init
 from tpkit.pruning import PruningConfig, Stage1Config, Stage2Config
 
 
@@ -26,11 +26,11 @@ def test_architectures_and_their_scale_down():
         32,
         (7, 15, 23, 31),
     )
-    cfg = tiny_config("qwen2.5-vl", **{k: v for k, v in full.items() if k != "family"})
+    cfg = tiny_config("qwen2.5-vl", **{k: v for k, v in full.items() if k != "builder"})
     assert cfg.text_config.rope_parameters["mrope_section"] == [16, 24, 24]  # head dim 128, as shipped
     assert cfg.vision_config.out_hidden_size == 3584 and cfg.vision_config.window_size == 112
     small = architecture_kwargs("qwen2.5-vl-7b", scale_down=16)
-    cfg = tiny_config("qwen2.5-vl", **{k: v for k, v in small.items() if k != "family"})
+    cfg = tiny_config("qwen2.5-vl", **{k: v for k, v in small.items() if k != "builder"})
     assert cfg.text_config.hidden_size == 224 and cfg.text_config.rope_parameters["mrope_section"] == [
         28,
         42,
@@ -40,10 +40,10 @@ def test_architectures_and_their_scale_down():
     with pytest.raises(ValueError, match="hidden size 448 is not divisible by 3 heads"):
         tiny_config(
             "qwen2.5-vl",
-            **{k: v for k, v in architecture_kwargs("qwen2.5-vl-7b", 8).items() if k != "family"},
+            **{k: v for k, v in architecture_kwargs("qwen2.5-vl-7b", 8).items() if k != "builder"},
         )
     cfg = tiny_config(
-        "qwen2-vl", **{k: v for k, v in architecture_kwargs("qwen2-vl-7b", 16).items() if k != "family"}
+        "qwen2-vl", **{k: v for k, v in architecture_kwargs("qwen2-vl-7b", 16).items() if k != "builder"}
     )
     assert cfg.vision_config.embed_dim == 80 and cfg.vision_config.mlp_ratio == 4
 

@@ -111,3 +111,36 @@ def test_student_and_teacher_share_one_tower_run(qwen_factory, make_qwen_batch, 
     assert shared["kd"] > 0 and set(shared) == set(alone)
     for name in shared:
         torch.testing.assert_close(shared[name], alone[name], rtol=0, atol=0)
+
+
+def test_train_projector_trains_the_merger_and_the_teacher_keeps_the_stock_one(qwen_factory, make_qwen_batch):
+    """``lora.train_projector`` on Qwen trains ``visual.merger`` (the family's projector); the merger
+    sits inside the tower module, so student and teacher each run the tower (no shared output) and the
+    teacher stays the stock model after a step."""
+    model = qwen_factory("qwen2.5-vl", "sdpa", seed=0)
+    batch = make_qwen_batch(model, SAMPLES, seed=0, answer=(3, 2))
+    batch["labels"] = batch["input_ids"].masked_fill(~batch["answer_mask"], -100)
+    with torch.no_grad():
+        stock = model(**model_inputs(batch)).logits
+    peft_model = apply_lora(model, LoraConfig(r=4, alpha=8.0, train_projector=True))
+    trained = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert any(".visual.merger.modules_to_save." in n for n in trained)
+    assert all("lora_" in n or ".visual.merger.modules_to_save." in n for n in trained)
+    attach_pruner(peft_model.get_base_model(), CUT)
+    module = DistillLoRAModule(
+        peft_model, DistillConfig(alpha=1.0), OptimConfig(lr=5e-2), max_steps=1, pruning_attached=True
+    )
+    module.model.train()
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=5e-2)
+    runs = []
+    handle = peft_model.get_base_model().model.visual.merger.register_forward_hook(lambda *a: runs.append(1))
+    try:
+        module.losses(batch)["loss"].backward()
+    finally:
+        handle.remove()
+    assert len(runs) == 4  # the image's and the video's tower runs, for the student and for the teacher
+    opt.step()
+    merger = [p for n, p in peft_model.named_parameters() if ".visual.merger.modules_to_save." in n]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in merger)
+    with torch.no_grad():
+        torch.testing.assert_close(module.teacher_logits(batch), stock, rtol=0, atol=0)

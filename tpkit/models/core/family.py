@@ -7,17 +7,25 @@ only what differs between model families:
 
 * which forward arguments carry its visual inputs (``visual_keys``: pixel values, image sizes, grids);
 * where its visual placeholders are in ``input_ids`` and which of them stage 1 keeps, after running
-  its vision tower, scoring the patches and projecting the kept ones (:meth:`Family.encode`);
+  its vision tower, scoring the patches (:func:`tpkit.pruning.stage1.patch_scores`) and projecting the
+  kept ones (:meth:`Family.encode`);
 * its position ids (1-D, or 3-D M-RoPE) and how its rotary embedding rotates queries and keys
   (stage 2 scores with the layer's own q/k);
-* where its language model, its LM head and its image token are.
+* where its language model, its LM head and its image token are;
+* and, for the workflow around the model: config builders for tiny and ``--random-init`` models
+  (``builders``, ``architectures``), LoRA defaults (``lora_target``, ``projector_modules``,
+  ``tower_pattern``), sharding units (:meth:`Family.fsdp_blocks`) and what lmms-eval requests it
+  takes (``harness``).
 
-A family is one small folder (``tpkit/models/llava``) with a :class:`Family` subclass, listed in
-:mod:`tpkit.models.families`.
+**A family is one folder** ``tpkit/models/<name>/`` whose ``family.py`` defines its :class:`Family`
+subclass(es) and a module-level ``FAMILIES = (...)`` tuple of instances; :mod:`tpkit.models.registry`
+finds every such folder, so adding a family touches nothing outside it. Its ``tiny.py`` holds the
+config builders (size keywords in, a stock config out) and the named full-size shapes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +36,46 @@ from tpkit.models.core.masks import gather_rows
 from tpkit.pruning.config import CLS_SCORES
 from tpkit.pruning.stage2 import apply_rope
 
-__all__ = ["Visual", "Family", "first_missing", "llama_rotate", "random_text"]
+__all__ = [
+    "DEFAULT_LORA_TARGET",
+    "Family",
+    "HarnessSupport",
+    "Visual",
+    "first_missing",
+    "llama_rotate",
+    "no_split_classes",
+    "random_text",
+]
+
+# LoRA on the language model's linear layers (peft full-match on module names): every family in
+# transformers 5 keeps its decoder under ``model.language_model``, its vision tower elsewhere
+DEFAULT_LORA_TARGET = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def no_split_classes(model: nn.Module) -> set[type]:
+    """The repeated blocks among the module classes that ``model`` and its sub-models name in
+    ``_no_split_modules`` (transformers' own list of modules that must stay whole on one device):
+    the decoder layers and the vision tower's blocks, the elements of a ``ModuleList`` (the
+    embeddings it also names are one-off modules, not blocks)."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return {
+        type(block)
+        for module in model.modules()
+        if isinstance(module, nn.ModuleList)
+        for block in module
+        if type(block).__name__ in names
+    }
+
+
+@dataclass(frozen=True)
+class HarnessSupport:
+    """What lmms-eval requests a family answers (:mod:`tpkit.evaluation.harness`)."""
+
+    images: int | None = 1  # images per request at most (None: any number)
+    videos: bool = False  # requests with a video
+    text_only: bool = True  # requests with no visual input (the stock forward answers them)
 
 
 def first_missing(model: nn.Module, paths: list[str]) -> str | None:
@@ -80,11 +127,17 @@ class Visual:
     slots: torch.Tensor  # (B, N) long: input position of each visual placeholder, in order; -1 = padding
     keep: torch.Tensor  # (B, N) bool: placeholders kept by stage 1 (False on padding slots)
     k1: torch.Tensor  # (B,) long: kept placeholders per sample
-    projected: torch.Tensor  # (sum k1, D) LM input embeddings of the kept placeholders, row-major
+    projected: (
+        torch.Tensor | None
+    )  # (sum k1, D) LM input embeddings of the kept placeholders, row-major (set by
+    # the time Family.encode returns; None only inside it, see VisualTokens.embeds)
     scores: (
         torch.Tensor | None
     )  # the stage-1 scores (family-shaped; for stats and overlays); None: stage 1 off
     coords: torch.Tensor  # (B, N, 3) long: (view, row, col) of each placeholder's patch; view -1: no patch
+    # (sum k1,) long, the kept placeholders in prompt order: each one's token index in the family's own
+    # numbering (select_visual: its kinds' tokens concatenated); None when a family does not number them
+    kept_token: torch.Tensor | None = None
 
 
 class Family:
@@ -97,6 +150,24 @@ class Family:
     # generate expands them for beams / num_return_sequences with expand_packed, not a per-row repeat
     packed_visual_keys: tuple[str, ...] = ()
     in_tower = False  # whether stage 1 can cut inside the vision tower (stage1.in_tower_block)
+    # one image = one fixed patch grid (vision_config image_size / patch_size), placeholder i = patch i:
+    # kept placeholders map straight to image cells (retention numbers, overlays)
+    fixed_patch_grid = False
+
+    # ---- the workflow around the model (collected by tpkit.models.registry) ----
+    # builder key -> (config from size keywords, model class name): tiny models and --random-init shapes
+    builders: dict[str, tuple[Callable[..., Any], str]] = {}
+    # --random-init name -> {"builder": key, **the builder's keywords at full size}
+    architectures: dict[str, dict[str, Any]] = {}
+    lora_target: str = DEFAULT_LORA_TARGET  # lora.target_modules when the config leaves it null
+    projector_modules: tuple[str, ...] = ("multi_modal_projector",)  # trained in full by lora.train_projector
+    tower_pattern: str = r"(^|\.)vision_tower\."  # the vision tower's module names (LoRA refuses them)
+    harness: HarnessSupport = HarnessSupport()
+
+    def fsdp_blocks(self, model: nn.Module) -> set[type]:
+        """The module classes FSDP wraps one unit each: the model's ``_no_split_modules`` (decoder
+        layers and vision blocks), so a family gets sharding from transformers' own list."""
+        return no_split_classes(model)
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ in self.classes

@@ -27,7 +27,9 @@ class VisualTokens:
     """Every placeholder of one kind in a batch, flat in placeholder order (M of them)."""
 
     token_id: int  # the placeholder id in input_ids
-    embeds: torch.Tensor  # (M, D) what stock scatters into the placeholders
+    # (M, D) what stock scatters into the placeholders; None: the family computes the kept ones after
+    # selection (from Visual.kept_token), e.g. when stage 1 cuts inside the tower
+    embeds: torch.Tensor | None
     scores: torch.Tensor  # (M,) stage-1 score (read on content tokens only)
     group: torch.Tensor  # (M,) long: one knee per group (an image, or a view); ids >= 0
     content: torch.Tensor  # (M,) bool: patches / merged units; False: structure (newline) tokens
@@ -36,7 +38,7 @@ class VisualTokens:
     what: str = "image"  # for error messages
 
     def __len__(self) -> int:
-        return self.embeds.shape[0]
+        return self.group.shape[0]
 
 
 def placeholder_slots(placeholders: torch.Tensor) -> torch.Tensor:
@@ -84,7 +86,10 @@ def select_visual(
     flat = torch.cat(pos)  # (M,)
     order = torch.argsort(flat)  # placeholder order of the whole prompt
     flat = flat[order]
-    embeds = torch.cat([k.embeds for k, _, _ in parts])[order]
+    deferred = [k.embeds is None for k, _, _ in parts]
+    if any(deferred) and not all(deferred):
+        raise ValueError("select_visual: either every kind carries its embeddings or none does")
+    embeds = None if any(deferred) else torch.cat([k.embeds for k, _, _ in parts])[order]
     scores = torch.cat([k.scores.float() for k, _, _ in parts])[order]
     group = torch.cat([g for _, g, _ in parts])[order]
     content = torch.cat([k.content for k, _, _ in parts])[order]
@@ -130,11 +135,13 @@ def select_visual(
     keep_bn = keep[tok] & real
     score_bn = torch.where(real & content[tok], scores[tok], float("nan"))
     coords_bn = torch.where(real[..., None], coords[tok], -1)
+    kept = tok[keep_bn]  # (sum k1,) row-major: the kept placeholders in prompt order
     return Visual(
         slots=slots,
         keep=keep_bn,
         k1=keep_bn.sum(dim=1),
-        projected=embeds[tok[keep_bn]],  # row-major: the kept placeholders in prompt order
+        projected=None if embeds is None else embeds[kept],
         scores=score_bn if stage1.enabled else None,
         coords=coords_bn,
+        kept_token=order[kept],  # each one's index in the kinds' tokens, concatenated in ``kinds`` order
     )

@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from tpkit.models.core.family import Family, Visual, first_missing, random_text
+from tpkit.models.core.family import Family, HarnessSupport, Visual, first_missing, random_text
+from tpkit.models.llava.tiny import ARCHITECTURES, tiny_llava_config
 from tpkit.pruning.stage1 import encoder_attention, patch_scores, select_patches
 
-__all__ = ["LlavaFamily", "image_token_count", "tower_states"]
+__all__ = ["FAMILIES", "LlavaFamily", "image_token_count", "tower_states"]
 
 
 def image_token_count(model: nn.Module) -> tuple[int, int]:
@@ -57,6 +58,10 @@ def _hs(hs: tuple, i: int) -> torch.Tensor:
 class LlavaFamily(Family):
     name = "llava"
     classes = ("LlavaForConditionalGeneration",)
+    builders = {"llava": (tiny_llava_config, "LlavaForConditionalGeneration")}
+    architectures = ARCHITECTURES
+    harness = HarnessSupport(images=1)
+    fixed_patch_grid = True
 
     def check(self, model: nn.Module) -> None:
         name = type(model).__name__
@@ -208,3 +213,6 @@ class LlavaFamily(Family):
             "attention_mask": torch.ones_like(input_ids).to(device),
             "pixel_values": pixel_values.to(device=device, dtype=next(model.parameters()).dtype),
         }
+
+
+FAMILIES = (LlavaFamily(),)

@@ -25,11 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from tpkit.models.core.family import Family, first_missing, random_text
+from tpkit.models.core.family import Family, HarnessSupport, first_missing, random_text
 from tpkit.models.core.visual import VisualTokens, select_visual
+from tpkit.models.llava_next.tiny import ARCHITECTURES, tiny_next_config, tiny_onevision_config
 from tpkit.pruning.stage1 import encoder_attention, patch_scores
 
-__all__ = ["LlavaNextFamily", "LlavaOnevisionFamily"]
+__all__ = ["FAMILIES", "LlavaNextFamily", "LlavaOnevisionFamily"]
 
 _CHANNELS = 5  # score, crop (0 = base view), canvas row, canvas column, content flag
 
@@ -46,6 +47,9 @@ class LlavaNextFamily(Family):
     name = "llava_next"
     classes = ("LlavaNextForConditionalGeneration",)
     visual_keys = ("pixel_values", "image_sizes")
+    builders = {"llava_next": (tiny_next_config, "LlavaNextForConditionalGeneration")}
+    architectures = {n: kw for n, kw in ARCHITECTURES.items() if kw["builder"] == "llava_next"}
+    harness = HarnessSupport(images=None)
     prompt_image = (672, 672)  # random_prompt's image: 2 x 2 crops + the base view at 336 px
 
     # ---- structure ------------------------------------------------------------------------------
@@ -280,6 +284,9 @@ class LlavaNextFamily(Family):
 class LlavaOnevisionFamily(LlavaNextFamily):
     name = "llava_onevision"
     classes = ("LlavaOnevisionForConditionalGeneration",)
+    builders = {"llava_onevision": (tiny_onevision_config, "LlavaOnevisionForConditionalGeneration")}
+    architectures = {n: kw for n, kw in ARCHITECTURES.items() if kw["builder"] == "llava_onevision"}
+    harness = HarnessSupport(images=None, videos=True)
     visual_keys = ("pixel_values", "image_sizes", "pixel_values_videos", "batch_num_images")
     prompt_image = (768, 768)  # 2 x 2 crops + the base view at 384 px
 
@@ -352,3 +359,6 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         crop = tokens.group[:, 1]  # here: the frame
         tokens.coords[:, 0] = torch.where(tokens.content, tokens.group[:, 0] * f + crop, -1)
         return tokens
+
+
+FAMILIES = (LlavaNextFamily(), LlavaOnevisionFamily())

@@ -1,5 +1,5 @@
-"""Configs of LLaVA-NeXT and LLaVA-OneVision from size keywords (tiny for tests, full size for speed
-runs): :data:`tpkit.models.tiny.CONFIG_BUILDERS` lists them."""
+"""Configs of LLaVA-NeXT and LLaVA-OneVision from size keywords: tiny models for tests and CPU runs,
+and the full-size shapes that ``--random-init`` names (:data:`ARCHITECTURES`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from transformers import LlavaNextConfig, LlavaOnevisionConfig, SiglipVisionConf
 
 from tpkit.models.tiny import clip_config, set_attn, text_config
 
-__all__ = ["tiny_next_config", "tiny_onevision_config", "grid_pinpoints"]
+__all__ = ["ARCHITECTURES", "tiny_next_config", "tiny_onevision_config", "grid_pinpoints"]
 
 
 def grid_pinpoints(side: int, max_tiles: int) -> list[list[int]]:
@@ -125,3 +125,53 @@ def tiny_onevision_config(
         pad_token_id=pad_token_id,
     )
     return set_attn(cfg, attn_implementation)
+
+
+# --random-init name -> the config builder (a key of the family's builders) and its keywords at full size
+ARCHITECTURES: dict[str, dict] = {
+    # LLaVA-NeXT-7B (llava-v1.6-vicuna-7b): CLIP ViT-L/14-336, any-res crops up to 672 px (1008 x 336),
+    # Vicuna-7B. random prompts carry a 672 x 672 image: the base view + 2 x 2 crops = 2,928 tokens
+    "llava-next-7b": dict(
+        builder="llava_next",
+        text_backbone="llama",
+        vocab_size=32064,
+        image_token_id=32000,
+        pad_token_id=32001,
+        image_size=336,
+        patch_size=14,
+        pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+        vision_hidden=1024,
+        vision_layers=24,
+        vision_heads=16,
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        intermediate_size=11008,
+        max_position_embeddings=4096,
+    ),
+    # LLaVA-OneVision-7B (llava-onevision-qwen2-7b-ov): SigLIP so400m/14-384 (26 layers as llava-hf
+    # keeps them, 1152-d, no CLS), any-res up to 6 x 6 crops with anyres_max_9, Qwen2-7B. random
+    # prompts carry a 768 x 768 image: the base view + 2 x 2 crops = 3,699 tokens
+    "llava-onevision-7b": dict(
+        builder="llava_onevision",
+        text_backbone="qwen2",
+        vocab_size=152128,
+        image_token_id=151646,
+        video_token_id=151647,
+        pad_token_id=151643,
+        image_size=384,
+        patch_size=14,
+        max_tiles=6,
+        vision_hidden=1152,
+        vision_layers=26,
+        vision_heads=16,
+        vision_intermediate=4304,
+        hidden_size=3584,
+        num_layers=28,
+        num_heads=28,
+        num_kv_heads=4,
+        intermediate_size=18944,
+        max_position_embeddings=32768,
+    ),
+}

@@ -19,34 +19,62 @@ patches into one LM token (a merged unit), and 3-D M-RoPE positions (temporal, h
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from tpkit.models.core.family import Family, Visual, first_missing, llama_rotate, random_text
+from tpkit.models.core.family import Family, HarnessSupport, Visual, first_missing, llama_rotate, random_text
 from tpkit.models.core.visual import VisualTokens, select_visual
 from tpkit.models.qwen2_vl.intower import TowerHead, tower_head, tower_tail
-from tpkit.models.qwen2_vl.tiny import IMAGE_SIZE_ATTR
+from tpkit.models.qwen2_vl.tiny import (
+    ARCHITECTURES,
+    IMAGE_SIZE_ATTR,
+    tiny_qwen2_5_vl_config,
+    tiny_qwen2_vl_config,
+)
 from tpkit.models.qwen2_vl.tower import pack_views, run_tower, unit_scores
 
-__all__ = ["Qwen2VLFamily", "DEFAULT_IMAGE_SIZE", "token_type_ids"]
+__all__ = ["FAMILIES", "Qwen2VLFamily", "DEFAULT_IMAGE_SIZE", "token_type_ids"]
 
 # random_prompt's image side without a tpkit config attribute: 1036 = 74 patches of 14 -> 37 x 37 units
 DEFAULT_IMAGE_SIZE = 1036
 
-_KINDS = (  # (what, pixel key, grid key, token-id config key, mm_token_type)
-    ("image", "pixel_values", "image_grid_thw", "image_token_id", 1),
-    ("video", "pixel_values_videos", "video_grid_thw", "video_token_id", 2),
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of visual input, as the processor and the model name its parts."""
+
+    what: str  # "image" | "video"
+    pix_key: str  # forward argument of its patch rows
+    grid_key: str  # forward argument of its (n, 3) grids
+    tok_key: str  # config attribute of its placeholder id
+    token_type: int  # its code in mm_token_type_ids
+
+
+KINDS = (
+    Kind("image", "pixel_values", "image_grid_thw", "image_token_id", 1),
+    Kind("video", "pixel_values_videos", "video_grid_thw", "video_token_id", 2),
 )
+
+
+@dataclass
+class KindRun:
+    """One kind's placeholders as stage 1 sees them (:meth:`Qwen2VLFamily._all_kinds`)."""
+
+    kind: Kind
+    tokens: VisualTokens  # embeds None: in-tower, filled in once the cut is known
+    scores: torch.Tensor  # (U,) per merged unit, unit order
+    head: TowerHead | None  # in-tower: the tower run up to the scoring block
 
 
 def token_type_ids(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """(B, T) int: 0 text, 1 image placeholder, 2 video placeholder (what the processor returns as
     ``mm_token_type_ids``)."""
     out = torch.zeros_like(input_ids, dtype=torch.int32)
-    for _, _, _, tok_key, code in _KINDS:
-        out = out.masked_fill(input_ids == getattr(model.config, tok_key), code)
+    for kind in KINDS:
+        out = out.masked_fill(input_ids == getattr(model.config, kind.tok_key), kind.token_type)
     return out
 
 
@@ -81,6 +109,14 @@ class Qwen2VLFamily(Family):
     )
     rotate = staticmethod(qwen_rotate)
     in_tower = True
+    builders = {
+        "qwen2_vl": (tiny_qwen2_vl_config, "Qwen2VLForConditionalGeneration"),
+        "qwen2_5_vl": (tiny_qwen2_5_vl_config, "Qwen2_5_VLForConditionalGeneration"),
+    }
+    architectures = ARCHITECTURES
+    projector_modules = ("visual.merger",)  # the merger turns each 2x2 unit into an LM token
+    tower_pattern = r"(^|\.)visual\."
+    harness = HarnessSupport(images=None, videos=True)
 
     def check(self, model: nn.Module) -> None:
         name = type(model).__name__
@@ -172,35 +208,32 @@ class Qwen2VLFamily(Family):
         model: nn.Module,
         visual: dict[str, Any],
         stage1: Any,
-        what: str,
-        keys: tuple[str, str, str],
+        kind: Kind,
         frame_base: int = 0,
-        id_base: int = 0,
     ) -> tuple[VisualTokens, torch.Tensor, TowerHead | None]:
         """One kind's placeholders (images or videos) as stage 1 sees them; ``frame_base`` offsets their
         frame (view) ids past the other kind's. In-tower stage 1: the tower runs up to the scoring block
-        only (the returned head), and the embeddings are the units' ids + ``id_base`` (one column),
-        filled in once the cut is known."""
-        pix_key, grid_key, tok_key = keys
-        grid = self._grid(model, visual, pix_key, grid_key).to(visual[pix_key].device)
-        kind = self.score_kind(model, stage1)
+        only (the returned head), and the tokens carry no embeddings (``embeds`` None) until the cut is
+        known."""
+        what, pix_key = kind.what, kind.pix_key
+        grid = self._grid(model, visual, pix_key, kind.grid_key).to(visual[pix_key].device)
+        score = self.score_kind(model, stage1)
         head = None
         if stage1.enabled and stage1.in_tower_block is not None:
-            head = tower_head(model, visual[pix_key], grid, stage1.in_tower_block, kind == "attn_received")
+            head = tower_head(model, visual[pix_key], grid, stage1.in_tower_block, score == "attn_received")
             run = head.run
-            device = run.states.device
-            n_units = run.unit_of_row.numel()
-            embeds = (torch.arange(n_units, device=device, dtype=torch.float64) + id_base)[:, None]
+            embeds = None
+            device, n_units = run.states.device, run.unit_of_row.numel()
         else:
             run = run_tower(
-                model, visual[pix_key], grid, what == "video", stage1.enabled and kind == "attn_received"
+                model, visual[pix_key], grid, what == "video", stage1.enabled and score == "attn_received"
             )
             embeds = run.embeds
             device, n_units = embeds.device, embeds.shape[0]
         merge = model.config.vision_config.spatial_merge_size
         seed_offset = 0 if what == "image" else 1
         if stage1.enabled:
-            scores = unit_scores(model, run, grid, kind, stage1.seed + seed_offset)
+            scores = unit_scores(model, run, grid, score, stage1.seed + seed_offset)
         else:
             scores = torch.zeros(n_units, device=device)
         items, frames, rows, cols = [], [], [], []
@@ -216,7 +249,7 @@ class Qwen2VLFamily(Family):
         item, frame = torch.cat(items), torch.cat(frames)
         group = frame if stage1.groups == "view" else item
         tokens = VisualTokens(
-            token_id=int(getattr(model.config, tok_key)),
+            token_id=int(getattr(model.config, kind.tok_key)),
             embeds=embeds,
             scores=scores,
             group=group,
@@ -228,27 +261,24 @@ class Qwen2VLFamily(Family):
         return tokens, scores, head
 
     def _check_placeholders(self, model: nn.Module, input_ids: torch.Tensor, visual: dict[str, Any]) -> None:
-        counts = torch.stack([(input_ids == getattr(model.config, k[3])).sum() for k in _KINDS]).tolist()
-        for (what, pix_key, *_), n in zip(_KINDS, counts):
-            if n and visual.get(pix_key) is None:
+        counts = torch.stack([(input_ids == getattr(model.config, k.tok_key)).sum() for k in KINDS]).tolist()
+        for k, n in zip(KINDS, counts):
+            if n and visual.get(k.pix_key) is None:
                 raise ValueError(
-                    f"the prompts hold {n} {what} placeholders but no {pix_key} is given: pass the {what} "
-                    f"inputs ({pix_key} and its grid) that the processor made with input_ids"
+                    f"the prompts hold {n} {k.what} placeholders but no {k.pix_key} is given: pass the "
+                    f"{k.what} inputs ({k.pix_key} and its grid) that the processor made with input_ids"
                 )
 
-    def _all_kinds(self, model: nn.Module, visual: dict[str, Any], stage1: Any):
-        """(kind name, tokens, scores, head) of the images, then the videos, present in ``visual``."""
+    def _all_kinds(self, model: nn.Module, visual: dict[str, Any], stage1: Any) -> list[KindRun]:
+        """The images, then the videos, present in ``visual``, as stage 1 sees them."""
         out = []
-        frame_base = id_base = 0
-        for what, pix_key, grid_key, tok_key, _ in _KINDS:
-            if visual.get(pix_key) is None:
+        frame_base = 0
+        for kind in KINDS:
+            if visual.get(kind.pix_key) is None:
                 continue
-            tokens, scores, head = self._kind_tokens(
-                model, visual, stage1, what, (pix_key, grid_key, tok_key), frame_base, id_base
-            )
-            out.append((what, tokens, scores, head))
-            frame_base += int(torch.as_tensor(visual[grid_key])[:, 0].sum())
-            id_base += len(tokens)
+            tokens, scores, head = self._kind_tokens(model, visual, stage1, kind, frame_base)
+            out.append(KindRun(kind, tokens, scores, head))
+            frame_base += int(torch.as_tensor(visual[kind.grid_key])[:, 0].sum())
         return out
 
     def encode(
@@ -261,17 +291,16 @@ class Qwen2VLFamily(Family):
     ) -> Visual:
         self._check_placeholders(model, input_ids, visual)
         kinds = self._all_kinds(model, visual, stage1)
-        vis = select_visual(input_ids, [k[1] for k in kinds], stage1, stage1_keep)
-        if kinds and kinds[0][3] is not None:  # in-tower: the kept units' embeddings from the tower's tail
-            kept = vis.projected[:, 0].long()  # (sum k1,) unit ids in prompt order
+        vis = select_visual(input_ids, [k.tokens for k in kinds], stage1, stage1_keep)
+        if vis.projected is None:  # in-tower: the kept units' embeddings from the tower's tail
+            kept = vis.kept_token  # (sum k1,) kept units, numbered across the kinds, in prompt order
             parts, base = [], 0
-            for _, tokens, _, head in kinds:
-                keep = torch.zeros(len(tokens), dtype=torch.bool, device=kept.device)
-                ids = kept[(kept >= base) & (kept < base + len(tokens))] - base
-                keep[ids] = True
-                units, embeds = tower_tail(model, head, keep)
+            for k in kinds:
+                keep = torch.zeros(len(k.tokens), dtype=torch.bool, device=kept.device)
+                keep[kept[(kept >= base) & (kept < base + len(k.tokens))] - base] = True
+                units, embeds = tower_tail(model, k.head, keep)
                 parts.append((units + base, embeds))
-                base += len(tokens)
+                base += len(k.tokens)
             units = torch.cat([u for u, _ in parts])
             table = torch.cat([e for _, e in parts])[torch.argsort(units)]  # kept units in id order
             vis.projected = table[torch.searchsorted(torch.sort(units).values, kept)]
@@ -282,9 +311,9 @@ class Qwen2VLFamily(Family):
         merge = model.config.vision_config.spatial_merge_size
         out = []
         with torch.no_grad():
-            for what, _, scores, _ in self._all_kinds(model, visual, stage1):
-                grid_key = "image_grid_thw" if what == "image" else "video_grid_thw"
-                grid = torch.as_tensor(visual[grid_key]).tolist()
+            for k in self._all_kinds(model, visual, stage1):
+                scores = k.scores
+                grid = torch.as_tensor(visual[k.kind.grid_key]).tolist()
                 sizes = [t * (h // merge) * (w // merge) for t, h, w in grid]
                 for s, (t, h, w) in zip(scores.split(sizes), grid):
                     out.append(s.view(t, h // merge, w // merge))
@@ -331,10 +360,11 @@ class Qwen2VLFamily(Family):
         """Each sample's images (and videos) repeated ``expand_size`` times in a row: their patch rows,
         grid rows and (videos) ``second_per_grid_ts``; a sample's items are its placeholder runs."""
         out = dict(packed)
-        for what, pix_key, grid_key, tok_key, _ in _KINDS:
+        for kind in KINDS:
+            what, pix_key, grid_key = kind.what, kind.pix_key, kind.grid_key
             if packed.get(grid_key) is None:
                 continue
-            tok = input_ids == getattr(model.config, tok_key)
+            tok = input_ids == getattr(model.config, kind.tok_key)
             starts = tok.clone()
             starts[:, 1:] &= ~tok[:, :-1]  # first placeholder of each run = one image / video
             per_sample = starts.sum(dim=1).tolist()
@@ -419,3 +449,6 @@ class Qwen2VLFamily(Family):
             "pixel_values": pixel_values.to(device=device, dtype=dtype),
             "image_grid_thw": grid.to(device),
         }
+
+
+FAMILIES = (Qwen2VLFamily(),)

@@ -1,5 +1,5 @@
 """Config builders of the Qwen2-VL family with random weights: tiny models for tests and CPU runs, and
-the full-size shapes of :data:`tpkit.models.tiny.ARCHITECTURES` scaled down.
+the full-size shapes that ``--random-init`` names (:data:`ARCHITECTURES`).
 
 One builder, :func:`tiny_config`, for both generations (``variant``): Qwen2-VL's tower (full attention
 in every block, a GELU MLP) and Qwen2.5-VL's (window attention except in ``fullatt_block_indexes``, a
@@ -13,6 +13,7 @@ import torch
 import transformers
 
 __all__ = [
+    "ARCHITECTURES",
     "VARIANTS",
     "mrope_section",
     "tiny_config",
@@ -188,3 +189,51 @@ def build_tiny_qwen(variant: str = "qwen2.5-vl", *, seed: int = 0, **kwargs):
     torch.manual_seed(seed)
     model = getattr(transformers, VARIANTS[variant][1])(cfg)
     return model.eval()
+
+
+# --random-init name -> the config builder (a key of the family's builders) and its keywords at full size
+ARCHITECTURES: dict[str, dict] = {
+    # Qwen2.5-VL-7B: ViT of 32 blocks (1280-d, 16 heads, window attention except blocks 7/15/23/31,
+    # patch 14, 2x2 merge) + Qwen2 LM (3584-d, 28 layers, 28 heads, 4 kv heads); one 1036x1036 image =
+    # 74 x 74 patches = 37 x 37 = 1369 merged units
+    "qwen2.5-vl-7b": dict(
+        builder="qwen2_5_vl",
+        vocab_size=152064,
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+        pad_token_id=151643,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        image_size=1036,
+        patch_size=14,
+        temporal_patch_size=2,
+        merge_size=2,
+        window_size=112,
+        fullatt_block_indexes=(7, 15, 23, 31),
+        tokens_per_second=2,
+        vision_hidden=1280,
+        vision_layers=32,
+        vision_heads=16,
+        vision_intermediate=3420,
+        hidden_size=3584,
+        num_layers=28,
+        num_heads=28,
+        num_kv_heads=4,
+        intermediate_size=18944,
+        max_position_embeddings=128000,
+    ),
+}
+# Qwen2-VL-7B: Qwen2.5-VL-7B's LM and token ids, a ViT of 32 full-attention blocks (no windows,
+# MLP 5120) and the shorter context of Qwen2-VL
+ARCHITECTURES["qwen2-vl-7b"] = {
+    **{
+        k: v
+        for k, v in ARCHITECTURES["qwen2.5-vl-7b"].items()
+        if k not in ("window_size", "fullatt_block_indexes", "tokens_per_second")
+    },
+    "builder": "qwen2_vl",
+    "vision_intermediate": 5120,
+    "max_position_embeddings": 32768,
+}
