@@ -37,24 +37,30 @@ def cls_cosine(hidden: torch.Tensor, centered: bool = False) -> torch.Tensor:
 def _encoder_qk(
     layer_input: torch.Tensor, layer: torch.nn.Module, n_queries: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Queries (of the first ``n_queries`` tokens; None: all) and keys (B, H, T, hd) of a CLIP/SigLIP
-    encoder layer (``layer_norm1``, ``self_attn.{q_proj, k_proj}``) for its input, and its scale."""
-    attn = layer.self_attn
-    x = layer.layer_norm1(layer_input)
+    """Queries (of the first ``n_queries`` tokens; None: all) and keys (B, H, T, hd) of a ViT encoder
+    layer for its input, and its scale: CLIP/SigLIP (``layer_norm1``, ``self_attn.{q_proj, k_proj}``)
+    or InternViT (``layernorm_before``, ``attention.{q_proj, k_proj}``, whose ``q_norm``/``k_norm``
+    normalise the projections over the full width before the heads are split)."""
+    clip = hasattr(layer, "self_attn")
+    attn = layer.self_attn if clip else layer.attention
+    x = (layer.layer_norm1 if clip else layer.layernorm_before)(layer_input)
     b, t, d = x.shape
     heads = attn.num_heads
     hd = getattr(attn, "head_dim", d // heads)
     xq = x if n_queries is None else x[:, :n_queries]
-    q = attn.q_proj(xq).view(b, xq.shape[1], heads, hd).transpose(1, 2)
-    k = attn.k_proj(x).view(b, t, heads, hd).transpose(1, 2)
+    q, k = attn.q_proj(xq), attn.k_proj(x)
+    if not clip:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q = q.view(b, xq.shape[1], heads, hd).transpose(1, 2)
+    k = k.view(b, t, heads, hd).transpose(1, 2)
     return q, k, getattr(attn, "scale", hd**-0.5)
 
 
 def cls_attention(layer_input: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
-    """CLS row of a CLIP encoder layer's self-attention, averaged over heads -> (B, P).
+    """CLS row of a ViT encoder layer's self-attention (CLIP, InternViT), averaged over heads -> (B, P).
 
     ``layer_input`` (B, 1 + P, D) is the layer's input (hidden_states[-2] for the last layer);
-    ``layer`` has ``layer_norm1`` and ``self_attn.{q_proj, k_proj}``. Computed from q/k here because
+    ``layer`` is read as :func:`_encoder_qk` reads it. Computed from q/k here because
     sdpa attention returns no weights. Only the CLS query is formed: O(P) not O(P^2).
     """
     q, k, scale = _encoder_qk(layer_input, layer, n_queries=1)  # (B, H, 1, hd), (B, H, 1+P, hd)
@@ -105,8 +111,8 @@ def attention_received(
 def tower_attention_received(
     layer_input: torch.Tensor, layer: torch.nn.Module, cls: bool = True, valid: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """:func:`attention_received` in a CLIP/SigLIP encoder layer (``layer_norm1``,
-    ``self_attn.{q_proj, k_proj}``): layer_input (B, [1 +] P, D) -> (B, P), all tokens attending,
+    """:func:`attention_received` in a ViT encoder layer (CLIP, SigLIP, InternViT; see
+    :func:`_encoder_qk`): layer_input (B, [1 +] P, D) -> (B, P), all tokens attending,
     the CLS token's column (``cls``) left out of the result."""
     q, k, scale = _encoder_qk(layer_input, layer)
     out = attention_received(q, k, scale, valid)

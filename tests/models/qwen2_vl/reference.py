@@ -1,6 +1,7 @@
-"""Independent references for the Qwen tests: the stock model's own LM input (embeddings and M-RoPE ids,
-read off a stock forward), and a slow full-sequence forward through the stock decoder layers whose
-masks, built here from scratch, leave the dropped tokens out as keys."""
+"""Independent references for the Qwen and InternVL tests: the stock model's own LM input (embeddings
+and position ids, read off a stock forward), and a slow full-sequence forward through the stock decoder
+layers whose masks, built here from scratch, leave the dropped tokens out as keys. Positions are Qwen's
+M-RoPE ids (3, B, T) or 1-D ids (B, T)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ def model_inputs(batch: dict) -> dict:
 
 
 def stock_lm_input(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs_embeds (B, T, D), position_ids (3, B, T)) that the stock model feeds its text model."""
+    """(inputs_embeds (B, T, D), position_ids (3, B, T)) that the stock model feeds its text model; a
+    model that passes none (1-D positions) gets (B, T) ids from the attention mask, as ``generate``
+    builds them."""
     seen = {}
 
     def grab(module, args, kwargs):
@@ -38,6 +41,10 @@ def stock_lm_input(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     finally:
         handle.remove()
     pos = seen["pos"]
+    if pos is None:
+        am = batch.get("attention_mask")
+        am = torch.ones_like(batch["input_ids"]) if am is None else am
+        return seen["embeds"], (am.long().cumsum(dim=1) - 1).clamp(min=0)
     if pos.shape[0] == 4:  # text positions first (packed layouts)
         pos = pos[1:]
     return seen["embeds"], pos
@@ -57,8 +64,8 @@ def _mask(keys: torch.Tensor, impl: str, dtype: torch.dtype) -> torch.Tensor:
 
 def masked_logits(model, embeds, pos, keys_a, keys_b, split):
     """Logits (B, T, V) of the whole sequence through the stock layers: layers < ``split`` attend to the
-    keys ``keys_a`` (B, T) bool, the rest to ``keys_b``; positions ``pos`` (3, B, T) feed the stock
-    rotary embedding."""
+    keys ``keys_a`` (B, T) bool, the rest to ``keys_b``; positions ``pos`` (3, B, T) or (B, T) feed the
+    stock rotary embedding."""
     lm = model.model.language_model
     impl = lm.config._attn_implementation
     h = embeds
@@ -82,18 +89,20 @@ def kept_in_prompt(pre, t: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def greedy_reference(model, embeds, pos, keys_a, keys_b, split, n_new):
     """Greedy ids (B, n_new) and each step's logits (B, n_new, V) of the masked full-sequence reference,
-    re-run from scratch every step; new tokens take the prompt's largest position + 1, + 2, ... on all
-    three axes."""
+    re-run from scratch every step; new tokens take the prompt's largest position + 1, + 2, ... (on all
+    three axes of M-RoPE ids)."""
     lm = model.model.language_model
-    nxt = pos.amax(dim=(0, 2))  # (B,)
+    nxt = pos.amax(dim=-1) if pos.dim() == 2 else pos.amax(dim=(0, 2))  # (B,)
     out, logits = [], []
     for step in range(n_new):
         logits.append(masked_logits(model, embeds, pos, keys_a, keys_b, split)[:, -1])
         tok = logits[-1].argmax(-1)
         out.append(tok)
         embeds = torch.cat([embeds, lm.embed_tokens(tok[:, None])], dim=1)
-        new = (nxt + 1 + step)[None, :, None].expand(3, -1, 1)
-        pos = torch.cat([pos, new], dim=2)
+        new = (
+            (nxt + 1 + step)[:, None] if pos.dim() == 2 else (nxt + 1 + step)[None, :, None].expand(3, -1, 1)
+        )
+        pos = torch.cat([pos, new], dim=-1)
         one = torch.ones(tok.shape[0], 1, dtype=torch.bool)
         keys_a, keys_b = torch.cat([keys_a, one], 1), torch.cat([keys_b, one], 1)
     return torch.stack(out, dim=1), torch.stack(logits, dim=1)

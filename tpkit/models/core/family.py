@@ -150,6 +150,9 @@ class Family:
     # generate expands them for beams / num_return_sequences with expand_packed, not a per-row repeat
     packed_visual_keys: tuple[str, ...] = ()
     in_tower = False  # whether stage 1 can cut inside the vision tower (stage1.in_tower_block)
+    # stage 2 never drops the token just before or just after a run of visual placeholders (the
+    # markers a processor writes around each image, InternVL's <img> and </img>)
+    protect_run_edges = False
     # one image = one fixed patch grid (vision_config image_size / patch_size), placeholder i = patch i:
     # kept placeholders map straight to image cells (retention numbers, overlays)
     fixed_patch_grid = False

@@ -178,6 +178,14 @@ def stage2_roles(img1, valid1, ans1, prune_text, query, prune_visual=True):
     return always, droppable, qidx.clamp(min=0), qidx >= 0
 
 
+def run_edges(img: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the tokens just before and just after each run of ``img`` (B, T) tokens."""
+    edge = torch.zeros_like(img)
+    edge[:, :-1] |= img[:, 1:] & ~img[:, :-1]
+    edge[:, 1:] |= img[:, :-1] & ~img[:, 1:]
+    return edge
+
+
 def take_positions(pos: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Position ids (B, T) or (R, B, T) at the columns ``index`` (B, T') (-1 -> 0)."""
     if pos.dim() == 2:
@@ -281,6 +289,9 @@ def prefill(
         always, droppable, qpos, qvalid = stage2_roles(
             img1, valid1, ans1, s2.prune_text, s2.query, s2.prune_visual
         )
+        if family.protect_run_edges:
+            edge = run_edges(img1) & valid1
+            always, droppable = always | edge, droppable & ~edge
         sim = patches = None
         with torch.no_grad():  # scores only pick indices
             scores = stage2_scores(layer, h, cos, sin, valid, qpos, qvalid, s2.reduce, family.rotate)
