@@ -1,6 +1,8 @@
 """CPU prefill benchmark: dense vs ours at ~22% token-layer fraction, side by side in one run.
 
     python benchmarks/prefill_speed.py            # ~1 minute on a 2-core box (1 torch thread)
+    python benchmarks/prefill_speed.py --arch internvl3-8b --scale-down 16 --batch-size 1   # a family's
+                                                  # full-size shape, widths divided by 16
 
 Model (``cpu-bench`` in tpkit.models.registry.architectures(), random weights, fp32): LLaVA-1.5's
 prompt shape (35 text + 576 visual + 29 text = 640 tokens), a small CLIP tower, a 512-d 8-layer
@@ -21,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="cpu-bench")
+    p.add_argument("--scale-down", type=int, default=1, help="divide the architecture's widths by N")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--budget", type=float, default=0.22)
     p.add_argument("--repeats", type=int, default=5)
@@ -43,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.random_init.name = args.arch
     cfg.random_init.dtype = args.dtype
     cfg.random_init.budget = args.budget
+    cfg.random_init.scale_down = args.scale_down
     cfg.speed.batch_size = args.batch_size
     cfg.speed.repeats = args.repeats
     cfg.speed.warmup = args.warmup
@@ -52,13 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     print(speed_markdown(res["speed"]))
     frac = res["achieved"]["token_layer_fraction"]["mean"]
     lm = res["lm"]
+    name = args.arch + (f" / {args.scale_down}" if args.scale_down > 1 else "")
     print(
-        f"model {args.arch}: LM {lm['hidden']}-d x {lm['num_layers']} layers, "
+        f"model {name}: LM {lm['hidden']}-d x {lm['num_layers']} layers, "
         f"{res['prompt']['n_visual']} visual + {res['prompt']['n_text']} text tokens, batch {args.batch_size}, "
         f"{res['device']} {args.dtype}; ours k1={res['counts']['k1']} k2={res['counts']['k2']} "
         f"(stage 2 at layer {res['counts']['stage2_layer']}), FLOPs/sample "
         + ", ".join(f"{k} {v:.1f} GFLOP" for k, v in res["flops_gflops_per_sample"].items())
     )
+    if res["lm_prefill_speedup"] is not None:
+        print(
+            f"visual encoder (run in full by both) {res['vision_ms']:.0f} ms; the language model's prefill "
+            f"alone: {res['lm_prefill_speedup']:.2f}x"
+        )
     d, o = (
         res["speed"]["dense"]["prefill"]["median_ms"],
         res["speed"][f"ours@{args.budget:g}"]["prefill"]["median_ms"],

@@ -9,9 +9,11 @@ Per sample the chat template is rendered once for the whole conversation, plus o
 its prefix with the generation prompt (``... ASSISTANT:``): the answer spans are the characters
 between the two, which include what the template closes an answer with (``</s>``). The batch is
 tokenised in one call with character offsets; a token is an answer token when its characters
-overlap an answer span. The ``<image>`` token is then repeated to its run of image tokens, which is
-what ``LlavaProcessor.__call__`` does to the text (a test checks the ids are identical) without
-tokenising hundreds of placeholders. Images go through the processor's image processor.
+overlap an answer span. The image token (LLaVA-JSON's ``<image>``, written as the processor's own image
+token) is then repeated to its run of image tokens between the markers the processor puts around it
+(InternVL's ``<img>`` ... ``</img>``), which is what the processor's ``__call__`` does to the text (a
+test checks the ids are identical) without tokenising hundreds of placeholders. Images go through the
+processor's image processor.
 
 Over-long sequences are rejected, never truncated (see ``tpkit.data.llava_json``), and so are
 images that fail to decode at batch time (a truncated file passes the load-time header check):
@@ -32,7 +34,7 @@ import torch
 
 from tpkit.data.errors import LlavaDataError, RecordError
 from tpkit.data.labels import IGNORE_INDEX
-from tpkit.data.processor import num_image_tokens
+from tpkit.data.processor import IMAGE, num_image_tokens
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -100,6 +102,7 @@ class LlavaCollator:
         # one fixed-size image per sample (LlavaProcessor): its count needs no image
         self._fixed = type(processor).__name__ == "LlavaProcessor"
         self._mm_types = False  # the processor marks each token's modality (set by encode_images)
+        self._marks: tuple[list[int], list[int], int] | None = None  # see _markers
 
     def _content_as_parts(self) -> bool:
         """Whether the chat template wants list-of-parts content (llava-hf hub templates) or strings."""
@@ -118,8 +121,10 @@ class LlavaCollator:
         raise ValueError("the chat template renders neither string nor list-of-parts message content")
 
     def _content(self, value: str, parts: bool) -> str | list[dict[str, str]]:
+        # LLaVA-JSON's "<image>" is the processor's image token (InternVL's "<IMG_CONTEXT>")
+        value = value.replace(IMAGE, self.image_token)
         if not parts:
-            return value  # LLaVA-JSON text as is, "<image>" inline
+            return value  # LLaVA-JSON text as is, the image token inline
         # hub templates render images first, as LLaVA's own preprocessing moves "<image>" to the front
         if self.image_token in value:
             text = value.replace(self.image_token, "").strip()
@@ -185,6 +190,7 @@ class LlavaCollator:
         """Token ids and answer mask (bool) per record, unpadded, the image placeholder expanded to
         ``n_image`` tokens (one count for all records, or one per record)."""
         counts = [n_image] * len(records) if isinstance(n_image, int) else list(n_image)
+        before, after, _ = self._markers()
         texts, spans = [], []
         for r in records:
             full, sp, prompt = self._texts(r)
@@ -213,11 +219,33 @@ class LlavaCollator:
             off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)  # (L, 2) character spans
             # a token belongs to an answer when its characters overlap a span; (0, 0) specials never do
             mask = ((off[:, None, 1] > sp[None, :, 0]) & (off[:, None, 0] < sp[None, :, 1])).any(1)
-            # expand the placeholder to its run of n_image tokens, as LlavaProcessor does on the text
-            # (the placeholder is a special token, so neighbouring tokens are unchanged)
-            repeat = np.where(is_image, n_img, 1)
-            out.append((np.repeat(ids, repeat), np.repeat(mask, repeat)))
+            # expand the placeholder to its run of n_image tokens between the processor's markers, as
+            # the processor does on the text (the placeholder is a special token: neighbours unchanged)
+            at = int(np.flatnonzero(is_image)[0])
+            run = np.asarray(before + [self.image_token_id] * n_img + after, dtype=np.int64)
+            ids = np.concatenate([ids[:at], run, ids[at + 1 :]])
+            out.append((ids, np.concatenate([mask[:at], np.zeros(len(run), dtype=bool), mask[at + 1 :]])))
         return out
+
+    def _markers(self) -> tuple[list[int], list[int], int]:
+        """(tokens the processor writes before each image's placeholders, after them, how many tokens
+        its ``_get_num_multimodal_tokens`` counts for an image besides the placeholders), read once
+        off its expansion of one image: InternVL's ``<img>``, ``</img>``, and 2 on transformers 5.17
+        (0 on 5.2x); none for LLaVA's and Qwen's."""
+        if self._marks is None:
+            self._marks = ([], [], 0)
+            if not self._fixed:
+                from PIL import Image
+
+                size = (64, 64)
+                out = self.processor(
+                    text=[self.image_token], images=[Image.new("RGB", size)], add_special_tokens=False
+                )
+                ids = list(out["input_ids"][0])
+                at = [i for i, t in enumerate(ids) if t == self.image_token_id]
+                counted = self.processor._get_num_multimodal_tokens(image_sizes=[size])["num_image_tokens"][0]
+                self._marks = (ids[: at[0]], ids[at[-1] + 1 :], int(counted) - len(at))
+        return self._marks
 
     def _n_image_tokens(self) -> int:
         """Image tokens per sample from the image processor's output size (no image needed)."""
@@ -244,7 +272,8 @@ class LlavaCollator:
             except (OSError, _Dropped) as e:
                 raise ValueError(f"record id={r.get('id')!r}: cannot read image: {e}") from None
         counts = self.processor._get_num_multimodal_tokens(image_sizes=sizes)
-        return [int(n) for n in counts["num_image_tokens"]]
+        _, _, extra = self._markers()  # what the count holds besides placeholders
+        return [int(n) - extra for n in counts["num_image_tokens"]]
 
     def sequence_lengths(self, records: Sequence[dict[str, Any]], batch_size: int = 256) -> list[int]:
         """Token count (image tokens included) of each record as this collator would build it."""

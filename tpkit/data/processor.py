@@ -74,12 +74,20 @@ _TEMPLATE_LINES = [
 _ALPHABET = sorted(set(string.printable) - set(string.whitespace) | {"\n"})
 
 
-def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Train the BPE tokenizer on ``corpus`` (strings) and wrap it with the chat template.
+def train_tokenizer(
+    corpus: Iterable[str],
+    vocab_size: int = 512,
+    extra_special_tokens: dict[str, str] | None = None,
+    chat_template: str = CHAT_TEMPLATE,
+) -> PreTrainedTokenizerFast:
+    """Train the BPE tokenizer on ``corpus`` (strings) and wrap it with ``chat_template``.
 
-    Specials: ``<pad>``=0, ``<s>``=1, ``</s>``=2, ``<image>``=3, ``<unk>``=4. ``<s>`` is prepended to
+    Specials: ``<pad>``=0, ``<s>``=1, ``</s>``=2, ``<image>``=3, ``<unk>``=4, then the values of
+    ``extra_special_tokens`` (5, 6, ... in order), each also an attribute of the tokenizer under its key
+    (a processor's named tokens, e.g. InternVL's ``start_image_token: "<img>"``). ``<s>`` is prepended to
     every encoded text (as Llama does); padding is on the left.
     """
+    extra = dict(extra_special_tokens or {})
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     lines = [line for line in corpus if line] + _TEMPLATE_LINES
@@ -94,7 +102,7 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedT
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + list(extra.values()),
         initial_alphabet=_ALPHABET,
         show_progress=False,
     )
@@ -102,7 +110,7 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedT
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, BOS_ID)]
     )
-    for name, idx in zip(SPECIAL_TOKENS, range(5)):
+    for name, idx in zip(SPECIAL_TOKENS + list(extra.values()), range(5 + len(extra))):
         if tok.token_to_id(name) != idx:  # guards the contract's fixed ids
             raise RuntimeError(f"special token {name} got id {tok.token_to_id(name)}, expected {idx}")
     return PreTrainedTokenizerFast(
@@ -111,10 +119,10 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedT
         eos_token=EOS,
         unk_token=UNK,
         pad_token=PAD,
-        extra_special_tokens={"image_token": IMAGE},
+        extra_special_tokens={"image_token": IMAGE, **extra},
         padding_side="left",
         model_max_length=4096,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
 
 

@@ -115,7 +115,7 @@ def evaluate_speed_only(cfg: EvalConfig) -> dict:
             cfg.eval.progress,
             sp.compile,
         )
-    vision_ms = _vision_ms(model, batch, device, sp.warmup, sp.repeats)
+        vision_ms = _vision_ms(model, batch, device, sp.warmup, sp.repeats)  # on the same threads
     lm_speedup = None
     if vision_ms is not None:
         d, o = speeds["dense"]["prefill"]["median_ms"], speeds[specs[1].name]["prefill"]["median_ms"]

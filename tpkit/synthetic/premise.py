@@ -185,17 +185,17 @@ def plot_curves(
 
 
 def _load_model(model_dir: str | Path, device: str) -> tuple[torch.nn.Module, Any]:
-    """The model and its saved image processor (None: none saved, or one that packs patches, as
-    Qwen's do: the premise then makes its square views with the kit's CLIP preprocessing, whose
-    mean and std are also Qwen's)."""
+    """The model and its saved image processor (None: none saved, or one that packs patches into rows,
+    as Qwen's does: the premise then makes its square views with the kit's CLIP preprocessing, whose
+    mean and std are also Qwen's). InternVL's returns one resized view per image (its processor asks
+    for the tiles)."""
     model = load_pretrained(model_dir, dtype="float32", device=device)
-    if family_of(model).packed_visual_keys:
-        return model, None
     try:
         image_processor = AutoImageProcessor.from_pretrained(str(model_dir))
     except (OSError, ValueError, ImportError):  # a bare model directory, or a processor needing torchvision
-        image_processor = None
-    return model, image_processor
+        return model, None
+    probe = image_processor(images=[Image.new("RGB", (16, 16))], return_tensors="pt")["pixel_values"]
+    return model, image_processor if probe.dim() >= 4 else None  # (patches, values): packed
 
 
 def _base_views(image_processor: Any, images: list) -> torch.Tensor:
