@@ -5,6 +5,7 @@ import torch
 import transformers
 
 from tpkit.models.core.family import first_missing
+from tpkit.models.internvl.tiny import build_tiny_internvl
 from tpkit.models.llava.tiny import build_tiny_llava
 from tpkit.models.llava_next.tiny import tiny_next_config
 from tpkit.models.qwen2_vl.tiny import build_tiny_qwen
@@ -36,6 +37,11 @@ def test_first_missing_walks_dotted_paths():
             lambda: build_tiny_qwen("qwen2.5-vl"),
             "model.visual.merger",
             "is not Qwen2-VL-like: it has no 'model.visual.merger'",
+        ),
+        (
+            build_tiny_internvl,
+            "model.multi_modal_projector",
+            "has no 'model.multi_modal_projector': expected a stock InternVLForConditionalGeneration",
         ),
     ],
 )

@@ -244,6 +244,9 @@ def test_cls_scores_are_allowed_and_the_default_is_cosine(internvl_factory):
     family = family_of(model)
     assert family.has_cls(model) and family.score_kind(model, Stage1Config()) == "cosine"
     attach_pruner(model, PruningConfig(stage1=Stage1Config(score="cls_attn")))
+    model.config.vision_feature_select_strategy = "full"  # CLS among the features: no square token grid
+    with pytest.raises(ValueError, match="vision_feature_select_strategy = 'full'"):
+        attach_pruner(model, PruningConfig())
 
 
 def test_mismatched_placeholders_and_pixels_name_the_counts(internvl_factory):

@@ -53,3 +53,20 @@ def test_random_prompt_and_a_pruned_prefill_of_the_scaled_down_8b():
     assert stats["n_prompt"].tolist() == [35 + 2 + 29 + 300] and stats["k2"] < stats["n_prompt"]
     assert out.logits.shape == (1, 1, 151674) and torch.isfinite(out.logits).all()
     assert time.perf_counter() - t0 < 60
+
+
+def test_random_init_speed_run_hits_the_budget(tmp_path):
+    """internvl3-8b at a CPU scale through the speed run scripts/gpu_families.sh makes: ours at a 22%
+    token-layer fraction of the 1,346-token prompt, the visual encoder (5 tiles) timed apart, FLOPs."""
+    from tpkit.evaluation.config import EvalConfig
+    from tpkit.evaluation.random_init import evaluate_speed_only
+
+    cfg = EvalConfig()
+    cfg.random_init.name, cfg.random_init.scale_down, cfg.random_init.dtype = "internvl3-8b", 64, "float32"
+    cfg.speed.batch_size, cfg.speed.repeats, cfg.speed.warmup, cfg.speed.generation = 1, 1, 0, False
+    cfg.out_dir, cfg.device, cfg.eval.progress = str(tmp_path), "cpu", False
+    res = evaluate_speed_only(cfg)
+    assert res["prompt"] == {"n_dense": 1346, "n_visual": 1280, "n_text": 66}
+    assert abs(res["achieved"]["token_layer_fraction"]["mean"] - 0.22) < 2 / 1346
+    flops = res["flops_gflops_per_sample"]
+    assert res["vision_ms"] > 0 and flops["dense"] > 4 * flops["ours@0.22"]
