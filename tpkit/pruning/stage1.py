@@ -128,8 +128,8 @@ def random_scores(batch: int, n: int, seed: int, device: torch.device | str = "c
 def encoder_attention(
     layer_input: torch.Tensor, layer: torch.nn.Module, cls: bool
 ) -> Callable[[str], torch.Tensor]:
-    """The attention-based scores of a CLIP/SigLIP-shaped encoder layer (``layer_norm1``,
-    ``self_attn.{q_proj, k_proj}``) for :func:`patch_scores`: ``"cls_attn"`` -> :func:`cls_attention`,
+    """The attention-based scores of a ViT encoder layer (CLIP, SigLIP, InternViT: read as
+    :func:`_encoder_qk` reads it) for :func:`patch_scores`: ``"cls_attn"`` -> :func:`cls_attention`,
     ``"attn_received"`` -> :func:`tower_attention_received`; layer_input (B, [1 +] P, D)."""
 
     def scores(kind: str) -> torch.Tensor:

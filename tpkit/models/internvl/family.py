@@ -31,13 +31,7 @@ from torch import nn
 from tpkit.models.core.family import Family, HarnessSupport, Visual, first_missing, random_text
 from tpkit.models.core.visual import VisualTokens, select_visual
 from tpkit.models.internvl.tiny import ARCHITECTURES, MARKERS_ATTR, tiny_internvl_config, tokens_per_tile
-from tpkit.pruning.stage1 import (
-    cls_attention,
-    cls_cosine,
-    mean_cosine,
-    random_scores,
-    tower_attention_received,
-)
+from tpkit.pruning.stage1 import encoder_attention, patch_scores
 
 __all__ = ["FAMILIES", "InternVLFamily", "patch_groups", "image_runs"]
 
@@ -148,19 +142,12 @@ class InternVLFamily(Family):
     def _patch_scores(
         self, model: nn.Module, feature: torch.Tensor, last_in: torch.Tensor | None, stage1: Any
     ):
-        """(tiles, P) stage-1 score of every patch (CLS excluded) at the feature layer."""
-        kind = self.score_kind(model, stage1)
+        """(tiles, P) stage-1 score of every patch (CLS excluded) at the feature layer; the attention
+        scores from the last encoder layer's q/k (its input ``last_in``)."""
         last = model.model.vision_tower.encoder.layer[-1]
-        with torch.no_grad():  # scores only pick indices
-            if kind in ("cosine", "cosine_centered"):
-                return cls_cosine(feature, centered=kind == "cosine_centered")
-            if kind == "cls_attn":
-                return cls_attention(last_in, last)
-            if kind == "cosine_mean":
-                return mean_cosine(feature[:, 1:])
-            if kind == "attn_received":
-                return tower_attention_received(last_in, last)
-            return random_scores(feature.shape[0], feature.shape[1] - 1, stage1.seed, feature.device)
+        attention = encoder_attention(last_in, last, cls=True) if last_in is not None else None
+        kind = self.score_kind(model, stage1)
+        return patch_scores(kind, feature, cls=True, attention=attention, seed=stage1.seed)
 
     def _token_info(self, model: nn.Module, patch_scores: torch.Tensor) -> torch.Tensor:
         """(tiles, T, 3): each token's score (its patches' mean), row and column in the token grid."""
