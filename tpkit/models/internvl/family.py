@@ -35,8 +35,6 @@ from tpkit.pruning.stage1 import encoder_attention, patch_scores
 
 __all__ = ["FAMILIES", "InternVLFamily", "patch_groups", "image_runs"]
 
-_CHANNELS = 3  # score, patch row, patch column
-
 
 def patch_groups(model: nn.Module, per_patch: torch.Tensor) -> torch.Tensor:
     """Per-patch channels (tiles, P, C) -> (tiles, T, g*g, C): each LM token's ``g * g`` patches' channels,
@@ -149,15 +147,16 @@ class InternVLFamily(Family):
         kind = self.score_kind(model, stage1)
         return patch_scores(kind, feature, cls=True, attention=attention, seed=stage1.seed)
 
-    def _token_info(self, model: nn.Module, patch_scores: torch.Tensor) -> torch.Tensor:
-        """(tiles, T, 3): each token's score (its patches' mean), row and column in the token grid."""
-        n, p = patch_scores.shape
+    def _token_info(self, model: nn.Module, scores: torch.Tensor) -> torch.Tensor:
+        """(tiles, T, 3): each token's score (its patches' mean), row and column in the token grid, from
+        the patches' scores (tiles, P)."""
+        n, p = scores.shape
         side = math.isqrt(p)
         if side * side != p:
             raise ValueError(f"{type(model).__name__}: {p} patches per tile is not a square grid")
-        cell = torch.arange(p, device=patch_scores.device)
+        cell = torch.arange(p, device=scores.device)
         info = torch.stack(
-            [patch_scores.float(), (cell // side).float().expand(n, p), (cell % side).float().expand(n, p)],
+            [scores.float(), (cell // side).float().expand(n, p), (cell % side).float().expand(n, p)],
             -1,
         )
         grouped = patch_groups(model, info)  # (tiles, T, g*g, 3)
@@ -165,7 +164,10 @@ class InternVLFamily(Family):
         rc = grouped[..., 1:].amin(dim=2).div(g).floor()  # the block's top-left patch / g
         return torch.cat([grouped[..., :1].mean(dim=2), rc], dim=-1)
 
-    def _tokens(self, model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor, stage1: Any):
+    def _tokens(
+        self, model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor, stage1: Any
+    ) -> VisualTokens:
+        """Every placeholder of the batch as stage 1 sees it (one tower run)."""
         out, feature, last_in = self._tower(model, pixel_values, stage1)
         embeds = out.pooler_output  # (tiles, T, D)
         n, per_tile = embeds.shape[:2]
@@ -183,7 +185,7 @@ class InternVLFamily(Family):
             )
         info = info.flatten(0, 1)  # (tiles * T, 3), in placeholder order
         coords = torch.cat([tile[:, None], info[:, 1:].long()], dim=-1)  # (tile, row, col)
-        tokens = VisualTokens(
+        return VisualTokens(
             token_id=token_id,
             embeds=embeds.flatten(0, 1),
             scores=info[:, 0],
@@ -192,10 +194,9 @@ class InternVLFamily(Family):
             row=torch.full((n * per_tile,), -1, dtype=torch.long, device=embeds.device),
             coords=coords,
         )
-        return tokens, info
 
     def encode(self, model, input_ids, visual, stage1, stage1_keep=None) -> Visual:
-        tokens, _ = self._tokens(model, input_ids, visual["pixel_values"], stage1)
+        tokens = self._tokens(model, input_ids, visual["pixel_values"], stage1)
         return select_visual(input_ids, [tokens], stage1, stage1_keep)
 
     def stage1_scores(self, model: nn.Module, visual: dict[str, Any], stage1: Any) -> torch.Tensor:
