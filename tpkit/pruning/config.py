@@ -35,8 +35,8 @@ class Stage1Config:
     min_keep: int = 4  # clamps applied after every selector
     max_keep: int | None = None  # None = all patches
     seed: int = 0  # score "random"
-    # any-res images (LLaVA-NeXT/OneVision: a base view + high-resolution crops): one knee per image over
-    # all its views (image), or one per view (view: the base view and each crop)
+    # images of several views (LLaVA-NeXT/OneVision: a base view + high-resolution crops; InternVL: tiles
+    # + a thumbnail): one knee per image over all its views (image), or one per view (view: each view)
     groups: Literal["image", "view"] = "image"
     # Position ids of the shortened LLM input. original: every kept token keeps the position it has in
     # the unpruned prompt, so the LLM sees the patches' raster geometry and the text where the unpruned
