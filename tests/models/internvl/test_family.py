@@ -10,9 +10,9 @@ import torch
 
 from tpkit.models import attach_pruner, detach_pruner, last_stats, stage1_scores
 from tpkit.models.core.prefill import prefill
-from tpkit.models.families import family_of
 from tpkit.models.internvl.family import patch_groups
 from tpkit.models.internvl.tiny import MARKERS_ATTR, tokens_per_tile
+from tpkit.models.registry import family_of
 from tpkit.pruning import PruningConfig, Stage1Config, Stage2Config
 
 from ..qwen2_vl.reference import greedy_reference, kept_in_prompt, masked_logits, stock_lm_input

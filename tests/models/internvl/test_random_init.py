@@ -8,12 +8,12 @@ import torch
 from tpkit.evaluation.speed import model_inputs, random_prompt_batch
 from tpkit.models import attach_pruner, last_stats
 from tpkit.models.internvl.tiny import MARKERS_ATTR, tiny_internvl_config, tokens_per_tile
-from tpkit.models.tiny import architecture_kwargs, build_random_init
+from tpkit.models.registry import architecture_kwargs, build_random_init
 from tpkit.pruning import PruningConfig, Stage1Config, Stage2Config
 
 
 def test_internvl3_8b_config():
-    kw = {k: v for k, v in architecture_kwargs("internvl3-8b").items() if k != "family"}
+    kw = {k: v for k, v in architecture_kwargs("internvl3-8b").items() if k != "builder"}
     cfg = tiny_internvl_config(**kw)
     vc, tc = cfg.vision_config, cfg.text_config
     assert (tuple(vc.image_size), tuple(vc.patch_size), vc.hidden_size, vc.num_hidden_layers) == (

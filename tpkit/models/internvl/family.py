@@ -79,7 +79,9 @@ class InternVLFamily(Family):
     prompt_tiles = 5  # random_prompt's image: 896 x 896 = 2 x 2 tiles of 448 px + the thumbnail
     builders = {"internvl": (tiny_internvl_config, "InternVLForConditionalGeneration")}
     architectures = ARCHITECTURES
-    # projector: multi_modal_projector; tower: model.vision_tower (the defaults)
+    # projector: multi_modal_projector; tower: model.vision_tower (the defaults). Any number of images per
+    # sample (each its own <img> run), videos as the processor lays their frames out
+    harness = HarnessSupport(images=None, videos=True)
 
     # ---- structure ------------------------------------------------------------------------------
     def check(self, model: nn.Module) -> None:
