@@ -33,7 +33,7 @@ def test_internvl3_8b_config():
 
 
 def test_random_prompt_and_a_pruned_prefill_of_the_scaled_down_8b():
-    model = build_random_init("internvl3-8b", "cpu", "float32", scale_down=16)
+    model = build_random_init("internvl3-8b", "cpu", "float32", scale_down=64)
     assert type(model).__name__ == "InternVLForConditionalGeneration" and not model.training
     batch = random_prompt_batch(model, 1, text_before=35, text_after=29)
     ids = batch["input_ids"]
