@@ -176,3 +176,42 @@ def test_train_reports_config_errors_before_loading_a_model(tmp_path, capsys):
     assert "'optim.lr' = 'x' must be a number" in capsys.readouterr().err
     assert main(["train", "--config", str(_write(tmp_path, GOOD)), "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("pruning.stage2.diversity", ".nan"),
+        ("pruning.stage2.diversity", ".inf"),
+        ("optim.lr", "-.inf"),
+        ("distill.alpha", "1e999"),  # a YAML 1.1 "string" number that overflows to inf
+        ("data.max_length", ".inf"),  # an int key: not a number at all
+    ],
+)
+def test_non_finite_numbers_are_refused_for_every_key(tmp_path, key, value):
+    """No key means anything by nan or inf: the loader refuses them wherever they come from."""
+    import yaml
+
+    from tpkit.config import set_dotted
+
+    data = yaml.safe_load(GOOD)
+    set_dotted(data, key, yaml.safe_load(value))
+    p = _write(tmp_path, yaml.safe_dump(data))
+    kind = "must be an integer" if key == "data.max_length" else "must be a finite number"
+    with pytest.raises(ConfigError, match=rf"cfg\.yaml:\d+: '{key}' = .* {kind}"):
+        load_config(TrainConfig, p)
+    with pytest.raises(ConfigError, match=rf"\(with --set\): '{key}' = .* {kind}"):
+        load_config(TrainConfig, _write(tmp_path, GOOD), [f"{key}={value}"])
+
+
+def test_check_fields_applies_the_loaders_checks_to_a_config_built_in_python():
+    from tpkit.config import check_fields
+    from tpkit.pruning import PruningConfig, Stage1Config, Stage2Config
+
+    check_fields(PruningConfig())  # the defaults pass
+    with pytest.raises(ConfigError, match=r"'pruning.stage2.layer' = '1' must be an integer"):
+        check_fields(PruningConfig(stage2=Stage2Config(layer="1")), "pruning.")
+    with pytest.raises(ConfigError, match=r"'pruning.stage2.diversity' = nan must be a finite number"):
+        check_fields(PruningConfig(stage2=Stage2Config(diversity=float("nan"))), "pruning.")
+    with pytest.raises(ConfigError, match=r"'stage1.selector' = 'knee' is not one of"):
+        check_fields(PruningConfig(stage1=Stage1Config(selector="knee")))

@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import inspect
 import io
+import math
 import os
 import re
 import textwrap
@@ -47,6 +48,7 @@ __all__ = [
     "commented_yaml",
     "reference_markdown",
     "unwritable_dir",
+    "check_fields",
 ]
 
 
@@ -162,10 +164,16 @@ def _coerce(value: Any, tp: Any, key: str, where: _Where) -> Any:
         return value
     if tp is float:
         if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
-            return float(value)  # `1e-4`: YAML 1.1 reads a string (no dot), every user means a number
+            value = float(value)  # `1e-4`: YAML 1.1 reads a string (no dot), every user means a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where(key)}'{key}' = {value!r} must be a number")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int beyond float range (10**400 written out)
+            value = math.inf
+        if not math.isfinite(value):  # no key means anything by nan or inf ("no limit" is null)
+            raise ConfigError(f"{where(key)}'{key}' = {value!r} must be a finite number")
+        return value
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where(key)}'{key}' = {value!r} must be a string")
@@ -205,6 +213,22 @@ def _from_dict(cls: type[T], data: dict, prefix: str, where: _Where) -> T:
 def from_dict(cls: type[T], data: dict | None, source: str | None = None) -> T:
     """Build dataclass ``cls`` from a plain dict, checking keys, types and ``validate()``."""
     return _from_dict(cls, data or {}, "", _Where(source))
+
+
+def check_fields(obj: Any, prefix: str = "") -> None:
+    """ConfigError, naming the dotted key, when a field of dataclass ``obj`` (nested sections too) does
+    not have its annotated type or is a non-finite float: the loader's checks, for a config built in
+    Python (``Stage2Config(layer="1")``), which never went through :func:`from_dict`."""
+    hints = _hints(type(obj))
+    where = _Where(None)
+    for f in dataclasses.fields(obj):
+        if not f.init:
+            continue
+        value, key = getattr(obj, f.name), prefix + f.name
+        if dataclasses.is_dataclass(hints[f.name]) and dataclasses.is_dataclass(value):
+            check_fields(value, key + ".")
+        else:
+            _coerce(value, hints[f.name], key, where)
 
 
 def to_dict(cfg: Any) -> Any:

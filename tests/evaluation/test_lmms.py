@@ -259,3 +259,32 @@ def test_lmms_eval_cli(task_dir, tmp_path):
     assert 0 < data["throughput"]["avg_tpkit_token_layer_fraction_mean"] < 1
     samples = [json.loads(line) for p in out.rglob("*samples*.jsonl") for line in p.read_text().splitlines()]
     assert len(samples) == 8 and "k1" in samples[0]["token_counts"][0]
+
+
+def test_a_model_args_mistake_ends_the_lmms_eval_command_with_its_message(monkeypatch, capsys):
+    """lmms-eval prints a traceback and exits 0 when a model fails to build: under its command, a
+    mistake in --model_args is the last line printed, and the exit status is 2."""
+    from tpkit.evaluation.harness import model as harness_model
+
+    with pytest.raises(ConfigError, match="did you mean 'method'"):  # the Python API: the exception
+        TpkitLMM.create_from_arg_string("methd=ours")
+    monkeypatch.setattr(harness_model, "_under_lmms_eval_command", lambda: True)
+    with pytest.raises(SystemExit) as e:
+        TpkitLMM.create_from_arg_string(f"pretrained={FIXTURE},pruning.stage2.diversity=nan")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "error: --model tpkit: --model_args pruning.*: 'stage2.diversity' = nan must be a finite number"
+    )
+
+
+def test_lmms_eval_cli_ends_with_the_model_args_error(tmp_path):
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "tpkit", "--tasks", "mme",
+           "--model_args", f"pretrained={FIXTURE},methd=ours", "--output_path", str(tmp_path)]  # fmt: skip
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[-1] == (
+        "error: --model tpkit: --model_args: unknown key 'methd' (did you mean 'method'?)"
+    )
+    assert "Traceback" not in proc.stderr

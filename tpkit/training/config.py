@@ -4,7 +4,6 @@ heavy import)."""
 from __future__ import annotations
 
 import importlib.util
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,8 @@ __all__ = [
     "TrainConfig",
     "load_train_config",
 ]
+
+_FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max (this module is torch-free)
 
 
 @dataclass
@@ -76,9 +77,7 @@ class DistillConfig:
         return self.alpha > 0 or self.hidden_weight > 0
 
     def validate(self) -> None:
-        for key in ("alpha", "temperature", "jsd_beta", "ce_weight", "hidden_weight"):
-            if not math.isfinite(getattr(self, key)):
-                raise ValueError(f"{key} = {getattr(self, key)} must be a finite number")
+        # non-finite values are refused by the loader (tpkit.config), for every float key
         if self.alpha < 0 or self.ce_weight < 0 or self.hidden_weight < 0:
             raise ValueError("alpha, ce_weight and hidden_weight must be >= 0")
         if self.alpha == 0 and self.ce_weight == 0 and self.hidden_weight == 0:
@@ -107,14 +106,17 @@ class OptimConfig:
     grad_clip: float | None = 1.0
 
     def validate(self) -> None:
-        for key in ("lr", "weight_decay", "eps", "grad_clip", "min_lr_ratio"):
-            value = getattr(self, key)
-            if value is not None and not math.isfinite(value):
-                raise ValueError(f"{key} = {value} must be a finite number")
         if self.lr <= 0:
             raise ValueError(f"lr = {self.lr} must be > 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas = {self.betas} must be two numbers in [0, 1)")
+        # AdamW's first update is lr / (1 - beta1) per unit of normalised gradient, computed in float32
+        first = self.lr / (1 - self.betas[0])
+        if first >= _FLOAT32_MAX:
+            raise ValueError(
+                f"lr = {self.lr:g} is too large: AdamW's first step, lr / (1 - betas[0]) = {first:.3g}, "
+                f"overflows float32 (max {_FLOAT32_MAX:.3g}); fine-tuning rates are about 1e-5 to 1e-3"
+            )
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps = {self.warmup_steps} must be >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -164,6 +166,10 @@ class TrainerConfig:
             and not self.devices.replace(",", "").isdigit()
         ):
             raise ValueError(f"devices = {self.devices!r} must be an integer, 'auto' or a list like '0,1'")
+        if isinstance(self.devices, int) and not (self.devices >= 1 or self.devices == -1):
+            raise ValueError(
+                f"devices = {self.devices} must be >= 1 (processes per node), -1 (every device) or 'auto'"
+            )
         if self.deepspeed_stage not in (1, 2, 3):
             raise ValueError(f"deepspeed_stage = {self.deepspeed_stage} must be 1, 2 or 3")
         if self.checkpoint_every_n_steps < 0 or self.val_every_n_steps < 0:

@@ -317,3 +317,55 @@ def test_gather_rows():
     out = gather_rows(logits, idx)
     assert torch.equal(out[0, 1], logits[0, 3]) and torch.equal(out[1, 0], logits[1, 2])
     assert torch.equal(out[1, 1], logits[1, 0])  # padding (-1) reads row 0; its target is ignored
+
+
+def test_nonsense_from_the_python_api_is_a_clear_error(tiny_llava, make_llava_batch):
+    """An empty prompt (IndexError from argmax before), a layer given as a string (TypeError) and a
+    NaN diversity (accepted) are refused with the key or the shape named."""
+    from tpkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'pruning.stage2.layer' = '1' must be an integer"):
+        attach_pruner(tiny_llava, PruningConfig(stage2=Stage2Config(layer="1")))
+    with pytest.raises(ConfigError, match=r"'pruning.stage2.diversity' = nan must be a finite number"):
+        attach_pruner(tiny_llava, PruningConfig(stage2=Stage2Config(diversity=float("nan"))))
+    model = attach_pruner(tiny_llava, PruningConfig())
+    with pytest.raises(ConfigError, match=r"'pruning.stage1.min_keep' = 4.0 must be an integer"):
+        set_pruning(model, PruningConfig(stage1=Stage1Config(min_keep=4.0)))
+    batch = make_llava_batch(model)
+    empty = {
+        **batch,
+        "input_ids": batch["input_ids"][:, :0],
+        "attention_mask": batch["attention_mask"][:, :0],
+    }
+    with pytest.raises(ValueError, match=r"input_ids of shape \(2, 0\) hold no tokens"):
+        model(**empty)
+
+
+def test_nan_pixel_values_pass_through_as_in_the_stock_model(tiny_llava, make_llava_batch):
+    """The decision: no check, no warning (a NaN test costs a host sync per forward, and stock says
+    nothing either). A NaN image scores NaN everywhere, so stage 1 keeps all its patches (the knee
+    has nothing to cut); its logits are NaN as the stock model's are, and the other samples of the
+    batch are untouched."""
+    import warnings
+
+    from tpkit.models import pruning_disabled
+
+    model = attach_pruner(tiny_llava, PruningConfig())
+    batch = make_llava_batch(model)
+    with torch.no_grad():
+        clean = model(**batch)
+        bad = {**batch, "pixel_values": batch["pixel_values"].clone()}
+        bad["pixel_values"][0] = float("nan")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = model(**bad)
+        stats = last_stats(model)
+        with pruning_disabled(model):
+            stock = model(**bad).logits
+    assert stats["k1"][0] == stats["n_visual"][0] == 16
+    assert out.logits[0].isnan().all(-1).any() and stock[0].isnan().all(-1).any()
+    # sample 1: the same tokens kept, the same logits (the batch is only padded differently)
+    kept = out.kept_index[1][out.kept_index[1] >= 0]
+    assert torch.equal(kept, clean.kept_index[1][clean.kept_index[1] >= 0])
+    n = kept.numel()
+    torch.testing.assert_close(out.logits[1, -n:], clean.logits[1, -n:])

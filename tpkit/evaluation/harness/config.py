@@ -10,7 +10,7 @@ configuration after the YAML file or the adapter's trained ``pruning.json``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,6 +60,8 @@ class HarnessConfig:
         for name in ("k1", "k2"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")
+        if self.sweep_stage1_factor <= 0:
+            raise ValueError(f"sweep_stage1_factor = {self.sweep_stage1_factor} must be > 0")
 
 
 def parse_method(method: str) -> tuple[str, float | None]:
@@ -84,7 +86,13 @@ def read_pruning_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"pruning = {str(p)!r}: no such file")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    except yaml.YAMLError as e:  # a python tag (!!python/...) is refused here too: safe_load builds none
+        first = str(e).strip().splitlines()
+        raise ConfigError(f"{p}: not a plain YAML config ({' '.join(first[:2])})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping")
     section = data.get("pruning", data)
@@ -98,7 +106,6 @@ def parse_model_args(args: dict[str, Any]) -> tuple[HarnessConfig, list[tuple[st
     lmms-eval also passes its own ``batch_size``/``device``/``max_batch_size`` (None when unset); a
     ``batch_size`` of "auto" is not supported (tpkit batches ragged prompts itself).
     """
-    names = {f.name for f in fields(HarnessConfig)}
     plain: dict[str, Any] = {}
     overrides: list[tuple[str, Any]] = []
     for key, value in args.items():
@@ -106,14 +113,9 @@ def parse_model_args(args: dict[str, Any]) -> tuple[HarnessConfig, list[tuple[st
             continue
         if key.startswith("pruning."):
             overrides.append((key[len("pruning.") :], value))
-        elif key in names:
+        else:  # an unknown key is from_dict's error, with its did-you-mean
             plain[key] = (
                 str(value) if key in ("pretrained", "processor", "adapter", "pruning", "method") else value
-            )
-        else:
-            raise ConfigError(
-                f"--model_args: unknown key {key!r} for --model tpkit (known: {', '.join(sorted(names))}, "
-                "and pruning.<key> overrides)"
             )
     batch = plain.get("batch_size")
     if isinstance(batch, str):  # lmms-eval's --batch_size is a string ("8", "auto")

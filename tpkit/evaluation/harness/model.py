@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ from tpkit.evaluation.harness.config import (
     read_pruning_yaml,
 )
 from tpkit.evaluation.methods import METHODS, MethodSpec, OursStats, method_spec, sweep_spec
-from tpkit.evaluation.runner import load_model_and_processor, prefill_stats
+from tpkit.evaluation.runner import EvalError, load_model_and_processor, prefill_stats
 from tpkit.models.config import ModelConfig
 from tpkit.models.core.attach import set_pruning
 from tpkit.models.families import device_inputs
@@ -161,12 +162,22 @@ class TpkitLMM(lmms):
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> TpkitLMM:
         """``--model_args`` plus lmms-eval's ``--batch_size``/``--device`` (which it always passes:
-        ``--batch_size`` defaults to 1), a key given in ``--model_args`` winning."""
+        ``--batch_size`` defaults to 1), a key given in ``--model_args`` winning.
+
+        Under the ``lmms-eval`` command, a mistake in the arguments (an unknown key, a bad value, a
+        pruning YAML or an adapter that cannot be read) ends the command with its message as the
+        last line and exit status 2: lmms-eval itself would print a traceback and exit 0."""
         args = simple_parse_args_string(arg_string)
         for key, value in (additional_config or {}).items():
             if value is not None and key not in args:
                 args[key] = value
-        return cls(**args)
+        try:
+            return cls(**args)
+        except (ConfigError, EvalError, FileNotFoundError) as e:
+            if not _under_lmms_eval_command():
+                raise
+            print(f"\nerror: --model tpkit: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
 
     # ---- what lmms-eval reads ---------------------------------------------------------------
     @property
@@ -490,6 +501,14 @@ class TpkitLMM(lmms):
         speed = self._gen_tokens / self._seconds if self._seconds > 0 else 0.0
         log_metrics(self._seconds, self._gen_tokens, speed, additional_metrics=summary)
         super().clean()
+
+
+def _under_lmms_eval_command() -> bool:
+    """Whether this process is the ``lmms-eval`` command (or ``python -m lmms_eval``), not a program
+    that calls lmms-eval's Python API (which gets the exception)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return "lmms_eval.__main__" in sys.modules or getattr(spec, "name", None) == "lmms_eval.__main__"
 
 
 def _json_turns(context: str) -> list[dict[str, str]] | None:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from tpkit.config import check_fields
 from tpkit.models.core.cache import PrunedCache
 from tpkit.models.core.family import Family
 from tpkit.models.core.generate import check_generate_kwargs, decode_step
@@ -95,6 +96,11 @@ class _PrunedMixin:
             raise ValueError(
                 "output_attentions=True does not work with the pruner (its layers run sdpa or flash kernels on "
                 "fewer keys per group): call the model inside `with pruning_disabled(model):`"
+            )
+        if input_ids.shape[-1] == 0:
+            raise ValueError(
+                f"input_ids of shape {tuple(input_ids.shape)} hold no tokens: a pruned forward needs the "
+                "prompt with its image placeholders"
             )
         if cache is not None and (not isinstance(cache, PrunedCache) or cache.get_seq_length() > 0):
             raise ValueError(
@@ -249,6 +255,7 @@ def attach(model: nn.Module, config: PruningConfig | None, family: Family) -> nn
     model = unwrap(model)
     family.check(model)
     config = config if config is not None else PruningConfig()
+    check_fields(config, "pruning.")  # types and finite numbers, as a YAML config is checked
     config.validate()
     check_layer(family.language_model(model), config)
     family.check_config(model, config)
@@ -290,6 +297,7 @@ def set_pruning(model: nn.Module, config: PruningConfig) -> None:
     state = find_state(inner)
     if state is None:
         raise ValueError("set_pruning: no pruner attached (call attach_pruner first)")
+    check_fields(config, "pruning.")
     config.validate()
     check_layer(state.family.language_model(inner), config)
     state.family.check_config(inner, config)
