@@ -212,3 +212,40 @@ def read_pruning(out):
     from tpkit.models.loading import read_export
 
     return read_export(out)[1]
+
+
+@pytest.mark.parametrize(
+    "damage", ["no adapter weights", "no adapter config", "binary pruning.json", "peft_type"]
+)
+def test_a_damaged_export_is_named_before_any_model_is_loaded(trained, tmp_path, monkeypatch, damage):
+    """HFValidationError ("Repo id must be ..."), UnicodeDecodeError and TypeError tracebacks before."""
+    import shutil
+
+    from tpkit.config import ConfigError
+    from tpkit.models import loading
+
+    d = tmp_path / "export"
+    shutil.copytree(trained[1].export_dir, d)
+    if damage == "no adapter weights":
+        (d / "adapter_model.safetensors").unlink()
+        error, message = (
+            FileNotFoundError,
+            (f"{d}: the export lacks its adapter (adapter_model.safetensors or adapter_model.bin)"),
+        )
+    elif damage == "no adapter config":
+        (d / "adapter_config.json").unlink()
+        error, message = FileNotFoundError, f"{d}: the export lacks its adapter (adapter_config.json)"
+    elif damage == "binary pruning.json":
+        (d / "pruning.json").write_bytes(b"\x00\xff\xfe{}")
+        error, message = ConfigError, f"{d / 'pruning.json'}: not UTF-8 text (byte 1)"
+    else:
+        adapter = json.loads((d / "adapter_config.json").read_text())
+        (d / "adapter_config.json").write_text(json.dumps({**adapter, "peft_type": "PREFIX_TUNING"}))
+        error, message = (
+            ConfigError,
+            (f"{d / 'adapter_config.json'}: peft_type = 'PREFIX_TUNING'; a tpkit export is a LoRA adapter"),
+        )
+    monkeypatch.setattr(loading, "load_base_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(error) as e:
+        load_exported(d)
+    assert str(e.value).startswith(message), str(e.value)

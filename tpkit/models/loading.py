@@ -17,7 +17,7 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, AutoProcessor
 
-from tpkit.config import from_dict
+from tpkit.config import ConfigError, from_dict
 from tpkit.data.processor import build_processor
 from tpkit.models.checks import ARCHITECTURE_KEYS, config_sha256, fingerprint_diff, model_fingerprint
 from tpkit.models.config import TINY_BUILDER, ModelConfig, parse_model_path
@@ -50,6 +50,7 @@ __all__ = [
 EXPORT_META = "tpkit_export.json"
 PRUNING_JSON = "pruning.json"
 ADAPTER_CONFIG = "adapter_config.json"  # peft's
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # peft reads either
 
 
 class ExportBaseError(ValueError):
@@ -208,18 +209,44 @@ def load_base_model(
     )
 
 
+def _export_json(path: Path) -> dict[str, Any]:
+    """A JSON file of an export, as a mapping; ConfigError naming the file when it is not one."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}): the file is damaged") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level is a {type(data).__name__}, not a mapping")
+    return data
+
+
 def read_export(export_dir: str | Path) -> tuple[dict[str, Any], PruningConfig]:
-    """The metadata of a tpkit export and the pruning config it was trained with (checked)."""
+    """The metadata of a tpkit export and the pruning config it was trained with, checked: a
+    missing or damaged file is named before any model is loaded."""
     d = Path(export_dir)
     meta_path = d / EXPORT_META
     if not meta_path.is_file():
         raise FileNotFoundError(
             f"{d} is not a tpkit export (no {EXPORT_META}; train.py writes out_dir/export)"
         )
-    meta = json.loads(meta_path.read_text())
+    meta = _export_json(meta_path)
+    for key in ("model", "pruning"):
+        if not isinstance(meta.get(key), dict):
+            raise ConfigError(f"{meta_path}: '{key}' is missing or not a mapping")
+    adapter = d / ADAPTER_CONFIG
+    if not adapter.is_file() or not any((d / f).is_file() for f in ADAPTER_WEIGHTS):
+        lacks = ADAPTER_CONFIG if not adapter.is_file() else " or ".join(ADAPTER_WEIGHTS)
+        raise FileNotFoundError(f"{d}: the export lacks its adapter ({lacks}): export the run again")
+    peft_type = _export_json(adapter).get("peft_type")
+    if peft_type != "LORA":
+        raise ConfigError(
+            f"{adapter}: peft_type = {peft_type!r}; a tpkit export is a LoRA adapter ('LORA')"
+        )
     pruning_data = meta["pruning"]
     if (d / PRUNING_JSON).is_file():
-        pruning_data = json.loads((d / PRUNING_JSON).read_text())
+        pruning_data = _export_json(d / PRUNING_JSON)
     return meta, from_dict(PruningConfig, pruning_data, source=str(d / PRUNING_JSON))
 
 
