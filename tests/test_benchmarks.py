@@ -77,3 +77,10 @@ def test_qwen_in_tower_benchmark_prints_its_table(capsys):
     assert res["keep_all_bitwise_b7"] is True and "| 7 |" in out
     assert 0 <= res["same_units"][0]["rel_l2"] and 0 <= res["jaccard_cosine_mean"][7] <= 1
     assert "visual path in-tower stage 1 @ block 7" in out
+
+
+def test_resume_fingerprint_benchmark_prints_its_headline(capsys):
+    bench = _load("resume_fingerprint")
+    assert bench.main(["--records", "100", "--repeats", "1"]) > 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("100 records, ") and out[-1].startswith("HEADLINE resume data fingerprint: ")

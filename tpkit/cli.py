@@ -19,6 +19,7 @@ time (``tpkit --help`` and a config error answer in well under a second).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -101,7 +102,8 @@ def _checkpoint_hint(out: Path, command: str) -> str:
 
 def _train(args: argparse.Namespace) -> int:
     from tpkit.training.config import TrainConfig
-    from tpkit.training.rundir import SKIPPED, CheckpointError, RunDirError, check_run_dir, new_run_refusal
+    from tpkit.training.rundir import RunDirError
+    from tpkit.training.runlock import run_lock
 
     cfg = _load(TrainConfig, args)
     if _printed(cfg, args):
@@ -112,22 +114,50 @@ def _train(args: argparse.Namespace) -> int:
     command = _command(args)
     if args.resume and args.overwrite:
         raise _Fail("--resume continues the run in trainer.out_dir, --overwrite removes it: give one")
+    flags = " --resume" if args.resume else " --overwrite" if args.overwrite else ""
+    with contextlib.ExitStack() as stack:
+        try:  # first: a live run's directory is refused at once, naming its owner
+            note = stack.enter_context(run_lock(out, command + flags))
+        except RunDirError as e:
+            raise _Fail(str(e)) from None
+        except OSError as e:
+            raise _Fail(
+                unwritable_dir(out, "trainer.out_dir") or f"trainer.out_dir {str(out)!r}: {e}"
+            ) from None
+        if note:
+            print(note, file=sys.stderr)
+        return _train_locked(args, cfg, out, command)
+
+
+def _train_locked(args: argparse.Namespace, cfg: Any, out: Path, command: str) -> int:
+    """``tpkit train`` once this process holds ``out`` (or is a DDP rank inside the run that does)."""
+    from tpkit.training.rundir import (
+        SKIPPED,
+        CheckpointError,
+        RunDirError,
+        RunFinished,
+        check_run_dir,
+        new_run_refusal,
+    )
+
     if not args.resume and not args.overwrite and (why := new_run_refusal(out, command)):
         raise _Fail(why)
     if args.resume:  # the checkpoint's config against this one (torch only: a second or so)
         try:
             check_run_dir(cfg, resume=True, announce=False)
+        except RunFinished as e:
+            if not e.export_missing:  # else fit writes the export the finished run lacks
+                raise _Fail(str(e)) from None
         except (RunDirError, CheckpointError) as e:
             raise _Fail(str(e)) from None
-    if why := unwritable_dir(out, "trainer.out_dir"):
-        raise _Fail(why)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # lazy: lightning, peft and transformers take seconds
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     from tpkit.data.errors import LlavaDataError
     from tpkit.training.checkpoint import TrainingStopped
-    from tpkit.training.module import NonFiniteError
+    from tpkit.training.module import NonFiniteError, NothingTrainedError
     from tpkit.training.recipe import fit
     from tpkit.training.teacher_cache.cache import TeacherCacheError
 
@@ -143,6 +173,10 @@ def _train(args: argparse.Namespace) -> int:
         raise _Fail(
             f"{e}{hint} (once the record is fixed, or with --set data.on_error=skip)" if hint else str(e)
         ) from None
+    except NothingTrainedError as e:
+        raise _Fail(f"{e}: {command} --overwrite") from None
+    except MisconfigurationException as e:  # Lightning's own check of a trainer setting
+        raise _Fail(f"trainer: {e}") from None
     except (RunDirError, TeacherCacheError, ConfigError, NonFiniteError, CheckpointError) as e:
         raise _Fail(str(e)) from None
     except BaseException:  # every rank says it: under DDP the rank that saw a peer die may not be 0
@@ -151,7 +185,11 @@ def _train(args: argparse.Namespace) -> int:
         raise
     if rank0:
         ckpt = f"checkpoint {res.checkpoint}" if res.checkpoint.is_file() else "no checkpoint"
-        print(f"done: step {int(res.metrics['global_step'])}, {ckpt}, export {res.export_dir}")
+        loss = ""
+        if res.losses is not None:  # what the run did to its loss, so that nobody ships a diverged one
+            first, last, k = res.losses
+            loss = f"train loss {first:.4g} -> {last:.4g} (mean of the first / last {k} batches), "
+        print(f"done: step {int(res.metrics['global_step'])}, {loss}{ckpt}, export {res.export_dir}")
         if (out / SKIPPED).is_file():
             n = sum(1 for _ in open(out / SKIPPED))
             print(f"skipped {n} bad records (data.on_error: skip), each listed in {out / SKIPPED}")
@@ -229,7 +267,7 @@ def _export(args: argparse.Namespace) -> int:
 
     try:
         out = export_checkpoint(args.ckpt, args.out, config=args.config, merged=args.merged)
-    except (ConfigError, FileNotFoundError, CheckpointError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, CheckpointError) as e:
         raise _Fail(str(e)) from None
     print(f"exported {args.ckpt} -> {out}")
     return 0
@@ -430,7 +468,8 @@ def config_reference() -> str:
         "# Configuration reference\n\n"
         "Every key of every config, with its type, default and the comment beside it in the source. "
         "Generated by `tpkit config-reference` from the dataclasses; a test fails when it is stale. "
-        "Unknown keys, wrong types and impossible values fail when the file is loaded, naming the file, "
+        "Unknown keys, wrong types, non-finite numbers (no key takes `nan` or `inf`; where a key has no "
+        "limit, its value is `null`) and impossible values fail when the file is loaded, naming the file, "
         "the line and the key; `--set key.sub=value` overrides any key, `--print-config` prints the "
         "resolved config.\n\n"
     )

@@ -6,6 +6,7 @@ continue), and no entry point unpickles anything but tensors."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -198,3 +199,92 @@ def test_no_entry_point_unpickles_a_crafted_checkpoint(make_cfg, processor, tmp_
     with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
         load_exported(res.export_dir)
     assert not MARKER.exists()
+
+
+@pytest.fixture(scope="module")
+def finished(train_json, processor, tmp_path_factory):
+    """A finished 4-step run (checkpoint, config.yaml, processor) to copy and damage."""
+    root = tmp_path_factory.mktemp("finished")
+    d = tiny_cfg_dict(train_json, root / "run")
+    d["model"]["processor_path"] = str(root / "proc")
+    processor.save_pretrained(str(root / "proc"))
+    fit(from_dict(TrainConfig, d), processor=processor)
+    return root / "run", d
+
+
+def _edit(sd: dict, key_part: str, f) -> dict:
+    k = next(k for k in sd if key_part in k)
+    return {**sd, k: f(sd[k])}
+
+
+# what is damaged -> (the edit, what the error says, found before any model is built)
+DAMAGE = {
+    "transposed tensor": (
+        lambda s: {**s, "state_dict": _edit(s["state_dict"], ".lora_A.", lambda t: t.t().contiguous())},
+        r"state_dict\['model\..*\.lora_A\.default\.weight'\] has shape \(32, 4\), which is not LoRA rank 4",
+        True,
+    ),
+    "empty state dict": (
+        lambda s: {**s, "state_dict": {}},
+        "state_dict is empty: it holds no trained tensors",
+        True,
+    ),
+    "list state dict": (
+        lambda s: {**s, "state_dict": list(s["state_dict"].values())},
+        "state_dict is a list, not a mapping of tensor names to tensors",
+        True,
+    ),
+    "config a string": (
+        lambda s: {**s, "tpkit_config": "lora: {r: 4}"},
+        "tpkit_config is a str 'lora: {r: 4}', not the run's config",
+        True,
+    ),
+    "negative step": (lambda s: {**s, "global_step": -3}, r"global_step = -3 is not a step count", True),
+    "loops missing": (
+        lambda s: {k: v for k, v in s.items() if k != "loops"},
+        "loops is missing: --resume needs the loop and optimizer state",
+        True,
+    ),
+    "cut tensor": (
+        lambda s: {**s, "state_dict": _edit(s["state_dict"], ".lora_A.", lambda t: t[:, :31].contiguous())},
+        r"its tensors do not fit the model this config builds \((model\.)?base_model\..*lora_A\.default\.weight: "
+        r"shape \(4, 31\), the model's is \(4, 32\)\)",
+        False,
+    ),
+    "extra tensor": (
+        lambda s: {**s, "state_dict": {**s["state_dict"], "model.extra.weight": torch.zeros(2)}},
+        r"\((model\.)?extra\.weight: not a trainable tensor of this model\)",
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_checkpoint_that_loads_safely_but_is_wrong_is_named(
+    finished, tmp_path, monkeypatch, capsys, damage
+):
+    """Raw tracebacks (KeyError, TypeError, size mismatch) or silently accepted before; now each
+    names the file and what is wrong, the structural ones before any model is built."""
+    import shutil
+
+    from tpkit.cli import main
+    from tpkit.training import export, recipe
+
+    edit, message, early = DAMAGE[damage]
+    out = tmp_path / "run"
+    shutil.copytree(finished[0], out)
+    ckpt = out / "last.ckpt"
+    torch.save(edit(torch.load(ckpt, weights_only=True)), ckpt)
+    d = {**finished[1], "trainer": {**finished[1]["trainer"], "out_dir": str(out), "max_steps": 6}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(d))
+    if early:
+        for module, name in ((recipe, "build_student"), (export, "load_base_model")):
+            monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("a model was built"))
+    assert main(["train", "--config", str(tmp_path / "cfg.yaml"), "--resume"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"error: {ckpt}: ") and re.search(message, err), err
+    if damage != "loops missing":  # an export needs no loop state
+        assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "export")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {ckpt}: ") and re.search(message, err), err
+        assert not (tmp_path / "export").exists()

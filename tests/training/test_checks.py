@@ -17,12 +17,42 @@ from tpkit.training.recipe import build_student, build_trainer, fit
 from .conftest import tiny_cfg_dict
 
 
-@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
-def test_a_non_finite_learning_rate_is_a_config_error(train_json, tmp_path, value, capsys):
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("optim.lr=.inf", "'optim.lr' = inf must be a finite number"),
+        ("optim.lr=-.inf", "'optim.lr' = -inf must be a finite number"),
+        ("optim.lr=.nan", "'optim.lr' = nan must be a finite number"),
+        ("pruning.stage2.diversity=.nan", "'pruning.stage2.diversity' = nan must be a finite number"),
+        ("pruning.stage2.diversity=.inf", "'pruning.stage2.diversity' = inf must be a finite number"),
+        # AdamW's first step lr / (1 - beta1) overflowed float32 inside the optimizer: a raw RuntimeError
+        (
+            "optim.lr=1e38",
+            "lr = 1e+38 is too large: AdamW's first step, lr / (1 - betas[0]) = 1e+39, overflows",
+        ),
+        # a raw Lightning MisconfigurationException once the model had loaded
+        ("trainer.devices=0", "devices = 0 must be >= 1 (processes per node), -1 (every device) or 'auto'"),
+    ],
+)
+def test_impossible_numbers_are_config_errors_before_anything_runs(
+    train_json, tmp_path, setting, message, capsys
+):
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_cfg_dict(train_json, tmp_path / "run")))
-    assert main(["train", "--config", str(cfg_path), "--set", f"optim.lr={value}"]) == 2
-    assert "invalid 'optim': lr = " in capsys.readouterr().err and not (tmp_path / "run").exists()
+    assert main(["train", "--config", str(cfg_path), "--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("config error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_trainer_setting_lightning_refuses_is_an_error_not_a_traceback(train_json, tmp_path, capsys):
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_cfg_dict(train_json, tmp_path / "run")))
+    assert main(["train", "--config", str(cfg_path), "--set", "trainer.accelerator=gpu"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: trainer: No supported gpu backend found!\n"
+    assert not (tmp_path / "run").exists()  # the run directory it made for its lock is gone with it
 
 
 def test_a_logger_that_is_not_installed_fails_with_the_config(train_json, tmp_path, monkeypatch):
@@ -109,3 +139,58 @@ def test_a_diverging_run_stops_before_saving_or_exporting(make_cfg, processor, m
         fit(cfg, processor=processor, callbacks=[Poison()])
     ckpt = torch.load(f"{cfg.trainer.out_dir}/last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2 and all(v.isfinite().all() for v in ckpt["state_dict"].values())
+
+
+def test_loss_watch_warns_once_when_the_loss_stays_far_above_its_start():
+    from tpkit.training.module import LossWatch
+
+    w = LossWatch()  # start: mean of 10 batches; warn when the mean of the last 10 > 2 x start, 20 in a row
+    fired = [w.add(x) for x in [1.0] * 10]  # start = 1.0
+    fired += [w.add(x) for x in [1.9] * 40]  # below 2 x start however long: never
+    assert not any(fired) and w.above == 0
+    fired = [w.add(x) for x in [3.0] * 40]
+    # the first 3.0 lifts the window mean to 2.01 > 2 x start: the 20th such batch in a row warns, once
+    assert fired.index(True) == 19 and sum(fired) == 1
+    assert w.summary() == (1.0, 3.0, 10)
+    state = w.state_dict()
+    again = LossWatch()
+    again.load_state_dict(state)
+    assert again.summary() == w.summary() and again.warned
+    short = LossWatch()
+    for x in (4.0, 3.0, 2.0):
+        short.add(x)
+    assert short.summary() == (4.0, 2.0, 1)  # a short run: the first and last halves, never overlapping
+
+
+def test_a_loss_that_climbs_is_warned_about_and_the_done_line_shows_first_and_last(
+    make_cfg, tmp_path, processor, train_json, monkeypatch, capsys
+):
+    """A learning rate far too high sends the loss up and keeps it there without a NaN (lr 1e6 on the
+    fixture model: loss 27, exit 0); the run warns and says its first and last loss."""
+    from tpkit.training.module import DistillLoRAModule, LossWatch
+
+    monkeypatch.setattr(LossWatch, "WINDOW", 2)
+    monkeypatch.setattr(LossWatch, "PATIENCE", 3)
+    real = DistillLoRAModule.losses
+    seen = []
+
+    def losses(self, batch):  # a loss that climbs 4x per step: divergence without a NaN
+        parts = real(self, batch)
+        parts["loss"] = parts["loss"] * 4.0**self.trainer.global_step
+        seen.append(float(parts["loss"].detach()))
+        return parts
+
+    monkeypatch.setattr(DistillLoRAModule, "losses", losses)
+    processor.save_pretrained(str(tmp_path / "proc"))
+    d = tiny_cfg_dict(train_json, tmp_path / "run", trainer={"max_steps": 6})
+    d["model"]["processor_path"] = str(tmp_path / "proc")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(d))
+    with pytest.warns(
+        UserWarning, match=r"the training loss has risen from .* \(step 4\): the run is probably diverging"
+    ) as w:
+        assert main(["train", "--config", str(tmp_path / "cfg.yaml")]) == 0
+    assert sum("diverging" in str(x.message) for x in w) == 1
+    first, last = (seen[0] + seen[1]) / 2, (seen[4] + seen[5]) / 2
+    assert f"done: step 6, train loss {first:.4g} -> {last:.4g} (mean of the first / last 2 batches)" in (
+        capsys.readouterr().out
+    )

@@ -118,3 +118,46 @@ def test_empty_or_all_bad_training_data_is_refused(data, tmp_path, processor, ca
     captured = capsys.readouterr()
     assert f"error: {data}: no usable records" in captured.err and "done:" not in captured.out
     assert not (tmp_path / "run" / "export").exists()
+
+
+def test_every_record_skipped_at_batch_time_fails_and_exports_nothing(data, tmp_path, processor, capsys):
+    """Exit 0, "done" and an untrained adapter before (0 of its lora_B tensors nonzero); now it fails
+    as empty data does, says how many were skipped and where, and which command starts over."""
+    for r in json.loads(data.read_text()):  # PIL opens each file (load time); decoding fails (batch time)
+        image = data.parent / r["image"]
+        image.write_bytes(image.read_bytes()[:200])
+    cfg_path = _cli_config(data, tmp_path, processor, on_error="skip")
+    with pytest.warns(UserWarning, match="at batch time"):
+        assert main(["train", "--config", str(cfg_path), "--set", "trainer.export_at_end=true"]) == 2
+    captured = capsys.readouterr()
+    skipped = tmp_path / "run" / "skipped_records.jsonl"
+    assert len(skipped.read_text().splitlines()) == 24  # 6 steps x batch 4: the epoch and a half it read
+    assert (
+        f"error: every record the run read was skipped (data.on_error: skip): 24 skipped, each listed in "
+        f"{skipped}; nothing was trained and nothing exported. Fix the records, then start the run again "
+        f"with --overwrite: tpkit train --config {cfg_path} --set trainer.export_at_end=true --overwrite"
+    ) in captured.err
+    assert "done:" not in captured.out and not (tmp_path / "run" / "export").exists()
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_a_plain_rerun(
+    data, tmp_path, processor, capsys
+):
+    """A bad first batch left config.yaml, processor/ and logs/: a re-run was refused ("already holds a
+    run ... --resume") and --resume too ("no checkpoint"); only --overwrite got out, and nothing said so."""
+    rid, image, good = _truncate(data, batch=0)
+    cfg_path = _cli_config(data, tmp_path, processor)
+    argv = ["train", "--config", str(cfg_path), "--set", "trainer.logger=csv", "trainer.log_every_n_steps=1"]
+    assert main(argv) == 2
+    assert f"record id='{rid}': cannot read image" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "logs", "processor"]  # no checkpoint
+    image.write_bytes(good)  # the record fixed
+    assert main(argv) == 0  # a plain re-run
+    captured = capsys.readouterr()
+    assert (
+        f"note: removed config.yaml, processor from {out}: left by a run that saved no checkpoint"
+        in captured.err
+    )
+    assert "done: step 6" in captured.out
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["version_0", "version_1"]  # the old log kept

@@ -99,7 +99,7 @@ def test_resume_on_other_training_data_under_the_same_path_is_refused(run, capsy
     capsys.readouterr()
     assert main(["train", "--config", str(cfg_path), "--set", "trainer.max_steps=6", "--resume"]) == 2
     err = capsys.readouterr().err
-    assert "the checkpoint was trained on 16 training records, the training data now has 12" in err
+    assert f"data.train_json {data}: changed since the run started (" in err and " -> " in err
     assert _snapshot(out) == before
 
 
@@ -136,3 +136,75 @@ def test_stale_checkpoint_temporaries_are_removed(tmp_path):
     assert remove_stale_tmp(tmp_path) == [stale]
     assert live.exists() and not stale.exists()
     assert new_run_refusal(tmp_path) is None
+
+
+def test_an_export_is_written_whole_or_not_at_all(run, monkeypatch, capsys):
+    """Killed during export, a run left export/ without pruning.json or tpkit_export.json, and
+    --resume said "nothing left to train"; now the export is renamed into place once whole, and a
+    resume of a finished run whose export is missing or cut short writes it."""
+    from tpkit.training import export
+
+    out, cfg_path = run
+    before = {p.name: p.read_bytes() for p in (out / "export").iterdir() if p.is_file()}
+
+    def killed(meta):
+        raise KeyboardInterrupt  # the process dies while the model card is written
+
+    monkeypatch.setattr(export, "_card", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", "--config", str(cfg_path), "--set", "trainer.max_steps=6", "--resume"])
+    assert {p.name: p.read_bytes() for p in (out / "export").iterdir() if p.is_file()} == before
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no half export beside it
+    monkeypatch.undo()
+    (out / "export" / "pruning.json").unlink()  # an export cut short by an older tpkit
+    capsys.readouterr()
+    assert main(["train", "--config", str(cfg_path), "--set", "trainer.max_steps=6", "--resume"]) == 0
+    captured = capsys.readouterr()
+    assert f"the run had finished (step 6) without a whole export: wrote {out / 'export'}" in captured.err
+    assert "done: step 6" in captured.out
+    assert json.loads((out / "export" / "pruning.json").read_text())["stage2"]["layer"] == 1
+    assert json.loads((out / "export" / "tpkit_export.json").read_text())["metrics"]["global_step"] == 6.0
+    assert main(["train", "--config", str(cfg_path), "--set", "trainer.max_steps=6", "--resume"]) == 2
+    assert "nothing left to train" in capsys.readouterr().err  # whole now: nothing to do
+
+
+def test_resume_compares_resolved_paths_and_lets_a_moved_run_resume(run, capsys):
+    import shutil
+
+    out, cfg_path = run
+    capsys.readouterr()
+    argv = ["train", "--config", str(cfg_path), "--resume"]
+    assert main([*argv, "--set", f"trainer.out_dir={out}/", "trainer.max_steps=5"]) == 0
+    captured = capsys.readouterr()
+    assert "done: step 5" in captured.out and "trainer.out_dir" not in captured.err  # the same directory
+    moved = out.parent / "moved" / "run"
+    moved.parent.mkdir()
+    shutil.move(out, moved)
+    assert main([*argv, "--set", f"trainer.out_dir={moved}", "trainer.max_steps=6"]) == 0
+    captured = capsys.readouterr()
+    assert (
+        f"resuming from step 5 with changes: trainer.max_steps: 5 -> 6; trainer.out_dir: '{out}/' -> '{moved}'"
+        in (captured.err)
+    )
+    assert "done: step 6" in captured.out
+
+
+def test_resume_on_training_data_edited_in_place_is_refused_naming_the_file(run, capsys):
+    """Every answer changed, the ids and the record count the same: it resumed silently before."""
+    out, cfg_path = run
+    before = _snapshot(out)
+    data = out.parent / "train.json"
+    records = json.loads(data.read_text())
+    size = data.stat().st_size
+    for r in records:  # another answer of the same length: the same ids, count and size
+        r["conversations"][1]["value"] = "x" * len(r["conversations"][1]["value"])
+    data.write_text(json.dumps(records, indent=1) + "\n")  # as tpkit.synthetic.splits writes it
+    assert data.stat().st_size == size
+    capsys.readouterr()
+    assert main(["train", "--config", str(cfg_path), "--set", "trainer.max_steps=6", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"data.train_json {data}: changed since the run started (same size ({size} bytes), other content)"
+        in err
+    )
+    assert _snapshot(out) == before

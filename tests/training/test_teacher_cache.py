@@ -275,3 +275,58 @@ def test_a_cache_with_hidden_weight_names_the_set_that_fixes_it(tmp_path, capsys
         )
         == 0
     )
+
+
+def _damage(cache, damage: str) -> tuple[str, str]:
+    """Damage a built top-k cache; (the file named, what the error says)."""
+    meta = json.loads((cache / "meta.json").read_text())
+    rec = json.loads((cache / "records.json").read_text())
+    vocab = meta["model"]["vocab_size"]
+    if damage == "bad dtype":
+        (cache / "meta.json").write_text(json.dumps({**meta, "dtype": "float99"}))
+        return "meta.json", "dtype = 'float99', expected one of ['float32', 'float16']"
+    if damage == "k null":
+        (cache / "meta.json").write_text(json.dumps({**meta, "k": None}))
+        return "meta.json", "k = None, expected an integer >= 1"
+    if damage == "non-UTF-8 text":
+        (cache / "records.json").write_bytes(b"\xff\xfe" + (cache / "records.json").read_bytes())
+        return "records.json", "not UTF-8 text (byte 0)"
+    if damage == "negative offset":
+        rec["offsets"][1] = -1
+        (cache / "records.json").write_text(json.dumps(rec))
+        return "records.json", f"offsets[1] = -1 < offsets[0] = 0 (record {rec['ids'][0]!r})"
+    raw = bytearray((cache / "indices.bin").read_bytes())  # "out-of-range index": row 1's 3rd id
+    at = (meta["k"] + 2) * 4
+    raw[at : at + 4] = (vocab + 5).to_bytes(4, "little")
+    (cache / "indices.bin").write_bytes(bytes(raw))
+    return "indices.bin", f"row 1 holds vocabulary id {vocab + 5}, outside [0, {vocab})"
+
+
+@pytest.mark.parametrize(
+    "damage", ["bad dtype", "k null", "non-UTF-8 text", "negative offset", "out-of-range index"]
+)
+def test_a_damaged_cache_file_is_named_before_any_model_is_loaded(
+    make_cfg, processor, records, tmp_path, damage
+):
+    """Raw TypeError / UnicodeDecodeError / IndexError tracebacks before, or (a negative offset)
+    accepted and read as other rows."""
+    cache = _build(_cfg(make_cfg), processor, records[:4], tmp_path / "cache", top_k=8)
+    name, message = _damage(cache, damage)
+    with pytest.raises(TeacherCacheError) as e:
+        TeacherCache(cache)  # no model needed
+    assert str(e.value).startswith(f"{cache / name}: {message}") and "Rebuild it: tpkit teacher-cache" in str(
+        e.value
+    )
+
+
+def test_the_run_checks_its_cache_before_building_the_model(
+    make_cfg, processor, records, tmp_path, monkeypatch
+):
+    from tpkit.training import recipe
+
+    cfg = _cfg(make_cfg)
+    cache = _build(cfg, processor, records[:4], tmp_path / "cache", top_k=8)
+    _damage(cache, "out-of-range index")
+    monkeypatch.setattr(recipe, "build_student", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(TeacherCacheError, match=r"indices\.bin: row 1 holds vocabulary id"):
+        fit(_cfg(make_cfg, cache=cache), processor=processor)

@@ -67,8 +67,9 @@ class TrainingStopped(Exception):
 
 class LastCheckpoint(L.Callback):
     """Writes ``dirpath/last.ckpt`` every ``every_n_steps`` optimizer steps, at the end of fit, and
-    when a stop is requested (module docstring); ``run_config`` (the resolved config as a dict) goes
-    into every checkpoint, for ``--resume`` to compare with.
+    when a stop is requested (module docstring); ``run_config`` (the resolved config as a dict) and
+    ``run_data`` (the training data's fingerprint, :func:`tpkit.training.rundir.data_fingerprint`)
+    go into every checkpoint, for ``--resume`` to compare with.
 
     A bad record at batch time (``data.on_error: raise``) ends the run after a save too: the batch
     it was in was not trained on, so the run resumes before it once the data is fixed.
@@ -80,10 +81,12 @@ class LastCheckpoint(L.Callback):
         every_n_steps: int,
         run_config: dict[str, Any] | None = None,
         stop_signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM),
+        run_data: dict[str, Any] | None = None,
     ) -> None:
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
         self.run_config = run_config
+        self.run_data = run_data
         self.stop_signals = stop_signals
         self._saved_step = -1
         self._requested = 0  # the signal number of a stop request on this rank, 0 = none
@@ -187,6 +190,8 @@ class LastCheckpoint(L.Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if self.run_config is not None:
             checkpoint["tpkit_config"] = self.run_config
+        if self.run_data is not None:
+            checkpoint["tpkit_data"] = self.run_data
 
     def state_dict(self) -> dict[str, Any]:
         return {"every_n_steps": self.every_n_steps}

@@ -9,6 +9,9 @@ Layout of an export directory::
     README.md                                        model card (metadata block, loss, metrics)
     merged/                                          (--merged) full merged model, save_pretrained
 
+An export is written into a temporary directory beside ``out_dir`` and renamed into place once
+whole: a run killed while exporting leaves the previous export (or none), never half of one.
+
 The base is recorded so that an export travels: ``adapter_config.json`` names the hub id when the
 base came from the hub, else its absolute path on the machine that trained (so ``AutoPeftModel``
 works from any directory there); ``tpkit_export.json`` keeps the model section as written, the hub
@@ -25,6 +28,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +48,9 @@ from tpkit.models.loading import (
     resolve_dtype,
 )
 from tpkit.models.registry import family_of
-from tpkit.training.config import load_train_config
+from tpkit.training.config import TrainConfig, load_train_config
 from tpkit.training.lora import apply_lora, lora_targets
-from tpkit.training.rundir import CheckpointError, load_checkpoint
+from tpkit.training.rundir import EXPORT_FILES, check_tensors, load_checkpoint
 
 __all__ = ["export_adapter", "export_checkpoint"]
 
@@ -148,9 +153,46 @@ def export_adapter(
     metrics: dict[str, float] | None = None,
     merged: bool = False,
 ) -> Path:
-    """Write the export directory for ``peft_model`` trained with TrainConfig ``cfg``."""
+    """Write the export directory for ``peft_model`` trained with TrainConfig ``cfg`` (atomically:
+    the module docstring). An ``out_dir`` that holds something else than an export is refused."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_replaceable(out)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")  # tpkit.training.rundir.remove_stale_tmp's pattern
+    old = out.with_name(f".{out.name}.old.tmp{os.getpid()}")
+    for d in (tmp, old):
+        shutil.rmtree(d, ignore_errors=True)
+    try:
+        _write(peft_model, cfg, tmp, processor, metrics, merged)
+        missing = [name for name in EXPORT_FILES if not (tmp / name).is_file()]
+        if missing:  # EXPORT_FILES names what an export holds: the two must agree
+            raise RuntimeError(f"the export in {tmp} lacks {missing}")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        for d in (tmp, old):
+            shutil.rmtree(d, ignore_errors=True)
+    return out
+
+
+def _check_replaceable(out: Path) -> None:
+    """FileExistsError when ``out`` holds files and is not an export (whole or cut short): replacing
+    it would delete them."""
+    if not out.exists():
+        return
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else [out.name]
+    if out.is_dir() and (not entries or set(entries) & {*EXPORT_FILES}):
+        return
+    raise FileExistsError(
+        f"{out} exists and is not a tpkit export ({len(entries)} entries, e.g. {entries[0]!r}): exporting "
+        "there would replace it; choose a new or empty directory"
+    )
+
+
+def _write(
+    peft_model: Any, cfg: Any, out: Path, processor: Any, metrics: dict[str, float] | None, merged: bool
+) -> None:
+    out.mkdir(parents=True)
     peft_model.save_pretrained(str(out))
     if processor is not None:
         processor.save_pretrained(str(out))
@@ -174,7 +216,6 @@ def export_adapter(
     _card(meta).save(out / "README.md")
     if merged:
         _write_merged(peft_model, out / "merged", processor)
-    return out
 
 
 def _write_merged(peft_model: Any, out: Path, processor: Any) -> None:
@@ -191,20 +232,24 @@ def export_checkpoint(
     ckpt: str | Path,
     out_dir: str | Path,
     *,
-    config: str | Path | None = None,
+    config: str | Path | TrainConfig | None = None,
     merged: bool = False,
 ) -> Path:
-    """Rebuild the student from the run's ``config.yaml``, load the checkpoint's trainable tensors, export.
+    """Rebuild the student from the run's config (``config``: a path or a TrainConfig; default: the
+    ``config.yaml`` beside the checkpoint), load the checkpoint's trainable tensors, export.
 
-    The checkpoint is read first, tensors and plain containers only (``weights_only``): a crafted
-    file is refused before any model work and runs nothing.
+    The checkpoint is read first, tensors and plain containers only (``weights_only``), and checked:
+    a crafted or damaged file is refused before any model work and runs nothing.
     """
     ckpt = Path(ckpt)
     if not ckpt.is_file():
         raise FileNotFoundError(f"no checkpoint at {ckpt}")
     state = load_checkpoint(ckpt)
-    config = Path(config) if config else ckpt.parent / "config.yaml"
-    cfg = load_train_config(config)
+    if isinstance(config, TrainConfig):
+        cfg, config = config, "the run's config"
+    else:
+        config = Path(config) if config else ckpt.parent / "config.yaml"
+        cfg = load_train_config(config)
     run_processor = ckpt.parent / "processor"  # saved by the run
     processor = (
         load_processor(str(run_processor)) if run_processor.is_dir() else load_processor_for(cfg.model)
@@ -212,19 +257,8 @@ def export_checkpoint(
     base = load_base_model(cfg.model, dtype=resolve_dtype(cfg.model.dtype, "cpu"), processor=processor)
     peft_model = apply_lora(base, cfg.lora)
     sd = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
-    try:
-        missing, unexpected = peft_model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:  # shapes: the checkpoint was trained with another lora / model config
-        first = str(e).strip().splitlines()[1:2] or [str(e)[:300]]
-        raise CheckpointError(
-            f"{ckpt}: its tensors do not fit the model {config} describes ({first[0].strip()}): export it "
-            "with the config of the run that wrote it (--config)"
-        ) from None
-    if unexpected:
-        raise CheckpointError(f"{ckpt}: tensors that {config} does not make, e.g. {unexpected[:3]}")
-    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
-    lacking = trainable - set(sd)
-    if lacking:
-        raise CheckpointError(f"{ckpt}: lacks trainable tensors of {config}, e.g. {sorted(lacking)[0]}")
+    trainable = {n: tuple(p.shape) for n, p in peft_model.named_parameters() if p.requires_grad}
+    check_tensors({"state_dict": sd}, trainable, ckpt)  # names and shapes: export it with the run's config
+    peft_model.load_state_dict(sd, strict=False)
     metrics = {"global_step": float(state.get("global_step", 0))}
     return export_adapter(peft_model, cfg, out_dir, processor=processor, metrics=metrics, merged=merged)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from peft import PeftModel
 from transformers.utils import ModelOutput
 
@@ -27,7 +29,14 @@ from tpkit.training.config import DistillConfig, OptimConfig
 from tpkit.training.losses import answer_ce, distill_rows, distill_rows_topk, hidden_cosine
 from tpkit.training.teacher_cache.cache import TeacherCache, TeacherCacheError, answer_ranks
 
-__all__ = ["DistillLoRAModule", "NonFiniteError", "lr_lambda", "reuse_tower_output"]
+__all__ = [
+    "DistillLoRAModule",
+    "LossWatch",
+    "NonFiniteError",
+    "NothingTrainedError",
+    "lr_lambda",
+    "reuse_tower_output",
+]
 
 
 def _batch_size(batch: dict) -> int:
@@ -37,6 +46,79 @@ def _batch_size(batch: dict) -> int:
 
 class NonFiniteError(RuntimeError):
     """Training produced a non-finite loss or weights: stopped before it is saved or exported."""
+
+
+class NothingTrainedError(RuntimeError):
+    """The run ended without a single record trained on (every one was skipped at batch time)."""
+
+
+class LossWatch:
+    """The training loss seen from the start of a run: its first and latest values for the report,
+    and one warning when it climbs far above where it started.
+
+    ``start`` is the mean loss of the run's first :attr:`WINDOW` batches, ``now`` the mean of the last
+    :attr:`WINDOW`; the run is taken to diverge when ``now > FACTOR * start`` for :attr:`PATIENCE`
+    batches in a row. A learning rate far too high sends the loss there and keeps it there without
+    it ever becoming non-finite (the NaN guard never fires), while the noise of small batches and a
+    warmup do not. Part of the checkpoint: a resumed run keeps its start.
+    """
+
+    WINDOW = 10
+    FACTOR = 2.0
+    PATIENCE = 20
+
+    def __init__(self) -> None:
+        self.first: list[float] = []
+        self.recent: deque[float] = deque(maxlen=self.WINDOW)
+        self.seen = 0  # batches
+        self.above = 0
+        self.warned = False
+
+    def summary(self) -> tuple[float, float, int] | None:
+        """(mean loss of the first k batches, of the last k, k): k is :attr:`WINDOW`, or half the
+        batches of a shorter run, so that the two never overlap; None before the first batch."""
+        if not self.seen:
+            return None
+        k = max(1, min(self.WINDOW, self.seen // 2))
+        last = list(self.recent)[-k:]
+        return sum(self.first[:k]) / k, sum(last) / len(last), k
+
+    @property
+    def start(self) -> float | None:
+        return sum(self.first) / len(self.first) if self.first else None
+
+    @property
+    def now(self) -> float | None:
+        return sum(self.recent) / len(self.recent) if self.recent else None
+
+    def add(self, loss: float) -> bool:
+        """Record one batch's loss; True once, when the run has just been found diverging."""
+        self.seen += 1
+        if len(self.first) < self.WINDOW:
+            self.first.append(loss)
+        self.recent.append(loss)
+        if len(self.first) < self.WINDOW:
+            return False
+        self.above = self.above + 1 if self.now > self.FACTOR * self.start else 0
+        if self.above >= self.PATIENCE and not self.warned:
+            self.warned = True
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "first": list(self.first),
+            "recent": list(self.recent),
+            "seen": self.seen,
+            "above": self.above,
+            "warned": self.warned,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.first = [float(x) for x in state.get("first", [])][: self.WINDOW]
+        self.recent = deque((float(x) for x in state.get("recent", [])), maxlen=self.WINDOW)
+        self.seen = int(state.get("seen", len(self.first)))
+        self.above, self.warned = int(state.get("above", 0)), bool(state.get("warned", False))
 
 
 @contextlib.contextmanager
@@ -107,6 +189,10 @@ class DistillLoRAModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold trainable tensors only
         self._t_last: float | None = None
         self._pending_rng: dict | None = None
+        self.loss_watch = LossWatch()
+        # records trained on over the whole run, all ranks (None: resumed from a checkpoint that
+        # predates the count)
+        self.records_trained: int | None = 0
 
     # ---------------------------------------------------------------------------------------
     # forward passes
@@ -265,35 +351,61 @@ class DistillLoRAModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         dm = getattr(self.trainer, "datamodule", None)
         skipped = batch.get("skipped") or []
+        n = _batch_size(batch)
         if dm is not None and hasattr(dm, "mark_in_flight"):
             # committed to the loader's resume position at batch end: every record the sampler gave,
             # skipped ones too
-            dm.mark_in_flight(_batch_size(batch) + len(skipped))
+            dm.mark_in_flight(n + len(skipped))
         if skipped and dm is not None and hasattr(dm, "report_skipped"):
             dm.report_skipped(skipped, stage="batch", step=self.trainer.global_step)
-        if not _batch_size(batch):
+        if n:
+            parts = self.losses(batch)
+        else:
             # every record was skipped: a zero loss that reaches every trainable tensor, so that all
             # ranks of a DDP run still take part in the same gradient all-reduce
-            return sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
-        parts = self.losses(batch)
-        self.check_finite(parts)
-        bs = batch["input_ids"].shape[0]
-        for k, v in parts.items():
-            self.log(f"train/{k}", v, prog_bar=k in ("loss", "kd", "kept_frac", "acc"), batch_size=bs)
-        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=False, batch_size=bs)
+            parts = {"loss": sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0}
+        self.watch(parts, n)
+        if n:
+            for k, v in parts.items():
+                self.log(f"train/{k}", v, prog_bar=k in ("loss", "kd", "kept_frac", "acc"), batch_size=n)
+            self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=False, batch_size=n)
         return parts["loss"]
 
-    def check_finite(self, parts: dict[str, torch.Tensor]) -> None:
-        """Stop on a non-finite loss, on every rank at once (one host sync per step)."""
-        ok = torch.isfinite(parts["loss"].detach()).float()
+    def watch(self, parts: dict[str, torch.Tensor], n: int) -> None:
+        """Per batch, on every rank at once (one all-reduce under DDP, one host sync): stop on a
+        non-finite loss, count the records trained on, follow the loss (:class:`LossWatch`)."""
+        loss = parts["loss"].detach().float()
+        finite = torch.isfinite(loss)
+        trained = float(n > 0)
+        # (ranks whose loss is finite or who trained nothing, summed loss of ranks that trained,
+        # ranks that trained, records)
+        t = torch.stack(
+            [
+                (finite | (n == 0)).float(),
+                torch.where(finite, loss, torch.zeros_like(loss)) * trained,
+                loss.new_tensor(trained),
+                loss.new_tensor(float(n)),
+            ]
+        )
         if self.trainer.world_size > 1:
-            ok = self.trainer.strategy.reduce(ok, reduce_op="min")
-        if not bool(ok):
+            t = self.trainer.strategy.reduce(t, reduce_op="sum")
+        ok, loss_sum, ranks, records = t.tolist()
+        if ok < self.trainer.world_size:
             terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items() if v.numel() == 1)
             raise NonFiniteError(
                 f"non-finite loss at step {self.trainer.global_step} ({terms}): training diverged. Nothing "
                 f"of this step is saved; lower optim.lr (now {self.optim.lr:g}) or check the data, and start "
                 "again (the last checkpoint holds the state before it)"
+            )
+        if self.records_trained is not None:
+            self.records_trained += int(records)
+        if ranks and self.loss_watch.add(loss_sum / ranks):
+            w = self.loss_watch
+            rank_zero_warn(
+                f"the training loss has risen from {w.start:.4g} (mean of the run's first {w.WINDOW} batches) "
+                f"to {w.now:.4g} (mean of the last {w.WINDOW}), above {w.FACTOR:g} x its start for "
+                f"{w.PATIENCE} batches in a row (step {self.trainer.global_step}): the run is probably "
+                f"diverging. Lower optim.lr (now {self.optim.lr:g}) and start again"
             )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -357,6 +469,7 @@ class DistillLoRAModule(L.LightningModule):
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         checkpoint["tpkit_rng"] = rng
+        checkpoint["tpkit_progress"] = {"records": self.records_trained, "loss": self.loss_watch.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         names = self._trainable_names()
@@ -367,6 +480,12 @@ class DistillLoRAModule(L.LightningModule):
                 "was it written with another lora/model config?"
             )
         self._pending_rng = checkpoint.get("tpkit_rng")
+        progress = checkpoint.get("tpkit_progress")
+        progress = progress if isinstance(progress, dict) else {}
+        records = progress.get("records")
+        self.records_trained = records if isinstance(records, int) else None
+        if isinstance(progress.get("loss"), dict):
+            self.loss_watch.load_state_dict(progress["loss"])
 
     def on_fit_start(self) -> None:
         self.model.train()  # from_pretrained / build_tiny_llava hand back eval-mode modules

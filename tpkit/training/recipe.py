@@ -2,13 +2,15 @@
 
 ``tpkit train`` (and ``train.py``) only parse arguments and call :func:`fit`. Lifecycle
 (torchtune-style): :func:`tpkit.training.config.load_train_config` (all config errors, before
-anything heavy), :func:`tpkit.training.rundir.check_run_dir` (no run overwritten or mixed with
-another, before any model work), :func:`build_student`, :func:`build_module`, :func:`build_datamodule`,
+anything heavy), :func:`tpkit.training.runlock.run_lock` (one live run per out_dir, held to the end),
+:func:`tpkit.training.rundir.check_run_dir` (no run overwritten or mixed with another, before any
+model work), :func:`build_student`, :func:`build_module`, :func:`build_datamodule`,
 :func:`build_trainer`, :func:`fit`.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,15 +29,26 @@ from tpkit.training.checkpoint import LAST, AtomicCheckpointIO, LastCheckpoint
 from tpkit.training.config import TrainConfig
 from tpkit.training.console import ContinuedCSVLogger, StepProgressBar, log_version, quiet_dependencies
 from tpkit.training.data import LlavaDataModule
-from tpkit.training.export import export_adapter
+from tpkit.training.export import export_adapter, export_checkpoint
 from tpkit.training.lora import apply_lora
-from tpkit.training.module import DistillLoRAModule
-from tpkit.training.rundir import CONFIG, SKIPPED, check_run_dir
+from tpkit.training.module import DistillLoRAModule, NothingTrainedError
+from tpkit.training.rundir import (
+    CONFIG,
+    EXPORT,
+    SKIPPED,
+    RunFinished,
+    check_run_dir,
+    check_tensors,
+    data_fingerprint,
+    load_checkpoint,
+)
+from tpkit.training.runlock import run_lock
 from tpkit.training.teacher_cache.cache import TeacherCache
 
 __all__ = [
     "build_student",
     "build_module",
+    "open_teacher_cache",
     "build_datamodule",
     "build_trainer",
     "fit",
@@ -67,14 +80,23 @@ def build_student(
     return peft_model, cfg.pruning.enabled
 
 
-def build_module(cfg: TrainConfig, peft_model: Any, pruning_attached: bool) -> DistillLoRAModule:
+def open_teacher_cache(cfg: TrainConfig) -> TeacherCache | None:
+    """The run's teacher cache, its files checked (no model needed), or None (online teacher)."""
+    if cfg.distill.teacher_cache and cfg.distill.alpha > 0:
+        return TeacherCache(cfg.distill.teacher_cache)
+    return None
+
+
+def build_module(
+    cfg: TrainConfig, peft_model: Any, pruning_attached: bool, teacher_cache: TeacherCache | None = None
+) -> DistillLoRAModule:
+    """The LightningModule; ``teacher_cache``: the cache already opened (default: opened here)."""
     if cfg.trainer.gradient_checkpointing:
         base = peft_model.get_base_model()
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
-    cache = None
-    if cfg.distill.teacher_cache and cfg.distill.alpha > 0:
-        cache = TeacherCache(cfg.distill.teacher_cache)
+    cache = teacher_cache if teacher_cache is not None else open_teacher_cache(cfg)
+    if cache is not None:
         cache.check(peft_model, cfg.distill.temperature, cfg.data.max_length)
     return DistillLoRAModule(
         peft_model,
@@ -154,14 +176,18 @@ def build_trainer(
     extra_callbacks: list | None = None,
     resume_step: int | None = None,
     model: torch.nn.Module | None = None,
+    run_data: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> L.Trainer:
     """The Lightning Trainer of ``cfg``; ``resume_step``: the step of the checkpoint a resumed run
     starts from (its metrics log continues from there); ``model``: the student (a sharded strategy
-    wraps its blocks)."""
+    wraps its blocks); ``run_data``: the training data's fingerprint
+    (:func:`tpkit.training.rundir.data_fingerprint`), kept in every checkpoint."""
     t = cfg.trainer
     out = Path(t.out_dir)
-    callbacks: list = [LastCheckpoint(out, t.checkpoint_every_n_steps, run_config=to_dict(cfg))]
+    callbacks: list = [
+        LastCheckpoint(out, t.checkpoint_every_n_steps, run_config=to_dict(cfg), run_data=run_data)
+    ]
     if t.progress_bar:
         callbacks.append(StepProgressBar())
     callbacks += extra_callbacks or []
@@ -203,7 +229,13 @@ class TrainResult:
     checkpoint: Path
     export_dir: Path | None
     metrics: dict[str, float]
-    module: DistillLoRAModule
+    module: DistillLoRAModule | None  # None: a finished run whose export was written, nothing trained
+
+    @property
+    def losses(self) -> tuple[float, float, int] | None:
+        """(first, last, k): the training loss's mean over the run's first k batches and over its
+        last k (:meth:`tpkit.training.module.LossWatch.summary`); None when nothing was trained."""
+        return self.module.loss_watch.summary() if self.module is not None else None
 
 
 class _RunFiles(L.Callback):
@@ -232,22 +264,65 @@ def fit(
     trainer_overrides: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Run the recipe. ``resume`` continues from ``out_dir/last.ckpt`` (refused when it is missing or
-    the config changed what the run computes); a new run into an ``out_dir`` that holds one is
-    refused unless ``overwrite``. Raises :class:`tpkit.training.checkpoint.TrainingStopped` when a
-    stop was requested (Ctrl-C, SIGTERM), after the checkpoint was saved."""
+    the config or the training data changed what the run computes; a run that had finished gets its
+    export written when it lacks one); a new run into an ``out_dir`` that holds one is refused unless
+    ``overwrite``; a run that holds ``out_dir`` (:func:`tpkit.training.runlock.run_lock`) refuses
+    both. Raises :class:`tpkit.training.checkpoint.TrainingStopped` when a stop was requested
+    (Ctrl-C, SIGTERM), after the checkpoint was saved, and
+    :class:`tpkit.training.module.NothingTrainedError` when every record was skipped."""
+    with run_lock(cfg.trainer.out_dir) as note:
+        if note and rank_zero_only.rank == 0:
+            print(note, file=sys.stderr)
+        return _fit(cfg, resume, overwrite, processor, base, datamodule, callbacks, trainer_overrides)
+
+
+def _fit(
+    cfg: TrainConfig,
+    resume: bool,
+    overwrite: bool,
+    processor: Any,
+    base: torch.nn.Module | None,
+    datamodule: LlavaDataModule | None,
+    callbacks: list | None,
+    trainer_overrides: dict[str, Any] | None,
+) -> TrainResult:
     out = Path(cfg.trainer.out_dir)
     ckpt = out / LAST
-    resume_step = check_run_dir(cfg, resume=resume, overwrite=overwrite, rank0=rank_zero_only.rank == 0)
+    rank0 = rank_zero_only.rank == 0
+    try:
+        resume_step = check_run_dir(cfg, resume=resume, overwrite=overwrite, rank0=rank0)
+    except RunFinished as e:
+        if not e.export_missing:
+            raise
+        export_dir = None
+        if rank0:
+            with quiet_dependencies():
+                export_dir = export_checkpoint(ckpt, out / EXPORT, config=cfg)
+            print(
+                f"the run had finished (step {e.step}) without a whole export: wrote {export_dir}",
+                file=sys.stderr,
+            )
+        return TrainResult(out, ckpt, export_dir, {"global_step": float(e.step)}, None)
+    data = data_fingerprint({"data.train_json": cfg.data.train_json})
     with quiet_dependencies():
         L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+        cache = open_teacher_cache(cfg)  # its files checked before any model is loaded
         if processor is None:
             processor = load_processor_for(cfg.model)
         peft_model, attached = build_student(cfg, processor, base=base)
-        module = build_module(cfg, peft_model, attached)
+        module = build_module(cfg, peft_model, attached, teacher_cache=cache)
+        if resume:  # every tensor named and shaped as this model's, before Lightning loads them
+            expected = {n: tuple(p.shape) for n, p in module.named_parameters() if p.requires_grad}
+            check_tensors(load_checkpoint(ckpt, resume=True), expected, ckpt)
         dm = datamodule or build_datamodule(cfg, processor)
         extra = [_RunFiles(cfg, processor), *(callbacks or [])]
         trainer = build_trainer(
-            cfg, extra_callbacks=extra, resume_step=resume_step, model=peft_model, **(trainer_overrides or {})
+            cfg,
+            extra_callbacks=extra,
+            resume_step=resume_step,
+            model=peft_model,
+            run_data=data,
+            **(trainer_overrides or {}),
         )
         # weights_only: a checkpoint is tensors and plain containers; nothing else is unpickled
         trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if resume else None, weights_only=True)
@@ -255,7 +330,15 @@ def fit(
         k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
     }
     metrics["global_step"] = float(trainer.global_step)
+    if module.records_trained == 0 and not trainer.interrupted:
+        skipped = out / SKIPPED
+        n = sum(1 for _ in open(skipped)) if skipped.is_file() else getattr(dm, "n_skipped", 0)
+        raise NothingTrainedError(
+            f"every record the run read was skipped (data.on_error: skip): {n} skipped, each listed in "
+            f"{skipped}; nothing was trained and nothing exported. Fix the records, then start the run "
+            "again with --overwrite"
+        )
     export_dir = None
     if cfg.trainer.export_at_end and trainer.is_global_zero and not trainer.interrupted:
-        export_dir = export_adapter(module.model, cfg, out / "export", processor=processor, metrics=metrics)
+        export_dir = export_adapter(module.model, cfg, out / EXPORT, processor=processor, metrics=metrics)
     return TrainResult(out, ckpt, export_dir, metrics, module)

@@ -74,8 +74,86 @@ class TeacherRows:
     targets: torch.Tensor  # (N,) the answer token each row predicts
 
 
+_REBUILD = ". Rebuild it: tpkit teacher-cache --config <the run's config> --out <dir>"
+_DTYPES = ("float32", "float16")  # what the build writes (--dtype)
+
+
+def _read_json(path: Path) -> Any:
+    """A cache file's JSON, or a TeacherCacheError naming the file and what is wrong with it."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise TeacherCacheError(f"{path}: missing{_REBUILD}") from None
+    except UnicodeDecodeError as e:
+        raise TeacherCacheError(f"{path}: not UTF-8 text (byte {e.start}){_REBUILD}") from None
+    except json.JSONDecodeError as e:
+        raise TeacherCacheError(f"{path}: not valid JSON ({e}){_REBUILD}") from None
+
+
+def _int(value: Any, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _meta_problems(meta: Any) -> list[str]:
+    """What ``meta.json`` lacks or holds wrong (the fields the read side relies on)."""
+    if not isinstance(meta, dict):
+        return [f"the top level is a {type(meta).__name__}, not a mapping"]
+    problems = []
+    if meta.get("dtype") not in _DTYPES:
+        problems.append(f"dtype = {meta.get('dtype')!r}, expected one of {list(_DTYPES)}")
+    for key, minimum in (("k", 1), ("rows", 0), ("records", 0), ("max_length", 1)):
+        if not _int(meta.get(key), minimum):
+            problems.append(f"{key} = {meta.get(key)!r}, expected an integer >= {minimum}")
+    if not isinstance(meta.get("full_vocab"), bool):
+        problems.append(f"full_vocab = {meta.get('full_vocab')!r}, expected true or false")
+    t = meta.get("temperature")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+        problems.append(f"temperature = {t!r}, expected a number > 0")
+    model = meta.get("model")
+    if not isinstance(model, dict) or not _int(model.get("vocab_size"), 1):
+        problems.append("model: expected the base model's fingerprint, with its vocab_size")
+    return problems
+
+
+def _records_problems(rec: Any) -> list[str]:
+    """What ``records.json`` holds wrong: ids (strings) and row offsets (from 0, non-decreasing; that
+    they end at meta.json's rows is :meth:`_Part._check_arrays`'s)."""
+    if not isinstance(rec, dict):
+        return [f"the top level is a {type(rec).__name__}, not a mapping"]
+    ids, offsets = rec.get("ids"), rec.get("offsets")
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        return ["ids: expected a list of record ids (strings)"]
+    if not isinstance(offsets, list) or not all(_int(o, -(2**62)) for o in offsets):
+        return ["offsets: expected a list of integers"]
+    if len(offsets) != len(ids) + 1 or offsets[0] != 0:
+        return [
+            f"{len(ids)} ids and {len(offsets)} offsets from {offsets[:1]}: expected {len(ids) + 1} from 0"
+        ]
+    bad = next((i for i in range(len(ids)) if offsets[i + 1] < offsets[i]), None)
+    if bad is not None:
+        return [
+            f"offsets[{bad + 1}] = {offsets[bad + 1]} < offsets[{bad}] = {offsets[bad]} (record {ids[bad]!r})"
+        ]
+    return []
+
+
+def _out_of_range(array: np.ndarray, vocab: int, chunk: int = 1 << 24) -> tuple[int, int] | None:
+    """(row, value) of the first vocabulary id outside [0, vocab) in ``array`` (R,) or (R, k), read in
+    chunks of the memory map; None when all are in range."""
+    flat = array.reshape(-1)
+    width = array.shape[1] if array.ndim == 2 else 1
+    for start in range(0, flat.shape[0], chunk):
+        part = flat[start : start + chunk]
+        bad = np.flatnonzero((part < 0) | (part >= vocab))
+        if bad.size:
+            i = start + int(bad[0])
+            return i // width, int(flat[i])
+    return None
+
+
 class _Part:
-    """One finished cache directory (the whole cache, or one shard of it), memory-mapped."""
+    """One finished cache directory (the whole cache, or one shard of it), memory-mapped and checked:
+    a damaged or edited file is refused, naming it, before any model is loaded."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -84,15 +162,20 @@ class _Part:
             partial = (path / "progress.json").is_file()
             hint = " (a build was started but not finished: run it again to continue)" if partial else ""
             raise TeacherCacheError(f"distill.teacher_cache: no finished teacher cache at {path}{hint}")
-        self.meta = json.loads(meta_path.read_text())
-        if self.meta.get("format") != FORMAT:
+        self.meta = _read_json(meta_path)
+        if isinstance(self.meta, dict) and self.meta.get("format") != FORMAT:
             raise TeacherCacheError(
                 f"{meta_path}: format {self.meta.get('format')!r}, this tpkit reads {FORMAT}"
             )
-        rec = json.loads((path / "records.json").read_text())
+        if problems := _meta_problems(self.meta):
+            raise TeacherCacheError(f"{meta_path}: {'; '.join(problems)}{_REBUILD}")
+        rows, k = self.meta["rows"], self.meta["k"]
+        rec_path = path / "records.json"
+        rec = _read_json(rec_path)
+        if problems := _records_problems(rec):
+            raise TeacherCacheError(f"{rec_path}: {'; '.join(problems)}{_REBUILD}")
         self.ids = rec["ids"]
         self.offsets = np.asarray(rec["offsets"], dtype=np.int64)  # (n + 1,)
-        rows, k = int(self.meta["rows"]), int(self.meta["k"])
         self._check_arrays(rows, k)
         self.values = np.memmap(
             path / "values.bin", dtype=np.dtype(self.meta["dtype"]), mode="r", shape=(rows, k)
@@ -104,16 +187,36 @@ class _Part:
         )
         self.lse = np.memmap(path / "lse.bin", dtype=np.float32, mode="r", shape=(rows,))
         self.targets = np.memmap(path / "targets.bin", dtype=np.int32, mode="r", shape=(rows,))
+        self._check_ids()
+
+    def _check_ids(self) -> None:
+        """Every stored vocabulary id (targets, top-k indices) is one of the model's: an id out of range
+        would be read as another token, or fail deep inside a training step."""
+        vocab = self.meta["model"]["vocab_size"]
+        if self.meta["full_vocab"] and self.meta["k"] != vocab:
+            raise TeacherCacheError(
+                f"{self.path / 'meta.json'}: full_vocab with k = {self.meta['k']}, but the model's vocabulary "
+                f"has {vocab} ids{_REBUILD}"
+            )
+        arrays = {"targets.bin": self.targets} | (
+            {} if self.indices is None else {"indices.bin": self.indices}
+        )
+        for name, array in arrays.items():
+            if (bad := _out_of_range(array, vocab)) is not None:
+                raise TeacherCacheError(
+                    f"{self.path / name}: row {bad[0]} holds vocabulary id {bad[1]}, outside [0, {vocab}) "
+                    f"(the model's vocabulary){_REBUILD}"
+                )
 
     def _check_arrays(self, rows: int, k: int) -> None:
         """The arrays hold what ``meta.json`` and ``records.json`` say (an edited ``k`` or a cut file
         would otherwise be read as other rows, silently)."""
         problems = []
-        if len(self.offsets) != len(self.ids) + 1 or self.offsets[-1] != rows:
+        if self.offsets[-1] != rows:
             problems.append(
                 f"records.json: {len(self.ids)} ids and offsets up to {self.offsets[-1]}, meta.json: {rows} rows"
             )
-        if int(self.meta.get("records", len(self.ids))) != len(self.ids):
+        if self.meta["records"] != len(self.ids):
             problems.append(f"meta.json: {self.meta['records']} records, records.json: {len(self.ids)}")
         files = {
             "values.bin": rows * k * np.dtype(self.meta["dtype"]).itemsize,
