@@ -188,7 +188,7 @@ def _train_locked(args: argparse.Namespace, cfg: Any, out: Path, command: str) -
         loss = ""
         if res.losses is not None:  # what the run did to its loss, so that nobody ships a diverged one
             first, last, k = res.losses
-            loss = f"train loss {first:.4g} -> {last:.4g} (mean of the first / last {k} batches), "
+            loss = f"train loss {first:.4g} (first batch) -> {last:.4g} (mean of the last {k}), "
         print(f"done: step {int(res.metrics['global_step'])}, {loss}{ckpt}, export {res.export_dir}")
         if (out / SKIPPED).is_file():
             n = sum(1 for _ in open(out / SKIPPED))

@@ -241,9 +241,7 @@ def read_export(export_dir: str | Path) -> tuple[dict[str, Any], PruningConfig]:
         raise FileNotFoundError(f"{d}: the export lacks its adapter ({lacks}): export the run again")
     peft_type = _export_json(adapter).get("peft_type")
     if peft_type != "LORA":
-        raise ConfigError(
-            f"{adapter}: peft_type = {peft_type!r}; a tpkit export is a LoRA adapter ('LORA')"
-        )
+        raise ConfigError(f"{adapter}: peft_type = {peft_type!r}; a tpkit export is a LoRA adapter ('LORA')")
     pruning_data = meta["pruning"]
     if (d / PRUNING_JSON).is_file():
         pruning_data = _export_json(d / PRUNING_JSON)

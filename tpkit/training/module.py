@@ -56,50 +56,47 @@ class LossWatch:
     """The training loss seen from the start of a run: its first and latest values for the report,
     and one warning when it climbs far above where it started.
 
-    ``start`` is the mean loss of the run's first :attr:`WINDOW` batches, ``now`` the mean of the last
-    :attr:`WINDOW`; the run is taken to diverge when ``now > FACTOR * start`` for :attr:`PATIENCE`
-    batches in a row. A learning rate far too high sends the loss there and keeps it there without
-    it ever becoming non-finite (the NaN guard never fires), while the noise of small batches and a
-    warmup do not. Part of the checkpoint: a resumed run keeps its start.
+    ``first`` is the loss of the run's first batch (the model before any update: a learning rate far
+    too high spoils the very next batches), ``now`` the mean of the last :attr:`WINDOW` batches. The
+    run is taken to diverge when ``now > max(FACTOR * first, first + MARGIN)`` for :attr:`PATIENCE`
+    batches in a row: a loss that a far too high learning rate sends up and keeps there without it
+    ever becoming non-finite (the NaN guard never fires), not the noise of small batches (a window
+    mean, held 20 batches) nor a loss that starts near zero (the margin). Part of the checkpoint: a
+    resumed run keeps its start.
     """
 
     WINDOW = 10
     FACTOR = 2.0
+    MARGIN = 1.0
     PATIENCE = 20
 
     def __init__(self) -> None:
-        self.first: list[float] = []
+        self.first: float | None = None
         self.recent: deque[float] = deque(maxlen=self.WINDOW)
         self.seen = 0  # batches
         self.above = 0
         self.warned = False
 
-    def summary(self) -> tuple[float, float, int] | None:
-        """(mean loss of the first k batches, of the last k, k): k is :attr:`WINDOW`, or half the
-        batches of a shorter run, so that the two never overlap; None before the first batch."""
-        if not self.seen:
-            return None
-        k = max(1, min(self.WINDOW, self.seen // 2))
-        last = list(self.recent)[-k:]
-        return sum(self.first[:k]) / k, sum(last) / len(last), k
-
-    @property
-    def start(self) -> float | None:
-        return sum(self.first) / len(self.first) if self.first else None
-
     @property
     def now(self) -> float | None:
         return sum(self.recent) / len(self.recent) if self.recent else None
 
+    def summary(self) -> tuple[float, float, int] | None:
+        """(the first batch's loss, the mean of the last k batches, k); None before the first batch."""
+        if self.first is None:
+            return None
+        return self.first, self.now, len(self.recent)
+
     def add(self, loss: float) -> bool:
         """Record one batch's loss; True once, when the run has just been found diverging."""
         self.seen += 1
-        if len(self.first) < self.WINDOW:
-            self.first.append(loss)
+        if self.first is None:
+            self.first = loss
         self.recent.append(loss)
-        if len(self.first) < self.WINDOW:
+        if len(self.recent) < self.WINDOW:
             return False
-        self.above = self.above + 1 if self.now > self.FACTOR * self.start else 0
+        high = self.now > max(self.FACTOR * self.first, self.first + self.MARGIN)
+        self.above = self.above + 1 if high else 0
         if self.above >= self.PATIENCE and not self.warned:
             self.warned = True
             return True
@@ -107,7 +104,7 @@ class LossWatch:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "first": list(self.first),
+            "first": self.first,
             "recent": list(self.recent),
             "seen": self.seen,
             "above": self.above,
@@ -115,9 +112,10 @@ class LossWatch:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.first = [float(x) for x in state.get("first", [])][: self.WINDOW]
+        first = state.get("first")
+        self.first = float(first) if isinstance(first, (int, float)) else None
         self.recent = deque((float(x) for x in state.get("recent", [])), maxlen=self.WINDOW)
-        self.seen = int(state.get("seen", len(self.first)))
+        self.seen = int(state.get("seen", len(self.recent)))
         self.above, self.warned = int(state.get("above", 0)), bool(state.get("warned", False))
 
 
@@ -402,10 +400,10 @@ class DistillLoRAModule(L.LightningModule):
         if ranks and self.loss_watch.add(loss_sum / ranks):
             w = self.loss_watch
             rank_zero_warn(
-                f"the training loss has risen from {w.start:.4g} (mean of the run's first {w.WINDOW} batches) "
-                f"to {w.now:.4g} (mean of the last {w.WINDOW}), above {w.FACTOR:g} x its start for "
-                f"{w.PATIENCE} batches in a row (step {self.trainer.global_step}): the run is probably "
-                f"diverging. Lower optim.lr (now {self.optim.lr:g}) and start again"
+                f"the training loss has risen from {w.first:.4g} (the run's first batch) to {w.now:.4g} "
+                f"(mean of the last {w.WINDOW}), above twice its start for {w.PATIENCE} batches in a row "
+                f"(step {self.trainer.global_step}): the run is probably diverging. Lower optim.lr (now "
+                f"{self.optim.lr:g}) and start again"
             )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -233,8 +233,8 @@ class TrainResult:
 
     @property
     def losses(self) -> tuple[float, float, int] | None:
-        """(first, last, k): the training loss's mean over the run's first k batches and over its
-        last k (:meth:`tpkit.training.module.LossWatch.summary`); None when nothing was trained."""
+        """(first, last, k): the training loss of the run's first batch and its mean over the last k
+        (:meth:`tpkit.training.module.LossWatch.summary`); None when nothing was trained."""
         return self.module.loss_watch.summary() if self.module is not None else None
 
 
