@@ -215,7 +215,8 @@ def read_pruning(out):
 
 
 @pytest.mark.parametrize(
-    "damage", ["no adapter weights", "no adapter config", "binary pruning.json", "peft_type"]
+    "damage",
+    ["no adapter weights", "no adapter config", "binary pruning.json", "nan in pruning.json", "peft_type"],
 )
 def test_a_damaged_export_is_named_before_any_model_is_loaded(trained, tmp_path, monkeypatch, damage):
     """HFValidationError ("Repo id must be ..."), UnicodeDecodeError and TypeError tracebacks before."""
@@ -238,6 +239,14 @@ def test_a_damaged_export_is_named_before_any_model_is_loaded(trained, tmp_path,
     elif damage == "binary pruning.json":
         (d / "pruning.json").write_bytes(b"\x00\xff\xfe{}")
         error, message = ConfigError, f"{d / 'pruning.json'}: not UTF-8 text (byte 1)"
+    elif damage == "nan in pruning.json":  # json writes and reads NaN; it was accepted
+        pruning = json.loads((d / "pruning.json").read_text())
+        pruning["stage2"]["diversity"] = float("nan")
+        (d / "pruning.json").write_text(json.dumps(pruning))
+        error, message = (
+            ConfigError,
+            f"{d / 'pruning.json'}: 'stage2.diversity' = nan must be a finite number",
+        )
     else:
         adapter = json.loads((d / "adapter_config.json").read_text())
         (d / "adapter_config.json").write_text(json.dumps({**adapter, "peft_type": "PREFIX_TUNING"}))

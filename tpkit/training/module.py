@@ -61,14 +61,14 @@ class LossWatch:
     run is taken to diverge when ``now > max(FACTOR * first, first + MARGIN)`` for :attr:`PATIENCE`
     batches in a row: a loss that a far too high learning rate sends up and keeps there without it
     ever becoming non-finite (the NaN guard never fires), not the noise of small batches (a window
-    mean, held 20 batches) nor a loss that starts near zero (the margin). Part of the checkpoint: a
+    mean, held 10 batches) nor a loss that starts near zero (the margin). Part of the checkpoint: a
     resumed run keeps its start.
     """
 
     WINDOW = 10
     FACTOR = 2.0
     MARGIN = 1.0
-    PATIENCE = 20
+    PATIENCE = 10
 
     def __init__(self) -> None:
         self.first: float | None = None
