@@ -44,7 +44,5 @@ def test_a_pruning_yaml_with_a_python_tag_or_binary_bytes_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"pruning.yaml: not UTF-8 text \(byte 17\)"):
         read_pruning_yaml(p)
     p.write_text("stage2:\n  diversity: .nan\n")
-    with pytest.raises(
-        ConfigError, match=r"pruning.yaml: 'stage2.diversity' = nan must be a finite number"
-    ):
+    with pytest.raises(ConfigError, match=r"pruning.yaml: 'stage2.diversity' = nan must be a finite number"):
         read_pruning_yaml(p)
