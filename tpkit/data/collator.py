@@ -105,8 +105,14 @@ class LlavaCollator:
         self._marks: tuple[list[int], list[int], int] | None = None  # see _markers
 
     def _content_as_parts(self) -> bool:
-        """Whether the chat template wants list-of-parts content (llava-hf hub templates) or strings."""
+        """Whether to give the chat template list-of-parts content or strings.
+
+        Parts where strings do not render (llava-hf hub templates), and where the template marks
+        an image part up beyond the bare placeholder (Qwen2-VL's ``<|vision_start|><|image_pad|>
+        <|vision_end|>``, which the model was trained on); strings otherwise (tpkit's LLaVA
+        template, which renders both alike)."""
         question, answer = "tpkit probe question", "tpkit probe answer"
+        rendered = {}
         for parts in (False, True):
             msgs = [
                 {"role": "user", "content": self._content(f"{self.image_token}\n{question}", parts)},
@@ -117,8 +123,17 @@ class LlavaCollator:
             except Exception:
                 continue
             if question in text and answer in text and text.count(self.image_token) == 1:
-                return parts
-        raise ValueError("the chat template renders neither string nor list-of-parts message content")
+                rendered[parts] = text
+        if not rendered:
+            raise ValueError("the chat template renders neither string nor list-of-parts message content")
+        if True not in rendered:
+            return False
+        if False not in rendered:
+            return True
+        # both render: parts when the template wraps the image part in markup of its own
+        return rendered[True].replace(f"{self.image_token}\n", self.image_token) != rendered[False].replace(
+            f"{self.image_token}\n", self.image_token
+        )
 
     def _content(self, value: str, parts: bool) -> str | list[dict[str, str]]:
         # LLaVA-JSON's "<image>" is the processor's image token (InternVL's "<IMG_CONTEXT>")
