@@ -13,6 +13,8 @@ _LAZY = {
     "DataConfig": "tpkit.data.config",
     "build_processor": "tpkit.data.processor",
     "build_next_processor": "tpkit.data.processor",
+    "build_qwen2_vl_processor": "tpkit.data.qwen_processor",
+    "OfflineQwen2VLProcessor": "tpkit.data.qwen_processor",
     "num_image_tokens": "tpkit.data.processor",
     "DEFAULT_SYSTEM_PROMPT": "tpkit.data.processor",
     "CHAT_TEMPLATE": "tpkit.data.processor",
