@@ -73,7 +73,13 @@ def test_it_is_a_qwen2_vl_processor_that_saves_and_loads_back(processor, tmp_pat
         assert loaded.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
         assert loaded.chat_template == processor.chat_template
         out = loaded(images=images, text=[text], return_tensors="pt")
-        assert set(out) == {"input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"}
+        assert set(out) == {
+            "input_ids",
+            "attention_mask",
+            "mm_token_type_ids",
+            "pixel_values",
+            "image_grid_thw",
+        }
         for key in out:
             assert torch.equal(out[key], ref[key]), key
     assert ref["image_grid_thw"].tolist() == [[1, 8, 8]]
@@ -85,7 +91,10 @@ def test_it_is_a_qwen2_vl_processor_that_saves_and_loads_back(processor, tmp_pat
 def test_chat_template_and_tokenizer_are_qwens(processor):
     tok = processor.tokenizer
     msgs = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the circle?"}]},
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "What color is the circle?"}],
+        },
         {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
     ]
     assert processor.apply_chat_template(msgs, tokenize=False) == (
@@ -111,7 +120,10 @@ def test_videos_are_refused_with_a_clear_error(processor):
         processor(text=["<|video_pad|>"], videos=[[image(32, 32, 0)] * 2])
     with pytest.raises(ValueError, match="has no video processor"):
         processor._get_num_multimodal_tokens(video_sizes=[(2, 32, 32)])
-    assert processor._get_num_multimodal_tokens(image_sizes=[(32, 32), (48, 28)])["num_image_tokens"] == [16, 15]
+    assert processor._get_num_multimodal_tokens(image_sizes=[(32, 32), (48, 28)])["num_image_tokens"] == [
+        16,
+        15,
+    ]
 
 
 def test_collator_batch_is_what_the_processor_makes_of_the_rendered_conversation(processor):
@@ -171,7 +183,9 @@ def test_collated_batches_run_the_stock_model(processor):
         logits = model(**inputs).logits
         for b, rec in enumerate(records()):
             alone = coll([rec])
-            one = {k: v for k, v in alone.items() if torch.is_tensor(v) and k not in ("labels", "answer_mask")}
+            one = {
+                k: v for k, v in alone.items() if torch.is_tensor(v) and k not in ("labels", "answer_mask")
+            }
             ref = model(**one).logits[0]
             torch.testing.assert_close(logits[b, -ref.shape[0] :], ref, rtol=1e-4, atol=1e-4)
         ev = LlavaCollator(processor, mode="eval")(records())
