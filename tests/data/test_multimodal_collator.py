@@ -17,8 +17,10 @@ from tpkit.data.processor import (
     build_next_processor,
     build_onevision_processor,
 )
+from tpkit.data.qwen_processor import build_qwen2_vl_processor
 from tpkit.data.video import Video
 from tpkit.models.llava_next.tiny import tiny_next_config, tiny_onevision_config
+from tpkit.models.qwen2_vl.tiny import tiny_config as tiny_qwen_config
 
 RNG = np.random.default_rng(0)
 
@@ -50,7 +52,18 @@ def records(with_video: bool) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def processors():
-    return {"next": build_next_processor(), "ov": build_onevision_processor()}
+    qwen = {
+        v: build_qwen2_vl_processor(image_size=16, patch_size=2, variant=v)
+        for v in ("qwen2-vl", "qwen2.5-vl")
+    }
+    return {"next": build_next_processor(), "ov": build_onevision_processor(), **qwen}
+
+
+def qwen_ids(processor) -> dict[str, int]:
+    tok = processor.tokenizer
+    ids = {k: tok.convert_tokens_to_ids(t) for k, t in (("vision_start_token_id", "<|vision_start|>"),
+                                                        ("vision_end_token_id", "<|vision_end|>"))}  # fmt: skip
+    return dict(ids, video_token_id=processor.video_token_id, eos_token_id=tok.eos_token_id)
 
 
 def _stock(kind: str, processor):
@@ -58,15 +71,21 @@ def _stock(kind: str, processor):
     kw = dict(vocab_size=len(tok), image_token_id=processor.image_token_id, pad_token_id=tok.pad_token_id)
     if kind == "next":
         return transformers.LlavaNextForConditionalGeneration(tiny_next_config(**kw)).eval()
+    if kind.startswith("qwen"):
+        cls = {
+            "qwen2-vl": transformers.Qwen2VLForConditionalGeneration,
+            "qwen2.5-vl": transformers.Qwen2_5_VLForConditionalGeneration,
+        }
+        return cls[kind](tiny_qwen_config(kind, **kw, **qwen_ids(processor))).eval()
     cfg = tiny_onevision_config(video_token_id=processor.video_token_id, **kw)
     return transformers.LlavaOnevisionForConditionalGeneration(cfg).eval()
 
 
-@pytest.mark.parametrize("kind", ["next", "ov"])
+@pytest.mark.parametrize("kind", ["next", "ov", "qwen2-vl", "qwen2.5-vl"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_ids_and_visuals_are_the_processors(processors, kind, mode):
     processor = processors[kind]
-    recs = records(with_video=kind == "ov")
+    recs = records(with_video=kind != "next")
     coll = LlavaCollator(processor, max_length=1024, mode=mode)
     batch = coll(recs)
     assert coll.sequence_lengths(recs) == batch["attention_mask"].sum(1).tolist()
@@ -78,36 +97,46 @@ def test_ids_and_visuals_are_the_processors(processors, kind, mode):
         if r["image"]:
             kw["images"] = [r["image"]]  # one sample: OneVision sees its images as one multi-image sample
         if r["video"] is not None:
-            v = r["video"]
-            kw["videos"] = [v.frames if isinstance(v, Video) else v]
+            v = (
+                r["video"]
+                if isinstance(r["video"], Video)
+                else Video(r["video"], len(r["video"]), None, None)
+            )
+            kw["videos"], kw["video_metadata"] = [v.frames], [v.metadata()]
         ref = processor(text=[prompt if mode == "eval" else full], return_tensors="pt", **kw)
         n = int(batch["attention_mask"][b].sum())
         assert batch["input_ids"][b, -n:].tolist() == ref["input_ids"][0].tolist(), r["id"]
-        if r["image"]:
-            views = ref["pixel_values"].shape[1]
-            got = batch["pixel_values"][at : at + len(r["image"]), :views]
-            torch.testing.assert_close(got, ref["pixel_values"], rtol=0, atol=0)
-            at += len(r["image"])
-        if r["video"] is not None:
-            torch.testing.assert_close(
-                batch["pixel_values_videos"][vi], ref["pixel_values_videos"][0], rtol=0, atol=0
-            )
-            vi += 1
-    assert batch["image_sizes"].tolist() == [[im.height, im.width] for ims in images for im in ims]
+        if kind.startswith("qwen"):  # patches packed across the batch: the record's rows, by its grids
+            for key, grids in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+                if key in ref:
+                    first = int(batch[grids][: (at if key == "pixel_values" else vi)].prod(-1).sum())
+                    n = int(ref[grids].prod(-1).sum())
+                    torch.testing.assert_close(batch[key][first : first + n], ref[key], rtol=0, atol=0)
+            if "second_per_grid_ts" in ref:
+                assert batch["second_per_grid_ts"][vi].item() == ref["second_per_grid_ts"][0].item()
+        else:
+            if r["image"]:
+                views = ref["pixel_values"].shape[1]
+                got = batch["pixel_values"][at : at + len(r["image"]), :views]
+                torch.testing.assert_close(got, ref["pixel_values"], rtol=0, atol=0)
+            if r["video"] is not None:
+                got = batch["pixel_values_videos"][vi]
+                torch.testing.assert_close(got, ref["pixel_values_videos"][0], rtol=0, atol=0)
+        at += len(r["image"])
+        vi += r["video"] is not None
+    if kind == "qwen2.5-vl":  # times a video by its sampled frame rate: 2 / (4 of 12 frames at 4 fps);
+        # frames given as an array: 24 fps, as stock assumes
+        assert batch["second_per_grid_ts"].tolist() == pytest.approx([1.5, 2 / 24])
+    if not kind.startswith("qwen"):
+        assert batch["image_sizes"].tolist() == [[im.height, im.width] for ims in images for im in ims]
     if kind == "ov":
         assert batch["batch_num_images"].tolist() == [2, 1, 3, 1]  # text and video records have none
         assert tuple(batch["pixel_values_videos"].shape) == (2, 4, 3, 32, 32)
     # the text-only record's prompt holds no placeholder; the stock model takes the whole batch
     placeholders = [processor.image_token_id, getattr(processor, "video_token_id", processor.image_token_id)]
     assert not torch.isin(batch["input_ids"][1], torch.tensor(placeholders)).any()
-    keys = (
-        "input_ids",
-        "attention_mask",
-        "pixel_values",
-        "image_sizes",
-        "pixel_values_videos",
-        "batch_num_images",
-    )
+    keys = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "pixel_values_videos", "batch_num_images",
+            "image_grid_thw", "video_grid_thw", "second_per_grid_ts", "mm_token_type_ids")  # fmt: skip
     torch.manual_seed(0)
     with torch.no_grad():
         out = _stock(kind, processor)(**{k: batch[k] for k in keys if k in batch})

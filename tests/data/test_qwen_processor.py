@@ -115,15 +115,29 @@ def test_chat_template_and_tokenizer_are_qwens(processor):
     assert len(tok("What color is the circle?", add_special_tokens=False)["input_ids"]) == 6  # a word a token
 
 
-def test_videos_are_refused_with_a_clear_error(processor):
-    with pytest.raises(ValueError, match="takes images and text only: its video processor is left out"):
-        processor(text=["<|video_pad|>"], videos=[[image(32, 32, 0)] * 2])
-    with pytest.raises(ValueError, match="has no video processor"):
-        processor._get_num_multimodal_tokens(video_sizes=[(2, 32, 32)])
+def test_videos_go_through_the_pil_video_processor(processor, tmp_path):
+    """Videos: the PIL stand-in for Qwen2VLVideoProcessor (tpkit/data/video.py, tested there), one
+    <|video_pad|> per merged unit of each temporal patch; the video part is rebuilt on loading, with
+    the saved pixel budget; Qwen2.5-VL's class adds second_per_grid_ts."""
+    frames = np.stack([np.asarray(image(32, 32, k)) for k in range(3)])  # 3 frames: padded to 4
+    out = processor(text=["<|video_pad|>"], videos=[frames], return_tensors="pt")
+    assert out["video_grid_thw"].tolist() == [[2, 8, 8]]
+    assert int((out["input_ids"] == processor.video_token_id).sum()) == 2 * 16
+    assert torch.equal(out["mm_token_type_ids"], 2 * (out["input_ids"] == processor.video_token_id).long())
+    assert processor.video_processor.get_num_of_video_patches(3, 32, 32) == 2 * 64
     assert processor._get_num_multimodal_tokens(image_sizes=[(32, 32), (48, 28)])["num_image_tokens"] == [
         16,
         15,
     ]
+    processor.save_pretrained(tmp_path)
+    loaded = load_processor(tmp_path)
+    assert (loaded.video_min_pixels, loaded.video_max_pixels) == (32 * 32, 32 * 32)
+    again = loaded(text=["<|video_pad|>"], videos=[frames], return_tensors="pt")
+    assert all(torch.equal(again[k], out[k]) for k in out)
+    q25 = build_qwen2_vl_processor(image_size=32, patch_size=4, corpus=CORPUS, variant="qwen2.5-vl")
+    meta = {"total_num_frames": 30, "fps": 10.0, "frames_indices": [0, 15, 29]}  # 1 frame per second
+    out = q25(text=["<|video_pad|>"], videos=[frames], video_metadata=[meta], return_tensors="pt")
+    assert out["second_per_grid_ts"].tolist() == [2.0]  # a temporal patch of 2 frames: 2 seconds
 
 
 def test_collator_batch_is_what_the_processor_makes_of_the_rendered_conversation(processor):

@@ -27,9 +27,12 @@ from lmms_eval.evaluator import simple_evaluate  # noqa: E402
 from lmms_eval.tasks import TaskManager  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from tests.data.test_multimodal_collator import qwen_ids  # noqa: E402
 from tests.data.test_video import write_video  # noqa: E402
 from tpkit.data.processor import build_next_processor, build_onevision_processor  # noqa: E402
+from tpkit.data.qwen_processor import build_qwen2_vl_processor  # noqa: E402
 from tpkit.models.llava_next.tiny import tiny_next_config, tiny_onevision_config  # noqa: E402
+from tpkit.models.qwen2_vl.tiny import tiny_config as tiny_qwen_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "assets" / "tiny-llava"
@@ -46,6 +49,7 @@ FAMILY_TASKS = {
     "llava": ["text"],
     "llava_next": ["images", "text"],
     "llava_onevision": ["images", "video", "text"],
+    "qwen2_5_vl": ["images", "video", "text"],
 }
 VISUAL_FAMILIES = [f for f, kinds in FAMILY_TASKS.items() if "images" in kinds]
 
@@ -116,7 +120,25 @@ def models(tmp_path_factory) -> dict[str, tuple[Path, object]]:
         save(transformers.LlavaOnevisionForConditionalGeneration(cfg), p, root / "ov"),
         p,
     )
+    # Qwen2.5-VL: images at a 32 x 32 pixel budget (~16 x 16 patches, ~64 merged units), video frames
+    # at a 16 x 16 one
+    p = build_qwen2_vl_processor(
+        image_size=32, patch_size=2, merge_size=2, video_pixels=16 * 16, variant="qwen2.5-vl"
+    )
+    tok = p.tokenizer
+    cfg = tiny_qwen_config("qwen2.5-vl", vocab_size=len(tok), image_token_id=p.image_token_id,
+                           pad_token_id=tok.pad_token_id, **qwen_ids(p))  # fmt: skip
+    out["qwen2_5_vl"] = (save(transformers.Qwen2_5_VLForConditionalGeneration(cfg), p, root / "qwen"), p)
     return out
+
+
+def video_tokens(family: str, frames: int) -> int:
+    """Placeholders of one video of the documents (32 x 48 px frames) as the family's processor counts them."""
+    if family == "llava_onevision":  # frames resized to 32 px: 4 x 4 patches pooled to 2 x 2, one newline
+        return frames * 2 * 2 + 1
+    # Qwen: smart_resize to 12 x 16 px (a 16 x 16 budget): 6 x 8 patches, 3 x 4 merged units per
+    # temporal patch of 2 frames (an odd count repeats the last)
+    return -(-frames // 2) * 3 * 4
 
 
 def harness(tasks_at: Path, model_dir: Path, args: str, tasks: list[str]) -> dict:
@@ -186,7 +208,7 @@ def test_token_counts_of_each_kind_of_request(runs, models, data, family):
         for doc_id, (tc,) in by_doc(res, GEN["video"], "token_counts").items():
             frames = min(VIDEO_FRAMES[int(doc_id[3:])], MAX_FRAMES)
             assert (tc["n_images"], tc["n_videos"], tc["n_frames"]) == (0, 1, frames)
-            assert tc["n_visual"] == frames * 2 * 2 + 1  # OneVision: 4 x 4 patches pooled to 2 x 2, a newline
+            assert tc["n_visual"] == video_tokens(family, frames)
             assert 0 < tc["k1"] <= tc["n_visual"] and 0 < tc["token_layer_fraction"] < 1
     thr = res["throughput"]
     kinds = (
@@ -207,8 +229,8 @@ def test_token_counts_of_each_kind_of_request(runs, models, data, family):
 
 @pytest.mark.parametrize("family", VISUAL_FAMILIES)
 def test_loglikelihood_agrees_with_generation(runs, models, data, family):
-    """Two continuations per document: the first word generation produced (with the images, and with
-    the video where the family takes videos), and another word. A continuation loglikelihood calls
+    """Two continuations per document: what generation produced (its first word for the LLaVA
+    families; with the images, and with the video where the family takes videos), and another word. A continuation loglikelihood calls
     greedy is what generation produced, and the likelier of the two; the stage-1 counts are
     generation's (they are chosen on the prompt); batch 4 gives batch 1's values."""
     kinds = [k for k in ("images", "video") if k in FAMILY_TASKS[family]]
@@ -217,8 +239,11 @@ def test_loglikelihood_agrees_with_generation(runs, models, data, family):
         answers = by_doc(runs[family][4], GEN[kind], "answer")
         choices = {}
         for doc_id, answer in answers.items():
-            word = (answer.split() or ["yes"])[0]
-            choices[doc_id] = [f" {word}", " no" if word != "no" else " yes"]
+            # what the tokenizer reads back as the generated tokens after the prompt: tpkit's LLaVA
+            # template ends in "ASSISTANT:" and its SentencePiece-style tokens start words with a
+            # space (the first word, spaced); Qwen's ends in a newline, byte-level (the answer as is)
+            first = f" {(answer.split() or ['yes'])[0]}" if family != "qwen2_5_vl" else answer
+            choices[doc_id] = [first, " no" if first.strip() != "no" else " yes"]
         tasks_at = task_dir(data, f"choice-{family}-{kind}", choices)
         task = f"tpkit_mm_choice_{kind}"
         res[kind] = {

@@ -1,13 +1,15 @@
-"""An offline Qwen2-VL processor: a byte-level BPE tokenizer trained locally, Qwen2-VL's PIL image
-processor and its chat template, for images.
+"""Offline Qwen2-VL and Qwen2.5-VL processors: a byte-level BPE tokenizer trained locally, Qwen2-VL's
+PIL image processor, a PIL video processor and Qwen's chat template.
 
 transformers cannot build ``Qwen2VLProcessor`` without torchvision: the processor declares a video
 processor, every video processor is a torchvision one, and ``ProcessorMixin`` checks each declared
-part's class. :class:`OfflineQwen2VLProcessor` is ``Qwen2VLProcessor`` with the video part left out
-(its ``__init__`` takes no ``video_processor``), so it builds, saves and loads anywhere; everything
-else is stock: placeholder expansion (``<|image_pad|>`` repeated once per merged 2 x 2 unit),
-``image_grid_thw``, ``mm_token_type_ids``, the chat template's ``<|vision_start|>`` /
-``<|vision_end|>``. Passing ``videos`` raises a ``ValueError`` that says so.
+part's class. :class:`OfflineQwen2VLProcessor` (and :class:`OfflineQwen2_5_VLProcessor`) is the stock
+class with the declared video part left out (its ``__init__`` takes no ``video_processor``), so it
+builds, saves and loads anywhere, and :class:`tpkit.data.video.QwenVideoProcessorPil` in its place,
+derived from the image processor and a per-frame pixel budget (saved with the processor); everything
+else is stock: placeholder expansion (``<|image_pad|>`` / ``<|video_pad|>`` repeated once per merged
+2 x 2 unit), ``image_grid_thw``, ``video_grid_thw``, Qwen2.5-VL's ``second_per_grid_ts``,
+``mm_token_type_ids``, the chat template's ``<|vision_start|>`` / ``<|vision_end|>``.
 
 It registers itself with ``AutoProcessor`` when this module is imported (``tpkit.models.load_processor``
 imports it), so a saved directory loads back with either::
@@ -30,13 +32,21 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from transformers import AutoProcessor, PreTrainedTokenizerFast, Qwen2VLProcessor
+from transformers import (
+    AutoProcessor,
+    PreTrainedTokenizerFast,
+    ProcessorMixin,
+    Qwen2_5_VLProcessor,
+    Qwen2VLProcessor,
+)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from tpkit.data.processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from tpkit.data.video import QwenVideoProcessorPil
 
 __all__ = [
     "OfflineQwen2VLProcessor",
+    "OfflineQwen2_5_VLProcessor",
     "build_qwen2_vl_processor",
     "train_byte_level_tokenizer",
     "QWEN2_VL_CHAT_TEMPLATE",
@@ -78,8 +88,11 @@ QWEN2_VL_CHAT_TEMPLATE = (
 # the template's own words, so that they are single tokens whatever the corpus
 _TEMPLATE_LINES = ["system\nYou are a helpful assistant.\n", "user\n", "assistant\n", "Picture 1: Video 1: "]
 
-# the key it registers under with AutoProcessor (a name, not a config class: no model maps to it)
+# the keys they register under with AutoProcessor (names, not config classes: no model maps to them)
 _AUTO_KEY = "tpkit_offline_qwen2_vl"
+_AUTO_KEY_2_5 = "tpkit_offline_qwen2_5_vl"
+# transformers' Qwen2VLVideoProcessor size: the per-frame pixel budget of a video
+VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 128 * 28 * 28, 768 * 28 * 28
 
 
 def train_byte_level_tokenizer(corpus: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
@@ -112,42 +125,71 @@ def train_byte_level_tokenizer(corpus: Iterable[str], vocab_size: int = 1024) ->
     )
 
 
-class OfflineQwen2VLProcessor(Qwen2VLProcessor):
-    """``Qwen2VLProcessor`` for images and text, without the torchvision video processor.
+def _offline_parts(
+    processor: Any,
+    image_processor: Any,
+    tokenizer: Any,
+    chat_template: str | None,
+    video_min_pixels: int | None,
+    video_max_pixels: int | None,
+) -> None:
+    """What ``Qwen2VLProcessor.__init__`` sets, with the PIL video processor in place of the declared
+    torchvision one (which ``ProcessorMixin`` would check): the mixin gets the two parts these
+    classes declare, then the video part is derived from the image processor and the pixel budget."""
+    processor.image_token = getattr(tokenizer, "image_token", None) or IMAGE_PAD
+    processor.video_token = getattr(tokenizer, "video_token", None) or VIDEO_PAD
+    processor.image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+    processor.video_token_id = tokenizer.convert_tokens_to_ids(processor.video_token)
+    ProcessorMixin.__init__(processor, image_processor, tokenizer, chat_template=chat_template)
+    # saved with the processor (they are __init__ arguments): the video part is rebuilt from them
+    processor.video_min_pixels = int(video_min_pixels or VIDEO_MIN_PIXELS)
+    processor.video_max_pixels = int(video_max_pixels or VIDEO_MAX_PIXELS)
+    processor.video_processor = QwenVideoProcessorPil(
+        image_processor, processor.video_min_pixels, processor.video_max_pixels
+    )
 
-    Same ``__call__``, chat template, placeholder expansion, ``image_grid_thw`` and
-    ``mm_token_type_ids`` as the stock class; ``videos`` raise ``ValueError``.
+
+class OfflineQwen2VLProcessor(Qwen2VLProcessor):
+    """``Qwen2VLProcessor`` with its PIL image processor and, for videos, tpkit's PIL video processor
+    (:class:`tpkit.data.video.QwenVideoProcessorPil`, which computes what ``Qwen2VLVideoProcessor``
+    does for frames given as arrays).
+
+    Same ``__call__``, chat template, placeholder expansion, ``image_grid_thw``, ``video_grid_thw``
+    and ``mm_token_type_ids`` as the stock class. ``video_min_pixels`` / ``video_max_pixels``: the
+    video processor's per-frame pixel budget (its ``size``; transformers' defaults when None).
     """
 
     def __init__(
-        self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kwargs
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        chat_template: str | None = None,
+        video_min_pixels: int | None = None,
+        video_max_pixels: int | None = None,
+        **kwargs: Any,
     ):
-        # Qwen2VLProcessor.__init__ would pass a video_processor on to ProcessorMixin: set its
-        # attributes here and call the mixin with the two parts this class declares
-        self.image_token = getattr(tokenizer, "image_token", None) or IMAGE_PAD
-        self.video_token = getattr(tokenizer, "video_token", None) or VIDEO_PAD
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-        super(Qwen2VLProcessor, self).__init__(image_processor, tokenizer, chat_template=chat_template)
+        _offline_parts(self, image_processor, tokenizer, chat_template, video_min_pixels, video_max_pixels)
 
-    def __call__(self, images: Any = None, text: Any = None, videos: Any = None, **kwargs: Any) -> Any:
-        if videos is not None:
-            raise ValueError(
-                f"{type(self).__name__} takes images and text only: its video processor is left out "
-                "(transformers' video processors need torchvision). Pass frames as images, or build a "
-                "Qwen2VLProcessor with a Qwen2VLVideoProcessor where torchvision is installed."
-            )
-        return super().__call__(images=images, text=text, **kwargs)
 
-    def _get_num_multimodal_tokens(
-        self, image_sizes: Any = None, video_sizes: Any = None, **kwargs: Any
-    ) -> Any:
-        if video_sizes is not None:
-            raise ValueError(f"{type(self).__name__} has no video processor: it counts image tokens only")
-        return super()._get_num_multimodal_tokens(image_sizes=image_sizes, **kwargs)
+class OfflineQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """``Qwen2_5_VLProcessor`` as :class:`OfflineQwen2VLProcessor` is ``Qwen2VLProcessor``: the same
+    parts, and Qwen2.5-VL's ``second_per_grid_ts`` for videos (temporal patch size over the sampled
+    frames' rate, from the ``video_metadata`` a call passes: 24 frames per second when none)."""
+
+    def __init__(
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        chat_template: str | None = None,
+        video_min_pixels: int | None = None,
+        video_max_pixels: int | None = None,
+        **kwargs: Any,
+    ):
+        _offline_parts(self, image_processor, tokenizer, chat_template, video_min_pixels, video_max_pixels)
 
 
 AutoProcessor.register(_AUTO_KEY, OfflineQwen2VLProcessor, exist_ok=True)
+AutoProcessor.register(_AUTO_KEY_2_5, OfflineQwen2_5_VLProcessor, exist_ok=True)
 
 
 def build_qwen2_vl_processor(
@@ -159,7 +201,9 @@ def build_qwen2_vl_processor(
     vocab_size: int = 1024,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
-) -> OfflineQwen2VLProcessor:
+    video_pixels: int | None = None,
+    variant: str = "qwen2-vl",
+) -> OfflineQwen2VLProcessor | OfflineQwen2_5_VLProcessor:
     """Build the offline Qwen2-VL processor (deterministic for a given corpus).
 
     Images are resized (Qwen's ``smart_resize``) to sides that are multiples of ``patch_size *
@@ -168,8 +212,13 @@ def build_qwen2_vl_processor(
     a quarter as many merged units), normalised with OpenAI CLIP's mean/std as Qwen2-VL does, and
     cut into ``temporal_patch_size x patch_size x patch_size`` patches (an image is repeated in
     time, as stock does). ``corpus``: the tokenizer's training text (default: the template's words
-    only; any text still encodes, byte by byte).
+    only; any text still encodes, byte by byte). Video frames are resized to about ``video_pixels``
+    each (default: the image area) and cut into the same patches, ``temporal_patch_size`` frames per
+    patch. ``variant``: ``"qwen2-vl"`` or ``"qwen2.5-vl"`` (the processor class of each).
     """
+    classes = {"qwen2-vl": OfflineQwen2VLProcessor, "qwen2.5-vl": OfflineQwen2_5_VLProcessor}
+    if variant not in classes:
+        raise ValueError(f"variant = {variant!r}: one of {', '.join(classes)}")
     if image_size % (patch_size * merge_size):
         raise ValueError(
             f"image_size = {image_size} must be a multiple of patch_size x merge_size = {patch_size * merge_size}"
@@ -185,6 +234,11 @@ def build_qwen2_vl_processor(
         image_std=OPENAI_CLIP_STD,
     )
     tokenizer = train_byte_level_tokenizer(corpus or [], vocab_size=vocab_size)
-    return OfflineQwen2VLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN2_VL_CHAT_TEMPLATE
+    video = video_pixels or area
+    return classes[variant](
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=QWEN2_VL_CHAT_TEMPLATE,
+        video_min_pixels=video,
+        video_max_pixels=video,
     )
