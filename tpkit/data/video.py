@@ -19,8 +19,9 @@ arrays: :class:`OnevisionVideoProcessorPil` (``LlavaOnevisionVideoProcessor``: e
 last, flattened into ``temporal x patch x patch`` patches in merge-unit order, ``video_grid_thw``).
 Rescaling and normalisation are transformers' fused float32 arithmetic, so frames already at the
 target size give the same pixel values bit for bit; a frame that must be resized goes through PIL's
-bicubic (the PIL image processors' resize), where torchvision's antialiased bicubic differs by a few
-grey levels. Frame sampling stays with the caller (``do_sample_frames`` off, transformers' default).
+bicubic (the PIL image processors' resize) instead of torchvision's antialiased bicubic, whose pixels
+may differ slightly (not compared here: no torchvision). Frame sampling stays with the caller
+(``do_sample_frames`` off, transformers' default).
 """
 
 from __future__ import annotations

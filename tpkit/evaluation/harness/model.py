@@ -79,7 +79,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def request_kind(n_images: int, n_videos: int) -> str:
-    """ "text" (no visual), "image" (one), "images" (several), "video" (any video)."""
+    """A request's kind (:data:`KINDS`): no visual, one image, several images, or any video."""
     if n_videos:
         return "video"
     return "text" if n_images == 0 else "image" if n_images == 1 else "images"
