@@ -11,6 +11,7 @@ import transformers
 from PIL import Image
 
 from tests.data.test_processor import make_processor
+from tests.models.internvl.processor import build_internvl_processor, offline_video_processor
 from tpkit.data.collator import LlavaCollator
 from tpkit.data.processor import (
     OfflineLlavaOnevisionProcessor,
@@ -19,6 +20,7 @@ from tpkit.data.processor import (
 )
 from tpkit.data.qwen_processor import build_qwen2_vl_processor
 from tpkit.data.video import Video
+from tpkit.models.internvl.tiny import build_tiny_internvl
 from tpkit.models.llava_next.tiny import tiny_next_config, tiny_onevision_config
 from tpkit.models.qwen2_vl.tiny import tiny_config as tiny_qwen_config
 
@@ -56,7 +58,9 @@ def processors():
         v: build_qwen2_vl_processor(image_size=16, patch_size=2, variant=v)
         for v in ("qwen2-vl", "qwen2.5-vl")
     }
-    return {"next": build_next_processor(), "ov": build_onevision_processor(), **qwen}
+    with offline_video_processor():
+        internvl = build_internvl_processor()
+    return {"next": build_next_processor(), "ov": build_onevision_processor(), **qwen, "internvl": internvl}
 
 
 def qwen_ids(processor) -> dict[str, int]:
@@ -71,6 +75,8 @@ def _stock(kind: str, processor):
     kw = dict(vocab_size=len(tok), image_token_id=processor.image_token_id, pad_token_id=tok.pad_token_id)
     if kind == "next":
         return transformers.LlavaNextForConditionalGeneration(tiny_next_config(**kw)).eval()
+    if kind == "internvl":
+        return build_tiny_internvl(vocab_size=len(tok), pad_token_id=tok.pad_token_id)
     if kind.startswith("qwen"):
         cls = {
             "qwen2-vl": transformers.Qwen2VLForConditionalGeneration,
@@ -81,7 +87,7 @@ def _stock(kind: str, processor):
     return transformers.LlavaOnevisionForConditionalGeneration(cfg).eval()
 
 
-@pytest.mark.parametrize("kind", ["next", "ov", "qwen2-vl", "qwen2.5-vl"])
+@pytest.mark.parametrize("kind", ["next", "ov", "qwen2-vl", "qwen2.5-vl", "internvl"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_ids_and_visuals_are_the_processors(processors, kind, mode):
     processor = processors[kind]
@@ -90,7 +96,7 @@ def test_ids_and_visuals_are_the_processors(processors, kind, mode):
     batch = coll(recs)
     assert coll.sequence_lengths(recs) == batch["attention_mask"].sum(1).tolist()
     images = [r["image"] for r in recs if r["image"]]
-    at = vi = 0  # the record's first image (video) in the batch's visual inputs
+    at = vi = tile = 0  # the record's first image (video; InternVL: tile) in the batch's visual inputs
     for b, r in enumerate(recs):
         full, _, prompt = coll._texts(r)
         kw = {}
@@ -106,7 +112,16 @@ def test_ids_and_visuals_are_the_processors(processors, kind, mode):
         ref = processor(text=[prompt if mode == "eval" else full], return_tensors="pt", **kw)
         n = int(batch["attention_mask"][b].sum())
         assert batch["input_ids"][b, -n:].tolist() == ref["input_ids"][0].tolist(), r["id"]
-        if kind.startswith("qwen"):  # patches packed across the batch: the record's rows, by its grids
+        if kind == "internvl":  # tiles of images and video frames, in prompt order over the batch
+            n = ref["pixel_values"].shape[0] if "pixel_values" in ref else 0
+            torch.testing.assert_close(
+                batch["pixel_values"][tile : tile + n],
+                ref.get("pixel_values", batch["pixel_values"][:0]),
+                rtol=0,
+                atol=0,
+            )
+            tile += n
+        elif kind.startswith("qwen"):  # patches packed across the batch: the record's rows, by its grids
             for key, grids in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
                 if key in ref:
                     first = int(batch[grids][: (at if key == "pixel_values" else vi)].prod(-1).sum())
@@ -127,7 +142,7 @@ def test_ids_and_visuals_are_the_processors(processors, kind, mode):
     if kind == "qwen2.5-vl":  # times a video by its sampled frame rate: 2 / (4 of 12 frames at 4 fps);
         # frames given as an array: 24 fps, as stock assumes
         assert batch["second_per_grid_ts"].tolist() == pytest.approx([1.5, 2 / 24])
-    if not kind.startswith("qwen"):
+    if kind in ("next", "ov"):
         assert batch["image_sizes"].tolist() == [[im.height, im.width] for ims in images for im in ims]
     if kind == "ov":
         assert batch["batch_num_images"].tolist() == [2, 1, 3, 1]  # text and video records have none

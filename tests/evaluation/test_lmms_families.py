@@ -29,8 +29,10 @@ from PIL import Image  # noqa: E402
 
 from tests.data.test_multimodal_collator import qwen_ids  # noqa: E402
 from tests.data.test_video import write_video  # noqa: E402
+from tests.models.internvl.processor import build_internvl_processor, offline_video_processor  # noqa: E402
 from tpkit.data.processor import build_next_processor, build_onevision_processor  # noqa: E402
 from tpkit.data.qwen_processor import build_qwen2_vl_processor  # noqa: E402
+from tpkit.models.internvl.tiny import build_tiny_internvl  # noqa: E402
 from tpkit.models.llava_next.tiny import tiny_next_config, tiny_onevision_config  # noqa: E402
 from tpkit.models.qwen2_vl.tiny import tiny_config as tiny_qwen_config  # noqa: E402
 
@@ -50,6 +52,7 @@ FAMILY_TASKS = {
     "llava_next": ["images", "text"],
     "llava_onevision": ["images", "video", "text"],
     "qwen2_5_vl": ["images", "video", "text"],
+    "internvl": ["images", "video", "text"],
 }
 VISUAL_FAMILIES = [f for f, kinds in FAMILY_TASKS.items() if "images" in kinds]
 
@@ -129,6 +132,14 @@ def models(tmp_path_factory) -> dict[str, tuple[Path, object]]:
     cfg = tiny_qwen_config("qwen2.5-vl", vocab_size=len(tok), image_token_id=p.image_token_id,
                            pad_token_id=tok.pad_token_id, **qwen_ids(p))  # fmt: skip
     out["qwen2_5_vl"] = (save(transformers.Qwen2_5_VLForConditionalGeneration(cfg), p, root / "qwen"), p)
+    # InternVL: tiles of 32 px (16 placeholders each) between <img> and </img>; its processor's video
+    # part is the InternVL tests' stand-in, which transformers accepts inside offline_video_processor()
+    with offline_video_processor():
+        p = build_internvl_processor()
+        model = build_tiny_internvl(
+            seed=0, vocab_size=len(p.tokenizer), pad_token_id=p.tokenizer.pad_token_id
+        )
+        out["internvl"] = (save(model, p, root / "internvl"), p)
     return out
 
 
@@ -136,6 +147,8 @@ def video_tokens(family: str, frames: int) -> int:
     """Placeholders of one video of the documents (32 x 48 px frames) as the family's processor counts them."""
     if family == "llava_onevision":  # frames resized to 32 px: 4 x 4 patches pooled to 2 x 2, one newline
         return frames * 2 * 2 + 1
+    if family == "internvl":  # every frame one 32 px tile: 16 placeholders
+        return frames * 16
     # Qwen: smart_resize to 12 x 16 px (a 16 x 16 budget): 6 x 8 patches, 3 x 4 merged units per
     # temporal patch of 2 frames (an odd count repeats the last)
     return -(-frames // 2) * 3 * 4
@@ -143,6 +156,11 @@ def video_tokens(family: str, frames: int) -> int:
 
 def harness(tasks_at: Path, model_dir: Path, args: str, tasks: list[str]) -> dict:
     tm = TaskManager(include_path=str(tasks_at), include_defaults=False)
+    with offline_video_processor():  # (InternVL's processor loads only inside it; the others' anyway)
+        return _evaluate(tm, model_dir, args, tasks)
+
+
+def _evaluate(tm: TaskManager, model_dir: Path, args: str, tasks: list[str]) -> dict:
     return simple_evaluate(
         model="tpkit",
         model_args=f"pretrained={model_dir},max_frames={MAX_FRAMES},progress=false,{args}",
@@ -242,7 +260,9 @@ def test_loglikelihood_agrees_with_generation(runs, models, data, family):
             # what the tokenizer reads back as the generated tokens after the prompt: tpkit's LLaVA
             # template ends in "ASSISTANT:" and its SentencePiece-style tokens start words with a
             # space (the first word, spaced); Qwen's ends in a newline, byte-level (the answer as is)
-            first = f" {(answer.split() or ['yes'])[0]}" if family != "qwen2_5_vl" else answer
+            first = (
+                f" {(answer.split() or ['yes'])[0]}" if family not in ("qwen2_5_vl", "internvl") else answer
+            )
             choices[doc_id] = [first, " no" if first.strip() != "no" else " yes"]
         tasks_at = task_dir(data, f"choice-{family}-{kind}", choices)
         task = f"tpkit_mm_choice_{kind}"

@@ -117,7 +117,12 @@ class LlavaCollator:
         self.video_token = (
             getattr(processor, "video_token", None) if hasattr(processor, "video_processor") else None
         )
-        self.video_token_id = getattr(processor, "video_token_id", None) if self.video_token else None
+        self.video_token_id = (  # InternVL's processor names its video token only
+            getattr(processor, "video_token_id", None)
+            or self.tokenizer.convert_tokens_to_ids(self.video_token)
+            if self.video_token
+            else None
+        )
         self.max_frames, self.video_fps = int(max_frames), video_fps
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._bos = self.tokenizer.bos_token
@@ -238,7 +243,7 @@ class LlavaCollator:
         placeholders = [(self.image_token, self.image_token_id, "image")]
         if self.video_token:
             placeholders.append((self.video_token, self.video_token_id, "video"))
-        texts, spans = [], []
+        texts, spans, spliced = [], [], []
         for r, c in zip(records, counts):
             full, sp, prompt = self._texts(r)
             text = prompt if self.mode == "eval" else full
@@ -254,26 +259,32 @@ class LlavaCollator:
                     f"record id={r.get('id')!r}: {len(c.video)} video(s), but {type(self.processor).__name__} "
                     "takes no videos"
                 )
+            text, sp, c = self._inline(text, sp, c)
             texts.append(text)
             spans.append(np.asarray(sp, dtype=np.int64).reshape(-1, 2))
+            spliced.append(c)
         add_bos = not (self._bos and all(t.startswith(self._bos) for t in texts))
         enc = self.tokenizer(
             texts, add_special_tokens=add_bos, return_offsets_mapping=True, return_attention_mask=False
         )
         out = []
-        for r, ids, offsets, sp, c in zip(records, enc["input_ids"], enc["offset_mapping"], spans, counts):
+        for r, ids, offsets, sp, c in zip(records, enc["input_ids"], enc["offset_mapping"], spans, spliced):
             ids = np.asarray(ids, dtype=np.int64)  # (L,)
             off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)  # (L, 2) character spans
             # a token belongs to an answer when its characters overlap a span; (0, 0) specials never do
             mask = ((off[:, None, 1] > sp[None, :, 0]) & (off[:, None, 0] < sp[None, :, 1])).any(1)
-            runs: dict[int, np.ndarray] = {}  # position of a placeholder -> the tokens it becomes
-            for token, token_id, what in placeholders:
-                at = np.flatnonzero(ids == token_id)
-                if len(at) != len(getattr(c, what)):
-                    raise ValueError(
-                        f"record id={r.get('id')!r}: {token} is not a single token of this tokenizer"
-                    )
-                runs.update(zip(at.tolist(), getattr(c, what)))
+            # the placeholder tokens left to splice: the tokens starting where they stand in the text
+            starts = {
+                int(o): k
+                for k, o in enumerate(off[:, 0])
+                if ids[k] in (self.image_token_id, self.video_token_id)
+            }
+            if not set(c) <= set(starts):
+                raise ValueError(
+                    f"record id={r.get('id')!r}: {self.image_token} (or {self.video_token}) is not a single "
+                    "token of this tokenizer"
+                )
+            runs = {starts[at]: run for at, run in c.items()}  # token position -> the tokens it becomes
             # splice each placeholder's run in, as the processor does on the text (the placeholder is
             # a special token: its neighbours are unchanged); the runs are prompt, never answer
             pieces, answer, last = [], [], 0
@@ -293,6 +304,35 @@ class LlavaCollator:
         if not size or "height" not in size:
             raise ValueError(f"cannot tell the image size from the image processor (size={size})")
         return num_image_tokens(self.processor, size["height"], size["width"])
+
+    def _inline(
+        self, text: str, spans: list[tuple[int, int]], counts: Counts
+    ) -> tuple[str, list[tuple[int, int]], dict[int, np.ndarray]]:
+        """The runs that hold ordinary text (InternVL's ``Frame1: <img>...`` for a video) written into
+        the text in place of their placeholder, as the processor writes them (the tokenizer then reads
+        the text around them as it reads the processor's), the answer spans shifted to match; the runs
+        of added tokens only (placeholders, markers) are left to splice in as ids (the placeholder's
+        neighbours tokenise the same either way). Returns (text, spans, {character position of a
+        placeholder left in the text: its run})."""
+        added = set(self.tokenizer.added_tokens_decoder)
+        edits: list[tuple[int, int, str | np.ndarray]] = []  # (position, length replaced, text or run)
+        for token, runs in ((self.image_token, counts.image), (self.video_token, counts.video)):
+            places = [i for i in range(len(text)) if runs and text.startswith(token, i)]
+            for at, run in zip(places, runs):
+                written = set(run.tolist()) <= added
+                edits.append((at, len(token), run if written else self.tokenizer.decode(run.tolist())))
+        splices: dict[int, np.ndarray] = {}
+        shift = 0
+        for at, n, new in sorted(edits, key=lambda e: e[0]):
+            if isinstance(new, np.ndarray):
+                splices[at + shift] = new
+                continue
+            text = text[: at + shift] + new + text[at + shift + n :]
+            spans = [
+                (a + len(new) - n, b + len(new) - n) if a >= at + shift + n else (a, b) for a, b in spans
+            ]
+            shift += len(new) - n
+        return text, spans, splices
 
     def _markers(self) -> tuple[list[int], list[int], int]:
         """(tokens the processor writes before each image's placeholders, after them, how many tokens

@@ -31,7 +31,7 @@ class HarnessConfig:
     """What ``--model tpkit`` loads and how it prunes, generates and batches."""
 
     # hub id or save_pretrained dir of any family tpkit prunes (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision,
-    # Qwen2-VL, Qwen2.5-VL)
+    # Qwen2-VL, Qwen2.5-VL, InternVL)
     pretrained: str = "llava-hf/llava-1.5-7b-hf"
     processor: str | None = None  # processor dir or hub id; None: the model's (or the adapter's)
     revision: str | None = None

@@ -1,5 +1,5 @@
 """``--model tpkit``: a pruned (or dense) model of any family tpkit prunes (LLaVA-1.5, LLaVA-NeXT,
-LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL) answering lmms-eval's requests.
+LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, InternVL) answering lmms-eval's requests.
 
 Requests become LLaVA-JSON-style records (one ``<image>`` per image, one ``<video>`` per video, then
 the task's text, as the user turn) and go through :class:`tpkit.data.collator.LlavaCollator`, so the
