@@ -125,39 +125,12 @@ def train_byte_level_tokenizer(corpus: Iterable[str], vocab_size: int = 1024) ->
     )
 
 
-def _offline_parts(
-    processor: Any,
-    image_processor: Any,
-    tokenizer: Any,
-    chat_template: str | None,
-    video_min_pixels: int | None,
-    video_max_pixels: int | None,
-) -> None:
+class _OfflineParts:
     """What ``Qwen2VLProcessor.__init__`` sets, with the PIL video processor in place of the declared
-    torchvision one (which ``ProcessorMixin`` would check): the mixin gets the two parts these
-    classes declare, then the video part is derived from the image processor and the pixel budget."""
-    processor.image_token = getattr(tokenizer, "image_token", None) or IMAGE_PAD
-    processor.video_token = getattr(tokenizer, "video_token", None) or VIDEO_PAD
-    processor.image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
-    processor.video_token_id = tokenizer.convert_tokens_to_ids(processor.video_token)
-    ProcessorMixin.__init__(processor, image_processor, tokenizer, chat_template=chat_template)
-    # saved with the processor (they are __init__ arguments): the video part is rebuilt from them
-    processor.video_min_pixels = int(video_min_pixels or VIDEO_MIN_PIXELS)
-    processor.video_max_pixels = int(video_max_pixels or VIDEO_MAX_PIXELS)
-    processor.video_processor = QwenVideoProcessorPil(
-        image_processor, processor.video_min_pixels, processor.video_max_pixels
-    )
-
-
-class OfflineQwen2VLProcessor(Qwen2VLProcessor):
-    """``Qwen2VLProcessor`` with its PIL image processor and, for videos, tpkit's PIL video processor
-    (:class:`tpkit.data.video.QwenVideoProcessorPil`, which computes what ``Qwen2VLVideoProcessor``
-    does for frames given as arrays).
-
-    Same ``__call__``, chat template, placeholder expansion, ``image_grid_thw``, ``video_grid_thw``
-    and ``mm_token_type_ids`` as the stock class. ``video_min_pixels`` / ``video_max_pixels``: the
-    video processor's per-frame pixel budget (its ``size``; transformers' defaults when None).
-    """
+    torchvision one (which ``ProcessorMixin`` would check): the mixin gets the two parts these classes
+    declare, then the video part is derived from the image processor and the per-frame pixel budget
+    ``video_min_pixels`` / ``video_max_pixels`` (the video processor's ``size``; transformers'
+    defaults when None; saved with the processor, being ``__init__`` arguments)."""
 
     def __init__(
         self,
@@ -168,24 +141,29 @@ class OfflineQwen2VLProcessor(Qwen2VLProcessor):
         video_max_pixels: int | None = None,
         **kwargs: Any,
     ):
-        _offline_parts(self, image_processor, tokenizer, chat_template, video_min_pixels, video_max_pixels)
+        self.image_token = getattr(tokenizer, "image_token", None) or IMAGE_PAD
+        self.video_token = getattr(tokenizer, "video_token", None) or VIDEO_PAD
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+        self.video_min_pixels = int(video_min_pixels or VIDEO_MIN_PIXELS)
+        self.video_max_pixels = int(video_max_pixels or VIDEO_MAX_PIXELS)
+        self.video_processor = QwenVideoProcessorPil(
+            image_processor, self.video_min_pixels, self.video_max_pixels
+        )
 
 
-class OfflineQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+class OfflineQwen2VLProcessor(_OfflineParts, Qwen2VLProcessor):
+    """``Qwen2VLProcessor`` with its PIL image processor and, for videos, tpkit's PIL video processor
+    (:class:`tpkit.data.video.QwenVideoProcessorPil`, which computes what ``Qwen2VLVideoProcessor``
+    does for frames given as arrays): the same ``__call__``, chat template, placeholder expansion,
+    ``image_grid_thw``, ``video_grid_thw`` and ``mm_token_type_ids`` as the stock class."""
+
+
+class OfflineQwen2_5_VLProcessor(_OfflineParts, Qwen2_5_VLProcessor):
     """``Qwen2_5_VLProcessor`` as :class:`OfflineQwen2VLProcessor` is ``Qwen2VLProcessor``: the same
     parts, and Qwen2.5-VL's ``second_per_grid_ts`` for videos (temporal patch size over the sampled
     frames' rate, from the ``video_metadata`` a call passes: 24 frames per second when none)."""
-
-    def __init__(
-        self,
-        image_processor: Any = None,
-        tokenizer: Any = None,
-        chat_template: str | None = None,
-        video_min_pixels: int | None = None,
-        video_max_pixels: int | None = None,
-        **kwargs: Any,
-    ):
-        _offline_parts(self, image_processor, tokenizer, chat_template, video_min_pixels, video_max_pixels)
 
 
 AutoProcessor.register(_AUTO_KEY, OfflineQwen2VLProcessor, exist_ok=True)
