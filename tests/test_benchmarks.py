@@ -17,9 +17,11 @@ def _load(name: str):
     return module
 
 
-def test_fixture_step_benchmark_prints_its_headline(capsys):
+@pytest.mark.parametrize("config", ["tiny_cpu.yaml", "tiny_qwen2_vl_cpu.yaml"])
+def test_fixture_step_benchmark_prints_its_headline(capsys, config):
     bench = _load("fixture_step")
-    assert bench.main(["--batch", "2", "--tokens", "210", "--steps", "1"]) == 0
+    config = str(ROOT / "configs" / "fixture" / config)
+    assert bench.main(["--config", config, "--batch", "2", "--tokens", "210", "--steps", "1"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("eager / sdpa step time: ") and out[-1].endswith("x")
     assert any(line.strip().startswith("sdpa") for line in out) and any(

@@ -582,7 +582,11 @@ def build_parser(prog: str = "tpkit") -> argparse.ArgumentParser:
     )
     _config_args(p, required=False, default="configs/demo.yaml")
 
-    p = command("fixture", _fixture, "train the embedded base model (assets/tiny-llava) from scratch")
+    p = command(
+        "fixture",
+        _fixture,
+        "train an embedded base model (assets/tiny-llava, assets/tiny-qwen2-vl) from scratch",
+    )
     _config_args(p)
     p.add_argument("--out", required=True, help="output directory (the model directory)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="overrides 'device'")
@@ -594,7 +598,7 @@ def build_parser(prog: str = "tpkit") -> argparse.ArgumentParser:
         "--snapshot",
         default=None,
         metavar="DIR",
-        help="write the LLaVA phase's last saved state in OUT/.resume as a model directory DIR and exit",
+        help="write the VQA phase's last saved state in OUT/.resume as a model directory DIR and exit",
     )
 
     p = command("premise", _premise, "stage-1 premise report: kept fraction, object-patch recall, AUROC")

@@ -162,7 +162,9 @@ def test_plain_dict_records(processor, tmp_path):
     assert torch.equal(batch["input_ids"][0], batch["input_ids"][2])
     with pytest.raises(ValueError, match=r"record id='missing': cannot read image"):
         LlavaCollator(processor, image_folder=tmp_path)([{**base, "id": "missing", "image": "nope.png"}])
-    with pytest.raises(ValueError, match=r"record id='x': expected exactly one <image> placeholder, found 0"):
+    with pytest.raises(
+        ValueError, match=r"record id='x': 0 <image> placeholder\(s\) in the text but 1 image\(s\)"
+    ):
         bad = {
             **base,
             "id": "x",

@@ -9,11 +9,18 @@ Per sample the chat template is rendered once for the whole conversation, plus o
 its prefix with the generation prompt (``... ASSISTANT:``): the answer spans are the characters
 between the two, which include what the template closes an answer with (``</s>``). The batch is
 tokenised in one call with character offsets; a token is an answer token when its characters
-overlap an answer span. The image token (LLaVA-JSON's ``<image>``, written as the processor's own image
-token) is then repeated to its run of image tokens between the markers the processor puts around it
-(InternVL's ``<img>`` ... ``</img>``), which is what the processor's ``__call__`` does to the text (a
-test checks the ids are identical) without tokenising hundreds of placeholders. Images go through the
-processor's image processor.
+overlap an answer span. Each image token (LLaVA-JSON's ``<image>``, written as the processor's own
+image token) then becomes the tokens the processor expands it to: its run of image tokens, between
+the markers the processor puts around it (InternVL's ``<img>`` ... ``</img>``); likewise each video
+token. That is what the processor's ``__call__`` does to the text (a test checks the ids are
+identical), without tokenising hundreds of placeholders. Images go through the processor's image
+processor.
+
+A record carries no image (a text-only record), one (``image``: a path or a PIL image), several
+(``image``: a list, one ``<image>`` placeholder each) and videos (``video``: a path, a
+:class:`tpkit.data.video.Video` or a (frames, H, W, 3) array, or a list of them; one ``<video>``
+placeholder each, the processor's ``video_token``); the processor turns them into what its model
+takes (several any-res images, OneVision's base views of a multi-image sample, video frames).
 
 Over-long sequences are rejected, never truncated (see ``tpkit.data.llava_json``), and so are
 images that fail to decode at batch time (a truncated file passes the load-time header check):
@@ -26,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +43,9 @@ import torch
 from tpkit.data.errors import LlavaDataError, RecordError
 from tpkit.data.labels import IGNORE_INDEX
 from tpkit.data.processor import IMAGE, num_image_tokens
+from tpkit.data.video import Video, VideoError, load_video, probe_video, sample_indices
 
+LLAVA_VIDEO = "<video>"  # the video placeholder of LLaVA-JSON records (the image's: processor.IMAGE)
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -44,7 +54,10 @@ class LlavaCollator:
 
     Train batch (``mode="train"``):
         ``input_ids`` (B, T) long, left-padded; ``attention_mask`` (B, T) long;
-        ``pixel_values`` (B, 3, H, W) float; ``labels`` (B, T) long, ``IGNORE_INDEX`` (-100) except answer tokens
+        ``pixel_values`` (images, 3, H, W) float (one image per sample: (B, 3, H, W); any-res and
+        Qwen processors: their own layout, with ``image_sizes`` / ``image_grid_thw``; videos:
+        ``pixel_values_videos`` and the processor's other video keys; none for a text-only batch);
+        ``labels`` (B, T) long, ``IGNORE_INDEX`` (-100) except answer tokens
         (each answer and its closing ``</s>``, every turn), where ``labels[b, t] = input_ids[b, t]``
         (unshifted); ``answer_mask`` (B, T) bool (``labels != IGNORE_INDEX``); ``ids`` list[str].
     Eval batch (``mode="eval"``):
@@ -68,6 +81,8 @@ class LlavaCollator:
         image_folder: resolves relative ``image`` paths of records without ``image_path``.
         on_error: ``"raise"`` (``LlavaDataError``) or ``"skip"`` for an image that does not decode or
             a sequence over ``max_length``.
+        max_frames, video_fps: frames a video file gives (:func:`tpkit.data.video.load_video`): at
+            most ``max_frames``, evenly spaced, and at most ``video_fps`` per second when set.
     """
 
     def __init__(
@@ -78,6 +93,8 @@ class LlavaCollator:
         system_prompt: str | None = None,
         image_folder: str | os.PathLike | None = None,
         on_error: str = "raise",
+        max_frames: int = 32,
+        video_fps: float | None = None,
     ):
         if mode not in ("train", "eval", "score"):
             raise ValueError(f"mode must be 'train', 'eval' or 'score', got {mode!r}")
@@ -96,17 +113,34 @@ class LlavaCollator:
             raise ValueError("the processor has no chat template")
         self.image_token = processor.image_token
         self.image_token_id = processor.image_token_id
+        # videos: processors with a video processor (OneVision, Qwen2-VL) name their placeholder
+        self.video_token = (
+            getattr(processor, "video_token", None) if hasattr(processor, "video_processor") else None
+        )
+        self.video_token_id = (  # InternVL's processor names its video token only
+            getattr(processor, "video_token_id", None)
+            or self.tokenizer.convert_tokens_to_ids(self.video_token)
+            if self.video_token
+            else None
+        )
+        self.max_frames, self.video_fps = int(max_frames), video_fps
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._bos = self.tokenizer.bos_token
         self._parts = self._content_as_parts()
         # one fixed-size image per sample (LlavaProcessor): its count needs no image
         self._fixed = type(processor).__name__ == "LlavaProcessor"
-        self._mm_types = False  # the processor marks each token's modality (set by encode_images)
+        self._mm_types = False  # the processor marks each token's modality (set by encode_visual)
         self._marks: tuple[list[int], list[int], int] | None = None  # see _markers
 
     def _content_as_parts(self) -> bool:
-        """Whether the chat template wants list-of-parts content (llava-hf hub templates) or strings."""
+        """Whether to give the chat template list-of-parts content or strings.
+
+        Parts where strings do not render (llava-hf hub templates), and where the template marks
+        an image part up beyond the bare placeholder (Qwen2-VL's ``<|vision_start|><|image_pad|>
+        <|vision_end|>``, which the model was trained on); strings otherwise (tpkit's LLaVA
+        template, which renders both alike)."""
         question, answer = "tpkit probe question", "tpkit probe answer"
+        rendered = {}
         for parts in (False, True):
             msgs = [
                 {"role": "user", "content": self._content(f"{self.image_token}\n{question}", parts)},
@@ -117,18 +151,35 @@ class LlavaCollator:
             except Exception:
                 continue
             if question in text and answer in text and text.count(self.image_token) == 1:
-                return parts
-        raise ValueError("the chat template renders neither string nor list-of-parts message content")
+                rendered[parts] = text
+        if not rendered:
+            raise ValueError("the chat template renders neither string nor list-of-parts message content")
+        if True not in rendered:
+            return False
+        if False not in rendered:
+            return True
+        # both render: parts when the template wraps the image part in markup of its own
+        return rendered[True].replace(f"{self.image_token}\n", self.image_token) != rendered[False].replace(
+            f"{self.image_token}\n", self.image_token
+        )
 
     def _content(self, value: str, parts: bool) -> str | list[dict[str, str]]:
-        # LLaVA-JSON's "<image>" is the processor's image token (InternVL's "<IMG_CONTEXT>")
+        # LLaVA-JSON's "<image>" ("<video>") is the processor's image (video) token (InternVL's
+        # "<IMG_CONTEXT>", Qwen2-VL's "<|image_pad|>")
         value = value.replace(IMAGE, self.image_token)
+        if self.video_token:
+            value = value.replace(LLAVA_VIDEO, self.video_token)
         if not parts:
-            return value  # LLaVA-JSON text as is, the image token inline
+            return value  # LLaVA-JSON text as is, the placeholders inline
         # hub templates render images first, as LLaVA's own preprocessing moves "<image>" to the front
-        if self.image_token in value:
-            text = value.replace(self.image_token, "").strip()
-            return [{"type": "image"}, {"type": "text", "text": text}]
+        # (and lmms-eval's own models put a request's images, then its videos, before its text)
+        n_image = value.count(self.image_token)
+        n_video = value.count(self.video_token) if self.video_token else 0
+        if n_image or n_video:
+            text = value.replace(self.image_token, "")
+            text = (text.replace(self.video_token, "") if n_video else text).strip()
+            visual = [{"type": "image"} for _ in range(n_image)] + [{"type": "video"} for _ in range(n_video)]
+            return [*visual, {"type": "text", "text": text}]
         return [{"type": "text", "text": value}]
 
     # ---- text -------------------------------------------------------------------------------
@@ -185,47 +236,103 @@ class LlavaCollator:
         return full, spans, prompt
 
     def _encode(
-        self, records: Sequence[dict[str, Any]], n_image: int | Sequence[int]
+        self, records: Sequence[dict[str, Any]], counts: Sequence[Counts]
     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Token ids and answer mask (bool) per record, unpadded, the image placeholder expanded to
-        ``n_image`` tokens (one count for all records, or one per record)."""
-        counts = [n_image] * len(records) if isinstance(n_image, int) else list(n_image)
-        before, after, _ = self._markers()
-        texts, spans = [], []
-        for r in records:
+        """Token ids and answer mask (bool) per record, unpadded, each image (video) token replaced by
+        the tokens the processor expands that image (video) to, in the text's order."""
+        placeholders = [(self.image_token, self.image_token_id, "image")]
+        if self.video_token:
+            placeholders.append((self.video_token, self.video_token_id, "video"))
+        texts, spans, spliced = [], [], []
+        for r, c in zip(records, counts):
             full, sp, prompt = self._texts(r)
             text = prompt if self.mode == "eval" else full
-            if text.count(self.image_token) != 1:
+            for token, _, what in placeholders:
+                want = len(getattr(c, what))
+                if text.count(token) != want:
+                    raise ValueError(
+                        f"record id={r.get('id')!r}: {text.count(token)} {token} placeholder(s) in the text "
+                        f"but {want} {what}(s): give one placeholder per {what}"
+                    )
+            if self.video_token is None and c.video:
                 raise ValueError(
-                    f"record id={r.get('id')!r}: expected exactly one {self.image_token} placeholder, "
-                    f"found {text.count(self.image_token)}"
+                    f"record id={r.get('id')!r}: {len(c.video)} video(s), but {type(self.processor).__name__} "
+                    "takes no videos"
                 )
+            text, sp, c = self._inline(text, sp, c)
             texts.append(text)
             spans.append(np.asarray(sp, dtype=np.int64).reshape(-1, 2))
+            spliced.append(c)
         add_bos = not (self._bos and all(t.startswith(self._bos) for t in texts))
         enc = self.tokenizer(
             texts, add_special_tokens=add_bos, return_offsets_mapping=True, return_attention_mask=False
         )
         out = []
-        for r, ids, offsets, sp, n_img in zip(
-            records, enc["input_ids"], enc["offset_mapping"], spans, counts
-        ):
+        for r, ids, offsets, sp, c in zip(records, enc["input_ids"], enc["offset_mapping"], spans, spliced):
             ids = np.asarray(ids, dtype=np.int64)  # (L,)
-            is_image = ids == self.image_token_id
-            if int(is_image.sum()) != 1:
-                raise ValueError(
-                    f"record id={r.get('id')!r}: {self.image_token} is not a single token of this tokenizer"
-                )
             off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)  # (L, 2) character spans
             # a token belongs to an answer when its characters overlap a span; (0, 0) specials never do
             mask = ((off[:, None, 1] > sp[None, :, 0]) & (off[:, None, 0] < sp[None, :, 1])).any(1)
-            # expand the placeholder to its run of n_image tokens between the processor's markers, as
-            # the processor does on the text (the placeholder is a special token: neighbours unchanged)
-            at = int(np.flatnonzero(is_image)[0])
-            run = np.asarray(before + [self.image_token_id] * n_img + after, dtype=np.int64)
-            ids = np.concatenate([ids[:at], run, ids[at + 1 :]])
-            out.append((ids, np.concatenate([mask[:at], np.zeros(len(run), dtype=bool), mask[at + 1 :]])))
+            # the placeholder tokens left to splice: the tokens starting where they stand in the text
+            starts = {
+                int(o): k
+                for k, o in enumerate(off[:, 0])
+                if ids[k] in (self.image_token_id, self.video_token_id)
+            }
+            if not set(c) <= set(starts):
+                raise ValueError(
+                    f"record id={r.get('id')!r}: {self.image_token} (or {self.video_token}) is not a single "
+                    "token of this tokenizer"
+                )
+            runs = {starts[at]: run for at, run in c.items()}  # token position -> the tokens it becomes
+            # splice each placeholder's run in, as the processor does on the text (the placeholder is
+            # a special token: its neighbours are unchanged); the runs are prompt, never answer
+            pieces, answer, last = [], [], 0
+            for at in sorted(runs):
+                pieces += [ids[last:at], runs[at]]
+                answer += [mask[last:at], np.zeros(len(runs[at]), dtype=bool)]
+                last = at + 1
+            pieces.append(ids[last:])
+            answer.append(mask[last:])
+            out.append((np.concatenate(pieces), np.concatenate(answer)))
         return out
+
+    def _n_image_tokens(self) -> int:
+        """Image tokens per sample from the image processor's output size (no image needed)."""
+        ip = self.image_processor
+        size = ip.crop_size if getattr(ip, "do_center_crop", False) else ip.size
+        if not size or "height" not in size:
+            raise ValueError(f"cannot tell the image size from the image processor (size={size})")
+        return num_image_tokens(self.processor, size["height"], size["width"])
+
+    def _inline(
+        self, text: str, spans: list[tuple[int, int]], counts: Counts
+    ) -> tuple[str, list[tuple[int, int]], dict[int, np.ndarray]]:
+        """The runs that hold ordinary text (InternVL's ``Frame1: <img>...`` for a video) written into
+        the text in place of their placeholder, as the processor writes them (the tokenizer then reads
+        the text around them as it reads the processor's), the answer spans shifted to match; the runs
+        of added tokens only (placeholders, markers) are left to splice in as ids (the placeholder's
+        neighbours tokenise the same either way). Returns (text, spans, {character position of a
+        placeholder left in the text: its run})."""
+        added = set(self.tokenizer.added_tokens_decoder)
+        edits: list[tuple[int, int, str | np.ndarray]] = []  # (position, length replaced, text or run)
+        for token, runs in ((self.image_token, counts.image), (self.video_token, counts.video)):
+            places = [i for i in range(len(text)) if runs and text.startswith(token, i)]
+            for at, run in zip(places, runs):
+                written = set(run.tolist()) <= added
+                edits.append((at, len(token), run if written else self.tokenizer.decode(run.tolist())))
+        splices: dict[int, np.ndarray] = {}
+        shift = 0
+        for at, n, new in sorted(edits, key=lambda e: e[0]):
+            if isinstance(new, np.ndarray):
+                splices[at + shift] = new
+                continue
+            text = text[: at + shift] + new + text[at + shift + n :]
+            spans = [
+                (a + len(new) - n, b + len(new) - n) if a >= at + shift + n else (a, b) for a, b in spans
+            ]
+            shift += len(new) - n
+        return text, spans, splices
 
     def _markers(self) -> tuple[list[int], list[int], int]:
         """(tokens the processor writes before each image's placeholders, after them, how many tokens
@@ -247,87 +354,185 @@ class LlavaCollator:
                 self._marks = (ids[: at[0]], ids[at[-1] + 1 :], int(counted) - len(at))
         return self._marks
 
-    def _n_image_tokens(self) -> int:
-        """Image tokens per sample from the image processor's output size (no image needed)."""
-        ip = self.image_processor
-        size = ip.crop_size if getattr(ip, "do_center_crop", False) else ip.size
-        if not size or "height" not in size:
-            raise ValueError(f"cannot tell the image size from the image processor (size={size})")
-        return num_image_tokens(self.processor, size["height"], size["width"])
+    def _counts_from_sizes(self, records: Sequence[dict[str, Any]]) -> list[Counts]:
+        """What each record's placeholders become, without decoding it, as the processor expands them:
+        one image's run from its size (read from the file header; the processor's markers around
+        it); several images and videos by the processor itself on blank images (videos) of their
+        sizes (frame counts: read from the container), since OneVision counts the images of a
+        multi-image sample otherwise and not every transformers version counts videos from sizes."""
+        single: list[tuple[int, tuple[int, int]]] = []
+        out: list[Counts | None] = [None] * len(records)
+        for k, r in enumerate(records):
+            sizes = [self._image_size(r, source) for source in self._image_sources(r)]
+            videos = [self._video_size(r, v) for v in self._video_sources(r)]
+            if len(sizes) == 1 and not videos:
+                single.append((k, sizes[0]))
+            elif not sizes and not videos:
+                out[k] = Counts([], [])
+            else:
+                from PIL import Image
 
-    def _counts_from_sizes(self, records: Sequence[dict[str, Any]]) -> list[int]:
-        """Image tokens of each record from its image's size (read from the file header, not decoded),
-        as the processor counts them for any-resolution models."""
+                blank_images = [Image.new("RGB", (w, h)) for h, w in sizes]
+                blank_videos = [
+                    Video(np.zeros((f, h, w, 3), np.uint8), f, None, list(range(f))) for f, h, w in videos
+                ]
+                out[k] = self.encode_visual([blank_images], [blank_videos])[1][0]
+        if single:
+            before, after, extra = self._markers()  # extra: what the count holds besides placeholders
+            got = self.processor._get_num_multimodal_tokens(image_sizes=[size for _, size in single])
+            for (k, _), n in zip(single, got["num_image_tokens"]):
+                run = np.asarray(before + [self.image_token_id] * (int(n) - extra) + after, dtype=np.int64)
+                out[k] = Counts([run], [])
+        return out  # type: ignore[return-value]
+
+    def _image_size(self, record: dict[str, Any], source: Any) -> tuple[int, int]:
+        """(height, width) of an image source (a file: read from its header)."""
         from PIL import Image
 
-        sizes = []
-        for r in records:
-            image = r.get("image")
-            if isinstance(image, Image.Image):
-                sizes.append((image.height, image.width))
-                continue
-            try:
-                with Image.open(self._image_path(r)) as im:
-                    sizes.append((im.height, im.width))
-            except (OSError, _Dropped) as e:
-                raise ValueError(f"record id={r.get('id')!r}: cannot read image: {e}") from None
-        counts = self.processor._get_num_multimodal_tokens(image_sizes=sizes)
-        _, _, extra = self._markers()  # what the count holds besides placeholders
-        return [int(n) - extra for n in counts["num_image_tokens"]]
+        if isinstance(source, Image.Image):
+            return source.height, source.width
+        try:
+            with Image.open(self._image_path(record, source)) as im:
+                return im.height, im.width
+        except (OSError, _Dropped) as e:
+            raise ValueError(f"record id={record.get('id')!r}: cannot read image: {e}") from None
+
+    def _video_size(self, record: dict[str, Any], video: Any) -> tuple[int, int, int]:
+        """(frames as sampled, height, width) of a video source."""
+        if isinstance(video, Video):
+            video = video.frames
+        if isinstance(video, np.ndarray):
+            return int(video.shape[0]), int(video.shape[1]), int(video.shape[2])
+        try:
+            total, height, width, rate = probe_video(self._image_path(record, video))
+        except (VideoError, _Dropped) as e:
+            raise ValueError(f"record id={record.get('id')!r}: {e}") from None
+        return len(sample_indices(total, self.max_frames, self.video_fps, rate)), height, width
 
     def sequence_lengths(self, records: Sequence[dict[str, Any]], batch_size: int = 256) -> list[int]:
         """Token count (image tokens included) of each record as this collator would build it."""
         lengths: list[int] = []
         for i in range(0, len(records), batch_size):
             chunk = records[i : i + batch_size]
-            n_image = self._n_image_tokens() if self._fixed else self._counts_from_sizes(chunk)
-            lengths += [len(ids) for ids, _ in self._encode(chunk, n_image)]
+            if self._fixed:
+                run = np.full(self._n_image_tokens(), self.image_token_id, dtype=np.int64)
+                counts = [Counts([run] * len(self._image_sources(r)), []) for r in chunk]
+            else:
+                counts = self._counts_from_sizes(chunk)
+            lengths += [len(ids) for ids, _ in self._encode(chunk, counts)]
         return lengths
 
-    def encode_images(self, images: list) -> tuple[dict[str, Any], list[int]]:
-        """The visual inputs of a batch of PIL images and each image's placeholder count.
+    def encode_visual(
+        self, images: list[list], videos: list[list[Video]]
+    ) -> tuple[dict[str, Any], list[Counts]]:
+        """The visual inputs of a batch and what each record's placeholders become: ``images[b]`` the
+        PIL images of record b, ``videos[b]`` its videos (either may be empty: a text-only record).
 
-        LLaVA-1.5 (one fixed-size image): the image processor, and the count from its output size.
-        Any-resolution models (LLaVA-NeXT/OneVision, Qwen2-VL): the processor itself, on one
-        placeholder per image, so that the counts (crops, newlines, merged units) and the tensors it
-        returns (``image_sizes``, ``image_grid_thw``) are exactly the processor's.
+        LLaVA-1.5 (one fixed-size image): the image processor, and the run's length from its output
+        size. The other processors: the processor itself, on one placeholder per image and per video
+        (record after record, each record's images, then its videos: the order they take in its
+        prompt; the images grouped by record, so that OneVision knows a multi-image sample), so that
+        the runs (crops, newlines, merged units, pooled frames, InternVL's markers) and the tensors
+        (``image_sizes``, ``batch_num_images``, ``image_grid_thw``, ``pixel_values_videos``,
+        ``video_grid_thw``, ``second_per_grid_ts``; InternVL's tiles in prompt order) are exactly the
+        processor's.
         """
+        flat = [im for ims in images for im in ims]
+        clips = [v for vs in videos for v in vs]
         if self._fixed:
-            pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
+            if clips:
+                raise ValueError(f"{type(self.processor).__name__} takes no videos")
+            if not flat:
+                return {}, [Counts([], []) for _ in images]
+            pixel_values = self.image_processor(flat, return_tensors="pt")["pixel_values"]  # (N, 3, H, W)
             n = num_image_tokens(self.processor, pixel_values.shape[-2], pixel_values.shape[-1])
-            return {"pixel_values": pixel_values}, [n] * len(images)
-        out = self.processor(
-            text=[self.image_token] * len(images), images=images, padding=True, return_tensors="pt"
-        )
-        counts = (out["input_ids"] == self.image_token_id).sum(dim=1).tolist()
+            run = np.full(n, self.image_token_id, dtype=np.int64)
+            return {"pixel_values": pixel_values}, [Counts([run] * len(ims), []) for ims in images]
+        if not flat and not clips:
+            return {}, [Counts([], []) for _ in images]
+        if clips and self.video_token is None:
+            raise ValueError(f"{type(self.processor).__name__} takes no videos (it has no video processor)")
+        kw: dict[str, Any] = {}
+        if flat:
+            kw["images"] = [ims for ims in images if ims]
+        if clips:
+            kw["videos"] = [v.frames for v in clips]
+            kw["video_metadata"] = [v.metadata() for v in clips]
+        text = [
+            t
+            for ims, vs in zip(images, videos)
+            for t in [self.image_token] * len(ims) + [self.video_token] * len(vs)
+        ]
+        out = self.processor(text=text, padding=True, return_tensors="pt", add_special_tokens=False, **kw)
+        # (images + videos, L), left-padded: row i is what its placeholder becomes
+        rows = iter(ids[mask.bool()].numpy() for ids, mask in zip(out["input_ids"], out["attention_mask"]))
+        counts = [
+            Counts([next(rows) for _ in ims], [next(rows) for _ in vs]) for ims, vs in zip(images, videos)
+        ]
         text_keys = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
         self._mm_types = "mm_token_type_ids" in out  # rebuilt for the final ids (Qwen2-VL needs it)
         return {k: v for k, v in out.items() if k not in text_keys}, counts
 
-    # ---- images -----------------------------------------------------------------------------
-    def _image_path(self, record: dict[str, Any]) -> Path:
-        image = record.get("image_path") or record.get("image")
-        if not isinstance(image, (str, os.PathLike)) or not str(image):
-            raise _Dropped(f"no image (got {image!r:.60})")
-        path = Path(image)
+    # ---- images and videos ------------------------------------------------------------------
+    def _image_sources(self, record: dict[str, Any]) -> list[Any]:
+        """The record's images as given (paths or PIL images): none, one, or a list."""
+        from PIL import Image
+
+        image = record.get("image")
+        if isinstance(image, (list, tuple)):
+            return list(image)
+        if not isinstance(image, Image.Image):  # a PIL image in "image" wins over the loader's path
+            image = record.get("image_path") or image
+        return [] if image is None or image == "" else [image]
+
+    def _video_sources(self, record: dict[str, Any]) -> list[Any]:
+        """The record's videos as given (paths, :class:`Video` s or (F, H, W, 3) arrays)."""
+        video = record.get("video")
+        if video is None:
+            return []
+        return list(video) if isinstance(video, (list, tuple)) else [video]
+
+    def _image_path(self, record: dict[str, Any], source: Any) -> Path:
+        if not isinstance(source, (str, os.PathLike)) or not str(source):
+            raise _Dropped(f"no image (got {source!r:.60})")
+        path = Path(source)
         if not path.is_absolute() and self.image_folder is not None:
             path = self.image_folder / path
         return path
 
-    def _load_image(self, record: dict[str, Any]):
+    def _load_images(self, record: dict[str, Any]) -> list:
+        """The record's images, decoded (RGB)."""
         from PIL import Image
 
-        image = record.get("image")
-        if not isinstance(image, Image.Image):  # a PIL image in "image" wins over the loader's path
-            image = record.get("image_path") or image
-        if isinstance(image, Image.Image):
-            return image.convert("RGB")
-        path = self._image_path(record)
-        try:
-            with strict_decoding(), Image.open(path) as im:
-                return im.convert("RGB")  # decodes the whole image: a truncated file fails here
-        except Exception as e:  # PIL raises many types for corrupt files
-            raise _Dropped(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+        out = []
+        for source in self._image_sources(record):
+            if isinstance(source, Image.Image):
+                out.append(source.convert("RGB"))
+                continue
+            path = self._image_path(record, source)
+            try:
+                with strict_decoding(), Image.open(path) as im:
+                    out.append(im.convert("RGB"))  # decodes the whole image: a truncated file fails here
+            except Exception as e:  # PIL raises many types for corrupt files
+                raise _Dropped(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+        return out
+
+    def _load_videos(self, record: dict[str, Any]) -> list[Video]:
+        """The record's videos as sampled frames (a file: :func:`tpkit.data.video.load_video`)."""
+        out = []
+        for source in self._video_sources(record):
+            if isinstance(source, Video):
+                out.append(source)
+            elif isinstance(source, np.ndarray):
+                n = source.shape[0]
+                out.append(Video(source, n, None, list(range(n))))
+            else:
+                path = self._image_path(record, source)
+                try:
+                    out.append(load_video(path, self.max_frames, self.video_fps))
+                except VideoError as e:
+                    raise _Dropped(str(e)) from None
+        return out
 
     def _drop(self, record: dict[str, Any], reason: str, skipped: list[RecordError]) -> None:
         rid = None if record.get("id") is None else str(record.get("id"))
@@ -342,37 +547,37 @@ class LlavaCollator:
         if not records:
             raise ValueError("empty batch")
         skipped: list[RecordError] = []
-        images, kept = [], []
+        images, videos, kept = [], [], []
         for r in records:
             try:
-                images.append(self._load_image(r))
+                images.append(self._load_images(r))
+                videos.append(self._load_videos(r))
                 kept.append(r)
             except _Dropped as e:
                 self._drop(r, e.args[0], skipped)
         if not kept:
             return {"ids": [], "skipped": skipped}
         records = kept
-        visual, counts = self.encode_images(images)
+        visual, counts = self.encode_visual(images, videos)
         encoded = self._encode(records, counts)
         lengths = [len(ids) for ids, _ in encoded]
         fits = [n <= self.max_length for n in lengths]
-        for r, n, n_image in zip(records, lengths, counts):
+        for r, n, c in zip(records, lengths, counts):
             if n > self.max_length:
                 self._drop(
                     r,
-                    f"sequence of {n} tokens ({n_image} image tokens) exceeds max_length={self.max_length}. "
-                    "Over-long records are rejected, not truncated: raise max_length, or drop them with "
-                    "load_llava_json(..., processor=..., max_length=..., on_error='skip')",
+                    f"sequence of {n} tokens ({c.describe()}) exceeds "
+                    f"max_length={self.max_length}. Over-long records are rejected, not truncated: raise "
+                    "max_length, or drop them with load_llava_json(..., processor=..., max_length=..., "
+                    "on_error='skip')",
                     skipped,
                 )
-        if not all(fits):  # rare (over-long records were skipped): the kept images, encoded again
+        if not all(fits):  # rare (over-long records were skipped): the kept visuals, encoded again
             if not any(fits):
                 return {"ids": [], "skipped": skipped}
-            records = [r for r, ok in zip(records, fits) if ok]
-            images = [im for im, ok in zip(images, fits) if ok]
-            encoded = [x for x, ok in zip(encoded, fits) if ok]
-            lengths = [n for n, ok in zip(lengths, fits) if ok]
-            visual, _ = self.encode_images(images)
+            keep = lambda xs: [x for x, ok in zip(xs, fits) if ok]  # noqa: E731
+            records, images, videos, encoded, lengths = map(keep, (records, images, videos, encoded, lengths))
+            visual, _ = self.encode_visual(images, videos)
         B, T = len(records), max(lengths)
         input_ids = np.full((B, T), self.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((B, T), dtype=np.int64)
@@ -384,7 +589,9 @@ class LlavaCollator:
         batch: dict[str, Any] = {
             "input_ids": torch.from_numpy(input_ids),  # (B, T)
             "attention_mask": torch.from_numpy(attention_mask),  # (B, T)
-            **visual,  # pixel_values (B, 3, H, W); any-res: (B, views, 3, H, W) + image_sizes; Qwen: grids
+            # pixel_values (images, 3, H, W); any-res: (images, views, 3, H, W) + image_sizes; Qwen: grids;
+            # videos: pixel_values_videos (+ grids); a text-only batch: none
+            **visual,
         }
         if self._mm_types:  # the processor's modality of each token, as it marks them
             batch["mm_token_type_ids"] = torch.tensor(
@@ -404,6 +611,19 @@ class LlavaCollator:
         if skipped:
             batch["skipped"] = skipped
         return batch
+
+
+@dataclass
+class Counts:
+    """What one record's placeholders become: the token ids (L,) of each image's and each video's
+    run, in the text's order (placeholders, and the processor's markers around them)."""
+
+    image: list[np.ndarray]
+    video: list[np.ndarray]
+
+    def describe(self) -> str:
+        video = f", {sum(len(v) for v in self.video)} video tokens" if self.video else ""
+        return f"{sum(len(i) for i in self.image)} image tokens{video}"
 
 
 class _Dropped(Exception):

@@ -1,4 +1,5 @@
-"""An offline LLaVA processor: a BPE tokenizer trained locally plus a CLIP image processor.
+"""Offline processors: a BPE tokenizer trained locally plus a CLIP image processor (LLaVA-1.5), an
+any-res one (LLaVA-NeXT), or OneVision's with a video processor.
 
 No tokenizer or processor can be downloaded where tpkit is built, so tiny models get one trained
 locally on a text corpus (the synthetic benchmark passes its own; by default a few template lines).
@@ -20,9 +21,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import transformers
-from transformers import LlavaProcessor, PreTrainedTokenizerFast
+from transformers import AutoProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+from tpkit.data.video import OnevisionVideoProcessorPil
 
 PAD, BOS, EOS, IMAGE, UNK = "<pad>", "<s>", "</s>", "<image>", "<unk>"
+VIDEO = "<video>"  # OneVision's video placeholder: added after the learned vocabulary
 SPECIAL_TOKENS = [PAD, BOS, EOS, IMAGE, UNK]  # ids 0, 1, 2, 3, 4 (in this order)
 PAD_ID, BOS_ID, EOS_ID, IMAGE_ID, UNK_ID = range(5)
 
@@ -210,6 +214,81 @@ def build_next_processor(
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
         image_token=IMAGE,
+    )
+
+
+class OfflineLlavaOnevisionProcessor(transformers.LlavaOnevisionProcessor):
+    """``LlavaOnevisionProcessor`` whose video processor is :class:`tpkit.data.video.OnevisionVideoProcessorPil`
+    (transformers' own needs torchvision): the same ``__call__``, placeholder counts (any-res images,
+    base views of a multi-image sample, pooled frames plus a newline per video), ``batch_num_images``
+    and ``pixel_values_videos``. The video part is not saved: it is derived from the image processor
+    (frames resized to its ``size``, its mean and std), as OneVision's video processor is configured."""
+
+    def __init__(
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        num_image_tokens: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+        chat_template: str | None = None,
+        image_token: str = IMAGE,
+        video_token: str = VIDEO,
+        vision_aspect_ratio: str = "anyres_max_9",
+        **kwargs: Any,
+    ):
+        # LlavaOnevisionProcessor.__init__ would hand a video processor to ProcessorMixin, which checks
+        # its class: set what it sets, and give the mixin the two parts this class declares
+        self.num_image_tokens = num_image_tokens
+        self.vision_feature_select_strategy = vision_feature_select_strategy
+        self.image_token, self.video_token = image_token, video_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(video_token)
+        self.vision_aspect_ratio = vision_aspect_ratio
+        transformers.ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+        self.video_processor = OnevisionVideoProcessorPil(image_processor)
+
+
+AutoProcessor.register("tpkit_offline_llava_onevision", OfflineLlavaOnevisionProcessor, exist_ok=True)
+
+
+def build_onevision_processor(
+    image_size: int = 32,
+    patch_size: int = 8,
+    max_tiles: int = 3,
+    vision_aspect_ratio: str = "anyres_max_9",
+    corpus: Iterable[str] | None = None,
+    vocab_size: int = 512,
+) -> OfflineLlavaOnevisionProcessor:
+    """An offline LLaVA-OneVision processor matching
+    :func:`tpkit.models.llava_next.tiny.tiny_onevision_config` with the same keywords: any-res crops
+    of ``image_size`` up to ``max_tiles`` x ``max_tiles``, a SigLIP tower (every patch a feature:
+    strategy "full"), frames resized to ``image_size``; the tokenizer of :func:`build_processor` with
+    ``<video>`` added after its vocabulary (the model's ``video_token_id`` is then
+    ``processor.video_token_id``)."""
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    if image_size % patch_size:
+        raise ValueError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
+    tokenizer = train_tokenizer(corpus or [], vocab_size=vocab_size)
+    tokenizer.add_tokens([VIDEO], special_tokens=True)
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        # every rows x cols tiling up to max_tiles, as OneVision's config lists them
+        image_grid_pinpoints=[
+            [image_size * i, image_size * j] for i in range(1, max_tiles + 1) for j in range(1, max_tiles + 1)
+        ],
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+    )
+    return OfflineLlavaOnevisionProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        num_image_tokens=(image_size // patch_size) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=CHAT_TEMPLATE,
+        vision_aspect_ratio=vision_aspect_ratio,
     )
 
 

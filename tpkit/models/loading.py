@@ -17,6 +17,7 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, AutoProcessor
 
+import tpkit.data.qwen_processor  # noqa: F401  (registers OfflineQwen2VLProcessor with AutoProcessor)
 from tpkit.config import ConfigError, from_dict
 from tpkit.data.processor import build_processor
 from tpkit.models.checks import ARCHITECTURE_KEYS, config_sha256, fingerprint_diff, model_fingerprint
@@ -159,7 +160,8 @@ def load_model(
 
 
 def load_processor(path: str | Path, *, revision: str | None = None) -> Any:
-    """``AutoProcessor.from_pretrained`` of a local directory or hub id."""
+    """``AutoProcessor.from_pretrained`` of a local directory or hub id (tpkit's offline processors
+    included: importing this module registers :class:`OfflineQwen2VLProcessor` with ``AutoProcessor``)."""
     source = str(path)
     if why := parse_model_path(source).missing():
         raise ValueError(why)

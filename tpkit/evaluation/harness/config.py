@@ -30,7 +30,9 @@ _METHOD = re.compile(r"^(?P<name>[a-z0-9-]+)(@(?P<budget>[0-9.]+))?$")
 class HarnessConfig:
     """What ``--model tpkit`` loads and how it prunes, generates and batches."""
 
-    pretrained: str = "llava-hf/llava-1.5-7b-hf"  # hub id or save_pretrained dir (LLaVA-1.5 family)
+    # hub id or save_pretrained dir of any family tpkit prunes (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision,
+    # Qwen2-VL, Qwen2.5-VL, InternVL)
+    pretrained: str = "llava-hf/llava-1.5-7b-hf"
     processor: str | None = None  # processor dir or hub id; None: the model's (or the adapter's)
     revision: str | None = None
     adapter: str | None = (
@@ -48,6 +50,10 @@ class HarnessConfig:
     batch_size: int = 1  # requests per forward; ragged kept counts in one batch
     max_length: int = 4096  # longest prompt (image tokens included); longer requests fail, naming the doc
     max_new_tokens: int = 1024  # when a task's generation_kwargs set none
+    # video files: at most max_frames frames, evenly spaced over the video (lmms-eval's read_video
+    # sampling; its llava_onevision and qwen2_5_vl models default to 32), and at most video_fps per second
+    max_frames: int = 32
+    video_fps: float | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     device: str = "auto"  # auto: cuda (cuda:LOCAL_RANK under accelerate/torchrun) when available, else cpu
@@ -55,8 +61,10 @@ class HarnessConfig:
 
     def validate(self) -> None:
         parse_method(self.method)
-        if self.batch_size < 1 or self.max_new_tokens < 1 or self.max_length < 1:
-            raise ValueError("batch_size, max_length and max_new_tokens must be >= 1")
+        if min(self.batch_size, self.max_new_tokens, self.max_length, self.max_frames) < 1:
+            raise ValueError("batch_size, max_length, max_new_tokens and max_frames must be >= 1")
+        if self.video_fps is not None and self.video_fps <= 0:
+            raise ValueError(f"video_fps = {self.video_fps} must be > 0 (or unset)")
         for name in ("k1", "k2"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")

@@ -1,9 +1,19 @@
-"""``--model tpkit``: a pruned (or dense) LLaVA-family model answering lmms-eval's requests.
+"""``--model tpkit``: a pruned (or dense) model of any family tpkit prunes (LLaVA-1.5, LLaVA-NeXT,
+LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, InternVL) answering lmms-eval's requests.
 
-Requests become LLaVA-JSON-style records (``<image>`` + the task's text as the user turn) and go
-through :class:`tpkit.data.collator.LlavaCollator`, so the prompt is the one ``tpkit evaluate``
-builds for the same question: the family's chat template, left padding, the image placeholder run.
-Batches are ragged: every sample keeps its own k1 and k2 in one forward.
+Requests become LLaVA-JSON-style records (one ``<image>`` per image, one ``<video>`` per video, then
+the task's text, as the user turn) and go through :class:`tpkit.data.collator.LlavaCollator`, so the
+prompt is the one ``tpkit evaluate`` builds for the same question: the model's chat template, left
+padding, the processor's placeholder runs. Batches are ragged: every sample keeps its own k1 and k2
+in one forward.
+
+What a request may carry is the family's to say (``Family.harness``, a
+:class:`tpkit.models.core.family.HarnessSupport`): several images (any-res models), videos (lmms-eval
+hands a file path; :func:`tpkit.data.video.load_video` samples up to ``max_frames`` frames, which the
+processor encodes: OneVision's ``pixel_values_videos``, Qwen's patches and ``video_grid_thw``), or
+none (a text-only request: the stock forward answers it, in batches of text-only requests, and its
+accounting says so: no visual tokens, fraction 1). A request the family does not take fails before
+any model runs, naming the task, the document, the family and what it takes.
 
 * ``generate_until``: greedy (or sampled, when a task asks) ``generate`` with the pruner in it; the
   ``until`` strings cut the text afterwards. Each answer carries a :class:`PrunedTokenCounts`, which
@@ -55,37 +65,57 @@ from tpkit.evaluation.runner import EvalError, load_model_and_processor, prefill
 from tpkit.models.config import ModelConfig
 from tpkit.models.core.attach import set_pruning
 from tpkit.models.families import device_inputs
+from tpkit.models.registry import family_of
 from tpkit.pruning.config import PruningConfig
 
 __all__ = ["PrunedTokenCounts", "TpkitLMM", "summarise_counts"]
 
 # per-sample counts of the token accounting, as last_stats names them
 COUNTS = ("n_dense", "n_visual", "k1", "n_prompt", "k2", "token_layer_fraction")
+# what a request carried, per sample: images, videos, frames sampled from its videos
+VISUALS = ("n_images", "n_videos", "n_frames")
+# request kinds the run summary breaks the accounting down by
+KINDS = ("text", "image", "images", "video")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def request_kind(n_images: int, n_videos: int) -> str:
+    """A request's kind (:data:`KINDS`): no visual, one image, several images, or any video."""
+    if n_videos:
+        return "video"
+    return "text" if n_images == 0 else "image" if n_images == 1 else "images"
 
 
 @dataclass
 class PrunedTokenCounts(TokenCounts):
     """lmms-eval's per-request token counts plus the pruner's: ``input_tokens`` is the dense prompt
-    (image tokens included), ``k1`` the patches stage 1 kept of ``n_visual``, ``n_prompt`` the prompt
-    after stage 1, ``k2`` the prompt after stage 2, ``token_layer_fraction`` the share of the dense
-    token-layers the prefill ran (1.0 for dense)."""
+    (image and video tokens included), ``k1`` the visual tokens stage 1 kept of ``n_visual``,
+    ``n_prompt`` the prompt after stage 1, ``k2`` the prompt after stage 2, ``token_layer_fraction``
+    the share of the dense token-layers the prefill ran (1.0 for dense and for text-only requests);
+    ``n_images``, ``n_videos``, ``n_frames`` what the request carried (frames as sampled)."""
 
     n_visual: int | None = None
     k1: int | None = None
     n_prompt: int | None = None
     k2: int | None = None
     token_layer_fraction: float | None = None
+    n_images: int | None = None
+    n_videos: int | None = None
+    n_frames: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = super().to_dict()
-        for name in ("n_visual", "k1", "n_prompt", "k2", "token_layer_fraction"):
+        for name in ("n_visual", "k1", "n_prompt", "k2", "token_layer_fraction", *VISUALS):
             if getattr(self, name) is not None:
                 d[name] = getattr(self, name)
         return d
 
 
-def summarise_counts(rows: Sequence[dict[str, float]]) -> dict[str, float]:
-    """``{"tpkit_<count>_<mean|p5|p95>": value}`` over per-sample rows of :data:`COUNTS`."""
+def summarise_counts(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """``{"tpkit_<count>_<mean|p5|p95>": value}`` over per-sample rows of :data:`COUNTS`; rows that
+    name their request ``kind`` (:data:`KINDS`) add, per kind present, ``tpkit_<kind>_samples`` and
+    the means ``tpkit_<kind>_<n_visual|k1|k2|token_layer_fraction>_mean`` (text-only requests would
+    otherwise pull the run's fraction towards 1)."""
     out: dict[str, float] = {"tpkit_samples": float(len(rows))}
     if not rows:
         return out
@@ -95,6 +125,13 @@ def summarise_counts(rows: Sequence[dict[str, float]]) -> dict[str, float]:
         out[f"tpkit_{name}_mean"] = float(v.mean())
         out[f"tpkit_{name}_p5"] = float(q[0])
         out[f"tpkit_{name}_p95"] = float(q[1])
+    for kind in KINDS:
+        of_kind = [r for r in rows if r.get("kind") == kind]
+        if not of_kind:
+            continue
+        out[f"tpkit_{kind}_samples"] = float(len(of_kind))
+        for name in ("n_visual", "k1", "k2", "token_layer_fraction"):
+            out[f"tpkit_{kind}_{name}_mean"] = sum(float(r[name]) for r in of_kind) / len(of_kind)
     return out
 
 
@@ -151,9 +188,18 @@ class TpkitLMM(lmms):
         self.tokenizer = processor.tokenizer
         self.ours = apply_pruning_overrides(ours, overrides)
         set_pruning(model, copy.deepcopy(self.ours))  # checks the overrides against this model
-        self.num_layers = model.config.text_config.num_hidden_layers
+        self.family = family_of(model)
+        self.support = self.family.harness  # what a request may carry
+        self.num_layers = self.family.language_model(model).config.num_hidden_layers
         self._collators = {
-            m: LlavaCollator(processor, max_length=cfg.max_length, mode=m) for m in ("eval", "score")
+            m: LlavaCollator(
+                processor,
+                max_length=cfg.max_length,
+                mode=m,
+                max_frames=cfg.max_frames,
+                video_fps=cfg.video_fps,
+            )
+            for m in ("eval", "score")
         }
         self._rows: list[dict[str, float]] = []  # token accounting of every answered request
         self._gen_tokens = 0
@@ -204,41 +250,91 @@ class TpkitLMM(lmms):
     def _doc(self, task: str, split: str, doc_id: int) -> dict:
         return self.task_dict[task][split][doc_id]
 
-    def _image(self, visuals: Any, where: str):
-        visuals = [v for v in (visuals or []) if v is not None]
-        if len(visuals) != 1 or isinstance(visuals[0], (str, dict)):
-            raise ValueError(
-                f"{where}: --model tpkit takes one image per request (LLaVA-1.5); this one has "
-                f"{len(visuals)} visual(s) of type(s) {sorted({type(v).__name__ for v in visuals})}"
-            )
-        return visuals[0]
+    def _visuals(self, visuals: Any, where: str) -> tuple[list, list[str]]:
+        """(images, video paths) of a request, checked against what the family takes: lmms-eval hands
+        images as PIL images (or image file paths) and videos as file paths."""
+        from PIL import Image
 
-    def _record(self, context: str, image: Any, where: str, answer: str | None = None) -> dict:
-        """A LLaVA-JSON record: the image placeholder first (unless the context places it), the
-        context as the user turn, or as a conversation when it is a JSON list of turns."""
-        token = self.processor.image_token
+        images: list = []
+        videos: list[str] = []
+        for v in visuals or []:
+            if v is None:
+                continue
+            if isinstance(v, Image.Image):
+                images.append(v)
+            elif isinstance(v, (str, os.PathLike)):
+                (images if str(v).lower().endswith(IMAGE_SUFFIXES) else videos).append(str(v))
+            else:
+                raise ValueError(
+                    f"{where}: --model tpkit takes images (PIL images or image files) and video files; "
+                    f"this request has a visual of type {type(v).__name__}"
+                )
+        if not self.support.takes(len(images), len(videos)):
+            raise ValueError(
+                f"{where}: this request has {len(images)} image(s) and {len(videos)} video(s), but "
+                f"--model tpkit on {type(self._model).__name__} (family {self.family.name}) takes "
+                f"{self.support}: evaluate this task with a model of a family that takes such requests "
+                "(docs/lmms-eval.md lists them)"
+            )
+        return images, videos
+
+    def _record(
+        self, context: str, images: list, videos: list[str], where: str, answer: str | None = None
+    ) -> dict:
+        """A LLaVA-JSON record: one placeholder per image (video) first, unless the context already
+        holds exactly one per image (video); the context as the user turn, or as a conversation when
+        it is a JSON list of turns."""
         turns = _json_turns(context)
         if turns is None:
             turns = [{"from": "human", "value": context}]
-        if not any(token in t["value"] for t in turns):
-            turns[0] = {"from": "human", "value": f"{token}\n{turns[0]['value']}"}
+        prefix = ""
+        for token, items in (
+            (self.processor.image_token, images),
+            (getattr(self.processor, "video_token", None), videos),
+        ):
+            if not items:
+                continue
+            n = sum(t["value"].count(token) for t in turns)
+            if n == 0:
+                prefix += f"{token}\n" * len(items)
+            elif n != len(items):
+                raise ValueError(
+                    f"{where}: the context holds {n} {token} placeholder(s) for {len(items)} visual(s): "
+                    "give one per visual, or none (tpkit then puts them before the text)"
+                )
+        if prefix:
+            turns[0] = {"from": "human", "value": prefix + turns[0]["value"]}
         if answer is not None:
             turns.append({"from": "gpt", "value": answer})
-        return {"id": where, "image": image, "conversations": turns}
+        return {"id": where, "image": images, "video": videos, "conversations": turns}
+
+    def _frames(self, record: dict) -> int:
+        """Frames the collator will sample from the record's videos (read from the containers)."""
+        coll = self._collators["eval"]
+        return sum(coll._video_size(record, v)[0] for v in record["video"])
 
     def _order(self, records: list[dict], keys: Sequence[str] | None = None) -> Iterator[list[int]]:
-        """Batches of record indices: grouped by ``keys`` (generation settings), longest prompts first."""
+        """Batches of record indices: grouped by ``keys`` (generation settings) and by what the records
+        carry (:meth:`_batch_kind`), longest prompts first."""
         lengths = self._collators["eval"].sequence_lengths(records)
         keys = keys or [""] * len(records)
-        order = sorted(range(len(records)), key=lambda i: (keys[i], -lengths[i], i))
+        group = [(keys[i], self._batch_kind(r)) for i, r in enumerate(records)]
+        order = sorted(range(len(records)), key=lambda i: (group[i], -lengths[i], i))
         batch: list[int] = []
         for i in order:
-            if batch and (len(batch) == self.batch_size or keys[batch[0]] != keys[i]):
+            if batch and (len(batch) == self.batch_size or group[batch[0]] != group[i]):
                 yield batch
                 batch = []
             batch.append(i)
         if batch:
             yield batch
+
+    def _batch_kind(self, record: dict) -> tuple[int, ...]:
+        """Records that may share a batch: text-only ones apart (the stock forward answers them, as it
+        would alone), and videos with their frame count (a batch's frames are stacked)."""
+        if not record["image"] and not record["video"]:
+            return (0,)
+        return (1, self._frames(record)) if record["video"] else (1, 0)
 
     def _inputs(self, batch: dict) -> dict[str, torch.Tensor]:
         return device_inputs(self._model, batch, self._device)
@@ -247,13 +343,20 @@ class TpkitLMM(lmms):
         return tqdm(total=total, desc=desc, disable=not self.cfg.progress or self._rank != 0, leave=False)
 
     # ---- methods ----------------------------------------------------------------------------
-    def _spec(self, records: list[dict]) -> MethodSpec:
-        """The run of ``method`` over ``records``: matched baselines and budgets get ours' per-sample
-        counts from a prefill-only pass of ours over the same records (evaluate.py's matching)."""
+    def _spec(self, records: list[dict]) -> tuple[MethodSpec, list[int]]:
+        """The run of ``method`` over the records with visual input, and each record's row in it (-1:
+        text-only, answered by the stock forward). Matched baselines and budgets get ours' per-sample
+        counts from a prefill-only pass of ours over the same records (evaluate.py's matching); text-only
+        records take no part (they would pull topk-cls' one K towards 0)."""
+        visual = [i for i, r in enumerate(records) if r["image"] or r["video"]]
+        rows = [-1] * len(records)
+        for k, i in enumerate(visual):
+            rows[i] = k
+        records = [records[i] for i in visual]
         stats = None
-        if self.budget is not None or METHODS[self.method].needs_ours:
+        if records and (self.budget is not None or METHODS[self.method].needs_ours):
             stats = self._ours_stats(records)
-        if self.budget is not None:
+        if stats is not None and self.budget is not None:
             spec = sweep_spec(
                 self.method,
                 self.budget,
@@ -263,14 +366,16 @@ class TpkitLMM(lmms):
                 self.cfg.fastv_layer,
                 self.cfg.sweep_stage1_factor,
             )
-        else:
+        elif stats is not None or not METHODS[self.method].needs_ours:
             spec = method_spec(self.method, self.ours, stats, self.num_layers, self.cfg.fastv_layer)
+        else:  # text-only requests alone: nothing to match, the stock forward answers them
+            spec = method_spec("dense", self.ours, None, self.num_layers, self.cfg.fastv_layer)
         n = len(records)
         if self.cfg.k1 is not None:
             spec.stage1_keep = torch.full((n,), self.cfg.k1, dtype=torch.long)
         if self.cfg.k2 is not None:
             spec.stage2_keep = torch.full((n,), self.cfg.k2, dtype=torch.long)
-        return spec
+        return spec, rows
 
     def _ours_stats(self, records: list[dict]) -> OursStats:
         set_pruning(self._model, copy.deepcopy(self.ours))
@@ -287,15 +392,43 @@ class TpkitLMM(lmms):
             c["n_dense"], c["n_visual"], c["k1"], c["n_prompt"], c["k2"], cols["token_layer_fraction"]
         )
 
-    def _account(self, st: dict[str, torch.Tensor], j: int, request: str) -> dict[str, float]:
-        row = {k: float(st[k][j]) for k in COUNTS}
-        self._rows.append({**row, "request": request})
-        return row
+    def _forced(self, spec: MethodSpec, rows: list[int], idx: list[int]) -> dict[str, torch.Tensor]:
+        """The batch's forced per-sample counts (none for a batch of text-only records)."""
+        if rows[idx[0]] < 0:
+            return {}
+        return spec.forced(torch.tensor([rows[i] for i in idx]), self._device)
+
+    def _account(
+        self,
+        st: dict[str, torch.Tensor],
+        j: int,
+        record: dict,
+        request: str,
+        output_tokens: int | None = None,
+    ) -> PrunedTokenCounts:
+        """Sample ``j``'s token accounting (logged for the run summary) as lmms-eval's token counts."""
+        row: dict[str, Any] = {k: float(st[k][j]) for k in COUNTS}
+        n_images, n_videos = len(record["image"]), len(record["video"])
+        n_frames = self._frames(record) if n_videos else 0
+        kind = request_kind(n_images, n_videos)
+        self._rows.append({**row, "request": request, "kind": kind})
+        return PrunedTokenCounts(
+            input_tokens=int(row["n_dense"]),
+            output_tokens=output_tokens,
+            n_visual=int(row["n_visual"]),
+            k1=int(row["k1"]),
+            n_prompt=int(row["n_prompt"]),
+            k2=int(row["k2"]),
+            token_layer_fraction=row["token_layer_fraction"],
+            n_images=n_images,
+            n_videos=n_videos,
+            n_frames=n_frames,
+        )
 
     # ---- generate_until ---------------------------------------------------------------------
     def _generate(self, records: list[dict], settings: list[dict]) -> list[GenerationResult]:
         """Answers to ``records``, each with its generation ``settings`` (lmms-eval's gen_kwargs)."""
-        spec = self._spec(records)
+        spec, rows = self._spec(records)
         set_pruning(self._model, spec.pruning)
         keys = [json.dumps(s, sort_keys=True, default=str) for s in settings]
         out: list[GenerationResult | None] = [None] * len(records)
@@ -309,11 +442,7 @@ class TpkitLMM(lmms):
             start = time.perf_counter()
             with torch.inference_mode():
                 ids = self._model.generate(
-                    **inputs,
-                    **spec.forced(torch.tensor(idx), self._device),
-                    **gen,
-                    eos_token_id=eos,
-                    pad_token_id=pad,
+                    **inputs, **self._forced(spec, rows, idx), **gen, eos_token_id=eos, pad_token_id=pad
                 )
             self._seconds += time.perf_counter() - start
             new = ids[:, inputs["input_ids"].shape[1] :].cpu()  # (B, new)
@@ -321,19 +450,10 @@ class TpkitLMM(lmms):
             # tokens up to the first eos (all of them when none ended)
             n_new = torch.where(ended.any(dim=1), ended.long().argmax(dim=1), new.shape[1])
             self._gen_tokens += int(n_new.sum())
-            st = prefill_stats(self._model, inputs, spec.pruning.enabled)
+            st = prefill_stats(self._model, inputs, spec.pruning.enabled and rows[idx[0]] >= 0)
             texts = tok.batch_decode(new, skip_special_tokens=True)
             for j, i in enumerate(idx):
-                row = self._account(st, j, "generate_until")
-                counts = PrunedTokenCounts(
-                    input_tokens=int(row["n_dense"]),
-                    output_tokens=int(n_new[j]),
-                    n_visual=int(row["n_visual"]),
-                    k1=int(row["k1"]),
-                    n_prompt=int(row["n_prompt"]),
-                    k2=int(row["k2"]),
-                    token_layer_fraction=row["token_layer_fraction"],
-                )
+                counts = self._account(st, j, records[i], "generate_until", int(n_new[j]))
                 out[i] = GenerationResult(text=_cut(texts[j], until), token_counts=counts)
             bar.update(len(idx))
         bar.close()
@@ -366,8 +486,8 @@ class TpkitLMM(lmms):
         for r in requests:
             context, gen_kwargs, doc_to_visual, doc_id, task, split = r.args
             where = f"{task}/{split}/{doc_id}"
-            image = self._image(doc_to_visual(self._doc(task, split, doc_id)), where)
-            records.append(self._record(context, image, where))
+            images, videos = self._visuals(doc_to_visual(self._doc(task, split, doc_id)), where)
+            records.append(self._record(context, images, videos, where))
             settings.append(gen_kwargs)
         return self._generate(records, settings) if records else []
 
@@ -383,12 +503,13 @@ class TpkitLMM(lmms):
             doc = self._doc(task, split, doc_id)
             where = f"{task}/{split}/{doc_id}"
             continuation = target if isinstance(target, str) else str(target(doc))
-            records.append(self._record(context, self._image(doc_to_visual(doc), where), where, continuation))
+            images, videos = self._visuals(doc_to_visual(doc), where)
+            records.append(self._record(context, images, videos, where, continuation))
         if not records:
             return []
         # counts are chosen on the prompts alone, as generation would prune them
         prompts = [{**r, "conversations": r["conversations"][:-1]} for r in records]
-        spec = self._spec(prompts)
+        spec, rows = self._spec(prompts)
         set_pruning(self._model, spec.pruning)
         out: list[GenerationResult | None] = [None] * len(records)
         bar = self._progress(len(records), "tpkit loglikelihood")
@@ -405,21 +526,13 @@ class TpkitLMM(lmms):
                     answer_mask=answer,
                     use_cache=False,
                     logits_to_keep=n_keep,
-                    **spec.forced(torch.tensor(idx), self._device),
+                    **self._forced(spec, rows, idx),
                 )
             self._seconds += time.perf_counter() - start
             nll, greedy = _continuation_scores(res, inputs["attention_mask"], labels, answer, n_keep)
-            st = prefill_stats(self._model, inputs, spec.pruning.enabled)
+            st = prefill_stats(self._model, inputs, spec.pruning.enabled and rows[idx[0]] >= 0)
             for j, i in enumerate(idx):
-                row = self._account(st, j, "loglikelihood")
-                counts = PrunedTokenCounts(
-                    input_tokens=int(row["n_dense"]),
-                    n_visual=int(row["n_visual"]),
-                    k1=int(row["k1"]),
-                    n_prompt=int(row["n_prompt"]),
-                    k2=int(row["k2"]),
-                    token_layer_fraction=row["token_layer_fraction"],
-                )
+                counts = self._account(st, j, records[i], "loglikelihood")
                 out[i] = GenerationResult(text=(float(nll[j]), bool(greedy[j])), token_counts=counts)  # type: ignore[arg-type]
             bar.update(len(idx))
         bar.close()
@@ -474,7 +587,7 @@ class TpkitLMM(lmms):
                 break
             records = [
                 self._record(
-                    s["context"], self._image(s["visuals"], f"{s['where']} round {round_idx}"), s["where"]
+                    s["context"], *self._visuals(s["visuals"], f"{s['where']} round {round_idx}"), s["where"]
                 )
                 for s in active
             ]

@@ -71,11 +71,25 @@ def no_split_classes(model: nn.Module) -> set[type]:
 
 @dataclass(frozen=True)
 class HarnessSupport:
-    """What lmms-eval requests a family answers (:mod:`tpkit.evaluation.harness`)."""
+    """What lmms-eval requests a family answers (:mod:`tpkit.evaluation.harness`): how many images one
+    request may carry, whether it may carry videos (as frames its processor samples and encodes), and
+    whether a request with neither is answered (by the stock forward: nothing to prune)."""
 
     images: int | None = 1  # images per request at most (None: any number)
-    videos: bool = False  # requests with a video
+    videos: bool = False  # requests with videos (any number, beside images when ``images`` allows)
     text_only: bool = True  # requests with no visual input (the stock forward answers them)
+
+    def takes(self, images: int, videos: int) -> bool:
+        """Whether a request with ``images`` images and ``videos`` videos is answered."""
+        if images == 0 and videos == 0:
+            return self.text_only
+        return (self.images is None or images <= self.images) and (videos == 0 or self.videos)
+
+    def __str__(self) -> str:
+        images = "any number of images" if self.images is None else f"at most {self.images} image(s)"
+        videos = "videos" if self.videos else "no videos"
+        text = "text-only requests" if self.text_only else "no text-only requests"
+        return f"{images} per request, {videos}, {text}"
 
 
 def first_missing(model: nn.Module, paths: list[str]) -> str | None:
