@@ -288,3 +288,21 @@ def test_lmms_eval_cli_ends_with_the_model_args_error(tmp_path):
         "error: --model tpkit: --model_args: unknown key 'methd' (did you mean 'method'?)"
     )
     assert "Traceback" not in proc.stderr
+
+
+def test_a_refused_request_ends_the_lmms_eval_command_with_its_message(monkeypatch, capsys):
+    """A request the model's family does not take (two images for LLaVA-1.5): the exception for the
+    Python API; under the lmms-eval command, which would print a traceback and exit 0, the message as
+    the last line and exit status 2."""
+    from tpkit.evaluation.harness import model as harness_model
+
+    with pytest.raises(ValueError, match="takes at most 1"):
+        harness_model._refuse("mme/test/3: this request has 2 image(s) ... takes at most 1 image(s)")
+    monkeypatch.setattr(harness_model, "_under_lmms_eval_command", lambda: True)
+    with pytest.raises(SystemExit) as e:
+        harness_model._refuse("mme/test/3: this request has 2 image(s)")
+    assert e.value.code == 2
+    assert (
+        capsys.readouterr().err.splitlines()[-1]
+        == "error: --model tpkit: mme/test/3: this request has 2 image(s)"
+    )

@@ -40,7 +40,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -270,7 +270,7 @@ class TpkitLMM(lmms):
                     f"this request has a visual of type {type(v).__name__}"
                 )
         if not self.support.takes(len(images), len(videos)):
-            raise ValueError(
+            _refuse(
                 f"{where}: this request has {len(images)} image(s) and {len(videos)} video(s), but "
                 f"--model tpkit on {type(self._model).__name__} (family {self.family.name}) takes "
                 f"{self.support}: evaluate this task with a model of a family that takes such requests "
@@ -614,6 +614,15 @@ class TpkitLMM(lmms):
         speed = self._gen_tokens / self._seconds if self._seconds > 0 else 0.0
         log_metrics(self._seconds, self._gen_tokens, speed, additional_metrics=summary)
         super().clean()
+
+
+def _refuse(message: str) -> NoReturn:
+    """A request this model cannot answer: a ValueError for Python callers; under the ``lmms-eval``
+    command (which would print a traceback and exit 0) the message as the last line and exit 2."""
+    if _under_lmms_eval_command():
+        print(f"\nerror: --model tpkit: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    raise ValueError(message)
 
 
 def _under_lmms_eval_command() -> bool:
