@@ -137,11 +137,14 @@ def config(
 
     model = {"path": "tiny:llama", "tiny": LLAVA} if family == "llava" else {"path": str(base)}
     model["dtype"] = "bfloat16" if bf16 else "float32"
+    # the attention-based stage-1 scores: they use the last tower block's q/k after it ran (a sharded
+    # block is gathered again for them); Qwen with gradient checkpointing, as the 7B configs train
+    score = "cls_attn" if family == "llava" else "attn_received"
     return from_dict(
         TrainConfig,
         {
             "model": model,
-            "pruning": {"stage1": {"min_keep": 2}, "stage2": {"layer": 1}},
+            "pruning": {"stage1": {"min_keep": 2, "score": score}, "stage2": {"layer": 1}},
             "lora": {"r": 4, "alpha": 8.0},
             "distill": {"alpha": 1.0, "temperature": 2.0, "hidden_weight": 1.0},
             "data": {"train_json": str(data), "batch_size": 2, "max_length": 128},
@@ -156,6 +159,7 @@ def config(
                 "logger": "none",
                 "progress_bar": False,
                 "precision": "bf16-mixed" if bf16 else "32",
+                "gradient_checkpointing": family == "qwen",
                 "checkpoint_every_n_steps": steps // 2,
                 "export_at_end": not bf16,
             },

@@ -151,12 +151,16 @@ def test_one_fsdp_unit_per_decoder_layer_and_vision_block(runs, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_all_gathers_per_step_with_the_online_teacher(runs, family):
     """Per step, each decoder layer is gathered 3 times: the student's forward, the teacher's (the same
-    weights, adapter off: a second forward through the freed layer) and the student's backward; without
-    the teacher it would be 2, so the teacher costs one all-gather of the language model per step. The
-    vision blocks once: the teacher reuses the student's tower run, and the frozen tower has no backward.
-    The root unit (embeddings, projector, norm, head) stays gathered from the first forward to the
-    backward: once."""
-    want = {u: 3 if ".language_model." in u else 1 for u in UNITS[family]}
+    weights, adapter off: a second forward through the freed layer) and the student's backward (Qwen's
+    runs checkpoint activations: the recomputation happens inside it); without the teacher it would be
+    2, so the teacher costs one all-gather of the language model per step. Stage 2 scores layer 1 with
+    its own q/k right before running it: no extra gather. The vision blocks once: the teacher reuses the
+    student's tower run, and the frozen tower has no backward; the last one once more for the
+    attention-based stage-1 score (LLaVA cls_attn, Qwen attn_received), which uses its q/k after the
+    tower ran. The root unit (embeddings, projector, norm, head) stays gathered from the first forward
+    to the backward: once."""
+    last_block = UNITS[family][VISION_BLOCKS - 1]
+    want = {u: 3 if ".language_model." in u else 2 if u == last_block else 1 for u in UNITS[family]}
     for rank in (0, 1):
         gathers = _record(runs, family, "fsdp", rank)["gathers"]
         assert gathers == [want] * STEPS

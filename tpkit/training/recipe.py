@@ -95,7 +95,10 @@ def build_module(
     if cfg.trainer.gradient_checkpointing:
         base = peft_model.get_base_model()
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.enable_input_require_grads()
+        # non-reentrant checkpointing needs no input that requires grad: transformers' hooks that make
+        # every input embedding's output require grad (the vision tower's too: the frozen tower would
+        # then run a backward, and a checkpointed one a second forward, every step) go
+        base.disable_input_require_grads()
     cache = teacher_cache if teacher_cache is not None else open_teacher_cache(cfg)
     if cache is not None:
         cache.check(peft_model, cfg.distill.temperature, cfg.data.max_length)
