@@ -208,6 +208,7 @@ def test_student_and_teacher_share_one_tower_run(make_cfg, processor, batch):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(make_cfg, processor, batch):
+    """... and the frozen vision tower stays out of the backward either way."""
     grads = []
     for ckpt in (False, True):
         cfg = make_cfg(trainer={"gradient_checkpointing": ckpt})
@@ -218,7 +219,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(make_cfg, processor, ba
             for p in m.model.parameters():
                 if p.requires_grad:
                     p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        tower: list[bool] = []
+        hook = m.base.model.vision_tower.register_forward_hook(
+            lambda mod, args, out, seen=tower: seen.append(out.last_hidden_state.requires_grad)
+        )
         m.losses(batch)["loss"].backward()
+        hook.remove()
+        assert tower and not any(tower)  # no graph through the tower
         grads.append({n: p.grad.clone() for n, p in m.model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys()
     for k in grads[0]:

@@ -119,6 +119,18 @@ def test_resume_changes_are_classified():
     )
 
 
+def test_resume_from_a_deepspeed_checkpoint_directory_says_so(train_json, tmp_path):
+    from tpkit.config import from_dict
+    from tpkit.training.config import TrainConfig
+    from tpkit.training.rundir import RunDirError, check_run_dir
+
+    cfg = from_dict(TrainConfig, tiny_cfg_dict(train_json, tmp_path / "run"))
+    # Lightning's DeepSpeed strategy has the engine write last.ckpt as a directory
+    (tmp_path / "run" / "last.ckpt" / "checkpoint").mkdir(parents=True)
+    with pytest.raises(RunDirError, match="is a directory \\(a DeepSpeed checkpoint\\): tpkit resumes"):
+        check_run_dir(cfg, resume=True)
+
+
 def test_stale_checkpoint_temporaries_are_removed(tmp_path):
     import os
     import subprocess

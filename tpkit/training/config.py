@@ -134,6 +134,8 @@ class TrainerConfig:
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
     devices: int | str = "auto"
     num_nodes: int = 1
+    # auto | ddp | fsdp (FSDP2: one shard unit per decoder layer and vision block, GPUs or CPU processes) |
+    # deepspeed (CUDA GPUs only)
     strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = "auto"
     deepspeed_stage: int = 2
     precision: Literal["auto", "32", "32-true", "bf16-mixed", "bf16-true", "16-mixed"] = (
@@ -172,6 +174,16 @@ class TrainerConfig:
             )
         if self.deepspeed_stage not in (1, 2, 3):
             raise ValueError(f"deepspeed_stage = {self.deepspeed_stage} must be 1, 2 or 3")
+        if self.strategy == "fsdp" and self.precision == "16-mixed":
+            raise ValueError(
+                "precision = '16-mixed' does not run with strategy = fsdp (FSDP2 takes 32-true, bf16-mixed or "
+                "bf16-true): use precision: bf16-mixed"
+            )
+        if self.strategy == "deepspeed" and self.accelerator == "cpu":
+            raise ValueError(
+                "strategy = deepspeed runs on CUDA GPUs only (Lightning's DeepSpeedStrategy): on CPU processes "
+                "use strategy: fsdp (sharded) or ddp"
+            )
         if self.checkpoint_every_n_steps < 0 or self.val_every_n_steps < 0:
             raise ValueError("checkpoint_every_n_steps and val_every_n_steps must be >= 0")
         if self.log_version is not None and self.log_version < 0:

@@ -234,9 +234,11 @@ def export_checkpoint(
     *,
     config: str | Path | TrainConfig | None = None,
     merged: bool = False,
+    metrics: dict[str, float] | None = None,
 ) -> Path:
     """Rebuild the student from the run's config (``config``: a path or a TrainConfig; default: the
     ``config.yaml`` beside the checkpoint), load the checkpoint's trainable tensors, export.
+    ``metrics``: the run's final metrics for the model card (default: the checkpoint's step).
 
     The checkpoint is read first, tensors and plain containers only (``weights_only``), and checked:
     a crafted or damaged file is refused before any model work and runs nothing.
@@ -260,5 +262,5 @@ def export_checkpoint(
     trainable = {n: tuple(p.shape) for n, p in peft_model.named_parameters() if p.requires_grad}
     check_tensors({"state_dict": sd}, trainable, ckpt)  # names and shapes: export it with the run's config
     peft_model.load_state_dict(sd, strict=False)
-    metrics = {"global_step": float(state.get("global_step", 0))}
+    metrics = metrics if metrics is not None else {"global_step": float(state.get("global_step", 0))}
     return export_adapter(peft_model, cfg, out_dir, processor=processor, metrics=metrics, merged=merged)

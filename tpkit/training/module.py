@@ -27,6 +27,7 @@ from tpkit.models.families import model_inputs
 from tpkit.models.registry import family_of
 from tpkit.training.config import DistillConfig, OptimConfig
 from tpkit.training.losses import answer_ce, distill_rows, distill_rows_topk, hidden_cosine
+from tpkit.training.sharding import FullyShardedStrategy
 from tpkit.training.teacher_cache.cache import TeacherCache, TeacherCacheError, answer_ranks
 
 __all__ = [
@@ -442,15 +443,8 @@ class DistillLoRAModule(L.LightningModule):
     # checkpoints: trainable tensors + RNG only
 
     def _trainable_names(self) -> set[str]:
-        # FSDP / activation-checkpoint wrappers add path segments that state dicts do not carry
-        wrappers = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-        names = set()
-        for n, p in self.named_parameters():
-            if p.requires_grad:
-                for w in wrappers:
-                    n = n.replace(w, "")
-                names.add(n)
-        return names
+        # FSDP2 (trainer.strategy: fsdp) shards modules in place: the names are the model's own
+        return {n for n, p in self.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         names = self._trainable_names()
@@ -484,6 +478,12 @@ class DistillLoRAModule(L.LightningModule):
         self.records_trained = records if isinstance(records, int) else None
         if isinstance(progress.get("loss"), dict):
             self.loss_watch.load_state_dict(progress["loss"])
+
+    def configure_model(self) -> None:
+        # trainer.strategy: fsdp shards the model here, one unit per block (tpkit.training.sharding)
+        strategy = self.trainer.strategy
+        if isinstance(strategy, FullyShardedStrategy):
+            strategy.shard(self.model)
 
     def on_fit_start(self) -> None:
         self.model.train()  # from_pretrained / build_tiny_llava hand back eval-mode modules

@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from tpkit.config import save_config, to_dict
+from tpkit.config import ConfigError, save_config, to_dict
 from tpkit.models.checks import check_pruning_fits
 from tpkit.models.core.attach import unwrap
 from tpkit.models.families import attach_pruner
@@ -43,6 +43,7 @@ from tpkit.training.rundir import (
     load_checkpoint,
 )
 from tpkit.training.runlock import run_lock
+from tpkit.training.sharding import FullyShardedStrategy
 from tpkit.training.teacher_cache.cache import TeacherCache
 
 __all__ = [
@@ -94,7 +95,10 @@ def build_module(
     if cfg.trainer.gradient_checkpointing:
         base = peft_model.get_base_model()
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.enable_input_require_grads()
+        # non-reentrant checkpointing needs no input that requires grad: transformers' hooks that make
+        # every input embedding's output require grad (the vision tower's too: the frozen tower would
+        # then run a backward, and a checkpointed one a second forward, every step) go
+        base.disable_input_require_grads()
     cache = teacher_cache if teacher_cache is not None else open_teacher_cache(cfg)
     if cache is not None:
         cache.check(peft_model, cfg.distill.temperature, cfg.data.max_length)
@@ -120,21 +124,19 @@ def _strategy(cfg: TrainConfig, model: torch.nn.Module | None = None) -> Any:
 
         return DDPStrategy(find_unused_parameters=False, checkpoint_io=AtomicCheckpointIO())
     if t.strategy == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
-
         if model is None:
             raise ValueError("trainer.strategy = fsdp: the model is needed to choose its FSDP units")
-        # one FSDP unit per decoder layer and vision block (the family's, from the model's own
-        # _no_split_modules); use_orig_params: LoRA and frozen tensors share units
-        layers = family_of(model).fsdp_blocks(unwrap(model))
-        return FSDPStrategy(
-            auto_wrap_policy=layers,
-            use_orig_params=True,
-            state_dict_type="full",
-            sharding_strategy="FULL_SHARD",
-        )
+        # FSDP2, one unit per decoder layer and vision block (the family's, from the model's own
+        # _no_split_modules): tpkit.training.sharding says why not Lightning's FSDPStrategy
+        return FullyShardedStrategy(family_of(model).fsdp_blocks(unwrap(model)))
     if t.strategy == "deepspeed":
         from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        if not _on_gpu(cfg):
+            raise ConfigError(
+                "trainer.strategy = deepspeed runs on CUDA GPUs only (Lightning's DeepSpeedStrategy) and this "
+                "machine has none: use trainer.strategy=fsdp (sharded) or ddp"
+            )
 
         return DeepSpeedStrategy(stage=t.deepspeed_stage)
     return "auto"
@@ -340,5 +342,10 @@ def _fit(
         )
     export_dir = None
     if cfg.trainer.export_at_end and trainer.is_global_zero and not trainer.interrupted:
-        export_dir = export_adapter(module.model, cfg, out / EXPORT, processor=processor, metrics=metrics)
+        if isinstance(trainer.strategy, FullyShardedStrategy):
+            # each rank holds shards only: the export rebuilds the student from the checkpoint the run
+            # wrote at its end, as `tpkit export --ckpt` does
+            export_dir = export_checkpoint(ckpt, out / EXPORT, config=cfg, metrics=metrics)
+        else:
+            export_dir = export_adapter(module.model, cfg, out / EXPORT, processor=processor, metrics=metrics)
     return TrainResult(out, ckpt, export_dir, metrics, module)

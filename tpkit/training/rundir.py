@@ -413,6 +413,11 @@ def check_run_dir(
                 file=sys.stderr,
             )
         return None
+    if ckpt.is_dir():  # what Lightning's DeepSpeed strategy writes in place of the file
+        raise RunDirError(
+            f"--resume: {ckpt} is a directory (a DeepSpeed checkpoint): tpkit resumes the single-file "
+            "checkpoints of trainer.strategy ddp and fsdp only"
+        )
     if not ckpt.is_file():
         raise RunDirError(
             f"--resume: no checkpoint at {ckpt} (a run writes it every trainer.checkpoint_every_n_steps); "

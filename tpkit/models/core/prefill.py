@@ -26,6 +26,7 @@ from torch import nn
 from tpkit.data.labels import IGNORE_INDEX, next_token_targets
 from tpkit.models.core.family import llama_rotate
 from tpkit.models.core.masks import FLASH, attn_mask, compact, compact_full, gather_rows
+from tpkit.models.core.sharded import gathered
 from tpkit.models.core.state import state_of
 from tpkit.pruning.budgets import token_layer_fraction
 from tpkit.pruning.config import PruningConfig
@@ -293,7 +294,8 @@ def prefill(
             edge = run_edges(img1) & valid1
             always, droppable = always | edge, droppable & ~edge
         sim = patches = None
-        with torch.no_grad():  # scores only pick indices
+        # scores only pick indices; a sharded layer K stays gathered for its own forward below
+        with torch.no_grad(), gathered(layer, for_forward=True):
             scores = stage2_scores(layer, h, cos, sin, valid, qpos, qvalid, s2.reduce, family.rotate)
             if s2.diversity > 0:  # each stage-1 token's (view, row, col), view -1 for text (and CLS)
                 slot1 = gather_rows(slot_of, index1)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from tpkit.models.core.family import Family, HarnessSupport, Visual, first_missing, random_text
+from tpkit.models.core.sharded import with_gathered
 from tpkit.models.core.visual import VisualTokens, select_visual
 from tpkit.models.internvl.tiny import ARCHITECTURES, MARKERS_ATTR, tiny_internvl_config, tokens_per_tile
 from tpkit.pruning.stage1 import encoder_attention, patch_scores
@@ -145,7 +146,9 @@ class InternVLFamily(Family):
         """(tiles, P) stage-1 score of every patch (CLS excluded) at the feature layer; the attention
         scores from the last encoder layer's q/k (its input ``last_in``)."""
         last = model.model.vision_tower.encoder.layer[-1]
-        attention = encoder_attention(last_in, last, cls=True) if last_in is not None else None
+        attention = (
+            with_gathered(last, encoder_attention(last_in, last, cls=True)) if last_in is not None else None
+        )
         kind = self.score_kind(model, stage1)
         return patch_scores(kind, feature, cls=True, attention=attention, seed=stage1.seed)
 

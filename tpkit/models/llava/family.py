@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from tpkit.models.core.family import Family, HarnessSupport, Visual, first_missing, random_text
+from tpkit.models.core.sharded import with_gathered
 from tpkit.models.llava.tiny import ARCHITECTURES, tiny_llava_config
 from tpkit.pruning.stage1 import encoder_attention, patch_scores, select_patches
 
@@ -139,7 +140,7 @@ class LlavaFamily(Family):
         layer = model.config.vision_feature_layer
         score_hidden = _hs(hs, layer if isinstance(layer, int) else layer[-1])
         last = _tower_layers(model.model.vision_tower)[-1]
-        attention = encoder_attention(_hs(hs, -2), last, cls=True)
+        attention = with_gathered(last, encoder_attention(_hs(hs, -2), last, cls=True))
         return patch_scores(
             self.score_kind(model, s1), score_hidden, cls=True, attention=attention, seed=s1.seed
         )

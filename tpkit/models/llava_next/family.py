@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from tpkit.models.core.family import Family, HarnessSupport, first_missing, random_text
+from tpkit.models.core.sharded import with_gathered
 from tpkit.models.core.visual import VisualTokens, select_visual
 from tpkit.models.llava_next.tiny import ARCHITECTURES, tiny_next_config, tiny_onevision_config
 from tpkit.pruning.stage1 import encoder_attention, patch_scores
@@ -112,7 +113,8 @@ class LlavaNextFamily(Family):
         layer = model.config.vision_feature_layer
         h = hs[layer if isinstance(layer, int) else layer[-1]]
         cls = self.has_cls(model)
-        attention = encoder_attention(hs[-2], _tower_layers(model.model.vision_tower)[-1], cls=cls)
+        last = _tower_layers(model.model.vision_tower)[-1]
+        attention = with_gathered(last, encoder_attention(hs[-2], last, cls=cls))
         s = patch_scores(self.score_kind(model, stage1), h, cls=cls, attention=attention, seed=stage1.seed)
         strategy = model.config.vision_feature_select_strategy
         if cls and strategy == "full":  # the CLS feature is a token too: never dropped

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tpkit.models.core.sharded import gathered
 from tpkit.pruning.stage1 import attention_received, patch_scores
 
 __all__ = [
@@ -209,7 +210,8 @@ def unit_scores(
     def attention(_: str) -> torch.Tensor:  # attn_received, the only attention score of a CLS-less tower
         if run.block_inputs is None:
             raise ValueError("attn_received needs the scored block's inputs (run_tower(last_block=True))")
-        rows = attn_received_rows(run.block, run.block_inputs)
+        with gathered(run.block):  # the block ran already: a sharded one is whole again for its q/k
+            rows = attn_received_rows(run.block, run.block_inputs)
         out = torch.full(valid.shape, float("nan"), device=rows.device)
         return out.masked_scatter(valid, to_units(rows[:, None], run, unit)[:, 0])
 
