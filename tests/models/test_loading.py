@@ -33,7 +33,9 @@ def test_not_llava_like_is_a_clear_error(tmp_path):
         vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
     )
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
-    with pytest.raises(ValueError, match="'llama' .* is not a family tpkit prunes; supported: .*LlavaForCond"):
+    with pytest.raises(
+        ValueError, match="'llama' .* is not a family tpkit prunes; supported: .*LlavaForCond"
+    ):
         load_pretrained(tmp_path / "llama")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="cannot read a model config"):

@@ -134,10 +134,10 @@ class TrainerConfig:
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
     devices: int | str = "auto"
     num_nodes: int = 1
-    # auto | ddp | fsdp (FSDP2: one shard unit per decoder layer and vision block, GPUs or CPU processes) |
-    # deepspeed (CUDA GPUs only)
+    # auto | ddp | fsdp (FSDP2: one shard unit per decoder layer and vision block, GPUs or CPU
+    # processes; sharded like ZeRO-3). deepspeed is refused: its checkpoints are DeepSpeed directories,
+    # which tpkit can neither resume nor export, and it could not be run here
     strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = "auto"
-    deepspeed_stage: int = 2
     precision: Literal["auto", "32", "32-true", "bf16-mixed", "bf16-true", "16-mixed"] = (
         "auto"  # auto: bf16-mixed on GPU, 32 on CPU
     )
@@ -172,17 +172,16 @@ class TrainerConfig:
             raise ValueError(
                 f"devices = {self.devices} must be >= 1 (processes per node), -1 (every device) or 'auto'"
             )
-        if self.deepspeed_stage not in (1, 2, 3):
-            raise ValueError(f"deepspeed_stage = {self.deepspeed_stage} must be 1, 2 or 3")
         if self.strategy == "fsdp" and self.precision == "16-mixed":
             raise ValueError(
                 "precision = '16-mixed' does not run with strategy = fsdp (FSDP2 takes 32-true, bf16-mixed or "
                 "bf16-true): use precision: bf16-mixed"
             )
-        if self.strategy == "deepspeed" and self.accelerator == "cpu":
+        if self.strategy == "deepspeed":
             raise ValueError(
-                "strategy = deepspeed runs on CUDA GPUs only (Lightning's DeepSpeedStrategy): on CPU processes "
-                "use strategy: fsdp (sharded) or ddp"
+                "strategy = deepspeed is not supported: a DeepSpeed run writes its checkpoints as DeepSpeed "
+                "directories, which tpkit can neither resume nor export. Use strategy: fsdp (FSDP2 shards "
+                "parameters, gradients and optimizer state like ZeRO-3; its checkpoints resume and export) or ddp"
             )
         if self.checkpoint_every_n_steps < 0 or self.val_every_n_steps < 0:
             raise ValueError("checkpoint_every_n_steps and val_every_n_steps must be >= 0")

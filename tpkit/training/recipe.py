@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from tpkit.config import ConfigError, save_config, to_dict
+from tpkit.config import save_config, to_dict
 from tpkit.models.checks import check_pruning_fits
 from tpkit.models.core.attach import unwrap
 from tpkit.models.families import attach_pruner
@@ -129,16 +129,6 @@ def _strategy(cfg: TrainConfig, model: torch.nn.Module | None = None) -> Any:
         # FSDP2, one unit per decoder layer and vision block (the family's, from the model's own
         # _no_split_modules): tpkit.training.sharding says why not Lightning's FSDPStrategy
         return FullyShardedStrategy(family_of(model).fsdp_blocks(unwrap(model)))
-    if t.strategy == "deepspeed":
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        if not _on_gpu(cfg):
-            raise ConfigError(
-                "trainer.strategy = deepspeed runs on CUDA GPUs only (Lightning's DeepSpeedStrategy) and this "
-                "machine has none: use trainer.strategy=fsdp (sharded) or ddp"
-            )
-
-        return DeepSpeedStrategy(stage=t.deepspeed_stage)
     return "auto"
 
 

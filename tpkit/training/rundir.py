@@ -82,7 +82,6 @@ RESUME_SAFE_KEYS = (
     "trainer.max_epochs",
     "trainer.accelerator",
     "trainer.strategy",
-    "trainer.deepspeed_stage",
     "trainer.gradient_checkpointing",
     "trainer.deterministic",
     "trainer.checkpoint_every_n_steps",
