@@ -161,14 +161,24 @@ def test_premise_report_runs_on_the_base_view_of_any_res_towers(processor, kind,
     assert f"model ({'cosine' if kind == 'next' else 'cosine_mean'})" in format_report(report)
 
 
-def test_collator_rebuilds_the_processors_token_types_for_the_final_ids(processor):
-    """Processors that mark each token's modality (Qwen2-VL's on transformers >= 5.2x) get the marks
-    rebuilt on the collated ids, which hold the whole conversation."""
+def test_collator_rebuilds_the_processors_token_types_for_the_final_ids(processor, monkeypatch):
+    """Processors that mark each token's modality (Qwen2-VL's) get the marks rebuilt on the collated
+    ids, which hold the whole conversation. NeXT's processor marks on request: an attribute on
+    transformers >= 5.2x, a default text kwarg on 5.17."""
     import copy
+
+    from transformers.models.llava_next import processing_llava_next
 
     marking = copy.deepcopy(processor)
     marking.return_mm_token_type_ids = True
-    batch = LlavaCollator(marking, max_length=512, mode="train")(_records(2))
+    kwargs = getattr(processing_llava_next, "LlavaNextProcessorKwargs", None)
+    if kwargs is not None and "return_mm_token_type_ids" in kwargs._defaults.get("text_kwargs", {}):
+        text_defaults = {**kwargs._defaults["text_kwargs"], "return_mm_token_type_ids": True}
+        monkeypatch.setitem(kwargs._defaults, "text_kwargs", text_defaults)
+        batch = LlavaCollator(marking, max_length=512, mode="train")(_records(2))
+        monkeypatch.undo()
+    else:
+        batch = LlavaCollator(marking, max_length=512, mode="train")(_records(2))
     types = batch["mm_token_type_ids"]
     assert types.shape == batch["input_ids"].shape
     assert torch.equal(types, (batch["input_ids"] == processor.image_token_id).long())
