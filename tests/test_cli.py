@@ -121,3 +121,14 @@ def test_an_installed_tpkit_trains_evaluates_and_exports(tmp_path):
     assert "| dense |" in table and "| ours |" in table
     tpkit("export", "--ckpt", "run/last.ckpt", "--out", "exported")
     assert (work / "exported" / "adapter_model.safetensors").is_file()
+
+
+def test_the_demo_runs_from_any_directory(tmp_path, monkeypatch, capsys):
+    """Without --config, `tpkit demo` reads the checkout's configs/demo.yaml, whose paths name the
+    checkout's assets and runs/ from wherever it is run."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["base_model"] == str(ROOT / "assets" / "tiny-llava")
+    assert printed["train_config"] == str(ROOT / "configs" / "train" / "tiny.yaml")
+    assert printed["out_dir"] == str(ROOT / "runs" / "demo")

@@ -215,3 +215,53 @@ def test_check_fields_applies_the_loaders_checks_to_a_config_built_in_python():
         check_fields(PruningConfig(stage2=Stage2Config(diversity=float("nan"))), "pruning.")
     with pytest.raises(ConfigError, match=r"'stage1.selector' = 'knee' is not one of"):
         check_fields(PruningConfig(stage1=Stage1Config(selector="knee")))
+
+
+def test_relative_paths_resolve_against_the_config_file_or_the_current_directory(tmp_path, monkeypatch):
+    """In a file: against the file's directory; with --set (or a default): against the current one.
+    A model path that is a hub id or `tiny` stays as written; saved and loaded again from another
+    directory, the config names the same files."""
+    (tmp_path / "cfgs" / "model").mkdir(parents=True)
+    cfg_file = tmp_path / "cfgs" / "run.yaml"
+    cfg_file.write_text(
+        "model:\n  path: model\n  processor_path: llava-hf/llava-1.5-7b-hf\n"
+        "data:\n  train_json: ../data/train.json\n  image_folder: /abs/images/\n"
+        "distill:\n  teacher_cache: cache\n"
+    )
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    cfg = load_config(TrainConfig, cfg_file, ["data.val_json=val.json", "trainer.log_every_n_steps=3"])
+    assert cfg.model.path == str(tmp_path / "cfgs" / "model")
+    assert cfg.model.processor_path == "llava-hf/llava-1.5-7b-hf"  # a hub id
+    assert cfg.data.train_json == str(tmp_path / "data" / "train.json")
+    assert cfg.data.image_folder == "/abs/images"  # normalised: no trailing /
+    assert cfg.distill.teacher_cache == str(tmp_path / "cfgs" / "cache")
+    assert cfg.data.val_json == str(here / "val.json")  # --set: the current directory
+    assert cfg.trainer.out_dir == str(here / "runs" / "tiny")  # a default: the current directory
+    saved = save_config(cfg, tmp_path / "run" / "config.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert to_dict(load_config(TrainConfig, saved)) == to_dict(cfg)
+    tiny = load_config(TrainConfig, None, ["model.path=tiny:qwen2", "data.train_json=t.json"])
+    assert tiny.model.path == "tiny:qwen2"
+    assert from_dict(DataConfig, {"train_json": "rel.json"}).train_json == "rel.json"  # dicts: as given
+
+
+def test_the_shipped_configs_name_the_checkout_from_any_directory(tmp_path, monkeypatch):
+    from tpkit.demo import DemoConfig
+    from tpkit.evaluation.config import EvalConfig
+
+    monkeypatch.chdir(tmp_path)
+    train = load_config(TrainConfig, ROOT / "configs" / "train" / "tiny.yaml")
+    assert train.model.path == str(ROOT / "assets" / "tiny-llava")
+    assert train.data.train_json == str(ROOT / "runs" / "data" / "synthetic" / "train.json")
+    assert train.trainer.out_dir == str(ROOT / "runs" / "tiny_distill")
+    ev = load_config(EvalConfig, ROOT / "configs" / "eval" / "tiny.yaml")
+    assert ev.model.path == train.model.path and ev.out_dir == str(ROOT / "runs" / "eval_tiny")
+    assert load_config(EvalConfig, ROOT / "configs" / "eval" / "llava15_7b.yaml").model.path == (
+        "llava-hf/llava-1.5-7b-hf"
+    )
+    demo = load_config(DemoConfig, ROOT / "configs" / "demo.yaml")
+    assert demo.base_model == train.model.path and demo.out_dir == str(ROOT / "runs" / "demo")
+    assert demo.train_config == str(ROOT / "configs" / "train" / "tiny.yaml")
+    assert demo.data.dir == str(ROOT / "runs" / "data" / "synthetic")

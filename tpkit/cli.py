@@ -50,8 +50,8 @@ def _config_args(p: argparse.ArgumentParser, *, required: bool = True, default: 
     p.add_argument(
         "--config",
         required=required,
-        default=default,
-        help="YAML file" + (f" (default: {default})" if default else ""),
+        help="YAML file (relative paths in it are relative to its directory)"
+        + (f"; default: {default}" if default else ""),
     )
     p.add_argument(
         "--set",
@@ -363,8 +363,11 @@ def _data_synthetic(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from tpkit.checkout import checkout_path
     from tpkit.demo import DemoConfig  # lazy: start-up time
 
+    if args.config is None:  # the checkout's, whatever the current directory
+        args.config = str(checkout_path("configs/demo.yaml"))
     cfg = _load(DemoConfig, args)
     if _printed(cfg, args):
         return 0
@@ -471,7 +474,9 @@ def config_reference() -> str:
         "Unknown keys, wrong types, non-finite numbers (no key takes `nan` or `inf`; where a key has no "
         "limit, its value is `null`) and impossible values fail when the file is loaded, naming the file, "
         "the line and the key; `--set key.sub=value` overrides any key, `--print-config` prints the "
-        "resolved config.\n\n"
+        "resolved config. A relative path written in a config file (model, data, teacher cache, adapter, "
+        "output directory) is relative to that file's directory; one given with `--set`, or a default, to "
+        "the current directory.\n\n"
     )
     return head + reference_markdown(config_classes())
 
@@ -580,7 +585,7 @@ def build_parser(prog: str = "tpkit") -> argparse.ArgumentParser:
     p = command(
         "demo", _demo, "prune the embedded tiny LLaVA, fine-tune it back, evaluate and print the tables"
     )
-    _config_args(p, required=False, default="configs/demo.yaml")
+    _config_args(p, required=False, default="the checkout's configs/demo.yaml")
 
     p = command(
         "fixture",

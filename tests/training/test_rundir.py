@@ -131,6 +131,28 @@ def test_resume_from_a_deepspeed_checkpoint_directory_says_so(train_json, tmp_pa
         check_run_dir(cfg, resume=True)
 
 
+def test_a_run_started_with_relative_paths_resumes_with_the_absolute_ones(tmp_path, monkeypatch):
+    """Configs load their paths absolute; a checkpoint written before they did holds them relative to
+    the directory the run started in: from there, the same files, not changed keys."""
+    from tpkit.training.rundir import resume_changes
+
+    monkeypatch.chdir(tmp_path)
+    saved = {"model": {"path": "assets/tiny-llava"}, "trainer": {"out_dir": "runs/x/"}}
+    now = {
+        "model": {"path": str(tmp_path / "assets" / "tiny-llava")},
+        "trainer": {"out_dir": str(tmp_path / "runs" / "x")},
+    }
+    assert resume_changes(saved, now) == ([], [])
+    # another directory is a moved run (accepted); another model is another run
+    moved = {**now, "trainer": {"out_dir": str(tmp_path / "runs" / "y")}}
+    assert resume_changes(saved, moved) == ([], [f"trainer.out_dir: 'runs/x/' -> '{tmp_path / 'runs' / 'y'}'"])
+    other = {**now, "model": {"path": str(tmp_path / "assets" / "other")}}
+    assert resume_changes(saved, other) == (
+        [f"model.path: 'assets/tiny-llava' -> '{tmp_path / 'assets' / 'other'}'"],
+        [],
+    )
+
+
 def test_stale_checkpoint_temporaries_are_removed(tmp_path):
     import os
     import subprocess

@@ -37,4 +37,5 @@ def test_train_main_names_a_missing_model_directory(tmp_path, capsys):
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text("model:\n  path: ./no-such-model\ndata:\n  train_json: train.json\n")
     assert main(["train", "--config", str(cfg_path)]) == 2
-    assert "model.path = './no-such-model': no such directory" in capsys.readouterr().err
+    # relative to the config file's directory, and said where it looked
+    assert f"model.path = '{tmp_path / 'no-such-model'}': no such directory" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tpkit.config import ConfigError, from_dict, load_config, set_dotted, to_dict
+from tpkit.config import ConfigError, from_dict, load_config, path_field, set_dotted, to_dict
 from tpkit.data.config import DataConfig
 from tpkit.evaluation.methods import METHODS
 from tpkit.models.config import ModelConfig
@@ -145,13 +145,13 @@ class EvalConfig:
     # exported adapter dir (tpkit train's out_dir/export): ours runs with its trained pruning.json
     # (this config's pruning section is not used then), `--set pruning.KEY=VALUE` changes keys of it
     # (recorded in results.json); its base is checked against model.path before any evaluation
-    adapter: str | None = None
+    adapter: str | None = path_field()
     pruning: PruningConfig = field(default_factory=PruningConfig)  # ours
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalSection = field(default_factory=EvalSection)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     random_init: RandomInitConfig = field(default_factory=RandomInitConfig)
-    out_dir: str = "runs/eval"
+    out_dir: str = path_field("runs/eval")
     device: str = "auto"  # auto: cuda when available, else cpu
     seed: int = 0
 

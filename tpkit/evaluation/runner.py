@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoConfig
 
 from tpkit.config import ConfigError, save_config, to_dict, unwritable_dir
 from tpkit.data.collator import LlavaCollator
@@ -52,6 +51,7 @@ from tpkit.models.loading import (
     load_processor,
     load_processor_for,
     read_export,
+    read_model_config,
     resolve_device,
     resolve_dtype,
 )
@@ -126,8 +126,8 @@ def _load_model(cfg: EvalConfig, device: torch.device, processor, pruning):
     """The base model with the pruner attached, checked against the adapter and ``pruning`` before use."""
     if cfg.adapter is not None and not cfg.model.source.is_tiny:
         try:  # the config only: no weights are read for this check
-            base_config = AutoConfig.from_pretrained(cfg.model.path, revision=cfg.model.revision)
-        except (OSError, ValueError):
+            base_config = read_model_config(cfg.model.path, cfg.model.revision)
+        except ValueError:
             base_config = None  # load_base_model says why
         if base_config is not None:
             _check_base(cfg.adapter, base_config)

@@ -3,11 +3,21 @@ before anything heavy is imported)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["ModelConfig", "ModelSource", "TINY_BACKBONES", "TINY_BUILDER", "parse_model_path"]
+from tpkit.config import path_field, resolve_path
+
+__all__ = [
+    "ModelConfig",
+    "ModelSource",
+    "TINY_BACKBONES",
+    "TINY_BUILDER",
+    "parse_model_path",
+    "resolve_model_path",
+]
 
 TINY_BUILDER = "llava"  # ``path: tiny`` is a tiny LLaVA-1.5 (the offline processor's layout)
 TINY_BACKBONES = ("llama", "mistral", "qwen2")
@@ -26,19 +36,23 @@ class ModelSource:
 
     def missing(self) -> str | None:
         """Why this source cannot be loaded, when it is a local directory that is not there; else None."""
-        if self.kind != "local" or Path(self.name).expanduser().exists():
+        p = Path(self.name).expanduser()
+        if self.kind != "local" or p.exists():
             return None
+        where = "" if p.is_absolute() else f" (relative to the current directory {os.getcwd()})"
         return (
-            f"{self.name!r}: no such directory (expected a save_pretrained directory, or a hub id 'org/name')"
+            f"{self.name!r}: no such directory{where}; a model is a save_pretrained directory, or a hub id, "
+            "which looks like 'org/name'"
         )
 
 
-def parse_model_path(path: str) -> ModelSource:
+def parse_model_path(path: str, base: str | os.PathLike | None = None) -> ModelSource:
     """``tiny`` / ``tiny:<backbone>`` -> a random tiny model; else a local directory or a hub id.
 
-    A path starting with ``.``, ``/`` or ``~``, one without ``/``, one that exists, or one whose first
-    component is an existing directory (``assets/tiny-llava`` in a checkout) is local; any other
-    ``org/name`` is a hub id, which ``from_pretrained`` resolves (or fails to, with its own message).
+    Local: a path starting with ``.``, ``/`` or ``~``, one without ``/`` or with more than one (a hub
+    id is ``org/name``), one that exists, or one whose first component is an existing directory
+    (``assets/tiny-llava`` in a checkout); ``base``: the directory a relative path is relative to
+    (default: the current one). Any other ``org/name`` is a hub id.
     """
     source = str(path)
     if source == "tiny" or source.startswith("tiny:"):
@@ -46,9 +60,16 @@ def parse_model_path(path: str) -> ModelSource:
         if backbone not in TINY_BACKBONES:
             raise ValueError(f"path {source!r}: tiny backbone must be one of {', '.join(TINY_BACKBONES)}")
         return ModelSource("tiny", backbone)
-    p = Path(source).expanduser()
-    local = source.startswith((".", "/", "~")) or "/" not in source or p.exists() or Path(p.parts[0]).is_dir()
+    p = Path(base or ".") / Path(source).expanduser()  # an absolute path stays itself
+    looks_local = source.startswith((".", "/", "~")) or source.count("/") != 1
+    local = looks_local or p.exists() or p.parent.is_dir()
     return ModelSource("local" if local else "hub", source)
+
+
+def resolve_model_path(value: str, base: Path) -> str:
+    """A model path written in a config: a local directory made absolute against ``base`` (the config
+    file's directory); a hub id or ``tiny`` as written."""
+    return resolve_path(value, base) if parse_model_path(value, base).kind == "local" else value
 
 
 @dataclass
@@ -57,10 +78,10 @@ class ModelConfig:
 
     # local save_pretrained dir or hub id; "tiny" / "tiny:<llama|mistral|qwen2>" = random tiny model
     # built from ``tiny`` kwargs (tests, benchmarks)
-    path: str = "assets/tiny-llava"
+    path: str = path_field("assets/tiny-llava", resolve_model_path)
     # processor dir or hub id; None = ``path`` (a "tiny" model gets the offline processor of
     # tpkit.data.processor, whose vocabulary and image size it then matches)
-    processor_path: str | None = None
+    processor_path: str | None = path_field(None, resolve_model_path)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     revision: str | None = None

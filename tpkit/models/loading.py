@@ -7,7 +7,11 @@ plain paths, and fails with an error that names the path and says what was expec
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,8 @@ __all__ = [
     "resolve_dtype",
     "resolve_device",
     "model_class_for",
+    "hub_unreachable",
+    "read_model_config",
     "load_pretrained",
     "load_model",
     "load_processor",
@@ -103,8 +109,56 @@ def model_class_for(config: Any, source: str) -> type:
     )
 
 
-def _local_only(source: str) -> bool:
-    return parse_model_path(source).kind == "local"
+@functools.cache
+def hub_unreachable(endpoint: str | None = None) -> str | None:
+    """Why the model hub (``HF_ENDPOINT``, default https://huggingface.co) cannot be reached, else
+    None: one HEAD request with a 5 s timeout, once per process. Without it, a hub id on a machine
+    with no network waits through huggingface_hub's retries (minutes) before it fails."""
+    from huggingface_hub import constants
+
+    endpoint = endpoint or constants.ENDPOINT
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=5).close()
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (urllib.error.URLError, OSError) as e:  # refused, no DNS, timeout
+        return f"{endpoint}: {getattr(e, 'reason', e)}"
+    return None
+
+
+def _files_only(source: str) -> bool:
+    """``local_files_only`` for ``from_pretrained(source)``: a local directory; a hub id when
+    HF_HUB_OFFLINE is set or the hub cannot be reached (then only the hub cache can answer)."""
+    from huggingface_hub import constants
+
+    return parse_model_path(source).kind == "local" or constants.HF_HUB_OFFLINE or bool(hub_unreachable())
+
+
+def _cannot_load(source: str, what: str, error: Exception) -> ValueError:
+    """The error of a failed ``from_pretrained``: for a hub id while the hub is out of reach, that
+    and what to do instead of the loader's own message."""
+    from huggingface_hub import constants
+
+    if parse_model_path(source).kind == "hub" and (why := constants.HF_HUB_OFFLINE or hub_unreachable()):
+        here = os.path.join(os.getcwd(), source)
+        offline = "HF_HUB_OFFLINE is set" if why is True else f"the hub cannot be reached ({why})"
+        return ValueError(
+            f"{source!r}: not a directory here ({here}) and not in the hub cache, and {offline}. Give a "
+            "save_pretrained directory (a relative path is relative to the current directory; in a config "
+            "file, to the file's directory), or load it once where the hub can be reached"
+        )
+    return ValueError(f"{source}: cannot {what} ({error})")
+
+
+def read_model_config(source: str, revision: str | None = None) -> Any:
+    """The transformers config of a local directory or hub id (no weights read); ValueError saying
+    why not."""
+    if why := parse_model_path(source).missing():
+        raise ValueError(why)
+    try:
+        return AutoConfig.from_pretrained(source, revision=revision, local_files_only=_files_only(source))
+    except (OSError, ValueError) as e:
+        raise _cannot_load(source, "read a model config", e) from None
 
 
 def load_pretrained(
@@ -118,19 +172,13 @@ def load_pretrained(
     """``from_pretrained`` of the checkpoint's own class (any family tpkit prunes; eval mode), with a
     clear error for other models."""
     source = str(path)
-    if why := parse_model_path(source).missing():
-        raise ValueError(why)
-    local = _local_only(source)
-    try:
-        config = AutoConfig.from_pretrained(source, revision=revision, local_files_only=local)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{source}: cannot read a model config ({e})") from None
+    config = read_model_config(source, revision)
     model = model_class_for(config, source).from_pretrained(
         source,
         dtype=resolve_dtype(dtype, device),
         attn_implementation=attn_implementation,
         revision=revision,
-        local_files_only=local,
+        local_files_only=_files_only(source),
     )
     if device is not None:
         model = model.to(device)
@@ -166,9 +214,9 @@ def load_processor(path: str | Path, *, revision: str | None = None) -> Any:
     if why := parse_model_path(source).missing():
         raise ValueError(why)
     try:
-        return AutoProcessor.from_pretrained(source, revision=revision, local_files_only=_local_only(source))
+        return AutoProcessor.from_pretrained(source, revision=revision, local_files_only=_files_only(source))
     except (OSError, ValueError) as e:
-        raise ValueError(f"{source}: cannot load a processor ({e})") from None
+        raise _cannot_load(source, "load a processor", e) from None
 
 
 def load_processor_for(cfg: ModelConfig) -> Any:
@@ -368,12 +416,7 @@ def load_exported(
     if base is None or isinstance(base, str):
         mcfg = export_base_config(d, base)
         if not mcfg.source.is_tiny:
-            check_export_base(
-                d,
-                AutoConfig.from_pretrained(
-                    mcfg.path, revision=mcfg.revision, local_files_only=_local_only(mcfg.path)
-                ),
-            )
+            check_export_base(d, read_model_config(mcfg.path, mcfg.revision))
         base = load_base_model(mcfg, dtype=dtype, processor=processor)
     for w in check_export_base(d, base):
         warnings.warn(w, stacklevel=2)

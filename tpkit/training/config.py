@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from tpkit.config import load_config
+from tpkit.config import load_config, path_field
 from tpkit.data.config import DataConfig
 from tpkit.models.config import ModelConfig
 from tpkit.pruning.config import PruningConfig
@@ -66,7 +66,7 @@ class DistillConfig:
     ce_weight: float = 1.0
     # directory written by `tpkit teacher-cache`: the teacher's answer logits are read from it
     # instead of running the teacher each step; null = online teacher
-    teacher_cache: str | None = None
+    teacher_cache: str | None = path_field()
     # + hidden_weight * (1 - cos) between the student's and the teacher's final-normed hidden states
     # at every text position the student kept (instruction and answers): the teacher's state after
     # reading the whole image, where its answer logits are nearly one-hot. Online teacher only.
@@ -127,7 +127,7 @@ class OptimConfig:
 class TrainerConfig:
     """Lightning Trainer, checkpointing and logging."""
 
-    out_dir: str = "runs/tiny"
+    out_dir: str = path_field("runs/tiny")
     seed: int = 0
     max_steps: int = 100  # optimizer steps
     max_epochs: int = -1  # -1: bounded by max_steps only
