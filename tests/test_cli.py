@@ -123,6 +123,50 @@ def test_an_installed_tpkit_trains_evaluates_and_exports(tmp_path):
     assert (work / "exported" / "adapter_model.safetensors").is_file()
 
 
+def test_data_errors_come_before_heavy_imports(tmp_path):
+    """A missing data file, or a record whose image is not there, answers `tpkit train` and `tpkit
+    evaluate` in a fresh process without importing torch or transformers (about a second)."""
+    import json
+
+    (tmp_path / "img").mkdir()
+    good = {"id": "a", "image": "img/a.png", "conversations": [{"from": "human", "value": "<image>\nQ?"},
+                                                               {"from": "gpt", "value": "yes"}]}  # fmt: skip
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "img" / "a.png")
+    (tmp_path / "data.json").write_text(json.dumps([good, {**good, "id": "b", "image": "img/b.png"}]))
+    (tmp_path / "train.yaml").write_text("model:\n  path: tiny\ndata:\n  train_json: data.json\n")
+    (tmp_path / "eval.yaml").write_text("model:\n  path: tiny\ndata:\n  test_json: data.json\n")
+    code = (
+        "import sys; from tpkit.cli import main; rc = main(sys.argv[1:]); "
+        "print(rc, sorted(m for m in ('torch', 'transformers', 'lightning', 'peft') if m in sys.modules))"
+    )
+
+    def run(*argv: str) -> tuple[str, str]:
+        out = subprocess.run(
+            [sys.executable, "-c", code, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
+        return out.stdout.strip(), out.stderr.strip()
+
+    missing_image = f"record #1 (id='b'): image file not found: {tmp_path / 'img' / 'b.png'}"
+    assert run("train", "--config", "train.yaml") == (
+        "2 []",
+        f"error: data.train_json: {tmp_path / 'data.json'}: {missing_image}",
+    )
+    assert run("evaluate", "--config", "eval.yaml") == (
+        "2 []",
+        f"error: data.test_json: {tmp_path / 'data.json'}: {missing_image}",
+    )
+    stdout, stderr = run("train", "--config", "train.yaml", "--set", "data.train_json=nope.json")
+    assert stdout == "2 []" and stderr.startswith(
+        f"error: data.train_json = '{tmp_path / 'nope.json'}': no such file"
+    )
+    stdout, stderr = run("evaluate", "--config", "eval.yaml", "--set", "data.test_json=nope.json")
+    assert stdout == "2 []" and stderr.startswith(
+        f"error: data.test_json = '{tmp_path / 'nope.json'}': no such file"
+    )
+
+
 def test_the_demo_runs_from_any_directory(tmp_path, monkeypatch, capsys):
     """Without --config, `tpkit demo` reads the checkout's configs/demo.yaml, whose paths name the
     checkout's assets and runs/ from wherever it is run."""

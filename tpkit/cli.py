@@ -74,6 +74,17 @@ def _load(cls: type, args: argparse.Namespace, extra: list[str] | None = None) -
         raise _Fail(f"config error: {e}") from None
 
 
+def _check_data(data: Any, keys: list[str]) -> None:
+    """Every data file's records and images, before any heavy import (about a second)."""
+    from tpkit.data.errors import LlavaDataError
+    from tpkit.data.records import precheck
+
+    try:
+        precheck(data, keys)
+    except LlavaDataError as e:
+        raise _Fail(str(e)) from None
+
+
 def _printed(cfg: Any, args: argparse.Namespace) -> bool:
     if args.print_config:
         print(commented_yaml(cfg), end="")
@@ -150,6 +161,9 @@ def _train_locked(args: argparse.Namespace, cfg: Any, out: Path, command: str) -
                 raise _Fail(str(e)) from None
         except (RunDirError, CheckpointError) as e:
             raise _Fail(str(e)) from None
+    if why := cfg.missing_inputs():
+        raise _Fail(why)
+    _check_data(cfg.data, ["train_json", "val_json"])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # lazy: lightning, peft and transformers take seconds
     from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -236,6 +250,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 0
     if why := cfg.missing_inputs():
         raise _Fail(why)
+    if cfg.random_init.name is None:
+        _check_data(cfg.data, ["test_json"])
     pruning_overrides = _pruning_overrides(cfg, args) if cfg.adapter else None
     from tpkit.data.errors import LlavaDataError  # lazy: torch and transformers take seconds
     from tpkit.evaluation.report import speed_markdown
@@ -287,6 +303,9 @@ def _teacher_cache(args: argparse.Namespace) -> int:
     cfg = _load(TrainConfig, args)
     if _printed(cfg, args):
         return 0
+    if why := cfg.model.missing_paths():
+        raise _Fail(why)
+    _check_data(cfg.data, ["train_json"])
     if cfg.distill.hidden_weight > 0:
         print(
             f"note: the cache holds the teacher's answer logits only; training with it needs "

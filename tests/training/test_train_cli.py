@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import yaml
 
@@ -39,3 +40,27 @@ def test_train_main_names_a_missing_model_directory(tmp_path, capsys):
     assert main(["train", "--config", str(cfg_path)]) == 2
     # relative to the config file's directory, and said where it looked
     assert f"model.path = '{tmp_path / 'no-such-model'}': no such directory" in capsys.readouterr().err
+
+
+def test_fit_checks_every_record_before_any_weights_load(train_json, processor, tmp_path, monkeypatch):
+    """An image that is there but does not open is found by the data load, before the base model."""
+    import json
+
+    from tpkit.config import from_dict
+    from tpkit.data.errors import LlavaDataError
+    from tpkit.training import recipe
+    from tpkit.training.config import TrainConfig
+
+    records = json.loads(train_json.read_text())
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    records[3]["image"] = str(tmp_path / "broken.png")
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(records))
+    cfg = from_dict(
+        TrainConfig, tiny_cfg_dict(data, tmp_path / "run", data={"image_folder": str(train_json.parent)})
+    )
+    monkeypatch.setattr(
+        recipe, "build_student", lambda *a, **k: pytest.fail("weights loaded before the data")
+    )
+    with pytest.raises(LlavaDataError, match=r"record #3 .*unreadable image"):
+        recipe.fit(cfg, processor=processor)

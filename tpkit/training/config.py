@@ -220,6 +220,26 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
+    def missing_inputs(self) -> str | None:
+        """Why this run cannot start (a model, data or teacher-cache path that is not there), else
+        None: checked by the command line before any heavy import."""
+        if why := self.model.missing_paths():
+            return why
+        for key in ("train_json", "val_json"):
+            path = getattr(self.data, key)
+            if path is not None and not Path(path).is_file():
+                return (
+                    f"data.{key} = {path!r}: no such file (the synthetic benchmark's splits: `tpkit data "
+                    "synthetic --out <dir>` writes <dir>/train.json and val.json)"
+                )
+        cache = self.distill.teacher_cache
+        if cache and self.distill.alpha > 0 and not Path(cache).is_dir():
+            return (
+                f"distill.teacher_cache = {cache!r}: no such directory (`tpkit teacher-cache --config ... "
+                f"--out {cache}` writes it; null: the online teacher)"
+            )
+        return None
+
     def validate(self) -> None:
         if self.data.train_json is None:
             raise ValueError("data.train_json is required for training")
