@@ -51,6 +51,13 @@ def test_the_example_image_is_a_scene_of_the_synthetic_test_split(tmp_path):
     assert np.array_equal(made, np.asarray(Image.open(ROOT / "assets" / "example.png").convert("RGB")))
 
 
+def test_the_readme_names_every_random_init_architecture():
+    from tpkit.evaluation.random_init import architecture_names
+
+    names = architecture_names()
+    assert names and all(f"`{n}`" in README for n in names), names
+
+
 def test_every_config_and_command_the_readme_names_exists():
     from tpkit.cli import build_parser
 

@@ -24,6 +24,7 @@ import json
 import os
 import shlex
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -254,23 +255,17 @@ def _evaluate(args: argparse.Namespace) -> int:
         _check_data(cfg.data, ["test_json"])
     pruning_overrides = _pruning_overrides(cfg, args) if cfg.adapter else None
     from tpkit.data.errors import LlavaDataError  # lazy: torch and transformers take seconds
-    from tpkit.evaluation.report import speed_markdown
+    from tpkit.evaluation.random_init import RandomInitError
+    from tpkit.evaluation.report import random_init_summary
     from tpkit.evaluation.runner import EvalError, evaluate
 
     try:
         results = evaluate(cfg, pruning_overrides=pruning_overrides)
-    except (EvalError, ConfigError, LlavaDataError) as e:
+    except (EvalError, ConfigError, LlavaDataError, RandomInitError) as e:
         raise _Fail(str(e)) from None
     if results.get("mode") == "random_init":
-        print(speed_markdown(results["speed"]))
-        ach = results["achieved"].get("token_layer_fraction", {}).get("mean")
-        print(
-            f"{results['architecture']} (random init, {results['device_name']}, {results['dtype']}, "
-            f"batch {results['batch_size']}, {results['prompt']['n_dense']} tokens): "
-            f"k1={results['counts']['k1']} k2={results['counts']['k2']} token-layer fraction "
-            f"{ach if ach is None else round(ach, 4)}; results in {cfg.out_dir}/speed.json"
-        )
-        print(f"prefill speedup ours@{results['budget']:g} vs dense: {results['prefill_speedup']:.2f}x")
+        print(random_init_summary(results))
+        print(f"results in {Path(cfg.out_dir) / 'speed.json'}")
         return 0
     print(results["table"])
     print(f"report: {', '.join(results['files'].values())}")
@@ -518,6 +513,23 @@ def _config_reference(args: argparse.Namespace) -> int:
 # the parser
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Fills ``{architectures}`` in a help text when the help is shown (listing them imports torch,
+    which no other use of the parser should pay for); never breaks a line inside a name like
+    ``llava-next-7b``."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        text = super()._expand_help(action)
+        if "{architectures}" in text:
+            from tpkit.evaluation.random_init import architecture_names
+
+            text = text.replace("{architectures}", ", ".join(architecture_names()))
+        return text
+
+
 def build_parser(prog: str = "tpkit") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog=prog,
@@ -526,7 +538,7 @@ def build_parser(prog: str = "tpkit") -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+        p = sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
         p.set_defaults(func=func)
         return p
 
@@ -549,10 +561,16 @@ def build_parser(prog: str = "tpkit") -> argparse.ArgumentParser:
     p.add_argument(
         "--random-init",
         metavar="NAME",
-        help="speed-only run on a random-weight architecture (e.g. llava-1.5-7b)",
+        help="speed only: dense against ours at random_init.budget on a full-size architecture with random "
+        "weights, one of: {architectures}. On a CPU: float32, batch 1, 1 thread, 3 timed rounds (speed.*, "
+        "random_init.dtype change them); with --scale-down 64, a minute or two",
     )
     p.add_argument(
-        "--scale-down", type=int, metavar="N", help="with --random-init: divide widths by N (CPU check)"
+        "--scale-down",
+        type=int,
+        metavar="N",
+        help="with --random-init: divide the widths by N (not the depths, nor the token counts), so that a "
+        "CPU runs the same code path in seconds to minutes",
     )
     p.add_argument("--device", help="cuda / cpu / auto (overrides the config)")
     p.add_argument("--out", help="output directory (overrides out_dir)")

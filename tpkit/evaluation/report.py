@@ -27,6 +27,9 @@ __all__ = [
     "markdown_table",
     "summary_table",
     "speed_markdown",
+    "timing_spread",
+    "spread_note",
+    "random_init_summary",
     "retention_table",
     "qtype_table",
     "parse_markdown_table",
@@ -404,6 +407,62 @@ def speed_markdown(speeds: dict[str, dict]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# p90 / median of a method's timed rounds above which the report says its timings are noisy
+NOISY_SPREAD = 1.2
+
+
+def timing_spread(speeds: dict[str, dict]) -> tuple[float, str]:
+    """The largest p90 / median over every timed quantity (prefill, time to first token, decoding) of
+    :func:`tpkit.evaluation.speed.speed_table` results -> (ratio, "method quantity")."""
+    worst = (1.0, "")
+    for name, r in speeds.items():
+        pairs = [("prefill", r["prefill"]["median_ms"], r["prefill"]["p90_ms"])]
+        pairs += [(q, r.get(f"{q}_ms"), r.get(f"{q}_p90_ms")) for q in ("ttft", "decode")]
+        for what, median, p90 in pairs:
+            if median and p90 and p90 / median > worst[0]:
+                worst = (p90 / median, f"{name} {what}")
+    return worst
+
+
+def spread_note(speeds: dict[str, dict], threshold: float = NOISY_SPREAD) -> str | None:
+    """A note when the timings are noisy (see :func:`timing_spread`), else None."""
+    ratio, where = timing_spread(speeds)
+    if ratio <= threshold:
+        return None
+    return (
+        f"timings are noisy: p90 / median up to {ratio:.2f} ({where}), so the speedups (ratios of medians) "
+        "may be off; time on an idle machine, or with more speed.repeats"
+    )
+
+
+def random_init_summary(results: dict) -> str:
+    """What ``tpkit evaluate --random-init`` prints: the speed table, the run, the measured prefill
+    speedup beside the FLOPs ratio, and a note when the timings are noisy."""
+    speeds = results["speed"]
+    ours = next(n for n in speeds if n != "dense")
+    ach = results["achieved"].get("token_layer_fraction", {}).get("mean")
+    scale = f", widths / {results['scale_down']}" if results.get("scale_down", 1) > 1 else ""
+    lines = [
+        speed_markdown(speeds),
+        f"{results['architecture']} (random init{scale}, {results['device_name']}, {results['dtype']}, batch "
+        f"{results['batch_size']}, {results['threads']} thread(s), median of {results['repeats']} rounds, "
+        f"{results['prompt']['n_dense']} tokens): k1={results['counts']['k1']} k2={results['counts']['k2']} "
+        f"token-layer fraction {'–' if ach is None else f'{ach:.4f}'}",
+        f"{ours} vs dense: prefill {results['prefill_speedup']:.2f}x measured; the language model's prefill "
+        f"FLOPs {results['flops_ratio']:.2f}x fewer",
+    ]
+    if results.get("vision_ms") is not None:  # the visual encoder is the same work for both
+        dense_ms = speeds["dense"]["prefill"]["median_ms"]
+        lm = results.get("lm_prefill_speedup")
+        lines.append(
+            f"the visual encoder alone: {results['vision_ms']:.1f} ms of dense's {dense_ms:.1f} ms prefill"
+            + (f"; without it, ours' language-model prefill is {lm:.2f}x faster" if lm else "")
+        )
+    if note := spread_note(speeds):
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
 
 
 def overlay_samples(run: dict, processor, first: dict, n: int) -> list[dict]:

@@ -452,7 +452,7 @@ def evaluate(cfg: EvalConfig, pruning_overrides: dict[str, Any] | None = None) -
 
     # speed on the first batch
     if cfg.speed.enabled:
-        sp = cfg.speed
+        sp = cfg.speed.resolved(device.type)
         first = next(iter(_make_loader(ds, processor, cfg, sp.batch_size)))
         sbatch = device_inputs(model, first, device)
         index = torch.arange(sbatch["input_ids"].shape[0])
