@@ -8,6 +8,7 @@
     tpkit demo
     tpkit fixture --config configs/fixture/tiny_gpu.yaml --out assets/tiny-llava
     tpkit premise --model assets/tiny-llava --data runs/data/synthetic --out outputs/premise
+    tpkit lmms-task --data runs/data/synthetic/test.json --out runs/lmms_task
     tpkit config-reference --check
 
 Every subcommand has ``--help``; the config-driven ones take ``--set key.sub=value`` (repeatable)
@@ -334,6 +335,27 @@ def _teacher_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lmms_task(args: argparse.Namespace) -> int:
+    from tpkit.data.errors import LlavaDataError  # lazy: datasets takes seconds
+    from tpkit.evaluation.harness.task import write_lmms_task
+
+    if args.max_new_tokens < 1:
+        raise _Fail("--max-new-tokens must be >= 1")
+    try:
+        task = write_lmms_task(
+            args.data, args.out, args.name, image_folder=args.image_folder, max_new_tokens=args.max_new_tokens
+        )
+    except (LlavaDataError, ValueError) as e:
+        raise _Fail(str(e)) from None
+    print(
+        f"wrote the lmms-eval task {task.name} ({task.n} questions, generation, exact match) to {task.out_dir}"
+    )
+    if task.yes_no_name:
+        print(f"and {task.yes_no_name} ({task.n_yes_no} yes/no questions, loglikelihood of yes and no)")
+    print(f"run them (offline: HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1):\n  {task.command()}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 # the embedded world: data, demo, fixture, premise
 
@@ -599,6 +621,25 @@ def build_parser(prog: str = "tpkit") -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--shard", default="0/1", metavar="I/N", help="build records I, I+N, ... only (one process per GPU)"
+    )
+
+    p = command(
+        "lmms-task",
+        _lmms_task,
+        "write a local lmms-eval task over a LLaVA-JSON file, for lmms-eval --model tpkit with no hub",
+    )
+    p.add_argument(
+        "--data", required=True, help="a LLaVA-JSON (or JSONL) file, e.g. runs/data/synthetic/test.json"
+    )
+    p.add_argument("--out", required=True, help="the task directory (lmms-eval's --include_path)")
+    p.add_argument(
+        "--name", default=None, help="task name (default: tpkit_<folder>_<file>, e.g. tpkit_synthetic_test)"
+    )
+    p.add_argument(
+        "--image-folder", default=None, help="where relative image paths are (default: the file's directory)"
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=16, help="the generation task's max_new_tokens (default 16)"
     )
 
     p = command("data", lambda a: 0, "write datasets (the synthetic benchmark)")
