@@ -164,6 +164,7 @@ def test_skipped_records_are_reported_and_listed(eval_cfg, tmp_path, capsys):
         "path": str(test_json),
         "n": 4,
         "n_records": 6,
+        "limit": None,
         "n_skipped": 2,
         "skipped_file": str(skipped),
     }

@@ -229,7 +229,9 @@ def sweep_spec(
 
     def feasible(k1: torch.Tensor) -> torch.Tensor:
         k1 = torch.minimum(torch.maximum(k1, k1_min), k1_max)
-        return torch.minimum(k1.clamp(min=1), stats.n_visual)
+        # never below stage1.min_keep, the knee's own floor: a budget that needs fewer patches is
+        # missed, and budget_gap_tokens says by how much
+        return torch.minimum(k1.clamp(min=max(1, ours.stage1.min_keep)), stats.n_visual)
 
     k1 = feasible(scale_stage1_keep(stats.k1, stats.n_text, stats.n_visual, min(1.0, stage1_factor * budget)))
     if family == "topk-cls":  # one K for every image: the mean of ours' counts at this budget
