@@ -150,15 +150,21 @@ def _cannot_load(source: str, what: str, error: Exception) -> ValueError:
     return ValueError(f"{source}: cannot {what} ({error})")
 
 
-def read_model_config(source: str, revision: str | None = None) -> Any:
-    """The transformers config of a local directory or hub id (no weights read); ValueError saying
-    why not."""
+def _auto_pretrained(auto: Any, source: str, revision: str | None, what: str) -> Any:
+    """``auto.from_pretrained(source)`` (AutoConfig, AutoProcessor), from local files only where the
+    hub cannot answer; ValueError saying why not."""
     if why := parse_model_path(source).missing():
         raise ValueError(why)
     try:
-        return AutoConfig.from_pretrained(source, revision=revision, local_files_only=_files_only(source))
+        return auto.from_pretrained(source, revision=revision, local_files_only=_files_only(source))
     except (OSError, ValueError) as e:
-        raise _cannot_load(source, "read a model config", e) from None
+        raise _cannot_load(source, what, e) from None
+
+
+def read_model_config(source: str, revision: str | None = None) -> Any:
+    """The transformers config of a local directory or hub id (no weights read); ValueError saying
+    why not."""
+    return _auto_pretrained(AutoConfig, source, revision, "read a model config")
 
 
 def load_pretrained(
@@ -210,13 +216,7 @@ def load_model(
 def load_processor(path: str | Path, *, revision: str | None = None) -> Any:
     """``AutoProcessor.from_pretrained`` of a local directory or hub id (tpkit's offline processors
     included: importing this module registers :class:`OfflineQwen2VLProcessor` with ``AutoProcessor``)."""
-    source = str(path)
-    if why := parse_model_path(source).missing():
-        raise ValueError(why)
-    try:
-        return AutoProcessor.from_pretrained(source, revision=revision, local_files_only=_files_only(source))
-    except (OSError, ValueError) as e:
-        raise _cannot_load(source, "load a processor", e) from None
+    return _auto_pretrained(AutoProcessor, str(path), revision, "load a processor")
 
 
 def load_processor_for(cfg: ModelConfig) -> Any:
