@@ -265,3 +265,57 @@ def test_the_shipped_configs_name_the_checkout_from_any_directory(tmp_path, monk
     assert demo.base_model == train.model.path and demo.out_dir == str(ROOT / "runs" / "demo")
     assert demo.train_config == str(ROOT / "configs" / "train" / "tiny.yaml")
     assert demo.data.dir == str(ROOT / "runs" / "data" / "synthetic")
+
+
+def _path_fields(cfg, prefix=""):
+    """(dotted key, loaded value, resolver) of every path_field in a loaded config."""
+    import dataclasses
+
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _path_fields(value, f"{prefix}{f.name}.")
+        elif "tpkit_path" in f.metadata:
+            yield prefix + f.name, value, f.metadata["tpkit_path"]
+
+
+SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(ROOT / "configs")) for p in SHIPPED])
+def test_every_shipped_config_names_the_checkout_from_another_directory(path, tmp_path, monkeypatch):
+    """Loaded from elsewhere, each path a shipped config writes resolves against the file's directory
+    (what its header says) into the checkout's assets/, data/, runs/ or an existing config; a hub id
+    stays as written. A path written as if relative to the checkout's root fails here."""
+    import os
+
+    import yaml
+
+    from tpkit.demo import DemoConfig
+    from tpkit.evaluation.config import EvalConfig
+    from tpkit.synthetic.fixture.config import FixtureConfig
+
+    cls = {"train": TrainConfig, "eval": EvalConfig, "fixture": FixtureConfig, "configs": DemoConfig}
+    text = path.read_text()
+    raw = yaml.safe_load(text)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(cls[path.parent.name], path)
+    local = 0
+    for key, value, resolve in _path_fields(cfg):
+        written = raw
+        for part in key.split("."):
+            written = written.get(part) if isinstance(written, dict) else None
+        if not written:  # not in the file (a default: the current directory), or null
+            continue
+        assert value == resolve(written, path.parent), key
+        if value == written:  # a hub id or a random tiny model
+            assert written.startswith("tiny") or (
+                written.count("/") == 1 and not written.startswith((".", "/"))
+            )
+            continue
+        local += 1
+        inside = Path(value).relative_to(ROOT).parts  # ValueError: outside the checkout
+        assert inside[0] in ("assets", "data", "runs", "configs"), (key, value)
+        assert inside[0] not in ("assets", "configs") or Path(value).exists(), (key, value)
+    if local:
+        assert f"relative to its directory ({os.path.relpath(ROOT, path.parent)}/ is the checkout)" in text
