@@ -121,8 +121,10 @@ def _train(args: argparse.Namespace) -> int:
     cfg = _load(TrainConfig, args)
     if _printed(cfg, args):
         return 0
-    if why := cfg.model.missing_paths():
+    # the model, data and teacher-cache paths and every record: before the lock, before anything is written
+    if why := cfg.missing_inputs():
         raise _Fail(why)
+    _check_data(cfg.data, ["train_json", "val_json"])
     out = Path(cfg.trainer.out_dir)
     command = _command(args)
     if args.resume and args.overwrite:
@@ -163,9 +165,6 @@ def _train_locked(args: argparse.Namespace, cfg: Any, out: Path, command: str) -
                 raise _Fail(str(e)) from None
         except (RunDirError, CheckpointError) as e:
             raise _Fail(str(e)) from None
-    if why := cfg.missing_inputs():
-        raise _Fail(why)
-    _check_data(cfg.data, ["train_json", "val_json"])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # lazy: lightning, peft and transformers take seconds
     from lightning.fabric.utilities.exceptions import MisconfigurationException
