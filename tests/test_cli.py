@@ -167,6 +167,58 @@ def test_data_errors_come_before_heavy_imports(tmp_path):
     )
 
 
+def test_a_model_that_cannot_load_is_an_error_from_every_command(tmp_path):
+    """With the hub out of reach (its endpoint a closed local port) and HF_HUB_OFFLINE unset, a hub id
+    that is not in the hub cache is refused by `tpkit train` before torch is imported, in a second;
+    `tpkit evaluate` of a directory that holds no model says so: an error, no traceback."""
+    import json
+    import socket
+
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    record = {"id": "a", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nQ?"},
+                                                             {"from": "gpt", "value": "yes"}]}  # fmt: skip
+    (tmp_path / "data.json").write_text(json.dumps([record]))
+    (tmp_path / "train.yaml").write_text(
+        "model:\n  path: someorg/somemodel\ndata:\n  train_json: data.json\n"
+    )
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "eval.yaml").write_text("model:\n  path: empty\ndata:\n  test_json: data.json\n")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf"))
+    code = (
+        "import sys; from tpkit.cli import main; rc = main(sys.argv[1:]); print(rc, 'torch' in sys.modules)"
+    )
+
+    def run(*argv: str) -> tuple[str, str]:
+        out = subprocess.run(
+            [sys.executable, "-c", code, *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        return out.stdout.strip(), out.stderr.strip()
+
+    stdout, stderr = run("train", "--config", "train.yaml", "--set", "trainer.out_dir=run")
+    assert stdout == "2 False", stderr[-2000:]
+    assert stderr.startswith(
+        f"error: model.path = 'someorg/somemodel': not a directory here ({tmp_path / 'someorg' / 'somemodel'}) "
+        f"and not in the hub cache, and the hub cannot be reached (http://127.0.0.1:{port}: "
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.png",
+        "data.json",
+        "empty",
+        "eval.yaml",
+        "train.yaml",
+    ]
+    stdout, stderr = run("evaluate", "--config", "eval.yaml", "--set", "speed.enabled=false")
+    assert stdout == "2 True" and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.startswith(f"error: {tmp_path / 'empty'}: cannot load a processor (")
+
+
 def test_the_demo_runs_from_any_directory(tmp_path, monkeypatch, capsys):
     """Without --config, `tpkit demo` reads the checkout's configs/demo.yaml, whose paths name the
     checkout's assets and runs/ from wherever it is run."""

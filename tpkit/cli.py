@@ -38,6 +38,7 @@ from tpkit.config import (
     to_dict,
     unwritable_dir,
 )
+from tpkit.models.config import ModelSourceError
 
 __all__ = ["main", "build_parser", "CONFIG_REFERENCE"]
 
@@ -716,7 +717,7 @@ def main(argv: list[str] | None = None, prog: str = "tpkit") -> int:
     args.argv, args.prog = argv, prog
     try:
         return args.func(args)
-    except _Fail as e:
+    except (_Fail, ModelSourceError) as e:  # a model that cannot be loaded: from any command, its message
         msg = str(e)
         print(msg if msg.startswith("config error:") else f"error: {msg}", file=sys.stderr)
         return 2

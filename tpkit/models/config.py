@@ -3,7 +3,10 @@ before anything heavy is imported)."""
 
 from __future__ import annotations
 
+import functools
 import os
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -13,8 +16,10 @@ from tpkit.config import path_field, resolve_path
 __all__ = [
     "ModelConfig",
     "ModelSource",
+    "ModelSourceError",
     "TINY_BACKBONES",
     "TINY_BUILDER",
+    "hub_unreachable",
     "parse_model_path",
     "resolve_model_path",
 ]
@@ -35,7 +40,11 @@ class ModelSource:
         return self.kind == "tiny"
 
     def missing(self) -> str | None:
-        """Why this source cannot be loaded, when it is a local directory that is not there; else None."""
+        """Why this source cannot be loaded, when it is a local directory that is not there, or a hub
+        id that is not in the hub cache while the hub is out of reach (one check: seconds, not the
+        loader's minutes of retries); else None."""
+        if self.kind == "hub":
+            return None if _in_hub_cache(self.name) else offline_hub_id(self.name)
         p = Path(self.name).expanduser()
         if self.kind != "local" or p.exists():
             return None
@@ -44,6 +53,52 @@ class ModelSource:
             f"{self.name!r}: no such directory{where}; a model is a save_pretrained directory, or a hub id, "
             "which looks like 'org/name'"
         )
+
+
+class ModelSourceError(ValueError):
+    """A model or processor that cannot be loaded from what names it (the message says why and what
+    to do instead)."""
+
+
+@functools.cache
+def hub_unreachable(endpoint: str | None = None) -> str | None:
+    """Why the model hub (``HF_ENDPOINT``, default https://huggingface.co) cannot be reached, else
+    None: one HEAD request with a 5 s timeout, once per process. Without it, a hub id on a machine
+    with no network waits through huggingface_hub's retries (minutes) before it fails."""
+    from huggingface_hub import constants
+
+    endpoint = endpoint or constants.ENDPOINT
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=5).close()
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (urllib.error.URLError, OSError) as e:  # refused, no DNS, timeout
+        return f"{endpoint}: {getattr(e, 'reason', e)}"
+    return None
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the hub cache holds a snapshot of ``repo_id`` (what ``local_files_only`` can load)."""
+    from huggingface_hub import constants
+
+    snapshots = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    return snapshots.is_dir() and any(snapshots.iterdir())
+
+
+def offline_hub_id(repo_id: str) -> str | None:
+    """The error for hub id ``repo_id`` when ``HF_HUB_OFFLINE`` is set or the hub cannot be reached
+    (then only the hub cache can answer), else None."""
+    from huggingface_hub import constants
+
+    if not (why := constants.HF_HUB_OFFLINE or hub_unreachable()):
+        return None
+    here = os.path.join(os.getcwd(), repo_id)
+    offline = "HF_HUB_OFFLINE is set" if why is True else f"the hub cannot be reached ({why})"
+    return (
+        f"{repo_id!r}: not a directory here ({here}) and not in the hub cache, and {offline}. Give a "
+        "save_pretrained directory (a relative path is relative to the current directory; in a config "
+        "file, to the file's directory), or load it once where the hub can be reached"
+    )
 
 
 def parse_model_path(path: str, base: str | os.PathLike | None = None) -> ModelSource:

@@ -7,11 +7,7 @@ plain paths, and fails with an error that names the path and says what was expec
 
 from __future__ import annotations
 
-import functools
 import json
-import os
-import urllib.error
-import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,7 +21,14 @@ import tpkit.data.qwen_processor  # noqa: F401  (registers OfflineQwen2VLProcess
 from tpkit.config import ConfigError, from_dict
 from tpkit.data.processor import build_processor
 from tpkit.models.checks import ARCHITECTURE_KEYS, config_sha256, fingerprint_diff, model_fingerprint
-from tpkit.models.config import TINY_BUILDER, ModelConfig, parse_model_path
+from tpkit.models.config import (
+    TINY_BUILDER,
+    ModelConfig,
+    ModelSourceError,
+    hub_unreachable,
+    offline_hub_id,
+    parse_model_path,
+)
 from tpkit.models.families import attach_pruner
 from tpkit.models.registry import build_tiny, families
 from tpkit.models.tiny import tiny_kwargs_from_processor
@@ -39,7 +42,6 @@ __all__ = [
     "resolve_dtype",
     "resolve_device",
     "model_class_for",
-    "hub_unreachable",
     "read_model_config",
     "load_pretrained",
     "load_model",
@@ -93,7 +95,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | 
 
 def model_class_for(config: Any, source: str) -> type:
     """The ``*ForConditionalGeneration`` class of a checkpoint's config, if tpkit prunes its family;
-    else a ValueError naming the checkpoint, its model type and the supported classes."""
+    else a ModelSourceError naming the checkpoint, its model type and the supported classes."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     supported = [c for f in families() for c in f.classes]
@@ -103,27 +105,10 @@ def model_class_for(config: Any, source: str) -> type:
     for name in names:
         if name in supported and hasattr(transformers, name):
             return getattr(transformers, name)
-    raise ValueError(
+    raise ModelSourceError(
         f"{source}: model_type {kind!r} (architectures {getattr(config, 'architectures', None)}) is not a "
         f"family tpkit prunes; supported: {', '.join(supported)}"
     )
-
-
-@functools.cache
-def hub_unreachable(endpoint: str | None = None) -> str | None:
-    """Why the model hub (``HF_ENDPOINT``, default https://huggingface.co) cannot be reached, else
-    None: one HEAD request with a 5 s timeout, once per process. Without it, a hub id on a machine
-    with no network waits through huggingface_hub's retries (minutes) before it fails."""
-    from huggingface_hub import constants
-
-    endpoint = endpoint or constants.ENDPOINT
-    try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=5).close()
-    except urllib.error.HTTPError:
-        return None  # it answered
-    except (urllib.error.URLError, OSError) as e:  # refused, no DNS, timeout
-        return f"{endpoint}: {getattr(e, 'reason', e)}"
-    return None
 
 
 def _files_only(source: str) -> bool:
@@ -134,27 +119,19 @@ def _files_only(source: str) -> bool:
     return parse_model_path(source).kind == "local" or constants.HF_HUB_OFFLINE or bool(hub_unreachable())
 
 
-def _cannot_load(source: str, what: str, error: Exception) -> ValueError:
+def _cannot_load(source: str, what: str, error: Exception) -> ModelSourceError:
     """The error of a failed ``from_pretrained``: for a hub id while the hub is out of reach, that
     and what to do instead of the loader's own message."""
-    from huggingface_hub import constants
-
-    if parse_model_path(source).kind == "hub" and (why := constants.HF_HUB_OFFLINE or hub_unreachable()):
-        here = os.path.join(os.getcwd(), source)
-        offline = "HF_HUB_OFFLINE is set" if why is True else f"the hub cannot be reached ({why})"
-        return ValueError(
-            f"{source!r}: not a directory here ({here}) and not in the hub cache, and {offline}. Give a "
-            "save_pretrained directory (a relative path is relative to the current directory; in a config "
-            "file, to the file's directory), or load it once where the hub can be reached"
-        )
-    return ValueError(f"{source}: cannot {what} ({error})")
+    if parse_model_path(source).kind == "hub" and (why := offline_hub_id(source)):
+        return ModelSourceError(why)
+    return ModelSourceError(f"{source}: cannot {what} ({error})")
 
 
 def _auto_pretrained(auto: Any, source: str, revision: str | None, what: str) -> Any:
     """``auto.from_pretrained(source)`` (AutoConfig, AutoProcessor), from local files only where the
     hub cannot answer; ValueError saying why not."""
     if why := parse_model_path(source).missing():
-        raise ValueError(why)
+        raise ModelSourceError(why)
     try:
         return auto.from_pretrained(source, revision=revision, local_files_only=_files_only(source))
     except (OSError, ValueError) as e:
