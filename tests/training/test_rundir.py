@@ -56,7 +56,8 @@ def test_a_second_run_into_the_same_out_dir_is_refused_then_overwritten_on_reque
 def test_resume_refuses_changes_to_what_the_run_computes(run, tmp_path, capsys):
     out, cfg_path = run
     before = _snapshot(out)
-    other = tmp_path / "other.json"
+    other = tmp_path / "other.json"  # another data file that exists (a missing one is refused first)
+    other.write_text((tmp_path / "train.json").read_text())
     capsys.readouterr()
     changes = ["optim.lr=0.01", "lora.r=2", "lora.alpha=4.0", f"data.train_json={other}", "trainer.seed=3"]
     assert (
@@ -145,7 +146,10 @@ def test_a_run_started_with_relative_paths_resumes_with_the_absolute_ones(tmp_pa
     assert resume_changes(saved, now) == ([], [])
     # another directory is a moved run (accepted); another model is another run
     moved = {**now, "trainer": {"out_dir": str(tmp_path / "runs" / "y")}}
-    assert resume_changes(saved, moved) == ([], [f"trainer.out_dir: 'runs/x/' -> '{tmp_path / 'runs' / 'y'}'"])
+    assert resume_changes(saved, moved) == (
+        [],
+        [f"trainer.out_dir: 'runs/x/' -> '{tmp_path / 'runs' / 'y'}'"],
+    )
     other = {**now, "model": {"path": str(tmp_path / "assets" / "other")}}
     assert resume_changes(saved, other) == (
         [f"model.path: 'assets/tiny-llava' -> '{tmp_path / 'assets' / 'other'}'"],
@@ -217,7 +221,8 @@ def test_resume_compares_resolved_paths_and_lets_a_moved_run_resume(run, capsys)
     assert main([*argv, "--set", f"trainer.out_dir={moved}", "trainer.max_steps=6"]) == 0
     captured = capsys.readouterr()
     assert (
-        f"resuming from step 5 with changes: trainer.max_steps: 5 -> 6; trainer.out_dir: '{out}/' -> '{moved}'"
+        # a path loads normalised: the trailing / given with --set is gone
+        f"resuming from step 5 with changes: trainer.max_steps: 5 -> 6; trainer.out_dir: '{out}' -> '{moved}'"
         in (captured.err)
     )
     assert "done: step 6" in captured.out
