@@ -167,12 +167,11 @@ def test_data_errors_come_before_heavy_imports(tmp_path):
     )
 
 
-def test_a_model_that_cannot_load_is_an_error_from_every_command(tmp_path):
+def test_a_model_that_cannot_load_is_an_error_from_every_command(tmp_path, unreachable_hub):
     """With the hub out of reach (its endpoint a closed local port) and HF_HUB_OFFLINE unset, a hub id
     that is not in the hub cache is refused by `tpkit train` before torch is imported, in a second;
     `tpkit evaluate` of a directory that holds no model says so: an error, no traceback."""
     import json
-    import socket
 
     from PIL import Image
 
@@ -185,11 +184,7 @@ def test_a_model_that_cannot_load_is_an_error_from_every_command(tmp_path):
     )
     (tmp_path / "empty").mkdir()
     (tmp_path / "eval.yaml").write_text("model:\n  path: empty\ndata:\n  test_json: data.json\n")
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf"))
+    env, endpoint = unreachable_hub
     code = (
         "import sys; from tpkit.cli import main; rc = main(sys.argv[1:]); print(rc, 'torch' in sys.modules)"
     )
@@ -205,7 +200,7 @@ def test_a_model_that_cannot_load_is_an_error_from_every_command(tmp_path):
     assert stdout == "2 False", stderr[-2000:]
     assert stderr.startswith(
         f"error: model.path = 'someorg/somemodel': not a directory here ({tmp_path / 'someorg' / 'somemodel'}) "
-        f"and not in the hub cache, and the hub cannot be reached (http://127.0.0.1:{port}: "
+        f"and not in the hub cache, and the hub cannot be reached ({endpoint}: "
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "a.png",

@@ -78,19 +78,13 @@ def test_missing_local_directories_are_named_before_any_hub_lookup(tmp_path, mon
     assert ModelConfig("assets/tiny-llava").missing_paths().startswith("model.path = 'assets/tiny-llava'")
 
 
-def test_a_hub_id_with_no_network_fails_after_one_check(tmp_path):
+def test_a_hub_id_with_no_network_fails_after_one_check(tmp_path, unreachable_hub):
     """HF_HUB_OFFLINE unset and the hub out of reach (its endpoint a closed local port): one check of
     the endpoint, then an error that says so, not huggingface_hub's five retries."""
-    import os
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf"))
+    env, endpoint = unreachable_hub
     code = (
         "import time; from tpkit.models import load_model; t = time.perf_counter()\n"
         "try:\n    load_model('someorg/somemodel')\nexcept ValueError as e:\n"
@@ -105,5 +99,5 @@ def test_a_hub_id_with_no_network_fails_after_one_check(tmp_path):
     assert lines[1].startswith(
         f"'someorg/somemodel': not a directory here ({tmp_path / 'someorg' / 'somemodel'})"
     )
-    assert f"the hub cannot be reached (http://127.0.0.1:{port}: " in lines[1] and "refused" in lines[1]
+    assert f"the hub cannot be reached ({endpoint}: " in lines[1] and "refused" in lines[1]
     assert float(lines[0]) < 10.0  # one refused connection; the retries took 23 s and more
