@@ -548,7 +548,11 @@ def random_init_summary(results: dict) -> str:
         lm = results.get("lm_prefill_speedup")
         lines.append(
             f"the visual encoder alone: {results['vision_ms']:.1f} ms of dense's {dense_ms:.1f} ms prefill"
-            + (f"; without it, ours' language-model prefill is {lm:.2f}x faster" if lm else "")
+            + (
+                f"; without it, ours' language-model prefill is {lm:.2f}x faster"
+                if lm
+                else "; what is left of ours' prefill is within the timing noise (no language-model ratio)"
+            )
         )
     if note := spread_note(speeds):
         lines.append(f"note: {note}")
