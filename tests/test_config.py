@@ -175,6 +175,14 @@ def test_train_reports_config_errors_before_loading_a_model(tmp_path, capsys):
     assert main(["train", "--config", str(_write(tmp_path, GOOD)), "--set", "optim.lr=x"]) == 2
     assert "'optim.lr' = 'x' must be a number" in capsys.readouterr().err
     assert main(["train", "--config", str(_write(tmp_path, GOOD)), "--resume"]) == 2
+    # the paths first (relative to the config file): data/train.json is not there
+    assert capsys.readouterr().err.startswith(
+        f"error: data.train_json = '{tmp_path / 'data' / 'train.json'}': no such"
+    )
+    from tpkit.synthetic.splits import generate_split
+
+    generate_split(tmp_path / "data", split="train", n=2, seed=0)
+    assert main(["train", "--config", str(_write(tmp_path, GOOD)), "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
 
 
