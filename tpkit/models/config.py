@@ -20,6 +20,7 @@ __all__ = [
     "TINY_BACKBONES",
     "TINY_BUILDER",
     "hub_unreachable",
+    "offline_hub_id",
     "parse_model_path",
     "resolve_model_path",
 ]
@@ -153,7 +154,8 @@ class ModelConfig:
         parse_model_path(self.path)
 
     def missing_paths(self) -> str | None:
-        """The error for a ``path`` / ``processor_path`` that can only be a missing local directory."""
+        """The error for a ``path`` / ``processor_path`` that cannot load: a missing local directory,
+        or a hub id the hub cache lacks while the hub is out of reach (:meth:`ModelSource.missing`)."""
         items = (("model.path", self.source), ("model.processor_path", None))
         if self.processor_path:
             items = (items[0], ("model.processor_path", parse_model_path(self.processor_path)))
