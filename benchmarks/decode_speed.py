@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.speed.repeats = args.repeats
     cfg.speed.warmup = args.warmup
     cfg.speed.decode_tokens = args.new_tokens
-    cfg.speed.threads = args.threads or None
+    cfg.speed.threads = args.threads  # 0: torch's default
     cfg.eval.progress = False
     res = evaluate_speed_only(cfg)
     print(speed_markdown(res["speed"]))

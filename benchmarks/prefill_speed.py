@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.speed.repeats = args.repeats
     cfg.speed.warmup = args.warmup
     cfg.speed.generation = False
-    cfg.speed.threads = args.threads or None
+    cfg.speed.threads = args.threads  # 0: torch's default
     res = evaluate_speed_only(cfg)
     print(speed_markdown(res["speed"]))
     frac = res["achieved"]["token_layer_fraction"]["mean"]

@@ -81,3 +81,17 @@ def tiny_llava(tiny_llava_factory):
 @pytest.fixture
 def make_llava_batch() -> Callable:
     return build_llava_batch
+
+
+@pytest.fixture
+def unreachable_hub(tmp_path) -> tuple[dict[str, str], str]:
+    """(env, endpoint) for a subprocess whose model hub cannot be reached: HF_ENDPOINT a local port
+    nothing listens on, HF_HUB_OFFLINE unset, an empty hub cache under ``tmp_path/hf``."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf"))
+    return env, endpoint

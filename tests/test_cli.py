@@ -121,3 +121,105 @@ def test_an_installed_tpkit_trains_evaluates_and_exports(tmp_path):
     assert "| dense |" in table and "| ours |" in table
     tpkit("export", "--ckpt", "run/last.ckpt", "--out", "exported")
     assert (work / "exported" / "adapter_model.safetensors").is_file()
+
+
+def test_data_errors_come_before_heavy_imports(tmp_path):
+    """A missing data file, or a record whose image is not there, answers `tpkit train` and `tpkit
+    evaluate` in a fresh process without importing torch or transformers (about a second)."""
+    import json
+
+    (tmp_path / "img").mkdir()
+    good = {"id": "a", "image": "img/a.png", "conversations": [{"from": "human", "value": "<image>\nQ?"},
+                                                               {"from": "gpt", "value": "yes"}]}  # fmt: skip
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "img" / "a.png")
+    (tmp_path / "data.json").write_text(json.dumps([good, {**good, "id": "b", "image": "img/b.png"}]))
+    (tmp_path / "train.yaml").write_text("model:\n  path: tiny\ndata:\n  train_json: data.json\n")
+    (tmp_path / "eval.yaml").write_text("model:\n  path: tiny\ndata:\n  test_json: data.json\n")
+    code = (
+        "import sys; from tpkit.cli import main; rc = main(sys.argv[1:]); "
+        "print(rc, sorted(m for m in ('torch', 'transformers', 'lightning', 'peft') if m in sys.modules))"
+    )
+
+    def run(*argv: str) -> tuple[str, str]:
+        out = subprocess.run(
+            [sys.executable, "-c", code, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
+        return out.stdout.strip(), out.stderr.strip()
+
+    missing_image = f"record #1 (id='b'): image file not found: {tmp_path / 'img' / 'b.png'}"
+    assert run("train", "--config", "train.yaml") == (
+        "2 []",
+        f"error: data.train_json: {tmp_path / 'data.json'}: {missing_image}",
+    )
+    assert run("evaluate", "--config", "eval.yaml") == (
+        "2 []",
+        f"error: data.test_json: {tmp_path / 'data.json'}: {missing_image}",
+    )
+    stdout, stderr = run("train", "--config", "train.yaml", "--set", "data.train_json=nope.json")
+    assert stdout == "2 []" and stderr.startswith(
+        f"error: data.train_json = '{tmp_path / 'nope.json'}': no such file"
+    )
+    stdout, stderr = run("evaluate", "--config", "eval.yaml", "--set", "data.test_json=nope.json")
+    assert stdout == "2 []" and stderr.startswith(
+        f"error: data.test_json = '{tmp_path / 'nope.json'}': no such file"
+    )
+
+
+def test_a_model_that_cannot_load_is_an_error_from_every_command(tmp_path, unreachable_hub):
+    """With the hub out of reach (its endpoint a closed local port) and HF_HUB_OFFLINE unset, a hub id
+    that is not in the hub cache is refused by `tpkit train` before torch is imported, in a second;
+    `tpkit evaluate` of a directory that holds no model says so: an error, no traceback."""
+    import json
+
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    record = {"id": "a", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nQ?"},
+                                                             {"from": "gpt", "value": "yes"}]}  # fmt: skip
+    (tmp_path / "data.json").write_text(json.dumps([record]))
+    (tmp_path / "train.yaml").write_text(
+        "model:\n  path: someorg/somemodel\ndata:\n  train_json: data.json\n"
+    )
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "eval.yaml").write_text("model:\n  path: empty\ndata:\n  test_json: data.json\n")
+    env, endpoint = unreachable_hub
+    code = (
+        "import sys; from tpkit.cli import main; rc = main(sys.argv[1:]); print(rc, 'torch' in sys.modules)"
+    )
+
+    def run(*argv: str) -> tuple[str, str]:
+        out = subprocess.run(
+            [sys.executable, "-c", code, *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        return out.stdout.strip(), out.stderr.strip()
+
+    stdout, stderr = run("train", "--config", "train.yaml", "--set", "trainer.out_dir=run")
+    assert stdout == "2 False", stderr[-2000:]
+    assert stderr.startswith(
+        f"error: model.path = 'someorg/somemodel': not a directory here ({tmp_path / 'someorg' / 'somemodel'}) "
+        f"and not in the hub cache, and the hub cannot be reached ({endpoint}: "
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.png",
+        "data.json",
+        "empty",
+        "eval.yaml",
+        "train.yaml",
+    ]
+    stdout, stderr = run("evaluate", "--config", "eval.yaml", "--set", "speed.enabled=false")
+    assert stdout == "2 True" and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.startswith(f"error: {tmp_path / 'empty'}: cannot load a processor (")
+
+
+def test_the_demo_runs_from_any_directory(tmp_path, monkeypatch, capsys):
+    """Without --config, `tpkit demo` reads the checkout's configs/demo.yaml, whose paths name the
+    checkout's assets and runs/ from wherever it is run."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["base_model"] == str(ROOT / "assets" / "tiny-llava")
+    assert printed["train_config"] == str(ROOT / "configs" / "train" / "tiny.yaml")
+    assert printed["out_dir"] == str(ROOT / "runs" / "demo")

@@ -175,6 +175,14 @@ def test_train_reports_config_errors_before_loading_a_model(tmp_path, capsys):
     assert main(["train", "--config", str(_write(tmp_path, GOOD)), "--set", "optim.lr=x"]) == 2
     assert "'optim.lr' = 'x' must be a number" in capsys.readouterr().err
     assert main(["train", "--config", str(_write(tmp_path, GOOD)), "--resume"]) == 2
+    # the paths first (relative to the config file): data/train.json is not there
+    assert capsys.readouterr().err.startswith(
+        f"error: data.train_json = '{tmp_path / 'data' / 'train.json'}': no such"
+    )
+    from tpkit.synthetic.splits import generate_split
+
+    generate_split(tmp_path / "data", split="train", n=2, seed=0)
+    assert main(["train", "--config", str(_write(tmp_path, GOOD)), "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
 
 
@@ -215,3 +223,107 @@ def test_check_fields_applies_the_loaders_checks_to_a_config_built_in_python():
         check_fields(PruningConfig(stage2=Stage2Config(diversity=float("nan"))), "pruning.")
     with pytest.raises(ConfigError, match=r"'stage1.selector' = 'knee' is not one of"):
         check_fields(PruningConfig(stage1=Stage1Config(selector="knee")))
+
+
+def test_relative_paths_resolve_against_the_config_file_or_the_current_directory(tmp_path, monkeypatch):
+    """In a file: against the file's directory; with --set (or a default): against the current one.
+    A model path that is a hub id or `tiny` stays as written; saved and loaded again from another
+    directory, the config names the same files."""
+    (tmp_path / "cfgs" / "model").mkdir(parents=True)
+    cfg_file = tmp_path / "cfgs" / "run.yaml"
+    cfg_file.write_text(
+        "model:\n  path: model\n  processor_path: llava-hf/llava-1.5-7b-hf\n"
+        "data:\n  train_json: ../data/train.json\n  image_folder: /abs/images/\n"
+        "distill:\n  teacher_cache: cache\n"
+    )
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    cfg = load_config(TrainConfig, cfg_file, ["data.val_json=val.json", "trainer.log_every_n_steps=3"])
+    assert cfg.model.path == str(tmp_path / "cfgs" / "model")
+    assert cfg.model.processor_path == "llava-hf/llava-1.5-7b-hf"  # a hub id
+    assert cfg.data.train_json == str(tmp_path / "data" / "train.json")
+    assert cfg.data.image_folder == "/abs/images"  # normalised: no trailing /
+    assert cfg.distill.teacher_cache == str(tmp_path / "cfgs" / "cache")
+    assert cfg.data.val_json == str(here / "val.json")  # --set: the current directory
+    assert cfg.trainer.out_dir == str(here / "runs" / "tiny")  # a default: the current directory
+    saved = save_config(cfg, tmp_path / "run" / "config.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert to_dict(load_config(TrainConfig, saved)) == to_dict(cfg)
+    tiny = load_config(TrainConfig, None, ["model.path=tiny:qwen2", "data.train_json=t.json"])
+    assert tiny.model.path == "tiny:qwen2"
+    assert from_dict(DataConfig, {"train_json": "rel.json"}).train_json == "rel.json"  # dicts: as given
+
+
+def test_the_shipped_configs_name_the_checkout_from_any_directory(tmp_path, monkeypatch):
+    from tpkit.demo import DemoConfig
+    from tpkit.evaluation.config import EvalConfig
+
+    monkeypatch.chdir(tmp_path)
+    train = load_config(TrainConfig, ROOT / "configs" / "train" / "tiny.yaml")
+    assert train.model.path == str(ROOT / "assets" / "tiny-llava")
+    assert train.data.train_json == str(ROOT / "runs" / "data" / "synthetic" / "train.json")
+    assert train.trainer.out_dir == str(ROOT / "runs" / "tiny_distill")
+    ev = load_config(EvalConfig, ROOT / "configs" / "eval" / "tiny.yaml")
+    assert ev.model.path == train.model.path and ev.out_dir == str(ROOT / "runs" / "eval_tiny")
+    assert load_config(EvalConfig, ROOT / "configs" / "eval" / "llava15_7b.yaml").model.path == (
+        "llava-hf/llava-1.5-7b-hf"
+    )
+    demo = load_config(DemoConfig, ROOT / "configs" / "demo.yaml")
+    assert demo.base_model == train.model.path and demo.out_dir == str(ROOT / "runs" / "demo")
+    assert demo.train_config == str(ROOT / "configs" / "train" / "tiny.yaml")
+    assert demo.data.dir == str(ROOT / "runs" / "data" / "synthetic")
+
+
+def _path_fields(cfg, prefix=""):
+    """(dotted key, loaded value, resolver) of every path_field in a loaded config."""
+    import dataclasses
+
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _path_fields(value, f"{prefix}{f.name}.")
+        elif "tpkit_path" in f.metadata:
+            yield prefix + f.name, value, f.metadata["tpkit_path"]
+
+
+SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(ROOT / "configs")) for p in SHIPPED])
+def test_every_shipped_config_names_the_checkout_from_another_directory(path, tmp_path, monkeypatch):
+    """Loaded from elsewhere, each path a shipped config writes resolves against the file's directory
+    (what its header says) into the checkout's assets/, data/, runs/ or an existing config; a hub id
+    stays as written. A path written as if relative to the checkout's root fails here."""
+    import os
+
+    import yaml
+
+    from tpkit.demo import DemoConfig
+    from tpkit.evaluation.config import EvalConfig
+    from tpkit.synthetic.fixture.config import FixtureConfig
+
+    cls = {"train": TrainConfig, "eval": EvalConfig, "fixture": FixtureConfig, "configs": DemoConfig}
+    text = path.read_text()
+    raw = yaml.safe_load(text)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(cls[path.parent.name], path)
+    local = 0
+    for key, value, resolve in _path_fields(cfg):
+        written = raw
+        for part in key.split("."):
+            written = written.get(part) if isinstance(written, dict) else None
+        if not written:  # not in the file (a default: the current directory), or null
+            continue
+        assert value == resolve(written, path.parent), key
+        if value == written:  # a hub id or a random tiny model
+            assert written.startswith("tiny") or (
+                written.count("/") == 1 and not written.startswith((".", "/"))
+            )
+            continue
+        local += 1
+        inside = Path(value).relative_to(ROOT).parts  # ValueError: outside the checkout
+        assert inside[0] in ("assets", "data", "runs", "configs"), (key, value)
+        assert inside[0] not in ("assets", "configs") or Path(value).exists(), (key, value)
+    if local:
+        assert f"relative to its directory ({os.path.relpath(ROOT, path.parent)}/ is the checkout)" in text

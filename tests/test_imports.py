@@ -1,6 +1,6 @@
 """The package's import rules, read from the source with ``ast`` (nothing is imported):
 
-* layers: ``config`` and ``pruning`` at the ground, then ``data``, then ``models``, then ``training``
+* layers: ``config``, ``pruning`` and ``checkout`` at the ground, then ``data``, then ``models``, then ``training``
   and ``evaluation`` (which never import each other), then ``synthetic``, ``demo`` and ``cli``;
   nothing in the product imports the embedded world (``tpkit.synthetic``);
 * no import circle between modules;
@@ -24,13 +24,14 @@ PKG = Path(__file__).resolve().parents[1] / "tpkit"
 ALLOWED = {
     "config": set(),
     "pruning": set(),
-    "data": {"config", "pruning"},
-    "models": {"config", "pruning", "data"},
-    "training": {"config", "pruning", "data", "models"},
-    "evaluation": {"config", "pruning", "data", "models"},
-    "synthetic": {"config", "pruning", "data", "models", "training", "evaluation"},
-    "demo": {"config", "pruning", "data", "models", "training", "evaluation", "synthetic"},
-    "cli": {"config", "pruning", "data", "models", "training", "evaluation", "synthetic", "demo"},
+    "checkout": set(),
+    "data": {"config", "pruning", "checkout"},
+    "models": {"config", "pruning", "data", "checkout"},
+    "training": {"config", "pruning", "data", "models", "checkout"},
+    "evaluation": {"config", "pruning", "data", "models", "checkout"},
+    "synthetic": {"config", "pruning", "data", "models", "training", "evaluation", "checkout"},
+    "demo": {"config", "pruning", "data", "models", "training", "evaluation", "synthetic", "checkout"},
+    "cli": {"config", "pruning", "data", "models", "training", "evaluation", "synthetic", "demo", "checkout"},
     "__main__": {"cli"},
 }
 

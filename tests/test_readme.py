@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -21,14 +22,40 @@ def test_the_first_block_is_the_two_commands_ci_runs():
     assert "pytest" in (ROOT / ".ci" / "run").read_text()
 
 
-def test_the_python_example_runs_on_the_embedded_model(tmp_path):
+def test_the_python_example_runs_from_any_directory_and_prints_what_the_readme_shows(tmp_path):
+    """Run from an empty directory (no assets/ there), as a user's script would: the answer stops at
+    the end-of-sequence token, and the three numbers are printed once, as the README shows them."""
     (code,) = _blocks("python")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    last = out.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"patches kept \d+/144, prompt tokens kept \d+/\d+, token-layers \d+\.\d%", last), (
-        last
+    (shown,) = _blocks("text")
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout == shown
+
+
+def test_the_example_image_is_a_scene_of_the_synthetic_test_split(tmp_path):
+    """assets/example.png is record test-000008 of `tpkit data synthetic --split test --seed 2`."""
+    import numpy as np
+    from PIL import Image
+
+    from tpkit.synthetic.splits import generate_split
+
+    split = generate_split(tmp_path, split="test", n=9, seed=2)
+    record = json.loads(split.read_text())[8]
+    assert record["conversations"][0]["value"].endswith(
+        "What color is the star?\nAnswer the question using a single word or phrase."
+    )
+    assert record["conversations"][1]["value"] == "green"
+    made = np.asarray(Image.open(split.parent / record["image"]).convert("RGB"))
+    assert np.array_equal(made, np.asarray(Image.open(ROOT / "assets" / "example.png").convert("RGB")))
+
+
+def test_the_readme_names_every_random_init_architecture():
+    from tpkit.evaluation.random_init import architecture_names
+
+    names = architecture_names()
+    assert names and all(f"`{n}`" in README for n in names), names
 
 
 def test_every_config_and_command_the_readme_names_exists():

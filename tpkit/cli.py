@@ -8,6 +8,7 @@
     tpkit demo
     tpkit fixture --config configs/fixture/tiny_gpu.yaml --out assets/tiny-llava
     tpkit premise --model assets/tiny-llava --data runs/data/synthetic --out outputs/premise
+    tpkit lmms-task --data runs/data/synthetic/test.json --out runs/lmms_task
     tpkit config-reference --check
 
 Every subcommand has ``--help``; the config-driven ones take ``--set key.sub=value`` (repeatable)
@@ -24,6 +25,7 @@ import json
 import os
 import shlex
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from tpkit.config import (
     to_dict,
     unwritable_dir,
 )
+from tpkit.models.config import ModelSourceError
 
 __all__ = ["main", "build_parser", "CONFIG_REFERENCE"]
 
@@ -50,8 +53,8 @@ def _config_args(p: argparse.ArgumentParser, *, required: bool = True, default: 
     p.add_argument(
         "--config",
         required=required,
-        default=default,
-        help="YAML file" + (f" (default: {default})" if default else ""),
+        help="YAML file (relative paths in it are relative to its directory)"
+        + (f"; default: {default}" if default else ""),
     )
     p.add_argument(
         "--set",
@@ -72,6 +75,17 @@ def _load(cls: type, args: argparse.Namespace, extra: list[str] | None = None) -
         return load_config(cls, args.config, [*args.overrides, *(extra or [])])
     except ConfigError as e:
         raise _Fail(f"config error: {e}") from None
+
+
+def _check_data(data: Any, keys: list[str]) -> None:
+    """Every data file's records and images, before any heavy import (about a second)."""
+    from tpkit.data.errors import LlavaDataError
+    from tpkit.data.records import precheck
+
+    try:
+        precheck(data, keys)
+    except LlavaDataError as e:
+        raise _Fail(str(e)) from None
 
 
 def _printed(cfg: Any, args: argparse.Namespace) -> bool:
@@ -108,8 +122,10 @@ def _train(args: argparse.Namespace) -> int:
     cfg = _load(TrainConfig, args)
     if _printed(cfg, args):
         return 0
-    if why := cfg.model.missing_paths():
+    # the model, data and teacher-cache paths and every record: before the lock, before anything is written
+    if why := cfg.missing_inputs():
         raise _Fail(why)
+    _check_data(cfg.data, ["train_json", "val_json"])
     out = Path(cfg.trainer.out_dir)
     command = _command(args)
     if args.resume and args.overwrite:
@@ -236,25 +252,21 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 0
     if why := cfg.missing_inputs():
         raise _Fail(why)
+    if cfg.random_init.name is None:
+        _check_data(cfg.data, ["test_json"])
     pruning_overrides = _pruning_overrides(cfg, args) if cfg.adapter else None
     from tpkit.data.errors import LlavaDataError  # lazy: torch and transformers take seconds
-    from tpkit.evaluation.report import speed_markdown
+    from tpkit.evaluation.random_init import RandomInitError
+    from tpkit.evaluation.report import random_init_summary
     from tpkit.evaluation.runner import EvalError, evaluate
 
     try:
         results = evaluate(cfg, pruning_overrides=pruning_overrides)
-    except (EvalError, ConfigError, LlavaDataError) as e:
+    except (EvalError, ConfigError, LlavaDataError, RandomInitError) as e:
         raise _Fail(str(e)) from None
     if results.get("mode") == "random_init":
-        print(speed_markdown(results["speed"]))
-        ach = results["achieved"].get("token_layer_fraction", {}).get("mean")
-        print(
-            f"{results['architecture']} (random init, {results['device_name']}, {results['dtype']}, "
-            f"batch {results['batch_size']}, {results['prompt']['n_dense']} tokens): "
-            f"k1={results['counts']['k1']} k2={results['counts']['k2']} token-layer fraction "
-            f"{ach if ach is None else round(ach, 4)}; results in {cfg.out_dir}/speed.json"
-        )
-        print(f"prefill speedup ours@{results['budget']:g} vs dense: {results['prefill_speedup']:.2f}x")
+        print(random_init_summary(results))
+        print(f"results in {Path(cfg.out_dir) / 'speed.json'}")
         return 0
     print(results["table"])
     print(f"report: {', '.join(results['files'].values())}")
@@ -287,6 +299,9 @@ def _teacher_cache(args: argparse.Namespace) -> int:
     cfg = _load(TrainConfig, args)
     if _printed(cfg, args):
         return 0
+    if why := cfg.model.missing_paths():
+        raise _Fail(why)
+    _check_data(cfg.data, ["train_json"])
     if cfg.distill.hidden_weight > 0:
         print(
             f"note: the cache holds the teacher's answer logits only; training with it needs "
@@ -317,6 +332,27 @@ def _teacher_cache(args: argparse.Namespace) -> int:
         f"teacher cache: {meta['records']} records, {meta['rows']} answer rows, k={meta['k']}, "
         f"{size / 1e6:.1f} MB in {out}"
     )
+    return 0
+
+
+def _lmms_task(args: argparse.Namespace) -> int:
+    from tpkit.data.errors import LlavaDataError  # lazy: datasets takes seconds
+    from tpkit.evaluation.harness.task import write_lmms_task
+
+    if args.max_new_tokens < 1:
+        raise _Fail("--max-new-tokens must be >= 1")
+    try:
+        task = write_lmms_task(
+            args.data, args.out, args.name, image_folder=args.image_folder, max_new_tokens=args.max_new_tokens
+        )
+    except (LlavaDataError, ValueError) as e:
+        raise _Fail(str(e)) from None
+    print(
+        f"wrote the lmms-eval task {task.name} ({task.n} questions, generation, exact match) to {task.out_dir}"
+    )
+    if task.yes_no_name:
+        print(f"and {task.yes_no_name} ({task.n_yes_no} yes/no questions, loglikelihood of yes and no)")
+    print(f"run them (offline: HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1):\n  {task.command()}")
     return 0
 
 
@@ -363,8 +399,11 @@ def _data_synthetic(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from tpkit.checkout import checkout_path
     from tpkit.demo import DemoConfig  # lazy: start-up time
 
+    if args.config is None:  # the checkout's, whatever the current directory
+        args.config = str(checkout_path("configs/demo.yaml"))
     cfg = _load(DemoConfig, args)
     if _printed(cfg, args):
         return 0
@@ -471,7 +510,9 @@ def config_reference() -> str:
         "Unknown keys, wrong types, non-finite numbers (no key takes `nan` or `inf`; where a key has no "
         "limit, its value is `null`) and impossible values fail when the file is loaded, naming the file, "
         "the line and the key; `--set key.sub=value` overrides any key, `--print-config` prints the "
-        "resolved config.\n\n"
+        "resolved config. A relative path written in a config file (model, data, teacher cache, adapter, "
+        "output directory) is relative to that file's directory; one given with `--set`, or a default, to "
+        "the current directory.\n\n"
     )
     return head + reference_markdown(config_classes())
 
@@ -494,6 +535,23 @@ def _config_reference(args: argparse.Namespace) -> int:
 # the parser
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Fills ``{architectures}`` in a help text when the help is shown (listing them imports torch,
+    which no other use of the parser should pay for); never breaks a line inside a name like
+    ``llava-next-7b``."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        text = super()._expand_help(action)
+        if "{architectures}" in text:
+            from tpkit.evaluation.random_init import architecture_names
+
+            text = text.replace("{architectures}", ", ".join(architecture_names()))
+        return text
+
+
 def build_parser(prog: str = "tpkit") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog=prog,
@@ -502,7 +560,7 @@ def build_parser(prog: str = "tpkit") -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+        p = sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
         p.set_defaults(func=func)
         return p
 
@@ -525,10 +583,16 @@ def build_parser(prog: str = "tpkit") -> argparse.ArgumentParser:
     p.add_argument(
         "--random-init",
         metavar="NAME",
-        help="speed-only run on a random-weight architecture (e.g. llava-1.5-7b)",
+        help="speed only: dense against ours at random_init.budget on a full-size architecture with random "
+        "weights, one of: {architectures}. On a CPU: float32, batch 1, 1 thread, 3 timed rounds (speed.*, "
+        "random_init.dtype change them); with --scale-down 64, a minute or two",
     )
     p.add_argument(
-        "--scale-down", type=int, metavar="N", help="with --random-init: divide widths by N (CPU check)"
+        "--scale-down",
+        type=int,
+        metavar="N",
+        help="with --random-init: divide the widths by N (not the depths, nor the token counts), so that a "
+        "CPU runs the same code path in seconds to minutes",
     )
     p.add_argument("--device", help="cuda / cpu / auto (overrides the config)")
     p.add_argument("--out", help="output directory (overrides out_dir)")
@@ -559,6 +623,25 @@ def build_parser(prog: str = "tpkit") -> argparse.ArgumentParser:
         "--shard", default="0/1", metavar="I/N", help="build records I, I+N, ... only (one process per GPU)"
     )
 
+    p = command(
+        "lmms-task",
+        _lmms_task,
+        "write a local lmms-eval task over a LLaVA-JSON file, for lmms-eval --model tpkit with no hub",
+    )
+    p.add_argument(
+        "--data", required=True, help="a LLaVA-JSON (or JSONL) file, e.g. runs/data/synthetic/test.json"
+    )
+    p.add_argument("--out", required=True, help="the task directory (lmms-eval's --include_path)")
+    p.add_argument(
+        "--name", default=None, help="task name (default: tpkit_<folder>_<file>, e.g. tpkit_synthetic_test)"
+    )
+    p.add_argument(
+        "--image-folder", default=None, help="where relative image paths are (default: the file's directory)"
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=16, help="the generation task's max_new_tokens (default 16)"
+    )
+
     p = command("data", lambda a: 0, "write datasets (the synthetic benchmark)")
     data_sub = p.add_subparsers(dest="dataset", metavar="DATASET", required=True)
     d = data_sub.add_parser(
@@ -580,7 +663,7 @@ def build_parser(prog: str = "tpkit") -> argparse.ArgumentParser:
     p = command(
         "demo", _demo, "prune the embedded tiny LLaVA, fine-tune it back, evaluate and print the tables"
     )
-    _config_args(p, required=False, default="configs/demo.yaml")
+    _config_args(p, required=False, default="the checkout's configs/demo.yaml")
 
     p = command(
         "fixture",
@@ -634,7 +717,7 @@ def main(argv: list[str] | None = None, prog: str = "tpkit") -> int:
     args.argv, args.prog = argv, prog
     try:
         return args.func(args)
-    except _Fail as e:
+    except (_Fail, ModelSourceError) as e:  # a model that cannot be loaded: from any command, its message
         msg = str(e)
         print(msg if msg.startswith("config error:") else f"error: {msg}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ import textwrap
 import tokenize
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -49,6 +50,8 @@ __all__ = [
     "reference_markdown",
     "unwritable_dir",
     "check_fields",
+    "path_field",
+    "resolve_path",
 ]
 
 
@@ -81,11 +84,31 @@ def _key_lines(text: str) -> dict[str, int]:
 
 
 class _Where:
-    """Formats error locations: ``file:line: key``."""
+    """Formats error locations (``file:line: key``) and says where a relative path was written."""
 
-    def __init__(self, source: str | None, lines: dict[str, int] | None = None):
+    def __init__(
+        self,
+        source: str | None,
+        lines: dict[str, int] | None = None,
+        *,
+        resolve: bool = False,
+        base: Path | None = None,
+        cli_keys: set[str] | None = None,
+    ):
         self.source = source
         self.lines = lines or {}
+        self.resolve = resolve  # make path fields absolute (load_config; from_dict leaves them)
+        self.base = base  # the config file's directory
+        self.cli_keys = cli_keys or set()  # keys given with --set (a section counts for its keys)
+
+    def path_base(self, key: str, written: bool) -> Path | None:
+        """The directory a relative path at ``key`` resolves against: the config file's directory for
+        one written in the file, the current directory for a ``--set`` value or a default."""
+        if not self.resolve:
+            return None
+        parts = key.split(".")
+        cli = any(".".join(parts[:i]) in self.cli_keys for i in range(1, len(parts) + 1))
+        return self.base if written and not cli and self.base is not None else Path.cwd()
 
     def __call__(self, key: str) -> str:
         parts = []
@@ -93,6 +116,27 @@ class _Where:
             line = self.lines.get(key)
             parts.append(f"{self.source}:{line}" if line else self.source)
         return (": ".join(parts) + ": ") if parts else ""
+
+
+# --------------------------------------------------------------------------------------------
+# fields that name files and directories
+
+_PATH = "tpkit_path"  # field metadata: the function that makes a relative value absolute
+
+
+def resolve_path(value: str, base: str | os.PathLike) -> str:
+    """``value`` (``~`` expanded) made absolute against ``base``, normalised (no ``..``, no trailing
+    ``/``); an absolute ``value`` stays itself."""
+    return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+
+
+def path_field(default: str | None = None, resolve: Callable[[str, Path], str] = resolve_path) -> Any:
+    """A dataclass field naming a file or directory (``x: str | None = path_field()``): when a config
+    loads (:func:`load_config`), a relative value written in the file is made absolute against the
+    file's directory, and one given with ``--set`` (or a default) against the current directory.
+    ``resolve(value, base)`` does it (e.g. a model path, which may be a hub id). ``from_dict``
+    leaves values as they are."""
+    return dataclasses.field(default=default, metadata={_PATH: resolve})
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,6 +241,14 @@ def _from_dict(cls: type[T], data: dict, prefix: str, where: _Where) -> T:
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
             raise ConfigError(f"{where(prefix + str(k))}unknown key '{prefix}{k}'{hint}")
     kwargs = {k: _coerce(v, hints[k], prefix + k, where) for k, v in data.items()}
+    for name, f in fields.items():
+        if name not in kwargs and f.default_factory is hints[name]:  # a section not written: its defaults
+            kwargs[name] = _from_dict(hints[name], {}, f"{prefix}{name}.", where)
+        resolve = f.metadata.get(_PATH)
+        value = kwargs.get(name, f.default)
+        base = where.path_base(prefix + name, name in data) if resolve else None
+        if base is not None and isinstance(value, str) and value:
+            kwargs[name] = resolve(value, base)
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if callable(validate):
@@ -280,15 +332,20 @@ def set_dotted(data: dict, key: str, value: Any, create: bool = True) -> None:
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Read YAML ``path`` (optional) into dataclass ``cls``, then apply ``--set`` overrides.
 
-    Raises :class:`ConfigError` naming file, line and key for unknown keys, wrong types and
-    values rejected by a section's ``validate()``.
+    Fields declared with :func:`path_field` come back absolute: a relative path written in the file
+    against the file's directory, one given in ``overrides`` (or a default) against the current
+    directory, so that a config file names the same files from wherever it is run. Raises
+    :class:`ConfigError` naming file, line and key for unknown keys, wrong types and values
+    rejected by a section's ``validate()``.
     """
     data: dict = {}
     lines: dict[str, int] = {}
     source = None
+    base = None
     if path is not None:
         path = Path(path)
         source = str(path)
+        base = path.expanduser().absolute().parent
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         text = path.read_text()
@@ -302,13 +359,15 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
         data = loaded
         lines = _key_lines(text)
+    cli_keys = set()
     if overrides:
         apply_overrides(data, overrides)
         # an override's location is the command line, not the file
-        for item in overrides:
-            lines.pop(item.split("=", 1)[0].strip(), None)
+        cli_keys = {item.split("=", 1)[0].strip() for item in overrides}
+        for key in cli_keys:
+            lines.pop(key, None)
         source = f"{source} (with --set)" if source else "--set"
-    return _from_dict(cls, data, "", _Where(source, lines))
+    return _from_dict(cls, data, "", _Where(source, lines, resolve=True, base=base, cli_keys=cli_keys))
 
 
 def unwritable_dir(path: str | Path, key: str) -> str | None:

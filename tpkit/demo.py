@@ -29,10 +29,12 @@ from typing import Any
 
 import torch
 
+from tpkit.config import path_field
 from tpkit.evaluation.config import EvalConfig, load_eval_config
 from tpkit.evaluation.methods import METHODS
 from tpkit.evaluation.report import retention_table, summary_table
 from tpkit.evaluation.runner import evaluate
+from tpkit.models.config import resolve_model_path
 from tpkit.synthetic.splits import ensure_split
 from tpkit.training.config import TrainConfig, load_train_config
 from tpkit.training.recipe import fit
@@ -44,7 +46,7 @@ __all__ = ["DemoConfig", "SyntheticData", "ABLATIONS", "run_demo"]
 class SyntheticData:
     """The synthetic splits the demo trains and evaluates on (written once, reused while unchanged)."""
 
-    dir: str = "runs/data/synthetic"  # <dir>/{train,val,test}.json and images/
+    dir: str = path_field("runs/data/synthetic")  # <dir>/{train,val,test}.json and images/
     n_train: int = 8000  # 2,000 steps x batch 8 = 2 epochs (2,000 records overfit at 1,500 steps)
     n_val: int = 128
     n_test: int = 1024  # 256 per question type: at 96% accuracy the standard error is ~0.6 point
@@ -60,10 +62,10 @@ class SyntheticData:
 class DemoConfig:
     """``configs/demo.yaml``: which recipes to run, and the few settings the demo changes."""
 
-    out_dir: str = "runs/demo"
-    base_model: str = "assets/tiny-llava"
-    train_config: str = "configs/train/tiny.yaml"
-    eval_config: str = "configs/eval/tiny.yaml"
+    out_dir: str = path_field("runs/demo")
+    base_model: str = path_field("assets/tiny-llava", resolve_model_path)
+    train_config: str = path_field("configs/train/tiny.yaml")
+    eval_config: str = path_field("configs/eval/tiny.yaml")
     data: SyntheticData = field(default_factory=SyntheticData)
     train_overrides: list[str] = field(default_factory=list)  # --set items for both fine-tuning runs
     eval_overrides: list[str] = field(default_factory=list)  # --set items for every evaluation

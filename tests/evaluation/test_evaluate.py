@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import os
+import platform
+import re
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 
 from tpkit.cli import main
 from tpkit.config import ConfigError
@@ -22,7 +28,23 @@ def test_evaluate_writes_report(eval_cfg):
     for name in ("results.json", "results.md", "predictions.jsonl", "config.yaml", "kept_patches.png",
                  "accuracy_vs_tokens.png", "speedup_vs_tokens.png"):  # fmt: skip
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    rows = parse_markdown_table((out / "results.md").read_text())
+    text = (out / "results.md").read_text()
+    head = text.split("\n\n| method |")[0].splitlines()
+    assert head[:6] == [
+        "# Evaluation",
+        "",
+        "- model: `tiny` (float32, sdpa), 4 language-model layers",
+        "- adapter: none",
+        f"- data: `{eval_cfg.data.test_json}`: 6 samples of 6 records",
+        f"- device: cpu ({platform.machine()}, {os.cpu_count()} cores); timed with 1 torch thread(s)",
+    ]
+    version = importlib.metadata.version("tpkit")
+    assert re.fullmatch(
+        rf"- run: \d{{4}}-\d\d-\d\d \d\d:\d\d UTC, tpkit {re.escape(version)}( \(git [0-9a-f]+(, modified)?\))?, "
+        rf"torch {re.escape(torch.__version__)}, transformers {re.escape(transformers.__version__)}",
+        head[6],
+    ), head[6]
+    rows = parse_markdown_table(text)
     assert list(rows[0]) == list(TABLE_COLUMNS)
     expected = eval_cfg.eval.methods + ["ours@0.4", "random@0.4"]
     assert sorted(r["method"] for r in rows) == sorted(expected)
@@ -196,7 +218,9 @@ def test_evaluate_with_exported_adapter_uses_its_pruning(eval_cfg, eval_assets, 
     peft_model = apply_lora(load_base_model(mcfg, processor=processor), TrainConfig().lora)
     train_cfg = TrainConfig(model=mcfg, pruning=PruningConfig())
     train_cfg.pruning.stage1.selector, train_cfg.pruning.stage1.ratio = "ratio", 0.5
-    export_adapter(peft_model, train_cfg, tmp_path / "export", processor=processor)
+    export_adapter(
+        peft_model, train_cfg, tmp_path / "export", processor=processor, metrics={"global_step": 3.0}
+    )
 
     eval_cfg.adapter = str(tmp_path / "export")
     eval_cfg.eval.methods = ["dense", "ours"]
@@ -205,6 +229,38 @@ def test_evaluate_with_exported_adapter_uses_its_pruning(eval_cfg, eval_assets, 
     res = evaluate(eval_cfg)
     assert res["methods"]["ours"]["tokens"]["k1"]["mean"] == 72.0  # the export's ratio 0.5 of 144 patches
     assert res["methods"]["ours"]["pruning"]["stage1"]["selector"] == "ratio"
+    assert res["model"]["adapter_step"] == 3
+    assert (
+        f"- adapter: `{tmp_path / 'export'}` (step 3); `dense` is the base model without it" in res["table"]
+    )
+
+
+def test_an_adapter_trained_without_stage_1_leaves_the_matched_baselines_out(eval_cfg, eval_assets, tmp_path):
+    """Matched to ours' stage-1 counts, random and topk-cls would keep every patch, equal to dense: they
+    are left out, with a warning and a note in results.md, instead of rows that look like results."""
+    from tpkit.models.config import ModelConfig
+    from tpkit.models.loading import load_base_model
+    from tpkit.pruning import PruningConfig
+    from tpkit.training.config import TrainConfig
+    from tpkit.training.export import export_adapter
+    from tpkit.training.lora import apply_lora
+
+    processor = eval_assets["processor"]
+    mcfg = ModelConfig(path="tiny", dtype="float32")
+    peft_model = apply_lora(load_base_model(mcfg, processor=processor), TrainConfig().lora)
+    export_adapter(peft_model, TrainConfig(model=mcfg, pruning=PruningConfig.disabled()), tmp_path / "export")
+    eval_cfg.adapter = str(tmp_path / "export")
+    eval_cfg.eval.methods = ["dense", "ours", "random", "topk-cls"]
+    eval_cfg.eval.sweep_methods = ["ours"]
+    eval_cfg.eval.grid_samples = 0
+    eval_cfg.speed.enabled = False
+    res = evaluate(eval_cfg)
+    assert list(res["methods"]) == ["dense", "ours"]
+    note = (
+        f"random, topk-cls, ours@F left out: they are matched to ours' stage-1 counts, and ours' pruning "
+        f"({tmp_path / 'export'}) has stage 1 off"
+    )
+    assert res["notes"][0].startswith(note) and f"- {note}" in res["table"]
 
 
 def test_with_an_adapter_dense_is_the_base_model_and_the_rest_use_the_adapter(

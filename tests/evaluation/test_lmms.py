@@ -1,26 +1,35 @@
-"""lmms-eval runs tpkit: the local tasks in lmms_task/ (the synthetic test split as a `datasets`
-directory, no hub) through lmms-eval's own ``simple_evaluate`` and CLI, on the fixture model dense,
-ours and with an adapter from a short training run, against ``tpkit evaluate`` on the same questions."""
+"""lmms-eval runs tpkit: the local tasks `tpkit lmms-task` writes over the synthetic test split (a
+`datasets` directory, no hub) through lmms-eval's own ``simple_evaluate`` and CLI, on the fixture
+model dense, ours and with an adapter from a short training run, against ``tpkit evaluate`` on the
+same questions.
+
+Skipped, at collection, where the ``lmms`` extra is not installed (``pip install -e ".[test]"``);
+where its lmms-eval distribution is installed, a failing import fails the run instead."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+try:
+    importlib.metadata.distribution("lmms_eval")
+except importlib.metadata.PackageNotFoundError:
+    pytest.skip('lmms-eval is not installed (pip install -e ".[test,lmms]")', allow_module_level=True)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import datasets  # noqa: E402
 from lmms_eval.evaluator import simple_evaluate  # noqa: E402
-from lmms_eval.models import get_model  # noqa: E402
+from lmms_eval.models import get_model, list_available_models  # noqa: E402
 from lmms_eval.tasks import TaskManager  # noqa: E402
 
+from tpkit.cli import main as tpkit_main  # noqa: E402
 from tpkit.config import ConfigError, load_config  # noqa: E402
 from tpkit.evaluation.config import load_eval_config  # noqa: E402
 from tpkit.evaluation.harness.config import parse_model_args  # noqa: E402
@@ -46,23 +55,11 @@ def split(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def task_dir(split, tmp_path_factory) -> Path:
-    """lmms_task/ with its dataset: the split's records as a `datasets` directory (save_to_disk)."""
-    out = tmp_path_factory.mktemp("lmms")
-    records = json.loads(split.read_text())
-    rows = {
-        "id": [r["id"] for r in records],
-        "image": [str(split.parent / r["image"]) for r in records],
-        "question": [r["conversations"][0]["value"].replace("<image>\n", "", 1) for r in records],
-        "answer": [r["conversations"][1]["value"] for r in records],
-        "qtype": [r["qtype"] for r in records],
-    }
-    ds = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
-    datasets.DatasetDict({"test": ds}).save_to_disk(str(out / "data"))
-    task = out / "task"
-    shutil.copytree(Path(__file__).parent / "lmms_task", task, ignore=shutil.ignore_patterns("__pycache__"))
-    for y in task.glob("*.yaml"):
-        y.write_text(y.read_text().replace("DATASET_DIR", str(out / "data")))
-    return task
+    """`tpkit lmms-task` over the split: max_new_tokens 6 as configs/eval/tiny.yaml's eval.max_new_tokens."""
+    out = tmp_path_factory.mktemp("lmms") / "task"
+    argv = ["lmms-task", "--data", str(split), "--out", str(out), "--name", "tpkit_synthetic"]
+    assert tpkit_main([*argv, "--max-new-tokens", "6"]) == 0
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -138,12 +135,23 @@ def ours(task_dir) -> dict:
     return harness(
         task_dir,
         f"pruning={EVAL_YAML},method=ours,batch_size=4",
-        ["tpkit_synthetic", "tpkit_synthetic_exist_ll"],
+        ["tpkit_synthetic", "tpkit_synthetic_yesno_ll"],
     )
 
 
 def test_the_entry_point_names_the_model():
+    """Registered through the entry point. (`lmms-eval models` prints lmms-eval's built-in tables only,
+    not its registry, so it lists no plug-in: docs/lmms-eval.md.)"""
     assert get_model("tpkit") is TpkitLMM
+    assert "tpkit" in list_available_models()
+
+
+def test_lmms_task_writes_both_tasks(task_dir, capsys):
+    names = sorted(p.name for p in task_dir.iterdir())
+    assert names == ["data", "tpkit_synthetic.yaml", "tpkit_synthetic_yesno_ll.yaml", "utils.py"]
+    assert "max_new_tokens: 6" in (task_dir / "tpkit_synthetic.yaml").read_text()
+    tm = TaskManager(include_path=str(task_dir), include_defaults=False)
+    assert {"tpkit_synthetic", "tpkit_synthetic_yesno_ll"} <= set(tm.all_tasks)
 
 
 @pytest.mark.parametrize("method", ["dense", "ours"])
@@ -185,7 +193,7 @@ def test_batch_size_4_gives_the_answers_of_batch_size_1(task_dir, ours):
 
 def test_loglikelihood_chooses_what_generation_answers(ours):
     gen = answers(ours)
-    ll = ours["samples"]["tpkit_synthetic_exist_ll"]
+    ll = ours["samples"]["tpkit_synthetic_yesno_ll"]
     assert len(ll) == N // 4
     sure = 0
     for s in ll:
@@ -196,7 +204,7 @@ def test_loglikelihood_chooses_what_generation_answers(ours):
             sure += 1
             assert choice == ("yes" if said else "no"), s["doc"]["id"]
     assert sure >= len(ll) // 2
-    assert ours["results"]["tpkit_synthetic_exist_ll"]["acc,none"] > 0.5
+    assert ours["results"]["tpkit_synthetic_yesno_ll"]["acc,none"] > 0.5
 
 
 def test_token_accounting_in_samples_and_results(ours, reference):
@@ -215,7 +223,7 @@ def test_token_accounting_in_samples_and_results(ours, reference):
     assert sum(t["k1"] for t in tc) / len(tc) == pytest.approx(ref["k1"]["mean"])
     assert sum(t["token_layer_fraction"] for t in tc) / len(tc) == pytest.approx(ref["fraction"]["mean"])
     thr = ours["throughput"]
-    ll = [t for s in ours["samples"]["tpkit_synthetic_exist_ll"] for t in (x for x in s["token_counts"])]
+    ll = [t for s in ours["samples"]["tpkit_synthetic_yesno_ll"] for t in (x for x in s["token_counts"])]
     assert thr["avg_tpkit_samples"] == len(tc) + len(ll)
     want = summarise_counts([t | {"n_dense": t["input_tokens"]} for t in tc + ll])
     for key in ("k1_mean", "k1_p5", "k1_p95", "token_layer_fraction_mean", "k2_p95"):
@@ -243,18 +251,34 @@ def test_model_args_are_checked():
         TpkitLMM(pretrained=str(FIXTURE), **{"pruning.stage2.layr": 1})
 
 
+def test_a_batch_size_lmms_eval_does_not_show_is_said(capsys):
+    """lmms-eval's header prints its own --batch_size (1 unless given); a model_args batch_size the
+    header cannot show is said, with the flag that makes both agree, and reported as batch_sizes."""
+    lm = TpkitLMM.create_from_arg_string(
+        f"pretrained={FIXTURE},batch_size=4,progress=false", {"batch_size": 1}
+    )
+    assert lm.batch_size == 4 and list(lm.batch_sizes.values()) == [4]
+    err = capsys.readouterr().err
+    assert "header shows its --batch_size 1: give --batch_size 4 instead" in err
+    TpkitLMM.create_from_arg_string(f"pretrained={FIXTURE},progress=false", {"batch_size": 4})
+    assert "header" not in capsys.readouterr().err
+
+
 def test_lmms_eval_cli(task_dir, tmp_path):
-    """`python -m lmms_eval --model tpkit ...` writes results with the token accounting."""
+    """`python -m lmms_eval --model tpkit ... --batch_size 4` writes results with the token accounting,
+    and its header and results.json show the batch size the model used."""
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "lmms_eval", "--model", "tpkit", "--tasks", "tpkit_synthetic",
-           "--model_args", f"pretrained={FIXTURE},pruning={EVAL_YAML},batch_size=4,progress=false",
+           "--model_args", f"pretrained={FIXTURE},pruning={EVAL_YAML},progress=false", "--batch_size", "4",
            "--include_path", str(task_dir), "--limit", "8", "--output_path", str(out), "--log_samples"]  # fmt: skip
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "batch_size: 4" in proc.stdout and "header" not in proc.stderr
     results = [p for p in out.rglob("*results*.json")]
     assert results, list(out.rglob("*"))
     data = json.loads(results[0].read_text())
+    assert data["config"]["batch_sizes"] == [4]
     assert 0 <= data["results"]["tpkit_synthetic"]["exact_match,none"] <= 1
     assert 0 < data["throughput"]["avg_tpkit_token_layer_fraction_mean"] < 1
     samples = [json.loads(line) for p in out.rglob("*samples*.jsonl") for line in p.read_text().splitlines()]

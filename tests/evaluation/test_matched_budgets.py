@@ -105,6 +105,23 @@ def test_sweep_topk_cls_keeps_one_k_the_mean_of_ours():
     assert topk.pruning.stage1.score == "cosine" and topk.family == "topk-cls"
 
 
+def test_sweep_never_keeps_fewer_patches_than_min_keep():
+    """At 15% of 4 layers with stage 2 at layer 2, the sweep's room for the text would leave fewer than
+    1 patch per image; it keeps stage1.min_keep (4) instead, as the knee does, and stage 2 the rest."""
+    from tpkit.evaluation.methods import OursStats
+    from tpkit.pruning import PruningConfig
+    from tpkit.pruning.budgets import token_layer_fraction
+
+    n = torch.tensor([180] * 4)  # 36 text + 144 patches
+    k1 = torch.tensor([20, 25, 30, 35])
+    stats = OursStats(n, torch.tensor([144] * 4), k1, 36 + k1, 30 + k1 // 2, torch.full((4,), 0.22))
+    for fam in ("ours", "random", "topk-cls"):
+        spec = sweep_spec(fam, 0.15, PruningConfig(), stats, 4, 1, 1.5)
+        assert spec.stage1_keep.tolist() == [4, 4, 4, 4], fam
+        frac = token_layer_fraction(n, 36 + spec.stage1_keep, spec.stage2_keep, 4, 2)
+        assert (frac - 0.15).abs().max() * 180 <= 1.0  # within a token per layer of the budget
+
+
 def test_dense_is_deterministic_and_unpruned(runs):
     d, d2 = runs["dense"], runs["dense2"]
     assert d["answers"] == d2["answers"]

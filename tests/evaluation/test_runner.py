@@ -164,6 +164,7 @@ def test_skipped_records_are_reported_and_listed(eval_cfg, tmp_path, capsys):
         "path": str(test_json),
         "n": 4,
         "n_records": 6,
+        "limit": None,
         "n_skipped": 2,
         "skipped_file": str(skipped),
     }
@@ -196,7 +197,7 @@ def test_bad_data_is_an_error_message_not_a_traceback(eval_cfg, tmp_path, capsys
     assert f"error: record id='{rid}': cannot read image" in capsys.readouterr().err
     test_json.write_bytes(b'[{"id": "caf\xe9"}]')  # latin-1
     assert main(["evaluate", "--config", str(cfg_path)]) == 2
-    assert f"error: {test_json}: not UTF-8 text" in capsys.readouterr().err
+    assert f"error: data.test_json: {test_json}: not UTF-8 text" in capsys.readouterr().err
     eval_cfg.data.test_json = str(test_json)
     with pytest.raises(LlavaDataError, match="not UTF-8 text"):  # the library raises the same error
         evaluate(_small(eval_cfg))

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tpkit.evaluation.speed import random_prompt_batch, summarize_times, time_calls
@@ -79,3 +80,112 @@ def test_random_init_any_res_prompt_hits_the_budget_with_its_newlines(tmp_path):
     assert res["prompt"] == {"n_dense": 2992, "n_visual": 2928, "n_text": 64}
     assert abs(res["achieved"]["token_layer_fraction"]["mean"] - 0.22) < 2 / 2992
     assert res["vision_ms"] > 0 and "lm_prefill_speedup" in res
+
+
+def test_speed_defaults_depend_on_the_device():
+    """GPU defaults unchanged (batch 8, 2 warm-up, 5 timed rounds); a CPU gets batch 1, 1 and 3, on one
+    thread; a value given is kept."""
+    from tpkit.evaluation.config import EvalConfig, SpeedConfig
+
+    pick = lambda s: (s.batch_size, s.warmup, s.repeats, s.threads)  # noqa: E731
+    assert pick(SpeedConfig().resolved("cuda")) == (8, 2, 5, None)
+    assert pick(SpeedConfig().resolved("cpu")) == (1, 1, 3, 1)
+    assert pick(SpeedConfig(batch_size=4, threads=0).resolved("cpu")) == (4, 1, 3, 0)
+    assert EvalConfig().random_init.dtype == "auto"
+
+
+def test_random_init_on_a_cpu_reports_flops_beside_the_timed_ratio(tmp_path):
+    """The CPU defaults (float32, batch 1, 1 thread, 3 timed rounds), and what the command prints:
+    the measured prefill speedup beside the language model's FLOPs ratio."""
+    from tpkit.evaluation.config import EvalConfig
+    from tpkit.evaluation.random_init import evaluate_speed_only
+    from tpkit.evaluation.report import random_init_summary
+
+    cfg = EvalConfig()
+    cfg.random_init.name, cfg.random_init.scale_down = "cpu-bench", 8
+    cfg.speed.decode_tokens, cfg.out_dir, cfg.device, cfg.eval.progress = 2, str(tmp_path), "cpu", False
+    res = evaluate_speed_only(cfg)
+    assert (res["dtype"], res["batch_size"], res["threads"], res["repeats"]) == ("float32", 1, 1, 3)
+    assert res["flops_ratio"] == pytest.approx(
+        res["flops_gflops_per_sample"]["dense"] / res["flops_gflops_per_sample"]["ours@0.22"]
+    )
+    text = random_init_summary(res)
+    assert (
+        "cpu-bench (random init, widths / 8, cpu, float32, batch 1, 1 thread(s), median of 3 rounds" in text
+    )
+    assert (
+        f"ours@0.22 vs dense: prefill {res['prefill_speedup']:.2f}x measured; the language model's prefill "
+        f"FLOPs {res['flops_ratio']:.2f}x fewer"
+    ) in text
+    assert f"the visual encoder alone: {res['vision_ms']:.1f} ms of dense's" in text
+
+
+def test_the_language_model_ratio_is_left_out_where_it_is_noise():
+    """dense's prefill over ours', the visual encoder's time taken from both: not when what is left of
+    ours is within its spread (a CPU run of qwen2.5-vl-7b --scale-down 64 left 1.3 ms of ours'
+    1509.8 ms and printed 888.86x); llava-next-7b's numbers give 5.96x."""
+    from tpkit.evaluation.random_init import lm_only_speedup
+    from tpkit.evaluation.report import random_init_summary
+
+    assert lm_only_speedup(
+        {"median_ms": 3235.7, "p90_ms": 3300.0}, {"median_ms": 886.9, "p90_ms": 937.3}, 412.9
+    ) == pytest.approx((3235.7 - 412.9) / (886.9 - 412.9))
+    noise = lm_only_speedup(
+        {"median_ms": 2666.9, "p90_ms": 2900.0}, {"median_ms": 1509.8, "p90_ms": 1529.4}, 1508.5
+    )
+    assert noise is None
+    assert (
+        lm_only_speedup({"median_ms": 100.0, "p90_ms": 100.0}, {"median_ms": 50.0, "p90_ms": 50.0}, 60.0)
+        is None
+    )
+    speeds = {
+        n: {"prefill": {"median_ms": ms, "p90_ms": ms}}
+        for n, ms in (("dense", 2666.9), ("ours@0.22", 1509.8))
+    }
+    res = {
+        "speed": speeds, "achieved": {}, "architecture": "a", "device_name": "cpu", "dtype": "float32",
+        "batch_size": 1, "threads": 1, "repeats": 3, "prompt": {"n_dense": 10}, "counts": {"k1": 1, "k2": 1},
+        "prefill_speedup": 1.77, "flops_ratio": 11.46, "vision_ms": 1508.5, "lm_prefill_speedup": noise,
+    }  # fmt: skip
+    assert random_init_summary(res).splitlines()[-1] == (
+        "the visual encoder alone: 1508.5 ms of dense's 2666.9 ms prefill; what is left of ours' prefill is "
+        "within the timing noise (no language-model ratio)"
+    )
+
+
+def test_noisy_timings_get_a_note():
+    from tpkit.evaluation.report import spread_note, timing_spread
+
+    steady = {
+        "dense": {"prefill": {"median_ms": 10.0, "p90_ms": 11.0}, "decode_ms": 50.0, "decode_p90_ms": 52.0}
+    }
+    assert spread_note(steady) is None
+    noisy = {
+        **steady,
+        "ours": {"prefill": {"median_ms": 5.0, "p90_ms": 5.1}, "decode_ms": 20.0, "decode_p90_ms": 45.0},
+    }
+    assert timing_spread(noisy) == (2.25, "ours decode")
+    assert spread_note(noisy).startswith("timings are noisy: p90 / median up to 2.25 (ours decode)")
+
+
+def test_an_unknown_architecture_is_answered_with_the_list(capsys):
+    from tpkit.cli import main
+    from tpkit.evaluation.random_init import architecture_names
+
+    assert main(["evaluate", "--random-init", "llava-15-7b", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "error: --random-init 'llava-15-7b': unknown architecture (did you mean 'llava-1.5-7b'?)"
+    )
+    assert err.strip().endswith("known: " + ", ".join(architecture_names())) and "Traceback" not in err
+
+
+def test_help_names_the_architectures_and_scale_down(capsys):
+    from tpkit.cli import main
+    from tpkit.evaluation.random_init import architecture_names
+
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "one of: " + ", ".join(architecture_names()) + "." in text
+    assert "--scale-down N with --random-init: divide the widths by N" in text

@@ -50,9 +50,18 @@ def test_missing_local_directories_are_named_before_any_hub_lookup(tmp_path, mon
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "assets").mkdir()
-    # local by shape: relative with an existing first component, ./, absolute, no slash
-    for path in ("assets/tiny-llava", "./model", str(tmp_path / "gone"), "model"):
+    # local by shape: relative with an existing first component, ./, ../, absolute, no slash, two slashes
+    for path in (
+        "assets/tiny-llava",
+        "./model",
+        "../model",
+        str(tmp_path / "gone"),
+        "model",
+        "runs/x/export",
+    ):
         assert "no such directory" in parse_model_path(path).missing(), path
+    assert f"(relative to the current directory {tmp_path})" in parse_model_path("runs/x/export").missing()
+    assert "hub id, which looks like 'org/name'" in parse_model_path("runs/x/export").missing()
     assert parse_model_path("llava-hf/llava-1.5-7b-hf").kind == "hub"  # may be a hub id
     assert parse_model_path("assets").missing() is None  # exists
     assert parse_model_path("tiny:qwen2").name == "qwen2" and parse_model_path("tiny").name == "llama"
@@ -67,3 +76,28 @@ def test_missing_local_directories_are_named_before_any_hub_lookup(tmp_path, mon
         ModelConfig("tiny", "./proc").missing_paths().startswith("model.processor_path = './proc': no such")
     )
     assert ModelConfig("assets/tiny-llava").missing_paths().startswith("model.path = 'assets/tiny-llava'")
+
+
+def test_a_hub_id_with_no_network_fails_after_one_check(tmp_path, unreachable_hub):
+    """HF_HUB_OFFLINE unset and the hub out of reach (its endpoint a closed local port): one check of
+    the endpoint, then an error that says so, not huggingface_hub's five retries."""
+    import subprocess
+    import sys
+
+    env, endpoint = unreachable_hub
+    code = (
+        "import time; from tpkit.models import load_model; t = time.perf_counter()\n"
+        "try:\n    load_model('someorg/somemodel')\nexcept ValueError as e:\n"
+        "    print(f'{time.perf_counter() - t:.1f}'); print(e)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 2, out.stdout + out.stderr[-2000:]
+    assert "Retry" not in out.stderr, out.stderr[-2000:]
+    assert lines[1].startswith(
+        f"'someorg/somemodel': not a directory here ({tmp_path / 'someorg' / 'somemodel'})"
+    )
+    assert f"the hub cannot be reached ({endpoint}: " in lines[1] and "refused" in lines[1]
+    assert float(lines[0]) < 10.0  # one refused connection; the retries took 23 s and more

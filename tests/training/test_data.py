@@ -116,7 +116,9 @@ def test_empty_or_all_bad_training_data_is_refused(data, tmp_path, processor, ca
     cfg_path = _cli_config(data, tmp_path, processor, on_error="skip")
     assert main(["train", "--config", str(cfg_path)]) == 2
     captured = capsys.readouterr()
-    assert f"error: {data}: no usable records" in captured.err and "done:" not in captured.out
+    assert (
+        f"error: data.train_json: {data}: no usable records" in captured.err and "done:" not in captured.out
+    )
     assert not (tmp_path / "run" / "export").exists()
 
 

@@ -56,7 +56,8 @@ def test_a_second_run_into_the_same_out_dir_is_refused_then_overwritten_on_reque
 def test_resume_refuses_changes_to_what_the_run_computes(run, tmp_path, capsys):
     out, cfg_path = run
     before = _snapshot(out)
-    other = tmp_path / "other.json"
+    other = tmp_path / "other.json"  # another data file that exists (a missing one is refused first)
+    other.write_text((tmp_path / "train.json").read_text())
     capsys.readouterr()
     changes = ["optim.lr=0.01", "lora.r=2", "lora.alpha=4.0", f"data.train_json={other}", "trainer.seed=3"]
     assert (
@@ -131,6 +132,31 @@ def test_resume_from_a_deepspeed_checkpoint_directory_says_so(train_json, tmp_pa
         check_run_dir(cfg, resume=True)
 
 
+def test_a_run_started_with_relative_paths_resumes_with_the_absolute_ones(tmp_path, monkeypatch):
+    """Configs load their paths absolute; a checkpoint written before they did holds them relative to
+    the directory the run started in: from there, the same files, not changed keys."""
+    from tpkit.training.rundir import resume_changes
+
+    monkeypatch.chdir(tmp_path)
+    saved = {"model": {"path": "assets/tiny-llava"}, "trainer": {"out_dir": "runs/x/"}}
+    now = {
+        "model": {"path": str(tmp_path / "assets" / "tiny-llava")},
+        "trainer": {"out_dir": str(tmp_path / "runs" / "x")},
+    }
+    assert resume_changes(saved, now) == ([], [])
+    # another directory is a moved run (accepted); another model is another run
+    moved = {**now, "trainer": {"out_dir": str(tmp_path / "runs" / "y")}}
+    assert resume_changes(saved, moved) == (
+        [],
+        [f"trainer.out_dir: 'runs/x/' -> '{tmp_path / 'runs' / 'y'}'"],
+    )
+    other = {**now, "model": {"path": str(tmp_path / "assets" / "other")}}
+    assert resume_changes(saved, other) == (
+        [f"model.path: 'assets/tiny-llava' -> '{tmp_path / 'assets' / 'other'}'"],
+        [],
+    )
+
+
 def test_stale_checkpoint_temporaries_are_removed(tmp_path):
     import os
     import subprocess
@@ -195,7 +221,8 @@ def test_resume_compares_resolved_paths_and_lets_a_moved_run_resume(run, capsys)
     assert main([*argv, "--set", f"trainer.out_dir={moved}", "trainer.max_steps=6"]) == 0
     captured = capsys.readouterr()
     assert (
-        f"resuming from step 5 with changes: trainer.max_steps: 5 -> 6; trainer.out_dir: '{out}/' -> '{moved}'"
+        # a path loads normalised: the trailing / given with --set is gone
+        f"resuming from step 5 with changes: trainer.max_steps: 5 -> 6; trainer.out_dir: '{out}' -> '{moved}'"
         in (captured.err)
     )
     assert "done: step 6" in captured.out

@@ -30,9 +30,8 @@ record from the batch and lists it in ``batch["skipped"]`` (a batch may then be 
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ import torch
 from tpkit.data.errors import LlavaDataError, RecordError
 from tpkit.data.labels import IGNORE_INDEX
 from tpkit.data.processor import IMAGE, num_image_tokens
+from tpkit.data.records import strict_decoding
 from tpkit.data.video import Video, VideoError, load_video, probe_video, sample_indices
 
 LLAVA_VIDEO = "<video>"  # the video placeholder of LLaVA-JSON records (the image's: processor.IMAGE)
@@ -628,21 +628,6 @@ class Counts:
 
 class _Dropped(Exception):
     """Internal: one record of a batch cannot be collated (reason in args[0])."""
-
-
-@contextlib.contextmanager
-def strict_decoding() -> Iterator[None]:
-    """Inside the block a truncated image file fails to decode, whatever the process set: PIL's
-    ``ImageFile.LOAD_TRUNCATED_IMAGES`` is a global that other libraries turn on (lmms-eval does on
-    import), after which a cut file decodes silently, padded with grey."""
-    from PIL import ImageFile
-
-    before = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = before
 
 
 def _first_answer(record: dict[str, Any], required: bool = True) -> str | None:

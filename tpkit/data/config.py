@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from tpkit.config import path_field
+
 __all__ = ["DataConfig"]
 
 
@@ -12,10 +14,10 @@ __all__ = ["DataConfig"]
 class DataConfig:
     """LLaVA conversation-JSON data (tpkit.data)."""
 
-    train_json: str | None = None
-    val_json: str | None = None
-    test_json: str | None = None
-    image_folder: str | None = None  # None = the json's directory
+    train_json: str | None = path_field()
+    val_json: str | None = path_field()
+    test_json: str | None = path_field()
+    image_folder: str | None = path_field()  # None = the json's directory
     # true: read images under image_folder only (an absolute path, ../ or a symlink out of it is a bad
     # record); false: relative paths are under image_folder, absolute ones are read as given (real
     # LLaVA files use absolute paths)

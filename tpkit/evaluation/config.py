@@ -7,11 +7,12 @@ configuration of ``ours`` (other methods are derived from it, see :mod:`tpkit.ev
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tpkit.config import ConfigError, from_dict, load_config, set_dotted, to_dict
+from tpkit.config import ConfigError, from_dict, load_config, path_field, set_dotted, to_dict
 from tpkit.data.config import DataConfig
 from tpkit.evaluation.methods import METHODS
 from tpkit.models.config import ModelConfig
@@ -92,36 +93,54 @@ def variant_pruning(ours: PruningConfig, name: str, changes: dict[str, Any]) -> 
 
 @dataclass
 class SpeedConfig:
-    """Prefill / first-token / decode timing of each method on one batch of the dataset."""
+    """Prefill / first-token / decode timing of each method on one batch of the dataset. Null
+    defaults depend on the device: batch 8, 2 warm-up and 5 timed rounds on a GPU; batch 1, 1 and 3
+    on a CPU, on 1 thread (steadier on a busy machine)."""
 
     enabled: bool = True
-    batch_size: int = 8
-    warmup: int = 2
-    repeats: int = 5
+    batch_size: int | None = None  # null: 8 on GPU, 1 on CPU
+    warmup: int | None = None  # untimed rounds first; null: 2 on GPU, 1 on CPU
+    repeats: int | None = None  # timed rounds (median and p90 over them); null: 5 on GPU, 3 on CPU
     decode_tokens: int = (
         16  # decode tok/s = batch * decode_tokens / (time from the 1st to the last new token)
     )
     sweep: bool = True  # also time the budget-sweep runs (prefill only)
     generation: bool = True  # time to first token and decode tok/s (main methods)
-    threads: int | None = None  # torch CPU threads while timing (None = torch's default)
+    threads: int | None = None  # torch CPU threads while timing; null: 1 on CPU; 0: torch's default
     # time dense and ours compiled alike with this torch.compile mode (reduce-overhead: CUDA graphs, for
     # batch-1 latency; set pruning.bucket too, e.g. 16, so that the pruned lengths take a few values)
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
 
     def validate(self) -> None:
-        if self.batch_size < 1 or self.repeats < 1 or self.warmup < 0 or self.decode_tokens < 1:
-            raise ValueError("batch_size, repeats, decode_tokens must be >= 1 and warmup >= 0")
+        if (
+            (self.batch_size is not None and self.batch_size < 1)
+            or (self.repeats is not None and self.repeats < 1)
+            or (self.warmup is not None and self.warmup < 0)
+            or self.decode_tokens < 1
+            or (self.threads is not None and self.threads < 0)
+        ):
+            raise ValueError("batch_size, repeats, decode_tokens must be >= 1, warmup and threads >= 0")
+
+    def resolved(self, device_type: str) -> SpeedConfig:
+        """A copy with the null defaults filled in for ``device_type`` ("cuda" or "cpu")."""
+        gpu = device_type == "cuda"
+        defaults = (
+            {"batch_size": 8, "warmup": 2, "repeats": 5}
+            if gpu
+            else {"batch_size": 1, "warmup": 1, "repeats": 3}
+        )
+        if not gpu:
+            defaults["threads"] = 1
+        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
 
 @dataclass
 class RandomInitConfig:
     """Speed-only runs on a full-size architecture with random weights (``--random-init NAME``)."""
 
-    name: str | None = (
-        None  # e.g. llava-1.5-7b (tpkit.models.registry.architectures(): `tpkit evaluate --help` lists them)
-    )
-    scale_down: int = 1  # divide widths (CPU smoke tests of the same code path)
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    name: str | None = None  # e.g. llava-1.5-7b (`tpkit evaluate --help` lists them)
+    scale_down: int = 1  # divide widths, not depths nor token counts (a CPU runs the same code path)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     # ours runs with fixed counts (random weights have no meaningful CLS): stage 1 keeps
     # eval.sweep_stage1_factor * budget of the dense prompt, stage 2 brings the fraction to budget
     budget: float = 0.22
@@ -145,13 +164,13 @@ class EvalConfig:
     # exported adapter dir (tpkit train's out_dir/export): ours runs with its trained pruning.json
     # (this config's pruning section is not used then), `--set pruning.KEY=VALUE` changes keys of it
     # (recorded in results.json); its base is checked against model.path before any evaluation
-    adapter: str | None = None
+    adapter: str | None = path_field()
     pruning: PruningConfig = field(default_factory=PruningConfig)  # ours
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalSection = field(default_factory=EvalSection)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     random_init: RandomInitConfig = field(default_factory=RandomInitConfig)
-    out_dir: str = "runs/eval"
+    out_dir: str = path_field("runs/eval")
     device: str = "auto"  # auto: cuda when available, else cpu
     seed: int = 0
 

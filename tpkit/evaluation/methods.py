@@ -19,6 +19,9 @@ accuracy is attributable (per-sample counts come from ``ours``' own run, see
   prompt is ``sweep_stage1_factor * f`` of the dense prompt; stage 2 keeps the count that lands on
   ``f``. ``random@f`` uses the same two counts, ``topk-cls@f`` one K (their mean) for every image,
   ``fastv@f`` solves its single count for ``f``.
+
+torch is imported inside the functions that compute counts: the evaluation config checks method
+names against :data:`METHODS` before anything heavy loads.
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from tpkit.pruning.budgets import scale_stage1_keep, solve_stage2_keep
 from tpkit.pruning.config import PruningConfig
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["METHODS", "Method", "MethodSpec", "OursStats", "method_spec", "sweep_spec", "fastv_config"]
 
@@ -118,6 +122,8 @@ def _random(ours: PruningConfig, stats: OursStats, num_layers: int, fastv_layer:
 
 
 def _topk_cls(ours: PruningConfig, stats: OursStats, num_layers: int, fastv_layer: int) -> MethodSpec:
+    import torch
+
     cfg = copy.deepcopy(ours)
     k = int(torch.round(stats.k1.double().mean()).clamp(min=1))
     k1 = torch.minimum(torch.full_like(stats.k1, k), stats.n_visual)
@@ -127,6 +133,8 @@ def _topk_cls(ours: PruningConfig, stats: OursStats, num_layers: int, fastv_laye
 
 
 def _fastv(ours: PruningConfig, stats: OursStats, num_layers: int, fastv_layer: int) -> MethodSpec:
+    import torch
+
     k2 = solve_stage2_keep(stats.fraction, stats.n_dense, stats.n_dense, num_layers, fastv_layer)
     k2 = torch.maximum(k2, stats.n_dense - stats.n_visual)  # text is never dropped by FastV
     return MethodSpec("fastv", "fastv", fastv_config(ours, fastv_layer), None, k2)
@@ -200,6 +208,8 @@ def sweep_spec(
     stage1_factor: float,
 ) -> MethodSpec:
     """``<family>@<budget>``: every sample at token-layer fraction ``budget`` (see module doc)."""
+    import torch
+
     if family not in METHODS or not METHODS[family].sweep:
         sweepable = [m.name for m in METHODS.values() if m.sweep]
         raise ValueError(f"{family!r} cannot be swept (sweep families: {', '.join(sweepable)})")
@@ -219,7 +229,9 @@ def sweep_spec(
 
     def feasible(k1: torch.Tensor) -> torch.Tensor:
         k1 = torch.minimum(torch.maximum(k1, k1_min), k1_max)
-        return torch.minimum(k1.clamp(min=1), stats.n_visual)
+        # never below stage1.min_keep, the knee's own floor: a budget that needs fewer patches is
+        # missed, and budget_gap_tokens says by how much
+        return torch.minimum(k1.clamp(min=max(1, ours.stage1.min_keep)), stats.n_visual)
 
     k1 = feasible(scale_stage1_keep(stats.k1, stats.n_text, stats.n_visual, min(1.0, stage1_factor * budget)))
     if family == "topk-cls":  # one K for every image: the mean of ours' counts at this budget

@@ -4,8 +4,10 @@ Files written into the run's output directory:
 
 - ``results.json`` — config, dataset, and per method: accuracy (overall, per question type),
   yes/no scores, agreement with dense, token accounting, FLOPs, speed.
-- ``results.md`` — one row per method (the table printed at the end of ``evaluate.py``).
-- ``accuracy_vs_tokens.png`` — accuracy against token-layer fraction, one curve per method family.
+- ``results.md`` — what was run (model, adapter, data, device, date, version), one row per method
+  (the table printed at the end of ``evaluate.py``), and notes on the rows that need one.
+- ``accuracy_vs_tokens.png`` — accuracy against token-layer fraction: a curve per family of the
+  budget sweep, and the main methods as points.
 - ``speedup_vs_tokens.png`` — prefill speedup over dense against token-layer fraction.
 - ``kept_patches.png`` — the first samples with the patches kept by stage 1 and by both stages.
 """
@@ -27,11 +29,17 @@ __all__ = [
     "markdown_table",
     "summary_table",
     "speed_markdown",
+    "timing_spread",
+    "spread_note",
+    "random_init_summary",
     "retention_table",
     "qtype_table",
     "parse_markdown_table",
     "write_json",
+    "curve_data",
     "plot_curves",
+    "run_header",
+    "report_notes",
     "plot_kept_patches",
     "write_report",
     "overlay_samples",
@@ -228,33 +236,47 @@ def _plt():
     return plt
 
 
-def plot_curves(methods: dict[str, dict], key: str, ylabel: str, path: str | Path, title: str) -> Path | None:
-    """``key`` (``accuracy`` or ``prefill_speedup``) against mean token-layer fraction: a curve per
-    family (sweep runs and the family's main run), a marker per standalone method."""
-    points: dict[str, list[tuple[float, float, str]]] = {}
+def curve_data(methods: dict[str, dict], key: str) -> dict[str, dict[str, list[tuple[float, float, str]]]]:
+    """Per family, the points of ``key`` (``accuracy`` or ``prefill_speedup``) against the mean
+    token-layer fraction, as (x, y, method): ``curve`` the budget sweep's runs (``family@F``) sorted
+    by x, ``points`` the family's other runs (its main method, e.g. ``ours``: counts of its own
+    choosing, not a point of the sweep, so not joined to it)."""
+    out: dict[str, dict[str, list[tuple[float, float, str]]]] = {}
     for name, r in methods.items():
         y = r.get("speed", {}).get("prefill_speedup") if key == "prefill_speedup" else r.get(key)
         x = r.get("tokens", {}).get("fraction", {}).get("mean")
         if y is None or x is None or (isinstance(y, float) and math.isnan(y)):
             continue
-        points.setdefault(r.get("family", name), []).append((float(x), float(y), name))
-    if not points:
+        fam = out.setdefault(r.get("family", name), {"curve": [], "points": []})
+        fam["curve" if "@" in name else "points"].append((float(x), float(y), name))
+    for fam in out.values():
+        fam["curve"].sort()
+    return out
+
+
+def plot_curves(methods: dict[str, dict], key: str, ylabel: str, path: str | Path, title: str) -> Path | None:
+    """``key`` (``accuracy`` or ``prefill_speedup``) against mean token-layer fraction
+    (:func:`curve_data`): a line per family of the budget sweep, a marker per main method."""
+    data = curve_data(methods, key)
+    if not data:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
     colors = plt.get_cmap("tab10").colors
-    for i, (fam, pts) in enumerate(points.items()):
-        pts.sort()
-        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    for i, (fam, d) in enumerate(data.items()):
         color = colors[i % len(colors)]
+        if d["curve"]:
+            xs, ys = [p[0] for p in d["curve"]], [p[1] for p in d["curve"]]
+            ax.plot(xs, ys, marker="o", ms=4, lw=1.2, color=color, alpha=0.8, label=f"{fam}@F (sweep)")
+        if not d["points"]:
+            continue
+        xs, ys = [p[0] for p in d["points"]], [p[1] for p in d["points"]]
         if fam == "dense":
             ax.scatter(xs, ys, marker="*", s=160, color="black", zorder=5, label="dense")
-        elif fam == "variant":  # eval.variants: single runs of ours with settings changed, not a curve
+        elif fam == "variant":  # eval.variants: single runs of ours with settings changed
             ax.scatter(xs, ys, marker="x", s=40, color="gray", zorder=4, label="ours variants")
-        elif len(pts) > 1:
-            ax.plot(xs, ys, marker="o", color=color, label=fam)
         else:
-            ax.scatter(xs, ys, marker="s", s=45, color=color, label=fam, zorder=4)
+            ax.scatter(xs, ys, marker="D", s=55, color=color, edgecolor="black", zorder=5, label=fam)
     ax.set_xlabel("token-layer fraction (Σ tokens seen / (L · n_dense))")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -321,6 +343,73 @@ def plot_kept_patches(samples: Sequence[dict], path: str | Path) -> Path | None:
     return path
 
 
+def run_header(results: dict) -> str:
+    """The block that opens results.md: what was evaluated, on what data, where, when, with what."""
+    m, d, run = results.get("model") or {}, results.get("dataset") or {}, results.get("run") or {}
+    adapter = "none"
+    if m.get("adapter"):
+        step = f" (step {m['adapter_step']})" if m.get("adapter_step") is not None else ""
+        adapter = f"`{m['adapter']}`{step}; `dense` is the base model without it"
+    limit = d.get("limit")
+    skipped = f", {d['n_skipped']} skipped" if d.get("n_skipped") else ""
+    samples = f"{d.get('n')} samples of {d.get('n_records')} records" + (
+        f" (eval.limit: {limit})" if limit is not None else ""
+    )
+    lines = [
+        "# Evaluation",
+        "",
+        f"- model: `{m.get('path')}` ({m.get('dtype', '?')}, {m.get('attn_implementation', '?')}), "
+        f"{m.get('num_layers')} language-model layers",
+        f"- adapter: {adapter}",
+        f"- data: `{d.get('path')}`: {samples}{skipped}",
+        f"- device: {run.get('device', results.get('device'))} ({run.get('device_name', '?')})"
+        + (f"; timed with {run['timing_threads']} torch thread(s)" if run.get("timing_threads") else ""),
+        f"- run: {run.get('date', '?')}, tpkit {run.get('tpkit', '?')}, torch {run.get('torch', '?')}, "
+        f"transformers {run.get('transformers', '?')}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def report_notes(results: dict) -> list[str]:
+    """What the tables would leave a reader to wonder about, one sentence each: methods left out,
+    budgets a method cannot reach, a method that keeps no patch after stage 2, how the sweep's rows
+    differ from the main ones, noisy timings."""
+    methods = results.get("methods", {})
+    notes = list(results.get("notes") or [])
+    ours = methods.get("ours")
+    frac = lambda r: r.get("tokens", {}).get("fraction", {}).get("mean")  # noqa: E731
+    for name, r in methods.items():
+        gap = r.get("budget_gap_tokens")
+        if gap is not None and gap > 1.0:
+            target = f"{r['budget']:.0%}" if r.get("budget") is not None else f"ours' {frac(ours):.1%}"
+            notes.append(
+                f"`{name}` reaches {frac(r):.1%} of the token-layers, not {target}: up to {gap:.1f} tokens per "
+                "layer off (budget_gap_tokens in results.json): the budget is below the least it keeps"
+            )
+        patches = ((r.get("named_objects") or {}).get("stage2") or {}).get("kept_patches")
+        if patches == 0 and "@" not in name:
+            notes.append(
+                f"`{name}` keeps no image patch after stage 2 (patches after stage 2: 0.0): at its budget the "
+                "layers from its stage-2 layer on have room only for the text it never drops"
+            )
+    sweep = [n for n in methods if n.startswith("ours@")]
+    if ours and sweep:
+        near = min(sweep, key=lambda n: abs((frac(methods[n]) or 0) - (frac(ours) or 0)))
+        k1 = lambda r: r.get("tokens", {}).get("k1", {}).get("mean")  # noqa: E731
+        notes.append(
+            f"`FAMILY@F` rows are the budget sweep: every sample at token-layer fraction F, stage 1 given "
+            "eval.sweep_stage1_factor x F of the prompt (less where the stage-2 layer does not allow it, never "
+            "fewer patches than stage1.min_keep) and stage 2 the rest; the main rows keep what their own rules "
+            f"choose, so the two differ at one fraction (ours: k1 {k1(ours):.1f} at {frac(ours):.1%}; "
+            f"{near}: k1 {k1(methods[near]):.1f} at {frac(methods[near]):.1%}). The plots draw the sweep as "
+            "lines and the main rows as points"
+        )
+    speeds = {n: r["speed"] for n, r in methods.items() if r.get("speed")}
+    if note := spread_note(speeds):
+        notes.append(note[0].upper() + note[1:])
+    return notes
+
+
 def write_report(results: dict, out_dir: str | Path, grid_samples: Sequence[dict] | None = None) -> dict:
     """Write results.json, results.md and the plots; returns ``{kind: path}`` of the files written."""
     out = Path(out_dir)
@@ -331,14 +420,18 @@ def write_report(results: dict, out_dir: str | Path, grid_samples: Sequence[dict
     per_type = qtype_table(methods)
     kept = retention_table(methods)
     adapter = (results.get("model") or {}).get("adapter")
+    notes = report_notes(results)
     (out / "results.md").write_text(
-        table
+        run_header(results)
+        + "\n"
+        + table
         + (
             f"\n`dense` is the base model without the adapter, unpruned; the other rows run the base model"
             f" with the adapter `{adapter}` merged in.\n"
             if adapter
             else ""
         )
+        + ("\nNotes:\n\n" + "".join(f"- {n}.\n" for n in notes) if notes else "")
         + ("\nAccuracy by question type:\n\n" + per_type if per_type else "")
         + (
             "\nObjects the question names (synthetic data): share of samples in which every one keeps"
@@ -366,7 +459,7 @@ def write_report(results: dict, out_dir: str | Path, grid_samples: Sequence[dict
         p = plot_kept_patches(grid_samples, out / "kept_patches.png")
         if p:
             files["kept_patches"] = str(p)
-    results = dict(results, files=files)
+    results = dict(results, files=files, notes=notes)
     write_json(results, out / "results.json")
     files["json"] = str(out / "results.json")
     return files
@@ -404,6 +497,66 @@ def speed_markdown(speeds: dict[str, dict]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# p90 / median of a method's timed rounds above which the report says its timings are noisy
+NOISY_SPREAD = 1.2
+
+
+def timing_spread(speeds: dict[str, dict]) -> tuple[float, str]:
+    """The largest p90 / median over every timed quantity (prefill, time to first token, decoding) of
+    :func:`tpkit.evaluation.speed.speed_table` results -> (ratio, "method quantity")."""
+    worst = (1.0, "")
+    for name, r in speeds.items():
+        pairs = [("prefill", r["prefill"]["median_ms"], r["prefill"]["p90_ms"])]
+        pairs += [(q, r.get(f"{q}_ms"), r.get(f"{q}_p90_ms")) for q in ("ttft", "decode")]
+        for what, median, p90 in pairs:
+            if median and p90 and p90 / median > worst[0]:
+                worst = (p90 / median, f"{name} {what}")
+    return worst
+
+
+def spread_note(speeds: dict[str, dict], threshold: float = NOISY_SPREAD) -> str | None:
+    """A note when the timings are noisy (see :func:`timing_spread`), else None."""
+    ratio, where = timing_spread(speeds)
+    if ratio <= threshold:
+        return None
+    return (
+        f"timings are noisy: p90 / median up to {ratio:.2f} ({where}), so the speedups (ratios of medians) "
+        "may be off; time on an idle machine, or with more speed.repeats"
+    )
+
+
+def random_init_summary(results: dict) -> str:
+    """What ``tpkit evaluate --random-init`` prints: the speed table, the run, the measured prefill
+    speedup beside the FLOPs ratio, and a note when the timings are noisy."""
+    speeds = results["speed"]
+    ours = next(n for n in speeds if n != "dense")
+    ach = results["achieved"].get("token_layer_fraction", {}).get("mean")
+    scale = f", widths / {results['scale_down']}" if results.get("scale_down", 1) > 1 else ""
+    lines = [
+        speed_markdown(speeds),
+        f"{results['architecture']} (random init{scale}, {results['device_name']}, {results['dtype']}, batch "
+        f"{results['batch_size']}, {results['threads']} thread(s), median of {results['repeats']} rounds, "
+        f"{results['prompt']['n_dense']} tokens): k1={results['counts']['k1']} k2={results['counts']['k2']} "
+        f"token-layer fraction {'–' if ach is None else f'{ach:.4f}'}",
+        f"{ours} vs dense: prefill {results['prefill_speedup']:.2f}x measured; the language model's prefill "
+        f"FLOPs {results['flops_ratio']:.2f}x fewer",
+    ]
+    if results.get("vision_ms") is not None:  # the visual encoder is the same work for both
+        dense_ms = speeds["dense"]["prefill"]["median_ms"]
+        lm = results.get("lm_prefill_speedup")
+        lines.append(
+            f"the visual encoder alone: {results['vision_ms']:.1f} ms of dense's {dense_ms:.1f} ms prefill"
+            + (
+                f"; without it, ours' language-model prefill is {lm:.2f}x faster"
+                if lm
+                else "; what is left of ours' prefill is within the timing noise (no language-model ratio)"
+            )
+        )
+    if note := spread_note(speeds):
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
 
 
 def overlay_samples(run: dict, processor, first: dict, n: int) -> list[dict]:

@@ -10,18 +10,22 @@ then speed on one batch (:mod:`tpkit.evaluation.speed`), then the report
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import math
+import os
+import platform
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoConfig
 
+from tpkit.checkout import tpkit_version
 from tpkit.config import ConfigError, save_config, to_dict, unwritable_dir
 from tpkit.data.collator import LlavaCollator
 from tpkit.data.errors import RecordError, write_skipped
@@ -52,6 +56,7 @@ from tpkit.models.loading import (
     load_processor,
     load_processor_for,
     read_export,
+    read_model_config,
     resolve_device,
     resolve_dtype,
 )
@@ -65,6 +70,7 @@ __all__ = [
     "load_dataset",
     "load_eval_records",
     "prefill_stats",
+    "run_info",
     "run_method",
 ]
 
@@ -126,8 +132,8 @@ def _load_model(cfg: EvalConfig, device: torch.device, processor, pruning):
     """The base model with the pruner attached, checked against the adapter and ``pruning`` before use."""
     if cfg.adapter is not None and not cfg.model.source.is_tiny:
         try:  # the config only: no weights are read for this check
-            base_config = AutoConfig.from_pretrained(cfg.model.path, revision=cfg.model.revision)
-        except (OSError, ValueError):
+            base_config = read_model_config(cfg.model.path, cfg.model.revision)
+        except ValueError:
             base_config = None  # load_base_model says why
         if base_config is not None:
             _check_base(cfg.adapter, base_config)
@@ -311,6 +317,32 @@ def run_method(
     return res
 
 
+def _adapter_step(adapter: str | None) -> int | None:
+    """The training step an exported adapter was saved at (its tpkit_export.json), when it says."""
+    if adapter is None:
+        return None
+    step = (read_export(adapter)[0].get("metrics") or {}).get("global_step")
+    return None if step is None else int(step)
+
+
+def run_info(device: torch.device, timing_threads: int | None = None) -> dict[str, Any]:
+    """When and with what a run ran: date (UTC), tpkit's version and commit, torch and transformers,
+    the device, and the torch CPU threads of the timing (0: torch's default; None: nothing timed)."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "tpkit": tpkit_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": str(device),
+        "device_name": (
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else f"{platform.machine()}, {os.cpu_count()} cores"
+        ),
+        "timing_threads": timing_threads or (None if timing_threads is None else torch.get_num_threads()),
+    }
+
+
 def _ours_stats(run: dict) -> OursStats:
     return OursStats(run["n_dense"], run["n_visual"], run["k1"], run["n_prompt"], run["k2"], run["fraction"])
 
@@ -397,13 +429,25 @@ def evaluate(cfg: EvalConfig, pruning_overrides: dict[str, Any] | None = None) -
 
     # which runs, in dependency order
     wanted = list(dict.fromkeys(ev.methods))
-    need_ours = any(METHODS[m].needs_ours for m in wanted) or bool(ev.budgets and ev.sweep_methods)
+    sweep_methods = list(ev.sweep_methods if ev.budgets else [])
+    notes: list[str] = []
+    if not ours_cfg.stage1.enabled:  # an adapter's pruning (the config's own is checked when it loads)
+        left = [m for m in wanted if METHODS[m].needs_ours] + [f"{m}@F" for m in sweep_methods]
+        if left:
+            wanted, sweep_methods = [m for m in wanted if not METHODS[m].needs_ours], []
+            notes.append(
+                f"{', '.join(left)} left out: they are matched to ours' stage-1 counts, and ours' pruning "
+                f"({cfg.adapter or 'pruning'}) has stage 1 off, so they would keep every patch (--set "
+                "pruning.stage1.enabled=true evaluates the adapter with stage 1 on)"
+            )
+            print(f"warning: {notes[-1]}", file=sys.stderr)
+    need_ours = any(METHODS[m].needs_ours for m in wanted) or bool(sweep_methods)
     order = ["dense"] + (["ours"] if need_ours or "ours" in wanted else [])
     order += [m for m in wanted if m not in order]
     specs: dict[str, MethodSpec] = {}
     runs: dict[str, dict] = {}
     family = family_of(model)
-    check_methods(family, unwrap(model), wanted + list(ev.sweep_methods if ev.budgets else []))
+    check_methods(family, unwrap(model), wanted + sweep_methods)
     # records that name their objects: retention numbers (families whose image is one fixed patch grid)
     patch_grid = family.fixed_patch_grid
     cells, n_patches = dataset_cells(ds, model.config.vision_config) if patch_grid else (None, 0)
@@ -418,7 +462,7 @@ def evaluate(cfg: EvalConfig, pruning_overrides: dict[str, Any] | None = None) -
         spec = MethodSpec(f"ours[{vname}]", "variant", variant_pruning(ours_cfg, vname, changes))
         specs[spec.name] = spec
         runs[spec.name] = run(spec, len(ds) if cells is not None else 0)
-    for fam in ev.sweep_methods if ev.budgets else []:
+    for fam in sweep_methods:
         for b in ev.budgets:
             ours_stats = _ours_stats(runs["ours"])
             spec = sweep_spec(
@@ -452,7 +496,7 @@ def evaluate(cfg: EvalConfig, pruning_overrides: dict[str, Any] | None = None) -
 
     # speed on the first batch
     if cfg.speed.enabled:
-        sp = cfg.speed
+        sp = cfg.speed.resolved(device.type)
         first = next(iter(_make_loader(ds, processor, cfg, sp.batch_size)))
         sbatch = device_inputs(model, first, device)
         index = torch.arange(sbatch["input_ids"].shape[0])
@@ -483,6 +527,9 @@ def evaluate(cfg: EvalConfig, pruning_overrides: dict[str, Any] | None = None) -
         for j, (i, r, q) in enumerate(zip(dense["ids"], refs, qtypes))
     ]
     skipped = _report_skipped(out_dir, cfg, load_report.errors, dense["skipped"])
+    timing_threads = None  # nothing timed
+    if cfg.speed.enabled:
+        timing_threads = cfg.speed.resolved(device.type).threads or 0  # 0: torch's default
     config = to_dict(cfg)
     config["pruning"] = to_dict(ours_cfg)  # what ours ran with (an adapter's, with any overrides)
     results = {
@@ -491,12 +538,17 @@ def evaluate(cfg: EvalConfig, pruning_overrides: dict[str, Any] | None = None) -
             "path": cfg.data.test_json,
             "n": len(refs),
             "n_records": load_report.n_records,
+            "limit": cfg.eval.limit,
             **skipped,
         },
         "device": str(device),
+        "run": run_info(device, timing_threads),
         "model": {
             "path": cfg.model.path,
+            "dtype": str(resolve_dtype(cfg.model.dtype, device)).removeprefix("torch."),
+            "attn_implementation": cfg.model.attn_implementation,
             "adapter": cfg.adapter,
+            "adapter_step": _adapter_step(cfg.adapter),
             # with an adapter, ours runs with its pruning.json and these --set pruning.* changes
             "pruning_overrides": dict(pruning_overrides or {}) if cfg.adapter else None,
             "num_layers": shape.num_layers,
@@ -504,6 +556,7 @@ def evaluate(cfg: EvalConfig, pruning_overrides: dict[str, Any] | None = None) -
             "dense": "base model without the adapter" if cfg.adapter else "base model",
         },
         "methods": methods,
+        "notes": notes,  # methods left out, and why (the report adds what its rows need said)
     }
     with open(out_dir / "predictions.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in predictions)

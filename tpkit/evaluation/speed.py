@@ -321,6 +321,8 @@ def speed_table(
             ttft, decode = zip(*clocks[spec.name].runs[-repeats:])
             r["ttft_ms"] = statistics.median(ttft)
             r["decode_ms"] = statistics.median(decode)
+            r["ttft_p90_ms"] = summarize_times(ttft)["p90_ms"]
+            r["decode_p90_ms"] = summarize_times(decode)["p90_ms"]
             r["decode_tokens_per_s"] = 1e3 * bsz * decode_tokens / r["decode_ms"]
         if device.type == "cuda":
             reset_peak_memory(device)

@@ -21,7 +21,14 @@ import tpkit.data.qwen_processor  # noqa: F401  (registers OfflineQwen2VLProcess
 from tpkit.config import ConfigError, from_dict
 from tpkit.data.processor import build_processor
 from tpkit.models.checks import ARCHITECTURE_KEYS, config_sha256, fingerprint_diff, model_fingerprint
-from tpkit.models.config import TINY_BUILDER, ModelConfig, parse_model_path
+from tpkit.models.config import (
+    TINY_BUILDER,
+    ModelConfig,
+    ModelSourceError,
+    hub_unreachable,
+    offline_hub_id,
+    parse_model_path,
+)
 from tpkit.models.families import attach_pruner
 from tpkit.models.registry import build_tiny, families
 from tpkit.models.tiny import tiny_kwargs_from_processor
@@ -35,6 +42,7 @@ __all__ = [
     "resolve_dtype",
     "resolve_device",
     "model_class_for",
+    "read_model_config",
     "load_pretrained",
     "load_model",
     "load_processor",
@@ -87,7 +95,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | 
 
 def model_class_for(config: Any, source: str) -> type:
     """The ``*ForConditionalGeneration`` class of a checkpoint's config, if tpkit prunes its family;
-    else a ValueError naming the checkpoint, its model type and the supported classes."""
+    else a ModelSourceError naming the checkpoint, its model type and the supported classes."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     supported = [c for f in families() for c in f.classes]
@@ -97,14 +105,43 @@ def model_class_for(config: Any, source: str) -> type:
     for name in names:
         if name in supported and hasattr(transformers, name):
             return getattr(transformers, name)
-    raise ValueError(
+    raise ModelSourceError(
         f"{source}: model_type {kind!r} (architectures {getattr(config, 'architectures', None)}) is not a "
         f"family tpkit prunes; supported: {', '.join(supported)}"
     )
 
 
-def _local_only(source: str) -> bool:
-    return parse_model_path(source).kind == "local"
+def _files_only(source: str) -> bool:
+    """``local_files_only`` for ``from_pretrained(source)``: a local directory; a hub id when
+    HF_HUB_OFFLINE is set or the hub cannot be reached (then only the hub cache can answer)."""
+    from huggingface_hub import constants
+
+    return parse_model_path(source).kind == "local" or constants.HF_HUB_OFFLINE or bool(hub_unreachable())
+
+
+def _cannot_load(source: str, what: str, error: Exception) -> ModelSourceError:
+    """The error of a failed ``from_pretrained``: for a hub id while the hub is out of reach, that
+    and what to do instead of the loader's own message."""
+    if parse_model_path(source).kind == "hub" and (why := offline_hub_id(source)):
+        return ModelSourceError(why)
+    return ModelSourceError(f"{source}: cannot {what} ({error})")
+
+
+def _auto_pretrained(auto: Any, source: str, revision: str | None, what: str) -> Any:
+    """``auto.from_pretrained(source)`` (AutoConfig, AutoProcessor), from local files only where the
+    hub cannot answer; ValueError saying why not."""
+    if why := parse_model_path(source).missing():
+        raise ModelSourceError(why)
+    try:
+        return auto.from_pretrained(source, revision=revision, local_files_only=_files_only(source))
+    except (OSError, ValueError) as e:
+        raise _cannot_load(source, what, e) from None
+
+
+def read_model_config(source: str, revision: str | None = None) -> Any:
+    """The transformers config of a local directory or hub id (no weights read); ValueError saying
+    why not."""
+    return _auto_pretrained(AutoConfig, source, revision, "read a model config")
 
 
 def load_pretrained(
@@ -118,19 +155,13 @@ def load_pretrained(
     """``from_pretrained`` of the checkpoint's own class (any family tpkit prunes; eval mode), with a
     clear error for other models."""
     source = str(path)
-    if why := parse_model_path(source).missing():
-        raise ValueError(why)
-    local = _local_only(source)
-    try:
-        config = AutoConfig.from_pretrained(source, revision=revision, local_files_only=local)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{source}: cannot read a model config ({e})") from None
+    config = read_model_config(source, revision)
     model = model_class_for(config, source).from_pretrained(
         source,
         dtype=resolve_dtype(dtype, device),
         attn_implementation=attn_implementation,
         revision=revision,
-        local_files_only=local,
+        local_files_only=_files_only(source),
     )
     if device is not None:
         model = model.to(device)
@@ -162,13 +193,7 @@ def load_model(
 def load_processor(path: str | Path, *, revision: str | None = None) -> Any:
     """``AutoProcessor.from_pretrained`` of a local directory or hub id (tpkit's offline processors
     included: importing this module registers :class:`OfflineQwen2VLProcessor` with ``AutoProcessor``)."""
-    source = str(path)
-    if why := parse_model_path(source).missing():
-        raise ValueError(why)
-    try:
-        return AutoProcessor.from_pretrained(source, revision=revision, local_files_only=_local_only(source))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{source}: cannot load a processor ({e})") from None
+    return _auto_pretrained(AutoProcessor, str(path), revision, "load a processor")
 
 
 def load_processor_for(cfg: ModelConfig) -> Any:
@@ -368,12 +393,7 @@ def load_exported(
     if base is None or isinstance(base, str):
         mcfg = export_base_config(d, base)
         if not mcfg.source.is_tiny:
-            check_export_base(
-                d,
-                AutoConfig.from_pretrained(
-                    mcfg.path, revision=mcfg.revision, local_files_only=_local_only(mcfg.path)
-                ),
-            )
+            check_export_base(d, read_model_config(mcfg.path, mcfg.revision))
         base = load_base_model(mcfg, dtype=dtype, processor=processor)
     for w in check_export_base(d, base):
         warnings.warn(w, stacklevel=2)

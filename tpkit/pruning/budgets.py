@@ -7,11 +7,17 @@ Layers ``0..K-1`` see ``n1`` tokens, layers ``K..L-1`` see ``k2``, so
     token_layer_fraction = (K * n1 + (L - K) * k2) / (L * n_dense)
 
 Baselines are matched to ``ours`` by solving this for the one count they control.
+
+torch is imported inside the functions: the evaluation config checks method names through
+:mod:`tpkit.evaluation.methods`, which imports this module, before anything heavy loads.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["token_layer_fraction", "solve_stage2_keep", "scale_stage1_keep", "fixed_budget_counts"]
 
@@ -20,6 +26,7 @@ def token_layer_fraction(
     n_dense: torch.Tensor, n1: torch.Tensor, k2: torch.Tensor | None, num_layers: int, layer: int
 ) -> torch.Tensor:
     """Token-layer fraction per sample (B,); ``k2=None`` means no stage 2 (every layer sees ``n1``)."""
+
     n_dense, n1 = n_dense.double(), n1.double()
     if k2 is None:
         return n1 / n_dense
@@ -39,6 +46,8 @@ def solve_stage2_keep(
     FastV matched to ours: ``n1 = n_dense`` (no stage 1) and ``target_fraction`` = ours' per-sample
     fraction; the rounding error is at most half a token on each of the ``L - K`` late layers.
     """
+    import torch
+
     if not 0 <= layer < num_layers:
         raise ValueError(f"stage-2 layer {layer} is outside 0..{num_layers - 1}")
     n_dense, n1 = n_dense.double(), n1.double()
@@ -55,6 +64,8 @@ def scale_stage1_keep(
     reaches ``target_fraction`` (clamped to ``[min_keep, n_visual]``); keeps the per-image ranking
     of the dynamic counts. Used by the budget sweep to move ``ours`` along the curve.
     """
+    import torch
+
     k1, n_text, n_visual = k1.double(), n_text.double(), n_visual.double()
     n_dense = n_text + n_visual
 
@@ -81,6 +92,8 @@ def fixed_budget_counts(
 ) -> tuple[int, int]:
     """(k1, k2) for one prompt shape at token-layer fraction ``budget`` (random-init speed runs):
     stage 1 keeps ``stage1_factor * budget`` of the dense prompt, stage 2 the rest."""
+    import torch
+
     n_dense = n_text + n_visual
     target_n1 = min(1.0, stage1_factor * budget) * n_dense
     k1 = int(min(n_visual, max(1, round(target_n1 - n_text))))

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from tpkit.config import load_config
+from tpkit.config import load_config, path_field
 from tpkit.data.config import DataConfig
 from tpkit.models.config import ModelConfig
 from tpkit.pruning.config import PruningConfig
@@ -66,7 +66,7 @@ class DistillConfig:
     ce_weight: float = 1.0
     # directory written by `tpkit teacher-cache`: the teacher's answer logits are read from it
     # instead of running the teacher each step; null = online teacher
-    teacher_cache: str | None = None
+    teacher_cache: str | None = path_field()
     # + hidden_weight * (1 - cos) between the student's and the teacher's final-normed hidden states
     # at every text position the student kept (instruction and answers): the teacher's state after
     # reading the whole image, where its answer logits are nearly one-hot. Online teacher only.
@@ -127,7 +127,7 @@ class OptimConfig:
 class TrainerConfig:
     """Lightning Trainer, checkpointing and logging."""
 
-    out_dir: str = "runs/tiny"
+    out_dir: str = path_field("runs/tiny")
     seed: int = 0
     max_steps: int = 100  # optimizer steps
     max_epochs: int = -1  # -1: bounded by max_steps only
@@ -219,6 +219,26 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def missing_inputs(self) -> str | None:
+        """Why this run cannot start (a model, data or teacher-cache path that is not there), else
+        None: checked by the command line before any heavy import."""
+        if why := self.model.missing_paths():
+            return why
+        for key in ("train_json", "val_json"):
+            path = getattr(self.data, key)
+            if path is not None and not Path(path).is_file():
+                return (
+                    f"data.{key} = {path!r}: no such file (the synthetic benchmark's splits: `tpkit data "
+                    "synthetic --out <dir>` writes <dir>/train.json and val.json)"
+                )
+        cache = self.distill.teacher_cache
+        if cache and self.distill.alpha > 0 and not Path(cache).is_dir():
+            return (
+                f"distill.teacher_cache = {cache!r}: no such directory (`tpkit teacher-cache --config ... "
+                f"--out {cache}` writes it; null: the online teacher)"
+            )
+        return None
 
     def validate(self) -> None:
         if self.data.train_json is None:

@@ -301,12 +301,13 @@ def _fit(
         cache = open_teacher_cache(cfg)  # its files checked before any model is loaded
         if processor is None:
             processor = load_processor_for(cfg.model)
+        dm = datamodule or build_datamodule(cfg, processor)
+        dm.setup("fit")  # every record checked (images opened, lengths) before any weights load
         peft_model, attached = build_student(cfg, processor, base=base)
         module = build_module(cfg, peft_model, attached, teacher_cache=cache)
         if resume:  # every tensor named and shaped as this model's, before Lightning loads them
             expected = {n: tuple(p.shape) for n, p in module.named_parameters() if p.requires_grad}
             check_tensors(load_checkpoint(ckpt, resume=True), expected, ckpt)
-        dm = datamodule or build_datamodule(cfg, processor)
         extra = [_RunFiles(cfg, processor), *(callbacks or [])]
         trainer = build_trainer(
             cfg,

@@ -100,7 +100,8 @@ RESUME_SAFE_KEYS = (
     "data.check_images",
     "data.on_error",  # skip: get past a record that fails at batch time (the data order is the same)
 )
-# compared as files, not as strings ("data/x.json" and "./data/x.json" are one file)
+# compared as files, not as strings ("data/x.json" and "./data/x.json" are one file; a config loads
+# its paths absolute, and a run started before they were keeps them relative to where it started)
 _PATH_KEYS = (
     "trainer.out_dir",
     "model.path",

@@ -9,6 +9,8 @@ prunes, with the images, videos or text-only requests each family takes.
 * :mod:`.model` - :class:`TpkitLMM`: ``generate_until``, ``loglikelihood`` and
   ``generate_until_multi_round`` over ragged batches, with per-sample token accounting for each
   kind of request.
+* :mod:`.task` - ``tpkit lmms-task``: a local task over a LLaVA-JSON file (no hub, no lmms-eval
+  needed to write it).
 
 Needs the ``lmms`` extra (``pip install "tpkit[lmms]"``); docs/lmms-eval.md has the commands.
 """

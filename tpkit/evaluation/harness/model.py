@@ -214,16 +214,27 @@ class TpkitLMM(lmms):
         pruning YAML or an adapter that cannot be read) ends the command with its message as the
         last line and exit status 2: lmms-eval itself would print a traceback and exit 0."""
         args = simple_parse_args_string(arg_string)
-        for key, value in (additional_config or {}).items():
+        extra = additional_config or {}
+        for key, value in extra.items():
             if value is not None and key not in args:
                 args[key] = value
         try:
-            return cls(**args)
+            model = cls(**args)
         except (ConfigError, EvalError, FileNotFoundError) as e:
             if not _under_lmms_eval_command():
                 raise
             print(f"\nerror: --model tpkit: {e}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
+        given = extra.get("batch_size")
+        if given is not None and str(given) != str(model.batch_size) and model.rank == 0:
+            # lmms-eval's header prints its own --batch_size, whatever the model uses
+            print(
+                f"--model tpkit: {model.batch_size} requests per forward (--model_args batch_size); lmms-eval's "
+                f"header shows its --batch_size {given}: give --batch_size {model.batch_size} instead and both "
+                "agree (results.json: config.batch_sizes is what the model used)",
+                file=sys.stderr,
+            )
+        return model
 
     # ---- what lmms-eval reads ---------------------------------------------------------------
     @property
@@ -237,6 +248,11 @@ class TpkitLMM(lmms):
     @property
     def batch_size(self) -> int:
         return self.cfg.batch_size
+
+    @property
+    def batch_sizes(self) -> dict[str, int]:
+        """lmms-eval writes these values to results.json (config.batch_sizes): the batch size used."""
+        return {"tpkit": self.cfg.batch_size}
 
     @property
     def rank(self) -> int:
