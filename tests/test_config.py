@@ -15,6 +15,7 @@ from tpkit.config import (
     reference_markdown,
     save_config,
     to_dict,
+    unwritable_dir,
 )
 from tpkit.data.config import DataConfig
 from tpkit.models.config import ModelConfig
@@ -327,3 +328,16 @@ def test_every_shipped_config_names_the_checkout_from_another_directory(path, tm
         assert inside[0] not in ("assets", "configs") or Path(value).exists(), (key, value)
     if local:
         assert f"relative to its directory ({os.path.relpath(ROOT, path.parent)}/ is the checkout)" in text
+
+
+def test_the_writability_check_leaves_no_folder_behind(tmp_path):
+    out = tmp_path / "a" / "b" / "run"
+    assert unwritable_dir(out, "out_dir") is None
+    assert list(tmp_path.iterdir()) == []  # the probe's folders went again
+    (tmp_path / "keep").mkdir()
+    assert unwritable_dir(tmp_path / "keep" / "run", "out_dir") is None
+    assert [p.name for p in tmp_path.iterdir()] == ["keep"] and not any((tmp_path / "keep").iterdir())
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    why = unwritable_dir(blocker / "run", "trainer.out_dir")
+    assert why is not None and why.startswith(f"trainer.out_dir = {str(blocker / 'run')!r} cannot be written")

@@ -372,8 +372,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 def unwritable_dir(path: str | Path, key: str) -> str | None:
     """Why the output directory ``path`` (config key ``key``) cannot be written, else None: checked
-    before a run starts, not when its first file is due. Creates the directory."""
+    before a run starts, not when its first file is due. Leaves the file system as it found it: the
+    folders it made to probe are removed again (a run that fails later leaves no empty ``out_dir``)."""
     d = Path(path)
+    made = [p for p in (d, *d.parents) if not p.exists()]  # deepest first
     try:
         d.mkdir(parents=True, exist_ok=True)
         probe = d / f".tpkit-write-check-{os.getpid()}"
@@ -381,6 +383,12 @@ def unwritable_dir(path: str | Path, key: str) -> str | None:
         probe.unlink()
     except OSError as e:
         return f"{key} = {str(path)!r} cannot be written ({e.strerror or e}): choose another directory"
+    finally:
+        for p in made:
+            try:
+                p.rmdir()
+            except OSError:  # not made by us after all, or something else wrote into it meanwhile
+                break
     return None
 
 
