@@ -1,0 +1,131 @@
+"""Independent masked references for every family: the stock model's own LM input (embeddings and
+position ids, read off a stock forward) and a slow full-sequence forward through the stock decoder
+layers whose masks, built here from scratch, leave the dropped tokens out as keys.
+
+Each layer gets its own rule as transformers' ``masking_utils`` defines it, in the unpruned prompt's
+sequence slots (left padding: slot distance = position distance): causal (``causal_mask_function``),
+a sliding window where the config's ``layer_types`` says so (``sliding_window_overlay``: keys at
+slots > q - w), bidirectional image blocks (``blockwise_overlay``: a query also sees every key of its
+own block), composed as Gemma 3 composes them, AND(window, OR(causal, block)); a query always sees
+itself (its row stays finite when it is dropped). Rotary tables per layer type where the rotary
+embedding takes one (Gemma 3). Nothing here calls tpkit's masks or layer rules.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+
+def language_model(model):
+    return model.model.language_model
+
+
+def stock_lm_input(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(inputs_embeds (B, T, D), position_ids as the stock model passes them, or None) that the stock
+    model feeds its language model for ``inputs`` (run with pruning disabled)."""
+    from tpkit.models import pruning_disabled
+
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"]
+        seen["pos"] = kwargs.get("position_ids")
+
+    handle = language_model(model).register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad(), pruning_disabled(model):
+            model(**inputs)
+    finally:
+        handle.remove()
+    return seen["embeds"], seen["pos"]
+
+
+def image_blocks(token_type_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) long: the index of the run of image tokens (type 1) each token is in, -1 for others."""
+    img = token_type_ids == 1
+    start = img.clone()
+    start[:, 1:] &= ~img[:, :-1]
+    return torch.where(img, start.long().cumsum(dim=1) - 1, -1)
+
+
+def layer_kinds(model) -> list[tuple[str, int | None]]:
+    """(layer type, window or None) of each decoder layer, from the text config."""
+    cfg = language_model(model).config
+    types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    return [(t, cfg.sliding_window if t == "sliding_attention" else None) for t in types]
+
+
+def reference_mask(
+    keys: torch.Tensor,
+    impl: str,
+    dtype: torch.dtype,
+    window: int | None = None,
+    blocks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, 1, T, T) over a whole sequence: a query sees the allowed keys (B, T) at or before it (or in
+    its own block), within ``window`` slots, and always itself."""
+    t = keys.shape[1]
+    q = torch.arange(t)[:, None]
+    k = torch.arange(t)[None, :]
+    seen = (k <= q)[None]
+    if blocks is not None:
+        seen = seen | ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0))
+    if window is not None:
+        seen = seen & (k > q - window)[None]
+    allowed = ((seen & keys[:, None, :]) | (k == q)[None])[:, None]
+    if impl == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def masked_logits(model, embeds, pos, keys_a, keys_b, split, blocks=None):
+    """Logits (B, T, V) of the whole sequence through the stock layers: layers < ``split`` attend to the
+    keys ``keys_a`` (B, T) bool, the rest to ``keys_b``, each under its own type's rule; ``pos`` (B, T)
+    or (R, B, T) feeds the stock rotary embedding; ``blocks`` (B, T) long image blocks, or None."""
+    lm = language_model(model)
+    impl = lm.config._attn_implementation
+    h = embeds
+    per_type = "layer_type" in inspect.signature(lm.rotary_emb.forward).parameters
+    rotary, masks = {}, {}
+    for i, (layer, (kind, window)) in enumerate(zip(lm.layers, layer_kinds(model))):
+        keys = keys_a if i < split else keys_b
+        if (kind, i < split) not in masks:
+            masks[kind, i < split] = reference_mask(keys, impl, h.dtype, window, blocks)
+        if kind not in rotary:
+            rotary[kind] = lm.rotary_emb(h, pos, kind) if per_type else lm.rotary_emb(h, position_ids=pos)
+        h = layer(h, attention_mask=masks[kind, i < split], position_embeddings=rotary[kind])
+        h = h[0] if isinstance(h, tuple) else h
+    return model.lm_head(lm.norm(h))
+
+
+def kept_in_prompt(pre, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept sets of a pruned prefill in the unpruned prompt's frame: (after stage 1, after stage 2),
+    each (B, T) bool."""
+    b = pre.index1.shape[0]
+    src = pre.index1.clamp(min=0)
+    kept1 = torch.zeros(b, t, dtype=torch.bool).scatter(1, src, pre.valid1)
+    kept2 = torch.zeros(b, t, dtype=torch.bool).scatter(1, src, pre.keep2 & pre.valid1)
+    return kept1, kept2
+
+
+def greedy_reference(model, embeds, pos, keys_a, keys_b, split, n_new, blocks=None):
+    """Greedy ids (B, n_new) and each step's logits (B, n_new, V) of the masked full-sequence reference,
+    re-run from scratch every step; new tokens take the prompt's largest position + 1, + 2, ... (on
+    every axis of multi-axis positions) and are in no block."""
+    lm = language_model(model)
+    nxt = pos.amax(dim=-1) if pos.dim() == 2 else pos.amax(dim=(0, 2))  # (B,)
+    out, logits = [], []
+    for step in range(n_new):
+        logits.append(masked_logits(model, embeds, pos, keys_a, keys_b, split, blocks)[:, -1])
+        tok = logits[-1].argmax(-1)
+        out.append(tok)
+        embeds = torch.cat([embeds, lm.embed_tokens(tok[:, None])], dim=1)
+        new = (nxt + 1 + step)[:, None]  # (B, 1)
+        pos = torch.cat([pos, new if pos.dim() == 2 else new[None].expand(pos.shape[0], -1, 1)], dim=-1)
+        one = torch.ones(tok.shape[0], 1, dtype=torch.bool)
+        keys_a, keys_b = torch.cat([keys_a, one], 1), torch.cat([keys_b, one], 1)
+        if blocks is not None:
+            blocks = torch.cat([blocks, torch.full_like(blocks[:, :1], -1)], 1)
+    return torch.stack(out, dim=1), torch.stack(logits, dim=1)
