@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.models.reference import reference_mask
-from tpkit.models import attach_pruner, last_stats
+from tpkit.models import family_of, last_stats
 from tpkit.models.core.attach import attach
 from tpkit.models.core.layers import RECURRENT, LayerAdds, LayerRule, mask_plan, rules_from_config
 from tpkit.models.core.masks import attn_mask
@@ -32,7 +32,7 @@ def test_rules_from_the_config(tiny_llava_factory):
     lm = gemma.model.language_model
     assert lm.config.layer_types == [W, W, F, W, W, F]
     full = LayerRule(blocks=True, rope=F)
-    assert attach_pruner(gemma)._tp_family.layer_rules(gemma) == (S, S, full, S, S, full)
+    assert family_of(gemma).layer_rules(gemma) == (S, S, full, S, S, full)
     hybrid = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=3, sliding_window=None,
                                                     layer_types=["linear_attention", "linear_attention", F]))  # fmt: skip
     assert rules_from_config(hybrid) == (LayerRule(kind=RECURRENT),) * 2 + (LayerRule(),)

@@ -37,7 +37,7 @@ from torch import nn
 from tpkit.models.core.family import Family, first_missing, random_text
 from tpkit.models.core.layers import LayerRule, rules_from_config
 from tpkit.models.core.visual import VisualTokens, select_visual
-from tpkit.pruning.stage1 import mean_cosine, random_scores, tower_attention_received
+from tpkit.pruning.stage1 import encoder_attention, patch_scores
 
 __all__ = ["Gemma3Family", "pool_like_projector", "token_type_ids"]
 
@@ -140,22 +140,21 @@ class Gemma3Family(Family):
         )
 
     def _scores(self, model: nn.Module, out, stage1: Any) -> torch.Tensor:
-        """(images, U) unit scores: the patches' scores pooled as the projector pools the patches."""
-        kind = self.score_kind(model, stage1)
-        feats = out.last_hidden_state  # (images, P, Dv): what the projector pools
-        with torch.no_grad():
-            if kind == "cosine_mean":
-                s = mean_cosine(feats)
-            elif kind == "attn_received":
-                layers = self.vision_tower(model).encoder.layers
-                s = tower_attention_received(out.hidden_states[-2], layers[-1], cls=False)
-            elif kind == "random":
-                s = random_scores(feats.shape[0], feats.shape[1], stage1.seed, feats.device)
-            else:
-                raise ValueError(
-                    f"stage1.score = {kind!r} needs a CLS token: Gemma 3's SigLIP tower has none"
-                )
-            return pool_like_projector(model, s.float()[..., None])[..., 0]
+        """(images, U) unit scores: the patches' scores (the one stage-1 dispatch, on the features the
+        projector pools: the tower's last output) pooled as the projector pools the patches."""
+        attention = None
+        if out.hidden_states is not None:  # attn_received: the last encoder layer's q/k on its input
+            attention = encoder_attention(
+                out.hidden_states[-2], self.vision_tower(model).encoder.layers[-1], cls=False
+            )
+        s = patch_scores(
+            self.score_kind(model, stage1),
+            out.last_hidden_state,
+            cls=False,
+            attention=attention,
+            seed=stage1.seed,
+        )
+        return pool_like_projector(model, s.float()[..., None])[..., 0]
 
     def _image_tokens(self, model: nn.Module, visual: dict[str, Any], stage1: Any) -> VisualTokens:
         pixels = self._pixels(model, visual)
