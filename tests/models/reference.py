@@ -53,8 +53,11 @@ def image_blocks(token_type_ids: torch.Tensor) -> torch.Tensor:
 def layer_kinds(model) -> list[tuple[str, int | None]]:
     """(layer type, window or None) of each decoder layer, from the text config."""
     cfg = language_model(model).config
-    types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
-    return [(t, cfg.sliding_window if t == "sliding_attention" else None) for t in types]
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if types is None:  # Mistral: every layer slides when sliding_window is set
+        types = ["sliding_attention" if window is not None else "full_attention"] * cfg.num_hidden_layers
+    return [(t, window if t == "sliding_attention" else None) for t in types]
 
 
 def reference_mask(

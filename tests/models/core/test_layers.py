@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.models.reference import reference_mask
-from tpkit.models import family_of, last_stats
+from tests.models.reference import greedy_reference, kept_in_prompt, masked_logits, reference_mask
+from tpkit.models import attach_pruner, family_of, last_stats
 from tpkit.models.core.attach import attach
 from tpkit.models.core.layers import RECURRENT, LayerAdds, LayerRule, mask_plan, rules_from_config
 from tpkit.models.core.masks import attn_mask
@@ -167,3 +167,43 @@ def test_additions_after_layers_equal_a_masked_reference(tiny_llava_factory, mak
             pos = torch.cat([pos, pos[:, -1:] + 1], 1)
             one = torch.ones(2, 1, dtype=torch.bool)
             valid, keep2 = torch.cat([valid, one], 1), torch.cat([keep2, one], 1)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_mistral_sliding_window_is_kept_through_pruning(tiny_llava_factory, make_llava_batch, attn):
+    """A LLaVA on a Mistral with a sliding window of 8 (shorter than its prompts): keep-all equals stock,
+    which applies the window; removal equals the unpruned model masked with each layer's window."""
+    model = tiny_llava_factory("mistral", attn, seed=2)
+    model.config.text_config.sliding_window = 8
+    batch = make_llava_batch(model, before=(3, 6), after=(4, 2), seed=2)
+    ids, pix, am = batch["input_ids"], batch["pixel_values"], batch["attention_mask"]
+    pos = (am.cumsum(1) - 1).clamp(min=0)
+    real = am.bool()
+    gen = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    keep_all = PruningConfig(
+        stage1=Stage1Config(selector="ratio", ratio=1.0), stage2=Stage2Config(enabled=False)
+    )
+    cut = PruningConfig(
+        stage1=Stage1Config(min_keep=3), stage2=Stage2Config(layer=2, selector="ratio", ratio=0.5)
+    )
+    with torch.no_grad():
+        stock = model(**batch, position_ids=pos).logits
+        stock_ids = model.generate(**batch, **gen)
+        attach_pruner(model, keep_all)
+        torch.testing.assert_close(model(**batch).logits[real], stock[real])
+        assert torch.equal(model.generate(**batch, **gen), stock_ids)
+        dense = prefill(model, ids, pix, am)
+        attach_pruner(model, cut)
+        out = model(**batch)
+        pre = prefill(model, ids, pix, am)
+        assert (last_stats(model)["k1"] < 16).all() and (pre.keep2 < pre.valid1).any()
+        kept1, kept2 = kept_in_prompt(pre, ids.shape[1])
+        keys_a, keys_b = kept1 & real, kept2 & real
+        ref = masked_logits(model, dense.embeds1, dense.pos1, keys_a, keys_b, pre.split)
+        for b in range(2):
+            torch.testing.assert_close(out.logits[b][out.kept_index[b] >= 0], ref[b][kept2[b]])
+        ids_ref, _ = greedy_reference(model, dense.embeds1, dense.pos1, keys_a, keys_b, pre.split, 6)
+        assert torch.equal(model.generate(**batch, **gen)[:, -6:], ids_ref)
+        model.config.text_config.sliding_window = None  # the same reference without the window: another model
+        loose = masked_logits(model, dense.embeds1, dense.pos1, keys_a, keys_b, pre.split)
+    assert (loose[kept2] - ref[kept2]).abs().max() > 1e-3

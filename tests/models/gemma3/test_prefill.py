@@ -2,7 +2,7 @@
 each layer under its own rule (a sliding window of 8 positions or global, its own rotary table, image
 tokens seeing each other within their image), against an independent reference (stock embeddings,
 stock layers, masks from scratch); ragged batches equal their samples alone; stage 1 scores the pooled
-units; stage 2 scores with the layer's own q/k norms, scale and softcap."""
+units; stage 2 scores with the layer's own q/k norms and scale (Gemma 3 applies no logit softcap)."""
 
 import pytest
 import torch
@@ -15,7 +15,7 @@ from tests.models.reference import (
     masked_logits,
     stock_lm_input,
 )
-from tpkit.models import attach_pruner, last_stats, stage1_scores
+from tpkit.models import attach_pruner, family_of, last_stats, stage1_scores
 from tpkit.models.core.prefill import prefill, stage2_roles, stage2_scores
 from tpkit.pruning import PruningConfig, Stage1Config, Stage2Config
 
@@ -134,6 +134,9 @@ def test_stage1_scores_the_units_as_the_projector_pools_them(gemma_factory, make
 
     torch.testing.assert_close(stage1_scores(model, pv, Stage1Config(score="cosine_mean")), pool(mean))
     torch.testing.assert_close(stage1_scores(model, pv, Stage1Config(score="attn_received")), pool(received))
+    family = family_of(model)  # the premise report's view: the tower's input, a unit of 2 x 2 patches of 4 px
+    assert family.premise_view(model, 96) == (32, 8)
+    torch.testing.assert_close(family.view_scores(model, pv, Stage1Config()), pool(mean))
     cfg = PruningConfig(
         stage1=Stage1Config(selector="budget", budget=3, min_keep=1), stage2=Stage2Config(enabled=False)
     )

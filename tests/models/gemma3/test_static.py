@@ -3,6 +3,7 @@ masked by window from device-side positions) decodes like the dynamic one; the c
 whole (no host sync) with the per-layer masks and rotary tables and give the eager results; a decoding
 step makes no host sync."""
 
+import pytest
 import torch
 
 from tests.models.core.test_syncs import _count
@@ -42,6 +43,7 @@ def test_the_static_cache_decodes_like_the_dynamic_one(gemma_factory, make_gemma
     torch.testing.assert_close(static, dynamic)
 
 
+@pytest.mark.slow
 def test_compiled_regions_trace_whole_and_match_eager(gemma_factory, make_gemma_batch):
     torch._dynamo.reset()
     model = attach_pruner(gemma_factory("eager", seed=2), PruningConfig(**CUT, bucket=16))
