@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from tpkit.evaluation.config import EvalConfig
     from tpkit.evaluation.random_init import build_speed_model, evaluate_speed_only
     from tpkit.evaluation.report import speed_markdown
-    from tpkit.models.families import family_of
+    from tpkit.models.registry import family_of
     from tpkit.training.module import reuse_tower_output
 
     cfg = EvalConfig()

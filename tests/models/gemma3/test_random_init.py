@@ -7,12 +7,12 @@ import torch
 
 from tpkit.evaluation.speed import model_inputs, random_prompt_batch
 from tpkit.models.gemma3.tiny import tiny_gemma3_config
-from tpkit.models.tiny import architecture_kwargs, build_random_init
+from tpkit.models.registry import architecture_kwargs, build_random_init
 
 
 def _config(name: str, scale_down: int = 1):
     return tiny_gemma3_config(
-        **{k: v for k, v in architecture_kwargs(name, scale_down).items() if k != "family"}
+        **{k: v for k, v in architecture_kwargs(name, scale_down).items() if k != "builder"}
     )
 
 
@@ -83,7 +83,7 @@ def test_random_prompt_and_a_speed_run_of_the_scaled_down_4b(tmp_path):
 
     from tpkit.evaluation.config import EvalConfig
     from tpkit.evaluation.random_init import evaluate_speed_only
-    from tpkit.models.families import family_of
+    from tpkit.models.registry import family_of
     from tpkit.training.module import reuse_tower_output
 
     run = EvalConfig()

@@ -37,9 +37,10 @@ from torch import nn
 from tpkit.models.core.family import Family, first_missing, random_text
 from tpkit.models.core.layers import LayerRule, rules_from_config
 from tpkit.models.core.visual import VisualTokens, select_visual
+from tpkit.models.gemma3.tiny import ARCHITECTURES, tiny_gemma3_config
 from tpkit.pruning.stage1 import encoder_attention, patch_scores
 
-__all__ = ["Gemma3Family", "pool_like_projector", "token_type_ids"]
+__all__ = ["FAMILIES", "Gemma3Family", "pool_like_projector", "token_type_ids"]
 
 
 def token_type_ids(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
