@@ -30,9 +30,9 @@ def test_rules_from_the_config(tiny_llava_factory):
     assert rules_from_config(mistral.model.language_model) == (LayerRule(window=16),) * 4
     gemma = build_tiny_gemma3()
     lm = gemma.model.language_model
-    assert lm.config.layer_types == [W, W, F, W, W, F]
+    assert lm.config.layer_types == [W, W, F, W]
     full = LayerRule(blocks=True, rope=F)
-    assert family_of(gemma).layer_rules(gemma) == (S, S, full, S, S, full)
+    assert family_of(gemma).layer_rules(gemma) == (S, S, full, S)
     hybrid = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=3, sliding_window=None,
                                                     layer_types=["linear_attention", "linear_attention", F]))  # fmt: skip
     assert rules_from_config(hybrid) == (LayerRule(kind=RECURRENT),) * 2 + (LayerRule(),)

@@ -1,8 +1,8 @@
 """Tiny random Gemma 3 models and left-padded batches laid out as Gemma's processor does.
 
 * ``gemma_factory(attn="sdpa", seed=0, **config_kwargs)`` -> a fresh tiny model (eval, fp32, random
-  projector): SigLIP 32 px, patch 4 (8 x 8 patches pooled 2 x 2 to 16 tokens per image), 6 LM layers of
-  width 64 (layers 2 and 5 global, the others a sliding window of 8 positions).
+  projector): SigLIP 32 px, patch 4 (8 x 8 patches pooled 2 x 2 to 16 tokens per image), 4 LM layers of
+  width 64 (layer 2 global, the others a sliding window of 8 positions).
 * ``build_gemma_batch(model, samples, seed=0, answer=None)``: ``samples`` is one list of segments per
   sample, each ``("text", n)`` or ``("image", None)``; a sample starts with ``<bos>``, an image becomes
   ``<start_of_image>`` + 16 placeholders + ``<end_of_image>`` (a pan-and-scan crop is one more image).

@@ -35,7 +35,7 @@ def tiny_gemma3_config(
     vision_heads: int = 2,
     vision_intermediate: int = 64,
     hidden_size: int = 64,
-    num_layers: int = 6,
+    num_layers: int = 4,
     num_heads: int = 4,
     num_kv_heads: int = 2,
     head_dim: int | None = None,
@@ -53,8 +53,8 @@ def tiny_gemma3_config(
     """A Gemma 3 config: SigLIP tower (no CLS, no pooling head), the average-pooling projector,
     Gemma 3 text model.
 
-    The tiny defaults make every rule matter on short prompts: a window of 8 positions, 6 layers of
-    which 2 and 5 are global, 16 tokens per image (8 x 8 patches pooled 2 x 2). Special ids sit at
+    The tiny defaults make every rule matter on short prompts: a window of 8 positions, 4 layers of
+    which layer 2 is global, 16 tokens per image (8 x 8 patches pooled 2 x 2). Special ids sit at
     the top of the vocabulary (random text never hits them). ``head_dim`` None: hidden / heads;
     ``query_pre_attn_scalar`` None: ``head_dim`` (the real 4B/12B use 256 = their head dim).
     """
