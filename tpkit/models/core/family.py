@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tpkit.models.core.layers import LayerRule, rules_from_config
+from tpkit.models.core.layers import ATTENTION, LayerRule, rules_from_config
 from tpkit.models.core.masks import gather_rows
 from tpkit.pruning.config import CLS_SCORES
 from tpkit.pruning.stage2 import apply_rope
@@ -203,8 +203,9 @@ class Family:
 
     def check_config(self, model: nn.Module, config: Any) -> None:
         """ValueError for pruning settings this family cannot honour (called by ``attach_pruner`` and
-        ``set_pruning``). Here: a CLS-based stage-1 score on a tower without a CLS token, and an
-        in-tower stage 1 on a family without one."""
+        ``set_pruning``). Here: a CLS-based stage-1 score on a tower without a CLS token, an in-tower
+        stage 1 on a family without one, and stage 2 at a recurrent layer of a hybrid decoder (it scores
+        with a softmax-attention layer's own q/k)."""
         score = config.stage1.score
         if getattr(config.stage1, "in_tower_block", None) is not None and not self.in_tower:
             raise ValueError(
@@ -216,6 +217,15 @@ class Family:
                 f"pruning.stage1.score = {score!r} compares patches with the CLS token, but "
                 f"{type(model).__name__}'s vision tower has none: use 'cosine_mean' or 'attn_received' "
                 "(or null for the family's default)"
+            )
+        rules = self.layer_rules(model) if config.stage2.enabled else ()
+        if config.stage2.layer < len(rules) and rules[config.stage2.layer].kind != ATTENTION:
+            attention = [str(i) for i, r in enumerate(rules) if r.kind == ATTENTION]
+            raise ValueError(
+                f"pruning.stage2.layer = {config.stage2.layer} is a recurrent (linear-attention) layer of "
+                f"{type(model).__name__}, which has no keys to score: stage 2 scores tokens with a softmax-"
+                f"attention layer's own q/k; use one of its attention layers ({', '.join(attention[:6])}"
+                f"{', ...' if len(attention) > 6 else ''})"
             )
 
     def has_cls(self, model: nn.Module) -> bool:

@@ -161,7 +161,10 @@ def stage2_scores(
     b, t, _ = x.shape
     hd = attn.head_dim
     xq = gather_rows(x, qpos)  # (B, Q, D)
-    q = attn.q_proj(xq).view(b, qpos.shape[1], -1, hd)
+    heads = attn.config.num_attention_heads
+    # a query projection wider than heads x head_dim carries each head's output gate after its query
+    # (Qwen3-Next / Qwen3.5: (B, Q, H, 2 hd) -> the first hd); otherwise the slice takes everything
+    q = attn.q_proj(xq).view(b, qpos.shape[1], heads, -1)[..., :hd]
     k = attn.k_proj(x).view(b, t, -1, hd)
     if hasattr(attn, "q_norm"):  # Qwen3-style q/k norms
         q, k = attn.q_norm(q), attn.k_norm(k)

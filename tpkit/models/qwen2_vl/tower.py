@@ -95,6 +95,9 @@ class TowerRun:
     unit_of_row: torch.Tensor  # (U,) the unit at each group of merge**2 rows of ``states`` (window order)
     block: nn.Module  # the scored block (attn_received reads its attention)
     block_inputs: dict[str, Any] | None  # that block's input, cu_seqlens and rotary (attn_received)
+    # Qwen3-VL's DeepStack: per level, (U, D_lm) the unit embeddings of its merger, unit order; None
+    # for a tower without (Qwen2-VL, Qwen2.5-VL, Qwen3.5)
+    deepstack: list[torch.Tensor] | None = None
 
 
 @contextlib.contextmanager
@@ -139,9 +142,18 @@ def run_tower(
     get = model.model.get_video_features if video else model.model.get_image_features
     with _capture(tower, last_block) as seen:
         out = get(pixels, grid_thw, return_dict=True)
-    pooled = out.pooler_output
-    embeds = torch.cat(list(pooled), dim=0) if isinstance(pooled, (list, tuple)) else pooled
-    return TowerRun(embeds, seen["states"], unit_of_row(tower, grid_thw), tower.blocks[-1], seen.get("block"))
+    embeds = _flat(out.pooler_output)
+    levels = getattr(out, "deepstack_features", None)  # Qwen3-VL: one per DeepStack level
+    deepstack = [_flat(x) for x in levels] if levels else None
+    return TowerRun(
+        embeds, seen["states"], unit_of_row(tower, grid_thw), tower.blocks[-1], seen.get("block"), deepstack
+    )
+
+
+def _flat(x: torch.Tensor | list | tuple) -> torch.Tensor:
+    """Unit rows (U, D) of a tower output given whole or split per image (transformers 5.2x splits the
+    pooled output and the DeepStack features per image, 5.17 the pooled output only)."""
+    return torch.cat(list(x), dim=0) if isinstance(x, (list, tuple)) else x
 
 
 def pack_views(pixel_values: torch.Tensor, tower_config: Any) -> tuple[torch.Tensor, torch.Tensor]:
