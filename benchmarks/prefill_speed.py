@@ -4,6 +4,8 @@
     python benchmarks/prefill_speed.py --arch internvl3-8b --scale-down 16 --batch-size 1   # a family's
                                                   # full-size shape, widths divided by 16
     python benchmarks/prefill_speed.py --arch gemma-3-4b --scale-down 16 --reuse-tower   # widths / 16
+    python benchmarks/prefill_speed.py --arch qwen3.5-27b --scale-down 16 --reuse-tower --stage2-layer 3
+                                                  # stage 2 at a full-attention layer of a hybrid decoder
 
 ``--reuse-tower``: the vision tower runs once and every timed call reuses its output (as a training
 step shares it between student and teacher), so the prefill timed is the projector and the language
@@ -33,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale-down", type=int, default=1, help="divide the architecture's widths by N")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--budget", type=float, default=0.22)
+    p.add_argument(
+        "--stage2-layer", type=int, default=2, help="stage 2's layer (a hybrid's: an attention one)"
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cpu")
@@ -57,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.random_init.dtype = args.dtype
     cfg.random_init.budget = args.budget
     cfg.random_init.scale_down = args.scale_down
+    cfg.pruning.stage2.layer = args.stage2_layer
     cfg.speed.batch_size = args.batch_size
     cfg.speed.repeats = args.repeats
     cfg.speed.warmup = args.warmup

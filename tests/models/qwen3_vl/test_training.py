@@ -8,12 +8,13 @@ import torch
 
 from tests.models.lora_kd import lora_kd_step_and_export
 from tests.models.qwen2_vl.reference import model_inputs
+from tpkit.models import pruning_disabled
 from tpkit.models.families import attach_pruner
 from tpkit.models.registry import family_of
 from tpkit.pruning import PruningConfig, Stage1Config, Stage2Config
 from tpkit.training.config import DistillConfig, LoraConfig, OptimConfig
 from tpkit.training.lora import apply_lora, lora_target_names
-from tpkit.training.module import DistillLoRAModule
+from tpkit.training.module import DistillLoRAModule, reuse_tower_output
 
 from .conftest import build_qwen3_batch
 
@@ -87,3 +88,24 @@ def test_train_projector_trains_the_mergers_and_the_teacher_keeps_the_stock_ones
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params), m
     with torch.no_grad():
         torch.testing.assert_close(module.teacher_logits(batch), stock, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("score", ["cosine_mean", "attn_received"])
+def test_stage1_reads_a_tower_run_shared_with_a_stock_call_made_first(qwen3_factory, score):
+    """Under ``reuse_tower_output`` (a training step, ``prefill_speed.py --reuse-tower``) a stock call
+    (the teacher's, dense) may run the tower first; the pruned forward served from that run scores the
+    units as from its own (the merger's input is the output's ``last_hidden_state``; attn_received runs
+    the tower once more for its last block's inputs)."""
+    model = qwen3_factory("qwen3-vl", "sdpa", seed=0)
+    batch = build_qwen3_batch(model, SAMPLES, seed=0)
+    attach_pruner(
+        model, PruningConfig(stage1=Stage1Config(score=score, min_keep=2, max_keep=12), stage2=CUT.stage2)
+    )
+    family = family_of(model)
+    with torch.no_grad():
+        alone = model(**model_inputs(batch)).logits
+        with reuse_tower_output(family.vision_tower(model), family.tower_call_key):
+            with pruning_disabled(model):
+                model(**model_inputs(batch))
+            shared = model(**model_inputs(batch)).logits
+    torch.testing.assert_close(shared, alone, rtol=0, atol=0)

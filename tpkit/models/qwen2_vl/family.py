@@ -303,13 +303,16 @@ class Qwen2VLFamily(Family):
             for k in kinds:
                 keep = torch.zeros(len(k.tokens), dtype=torch.bool, device=kept.device)
                 keep[kept[(kept >= base) & (kept < base + len(k.tokens))] - base] = True
-                units, embeds = tower_tail(model, k.head, keep)
-                parts.append((units + base, embeds))
+                units, embeds, deepstack = tower_tail(model, k.head, keep)
+                parts.append((units + base, [embeds, *(deepstack or [])]))
                 base += len(k.tokens)
             units = torch.cat([u for u, _ in parts])
-            table = torch.cat([e for _, e in parts])[torch.argsort(units)]  # kept units in id order
-            vis.projected = table[torch.searchsorted(torch.sort(units).values, kept)]
-        if kinds and kinds[0].deepstack is not None:  # DeepStack: each level's rows of the kept units
+            pick = torch.argsort(units)[torch.searchsorted(torch.sort(units).values, kept)]  # prompt order
+            columns = [torch.cat(col)[pick] for col in zip(*(rows for _, rows in parts))]
+            vis.projected = columns[0]
+            if len(columns) > 1:  # DeepStack: each level's rows of the kept units
+                vis.after_layer = dict(enumerate(columns[1:]))
+        elif kinds and kinds[0].deepstack is not None:  # DeepStack: each level's rows of the kept units
             levels = zip(*(k.deepstack for k in kinds))  # per level, the kinds' (U_k, D) in kinds order
             vis.after_layer = {i: torch.cat(parts)[vis.kept_token] for i, parts in enumerate(levels)}
         return vis

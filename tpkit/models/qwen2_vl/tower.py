@@ -101,11 +101,9 @@ class TowerRun:
 
 
 @contextlib.contextmanager
-def _capture(tower: nn.Module, last_block: bool) -> Iterator[dict[str, Any]]:
+def _last_block_inputs(tower: nn.Module) -> Iterator[dict[str, Any]]:
+    """Records the last block's input, cu_seqlens and rotary (``attn_received`` scores its attention)."""
     seen: dict[str, Any] = {}
-
-    def merger_in(module, args):
-        seen["states"] = args[0]
 
     def block_in(module, args, kwargs):
         seen["block"] = {
@@ -114,14 +112,11 @@ def _capture(tower: nn.Module, last_block: bool) -> Iterator[dict[str, Any]]:
             "rotary": kwargs["position_embeddings"],
         }
 
-    handles = [tower.merger.register_forward_pre_hook(merger_in)]
-    if last_block:
-        handles.append(tower.blocks[-1].register_forward_pre_hook(block_in, with_kwargs=True))
+    handle = tower.blocks[-1].register_forward_pre_hook(block_in, with_kwargs=True)
     try:
         yield seen
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
 
 
 def unit_of_row(tower: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
@@ -136,17 +131,26 @@ def unit_of_row(tower: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
 def run_tower(
     model: nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor, video: bool, last_block: bool
 ) -> TowerRun:
-    """The stock ``get_image_features`` / ``get_video_features`` call (one tower run), with the merger's
-    input (and, ``last_block``, the last block's inputs) recorded on the way."""
+    """The stock ``get_image_features`` / ``get_video_features`` call (one tower run): its merger's input
+    is the output's ``last_hidden_state``; ``last_block``: the last block's inputs recorded on the way
+    (a call served from a run shared with the teacher, ``reuse_tower_output``, runs the stock tower
+    once more for them)."""
     tower = model.model.visual
     get = model.model.get_video_features if video else model.model.get_image_features
-    with _capture(tower, last_block) as seen:
+    with _last_block_inputs(tower) if last_block else contextlib.nullcontext({}) as seen:
         out = get(pixels, grid_thw, return_dict=True)
+        if last_block and "block" not in seen:
+            type(tower).forward(tower, pixels.type(tower.dtype), grid_thw=grid_thw)
     embeds = _flat(out.pooler_output)
     levels = getattr(out, "deepstack_features", None)  # Qwen3-VL: one per DeepStack level
     deepstack = [_flat(x) for x in levels] if levels else None
     return TowerRun(
-        embeds, seen["states"], unit_of_row(tower, grid_thw), tower.blocks[-1], seen.get("block"), deepstack
+        embeds,
+        out.last_hidden_state,
+        unit_of_row(tower, grid_thw),
+        tower.blocks[-1],
+        seen.get("block"),
+        deepstack,
     )
 
 

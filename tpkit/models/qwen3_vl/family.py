@@ -43,7 +43,6 @@ class Qwen3VLFamily(Qwen2VLFamily):
     classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
     visual_keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids")
     packed_visual_keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
-    in_tower = False
     builders = {
         "qwen3_vl": (tiny_qwen3_vl_config, "Qwen3VLForConditionalGeneration"),
         "qwen3_vl_moe": (tiny_qwen3_vl_moe_config, "Qwen3VLMoeForConditionalGeneration"),
