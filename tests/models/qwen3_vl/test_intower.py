@@ -2,7 +2,8 @@
 bit (the merger's and every DeepStack merger's rows), removal equal to the stock tower with the dropped
 patches masked out as keys from the next block on (DeepStack levels fed from blocks up to the cut give
 the kept units' stock rows, later levels the masked tower's), and the same pruned model as post-tower
-pruning when cut at the last block."""
+pruning when cut at the last block. What the tower hands its first block is read off the stock forward:
+tested equal to it, in the layout's order, also under a tower run shared with a stock call made first."""
 
 import importlib
 
@@ -10,13 +11,18 @@ import pytest
 import torch
 from transformers.vision_utils import get_vision_cu_seqlens
 
+from tests.models.qwen2_vl.conftest import build_qwen_batch
 from tests.models.qwen2_vl.reference import model_inputs, stock_lm_input
 from tests.models.qwen2_vl.test_intower import _MaskedRecorder
 from tests.models.reference import stock_layer_adds
-from tpkit.models import attach_pruner, family_of, last_stats
+from tpkit.models import attach_pruner, family_of, last_stats, pruning_disabled
 from tpkit.models.core.prefill import prefill
-from tpkit.models.qwen2_vl.intower import tower_head, tower_tail
+from tpkit.models.qwen2_vl.intower import first_block_input, tower_head, tower_tail, unit_layout
+from tpkit.models.qwen2_vl.tiny import build_tiny_qwen
+from tpkit.models.qwen2_vl.tower import window_units
+from tpkit.models.qwen3_vl.tiny import build_tiny_qwen3
 from tpkit.pruning import PruningConfig, Stage1Config, Stage2Config
+from tpkit.training.module import reuse_tower_output
 
 SAMPLES = [
     [("text", 3), ("image", (8, 12)), ("text", 4)],
@@ -33,6 +39,63 @@ def _stock(model, pix, batch):
     out = get(batch[pix], batch[dict(KINDS)[pix]], return_dict=True)
     flat = lambda x: torch.cat(list(x)) if isinstance(x, (list, tuple)) else x  # noqa: E731
     return flat(out.pooler_output), [flat(x) for x in getattr(out, "deepstack_features", None) or []]
+
+
+@pytest.mark.parametrize("variant", ["qwen2.5-vl", "qwen3-vl", "qwen3.5"])
+def test_the_first_block_input_is_the_stock_forwards_in_the_layouts_order(variant):
+    """What stage 1 inside the tower feeds block 0 (``first_block_input``) is what the stock forward hands
+    it, row for row (hidden states and rotary angles), also while a stock call made first serves later
+    tower calls from its run (``reuse_tower_output``: a training step's teacher, ``--reuse-tower``); and
+    the layout tpkit runs the later blocks by (``unit_layout``: Qwen2.5-VL's window order) puts each
+    unit where stock put its patches: changing one unit's pixels changes the rows of exactly that unit."""
+    build = build_tiny_qwen if variant == "qwen2.5-vl" else build_tiny_qwen3
+    model = build(variant, seed=4, attn_implementation="eager")
+    batch = build_qwen_batch(model, [[("text", 2), ("image", (8, 12)), ("image", (4, 8))]], seed=4)
+    tower, pix, grid = model.model.visual, batch["pixel_values"], batch["image_grid_thw"]
+    seen = []
+    record = lambda module, args, kwargs: seen.append((args[0], *kwargs["position_embeddings"]))  # noqa: E731
+    handle = tower.blocks[0].register_forward_pre_hook(record, with_kwargs=True)
+    family = family_of(model)
+    with torch.no_grad():
+        try:
+            model.model.get_image_features(pix, grid)  # the stock forward, whole
+        finally:
+            handle.remove()
+        with reuse_tower_output(family.vision_tower(model), family.tower_call_key):
+            model.model.get_image_features(pix, grid)  # its run now serves every tower(...) call
+            hidden, (cos, sin) = first_block_input(tower, pix, grid)
+        unit = tower.spatial_merge_size**2
+        order = unit_layout(grid, tower.spatial_merge_size, window_units(tower))[0]
+        n_units = order.numel()
+        assert n_units == 6 * 4 + 2 * 4 and len(seen) == 1
+        for got, want in zip((hidden, cos, sin), seen[0]):
+            assert torch.equal(got, want)
+        if variant == "qwen2.5-vl":  # 2 x 2-unit windows: the order is not the identity
+            assert not torch.equal(order, torch.arange(n_units))
+        for u in range(n_units):  # the packed pixels hold unit u's patches in rows u*unit .. (u+1)*unit
+            moved = pix.clone()
+            moved[u * unit : (u + 1) * unit] += 1.0
+            changed = (first_block_input(tower, moved, grid)[0] != hidden).view(n_units, -1).any(dim=1)
+            assert changed.nonzero().flatten().tolist() == (order == u).nonzero().flatten().tolist(), u
+
+
+def test_in_tower_stage1_served_by_a_shared_tower_run_equals_its_own(qwen3_factory, make_qwen3_batch):
+    """Inside ``reuse_tower_output`` with the stock call first (the teacher's, dense), the pruned forward
+    cut inside the tower still runs the stock tower's head itself: the same logits as alone, bit for
+    bit, DeepStack included."""
+    model = qwen3_factory("qwen3-vl", "sdpa", seed=5)
+    batch = make_qwen3_batch(model, SAMPLES, seed=5)
+    s1 = Stage1Config(in_tower_block=1, min_keep=2, max_keep=10)
+    attach_pruner(model, PruningConfig(stage1=s1, stage2=Stage2Config(layer=1, selector="ratio", ratio=0.5)))
+    family = family_of(model)
+    with torch.no_grad():
+        alone = model(**model_inputs(batch)).logits
+        with reuse_tower_output(family.vision_tower(model), family.tower_call_key):
+            with pruning_disabled(model):
+                model(**model_inputs(batch))
+            shared = model(**model_inputs(batch)).logits
+    assert (last_stats(model)["k1"] < last_stats(model)["n_visual"]).all()
+    torch.testing.assert_close(shared, alone, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("variant", ["qwen3-vl", "qwen3.5"])
