@@ -41,7 +41,13 @@ DEFAULT_IMAGE_SIZE = 1024
 class Qwen3VLFamily(Qwen2VLFamily):
     name = "qwen3_vl"
     classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
-    visual_keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids")
+    visual_keys = (
+        "pixel_values",
+        "image_grid_thw",
+        "pixel_values_videos",
+        "video_grid_thw",
+        "mm_token_type_ids",
+    )
     packed_visual_keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
     builders = {
         "qwen3_vl": (tiny_qwen3_vl_config, "Qwen3VLForConditionalGeneration"),
