@@ -25,6 +25,8 @@ import math
 import torch
 import transformers
 
+from tpkit.models.qwen2_vl.tiny import _check_heads  # the same head checks as Qwen2-VL's
+
 __all__ = [
     "ARCHITECTURES",
     "IMAGE_SIZE_ATTR",
@@ -62,19 +64,6 @@ def mrope_section(rotary_dim: int, variant: str = "qwen3-vl") -> list[int]:
         return [t, h, half - t - h]
     h = half * 5 // 16
     return [half - 2 * h, h, h]
-
-
-def _check_heads(what: str, hidden: int, heads: int, multiple: int) -> int:
-    if heads < 1 or hidden % heads:
-        raise ValueError(
-            f"{what}: hidden size {hidden} is not divisible by {heads} heads; pick sizes that divide"
-        )
-    head_dim = hidden // heads
-    if head_dim % multiple:
-        raise ValueError(
-            f"{what}: head dim {hidden} / {heads} = {head_dim} must be a multiple of {multiple} (rotary halves)"
-        )
-    return head_dim
 
 
 def tiny_config(
