@@ -43,6 +43,17 @@ def test_prefill_speed_benchmark_prints_its_headline(capsys, tmp_path):
     assert last.startswith("prefill speedup ours@22.0% token-layer fraction vs dense: ")
 
 
+def test_prefill_speed_after_the_tower(capsys, tmp_path):
+    """--reuse-tower: one tower run serves every timed prefill (dense, ours, the encoder's timing)."""
+    bench = _load("prefill_speed")
+    args = ["--batch-size", "1", "--repeats", "1", "--warmup", "0", "--reuse-tower", "--out", str(tmp_path)]
+    assert bench.main(args) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(
+        "prefill after the vision tower speedup ours@22.0% token-layer fraction vs dense: "
+    )
+
+
 def test_train_step_benchmark_prints_its_ratios(capsys):
     bench = _load("train_step")
     bench.main(["--batch", "2", "--steps", "1", "--warmup", "0"])

@@ -36,7 +36,13 @@ from tpkit.models.registry import architectures, build_random_init, family_of
 from tpkit.pruning.budgets import fixed_budget_counts
 from tpkit.pruning.config import PruningConfig, Stage1Config
 
-__all__ = ["RandomInitError", "architecture_names", "evaluate_speed_only", "lm_only_speedup"]
+__all__ = [
+    "RandomInitError",
+    "architecture_names",
+    "build_speed_model",
+    "evaluate_speed_only",
+    "lm_only_speedup",
+]
 
 
 class RandomInitError(ValueError):
@@ -58,8 +64,21 @@ def check_architecture(name: str) -> None:
     raise RandomInitError(f"--random-init {name!r}: unknown architecture{hint}; known: {', '.join(names)}")
 
 
-def _vision_ms(model, batch: dict, device: torch.device, warmup: int, repeats: int) -> float | None:
-    """Median ms of the family's visual path alone (tower + projector + packing, stage 1 off)."""
+def _lm_split(
+    model,
+    batch: dict,
+    specs: list[MethodSpec],
+    index: torch.Tensor,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+) -> tuple[float, float | None]:
+    """The family's visual path alone (tower + projector + packing, stage 1 off: median ms) and the
+    language model's prefill ratio, dense over ours, with it taken off both sides (:func:`lm_only_speedup`:
+    None within ours' timing noise). The three calls are
+    timed interleaved in the same rounds, so that load from other processes hits them alike: where the
+    encoder takes most of the prefill (Gemma 3's 4,096-patch tower), a separately timed encoder would
+    make the difference of two noisy numbers meaningless."""
     family = family_of(model)
     visual = {k: batch[k] for k in family.visual_keys if batch.get(k) is not None}
     off = Stage1Config(enabled=False)
@@ -68,7 +87,21 @@ def _vision_ms(model, batch: dict, device: torch.device, warmup: int, repeats: i
     def encode():
         family.encode(model, batch["input_ids"], visual, off)
 
-    return summarize_times(time_calls({"vision": encode}, device, repeats, warmup)["vision"])["median_ms"]
+    def prefill(spec: MethodSpec):
+        call = prefill_call(model, batch, spec.forced(index, device))
+
+        def run():
+            set_pruning(model, spec.pruning)
+            return call()
+
+        return run
+
+    dense, ours = specs[0], specs[1]
+    times = time_calls(
+        {"vision": encode, "dense": prefill(dense), "ours": prefill(ours)}, device, repeats, warmup
+    )
+    v, d, o = (summarize_times(times[k]) for k in ("vision", "dense", "ours"))
+    return v["median_ms"], lm_only_speedup(d, o, v["median_ms"])
 
 
 def lm_only_speedup(dense: dict, ours: dict, vision_ms: float) -> float | None:
@@ -82,18 +115,27 @@ def lm_only_speedup(dense: dict, ours: dict, vision_ms: float) -> float | None:
     return (dense["median_ms"] - vision_ms) / left
 
 
-def evaluate_speed_only(cfg: EvalConfig) -> dict:
-    """dense vs ours at ``random_init.budget`` on a random-weight ``random_init.name`` architecture."""
+def build_speed_model(cfg: EvalConfig):
+    """The random-weight model of ``cfg.random_init`` on ``cfg.device`` (what :func:`evaluate_speed_only`
+    times)."""
     ri = cfg.random_init
     check_architecture(ri.name)
     device = resolve_device(cfg.device)
-    sp = cfg.speed.resolved(device.type)
     dtype = resolve_dtype(ri.dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    model = build_random_init(
+    return build_random_init(
         ri.name, device, dtype, cfg.model.attn_implementation, scale_down=ri.scale_down, seed=cfg.seed
     )
+
+
+def evaluate_speed_only(cfg: EvalConfig, model=None) -> dict:
+    """dense vs ours at ``random_init.budget`` on a random-weight ``random_init.name`` architecture
+    (``model``: that model built already, :func:`build_speed_model`; benchmarks wrap its tower)."""
+    ri = cfg.random_init
+    device = resolve_device(cfg.device)
+    sp = cfg.speed.resolved(device.type)
+    model = build_speed_model(cfg) if model is None else model
     shape = LMShape.of(model)
     batch = random_prompt_batch(
         model, sp.batch_size, ri.text_before, ri.text_after, seed=cfg.seed, device=device
@@ -149,10 +191,7 @@ def evaluate_speed_only(cfg: EvalConfig) -> dict:
             cfg.eval.progress,
             sp.compile,
         )
-        vision_ms = _vision_ms(model, batch, device, sp.warmup, sp.repeats)  # on the same threads
-    lm_speedup = None
-    if vision_ms is not None:
-        lm_speedup = lm_only_speedup(speeds["dense"]["prefill"], speeds[specs[1].name]["prefill"], vision_ms)
+        vision_ms, lm_speedup = _lm_split(model, batch, specs, index, device, sp.warmup, sp.repeats)
     n_dense = n_text + n_vis
     flops = {
         "dense": float(
@@ -175,7 +214,7 @@ def evaluate_speed_only(cfg: EvalConfig) -> dict:
         "scale_down": ri.scale_down,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(model.dtype).removeprefix("torch."),
         "threads": sp.threads or torch.get_num_threads(),
         "repeats": sp.repeats,
         "attn_implementation": cfg.model.attn_implementation,
@@ -192,7 +231,7 @@ def evaluate_speed_only(cfg: EvalConfig) -> dict:
         "speed": speeds,
         "prefill_speedup": speeds[specs[1].name]["prefill_speedup"],
         # the visual encoder alone (tower, projector, packing; no stage 1), and the language model's
-        # prefill ratio with it taken off both sides (ours' scoring stays on ours' side)
+        # prefill ratio with it taken off both sides (ours' scoring stays on ours' side), timed in the same rounds
         "vision_ms": vision_ms,
         "lm_prefill_speedup": lm_speedup,
         "compile": sp.compile,

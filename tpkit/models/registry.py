@@ -112,7 +112,17 @@ def architecture_kwargs(name: str, scale_down: int = 1) -> dict[str, Any]:
         raise ValueError(f"scale_down = {scale_down} must be >= 1")
     kw = dict(known[name])
     if scale_down > 1:
-        for k in ("vision_hidden", "vision_heads", "hidden_size", "num_heads", "num_kv_heads"):
+        for k in (
+            "vision_hidden",
+            "vision_heads",
+            "hidden_size",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "linear_key_heads",  # Qwen3.5's Gated DeltaNet: heads and their width, like attention's
+            "linear_value_heads",
+            "linear_head_dim",
+        ):
             if k in kw:
                 kw[k] = max(1, kw[k] // scale_down)
         for k in ("intermediate_size", "vision_intermediate"):

@@ -45,9 +45,10 @@ class Stage1Config:
     # pre-LLM pruning often does). On the tiny LLaVA early in training, training-free, original kept
     # 101.7% of dense accuracy where contiguous kept 81.0% (docs/method.md).
     positions: Literal["contiguous", "original"] = "original"
-    # Qwen2-VL / Qwen2.5-VL only: score and drop merged units after this vision-tower block (0-based;
-    # on Qwen2.5-VL a full-attention block, e.g. 7 of its 32) and run the later blocks and the merger on
-    # the kept units only, so that pruning saves tower time too; null: score after the whole tower
+    # Qwen-family towers only (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5): score and drop merged units
+    # after this vision-tower block (0-based; on Qwen2.5-VL a full-attention block, e.g. 7 of its 32)
+    # and run the later blocks, DeepStack mergers and the merger on the kept units only, so that
+    # pruning saves tower time too; null: score after the whole tower
     in_tower_block: int | None = None
 
     def validate(self) -> None:

@@ -19,7 +19,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, d), cos/sin (B, T, d) -> rotated x (the Llama/Mistral/Qwen2 convention)."""
+    """x (B, H, T, d), cos/sin (B, T, r) -> rotated x (the Llama/Mistral/Qwen2 convention); with a
+    partial rotary (r < d, Qwen3.5's quarter of the head) the first r dims rotate, the rest pass."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :r], cos, sin), x[..., r:]], dim=-1)
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 

@@ -2,9 +2,11 @@
 
 * ``qwen_factory(variant="qwen2.5-vl", attn="sdpa", seed=0, **config_kwargs)`` -> a fresh tiny model
   (eval, fp32): patch 2, 2x2 merge, 4 tower blocks, 4 LM layers of width 64.
-* ``build_qwen_batch(model, samples, seed=0, answer=None)``: ``samples`` is one list of segments per
-  sample, each ``("text", n)``, ``("image", (h, w))`` or ``("video", (t, h, w))`` in patches; a visual
-  segment becomes ``<|vision_start|>`` + one placeholder per merged unit + ``<|vision_end|>``. Returns
+* ``build_qwen_batch(model, samples, seed=0, answer=None, frame_text=None)``: ``samples`` is one list of
+  segments per sample, each ``("text", n)``, ``("image", (h, w))`` or ``("video", (t, h, w))`` in
+  patches; a visual segment becomes ``<|vision_start|>`` + one placeholder per merged unit +
+  ``<|vision_end|>``, or, with ``frame_text`` (Qwen3-VL's layout), a video is one such run per frame
+  (temporal patch), each after ``frame_text`` text tokens (its timestamp, ``<0.5 seconds>``). Returns
   ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` (B, T) left-padded, the pixels of every image
   (``pixel_values`` (patches, 24), ``image_grid_thw``) and video in batch order, ``second_per_grid_ts``
   for Qwen2.5-VL videos, and ``answer_mask`` when ``answer`` gives per-sample answer lengths (the last
@@ -24,7 +26,11 @@ PAD, FIRST_TEXT_ID, LAST_TEXT_ID = 0, 4, 149  # the tiny vocabulary's ordinary i
 
 
 def build_qwen_batch(
-    model, samples: Sequence[Sequence[tuple]], seed: int = 0, answer: Sequence[int] | None = None
+    model,
+    samples: Sequence[Sequence[tuple]],
+    seed: int = 0,
+    answer: Sequence[int] | None = None,
+    frame_text: int | None = None,
 ):
     cfg = model.config
     vc = cfg.vision_config
@@ -45,8 +51,14 @@ def build_qwen_batch(
             t, h, w = (1, *size) if what == "image" else size
             units = t * (h // merge) * (w // merge)
             token, code = (cfg.image_token_id, 1) if what == "image" else (cfg.video_token_id, 2)
-            ids += [cfg.vision_start_token_id] + [token] * units + [cfg.vision_end_token_id]
-            kind += [0] + [code] * units + [0]
+            framed = what == "video" and frame_text is not None
+            runs = t if framed else 1
+            for _ in range(runs):
+                if framed:
+                    ids += torch.randint(FIRST_TEXT_ID, LAST_TEXT_ID + 1, (frame_text,), generator=g).tolist()
+                    kind += [0] * frame_text
+                ids += [cfg.vision_start_token_id] + [token] * (units // runs) + [cfg.vision_end_token_id]
+                kind += [0] + [code] * (units // runs) + [0]
             pixels = torch.randn(t * h * w, width, generator=g)
             (images if what == "image" else videos).append(pixels)
             (image_grids if what == "image" else video_grids).append([t, h, w])

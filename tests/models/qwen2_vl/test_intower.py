@@ -1,16 +1,16 @@
-"""Stage 1 inside the tower (stage1.in_tower_block): the tower's own layout rebuilt (rotary positions,
-segments), keep-all equal to stock bit for bit, removal equal to the stock tower with the dropped
+"""Stage 1 inside the tower (stage1.in_tower_block): the tower's own layout rebuilt (segments), keep-all
+equal to stock bit for bit, removal equal to the stock tower with the dropped
 patches masked out as keys, and the same pruned model as post-tower pruning when cut at the last block."""
 
 import importlib
 
 import pytest
 import torch
-from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
+from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
 
 from tpkit.models import attach_pruner, last_stats
 from tpkit.models.core.prefill import prefill
-from tpkit.models.qwen2_vl.intower import patch_positions, tower_head, tower_tail
+from tpkit.models.qwen2_vl.intower import tower_head, tower_tail
 from tpkit.pruning import PruningConfig, Stage1Config, Stage2Config
 
 from .reference import model_inputs, stock_lm_input
@@ -24,11 +24,6 @@ MODULES = {"qwen2-vl": "qwen2_vl.modeling_qwen2_vl", "qwen2.5-vl": "qwen2_5_vl.m
 KINDS = (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw"))
 
 
-def test_patch_positions_are_the_towers():
-    grid = torch.tensor([[1, 8, 12], [2, 6, 4], [1, 2, 2]])
-    assert torch.equal(patch_positions(grid, 2), get_vision_position_ids(grid, 2))
-
-
 @pytest.mark.parametrize("variant", ["qwen2-vl", "qwen2.5-vl"])
 def test_keep_all_in_tower_is_stock_bit_for_bit(qwen_factory, make_qwen_batch, variant):
     model = qwen_factory(variant, "sdpa", seed=1)
@@ -38,7 +33,7 @@ def test_keep_all_in_tower_is_stock_bit_for_bit(qwen_factory, make_qwen_batch, v
         embeds, _ = stock_lm_input(model, batch)
         for pix, key in KINDS:  # the tower's own pieces in tpkit's loop, every unit kept
             head = tower_head(model, batch[pix], batch[key], 1, block_inputs=False)
-            units, merged = tower_tail(
+            units, merged, _ = tower_tail(
                 model, head, torch.ones(head.run.unit_of_row.numel(), dtype=torch.bool)
             )
             get = model.model.get_image_features if pix == "pixel_values" else model.model.get_video_features
@@ -98,7 +93,7 @@ def test_in_tower_removal_equals_masking_in_the_stock_tower(
             n_units = head.run.unit_of_row.numel()
             keep = torch.rand(n_units, generator=g) < 0.4
             keep[:4] = False  # the first window (2 x 2 units) of the first frame loses every unit
-            units, merged = tower_tail(model, head, keep)
+            units, merged, _ = tower_tail(model, head, keep)
             assert sorted(units.tolist()) == keep.nonzero().flatten().tolist()
             # the reference: the stock tower, its blocks after 1 masking the dropped patches out as keys
             if hasattr(tower, "window_size"):

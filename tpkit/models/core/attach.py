@@ -179,6 +179,18 @@ class _PrunedMixin:
             model_kwargs.update(state.family.expand_packed(self, input_ids, packed, expand_size))
         return out_ids, model_kwargs
 
+    def create_masks_for_generate(self, *args, **kwargs):
+        """transformers' ``generate`` builds the stock 4D masks ahead of each step on a compileable cache;
+        a pruned cache's steps build their own per-layer masks (``PrunedCache.layer_masks``), so it
+        gets the 2D mask back as it is (the stock masks would also index ``token_type_ids`` against the
+        pruned cache's lengths)."""
+        if isinstance(kwargs.get("cache", kwargs.get("past_key_values")), PrunedCache):
+            return kwargs.get("attention_mask")
+        stock = getattr(super(), "create_masks_for_generate", None)
+        if stock is None:
+            from transformers.masking_utils import create_masks_for_generate as stock
+        return stock(*args, **kwargs)
+
     def _supports_mm_encoder_outputs(self) -> bool:
         # stage 1 needs the tower's hidden states: generate must not encode the images ahead of the prefill
         return not state_of(self).active and super()._supports_mm_encoder_outputs()

@@ -7,6 +7,13 @@ built with one ``arange`` per step, never concatenated. Decoding positions conti
 last prompt position (``next_position``), which under ``stage1.positions: original`` is what stock
 ``generate`` computes from the attention mask.
 
+Each layer is masked as its rule says (:mod:`tpkit.models.core.layers`), one mask per distinct kind
+per group. The cache layers are those the language model's config asks for, except that a sliding
+layer keeps every key (a ``DynamicLayer``, not the stock ``DynamicSlidingWindowLayer``) and is masked
+by its window: a key's position is its prompt position (recorded at the prefill) or, for a decoded
+token, the first decoding position plus its offset, so the window needs no concatenation either.
+A recurrent layer (linear attention) keeps the config's own state layer.
+
 It is a ``DynamicCache`` for everything transformers' ``generate`` does with a cache; beam search
 reorders the padding and positions with the keys and values. With ``static_extra``, the prefill's
 keys and values move into preallocated buffers with that many free slots per layer, filled at a
@@ -16,11 +23,14 @@ graph capture (``torch.compile(mode="reduce-overhead")``) needs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from tpkit.models.core.masks import FLASH, attn_mask
+from tpkit.models.core.layers import RECURRENT, LayerRule, mask_plan
+from tpkit.models.core.masks import FLASH
 
 __all__ = ["PrunedCache"]
 
@@ -66,11 +76,18 @@ class PrunedCache(DynamicCache):
 
     def __init__(self, *args, static_extra: int | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        # a sliding layer keeps every key: its window is a mask in positions (module docstring)
+        self.layers = [DynamicLayer() if isinstance(x, DynamicSlidingWindowLayer) else x for x in self.layers]
         self.static_extra = static_extra  # free slots per layer after the prefill (None: grow as needed)
         self.split: int | None = None  # layers < split hold group a (T1 keys), the rest group b
         self.pads: torch.Tensor | None = None  # (2, B) long: left padding of groups a and b
         self.padded: tuple[bool, bool] = (False, False)  # known on the host: may a row be padded?
         self.next_position: torch.Tensor | None = None  # (B,) long: position id of the next token
+        self.rules: tuple[LayerRule, ...] = ()  # each layer's rule (empty: every layer plain causal)
+        self.key_pos: tuple[torch.Tensor, ...] | None = None  # (B, T1), (B, T2) prompt key positions
+        self.first_decoded: torch.Tensor | None = None  # (B,) long: position of the first decoded token
+        self.prompt_len: tuple[int, int] = (0, 0)  # prompt keys of groups a and b (host)
+        self.span0 = 0  # host bound on how far apart the prompt's positions lie
 
     @property
     def prefilled(self) -> bool:
@@ -83,45 +100,113 @@ class PrunedCache(DynamicCache):
         valid_b: torch.Tensor,
         next_position: torch.Tensor,
         padded: tuple[bool, bool],
+        rules: Sequence[LayerRule] = (),
+        positions: tuple[torch.Tensor, torch.Tensor] | None = None,
+        span: int = 0,
     ) -> None:
         """Record the prefill's layout: key-valid masks (B, T1), (B, T2) (left-padded), the next position
-        (B,) and, from the host, whether either group has padding at all."""
+        (B,) and, from the host, whether either group has padding at all; each layer's rule and, for
+        sliding windows, the groups' key positions (B, T1), (B, T2) and a host bound ``span`` on how
+        far apart the prompt's positions lie."""
         self.split = split
         self.pads = torch.stack([(~valid_a).sum(dim=1), (~valid_b).sum(dim=1)])  # (2, B)
         self.padded = padded
         self.next_position = next_position
+        self.rules = tuple(rules)
+        self.prompt_len = (valid_a.shape[1], valid_b.shape[1])
+        self.span0 = span
+        if positions is not None and any(r.window is not None for r in self.rules):
+            self.key_pos = tuple(positions)
+            self.first_decoded = next_position.clone()
         if self.static_extra is not None:
-            self.layers = [_StaticLayer(layer.keys, layer.values, self.static_extra) for layer in self.layers]
+            self.layers = [
+                layer
+                if getattr(layer, "keys", None) is None  # a recurrent layer's state has no slots
+                else _StaticLayer(layer.keys, layer.values, self.static_extra)
+                for layer in self.layers
+            ]
             torch._dynamo.mark_static_address(self.next_position)
 
-    def masks(
-        self, q_len: int, impl: str, dtype: torch.dtype
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Attention masks of groups a and b for ``q_len`` new tokens (not in the cache yet)."""
-        if self.static_extra is not None:
-            return self._static_mask(0, q_len, impl, dtype), self._static_mask(1, q_len, impl, dtype)
-        out = []
-        for group, layer in ((0, 0), (1, self.split)):
-            keys = self.get_seq_length(layer) + q_len
-            if not self.padded[group] and q_len == 1:
-                out.append(None)  # one query, every key valid: no mask, as stock decoding
+    def _groups(self) -> list[tuple[int, int, int]]:
+        """(group, first layer, end layer) of the non-empty layer groups."""
+        n = len(self.rules) or len(self.layers)
+        split = min(self.split, n)
+        return [(g, a, z) for g, (a, z) in enumerate(((0, split), (split, n))) if z > a]
+
+    def _key_layer(self, start: int, stop: int) -> int:
+        """The first layer of a group that caches keys (a recurrent layer keeps a state)."""
+        for i in range(start, stop):
+            if not self.rules or self.rules[i].kind != RECURRENT:
+                return i
+        return start
+
+    def _key_positions(self, group: int, length: int) -> torch.Tensor:
+        """(B, length): the position of each key slot of a group; prompt slots hold their recorded
+        positions, the slots after them the decoded tokens' (first decoding position + offset)."""
+        prompt = self.key_pos[group]  # (B, T_g)
+        t = prompt.shape[1]
+        slots = torch.arange(length, device=prompt.device)
+        decoded = self.first_decoded[:, None] + (slots - t)[None, :]
+        if length > t:
+            prompt = torch.cat([prompt, prompt.new_zeros(prompt.shape[0], length - t)], dim=1)
+        return torch.where(slots[None, :] < t, prompt[:, :length], decoded)
+
+    def layer_masks(self, q_len: int, impl: str, dtype: torch.dtype) -> list[torch.Tensor | None]:
+        """The attention mask of every layer for ``q_len`` new tokens (not in the cache yet), one per
+        distinct kind per group (:func:`tpkit.models.core.layers.mask_plan`)."""
+        out: list[torch.Tensor | None] = []
+        for group, start, stop in self._groups():
+            rules = self.rules[start:stop] or (LayerRule(),) * (stop - start)
+            layer = self._key_layer(start, stop)
+            if self.static_extra is not None:
+                built: dict = {}
+                for rule in rules:
+                    key = (rule.kind, rule.window)
+                    if key not in built:
+                        built[key] = (
+                            None
+                            if rule.kind == RECURRENT
+                            else self._static_mask(group, layer, q_len, impl, dtype, rule.window)
+                        )
+                    out.append(built[key])
                 continue
+            keys = self.get_seq_length(layer) + q_len
             valid = (
                 torch.arange(keys, device=self.pads.device)[None, :] >= self.pads[group][:, None]
             )  # (B, L)
-            out.append(attn_mask(valid, q_len, impl, dtype, no_padding=not self.padded[group]))
-        return out[0], out[1]
+            out += mask_plan(
+                rules,
+                valid,
+                q_len,
+                impl,
+                dtype,
+                no_padding=not self.padded[group],
+                positions=lambda g=group, n=keys: self._key_positions(g, n),
+                span=self.span0 + keys - self.prompt_len[group],  # each decoded token widens it by one
+            )
+        return out
 
-    def _static_mask(self, group: int, q_len: int, impl: str, dtype: torch.dtype) -> torch.Tensor:
+    def _static_mask(
+        self, group: int, layer: int, q_len: int, impl: str, dtype: torch.dtype, window: int | None = None
+    ) -> torch.Tensor:
         """The mask over a group's whole buffer: padding, unfilled slots and (q_len > 1) later queries
-        masked, from device-side lengths."""
-        layer = self.layers[0 if group == 0 else min(self.split, len(self.layers) - 1)]
-        slots = torch.arange(layer.keys.shape[2], device=layer.keys.device)  # (L,)
-        query = layer.length + torch.arange(q_len, device=slots.device)  # (q,) slots of the new tokens
+        masked, from device-side lengths; with ``window``, the keys outside the queries' window too."""
+        buf = self.layers[layer]
+        slots = torch.arange(buf.keys.shape[2], device=buf.keys.device)  # (L,)
+        query = buf.length + torch.arange(q_len, device=slots.device)  # (q,) slots of the new tokens
         allowed = (slots[None, None, :] >= self.pads[group][:, None, None]) & (
             slots[None, None, :] <= query[None, :, None]
         )  # (B, q, L)
+        if window is not None:
+            qpos = self.next_position[:, None] + torch.arange(q_len, device=slots.device)[None, :]  # (B, q)
+            kpos = self._key_positions(group, slots.shape[0])  # (B, L)
+            allowed = allowed & (kpos[:, None, :] > qpos[:, :, None] - window)
         if impl in FLASH:
+            if window is not None:
+                raise ValueError(
+                    f"attn_implementation {impl!r} takes a 2D key mask only: it cannot apply a sliding window "
+                    "in original positions; use 'sdpa' or 'eager'"
+                )
             return allowed[:, -1].to(torch.int32)
         allowed = allowed[:, None]  # (B, 1, q, L)
         if impl == "sdpa":
@@ -137,6 +222,9 @@ class PrunedCache(DynamicCache):
         if self.prefilled:
             self.pads = self.pads.index_select(1, index.to(self.pads.device))
             self.next_position = self.next_position.index_select(0, index.to(self.next_position.device))
+            if self.key_pos is not None:
+                self.key_pos = tuple(p.index_select(0, index.to(p.device)) for p in self.key_pos)
+                self.first_decoded = self.first_decoded.index_select(0, index.to(self.first_decoded.device))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -151,6 +239,9 @@ class PrunedCache(DynamicCache):
         if self.prefilled:
             self.pads = self.pads.repeat_interleave(repeats, dim=1)
             self.next_position = self.next_position.repeat_interleave(repeats, dim=0)
+            if self.key_pos is not None:
+                self.key_pos = tuple(p.repeat_interleave(repeats, dim=0) for p in self.key_pos)
+                self.first_decoded = self.first_decoded.repeat_interleave(repeats, dim=0)
 
     def crop(self, tokens_to_remove: int) -> None:
         raise ValueError(

@@ -11,6 +11,10 @@ only what differs between model families:
   kept ones (:meth:`Family.encode`);
 * its position ids (1-D, or 3-D M-RoPE) and how its rotary embedding rotates queries and keys
   (stage 2 scores with the layer's own q/k);
+* how each decoder layer is called (:meth:`Family.layer_rules`: mask kind, sliding window,
+  bidirectional blocks, rotary table; read from the config's ``layer_types`` unless the family says
+  more), which input tokens form bidirectional blocks (:meth:`Family.token_blocks`), and what the
+  visual inputs add after some layers (:attr:`Visual.after_layer`): :mod:`tpkit.models.core.layers`;
 * where its language model, its LM head and its image token are;
 * and, for the workflow around the model: config builders for tiny and ``--random-init`` models
   (``builders``, ``architectures``), LoRA defaults (``lora_target``, ``projector_modules``,
@@ -32,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tpkit.models.core.layers import ATTENTION, LayerRule, rules_from_config
 from tpkit.models.core.masks import gather_rows
 from tpkit.pruning.config import CLS_SCORES
 from tpkit.pruning.stage2 import apply_rope
@@ -110,7 +115,8 @@ def random_text(model: nn.Module, batch_size: int, n: int, generator: torch.Gene
     text = getattr(cfg, "text_config", cfg)
     specials = {0, 1, 2}
     for key in ("image_token_id", "video_token_id", "image_token_index", "vision_start_token_id",
-                "vision_end_token_id", "pad_token_id", "bos_token_id", "eos_token_id"):  # fmt: skip
+                "vision_end_token_id", "boi_token_index", "eoi_token_index", "pad_token_id", "bos_token_id",
+                "eos_token_id"):  # fmt: skip
         for c in (cfg, text):
             v = getattr(c, key, None)
             if isinstance(v, int):
@@ -152,6 +158,9 @@ class Visual:
     # (sum k1,) long, the kept placeholders in prompt order: each one's token index in the family's own
     # numbering (select_visual: its kinds' tokens concatenated); None when a family does not number them
     kept_token: torch.Tensor | None = None
+    # {decoder layer i: (sum k1, D)} features added to the kept placeholders' hidden states after layer i
+    # (Qwen3-VL's DeepStack), rows as ``projected``; the core drops them with their tokens (LayerAdds)
+    after_layer: dict[int, torch.Tensor] | None = None
 
 
 class Family:
@@ -194,8 +203,9 @@ class Family:
 
     def check_config(self, model: nn.Module, config: Any) -> None:
         """ValueError for pruning settings this family cannot honour (called by ``attach_pruner`` and
-        ``set_pruning``). Here: a CLS-based stage-1 score on a tower without a CLS token, and an
-        in-tower stage 1 on a family without one."""
+        ``set_pruning``). Here: a CLS-based stage-1 score on a tower without a CLS token, an in-tower
+        stage 1 on a family without one, and stage 2 at a recurrent layer of a hybrid decoder (it scores
+        with a softmax-attention layer's own q/k)."""
         score = config.stage1.score
         if getattr(config.stage1, "in_tower_block", None) is not None and not self.in_tower:
             raise ValueError(
@@ -207,6 +217,15 @@ class Family:
                 f"pruning.stage1.score = {score!r} compares patches with the CLS token, but "
                 f"{type(model).__name__}'s vision tower has none: use 'cosine_mean' or 'attn_received' "
                 "(or null for the family's default)"
+            )
+        rules = self.layer_rules(model) if config.stage2.enabled else ()
+        if config.stage2.layer < len(rules) and rules[config.stage2.layer].kind != ATTENTION:
+            attention = [str(i) for i, r in enumerate(rules) if r.kind == ATTENTION]
+            raise ValueError(
+                f"pruning.stage2.layer = {config.stage2.layer} is a recurrent (linear-attention) layer of "
+                f"{type(model).__name__}, which has no keys to score: stage 2 scores tokens with a softmax-"
+                f"attention layer's own q/k; use one of its attention layers ({', '.join(attention[:6])}"
+                f"{', ...' if len(attention) > 6 else ''})"
             )
 
     def has_cls(self, model: nn.Module) -> bool:
@@ -288,6 +307,20 @@ class Family:
     def decode_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """Position ids of decoded tokens from their 1-D positions (B, q) (text: every axis the same)."""
         return positions
+
+    def layer_rules(self, model: nn.Module) -> tuple[LayerRule, ...]:
+        """How the shared loop calls each decoder layer (:class:`tpkit.models.core.layers.LayerRule`):
+        here, read from the language model's config (``layer_types``, ``sliding_window``, a per-type
+        rotary), without bidirectional blocks."""
+        return rules_from_config(self.language_model(model))
+
+    def token_blocks(
+        self, model: nn.Module, input_ids: torch.Tensor, visual: dict[str, Any]
+    ) -> torch.Tensor | None:
+        """(B, T) long block id of every input token (-1: none) for the layers whose rule has
+        ``blocks``: tokens of one block see each other both ways (Gemma 3: each image's
+        placeholders). None: no blocks in this input (here: never)."""
+        return None
 
     def expand_packed(
         self, model: nn.Module, input_ids: torch.Tensor, packed: dict[str, torch.Tensor], expand_size: int

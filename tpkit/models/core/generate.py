@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from tpkit.models.core.cache import PrunedCache
+from tpkit.models.core.layers import LayerRule, rotary_tables
 from tpkit.models.core.prefill import attn_impl, cache_kwarg, run_group
 from tpkit.models.core.state import state_of
 
@@ -62,7 +63,8 @@ def decode_step(
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """One decoding step after a pruned prefill: ``input_ids`` (B, q) new tokens -> final-normed hidden
     states (B, q, D) (and each layer's input with ``output_hidden_states``). Positions continue from the
-    prompt's; each layer group attends to its own cached keys; no host sync."""
+    prompt's; each layer attends to its group's cached keys, masked and rotated as its rule says (the
+    rules the prefill recorded in the cache); no host sync."""
     family = state_of(model).family
     lm = family.language_model(model)
     n_layers = lm.config.num_hidden_layers
@@ -71,12 +73,13 @@ def decode_step(
     q = h.shape[1]
     pos = cache.next_position[:, None] + torch.arange(q, device=h.device)[None, :]  # (B, q)
     pos = family.decode_positions(pos)  # (B, q), or (R, B, q) for multi-axis positions
-    cos, sin = lm.rotary_emb(h, position_ids=pos)
-    mask_a, mask_b = cache.masks(q, attn_impl(lm), h.dtype)
+    rules = cache.rules or (LayerRule(),) * n_layers
+    rotary = rotary_tables(lm, h, pos, rules)
+    masks = cache.layer_masks(q, attn_impl(lm), h.dtype)
     states: list[torch.Tensor] | None = [] if output_hidden_states else None
     split = min(cache.split, n_layers)
-    h = run_group(lm, 0, split, h, mask_a, cos, sin, pos, cache, cache_kw, states)
-    h = run_group(lm, split, n_layers, h, mask_b, cos, sin, pos, cache, cache_kw, states)
+    h = run_group(lm, 0, split, h, masks[:split], rotary[:split], pos, cache, cache_kw, states)
+    h = run_group(lm, split, n_layers, h, masks[split:], rotary[split:], pos, cache, cache_kw, states)
     cache.advance(q)
     h = lm.norm(h)
     if states is not None:

@@ -14,25 +14,52 @@ FLASH = ("flash_attention_2", "flash_attention_3")
 
 
 def attn_mask(
-    key_valid: torch.Tensor, q_len: int, impl: str, dtype: torch.dtype, no_padding: bool = False
+    key_valid: torch.Tensor,
+    q_len: int,
+    impl: str,
+    dtype: torch.dtype,
+    no_padding: bool = False,
+    *,
+    window: int | None = None,
+    positions: torch.Tensor | None = None,
+    blocks: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Mask for queries that are the last ``q_len`` of the keys (B, Lk): causal by sequence order and
-    padding.
+    padding, and optionally a sliding window and bidirectional blocks.
 
     eager: additive float (B, 1, q, Lk); sdpa: bool (B, 1, q, Lk); flash: the 2D key mask.
     A query always sees itself, so padded query rows stay finite.
     ``no_padding`` (the caller knows on the host that every key is valid): sdpa with ``q_len == Lk``
     gets None, so the attention runs with ``is_causal`` (flash/cuDNN kernels), as stock does.
+
+    ``window`` with ``positions`` (B, Lk) long, each key's position id: a query at position p sees
+    keys at positions > p - window (transformers' ``sliding_window_overlay``, measured in position
+    ids rather than sequence slots, so that dropped tokens do not widen the window).
+    ``blocks`` (B, Lk) long, each key's block id (-1: none): a query also sees every key of its own
+    block, later ones too (``blockwise_overlay``: an image's tokens see each other). The window
+    applies on top: AND(window, OR(causal, block)), as Gemma 3 composes them.
     """
     if impl in FLASH:
+        if window is not None or blocks is not None:
+            raise ValueError(
+                f"attn_implementation {impl!r} takes a 2D key mask only: it cannot apply this layer's sliding "
+                "window in original positions or its bidirectional image blocks; use 'sdpa' or 'eager'"
+            )
         return key_valid.to(torch.int32)
     lk = key_valid.shape[1]
-    if impl == "sdpa" and no_padding and q_len == lk:
+    if impl == "sdpa" and no_padding and q_len == lk and window is None and blocks is None:
         return None
     q_idx = torch.arange(lk - q_len, lk, device=key_valid.device)  # (q,)
     k_idx = torch.arange(lk, device=key_valid.device)
     causal = k_idx[None, :] <= q_idx[:, None]  # (q, Lk)
-    allowed = causal[None] & key_valid[:, None, :]
+    seen = causal[None]  # (1 or B, q, Lk)
+    if blocks is not None:
+        qb = blocks[:, lk - q_len :]  # (B, q)
+        seen = seen | ((qb[:, :, None] == blocks[:, None, :]) & (qb[:, :, None] >= 0))
+    if window is not None:
+        qp = positions[:, lk - q_len :]  # (B, q)
+        seen = seen & (positions[:, None, :] > qp[:, :, None] - window)
+    allowed = seen & key_valid[:, None, :]
     allowed = allowed | (k_idx[None, :] == q_idx[:, None])[None]
     allowed = allowed[:, None]  # (B, 1, q, Lk)
     if impl == "sdpa":

@@ -8,8 +8,12 @@ at layer K, and the token accounting.
 * **Stage 2** runs the stock decoder layers in this module's loop (the language model's own
   ``forward`` is never called on the pruned path, so its class stays stock): at layer ``K`` it scores
   tokens with that layer's q/k projections, gathers the kept tokens (hidden states, rotary cos/sin,
-  original position ids, padding) and builds a new mask for layers >= K. With a cache the two
-  layer groups cache different lengths; decoding uses one mask per group.
+  original position ids, padding, block ids, per-token additions) and builds new masks for layers
+  >= K. With a cache the two layer groups cache different lengths.
+* **Per layer**, the loop asks the family's :class:`tpkit.models.core.layers.LayerRule` for the
+  layer's mask (causal, sliding window, bidirectional blocks, recurrent), its rotary table and what
+  is added after it; each distinct mask and table is built once per group
+  (:mod:`tpkit.models.core.layers`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from torch import nn
 
 from tpkit.data.labels import IGNORE_INDEX, next_token_targets
 from tpkit.models.core.family import llama_rotate
-from tpkit.models.core.masks import FLASH, attn_mask, compact, compact_full, gather_rows
+from tpkit.models.core.layers import LayerAdds, LayerRule, mask_plan, rotary_tables
+from tpkit.models.core.masks import FLASH, compact, compact_full, gather_rows
 from tpkit.models.core.sharded import gathered
 from tpkit.models.core.state import state_of
 from tpkit.pruning.budgets import token_layer_fraction
@@ -86,13 +91,30 @@ def layer_call(layer, h, mask, cos, sin, pos, cache, cache_kw):
     return out[0] if isinstance(out, tuple) else out
 
 
-def run_group(lm: nn.Module, start: int, stop: int, h, mask, cos, sin, pos, cache, cache_kw, states=None):
-    """Decoder layers ``start..stop-1`` of ``lm`` over h (B, T, D) with one mask; ``states`` (a list)
-    collects each layer's input. The unit that ``tpkit.models.core.compile`` compiles."""
-    for layer in lm.layers[start:stop]:
+def run_group(
+    lm: nn.Module,
+    start: int,
+    stop: int,
+    h: torch.Tensor,
+    masks: list,
+    rotary: list,
+    pos: torch.Tensor,
+    cache,
+    cache_kw: str,
+    states: list | None = None,
+    adds: LayerAdds | None = None,
+) -> torch.Tensor:
+    """Decoder layers ``start..stop-1`` of ``lm`` over h (B, T, D): layer ``i`` takes ``masks[i - start]``
+    and ``rotary[i - start]`` ((cos, sin); both from :mod:`tpkit.models.core.layers`), then ``adds``
+    adds its rows after it. ``states`` (a list) collects each layer's input. The unit that
+    ``tpkit.models.core.compile`` compiles."""
+    for i in range(start, stop):
         if states is not None:
             states.append(h)
-        h = layer_call(layer, h, mask, cos, sin, pos, cache, cache_kw)
+        cos, sin = rotary[i - start]
+        h = layer_call(lm.layers[i], h, masks[i - start], cos, sin, pos, cache, cache_kw)
+        if adds is not None:
+            h = adds.after(i, h)
     return h
 
 
@@ -139,7 +161,10 @@ def stage2_scores(
     b, t, _ = x.shape
     hd = attn.head_dim
     xq = gather_rows(x, qpos)  # (B, Q, D)
-    q = attn.q_proj(xq).view(b, qpos.shape[1], -1, hd)
+    heads = attn.config.num_attention_heads
+    # a query projection wider than heads x head_dim carries each head's output gate after its query
+    # (Qwen3-Next / Qwen3.5: (B, Q, H, 2 hd) -> the first hd); otherwise the slice takes everything
+    q = attn.q_proj(xq).view(b, qpos.shape[1], heads, -1)[..., :hd]
     k = attn.k_proj(x).view(b, t, -1, hd)
     if hasattr(attn, "q_norm"):  # Qwen3-style q/k norms
         q, k = attn.q_norm(q), attn.k_norm(k)
@@ -248,9 +273,13 @@ def prefill(
     pad_id = getattr(lm.config, "pad_token_id", None)
     pad_id = 0 if pad_id is None else pad_id
     ids1 = input_ids.gather(1, index1.clamp(min=0)).masked_fill(~valid1, pad_id)
-    embeds = lm.embed_tokens(ids1)  # (B, T1, D)
-    placeholders = torch.tensor(family.placeholder_ids(model), device=device)
+    placeholder_ids = family.placeholder_ids(model)
+    placeholders = torch.tensor(placeholder_ids, device=device)
     img1 = valid1 & torch.isin(ids1, placeholders)
+    if max(placeholder_ids) >= lm.embed_tokens.num_embeddings:  # out of the vocabulary: embed pad there
+        embeds = lm.embed_tokens(ids1.masked_fill(img1, pad_id))  # (B, T1, D), rows replaced below
+    else:
+        embeds = lm.embed_tokens(ids1)  # (B, T1, D)
     embeds = embeds.masked_scatter(img1[..., None], vis.projected.to(embeds.dtype))
     dense_pos = family.position_ids(model, input_ids, am, visual)  # (B, T) or (R, B, T), as stock
     if cfg.stage1.positions == "original":  # each kept token's position in the unpruned prompt
@@ -270,21 +299,30 @@ def prefill(
         torch.full_like(input_ids, -1), vis.slots, torch.arange(n_slots, device=device).expand(b, -1)
     )
 
-    # ---- layers, with stage 2 at layer K
+    # ---- layers, with stage 2 at layer K; each layer called as its rule says (core/layers.py)
     impl = attn_impl(lm)
     n_layers = lm.config.num_hidden_layers
     layers = lm.layers[:n_layers]
+    rules: tuple[LayerRule, ...] = family.layer_rules(model)
     cache_kw = cache_kwarg(layers[0])
     s2 = cfg.stage2
     split = s2.layer if s2.enabled else n_layers
+    blocks0 = family.token_blocks(model, input_ids, visual) if any(r.blocks for r in rules) else None
+    blocks1 = None if blocks0 is None else gather_rows(blocks0.to(device), index1).masked_fill(~valid1, -1)
+    adds = None if not vis.after_layer else LayerAdds.from_visual(vis.after_layer, img1)
+    # 1-D positions lie in 0..t-1 (the unpruned prompt's, from its attention mask): no query is more
+    # than t - 1 positions after a key, so a window wider than that binds nothing (known on the host)
+    span = t - 1
     h = embeds
-    cos, sin = lm.rotary_emb(h, position_ids=pos1)
+    tables: dict = {}  # the stage-1 rotary tables, also stage 2's scoring layer's
+    rotary = rotary_tables(lm, h, pos1, rules[:split], tables)
     valid, pos, index = valid1, pos1, index1
-    mask = attn_mask(valid, h.shape[1], impl, h.dtype, no_padding=full1)
+    masks = mask_plan(rules[:split], valid, h.shape[1], impl, h.dtype, no_padding=full1, positions=pos1,
+                      blocks=blocks1, span=span)  # fmt: skip
     keep2, full = valid1, full1
     states: list[torch.Tensor] | None = [] if output_hidden_states else None
     run = (state.compiled or {}).get("group", run_group)
-    h = run(lm, 0, split, h, mask, cos, sin, pos, cache, cache_kw, states)
+    h = run(lm, 0, split, h, masks, rotary, pos, cache, cache_kw, states, adds)
     if split < n_layers:  # stage 2 at layer K = split, scored with that layer's own q/k
         layer = layers[split]
         always, droppable, qpos, qvalid = stage2_roles(
@@ -294,6 +332,7 @@ def prefill(
             edge = run_edges(img1) & valid1
             always, droppable = always | edge, droppable & ~edge
         sim = patches = None
+        cos, sin = rotary_tables(lm, h, pos1, rules[split : split + 1], tables)[0]
         # scores only pick indices; a sharded layer K stays gathered for its own forward below
         with torch.no_grad(), gathered(layer, for_forward=True):
             scores = stage2_scores(layer, h, cos, sin, valid, qpos, qvalid, s2.reduce, family.rotate)
@@ -308,16 +347,21 @@ def prefill(
         valid = index2 >= 0
         h = gather_rows(h, index2)
         pos = take_positions(pos1, index2)
-        cos, sin = lm.rotary_emb(h, position_ids=pos)  # the kept tokens' own (the same values)
+        rotary = rotary_tables(lm, h, pos, rules[split:])  # the kept tokens' own (the same values)
         index = gather_rows(index1, index2).masked_fill(~valid, -1)
-        mask = attn_mask(valid, h.shape[1], impl, h.dtype, no_padding=full)
-        h = run(lm, split, n_layers, h, mask, cos, sin, pos, cache, cache_kw, states)
+        blocks2 = None if blocks1 is None else gather_rows(blocks1, index2).masked_fill(~valid, -1)
+        adds = None if adds is None else adds.take(index2)
+        masks = mask_plan(rules[split:], valid, h.shape[1], impl, h.dtype, no_padding=full, positions=pos,
+                          blocks=blocks2, span=span)  # fmt: skip
+        h = run(lm, split, n_layers, h, masks, rotary, pos, cache, cache_kw, states, adds)
     h = lm.norm(h)
     if states is not None:
         states.append(h)
     if cache is not None:  # decoding continues after each row's last prompt position
         last = pos1 if pos1.dim() == 2 else pos1.amax(dim=0)
-        cache.start(split, valid1, valid, last.max(dim=1).values + 1, (not full1, not full))
+        cache.start(
+            split, valid1, valid, last.max(dim=1).values + 1, (not full1, not full), rules, (pos1, pos), span
+        )
 
     # ---- token accounting
     n_dense = am.sum(dim=1)

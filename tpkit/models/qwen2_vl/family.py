@@ -67,6 +67,7 @@ class KindRun:
     tokens: VisualTokens  # embeds None: in-tower, filled in once the cut is known
     scores: torch.Tensor  # (U,) per merged unit, unit order
     head: TowerHead | None  # in-tower: the tower run up to the scoring block
+    deepstack: list[torch.Tensor] | None = None  # Qwen3-VL: per DeepStack level (U, D) unit embeddings
 
 
 def token_type_ids(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -118,34 +119,39 @@ class Qwen2VLFamily(Family):
     tower_pattern = r"(^|\.)visual\."
     harness = HarnessSupport(images=None, videos=True)
 
+    # what check() asks of a model of this family, and how its error names the family
+    required = (
+        "model.visual",
+        "model.visual.merger",
+        "model.visual.blocks",
+        "model.language_model.layers",
+        "model.language_model.embed_tokens",
+        "model.language_model.norm",
+        "model.language_model.rotary_emb",
+        "model.get_rope_index",
+        "model.get_image_features",
+        "model.get_video_features",
+        "lm_head",
+        "config.image_token_id",
+        "config.video_token_id",
+        "config.vision_config",
+    )
+    like = "Qwen2-VL"
+    default_image_size = DEFAULT_IMAGE_SIZE  # random_prompt's image side when the config names none
+
     def check(self, model: nn.Module) -> None:
         name = type(model).__name__
-        needed = [
-            "model.visual",
-            "model.visual.merger",
-            "model.visual.blocks",
-            "model.language_model.layers",
-            "model.language_model.embed_tokens",
-            "model.language_model.norm",
-            "model.language_model.rotary_emb",
-            "model.get_rope_index",
-            "model.get_image_features",
-            "model.get_video_features",
-            "lm_head",
-            "config.image_token_id",
-            "config.video_token_id",
-            "config.vision_config",
-        ]
-        path = first_missing(model, needed)
+        path = first_missing(model, list(self.required))
         if path is not None:
             raise ValueError(
-                f"{name} is not Qwen2-VL-like: it has no '{path}' (expected a Qwen2(.5)-VL model with "
+                f"{name} is not {self.like}-like: it has no '{path}' (expected a {self.like} model with "
                 "model.visual, model.language_model and lm_head)"
             )
-        attn = model.model.language_model.layers[0].self_attn
+        lm = model.model.language_model
+        attn = next((layer.self_attn for layer in lm.layers if hasattr(layer, "self_attn")), None)
         for part in ("q_proj", "k_proj"):
             if not hasattr(attn, part):
-                raise ValueError(f"{name} is not Qwen2-VL-like: decoder attention has no '{part}'")
+                raise ValueError(f"{name} is not {self.like}-like: decoder attention has no '{part}'")
 
     def has_cls(self, model: nn.Module) -> bool:
         return False
@@ -210,15 +216,15 @@ class Qwen2VLFamily(Family):
         stage1: Any,
         kind: Kind,
         frame_base: int = 0,
-    ) -> tuple[VisualTokens, torch.Tensor, TowerHead | None]:
+    ) -> KindRun:
         """One kind's placeholders (images or videos) as stage 1 sees them; ``frame_base`` offsets their
         frame (view) ids past the other kind's. In-tower stage 1: the tower runs up to the scoring block
-        only (the returned head), and the tokens carry no embeddings (``embeds`` None) until the cut is
-        known."""
+        only (the run's head), and the tokens carry no embeddings (``embeds`` None) until the cut is
+        known. A tower with DeepStack (Qwen3-VL) gives each level's unit rows too."""
         what, pix_key = kind.what, kind.pix_key
         grid = self._grid(model, visual, pix_key, kind.grid_key).to(visual[pix_key].device)
         score = self.score_kind(model, stage1)
-        head = None
+        head = deepstack = None
         if stage1.enabled and stage1.in_tower_block is not None:
             head = tower_head(model, visual[pix_key], grid, stage1.in_tower_block, score == "attn_received")
             run = head.run
@@ -228,7 +234,7 @@ class Qwen2VLFamily(Family):
             run = run_tower(
                 model, visual[pix_key], grid, what == "video", stage1.enabled and score == "attn_received"
             )
-            embeds = run.embeds
+            embeds, deepstack = run.embeds, run.deepstack
             device, n_units = embeds.device, embeds.shape[0]
         merge = model.config.vision_config.spatial_merge_size
         seed_offset = 0 if what == "image" else 1
@@ -258,7 +264,7 @@ class Qwen2VLFamily(Family):
             coords=torch.stack([frame, torch.cat(rows), torch.cat(cols)], dim=-1),
             what=what,
         )
-        return tokens, scores, head
+        return KindRun(kind, tokens, scores, head, deepstack)
 
     def _check_placeholders(self, model: nn.Module, input_ids: torch.Tensor, visual: dict[str, Any]) -> None:
         counts = torch.stack([(input_ids == getattr(model.config, k.tok_key)).sum() for k in KINDS]).tolist()
@@ -276,8 +282,7 @@ class Qwen2VLFamily(Family):
         for kind in KINDS:
             if visual.get(kind.pix_key) is None:
                 continue
-            tokens, scores, head = self._kind_tokens(model, visual, stage1, kind, frame_base)
-            out.append(KindRun(kind, tokens, scores, head))
+            out.append(self._kind_tokens(model, visual, stage1, kind, frame_base))
             frame_base += int(torch.as_tensor(visual[kind.grid_key])[:, 0].sum())
         return out
 
@@ -298,12 +303,18 @@ class Qwen2VLFamily(Family):
             for k in kinds:
                 keep = torch.zeros(len(k.tokens), dtype=torch.bool, device=kept.device)
                 keep[kept[(kept >= base) & (kept < base + len(k.tokens))] - base] = True
-                units, embeds = tower_tail(model, k.head, keep)
-                parts.append((units + base, embeds))
+                units, embeds, deepstack = tower_tail(model, k.head, keep)
+                parts.append((units + base, [embeds, *(deepstack or [])]))
                 base += len(k.tokens)
             units = torch.cat([u for u, _ in parts])
-            table = torch.cat([e for _, e in parts])[torch.argsort(units)]  # kept units in id order
-            vis.projected = table[torch.searchsorted(torch.sort(units).values, kept)]
+            pick = torch.argsort(units)[torch.searchsorted(torch.sort(units).values, kept)]  # prompt order
+            columns = [torch.cat(col)[pick] for col in zip(*(rows for _, rows in parts))]
+            vis.projected = columns[0]
+            if len(columns) > 1:  # DeepStack: each level's rows of the kept units
+                vis.after_layer = dict(enumerate(columns[1:]))
+        elif kinds and kinds[0].deepstack is not None:  # DeepStack: each level's rows of the kept units
+            levels = zip(*(k.deepstack for k in kinds))  # per level, the kinds' (U_k, D) in kinds order
+            vis.after_layer = {i: torch.cat(parts)[vis.kept_token] for i, parts in enumerate(levels)}
         return vis
 
     def stage1_scores(self, model: nn.Module, visual: dict[str, Any], stage1: Any) -> list[torch.Tensor]:
@@ -358,23 +369,27 @@ class Qwen2VLFamily(Family):
         self, model: nn.Module, input_ids: torch.Tensor, packed: dict[str, torch.Tensor], expand_size: int
     ) -> dict[str, torch.Tensor]:
         """Each sample's images (and videos) repeated ``expand_size`` times in a row: their patch rows,
-        grid rows and (videos) ``second_per_grid_ts``; a sample's items are its placeholder runs."""
+        grid rows and (videos) ``second_per_grid_ts``. A sample's items are read off its placeholder
+        count, grid row after grid row (Qwen3-VL writes each video frame as a run of its own)."""
         out = dict(packed)
+        merge = model.config.vision_config.spatial_merge_size
         for kind in KINDS:
             what, pix_key, grid_key = kind.what, kind.pix_key, kind.grid_key
             if packed.get(grid_key) is None:
                 continue
-            tok = input_ids == getattr(model.config, kind.tok_key)
-            starts = tok.clone()
-            starts[:, 1:] &= ~tok[:, :-1]  # first placeholder of each run = one image / video
-            per_sample = starts.sum(dim=1).tolist()
+            per_sample = (input_ids == getattr(model.config, kind.tok_key)).sum(dim=1).cpu()  # (B,)
             grid = packed[grid_key]
-            if sum(per_sample) != grid.shape[0]:
+            units = grid.prod(dim=-1).cpu() // merge**2  # (n,) placeholders of each item
+            ends, bounds = per_sample.cumsum(0), units.cumsum(0)  # where each sample's, each item's end
+            whole = set(ends.tolist()) <= {0, *bounds.tolist()}  # every sample ends where an item ends
+            if not whole or int(ends[-1]) != int(bounds[-1]):
                 raise ValueError(
-                    f"the prompts hold {sum(per_sample)} {what} placeholder runs but {grid_key} has "
-                    f"{grid.shape[0]} rows: one run of placeholders per {what}"
+                    f"the prompts hold {per_sample.tolist()} {what} placeholders per sample, which do not "
+                    f"split into whole {what}s of {grid_key} ({units.tolist()} placeholders each): pass the "
+                    f"{grid_key} rows of the samples' own inputs, in order"
                 )
-            items = torch.arange(grid.shape[0]).split(per_sample)
+            sample_of = torch.searchsorted(ends, bounds)  # the sample each item ends in
+            items = torch.arange(grid.shape[0]).split(torch.bincount(sample_of, minlength=len(ends)).tolist())
             order = (
                 torch.cat([i.repeat(expand_size) for i in items])
                 if items
@@ -419,11 +434,11 @@ class Qwen2VLFamily(Family):
         """``text_before`` random tokens, ``<|vision_start|>``, the merged units of one square image,
         ``<|vision_end|>``, ``text_after`` tokens; pixels as the processor flattens them (one row of
         channels x temporal_patch_size x patch^2 values per patch) with ``image_grid_thw``. The image side
-        is the config's ``tpkit_image_size`` (tiny configs set it), else 1036 (37 x 37 = 1369 units at
-        patch 14, merge 2)."""
+        is the config's ``tpkit_image_size`` (tiny configs set it), else :attr:`default_image_size` (1036:
+        37 x 37 = 1369 units at patch 14, merge 2)."""
         cfg = model.config
         vc = cfg.vision_config
-        side = int(getattr(cfg, IMAGE_SIZE_ATTR, DEFAULT_IMAGE_SIZE))
+        side = int(getattr(cfg, IMAGE_SIZE_ATTR, self.default_image_size))
         merge = vc.spatial_merge_size
         if side % (vc.patch_size * merge):
             raise ValueError(

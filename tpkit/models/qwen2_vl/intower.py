@@ -8,10 +8,14 @@ they receive in block K), cuts, and the blocks after K and the merger run on the
 kept patches of each frame, each window block over the kept patches of each window (a window left
 empty drops out). Dropping a unit from a segment is masking it out as a key there, so the kept units
 come out as the stock tower would give them with the dropped patches masked out from block K + 1 on;
-with every unit kept, the output is stock's, bit for bit.
+with every unit kept, the output is stock's, bit for bit. A tower with DeepStack (Qwen3-VL) gives
+each level's merger rows too: of every unit from a block up to K (the kept ones' taken), of the kept
+units alone from a block after K.
 
-This module runs the tower with its own modules (patch embedding, rotary embedding, blocks, merger)
-in its own loop: the stock forward has no point to stop at.
+The stock forward has no point to stop at: tpkit takes what it hands its first block (the patch
+embedding, Qwen3-VL's resampled position embedding, Qwen2.5-VL's window order, the rotary angles)
+from the stock forward itself, stopped there by a hook, and runs the blocks, the DeepStack mergers and
+the merger in its own loop.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from torch import nn
 
 from tpkit.models.qwen2_vl.tower import TowerRun, window_order, window_units
 
-__all__ = ["TowerHead", "patch_positions", "tower_head", "tower_tail", "unit_layout"]
+__all__ = ["TowerHead", "first_block_input", "tower_head", "tower_tail", "unit_layout"]
 
 
 def unit_layout(grid_thw: torch.Tensor, merge: int, win: int | None) -> tuple[torch.Tensor, ...]:
@@ -52,19 +56,32 @@ def unit_layout(grid_thw: torch.Tensor, merge: int, win: int | None) -> tuple[to
     return order, frame, torch.cat(windows).to(device)
 
 
-def patch_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
-    """(P, 2) (row, col) of every patch in the processor's block-major order (merge x merge blocks
-    row-major, patches row-major within a block), frame after frame: the tower's rotary positions."""
-    out = []
-    for t, h, w in grid_thw.tolist():
-        r = torch.arange(h)[:, None].expand(h, w)
-        c = torch.arange(w)[None, :].expand(h, w)
-        block = (h // merge, merge, w // merge, merge)
-        rc = torch.stack(
-            [r.reshape(block).transpose(1, 2).flatten(), c.reshape(block).transpose(1, 2).flatten()], -1
-        )
-        out.append(rc.repeat(t, 1))
-    return torch.cat(out).to(grid_thw.device)
+class _Stop(Exception):
+    """Ends a stock tower forward once its first block's input is known (:func:`first_block_input`)."""
+
+
+def first_block_input(
+    tower: nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """(hidden (P, D_vis), (cos, sin) (P, d)): what the stock tower hands its first block for
+    ``pixels``, in the tower's order (window order on Qwen2.5-VL), read off the stock forward, which a
+    hook on block 0 ends there. The class's forward is called, not the instance's (a training step may
+    wrap that one to share whole tower runs)."""
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["hidden"] = args[0] if args else kwargs["hidden_states"]
+        seen["rotary"] = kwargs["position_embeddings"]
+        raise _Stop
+
+    handle = tower.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        type(tower).forward(tower, pixels.type(tower.dtype), grid_thw=grid_thw)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen["hidden"], tuple(seen["rotary"])
 
 
 def _cu(segment_of_row: torch.Tensor, n_segments: int, unit: int) -> torch.Tensor:
@@ -92,14 +109,24 @@ class TowerHead:
     frame_of_row: torch.Tensor  # (U,) global frame id of each window position
     window_of_row: torch.Tensor  # (U,) global window id of each window position (frame id: no windows)
     upto: int
+    # DeepStack levels whose block is upto or before: level -> (U, D_lm) rows of every unit, tower order
+    deepstack: dict[int, torch.Tensor]
 
 
 def _full(tower: nn.Module, i: int) -> bool:
     return window_units(tower) is None or i in tower.fullatt_block_indexes
 
 
+def _deepstack_levels(tower: nn.Module) -> dict[int, int]:
+    """Block index -> DeepStack level (Qwen3-VL's ``deepstack_visual_indexes``; none on other towers)."""
+    return {int(b): level for level, b in enumerate(getattr(tower, "deepstack_visual_indexes", None) or ())}
+
+
 def _run_blocks(tower, hidden, rotary, start, stop, cu_full, cu_win, record=None):
-    inputs = None
+    """Blocks ``start..stop-1`` over ``hidden``; returns it, block ``record``'s inputs (or None) and
+    {DeepStack level: its merger's rows} of the blocks run here that feed one."""
+    inputs, deepstack = None, {}
+    levels = _deepstack_levels(tower)
     for i in range(start, stop):
         cu = cu_full if _full(tower, i) else cu_win
         if i == record:
@@ -107,38 +134,39 @@ def _run_blocks(tower, hidden, rotary, start, stop, cu_full, cu_win, record=None
         hidden = tower.blocks[i](
             hidden, cu_seqlens=cu, max_seqlen=_max_len(tower, cu), position_embeddings=rotary
         )
-    return hidden, inputs
+        if i in levels:
+            deepstack[levels[i]] = tower.deepstack_merger_list[levels[i]](hidden)
+    return hidden, inputs, deepstack
 
 
 def tower_head(
     model: nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor, upto: int, block_inputs: bool
 ) -> TowerHead:
-    """Patch embedding, the window permutation and blocks ``0..upto`` of the tower, as stock runs them;
-    ``block_inputs``: keep block ``upto``'s inputs (``attn_received`` scores its attention)."""
+    """Blocks ``0..upto`` of the tower on what stock hands its first block (:func:`first_block_input`), as
+    stock runs them; ``block_inputs``: keep block ``upto``'s inputs (``attn_received`` scores its
+    attention)."""
     tower = model.model.visual
     merge = tower.spatial_merge_size
     unit = merge**2
     order, frame, window = unit_layout(grid_thw, merge, window_units(tower))
-    hidden = tower.patch_embed(pixels.type(tower.dtype))
-    p = hidden.shape[0]
-    rotary = tower.rotary_pos_emb(hidden, patch_positions(grid_thw, merge))
-    if window_units(tower) is not None:  # units into window order, their patches together
-        hidden = hidden.reshape(p // unit, unit, -1)[order].reshape(p, -1)
-        rotary = tuple(x.reshape(p // unit, unit, -1)[order].reshape(p, -1) for x in rotary)
+    hidden, rotary = first_block_input(tower, pixels, grid_thw)
     frame_of_row, window_of_row = frame[order], window[order]
     n_frames, n_windows = int(frame.max()) + 1, int(window.max()) + 1
     cu_full = _cu(frame_of_row, n_frames, unit)
     cu_win = _cu(window_of_row, n_windows, unit)
-    hidden, inputs = _run_blocks(
+    hidden, inputs, deepstack = _run_blocks(
         tower, hidden, rotary, 0, upto + 1, cu_full, cu_win, record=upto if block_inputs else None
     )
     run = TowerRun(None, hidden, order, tower.blocks[upto], inputs)
-    return TowerHead(run, hidden, rotary, frame_of_row, window_of_row, upto)
+    return TowerHead(run, hidden, rotary, frame_of_row, window_of_row, upto, deepstack)
 
 
-def tower_tail(model: nn.Module, head: TowerHead, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def tower_tail(
+    model: nn.Module, head: TowerHead, keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None]:
     """The blocks after ``head.upto`` and the merger on the kept units only. ``keep`` (U,) bool in unit
-    order. Returns (units (K,) their ids, embeds (K, D_lm)), in the tower's order."""
+    order. Returns (units (K,) their ids, embeds (K, D_lm), and with DeepStack each level's rows
+    (K, D_lm), else None), in the tower's order."""
     tower = model.model.visual
     unit = tower.spatial_merge_size**2
     keep_row = keep[head.run.unit_of_row]  # (U,) kept window positions
@@ -149,5 +177,7 @@ def tower_tail(model: nn.Module, head: TowerHead, keep: torch.Tensor) -> tuple[t
     n_windows = int(head.window_of_row.max()) + 1
     cu_full = _cu(head.frame_of_row[keep_row], n_frames, unit)
     cu_win = _cu(head.window_of_row[keep_row], n_windows, unit)
-    hidden, _ = _run_blocks(tower, hidden, rotary, head.upto + 1, len(tower.blocks), cu_full, cu_win)
-    return head.run.unit_of_row[keep_row], tower.merger(hidden)
+    hidden, _, later = _run_blocks(tower, hidden, rotary, head.upto + 1, len(tower.blocks), cu_full, cu_win)
+    levels = {**{level: every[keep_row] for level, every in head.deepstack.items()}, **later}
+    deepstack = [levels[level] for level in sorted(levels)] if levels else None
+    return head.run.unit_of_row[keep_row], tower.merger(hidden), deepstack

@@ -95,14 +95,15 @@ class TowerRun:
     unit_of_row: torch.Tensor  # (U,) the unit at each group of merge**2 rows of ``states`` (window order)
     block: nn.Module  # the scored block (attn_received reads its attention)
     block_inputs: dict[str, Any] | None  # that block's input, cu_seqlens and rotary (attn_received)
+    # Qwen3-VL's DeepStack: per level, (U, D_lm) the unit embeddings of its merger, unit order; None
+    # for a tower without (Qwen2-VL, Qwen2.5-VL, Qwen3.5)
+    deepstack: list[torch.Tensor] | None = None
 
 
 @contextlib.contextmanager
-def _capture(tower: nn.Module, last_block: bool) -> Iterator[dict[str, Any]]:
+def _last_block_inputs(tower: nn.Module) -> Iterator[dict[str, Any]]:
+    """Records the last block's input, cu_seqlens and rotary (``attn_received`` scores its attention)."""
     seen: dict[str, Any] = {}
-
-    def merger_in(module, args):
-        seen["states"] = args[0]
 
     def block_in(module, args, kwargs):
         seen["block"] = {
@@ -111,14 +112,11 @@ def _capture(tower: nn.Module, last_block: bool) -> Iterator[dict[str, Any]]:
             "rotary": kwargs["position_embeddings"],
         }
 
-    handles = [tower.merger.register_forward_pre_hook(merger_in)]
-    if last_block:
-        handles.append(tower.blocks[-1].register_forward_pre_hook(block_in, with_kwargs=True))
+    handle = tower.blocks[-1].register_forward_pre_hook(block_in, with_kwargs=True)
     try:
         yield seen
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
 
 
 def unit_of_row(tower: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
@@ -133,15 +131,33 @@ def unit_of_row(tower: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
 def run_tower(
     model: nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor, video: bool, last_block: bool
 ) -> TowerRun:
-    """The stock ``get_image_features`` / ``get_video_features`` call (one tower run), with the merger's
-    input (and, ``last_block``, the last block's inputs) recorded on the way."""
+    """The stock ``get_image_features`` / ``get_video_features`` call (one tower run): its merger's input
+    is the output's ``last_hidden_state``; ``last_block``: the last block's inputs recorded on the way
+    (a call served from a run shared with the teacher, ``reuse_tower_output``, runs the stock tower
+    once more for them)."""
     tower = model.model.visual
     get = model.model.get_video_features if video else model.model.get_image_features
-    with _capture(tower, last_block) as seen:
+    with _last_block_inputs(tower) if last_block else contextlib.nullcontext({}) as seen:
         out = get(pixels, grid_thw, return_dict=True)
-    pooled = out.pooler_output
-    embeds = torch.cat(list(pooled), dim=0) if isinstance(pooled, (list, tuple)) else pooled
-    return TowerRun(embeds, seen["states"], unit_of_row(tower, grid_thw), tower.blocks[-1], seen.get("block"))
+        if last_block and "block" not in seen:
+            type(tower).forward(tower, pixels.type(tower.dtype), grid_thw=grid_thw)
+    embeds = _flat(out.pooler_output)
+    levels = getattr(out, "deepstack_features", None)  # Qwen3-VL: one per DeepStack level
+    deepstack = [_flat(x) for x in levels] if levels else None
+    return TowerRun(
+        embeds,
+        out.last_hidden_state,
+        unit_of_row(tower, grid_thw),
+        tower.blocks[-1],
+        seen.get("block"),
+        deepstack,
+    )
+
+
+def _flat(x: torch.Tensor | list | tuple) -> torch.Tensor:
+    """Unit rows (U, D) of a tower output given whole or split per image (transformers 5.2x splits the
+    pooled output and the DeepStack features per image, 5.17 the pooled output only)."""
+    return torch.cat(list(x), dim=0) if isinstance(x, (list, tuple)) else x
 
 
 def pack_views(pixel_values: torch.Tensor, tower_config: Any) -> tuple[torch.Tensor, torch.Tensor]:
