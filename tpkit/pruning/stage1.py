@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from tpkit.pruning.config import CLS_SCORES, STAGE1_SCORES, Stage1Config
 from tpkit.pruning.knee import head_count
+from tpkit.pruning.stage2 import diverse_order, redundancy
 
 
 def cls_cosine(hidden: torch.Tensor, centered: bool = False) -> torch.Tensor:
@@ -189,6 +190,8 @@ def select_patches(
     cfg: Stage1Config,
     keep: torch.Tensor | None = None,
     counts: torch.Tensor | None = None,
+    features: torch.Tensor | None = None,
+    coords: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image (or per-group) kept sets from scores (B, P).
 
@@ -196,6 +199,12 @@ def select_patches(
     (B,) forces per-row counts (matched-budget baselines), clamped to ``[1, n]``. ``counts`` (B,):
     row b's candidates are its first ``counts[b]`` entries (ragged groups, padding after them); each
     distinct count runs the selector once (one host sync).
+
+    The count ``k`` comes from the scores alone (the knee). Which ``k`` patches fill it is the head of
+    the score order, or with ``cfg.diversity`` > 0 a greedy choice that also weighs how much a patch
+    repeats the ones already taken (:func:`tpkit.pruning.stage2.diverse_order`): by the cosine of
+    ``features`` (B, P, D) (``diversity_by: features``) or by nearness on the grid (``grid``), within
+    ``cfg.diversity_radius`` cells of ``coords`` (B, P, 3) (view, row, col) when set.
     """
     b, p = scores.shape
     s = torch.nan_to_num(scores.float(), nan=float("-inf"))
@@ -215,6 +224,39 @@ def select_patches(
             k = torch.zeros_like(n)
             for c in sorted(set(n.tolist()) - {0}):  # rows with c candidates: their first c sorted scores
                 k = torch.where(n == c, head_count(finite[:, :c], cfg.selector, **kw), k)
+    if cfg.diversity > 0:
+        return _diverse_mask(s, k, cfg, features, coords), k
     rank_kept = torch.arange(p, device=s.device)[None, :] < k[:, None]  # (B, P) in sorted order
     mask = torch.zeros_like(rank_kept).scatter(1, order, rank_kept)
     return mask, k
+
+
+def _diverse_mask(
+    s: torch.Tensor,
+    k: torch.Tensor,
+    cfg: Stage1Config,
+    features: torch.Tensor | None,
+    coords: torch.Tensor | None,
+) -> torch.Tensor:
+    """(B, P) bool: the first ``k`` greedy picks of :func:`diverse_order` over the finite scores ``s``
+    (padding is -inf; a +inf score, a token that must stay, is picked first)."""
+    b, p = s.shape
+    by_features = cfg.diversity_by == "features"
+    if (by_features and features is None) or (cfg.diversity_radius is not None and coords is None):
+        what = "features" if by_features and features is None else "patch coordinates"
+        raise ValueError(
+            f"pruning.stage1.diversity = {cfg.diversity} needs the patches' {what}, which this caller does "
+            "not give: set it to 0"
+        )
+    if not by_features and cfg.diversity_radius is None:
+        raise ValueError("pruning.stage1.diversity_by = 'grid' needs diversity_radius (grid cells)")
+    candidate = s > float("-inf")
+    finite = torch.where(torch.isfinite(s), s, torch.full_like(s, float("-inf"))).amax(dim=1, keepdim=True)
+    finite = torch.nan_to_num(finite, neginf=0.0)
+    s = torch.where(s == float("inf"), finite + finite.abs() + 1.0, s)  # above every finite score
+    sim = redundancy(features if by_features else None, coords, cfg.diversity_radius)  # (B, P, P)
+    steps = int(k.max()) if b else 0  # one host sync
+    picks = diverse_order(s, candidate, sim, steps, cfg.diversity)  # (B, steps)
+    take = torch.arange(steps, device=s.device)[None, :] < k[:, None]
+    mask = torch.zeros(b, p + 1, dtype=torch.bool, device=s.device)
+    return mask.scatter(1, torch.where(take, picks, p), take)[:, :p]

@@ -60,7 +60,7 @@ def relevance(
 
 
 def redundancy(
-    features: torch.Tensor, coords: torch.Tensor | None = None, radius: int | None = None
+    features: torch.Tensor | None, coords: torch.Tensor | None = None, radius: int | None = None
 ) -> torch.Tensor:
     """How much each token repeats each other token, (B, T, T) in [0, 1].
 
@@ -68,10 +68,16 @@ def redundancy(
     same view within ``radius`` grid cells of each other (Chebyshev distance) count as redundant:
     two patches of one object are, two objects that look alike are not. ``coords`` (B, T, 3) gives
     each token's (view, row, col) on its view's patch grid, view -1 for tokens that are no patch (a
-    view is an image, a crop of one, or a video frame).
+    view is an image, a crop of one, or a video frame). ``features`` None (with ``radius``): every
+    pair of patches that near is fully redundant (spatial coverage alone).
     """
-    f = torch.nn.functional.normalize(features.float(), dim=-1)
-    sim = (f @ f.transpose(-1, -2)).clamp(0.0, 1.0)  # (B, T, T)
+    if features is None:
+        if coords is None or radius is None:
+            raise ValueError("redundancy without features needs the patch coordinates and a radius")
+        sim = torch.ones(coords.shape[0], coords.shape[1], coords.shape[1], device=coords.device)
+    else:
+        f = torch.nn.functional.normalize(features.float(), dim=-1)
+        sim = (f @ f.transpose(-1, -2)).clamp(0.0, 1.0)  # (B, T, T)
     if radius is not None:
         if coords is None:
             raise ValueError("a redundancy radius needs the tokens' patch coordinates")

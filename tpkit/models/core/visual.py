@@ -113,7 +113,15 @@ def select_visual(
         width = int(counts.max()) if n_groups else 0
         padded = torch.full((n_groups, max(width, 1)), float("-inf"), device=device)
         padded[sel[cand], rank] = scores[cand]
-        mask, _ = select_patches(padded, stage1, stage1_keep, counts=counts)
+        features = padded_coords = None
+        if stage1.diversity > 0:  # the candidates' LM embeddings and patch coordinates, padded alike
+            features = embeds.new_zeros(n_groups, max(width, 1), embeds.shape[-1])
+            features[sel[cand], rank] = embeds[cand]
+            padded_coords = coords.new_full((n_groups, max(width, 1), 3), -1)
+            padded_coords[sel[cand], rank] = coords[cand]
+        mask, _ = select_patches(
+            padded, stage1, stage1_keep, counts=counts, features=features, coords=padded_coords
+        )
         keep = torch.zeros(m, dtype=torch.bool, device=device)
         keep[cand] = mask[sel[cand], rank]
         if r_base:  # structure tokens follow their row
