@@ -9,8 +9,10 @@ from tpkit.pruning import (
     attention_received,
     cls_attention,
     cls_cosine,
+    context_merge,
     encoder_attention,
     mean_cosine,
+    merge_into,
     patch_scores,
     random_scores,
     select_patches,
@@ -215,3 +217,44 @@ def test_diversity_needs_its_inputs_and_validates():
     ):
         with pytest.raises(ValueError, match=match):
             Stage1Config(**bad).validate()
+
+
+def test_context_merge_summarises_the_dropped_patches_in_the_same_count():
+    s = torch.tensor([[0.9, 0.8, 0.1, 0.2, 0.3, 0.05, 0.7, 0.6]])
+    keep = s > 0.55  # 0, 1, 6, 7
+    f = torch.tensor([[1.0, 0], [1, 0], [0, 1], [0, 1], [0.1, 1], [1, 0.1], [1, 0], [0.9, 0.1]])[None]
+    mask, into = context_merge(keep, s, f, 2)
+    # 7 and 6 (the lowest kept) are released; seeds at raster ranks 1 and 4 of the dropped 2-7: 3 and 6;
+    # 2 and 4 look like 3, 5 and 7 like 6
+    assert mask[0].nonzero().flatten().tolist() == [0, 1, 3, 6] and int(mask.sum()) == int(keep.sum())
+    assert into[0].tolist() == [0, 1, 3, 3, 3, 6, 6, 6]
+    merged = merge_into(f, into)
+    torch.testing.assert_close(merged[0, 3], f[0, [2, 3, 4]].mean(0))
+    torch.testing.assert_close(merged[0, 6], f[0, [5, 6, 7]].mean(0))
+    assert torch.equal(merged[0, [0, 1]], f[0, [0, 1]])  # slots that carry only themselves: bit for bit
+    # keep-all, or one kept patch, changes nothing; padding (-inf / NaN) is never a seed nor merged
+    every = torch.ones_like(keep)
+    m, into = context_merge(every, s, f, 2)
+    assert (
+        torch.equal(m, every) and into[0].tolist() == list(range(8)) and torch.equal(merge_into(f, into), f)
+    )
+    one = torch.zeros_like(keep)
+    one[0, 0] = True
+    assert torch.equal(context_merge(one, s, f, 2)[0], one)
+    padded = s.clone()
+    padded[0, 5:] = float("-inf")
+    padded[0, 4] = float("nan")
+    m, into = context_merge(keep & (padded > 0), padded, f, 1)  # kept 0, 1: release 1; dropped 1, 2, 3
+    assert m[0].nonzero().flatten().tolist() == [0, 2] and into[0].tolist() == [0, 2, 2, 2, -1, -1, -1, -1]
+
+
+def test_context_tokens_through_select_patches_counts_and_validation():
+    torch.manual_seed(2)
+    s, f = torch.rand(3, 16), torch.randn(3, 16, 4)
+    mask, k = select_patches(s, Stage1Config(min_keep=2))
+    merged_mask, into = context_merge(mask, s, f, 3)
+    assert merged_mask.sum(1).tolist() == k.tolist()
+    assert ((into >= 0) == torch.ones_like(mask)).all()  # every patch is carried by some kept slot
+    assert merged_mask.gather(1, into).all()
+    with pytest.raises(ValueError, match="context_tokens = -1"):
+        Stage1Config(context_tokens=-1).validate()

@@ -115,9 +115,10 @@ def fastv_config(ours: PruningConfig, layer: int) -> PruningConfig:
 
 
 def by_score(cfg: PruningConfig) -> PruningConfig:
-    """``cfg`` with stage 1's kept set back to the head of its score order (no ``diversity``): the
-    baselines keep their published rule and change only their score or count."""
+    """``cfg`` with stage 1's kept set back to the head of its score order (no ``diversity``, no
+    ``context_tokens``): the baselines keep their published rule and change only their score or count."""
     cfg.stage1.diversity = 0.0
+    cfg.stage1.context_tokens = 0
     return cfg
 
 

@@ -58,8 +58,15 @@ class Stage1Config:
     # patch within diversity_radius cells: spatial coverage alone)
     diversity_by: Literal["features", "grid"] = "features"
     diversity_radius: int | None = None  # only patches within this many grid cells repeat (None: any)
+    # Context tokens (VisionZip-like), carved out of the k1 slots: the dropped patches are clustered
+    # around this many seeds spread over them and each seed's slot carries its cluster's mean, so the
+    # LLM still sees a summary of what was dropped (the background); 0 = none. k1 is unchanged, and
+    # an image that keeps every patch is unchanged too
+    context_tokens: int = 0
 
     def validate(self) -> None:
+        if self.context_tokens < 0:
+            raise ValueError(f"context_tokens = {self.context_tokens} must be >= 0")
         if self.diversity < 0:
             raise ValueError(f"diversity = {self.diversity} must be >= 0")
         if self.diversity_by not in ("features", "grid"):

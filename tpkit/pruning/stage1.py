@@ -207,7 +207,7 @@ def select_patches(
     ``cfg.diversity_radius`` cells of ``coords`` (B, P, 3) (view, row, col) when set.
     """
     b, p = scores.shape
-    s = torch.nan_to_num(scores.float(), nan=float("-inf"))
+    s = torch.nan_to_num(scores.float(), nan=float("-inf"), neginf=float("-inf"))  # padding: -inf
     if counts is not None:
         pad = torch.arange(p, device=s.device)[None, :] >= counts[:, None]
         s = s.masked_fill(pad, float("-inf"))
@@ -260,3 +260,63 @@ def _diverse_mask(
     take = torch.arange(steps, device=s.device)[None, :] < k[:, None]
     mask = torch.zeros(b, p + 1, dtype=torch.bool, device=s.device)
     return mask.scatter(1, torch.where(take, picks, p), take)[:, :p]
+
+
+def context_merge(
+    mask: torch.Tensor, scores: torch.Tensor, features: torch.Tensor, n_context: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context tokens (VisionZip's contextual tokens) carved out of each row's kept count.
+
+    ``mask`` (B, P) is the kept set, ``scores`` (B, P) its scores (-inf or NaN on padding), ``features``
+    (B, P, D) what the patches carry. In each row that dropped something, the ``c = min(n_context,
+    k - 1, dropped)`` lowest-scored kept patches are released; ``c`` seeds are spread evenly, in raster
+    order, over the patches now dropped; every dropped patch joins the seed its features are most
+    like (cosine), and each seed's slot will carry its cluster's mean (:func:`merge_into`). So the
+    dropped patches are summarised instead of lost, in the same number of kept slots.
+
+    Returns ``(mask, into)``: the new kept set (the same count per row; unchanged where nothing was
+    dropped, so keep-all stays exact) and ``into`` (B, P) long, the slot that carries each patch's
+    features (itself when kept, its seed when dropped, -1 on padding).
+    """
+    b, p = mask.shape
+    dev = mask.device
+    s = torch.nan_to_num(scores.float(), nan=float("-inf"), neginf=float("-inf"))  # padding: -inf
+    valid = s > float("-inf")
+    mask = mask & valid
+    k = mask.sum(dim=1)
+    c = torch.minimum(torch.minimum(torch.full_like(k, n_context), (k - 1).clamp(min=0)), valid.sum(1) - k)
+    ar = torch.arange(p, device=dev)[None, :].expand(b, p)
+    # release the c lowest-scored kept patches (a +inf score, a token that must stay, never is: c < k)
+    order = torch.sort(
+        torch.where(mask, s, float("inf")), dim=1, stable=True
+    ).indices  # kept first, ascending
+    rank = torch.empty_like(order).scatter_(1, order, ar)
+    mask = mask & ~(rank < c[:, None])
+    # seeds: c of the d dropped patches, at raster ranks floor((j + 0.5) * d / c)
+    dropped = valid & ~mask
+    d = dropped.sum(dim=1)
+    drank = dropped.long().cumsum(dim=1) - 1  # raster rank among the dropped
+    j = torch.arange(p, device=dev)[None, :]
+    want = torch.div((2 * j + 1) * d[:, None], 2 * c.clamp(min=1)[:, None], rounding_mode="floor")  # (B, P)
+    want = torch.where(j < c[:, None], want, -1)  # the first c entries of each row are seed ranks
+    is_seed = dropped & (drank[:, :, None] == want[:, None, :]).any(dim=-1)  # (B, P)
+    f = F.normalize(features.float(), dim=-1)
+    sim = (f @ f.transpose(-1, -2)).masked_fill(~is_seed[:, None, :], float("-inf"))  # (B, P, seeds)
+    nearest = sim.argmax(dim=-1)  # (B, P)
+    into = torch.where(mask, ar, torch.where(is_seed, ar, torch.where(dropped, nearest, -1)))
+    into = torch.where(valid, into, -1)
+    return mask | is_seed, into
+
+
+def merge_into(features: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+    """(B, P, D): each slot's features replaced by the mean over the patches that ``into`` (B, P) sends
+    to it (:func:`context_merge`); a slot that carries only itself keeps its features bit for bit."""
+    b, p, d = features.shape
+    target = into.clamp(min=0)
+    w = (into >= 0).to(features.dtype)
+    total = torch.zeros_like(features).scatter_add_(
+        1, target[..., None].expand(b, p, d), features * w[..., None]
+    )
+    count = torch.zeros(b, p, dtype=features.dtype, device=features.device).scatter_add_(1, target, w)
+    merged = total / count.clamp(min=1)[..., None]
+    return torch.where((count > 1)[..., None], merged, features)

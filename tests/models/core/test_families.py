@@ -24,6 +24,12 @@ CUT = PruningConfig(
     stage2=Stage2Config(layer=1, selector="ratio", ratio=0.5),
 )
 GEN = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
+# stage 1's kept-set options (which patches fill the knee's count): the same contract must hold with them
+SPREAD = dict(diversity=1.0, diversity_radius=1, context_tokens=2)
+
+
+def _with(cfg: PruningConfig, options: dict) -> PruningConfig:
+    return PruningConfig(stage1=Stage1Config(**{**vars(cfg.stage1), **options}), stage2=cfg.stage2)
 
 
 def _ragged(model, befores: tuple[int, ...], seed: int) -> tuple[dict, list[dict]]:
@@ -50,14 +56,15 @@ def toy(request):
     return build_tiny(request.param, seed=0, attn_implementation="sdpa")
 
 
-def test_off_and_keep_all_equal_stock(toy):
+@pytest.mark.parametrize("options", [{}, SPREAD], ids=["by-score", "spread"])
+def test_off_and_keep_all_equal_stock(toy, options):
     batch, _ = _ragged(toy, (2, 4), seed=0)
     detach_pruner(toy)
     inputs = model_inputs(toy, batch)
     with torch.no_grad():
         stock = toy(**inputs).logits
         stock_ids = toy.generate(**inputs, **GEN)
-        attach_pruner(toy, KEEP_ALL)
+        attach_pruner(toy, _with(KEEP_ALL, options))
         out = toy(**inputs)
         s = last_stats(toy)
         assert torch.equal(s["k1"], s["n_visual"]) and torch.equal(s["k2"], s["n_dense"])
@@ -70,8 +77,9 @@ def test_off_and_keep_all_equal_stock(toy):
     assert torch.equal(ids, stock_ids)
 
 
-def test_ragged_batch_equals_each_sample_alone(toy):
-    attach_pruner(toy, CUT)
+@pytest.mark.parametrize("options", [{}, SPREAD], ids=["by-score", "spread"])
+def test_ragged_batch_equals_each_sample_alone(toy, options):
+    attach_pruner(toy, _with(CUT, options))
     batch, alone = _ragged(toy, (2, 5, 3), seed=1)
     with torch.no_grad():
         out = toy(**model_inputs(toy, batch), use_cache=False)

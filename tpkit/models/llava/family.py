@@ -17,7 +17,7 @@ from torch import nn
 from tpkit.models.core.family import Family, HarnessSupport, Visual, first_missing, random_text
 from tpkit.models.core.sharded import with_gathered
 from tpkit.models.llava.tiny import ARCHITECTURES, tiny_llava_config
-from tpkit.pruning.stage1 import encoder_attention, patch_scores, select_patches
+from tpkit.pruning.stage1 import context_merge, encoder_attention, merge_into, patch_scores, select_patches
 
 __all__ = ["FAMILIES", "LlavaFamily", "image_token_count", "tower_states"]
 
@@ -181,6 +181,9 @@ class LlavaFamily(Family):
             if strategy == "full":  # the CLS feature is an image token too: always keep it
                 full = torch.cat([torch.full_like(scores[:, :1], float("inf")), scores], dim=1)
             keep, k1 = select_patches(full, stage1, stage1_keep, features=feats, coords=coords)
+            if stage1.context_tokens:  # dropped patches merged into context slots (tower features)
+                keep, into = context_merge(keep, full, feats, stage1.context_tokens)
+                feats = merge_into(feats, into)
         else:
             keep = torch.ones(b, n, dtype=torch.bool, device=feats.device)
             k1 = torch.full((b,), n, dtype=torch.long, device=feats.device)
