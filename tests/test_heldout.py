@@ -19,6 +19,7 @@ def test_heldout_writes_each_split_and_one_table(tiny_base, tmp_path):  # noqa: 
         n=4,
         data_dir=str(tmp_path / "data"),
         out_dir=str(tmp_path / "out"),
+        variants={"by score": {"stage1.context_tokens": 0}},
         eval_overrides=[
             f"model.path={tiny_base}",
             "data.eval_batch_size=4",
@@ -31,11 +32,13 @@ def test_heldout_writes_each_split_and_one_table(tiny_base, tmp_path):  # noqa: 
     for split in ("fill", "wording"):
         assert len(json.loads((tmp_path / "data" / f"{split}.json").read_text())) == 4
         res = json.loads((tmp_path / "out" / split / "results.json").read_text())
-        assert list(res["methods"]) == ["dense", "ours", "random", "topk-cls", "fastv"]
+        assert list(res["methods"]) == ["dense", "ours", "random", "topk-cls", "fastv", "ours[by score]"]
         assert res["config"]["eval"]["budgets"] == [] and res["dataset"]["n"] == 4
     rows = summary["rows"]
     assert [(r["split"], r["method"]) for r in rows] == [
-        (s, m) for s in ("fill", "wording") for m in ("dense", "ours", "random", "topk-cls", "fastv")
+        (s, m)
+        for s in ("fill", "wording")
+        for m in ("dense", "ours", "random", "topk-cls", "fastv", "ours[by score]")
     ]
     ours = [r for r in rows if r["method"] == "ours"]
     assert all(0.0 <= r["run_on"] <= 1.0 for r in rows)

@@ -18,6 +18,7 @@ from tpkit.pruning import (
     select_patches,
     tower_attention_received,
 )
+from tpkit.pruning.stage2 import diverse_order, redundancy
 
 
 def test_cosine_scores():
@@ -258,3 +259,21 @@ def test_context_tokens_through_select_patches_counts_and_validation():
     assert merged_mask.gather(1, into).all()
     with pytest.raises(ValueError, match="context_tokens = -1"):
         Stage1Config(context_tokens=-1).validate()
+
+
+def test_grid_diversity_counts_every_taken_neighbour():
+    # one row of 6: after 0, 2 and 4 every free patch has a taken neighbour; 5 has one, 1 and 3 two each
+    s = torch.tensor([[1.0, 0.95, 0.9, 0.85, 0.1, 0.05]])
+    cfg = Stage1Config(
+        selector="budget", budget=4, min_keep=1, diversity=3.0, diversity_by="grid", diversity_radius=1
+    )
+    mask, _ = select_patches(s, cfg, coords=_grid(1, 6))
+    assert mask[0].nonzero().flatten().tolist() == [0, 2, 4, 5]
+    # the largest redundancy alone (stage 2's rule) would take 1 back, the best-scored of the three
+    sim = redundancy(None, _grid(1, 6), radius=1)
+    assert sorted(diverse_order(s, torch.ones_like(s, dtype=torch.bool), sim, 4, 3.0)[0].tolist()) == [
+        0,
+        1,
+        2,
+        4,
+    ]

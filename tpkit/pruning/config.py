@@ -54,8 +54,9 @@ class Stage1Config:
     # patch repeats one already taken, so that the slots spread over the image instead of piling onto
     # the few patches most like the summary
     diversity: float = 0.0
-    # with diversity, what "repeats" means: features (the cosine of the tower features) or grid (any
-    # patch within diversity_radius cells: spatial coverage alone)
+    # with diversity, what "repeats" means: features (a patch's largest cosine, of the tower features, to
+    # a patch taken) or grid (how many taken patches lie within diversity_radius cells: spatial coverage,
+    # the best-scored of the patches with the fewest taken neighbours goes next)
     diversity_by: Literal["features", "grid"] = "features"
     diversity_radius: int | None = None  # only patches within this many grid cells repeat (None: any)
     # Context tokens (VisionZip-like), carved out of the k1 slots: the dropped patches are clustered

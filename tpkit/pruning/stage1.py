@@ -256,7 +256,9 @@ def _diverse_mask(
     s = torch.where(s == float("inf"), finite + finite.abs() + 1.0, s)  # above every finite score
     sim = redundancy(features if by_features else None, coords, cfg.diversity_radius)  # (B, P, P)
     steps = int(k.max()) if b else 0  # one host sync
-    picks = diverse_order(s, candidate, sim, steps, cfg.diversity)  # (B, steps)
+    # on the grid a patch counts every taken neighbour, so the picks keep spreading once each patch
+    # has one (coverage); by features, the closest pick decides (as stage 2)
+    picks = diverse_order(s, candidate, sim, steps, cfg.diversity, accumulate=not by_features)  # (B, steps)
     take = torch.arange(steps, device=s.device)[None, :] < k[:, None]
     mask = torch.zeros(b, p + 1, dtype=torch.bool, device=s.device)
     return mask.scatter(1, torch.where(take, picks, p), take)[:, :p]

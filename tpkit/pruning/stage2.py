@@ -93,10 +93,17 @@ def redundancy(
 
 
 def diverse_order(
-    scores: torch.Tensor, candidate: torch.Tensor, sim: torch.Tensor, steps: int, weight: float
+    scores: torch.Tensor,
+    candidate: torch.Tensor,
+    sim: torch.Tensor,
+    steps: int,
+    weight: float,
+    accumulate: bool = False,
 ) -> torch.Tensor:
     """Greedy picks (B, steps): each step takes the candidate with the highest score (scaled so the
-    row's best candidate is 1) minus ``weight`` x its largest redundancy with a token already taken.
+    row's best candidate is 1) minus ``weight`` x its largest redundancy with a token already taken
+    (``accumulate``: the sum of its redundancies, so that, once every token repeats some pick, the
+    ones that repeat fewer still go first).
 
     Rows with fewer than ``steps`` candidates repeat an arbitrary index after their last one; the
     caller keeps only the first ``k`` picks of each row (``k`` <= its candidate count).
@@ -106,13 +113,14 @@ def diverse_order(
     top = s.amax(dim=1, keepdim=True)
     rel = torch.where(candidate, scores.float() / top.clamp_min(1e-12), torch.zeros_like(s))
     free = candidate.clone()
-    worst = torch.zeros_like(rel)  # each token's largest redundancy with the picks so far
+    worst = torch.zeros_like(rel)  # each token's largest (or summed) redundancy with the picks so far
     picks = []
     for _ in range(steps):
         p = (rel - weight * worst).masked_fill(~free, float("-inf")).argmax(dim=1)  # (B,)
         picks.append(p)
         free = free.scatter(1, p[:, None], False)
-        worst = torch.maximum(worst, sim.gather(1, p[:, None, None].expand(b, 1, t)).squeeze(1))
+        row = sim.gather(1, p[:, None, None].expand(b, 1, t)).squeeze(1)
+        worst = worst + row if accumulate else torch.maximum(worst, row)
     return torch.stack(picks, dim=1) if picks else scores.new_zeros((b, 0), dtype=torch.long)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from tpkit.evaluation.config import load_eval_config
 from tpkit.evaluation.methods import METHODS
-from tpkit.evaluation.runner import evaluate
+from tpkit.evaluation.runner import evaluate, method_file
 from tpkit.synthetic.scenes import HELDOUT_SPLITS, SPLITS
 from tpkit.synthetic.splits import ensure_split
 
@@ -47,6 +47,9 @@ class HeldoutConfig:
     # compared on every split; topk-cls needs a tower with a CLS token (leave it out otherwise)
     methods: list[str] = field(default_factory=lambda: ["dense", "ours", "random", "topk-cls", "fastv"])
     margin: float = 5.0  # target: ours >= random + margin points of dense (and >= topk-cls)
+    # more rows of ours with some pruning settings changed, sharing each split's dense run (eval.variants):
+    # {name: {pruning key: value}}, e.g. {"by score": {"stage1.diversity": 0.0}}
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def validate(self) -> None:
         bad = [s for s in self.splits if s not in SPLITS]
@@ -159,14 +162,13 @@ def run_heldout(cfg: HeldoutConfig) -> dict:
         ecfg.data.test_json = str(path)
         ecfg.out_dir = str(out / split)
         ecfg.eval.methods = list(cfg.methods)
-        ecfg.eval.budgets, ecfg.eval.variants, ecfg.eval.limit, ecfg.eval.grid_samples = [], {}, None, 0
+        ecfg.eval.budgets, ecfg.eval.variants = [], dict(cfg.variants)
+        ecfg.eval.limit, ecfg.eval.grid_samples = None, 0
         ecfg.speed.enabled = False
         ecfg.validate()
         _log(f"{split}: {cfg.n} questions, {', '.join(cfg.methods)} ...")
         results = evaluate(ecfg)
-        answers = {
-            m: json.loads((out / split / "methods" / f"{m}.json").read_text()) for m in results["methods"]
-        }
+        answers = {m: json.loads(method_file(out / split, m).read_text()) for m in results["methods"]}
         rows += heldout_rows(split, results, cfg.margin, answers)
         timings[split] = round(time.perf_counter() - t, 1)
         _log(f"{split}: {timings[split]:.0f}s")
