@@ -96,6 +96,25 @@ def test_ragged_batch_equals_each_sample_alone(toy, options):
     assert (stats["k1"] < stats["n_visual"]).all() and (stats["k2"] < stats["n_dense"]).all()
 
 
+def test_options_at_zero_are_the_papers_set_bit_for_bit(toy):
+    """diversity 0 and context_tokens 0 (whatever diversity_by / radius say) run the paper's rule: the
+    same kept patches and the same logits, bit for bit, as a config without the options; the options on
+    keep the knee's count and change which patches fill it."""
+    batch, _ = _ragged(toy, (2, 5), seed=3)
+    inputs = model_inputs(toy, batch)
+    runs = {}
+    with torch.no_grad():
+        for name, options in (("paper", {}), ("zero", dict(diversity=0.0, diversity_by="grid",
+                              diversity_radius=1, context_tokens=0)), ("spread", SPREAD)):  # fmt: skip
+            attach_pruner(toy, _with(CUT, options))
+            logits = toy(**inputs, use_cache=False).logits
+            s = last_stats(toy)
+            runs[name] = (logits, s["k1"].clone(), s["visual_keep_mask"].clone())
+    (paper, k1, kept), (zero, k1_zero, kept_zero), (_, k1_spread, kept_spread) = runs.values()
+    assert torch.equal(zero, paper) and torch.equal(k1_zero, k1) and torch.equal(kept_zero, kept)
+    assert torch.equal(k1_spread, k1) and not torch.equal(kept_spread, kept)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "key", [k for k in BUILDERS if k != "llava"]
