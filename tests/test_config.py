@@ -114,7 +114,7 @@ def _config_class(path: Path) -> type:
     from tpkit.cli import config_classes
 
     by_dir = {"train": "Training", "eval": "Evaluation", "fixture": "Base-model fixture"}
-    title = by_dir.get(path.parent.name, "Demo")
+    title = by_dir.get(path.parent.name, "Held-out" if path.name == "heldout.yaml" else "Demo")
     return next(cls for t, cls in config_classes().items() if t.startswith(title))
 
 
