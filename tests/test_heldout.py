@@ -43,7 +43,7 @@ def test_heldout_writes_each_split_and_one_table(tiny_base, tmp_path):  # noqa: 
     ours = [r for r in rows if r["method"] == "ours"]
     assert all(0.0 <= r["run_on"] <= 1.0 for r in rows)
     assert all("over_random" in r and "over_topk" in r for r in ours)
-    assert summary["missed"] == [r["split"] for r in ours if not r["target_met"]]
+    assert summary["missed"] == [r["split"] for r in ours if r["target_met"] is False]
     assert (tmp_path / "out" / "summary.md").read_text().strip() == summary["table"]
     # ours' matched baselines: the same k1 distribution as ours, per split
     for split in ("fill", "wording"):
@@ -69,7 +69,12 @@ def test_heldout_rows_and_targets():
     assert ours["target_met"]
     assert not heldout_rows("fill", res, margin=7.0)[1]["target_met"]
     res["methods"]["topk-cls"] = method(0.62)
-    assert not heldout_rows("fill", res, margin=5.0)[1]["target_met"]  # below topk-cls
+    assert heldout_rows("fill", res, margin=5.0)[1]["target_met"] is False  # below topk-cls
+    # without the baselines there is nothing to judge: no verdict, no "met"
+    alone = heldout_rows("fill", {"methods": {k: res["methods"][k] for k in ("dense", "ours")}}, margin=5.0)
+    assert alone[1]["target_met"] is None and heldout_table(alone).splitlines()[3].endswith(
+        "| 20.0 [10, 30] |  |"
+    )
     table = heldout_table(rows)
     assert (
         "| fill | ours | 0.600 ± 0.049 | 75.0% | 0.700 | 66.7% | 20.0% | 20.0 [10, 30] | +6.2 / +2.5 (met) |"
