@@ -92,13 +92,10 @@ class DemoConfig:
 ABLATIONS: dict[str, dict[str, object]] = {
     "stage 1 only (kneedle)": {"stage2.enabled": False},
     "stage 2 only": {"stage1.enabled": False},
-    "stage 1 + 2 (kneedle, spread patches + context tokens, prune_text, diverse patches)": {},
-    "stage 1 + 2, stage 1 patches by score alone (the paper's set)": {
-        "stage1.diversity": 0.0,
-        "stage1.context_tokens": 0,
-    },
-    "stage 1 + 2, stage 1 spread patches without context tokens": {"stage1.context_tokens": 0},
-    "stage 1 + 2, stage 1 context tokens, patches by score": {"stage1.diversity": 0.0},
+    "stage 1 + 2 (kneedle, prune_text, diverse patches)": {},
+    "stage 1 + 2, stage 1 coverage + context tokens": {"stage1.diversity": 3.0, "stage1.context_tokens": 4},
+    "stage 1 + 2, stage 1 coverage": {"stage1.diversity": 3.0},
+    "stage 1 + 2, stage 1 context tokens": {"stage1.context_tokens": 4},
     "stage 1 + 2, stage 2 patches by score alone": {"stage2.diversity": 0.0},
     "stage 1 + 2, prune_text off": {"stage2.prune_text": False},
     "stage 1 + 2, stage 2 prunes text only": {"stage2.prune_visual": False},
