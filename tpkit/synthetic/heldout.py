@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tpkit.config import path_field
 from tpkit.evaluation.config import load_eval_config
 from tpkit.evaluation.methods import METHODS
 from tpkit.evaluation.runner import evaluate, method_file
@@ -37,13 +38,14 @@ class HeldoutConfig:
 
     # the evaluation every split runs: its model and pruning (ours); data, methods, sweep, speed and
     # out_dir are set here
-    eval_config: str = "configs/eval/tiny.yaml"
+    eval_config: str = path_field("configs/eval/tiny.yaml")
     eval_overrides: list[str] = field(default_factory=list)  # --set items of every split's evaluation
     splits: list[str] = field(default_factory=lambda: list(HELDOUT_SPLITS))
     n: int = 512  # questions per split (128 per type): standard error ~2 points at 50% accuracy
     seed: int = 0  # records come from (seed, split, index): disjoint from train/val/test
-    data_dir: str = "runs/data/heldout"  # <data_dir>/<split>.json and images/
-    out_dir: str = "runs/heldout"  # <out_dir>/<split>/ (each evaluation), summary.md, summary.json
+    data_dir: str = path_field("runs/data/heldout")  # <data_dir>/<split>.json and images/
+    # <out_dir>/<split>/ (each evaluation), summary.md, summary.json
+    out_dir: str = path_field("runs/heldout")
     # compared on every split; topk-cls needs a tower with a CLS token (leave it out otherwise)
     methods: list[str] = field(default_factory=lambda: ["dense", "ours", "random", "topk-cls", "fastv"])
     margin: float = 5.0  # target: ours >= random + margin points of dense (and >= topk-cls)
