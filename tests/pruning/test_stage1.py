@@ -9,13 +9,16 @@ from tpkit.pruning import (
     attention_received,
     cls_attention,
     cls_cosine,
+    context_merge,
     encoder_attention,
     mean_cosine,
+    merge_into,
     patch_scores,
     random_scores,
     select_patches,
     tower_attention_received,
 )
+from tpkit.pruning.stage2 import diverse_order, redundancy
 
 
 def test_cosine_scores():
@@ -142,3 +145,135 @@ def test_patch_scores_is_the_one_dispatch():
     r = patch_scores("random", h[:, 1:], cls=False, valid=valid, seed=5)
     assert torch.equal(r[valid], random_scores(1, 8, 5)[0]) and r[~valid].isnan().all()
     assert patch_scores("cosine_mean", h[:, 1:], cls=False, valid=valid)[~valid].isnan().all()
+
+
+def _grid(rows: int, cols: int, views: int = 1) -> torch.Tensor:
+    """(1, views * rows * cols, 3) (view, row, col) of row-major grids."""
+    v, r, c = torch.meshgrid(torch.arange(views), torch.arange(rows), torch.arange(cols), indexing="ij")
+    return torch.stack([v.flatten(), r.flatten(), c.flatten()], -1)[None]
+
+
+def test_diversity_fills_the_knees_count_with_spread_patches():
+    # one row of 6 patches: an object over 0-2 (scores 0.9-0.95), a weaker one at 5
+    s = torch.tensor([[0.9, 0.95, 0.85, 0.1, 0.2, 0.5]])
+    coords = _grid(1, 6)
+    budget = dict(selector="budget", budget=3, min_keep=1)
+    by_score, k = select_patches(s, Stage1Config(**budget), coords=coords)
+    assert by_score[0].nonzero().flatten().tolist() == [0, 1, 2] and k.tolist() == [3]
+    # grid, radius 1: after 1 (rel 1), its neighbours 0 and 2 lose 1: 5 (0.53), then 3 (0.11 > 4's 0.21 - 1)
+    grid = Stage1Config(**budget, diversity=1.0, diversity_by="grid", diversity_radius=1)
+    mask, k = select_patches(s, grid, coords=coords)
+    assert mask[0].nonzero().flatten().tolist() == [1, 3, 5] and k.tolist() == [3]
+    # a small weight keeps the score order: 0 (0.947 - 0.25) still beats 5 (0.526)
+    mask, _ = select_patches(s, Stage1Config(**{**vars(grid), "diversity": 0.25}), coords=coords)
+    assert mask[0].nonzero().flatten().tolist() == [0, 1, 2]
+    # features: 0-2 alike (one object), 3-5 each their own
+    f = torch.tensor(
+        [[1.0, 0, 0, 0], [1, 0, 0, 0], [0.9, 0.1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+    )
+    mask, k = select_patches(s, Stage1Config(**budget, diversity=1.0), features=f[None])
+    assert mask[0].nonzero().flatten().tolist() == [1, 4, 5] and k.tolist() == [3]
+
+
+def test_diversity_keeps_counts_forced_counts_padding_and_pinned_tokens():
+    torch.manual_seed(0)
+    s = torch.rand(3, 12)
+    f, coords = torch.randn(3, 12, 5), _grid(3, 4).expand(3, 12, 3)
+    cfg = Stage1Config(min_keep=1, diversity=2.0, diversity_radius=1)
+    _, k_plain = select_patches(s, Stage1Config(min_keep=1))
+    mask, k = select_patches(s, cfg, features=f, coords=coords)
+    assert torch.equal(k, k_plain) and mask.sum(1).tolist() == k.tolist()  # the knee's count, always
+    mask, k = select_patches(s, cfg, keep=torch.tensor([2, 5, 12]), features=f, coords=coords)
+    assert mask.sum(1).tolist() == [2, 5, 12] and k.tolist() == [2, 5, 12]
+    # ragged rows: padding (-inf beyond counts) is never picked; each row equals the row alone
+    counts = torch.tensor([12, 7, 3])
+    mask, k = select_patches(s, cfg, keep=torch.tensor([4, 4, 4]), counts=counts, features=f, coords=coords)
+    assert k.tolist() == [4, 4, 3] and not mask[1, 7:].any() and not mask[2, 3:].any()
+    for i, c in enumerate(counts.tolist()):
+        alone, _ = select_patches(s[i : i + 1, :c], cfg, torch.tensor([4]), features=f[i : i + 1, :c],
+                                  coords=coords[i : i + 1, :c])  # fmt: skip
+        assert torch.equal(mask[i, :c], alone[0])
+    # a +inf score (a token that must stay: LLaVA's CLS feature with strategy "full") is taken first
+    pinned = torch.cat([torch.full((3, 1), float("inf")), s], 1)
+    pc = torch.cat([torch.full((3, 1, 3), -1), coords], 1)
+    mask, _ = select_patches(
+        pinned, cfg, keep=torch.tensor([1, 3, 5]), features=torch.randn(3, 13, 5), coords=pc
+    )
+    assert mask[:, 0].all() and mask.sum(1).tolist() == [1, 3, 5]
+
+
+def test_diversity_needs_its_inputs_and_validates():
+    s = torch.rand(1, 4)
+    with pytest.raises(ValueError, match="features"):
+        select_patches(s, Stage1Config(min_keep=1, diversity=1.0))
+    with pytest.raises(ValueError, match="coordinates"):
+        select_patches(
+            s, Stage1Config(min_keep=1, diversity=1.0, diversity_radius=1), features=torch.rand(1, 4, 2)
+        )
+    for bad, match in (
+        (dict(diversity=-1.0), "diversity = -1.0"),
+        (dict(diversity_by="pixels"), "diversity_by"),
+        (dict(diversity=1.0, diversity_by="grid"), "needs diversity_radius"),
+        (dict(diversity_radius=-2), "diversity_radius"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            Stage1Config(**bad).validate()
+
+
+def test_context_merge_summarises_the_dropped_patches_in_the_same_count():
+    s = torch.tensor([[0.9, 0.8, 0.1, 0.2, 0.3, 0.05, 0.7, 0.6]])
+    keep = s > 0.55  # 0, 1, 6, 7
+    f = torch.tensor([[1.0, 0], [1, 0], [0, 1], [0, 1], [0.1, 1], [1, 0.1], [1, 0], [0.9, 0.1]])[None]
+    mask, into = context_merge(keep, s, f, 2)
+    # 7 and 6 (the lowest kept) are released; seeds at raster ranks 1 and 4 of the dropped 2-7: 3 and 6;
+    # 2 and 4 look like 3, 5 and 7 like 6
+    assert mask[0].nonzero().flatten().tolist() == [0, 1, 3, 6] and int(mask.sum()) == int(keep.sum())
+    assert into[0].tolist() == [0, 1, 3, 3, 3, 6, 6, 6]
+    merged = merge_into(f, into)
+    torch.testing.assert_close(merged[0, 3], f[0, [2, 3, 4]].mean(0))
+    torch.testing.assert_close(merged[0, 6], f[0, [5, 6, 7]].mean(0))
+    assert torch.equal(merged[0, [0, 1]], f[0, [0, 1]])  # slots that carry only themselves: bit for bit
+    # keep-all, or one kept patch, changes nothing; padding (-inf / NaN) is never a seed nor merged
+    every = torch.ones_like(keep)
+    m, into = context_merge(every, s, f, 2)
+    assert (
+        torch.equal(m, every) and into[0].tolist() == list(range(8)) and torch.equal(merge_into(f, into), f)
+    )
+    one = torch.zeros_like(keep)
+    one[0, 0] = True
+    assert torch.equal(context_merge(one, s, f, 2)[0], one)
+    padded = s.clone()
+    padded[0, 5:] = float("-inf")
+    padded[0, 4] = float("nan")
+    m, into = context_merge(keep & (padded > 0), padded, f, 1)  # kept 0, 1: release 1; dropped 1, 2, 3
+    assert m[0].nonzero().flatten().tolist() == [0, 2] and into[0].tolist() == [0, 2, 2, 2, -1, -1, -1, -1]
+
+
+def test_context_tokens_through_select_patches_counts_and_validation():
+    torch.manual_seed(2)
+    s, f = torch.rand(3, 16), torch.randn(3, 16, 4)
+    mask, k = select_patches(s, Stage1Config(min_keep=2))
+    merged_mask, into = context_merge(mask, s, f, 3)
+    assert merged_mask.sum(1).tolist() == k.tolist()
+    assert ((into >= 0) == torch.ones_like(mask)).all()  # every patch is carried by some kept slot
+    assert merged_mask.gather(1, into).all()
+    with pytest.raises(ValueError, match="context_tokens = -1"):
+        Stage1Config(context_tokens=-1).validate()
+
+
+def test_grid_diversity_counts_every_taken_neighbour():
+    # one row of 6: after 0, 2 and 4 every free patch has a taken neighbour; 5 has one, 1 and 3 two each
+    s = torch.tensor([[1.0, 0.95, 0.9, 0.85, 0.1, 0.05]])
+    cfg = Stage1Config(
+        selector="budget", budget=4, min_keep=1, diversity=3.0, diversity_by="grid", diversity_radius=1
+    )
+    mask, _ = select_patches(s, cfg, coords=_grid(1, 6))
+    assert mask[0].nonzero().flatten().tolist() == [0, 2, 4, 5]
+    # the largest redundancy alone (stage 2's rule) would take 1 back, the best-scored of the three
+    sim = redundancy(None, _grid(1, 6), radius=1)
+    assert sorted(diverse_order(s, torch.ones_like(s, dtype=torch.bool), sim, 4, 3.0)[0].tolist()) == [
+        0,
+        1,
+        2,
+        4,
+    ]

@@ -94,7 +94,7 @@ def _ours_s1(ours: PruningConfig, stats: OursStats | None, num_layers: int, fast
 def _prumerge_iqr(
     ours: PruningConfig, stats: OursStats | None, num_layers: int, fastv_layer: int
 ) -> MethodSpec:
-    cfg = copy.deepcopy(ours)
+    cfg = by_score(copy.deepcopy(ours))
     cfg.stage1.enabled = True
     cfg.stage1.score = "cls_attn"
     cfg.stage1.selector = "iqr"
@@ -114,8 +114,16 @@ def fastv_config(ours: PruningConfig, layer: int) -> PruningConfig:
     return cfg
 
 
+def by_score(cfg: PruningConfig) -> PruningConfig:
+    """``cfg`` with stage 1's kept set back to the head of its score order (no ``diversity``, no
+    ``context_tokens``): the baselines keep their published rule and change only their score or count."""
+    cfg.stage1.diversity = 0.0
+    cfg.stage1.context_tokens = 0
+    return cfg
+
+
 def _random(ours: PruningConfig, stats: OursStats, num_layers: int, fastv_layer: int) -> MethodSpec:
-    cfg = copy.deepcopy(ours)
+    cfg = by_score(copy.deepcopy(ours))
     cfg.stage1.score = "random"
     k2 = stats.k2.clone() if ours.stage2.enabled else None
     return MethodSpec("random", "random", cfg, stats.k1.clone(), k2)
@@ -124,7 +132,7 @@ def _random(ours: PruningConfig, stats: OursStats, num_layers: int, fastv_layer:
 def _topk_cls(ours: PruningConfig, stats: OursStats, num_layers: int, fastv_layer: int) -> MethodSpec:
     import torch
 
-    cfg = copy.deepcopy(ours)
+    cfg = by_score(copy.deepcopy(ours))
     k = int(torch.round(stats.k1.double().mean()).clamp(min=1))
     k1 = torch.minimum(torch.full_like(stats.k1, k), stats.n_visual)
     cfg.stage1.score = "cosine"
@@ -240,8 +248,10 @@ def sweep_spec(
     cfg = copy.deepcopy(ours)
     cfg.stage2.enabled = True
     if family == "random":
+        cfg = by_score(cfg)
         cfg.stage1.score = "random"
     elif family == "topk-cls":
+        cfg = by_score(cfg)
         cfg.stage1.score = "cosine"
     elif family != "ours":
         raise ValueError(f"unknown sweep family {family!r}")

@@ -72,6 +72,7 @@ __all__ = [
     "prefill_stats",
     "run_info",
     "run_method",
+    "method_file",
 ]
 
 
@@ -368,8 +369,13 @@ def _method_file(out_dir: Path, name: str, run: dict) -> None:
         "fraction",
     )
     data = {k: run[k].tolist() if torch.is_tensor(run[k]) else run[k] for k in keys}
+    method_file(out_dir, name).write_text(json.dumps({"method": name, **data}) + "\n")
+
+
+def method_file(out_dir: str | Path, name: str) -> Path:
+    """``out_dir/methods/<name>.json``: one method's answers and token counts (the name made file-safe)."""
     safe = "".join(c if c.isalnum() or c in "._@-" else "_" for c in name)
-    (d / f"{safe}.json").write_text(json.dumps({"method": name, **data}) + "\n")
+    return Path(out_dir) / "methods" / f"{safe}.json"
 
 
 def _report_skipped(

@@ -27,6 +27,8 @@ _LAZY = {
     "patch_scores": "tpkit.pruning.stage1",
     "encoder_attention": "tpkit.pruning.stage1",
     "select_patches": "tpkit.pruning.stage1",
+    "context_merge": "tpkit.pruning.stage1",
+    "merge_into": "tpkit.pruning.stage1",
     "relevance": "tpkit.pruning.stage2",
     "select_tokens": "tpkit.pruning.stage2",
     "token_layer_fraction": "tpkit.pruning.budgets",

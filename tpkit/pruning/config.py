@@ -50,8 +50,33 @@ class Stage1Config:
     # and run the later blocks, DeepStack mergers and the merger on the kept units only, so that
     # pruning saves tower time too; null: score after the whole tower
     in_tower_block: int | None = None
+    # Which patches fill the knee's k1 slots (the knee still decides how many): 0 = the k1 best scores
+    # (the paper's rule); w > 0: taken greedily by score (scaled so the best is 1) minus w x how much a
+    # patch repeats one already taken, so that the slots spread over the image instead of piling onto
+    # the few patches most like the summary
+    diversity: float = 0.0
+    # with diversity, what "repeats" means: features (a patch's largest cosine, of the tower features, to
+    # a patch taken) or grid (how many taken patches lie within diversity_radius cells: spatial coverage,
+    # the best-scored of the patches with the fewest taken neighbours goes next)
+    diversity_by: Literal["features", "grid"] = "features"
+    diversity_radius: int | None = None  # only patches within this many grid cells repeat (None: any)
+    # Context tokens (VisionZip-like), carved out of the k1 slots: the dropped patches are clustered
+    # around this many seeds spread over them and each seed's slot carries its cluster's mean, so the
+    # LLM still sees a summary of what was dropped (the background); 0 = none. k1 is unchanged, and
+    # an image that keeps every patch is unchanged too
+    context_tokens: int = 0
 
     def validate(self) -> None:
+        if self.context_tokens < 0:
+            raise ValueError(f"context_tokens = {self.context_tokens} must be >= 0")
+        if self.diversity < 0:
+            raise ValueError(f"diversity = {self.diversity} must be >= 0")
+        if self.diversity_by not in ("features", "grid"):
+            raise ValueError(f"diversity_by = {self.diversity_by!r} must be 'features' or 'grid'")
+        if self.diversity_radius is not None and self.diversity_radius < 0:
+            raise ValueError(f"diversity_radius = {self.diversity_radius} must be >= 0 (or null)")
+        if self.diversity > 0 and self.diversity_by == "grid" and self.diversity_radius is None:
+            raise ValueError("diversity_by = 'grid' needs diversity_radius (grid cells), e.g. 1")
         if self.in_tower_block is not None and self.in_tower_block < 0:
             raise ValueError(f"in_tower_block = {self.in_tower_block} must be >= 0 (or null)")
         if self.positions not in STAGE1_POSITIONS:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from tpkit.pruning.config import CLS_SCORES, STAGE1_SCORES, Stage1Config
 from tpkit.pruning.knee import head_count
+from tpkit.pruning.stage2 import diverse_order, redundancy
 
 
 def cls_cosine(hidden: torch.Tensor, centered: bool = False) -> torch.Tensor:
@@ -189,6 +190,8 @@ def select_patches(
     cfg: Stage1Config,
     keep: torch.Tensor | None = None,
     counts: torch.Tensor | None = None,
+    features: torch.Tensor | None = None,
+    coords: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image (or per-group) kept sets from scores (B, P).
 
@@ -196,9 +199,15 @@ def select_patches(
     (B,) forces per-row counts (matched-budget baselines), clamped to ``[1, n]``. ``counts`` (B,):
     row b's candidates are its first ``counts[b]`` entries (ragged groups, padding after them); each
     distinct count runs the selector once (one host sync).
+
+    The count ``k`` comes from the scores alone (the knee). Which ``k`` patches fill it is the head of
+    the score order, or with ``cfg.diversity`` > 0 a greedy choice that also weighs how much a patch
+    repeats the ones already taken (:func:`tpkit.pruning.stage2.diverse_order`): by the cosine of
+    ``features`` (B, P, D) (``diversity_by: features``) or by nearness on the grid (``grid``), within
+    ``cfg.diversity_radius`` cells of ``coords`` (B, P, 3) (view, row, col) when set.
     """
     b, p = scores.shape
-    s = torch.nan_to_num(scores.float(), nan=float("-inf"))
+    s = torch.nan_to_num(scores.float(), nan=float("-inf"), neginf=float("-inf"))  # padding: -inf
     if counts is not None:
         pad = torch.arange(p, device=s.device)[None, :] >= counts[:, None]
         s = s.masked_fill(pad, float("-inf"))
@@ -215,6 +224,101 @@ def select_patches(
             k = torch.zeros_like(n)
             for c in sorted(set(n.tolist()) - {0}):  # rows with c candidates: their first c sorted scores
                 k = torch.where(n == c, head_count(finite[:, :c], cfg.selector, **kw), k)
+    if cfg.diversity > 0:
+        return _diverse_mask(s, k, cfg, features, coords), k
     rank_kept = torch.arange(p, device=s.device)[None, :] < k[:, None]  # (B, P) in sorted order
     mask = torch.zeros_like(rank_kept).scatter(1, order, rank_kept)
     return mask, k
+
+
+def _diverse_mask(
+    s: torch.Tensor,
+    k: torch.Tensor,
+    cfg: Stage1Config,
+    features: torch.Tensor | None,
+    coords: torch.Tensor | None,
+) -> torch.Tensor:
+    """(B, P) bool: the first ``k`` greedy picks of :func:`diverse_order` over the finite scores ``s``
+    (padding is -inf; a +inf score, a token that must stay, is picked first)."""
+    b, p = s.shape
+    by_features = cfg.diversity_by == "features"
+    if (by_features and features is None) or (cfg.diversity_radius is not None and coords is None):
+        what = "features" if by_features and features is None else "patch coordinates"
+        raise ValueError(
+            f"pruning.stage1.diversity = {cfg.diversity} needs the patches' {what}, which this caller does "
+            "not give: set it to 0"
+        )
+    if not by_features and cfg.diversity_radius is None:
+        raise ValueError("pruning.stage1.diversity_by = 'grid' needs diversity_radius (grid cells)")
+    candidate = s > float("-inf")
+    finite = torch.where(torch.isfinite(s), s, torch.full_like(s, float("-inf"))).amax(dim=1, keepdim=True)
+    finite = torch.nan_to_num(finite, neginf=0.0)
+    s = torch.where(s == float("inf"), finite + finite.abs() + 1.0, s)  # above every finite score
+    sim = redundancy(features if by_features else None, coords, cfg.diversity_radius)  # (B, P, P)
+    steps = int(k.max()) if b else 0  # one host sync
+    # on the grid a patch counts every taken neighbour, so the picks keep spreading once each patch
+    # has one (coverage); by features, the closest pick decides (as stage 2)
+    picks = diverse_order(s, candidate, sim, steps, cfg.diversity, accumulate=not by_features)  # (B, steps)
+    take = torch.arange(steps, device=s.device)[None, :] < k[:, None]
+    mask = torch.zeros(b, p + 1, dtype=torch.bool, device=s.device)
+    return mask.scatter(1, torch.where(take, picks, p), take)[:, :p]
+
+
+def context_merge(
+    mask: torch.Tensor, scores: torch.Tensor, features: torch.Tensor, n_context: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context tokens (VisionZip's contextual tokens) carved out of each row's kept count.
+
+    ``mask`` (B, P) is the kept set, ``scores`` (B, P) its scores (-inf or NaN on padding), ``features``
+    (B, P, D) what the patches carry. In each row that dropped something, the ``c = min(n_context,
+    k - 1, dropped)`` lowest-scored kept patches are released; ``c`` seeds are spread evenly, in raster
+    order, over the patches now dropped; every dropped patch joins the seed its features are most
+    like (cosine), and each seed's slot will carry its cluster's mean (:func:`merge_into`). So the
+    dropped patches are summarised instead of lost, in the same number of kept slots.
+
+    Returns ``(mask, into)``: the new kept set (the same count per row; unchanged where nothing was
+    dropped, so keep-all stays exact) and ``into`` (B, P) long, the slot that carries each patch's
+    features (itself when kept, its seed when dropped, -1 on padding).
+    """
+    b, p = mask.shape
+    dev = mask.device
+    s = torch.nan_to_num(scores.float(), nan=float("-inf"), neginf=float("-inf"))  # padding: -inf
+    valid = s > float("-inf")
+    mask = mask & valid
+    k = mask.sum(dim=1)
+    c = torch.minimum(torch.minimum(torch.full_like(k, n_context), (k - 1).clamp(min=0)), valid.sum(1) - k)
+    ar = torch.arange(p, device=dev)[None, :].expand(b, p)
+    # release the c lowest-scored kept patches (a +inf score, a token that must stay, never is: c < k)
+    order = torch.sort(
+        torch.where(mask, s, float("inf")), dim=1, stable=True
+    ).indices  # kept first, ascending
+    rank = torch.empty_like(order).scatter_(1, order, ar)
+    mask = mask & ~(rank < c[:, None])
+    # seeds: c of the d dropped patches, at raster ranks floor((j + 0.5) * d / c)
+    dropped = valid & ~mask
+    d = dropped.sum(dim=1)
+    drank = dropped.long().cumsum(dim=1) - 1  # raster rank among the dropped
+    j = torch.arange(p, device=dev)[None, :]
+    want = torch.div((2 * j + 1) * d[:, None], 2 * c.clamp(min=1)[:, None], rounding_mode="floor")  # (B, P)
+    want = torch.where(j < c[:, None], want, -1)  # the first c entries of each row are seed ranks
+    is_seed = dropped & (drank[:, :, None] == want[:, None, :]).any(dim=-1)  # (B, P)
+    f = F.normalize(features.float(), dim=-1)
+    sim = (f @ f.transpose(-1, -2)).masked_fill(~is_seed[:, None, :], float("-inf"))  # (B, P, seeds)
+    nearest = sim.argmax(dim=-1)  # (B, P)
+    into = torch.where(mask, ar, torch.where(is_seed, ar, torch.where(dropped, nearest, -1)))
+    into = torch.where(valid, into, -1)
+    return mask | is_seed, into
+
+
+def merge_into(features: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+    """(B, P, D): each slot's features replaced by the mean over the patches that ``into`` (B, P) sends
+    to it (:func:`context_merge`); a slot that carries only itself keeps its features bit for bit."""
+    b, p, d = features.shape
+    target = into.clamp(min=0)
+    w = (into >= 0).to(features.dtype)
+    total = torch.zeros_like(features).scatter_add_(
+        1, target[..., None].expand(b, p, d), features * w[..., None]
+    )
+    count = torch.zeros(b, p, dtype=features.dtype, device=features.device).scatter_add_(1, target, w)
+    merged = total / count.clamp(min=1)[..., None]
+    return torch.where((count > 1)[..., None], merged, features)

@@ -64,7 +64,7 @@ def relevance(
 
 
 def redundancy(
-    features: torch.Tensor, coords: torch.Tensor | None = None, radius: int | None = None
+    features: torch.Tensor | None, coords: torch.Tensor | None = None, radius: int | None = None
 ) -> torch.Tensor:
     """How much each token repeats each other token, (B, T, T) in [0, 1].
 
@@ -72,10 +72,16 @@ def redundancy(
     same view within ``radius`` grid cells of each other (Chebyshev distance) count as redundant:
     two patches of one object are, two objects that look alike are not. ``coords`` (B, T, 3) gives
     each token's (view, row, col) on its view's patch grid, view -1 for tokens that are no patch (a
-    view is an image, a crop of one, or a video frame).
+    view is an image, a crop of one, or a video frame). ``features`` None (with ``radius``): every
+    pair of patches that near is fully redundant (spatial coverage alone).
     """
-    f = torch.nn.functional.normalize(features.float(), dim=-1)
-    sim = (f @ f.transpose(-1, -2)).clamp(0.0, 1.0)  # (B, T, T)
+    if features is None:
+        if coords is None or radius is None:
+            raise ValueError("redundancy without features needs the patch coordinates and a radius")
+        sim = torch.ones(coords.shape[0], coords.shape[1], coords.shape[1], device=coords.device)
+    else:
+        f = torch.nn.functional.normalize(features.float(), dim=-1)
+        sim = (f @ f.transpose(-1, -2)).clamp(0.0, 1.0)  # (B, T, T)
     if radius is not None:
         if coords is None:
             raise ValueError("a redundancy radius needs the tokens' patch coordinates")
@@ -91,10 +97,17 @@ def redundancy(
 
 
 def diverse_order(
-    scores: torch.Tensor, candidate: torch.Tensor, sim: torch.Tensor, steps: int, weight: float
+    scores: torch.Tensor,
+    candidate: torch.Tensor,
+    sim: torch.Tensor,
+    steps: int,
+    weight: float,
+    accumulate: bool = False,
 ) -> torch.Tensor:
     """Greedy picks (B, steps): each step takes the candidate with the highest score (scaled so the
-    row's best candidate is 1) minus ``weight`` x its largest redundancy with a token already taken.
+    row's best candidate is 1) minus ``weight`` x its largest redundancy with a token already taken
+    (``accumulate``: the sum of its redundancies, so that, once every token repeats some pick, the
+    ones that repeat fewer still go first).
 
     Rows with fewer than ``steps`` candidates repeat an arbitrary index after their last one; the
     caller keeps only the first ``k`` picks of each row (``k`` <= its candidate count).
@@ -104,13 +117,14 @@ def diverse_order(
     top = s.amax(dim=1, keepdim=True)
     rel = torch.where(candidate, scores.float() / top.clamp_min(1e-12), torch.zeros_like(s))
     free = candidate.clone()
-    worst = torch.zeros_like(rel)  # each token's largest redundancy with the picks so far
+    worst = torch.zeros_like(rel)  # each token's largest (or summed) redundancy with the picks so far
     picks = []
     for _ in range(steps):
         p = (rel - weight * worst).masked_fill(~free, float("-inf")).argmax(dim=1)  # (B,)
         picks.append(p)
         free = free.scatter(1, p[:, None], False)
-        worst = torch.maximum(worst, sim.gather(1, p[:, None, None].expand(b, 1, t)).squeeze(1))
+        row = sim.gather(1, p[:, None, None].expand(b, 1, t)).squeeze(1)
+        worst = worst + row if accumulate else torch.maximum(worst, row)
     return torch.stack(picks, dim=1) if picks else scores.new_zeros((b, 0), dtype=torch.long)
 
 

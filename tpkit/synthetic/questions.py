@@ -29,6 +29,7 @@ import numpy as np
 
 from tpkit.data.processor import build_processor
 from tpkit.synthetic.scenes import (
+    ALT_QUESTION_TEMPLATES,
     ANSWER_SUFFIX,
     COLORS,
     COUNT_WORDS,
@@ -48,6 +49,7 @@ from tpkit.synthetic.scenes import (
 
 __all__ = [
     "make_record",
+    "reword",
     "named_objects",
     "position_question",
     "relation",
@@ -55,7 +57,9 @@ __all__ = [
     "synthetic_processor",
 ]
 
-_SPLIT_STREAM = {"train": 0, "val": 1, "test": 2, "ood": 3}
+# each split draws from its own random stream: no two splits share a record, whatever the seed
+_SPLIT_STREAM = {split: i for i, split in enumerate(SPLITS)}
+_TEMPLATES = {"base": QUESTION_TEMPLATES, "alt": ALT_QUESTION_TEMPLATES}
 
 
 def _question(qtype: str, **kw: str) -> str:
@@ -68,7 +72,23 @@ def _template_regex(template: str) -> re.Pattern[str]:
     return re.compile(body)
 
 
-_QUESTION_RES = {q: _template_regex(t) for q, t in QUESTION_TEMPLATES.items()}
+# every wording's templates, (qtype, regex) pairs
+_QUESTION_RES = [(q, _template_regex(t)) for ts in _TEMPLATES.values() for q, t in ts.items()]
+
+
+def reword(question: str, wording: str) -> str:
+    """``question`` (asked with :data:`QUESTION_TEMPLATES`) in the words of ``wording``'s templates."""
+    if wording == "base":
+        return question
+    for qtype, template in QUESTION_TEMPLATES.items():
+        m = _template_regex(template).search(question)
+        if m is not None:
+            return (
+                question[: m.start()]
+                + _TEMPLATES[wording][qtype].format(**m.groupdict())
+                + question[m.end() :]
+            )
+    raise ValueError(f"{question!r} matches none of the question templates")
 
 
 def named_objects(record: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -83,7 +103,7 @@ def named_objects(record: dict[str, Any]) -> list[dict[str, Any]] | None:
     if not objects or not conv:
         return None
     text = conv[0]["value"].replace("<image>", " ")
-    for qtype, rx in _QUESTION_RES.items():
+    for qtype, rx in _QUESTION_RES:
         m = rx.search(text)
         if m is None:
             continue
@@ -261,6 +281,7 @@ def make_record(
     image = render_objects(rng, cfg, objects) if render else None
     conversations = []
     for t, (_, question, answer, _) in enumerate(turns):
+        question = reword(question, cfg.wording)
         conversations.append({"from": "human", "value": ("<image>\n" if t == 0 else "") + question})
         conversations.append({"from": "gpt", "value": answer})
     record: dict[str, Any] = {

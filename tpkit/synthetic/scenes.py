@@ -18,7 +18,7 @@ import functools
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -33,10 +33,13 @@ __all__ = [
     "QTYPES",
     "NEG_TYPES",
     "SPLITS",
+    "HELDOUT_SPLITS",
+    "ALT_PALETTE",
     "COUNT_WORDS",
     "POSITIONS",
     "ANSWER_SUFFIX",
     "QUESTION_TEMPLATES",
+    "ALT_QUESTION_TEMPLATES",
     "SyntheticConfig",
     "render_scene",
     "sample_batch",
@@ -68,9 +71,25 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "orange": (245, 135, 25),
     "cyan": (35, 200, 215),
 }
+# Other shades of the same seven names (crimson, lime, navy, mustard, violet, burnt orange, pale cyan):
+# the held-out ``palette`` split paints its objects with these, so a colour is named as in training but
+# its pixels were never seen there.
+ALT_PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (160, 20, 70),
+    "green": (120, 215, 40),
+    "blue": (25, 35, 125),
+    "yellow": (205, 190, 90),
+    "purple": (205, 110, 235),
+    "orange": (195, 95, 20),
+    "cyan": (150, 235, 240),
+}
 QTYPES: tuple[str, ...] = ("color", "count", "exist", "position")
 NEG_TYPES: tuple[str, ...] = ("random", "popular", "adversarial")
-SPLITS: tuple[str, ...] = ("train", "val", "test", "ood")
+# Held-out splits: built to differ from what the embedded model was trained on (train/val/test share
+# one generator config), each in one way, so that stage 1 is measured where its tower was not shaped
+# for the images (SyntheticConfig.for_split says how each differs).
+HELDOUT_SPLITS: tuple[str, ...] = ("fill", "clutter", "palette", "crowd", "small", "wording")
+SPLITS: tuple[str, ...] = ("train", "val", "test", "ood", *HELDOUT_SPLITS)
 COUNT_WORDS: tuple[str, ...] = (
     "zero",
     "one",
@@ -94,8 +113,16 @@ QUESTION_TEMPLATES: dict[str, str] = {
     "exist": "Is there a {color} {shape} in the image?",
     "position": "Where is the {shape} relative to the {other}?",
 }
+# The held-out ``wording`` split asks the same questions in other words (same answers).
+ALT_QUESTION_TEMPLATES: dict[str, str] = {
+    "color": "Which color does the {shape} have?",
+    "count": "Count the {shapes} in this picture.",
+    "exist": "Does this picture show a {color} {shape}?",
+    "position": "Where can the {shape} be found compared to the {other}?",
+}
 
 _PALETTE_ARR = np.array([PALETTE[c] for c in COLORS], dtype=np.float32)  # (n_colours, 3)
+_ALT_PALETTE_ARR = np.array([ALT_PALETTE[c] for c in COLORS], dtype=np.float32)
 
 
 @dataclass
@@ -124,6 +151,11 @@ class SyntheticConfig:
     min_dots: int = 10  # saturated 1-2 px specks: one saturated pixel is enough to fool a chroma score
     max_dots: int = 30
     turns: int = 1  # QA turns per record (2-3 for multi-turn records)
+    palette: Literal["base", "alt"] = "base"  # object colours: PALETTE, or ALT_PALETTE (other shades)
+    # background colour: base (a grey-ish level with a small tint); vivid (a saturated hue: the
+    # background is as colourful as the objects)
+    background: Literal["base", "vivid"] = "base"
+    wording: Literal["base", "alt"] = "base"  # questions: QUESTION_TEMPLATES or ALT_QUESTION_TEMPLATES
 
     def validate(self) -> None:
         if not 32 <= self.image_size <= _BANK:
@@ -136,14 +168,18 @@ class SyntheticConfig:
             )
         if self.max_objects > 10:
             raise ValueError(f"max_objects = {self.max_objects} must be <= 10 (count words)")
-        if not 5 <= self.min_size <= self.max_size <= self.image_size // 3:
+        if not 5 <= self.min_size <= self.max_size <= self.image_size // 2:
             raise ValueError(
-                f"need 5 <= min_size <= max_size <= image_size/3, got {self.min_size}, {self.max_size}"
+                f"need 5 <= min_size <= max_size <= image_size/2, got {self.min_size}, {self.max_size}"
             )
         if not 1 <= self.max_count <= self.max_objects:
             raise ValueError(f"max_count = {self.max_count} must be in [1, max_objects={self.max_objects}]")
         if not 1 <= self.turns <= 3:
             raise ValueError(f"turns = {self.turns} must be 1, 2 or 3")
+        for key, allowed in (("palette", ("base", "alt")), ("background", ("base", "vivid")),
+                             ("wording", ("base", "alt"))):  # fmt: skip
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} = {getattr(self, key)!r} must be one of {list(allowed)}")
         for lo, hi in (
             ("min_lines", "max_lines"),
             ("min_dim_lines", "max_dim_lines"),
@@ -156,16 +192,46 @@ class SyntheticConfig:
 
     @classmethod
     def for_split(cls, split: str, **overrides: Any) -> SyntheticConfig:
-        """The default config of a split: ``ood`` has 5-8 objects and sizes 8-24 px."""
+        """The default config of a split (train, val and test share the defaults; the others differ
+        from them in the ways :data:`SPLIT_CHANGES` lists)."""
         if split not in SPLITS:
             raise ValueError(f"split = {split!r} is not one of {list(SPLITS)}")
-        base: dict[str, Any] = {}
-        if split == "ood":
-            base = dict(min_objects=5, max_objects=8, min_size=8, max_size=24, max_count=6)
+        base: dict[str, Any] = dict(SPLIT_CHANGES.get(split, {}))
         base.update(overrides)
         cfg = cls(**base)
         cfg.validate()
         return cfg
+
+
+# How each split's generator differs from the training one (``SyntheticConfig()``). ``ood``: more
+# objects, other sizes (the fixture's own held-out check). The held-out splits, one change each:
+SPLIT_CHANGES: dict[str, dict[str, Any]] = {
+    "ood": dict(min_objects=5, max_objects=8, min_size=8, max_size=24, max_count=6),
+    # objects that fill the image: 1-3 objects of 26-40 px (training: 11-19), ~4x the object area
+    "fill": dict(min_objects=1, max_objects=3, min_size=26, max_size=40, max_count=3),
+    # a busy, strongly textured background: 2.5x the texture, about 3x the clutter of every kind
+    "clutter": dict(
+        texture_amp=2.5,
+        min_lines=5,
+        max_lines=9,
+        min_dim_lines=3,
+        max_dim_lines=6,
+        min_blobs=4,
+        max_blobs=8,
+        min_partials=3,
+        max_partials=5,
+        min_dots=40,
+        max_dots=80,
+    ),  # fmt: skip
+    # other shades of the object colours on saturated backgrounds
+    "palette": dict(palette="alt", background="vivid"),
+    # crowded scenes: 7-10 smaller objects (8-13 px), counts up to 6
+    "crowd": dict(min_objects=7, max_objects=10, min_size=8, max_size=13, max_count=6),
+    # small objects: 6-9 px, about one patch each
+    "small": dict(min_size=6, max_size=9),
+    # the same scenes as training, the questions in other words
+    "wording": dict(wording="alt"),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,6 +472,9 @@ def render_objects(
     s = cfg.image_size
     textures, noise = _banks()
     base = rng.uniform(75.0, 185.0) + rng.uniform(-25.0, 25.0, size=3).astype(np.float32)
+    if cfg.background == "vivid":  # a saturated hue (saturation 0.5-0.8) at a mid value
+        sat, val = rng.uniform(0.5, 0.8), rng.uniform(110.0, 200.0)
+        base = (val * (1.0 - sat + sat * _HUES[int(rng.integers(360))])).astype(np.float32)
     tex = _crop(rng, textures[int(rng.integers(len(textures)))], s)
     img = tex * np.float32(cfg.texture_amp * rng.uniform(0.5, 1.3))  # (S, S, 3) float32
     img += base.astype(np.float32)
@@ -454,10 +523,11 @@ def render_objects(
     img[ys[ok], xs[ok]] = cols[ok]
 
     jitter = rng.integers(-cfg.color_jitter, cfg.color_jitter + 1, size=(max(len(objects), 1), 3))
+    palette = _ALT_PALETTE_ARR if cfg.palette == "alt" else _PALETTE_ARR
     for o, jit in zip(objects, jitter):
         m = _shape_mask(o["shape"], o["_cell"])
         x0, y0 = o["box"][0], o["box"][1]
-        img[y0 : y0 + m.shape[0], x0 : x0 + m.shape[1]][m] = _PALETTE_ARR[COLORS.index(o["color"])] + jit
+        img[y0 : y0 + m.shape[0], x0 : x0 + m.shape[1]][m] = palette[COLORS.index(o["color"])] + jit
 
     img += _crop(rng, noise, s) * np.float32(cfg.noise_std)
     np.clip(img, 0.0, 255.0, out=img)

@@ -24,6 +24,12 @@ CUT = PruningConfig(
     stage2=Stage2Config(layer=1, selector="ratio", ratio=0.5),
 )
 GEN = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
+# stage 1's kept-set options (which patches fill the knee's count): the same contract must hold with them
+SPREAD = dict(diversity=1.0, diversity_radius=1, context_tokens=2)
+
+
+def _with(cfg: PruningConfig, options: dict) -> PruningConfig:
+    return PruningConfig(stage1=Stage1Config(**{**vars(cfg.stage1), **options}), stage2=cfg.stage2)
 
 
 def _ragged(model, befores: tuple[int, ...], seed: int) -> tuple[dict, list[dict]]:
@@ -50,14 +56,15 @@ def toy(request):
     return build_tiny(request.param, seed=0, attn_implementation="sdpa")
 
 
-def test_off_and_keep_all_equal_stock(toy):
+@pytest.mark.parametrize("options", [{}, SPREAD], ids=["by-score", "spread"])
+def test_off_and_keep_all_equal_stock(toy, options):
     batch, _ = _ragged(toy, (2, 4), seed=0)
     detach_pruner(toy)
     inputs = model_inputs(toy, batch)
     with torch.no_grad():
         stock = toy(**inputs).logits
         stock_ids = toy.generate(**inputs, **GEN)
-        attach_pruner(toy, KEEP_ALL)
+        attach_pruner(toy, _with(KEEP_ALL, options))
         out = toy(**inputs)
         s = last_stats(toy)
         assert torch.equal(s["k1"], s["n_visual"]) and torch.equal(s["k2"], s["n_dense"])
@@ -70,8 +77,9 @@ def test_off_and_keep_all_equal_stock(toy):
     assert torch.equal(ids, stock_ids)
 
 
-def test_ragged_batch_equals_each_sample_alone(toy):
-    attach_pruner(toy, CUT)
+@pytest.mark.parametrize("options", [{}, SPREAD], ids=["by-score", "spread"])
+def test_ragged_batch_equals_each_sample_alone(toy, options):
+    attach_pruner(toy, _with(CUT, options))
     batch, alone = _ragged(toy, (2, 5, 3), seed=1)
     with torch.no_grad():
         out = toy(**model_inputs(toy, batch), use_cache=False)
@@ -86,6 +94,25 @@ def test_ragged_batch_equals_each_sample_alone(toy):
             one_ids = toy.generate(**model_inputs(toy, sample), **GEN)
             assert torch.equal(ids[i, -GEN["max_new_tokens"] :], one_ids[0, -GEN["max_new_tokens"] :])
     assert (stats["k1"] < stats["n_visual"]).all() and (stats["k2"] < stats["n_dense"]).all()
+
+
+def test_options_at_zero_are_the_papers_set_bit_for_bit(toy):
+    """diversity 0 and context_tokens 0 (whatever diversity_by / radius say) run the paper's rule: the
+    same kept patches and the same logits, bit for bit, as a config without the options; the options on
+    keep the knee's count and change which patches fill it."""
+    batch, _ = _ragged(toy, (2, 5), seed=3)
+    inputs = model_inputs(toy, batch)
+    runs = {}
+    with torch.no_grad():
+        for name, options in (("paper", {}), ("zero", dict(diversity=0.0, diversity_by="grid",
+                              diversity_radius=1, context_tokens=0)), ("spread", SPREAD)):  # fmt: skip
+            attach_pruner(toy, _with(CUT, options))
+            logits = toy(**inputs, use_cache=False).logits
+            s = last_stats(toy)
+            runs[name] = (logits, s["k1"].clone(), s["visual_keep_mask"].clone())
+    (paper, k1, kept), (zero, k1_zero, kept_zero), (_, k1_spread, kept_spread) = runs.values()
+    assert torch.equal(zero, paper) and torch.equal(k1_zero, k1) and torch.equal(kept_zero, kept)
+    assert torch.equal(k1_spread, k1) and not torch.equal(kept_spread, kept)
 
 
 @pytest.mark.slow

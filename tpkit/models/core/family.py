@@ -204,13 +204,23 @@ class Family:
     def check_config(self, model: nn.Module, config: Any) -> None:
         """ValueError for pruning settings this family cannot honour (called by ``attach_pruner`` and
         ``set_pruning``). Here: a CLS-based stage-1 score on a tower without a CLS token, an in-tower
-        stage 1 on a family without one, and stage 2 at a recurrent layer of a hybrid decoder (it scores
-        with a softmax-attention layer's own q/k)."""
+        stage 1 on a family without one, an in-tower stage 1 with options that need every unit's
+        embedding, and stage 2 at a recurrent layer of a hybrid decoder (it scores with a
+        softmax-attention layer's own q/k)."""
         score = config.stage1.score
         if getattr(config.stage1, "in_tower_block", None) is not None and not self.in_tower:
             raise ValueError(
                 f"pruning.stage1.in_tower_block = {config.stage1.in_tower_block}: {type(model).__name__}'s "
                 "stage 1 runs after its vision tower only; set it to null"
+            )
+        s1 = config.stage1
+        if getattr(s1, "in_tower_block", None) is not None and (
+            s1.context_tokens or (s1.diversity > 0 and s1.diversity_by == "features")
+        ):
+            raise ValueError(
+                f"pruning.stage1.in_tower_block = {s1.in_tower_block} computes the embeddings of the kept units "
+                "only, which context_tokens and diversity_by 'features' need for every unit: set context_tokens: 0 "
+                "and diversity_by: grid (or in_tower_block: null)"
             )
         if config.stage1.enabled and score in CLS_SCORES and not self.has_cls(model):
             raise ValueError(

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from tpkit.models.core.family import Visual
-from tpkit.pruning.stage1 import select_patches
+from tpkit.pruning.stage1 import context_merge, merge_into, select_patches
 
 __all__ = ["VisualTokens", "select_visual", "placeholder_slots"]
 
@@ -113,7 +113,29 @@ def select_visual(
         width = int(counts.max()) if n_groups else 0
         padded = torch.full((n_groups, max(width, 1)), float("-inf"), device=device)
         padded[sel[cand], rank] = scores[cand]
-        mask, _ = select_patches(padded, stage1, stage1_keep, counts=counts)
+        features = padded_coords = None
+        by_features = stage1.context_tokens > 0 or (
+            stage1.diversity > 0 and stage1.diversity_by == "features"
+        )
+        if by_features and embeds is None:
+            raise ValueError(
+                "pruning.stage1.context_tokens and diversity_by 'features' need the visual tokens' embeddings, "
+                "which a cut inside the vision tower (stage1.in_tower_block) computes only for the kept ones: "
+                "use diversity_by 'grid' and context_tokens 0 there"
+            )
+        if by_features:  # the candidates' LM embeddings, padded like the scores
+            features = embeds.new_zeros(n_groups, max(width, 1), embeds.shape[-1])
+            features[sel[cand], rank] = embeds[cand]
+        if stage1.diversity > 0:
+            padded_coords = coords.new_full((n_groups, max(width, 1), 3), -1)
+            padded_coords[sel[cand], rank] = coords[cand]
+        mask, _ = select_patches(
+            padded, stage1, stage1_keep, counts=counts, features=features, coords=padded_coords
+        )
+        if stage1.context_tokens:  # dropped tokens merged into context slots (in the LM's input space)
+            mask, into = context_merge(mask, padded, features, stage1.context_tokens)
+            embeds = embeds.clone()
+            embeds[cand] = merge_into(features, into)[sel[cand], rank]
         keep = torch.zeros(m, dtype=torch.bool, device=device)
         keep[cand] = mask[sel[cand], rank]
         if r_base:  # structure tokens follow their row

@@ -17,7 +17,7 @@ from torch import nn
 from tpkit.models.core.family import Family, HarnessSupport, Visual, first_missing, random_text
 from tpkit.models.core.sharded import with_gathered
 from tpkit.models.llava.tiny import ARCHITECTURES, tiny_llava_config
-from tpkit.pruning.stage1 import encoder_attention, patch_scores, select_patches
+from tpkit.pruning.stage1 import context_merge, encoder_attention, merge_into, patch_scores, select_patches
 
 __all__ = ["FAMILIES", "LlavaFamily", "image_token_count", "tower_states"]
 
@@ -167,13 +167,23 @@ class LlavaFamily(Family):
         if strategy == "default":
             feats = feats[:, 1:]
         b, n = feats.shape[:2]
+        n_tokens, n_patches = image_token_count(model)
+        slot = torch.arange(n_tokens, device=input_ids.device)
+        cell = slot - (n_tokens - n_patches)  # the CLS placeholder (strategy "full") is no patch
+        side = math.isqrt(n_patches)
+        coords = torch.stack(
+            [torch.where(cell >= 0, 0, -1), cell.clamp(min=0) // side, cell.clamp(min=0) % side], -1
+        ).expand(b, n_tokens, 3)
         scores = None
         if stage1.enabled:
             scores = self.scores(model, hs, stage1)  # (B, P)
             full = scores
             if strategy == "full":  # the CLS feature is an image token too: always keep it
                 full = torch.cat([torch.full_like(scores[:, :1], float("inf")), scores], dim=1)
-            keep, k1 = select_patches(full, stage1, stage1_keep)
+            keep, k1 = select_patches(full, stage1, stage1_keep, features=feats, coords=coords)
+            if stage1.context_tokens:  # dropped patches merged into context slots (tower features)
+                keep, into = context_merge(keep, full, feats, stage1.context_tokens)
+                feats = merge_into(feats, into)
         else:
             keep = torch.ones(b, n, dtype=torch.bool, device=feats.device)
             k1 = torch.full((b,), n, dtype=torch.long, device=feats.device)
@@ -184,20 +194,13 @@ class LlavaFamily(Family):
         else:  # feats[keep] without a second sync: kept (row-major) positions lead a stable sort
             rows = torch.sort((~keep.flatten()).to(torch.uint8), stable=True).indices[:n_kept]  # (sum k1,)
             projected = projector(feats.flatten(0, 1).index_select(0, rows))  # (sum k1, D)
-        n_tokens, n_patches = image_token_count(model)
-        slot = torch.arange(n_tokens, device=input_ids.device)
-        cell = slot - (n_tokens - n_patches)  # the CLS placeholder (strategy "full") is no patch
-        side = math.isqrt(n_patches)
-        coords = torch.stack(
-            [torch.where(cell >= 0, 0, -1), cell.clamp(min=0) // side, cell.clamp(min=0) % side], -1
-        )
         return Visual(
             slots=start[:, None] + slot[None, :],
             keep=keep,
             k1=k1,
             projected=projected,
             scores=scores,
-            coords=coords.expand(b, n_tokens, 3),
+            coords=coords,
         )
 
     def random_prompt(self, model, batch_size, text_before, text_after, seed, device):
