@@ -148,3 +148,87 @@ def test_demo_without_base_model_says_how_to_build_it(tmp_path, capsys):
     assert f"base model '{tmp_path}/nowhere': no such model directory" in err
     assert "scripts/gpu_base.sh" in err and "--config configs/fixture/tiny_cpu.yaml" in err
     assert not (tmp_path / "o" / "eval_base").exists()  # failed before any work
+
+
+# ---- the second embedded model: tpkit demo --model tiny-qwen2-vl
+
+
+def test_demo_model_picks_the_models_own_configs(capsys):
+    from tpkit.cli import build_parser
+    from tpkit.demo import DEMO_MODELS
+
+    choices = next(a.choices for a in build_parser()._subparsers._group_actions[0].choices["demo"]._actions
+                   if a.dest == "model")  # fmt: skip
+    assert list(choices) == list(DEMO_MODELS)
+    assert main(["demo", "--model", "tiny-qwen2-vl", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    for line in (
+        "base_model: assets/tiny-qwen2-vl",
+        "train_config: configs/train/tiny_qwen2_vl.yaml",
+        "eval_config: configs/eval/tiny_qwen2_vl.yaml",
+        "out_dir: runs/demo_tiny_qwen2_vl",
+    ):
+        assert line in out, line
+    assert main(["demo", "--print-config"]) == 0  # no --model: the tiny LLaVA's
+    assert "base_model: assets/tiny-llava" in capsys.readouterr().out
+    assert main(["demo", "--model", "tiny-qwen2-vl", "--config", "configs/demo.yaml"]) == 2
+    assert "give one" in capsys.readouterr().err
+    for name, path in DEMO_MODELS.items():  # every model's configs load and name the model
+        cfg = load_config(DemoConfig, path)
+        assert cfg.base_model == f"assets/{name}"
+        assert load_train_config(cfg.train_config).model.path == cfg.base_model
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen_base(tmp_path_factory):
+    """A save_pretrained Qwen2-VL + offline processor directory shaped like assets/tiny-qwen2-vl
+    (random weights; images resized to 32 px: 16 merged units)."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from tpkit.synthetic.fixture.config import FixtureConfig
+    from tpkit.synthetic.fixture.qwen import qwen_config, qwen_processor
+
+    cfg = load_config(
+        FixtureConfig,
+        "configs/fixture/tiny_qwen2_vl_cpu.yaml",
+        ["tower.image_size=32", "tower.hidden_size=32", "tower.num_layers=2", "lm.hidden_size=64",
+         "lm.num_heads=2", "lm.num_layers=2", "lm.intermediate_size=128"],
+    )  # fmt: skip
+    processor = qwen_processor(cfg)
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(qwen_config(cfg, processor))
+    root = tmp_path_factory.mktemp("demo_qwen") / "base"
+    model.save_pretrained(root)
+    processor.save_pretrained(root)
+    return root
+
+
+@pytest.mark.slow
+def test_demo_runs_on_the_qwen2_vl_configs(tiny_qwen_base, tmp_path):
+    """The Qwen2-VL demo config end to end at a few steps: train (LoRA on the LM, KD), evaluate with the
+    CLS-less score, and the table has the methods that apply to a tower without CLS."""
+    from tpkit.demo import DEMO_MODELS
+
+    tiny = _tiny_demo(tiny_qwen_base, tmp_path, out="demo_qwen")
+    cfg = load_config(DemoConfig, DEMO_MODELS["tiny-qwen2-vl"])
+    cfg.out_dir, cfg.base_model, cfg.max_steps, cfg.data = tiny.out_dir, tiny.base_model, 2, tiny.data
+    cfg.train_overrides, cfg.eval_overrides = tiny.train_overrides, tiny.eval_overrides
+    summary = run_demo(cfg)
+    labels = [row["method"] for row in parse_markdown_table(summary["table"])]
+    assert labels == [
+        "dense",
+        "ours, stage 1 only (training-free)",
+        "ours (training-free)",
+        "random (matched)",
+        "fastv (matched)",
+        "ours + LoRA, alpha=0 (plain)",
+        "**ours + LoRA + distillation** (alpha=1, hidden_weight=1)",
+    ]
+    assert summary["ablation_table"] == ""
+    out = tmp_path / "demo_qwen"
+    base = json.loads((out / "eval_base" / "results.json").read_text())["methods"]
+    assert base["ours"]["pruning"]["stage1"]["score"] == "cosine_mean"
+    assert base["dense"]["tokens"]["k1"]["mean"] == 16  # every merged unit of a 32 px image
+    assert summary["ours_distilled"]["token_layer_fraction"] < 1.0
+    adapter = json.loads((out / "train_distill" / "export" / "adapter_config.json").read_text())
+    assert "language_model" in adapter["target_modules"] and "visual" not in adapter["target_modules"]

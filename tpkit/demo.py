@@ -1,10 +1,16 @@
-"""The demo: prune the embedded tiny LLaVA to ~22% of its tokens and win the accuracy back.
+"""The demo: prune an embedded model to ~22% of its tokens and win the accuracy back.
 
-    tpkit demo [--config configs/demo.yaml] [--set key=value ...]
+    tpkit demo [--model tiny-llava | tiny-qwen2-vl] [--config FILE] [--set key=value ...]
+
+``--model`` picks the demo config of one of the embedded models (:data:`DEMO_MODELS`): the tiny LLaVA
+(``assets/tiny-llava``, the default: ``configs/demo.yaml``) or the tiny Qwen2-VL
+(``assets/tiny-qwen2-vl``: ``configs/demo_tiny_qwen2_vl.yaml``), each with its own train and eval
+configs; ``--config`` names any other.
 
 On a 2-core CPU, in minutes, it
 
-1. checks the base model (``assets/tiny-llava``, a committed fixture; see assets/README.md) and
+1. checks the base model (``assets/tiny-llava`` or ``assets/tiny-qwen2-vl``, committed fixtures; see
+   assets/README.md) and
    writes the synthetic benchmark's train, val and test splits (:mod:`tpkit.synthetic.splits`),
 2. evaluates it training-free: dense, ours (stage 1, stage 1+2), the matched-budget baselines, the
    budget sweep and the ablations (:data:`ABLATIONS`, ``eval.variants`` of one run),
@@ -39,7 +45,13 @@ from tpkit.synthetic.splits import ensure_split
 from tpkit.training.config import TrainConfig, load_train_config
 from tpkit.training.recipe import fit
 
-__all__ = ["DemoConfig", "SyntheticData", "ABLATIONS", "run_demo"]
+__all__ = ["DemoConfig", "SyntheticData", "ABLATIONS", "DEMO_MODELS", "run_demo"]
+
+# ``tpkit demo --model NAME`` -> its demo config (relative to the checkout, as the configs name their files)
+DEMO_MODELS: dict[str, str] = {
+    "tiny-llava": "configs/demo.yaml",
+    "tiny-qwen2-vl": "configs/demo_tiny_qwen2_vl.yaml",
+}
 
 
 @dataclass
@@ -158,10 +170,11 @@ def _check_base(path: str) -> None:
     if (Path(path) / "config.json").is_file():
         return
     raise FileNotFoundError(
-        f"base model {path!r}: no such model directory (config.json missing). The committed one is "
-        "assets/tiny-llava; to build it again: bash scripts/gpu_base.sh (one GPU, minutes) or tpkit "
-        "fixture --config configs/fixture/tiny_cpu.yaml --out assets/tiny-llava (CPU, hours, resumable); "
-        "a run in progress gives one with --snapshot DIR (see assets/README.md)"
+        f"base model {path!r}: no such model directory (config.json missing). The committed ones are "
+        "assets/tiny-llava and assets/tiny-qwen2-vl; to build them again: bash scripts/gpu_base.sh (one "
+        "GPU, minutes) or tpkit fixture --config configs/fixture/tiny_cpu.yaml --out assets/tiny-llava, "
+        "tpkit fixture --config configs/fixture/tiny_qwen2_vl_cpu.yaml --out assets/tiny-qwen2-vl (CPU, "
+        "hours, resumable); a run in progress gives one with --snapshot DIR (see assets/README.md)"
     )
 
 
