@@ -16,7 +16,7 @@ visual tokens differ.
 * tower time: median ms of the visual path (tower + stage-1 scoring and selection) per mode.
 
     python benchmarks/qwen_in_tower.py              # the summary on the last lines
-    python benchmarks/qwen_in_tower.py --model assets/tiny-qwen2-vl --blocks 1 2 --keep 29
+    python benchmarks/qwen_in_tower.py --model runs/tiny-qwen2-vl --blocks 1 2 --keep 29
                                                     # a trained checkpoint (fp32) instead of random weights
 """
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     if args.model:
         model = load_pretrained(args.model, dtype="float32", device="cpu")
-        what = f"{args.model} (trained)"
+        what = f"{args.model} (saved weights)"
     else:
         model = build_random_init("qwen2.5-vl-7b", "cpu", "float32", scale_down=args.scale_down)
         what = f"qwen2.5-vl-7b / {args.scale_down}, random weights"
