@@ -9,7 +9,8 @@ import torch
 
 from tpkit.cli import main
 from tpkit.config import ConfigError, load_config
-from tpkit.demo import ABLATIONS, DemoConfig, SyntheticData, run_demo
+from tpkit.demo import ABLATIONS, DEMO_MODELS, DemoConfig, SyntheticData, run_demo
+from tpkit.evaluation.config import load_eval_config
 from tpkit.evaluation.report import parse_markdown_table
 from tpkit.training.config import load_train_config
 
@@ -148,6 +149,15 @@ def test_demo_without_base_model_says_how_to_build_it(tmp_path, capsys):
     assert f"base model '{tmp_path}/nowhere': no such model directory" in err
     assert "scripts/gpu_base.sh" in err and "--config configs/fixture/tiny_cpu.yaml" in err
     assert not (tmp_path / "o" / "eval_base").exists()  # failed before any work
+    # the second model is not committed: the message says how to train it where its demo config reads it
+    args = ["demo", "--model", "tiny-qwen2-vl", "--set", f"base_model={tmp_path}/q", f"out_dir={tmp_path}/o"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"base model '{tmp_path}/q': no such model directory" in err
+    assert "tiny-qwen2-vl is not committed" in err
+    assert "--config configs/fixture/tiny_qwen2_vl_cpu.yaml --out runs/tiny-qwen2-vl" in err
+    assert load_config(DemoConfig, DEMO_MODELS["tiny-qwen2-vl"]).base_model == "runs/tiny-qwen2-vl"
+    assert not (tmp_path / "o").exists()
 
 
 # ---- the second embedded model: tpkit demo --model tiny-qwen2-vl
@@ -155,7 +165,6 @@ def test_demo_without_base_model_says_how_to_build_it(tmp_path, capsys):
 
 def test_demo_model_picks_the_models_own_configs(capsys):
     from tpkit.cli import build_parser
-    from tpkit.demo import DEMO_MODELS
 
     choices = next(a.choices for a in build_parser()._subparsers._group_actions[0].choices["demo"]._actions
                    if a.dest == "model")  # fmt: skip
@@ -163,7 +172,7 @@ def test_demo_model_picks_the_models_own_configs(capsys):
     assert main(["demo", "--model", "tiny-qwen2-vl", "--print-config"]) == 0
     out = capsys.readouterr().out
     for line in (
-        "base_model: assets/tiny-qwen2-vl",
+        "base_model: runs/tiny-qwen2-vl",
         "train_config: configs/train/tiny_qwen2_vl.yaml",
         "eval_config: configs/eval/tiny_qwen2_vl.yaml",
         "out_dir: runs/demo_tiny_qwen2_vl",
@@ -173,10 +182,10 @@ def test_demo_model_picks_the_models_own_configs(capsys):
     assert "base_model: assets/tiny-llava" in capsys.readouterr().out
     assert main(["demo", "--model", "tiny-qwen2-vl", "--config", "configs/demo.yaml"]) == 2
     assert "give one" in capsys.readouterr().err
-    for name, path in DEMO_MODELS.items():  # every model's configs load and name the model
+    for path in DEMO_MODELS.values():  # every model's configs load and name the same model
         cfg = load_config(DemoConfig, path)
-        assert cfg.base_model == f"assets/{name}"
         assert load_train_config(cfg.train_config).model.path == cfg.base_model
+        assert load_eval_config(cfg.eval_config).model.path == cfg.base_model
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +216,6 @@ def tiny_qwen_base(tmp_path_factory):
 def test_demo_runs_on_the_qwen2_vl_configs(tiny_qwen_base, tmp_path):
     """The Qwen2-VL demo config end to end at a few steps: train (LoRA on the LM, KD), evaluate with the
     CLS-less score, and the table has the methods that apply to a tower without CLS."""
-    from tpkit.demo import DEMO_MODELS
-
     tiny = _tiny_demo(tiny_qwen_base, tmp_path, out="demo_qwen")
     cfg = load_config(DemoConfig, DEMO_MODELS["tiny-qwen2-vl"])
     cfg.out_dir, cfg.base_model, cfg.max_steps, cfg.data = tiny.out_dir, tiny.base_model, 2, tiny.data

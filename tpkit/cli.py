@@ -725,7 +725,7 @@ def build_parser(prog: str = "tpkit") -> argparse.ArgumentParser:
     p = command(
         "fixture",
         _fixture,
-        "train an embedded base model (assets/tiny-llava, assets/tiny-qwen2-vl) from scratch",
+        "train an embedded base model (assets/tiny-llava; a tiny Qwen2-VL) from scratch",
     )
     _config_args(p)
     p.add_argument("--out", required=True, help="output directory (the model directory)")
