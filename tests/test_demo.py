@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from tpkit.checkout import ROOT
 from tpkit.cli import main
 from tpkit.config import ConfigError, load_config
 from tpkit.demo import ABLATIONS, DEMO_MODELS, DemoConfig, SyntheticData, run_demo
@@ -156,7 +157,9 @@ def test_demo_without_base_model_says_how_to_build_it(tmp_path, capsys):
     assert f"base model '{tmp_path}/q': no such model directory" in err
     assert "tiny-qwen2-vl is not committed" in err
     assert "--config configs/fixture/tiny_qwen2_vl_cpu.yaml --out runs/tiny-qwen2-vl" in err
-    assert load_config(DemoConfig, DEMO_MODELS["tiny-qwen2-vl"]).base_model == "runs/tiny-qwen2-vl"
+    assert load_config(DemoConfig, ROOT / DEMO_MODELS["tiny-qwen2-vl"]).base_model == str(
+        ROOT / "runs/tiny-qwen2-vl"
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -171,19 +174,19 @@ def test_demo_model_picks_the_models_own_configs(capsys):
     assert list(choices) == list(DEMO_MODELS)
     assert main(["demo", "--model", "tiny-qwen2-vl", "--print-config"]) == 0
     out = capsys.readouterr().out
-    for line in (
-        "base_model: runs/tiny-qwen2-vl",
-        "train_config: configs/train/tiny_qwen2_vl.yaml",
-        "eval_config: configs/eval/tiny_qwen2_vl.yaml",
-        "out_dir: runs/demo_tiny_qwen2_vl",
+    for line in (  # the checkout's files, whatever the current directory
+        f"base_model: {ROOT}/runs/tiny-qwen2-vl",
+        f"train_config: {ROOT}/configs/train/tiny_qwen2_vl.yaml",
+        f"eval_config: {ROOT}/configs/eval/tiny_qwen2_vl.yaml",
+        f"out_dir: {ROOT}/runs/demo_tiny_qwen2_vl",
     ):
         assert line in out, line
     assert main(["demo", "--print-config"]) == 0  # no --model: the tiny LLaVA's
-    assert "base_model: assets/tiny-llava" in capsys.readouterr().out
+    assert f"base_model: {ROOT}/assets/tiny-llava" in capsys.readouterr().out
     assert main(["demo", "--model", "tiny-qwen2-vl", "--config", "configs/demo.yaml"]) == 2
     assert "give one" in capsys.readouterr().err
     for path in DEMO_MODELS.values():  # every model's configs load and name the same model
-        cfg = load_config(DemoConfig, path)
+        cfg = load_config(DemoConfig, ROOT / path)
         assert load_train_config(cfg.train_config).model.path == cfg.base_model
         assert load_eval_config(cfg.eval_config).model.path == cfg.base_model
 
@@ -217,7 +220,7 @@ def test_demo_runs_on_the_qwen2_vl_configs(tiny_qwen_base, tmp_path):
     """The Qwen2-VL demo config end to end at a few steps: train (LoRA on the LM, KD), evaluate with the
     CLS-less score, and the table has the methods that apply to a tower without CLS."""
     tiny = _tiny_demo(tiny_qwen_base, tmp_path, out="demo_qwen")
-    cfg = load_config(DemoConfig, DEMO_MODELS["tiny-qwen2-vl"])
+    cfg = load_config(DemoConfig, ROOT / DEMO_MODELS["tiny-qwen2-vl"])
     cfg.out_dir, cfg.base_model, cfg.max_steps, cfg.data = tiny.out_dir, tiny.base_model, 2, tiny.data
     cfg.train_overrides, cfg.eval_overrides = tiny.train_overrides, tiny.eval_overrides
     summary = run_demo(cfg)

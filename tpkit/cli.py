@@ -706,7 +706,9 @@ def build_parser(prog: str = "tpkit") -> argparse.ArgumentParser:
     d.add_argument("--bench", type=int, default=0, metavar="N", help="only time scene rendering on N images")
 
     p = command("demo", _demo, "prune an embedded model, fine-tune it back, evaluate and print the tables")
-    _config_args(p, required=False, default="the checkout's config of --model (tiny-llava's: configs/demo.yaml)")
+    _config_args(
+        p, required=False, default="the checkout's config of --model (tiny-llava's: configs/demo.yaml)"
+    )
     p.add_argument(
         "--model",
         choices=["tiny-llava", "tiny-qwen2-vl"],

@@ -48,7 +48,7 @@ from tpkit.training.recipe import fit
 
 __all__ = ["DemoConfig", "SyntheticData", "ABLATIONS", "DEMO_MODELS", "run_demo"]
 
-# ``tpkit demo --model NAME`` -> its demo config (relative to the checkout, as the configs name their files)
+# ``tpkit demo --model NAME`` -> its demo config, relative to the checkout (tpkit.checkout.checkout_path)
 DEMO_MODELS: dict[str, str] = {
     "tiny-llava": "configs/demo.yaml",
     "tiny-qwen2-vl": "configs/demo_tiny_qwen2_vl.yaml",
@@ -176,7 +176,8 @@ def _check_base(path: str) -> None:
         "fixture --config configs/fixture/tiny_cpu.yaml --out assets/tiny-llava (CPU, hours, resumable). "
         "tiny-qwen2-vl is not committed (its CPU recipe stayed far below the 90% dense target: "
         "docs/results.md); train it where its demo config reads it: tpkit fixture --config "
-        "configs/fixture/tiny_qwen2_vl_cpu.yaml --out runs/tiny-qwen2-vl (CPU, hours, resumable). A run "
+        "configs/fixture/tiny_qwen2_vl_cpu.yaml --out runs/tiny-qwen2-vl, run in the checkout (CPU, hours, "
+        "resumable). A run "
         "in progress gives a model with tpkit fixture ... --snapshot DIR; then --set base_model=DIR"
     )
 
