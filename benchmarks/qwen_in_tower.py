@@ -16,6 +16,8 @@ visual tokens differ.
 * tower time: median ms of the visual path (tower + stage-1 scoring and selection) per mode.
 
     python benchmarks/qwen_in_tower.py              # the summary on the last lines
+    python benchmarks/qwen_in_tower.py --model runs/tiny-qwen2-vl --blocks 1 2 --keep 29
+                                                    # a trained checkpoint (fp32) instead of random weights
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from tpkit.evaluation.speed import model_inputs, random_prompt_batch, summarize_times, time_calls  # noqa: E402
 from tpkit.models import attach_pruner  # noqa: E402
 from tpkit.models.core.state import state_of  # noqa: E402
+from tpkit.models.loading import load_pretrained  # noqa: E402
 from tpkit.models.registry import build_random_init  # noqa: E402
 from tpkit.pruning import PruningConfig, Stage1Config, Stage2Config  # noqa: E402
 
@@ -43,6 +46,9 @@ def _config(block: int | None, score: str, keep: int, seed: int = 0) -> PruningC
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--model", default=None, help="a saved Qwen2-VL / Qwen2.5-VL directory (default: random weights)"
+    )
     ap.add_argument("--scale-down", type=int, default=16)
     ap.add_argument("--blocks", type=int, nargs="+", default=[7, 15], help="in-tower blocks to compare")
     ap.add_argument("--keep", type=int, default=342, help="units kept of 1369 (342 = 25%%)")
@@ -52,10 +58,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = build_random_init("qwen2.5-vl-7b", "cpu", "float32", scale_down=args.scale_down)
+    if args.model:
+        model = load_pretrained(args.model, dtype="float32", device="cpu")
+        what = f"{args.model} (saved weights)"
+    else:
+        model = build_random_init("qwen2.5-vl-7b", "cpu", "float32", scale_down=args.scale_down)
+        what = f"qwen2.5-vl-7b / {args.scale_down}, random weights"
     attach_pruner(model, _config(None, "random", args.keep))
     family = state_of(model).family
-    results: dict = {"scale_down": args.scale_down, "keep": args.keep, "threads": torch.get_num_threads()}
+    results: dict = {"model": what, "keep": args.keep, "threads": torch.get_num_threads()}
 
     with torch.no_grad():
         batch = random_prompt_batch(model, 1, seed=0)
@@ -119,8 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
         times = {name: summarize_times(t)["median_ms"] for name, t in timed.items()}
         results["visual_ms"] = times
 
-    print(f"qwen2.5-vl-7b / {args.scale_down}, 1 image of {n_units} units, keep {args.keep}, "
-          f"{results['threads']} CPU threads, random weights, stage 2 off")  # fmt: skip
+    print(f"{what}, 1 image of {n_units} units, keep {args.keep}, "
+          f"{results['threads']} CPU threads, stage 2 off")  # fmt: skip
     for block in args.blocks:
         print(
             f"keep-all in-tower @ block {block} == stock embeddings bit for bit: {results[f'keep_all_bitwise_b{block}']}"

@@ -92,6 +92,26 @@ def test_qwen_in_tower_benchmark_prints_its_table(capsys):
     assert "visual path in-tower stage 1 @ block 7" in out
 
 
+def test_qwen_in_tower_benchmark_runs_on_a_saved_model(tmp_path, capsys):
+    """--model DIR: a save_pretrained Qwen2-VL (the fixture's kind) instead of random weights; its
+    image is the model's own size (32 px: 4 x 4 = 16 merged units)."""
+    from tpkit.models.qwen2_vl.tiny import build_tiny_qwen
+
+    model = build_tiny_qwen("qwen2-vl", image_size=32, patch_size=4, vision_hidden=32, vision_heads=2,
+                            hidden_size=64, num_heads=4)  # fmt: skip
+    model.save_pretrained(tmp_path / "q")
+    args = ["--model", str(tmp_path / "q"), *"--prompts 1 --repeats 1 --blocks 1 --keep 4".split()]
+    res = _load("qwen_in_tower").main([*args, "--threads", "1"])
+    out = capsys.readouterr().out
+    assert res["model"] == f"{tmp_path / 'q'} (saved weights)" and res["keep_all_bitwise_b1"] is True
+    assert "1 image of 16 units, keep 4" in out and "| 1 |" in out
+    assert set(res["visual_ms"]) == {
+        "stock tower (stage 1 off)",
+        "post-tower stage 1",
+        "in-tower stage 1 @ block 1",
+    }
+
+
 def test_resume_fingerprint_benchmark_prints_its_headline(capsys):
     bench = _load("resume_fingerprint")
     assert bench.main(["--records", "100", "--repeats", "1"]) > 0

@@ -7,9 +7,11 @@ import json
 import pytest
 import torch
 
+from tpkit.checkout import ROOT
 from tpkit.cli import main
 from tpkit.config import ConfigError, load_config
-from tpkit.demo import ABLATIONS, DemoConfig, SyntheticData, run_demo
+from tpkit.demo import ABLATIONS, DEMO_MODELS, DemoConfig, SyntheticData, run_demo
+from tpkit.evaluation.config import load_eval_config
 from tpkit.evaluation.report import parse_markdown_table
 from tpkit.training.config import load_train_config
 
@@ -148,3 +150,95 @@ def test_demo_without_base_model_says_how_to_build_it(tmp_path, capsys):
     assert f"base model '{tmp_path}/nowhere': no such model directory" in err
     assert "scripts/gpu_base.sh" in err and "--config configs/fixture/tiny_cpu.yaml" in err
     assert not (tmp_path / "o" / "eval_base").exists()  # failed before any work
+    # the second model is not committed: the message says how to train it where its demo config reads it
+    args = ["demo", "--model", "tiny-qwen2-vl", "--set", f"base_model={tmp_path}/q", f"out_dir={tmp_path}/o"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"base model '{tmp_path}/q': no such model directory" in err
+    assert "tiny-qwen2-vl is not committed" in err
+    assert "--config configs/fixture/tiny_qwen2_vl_cpu.yaml --out runs/tiny-qwen2-vl" in err
+    assert load_config(DemoConfig, ROOT / DEMO_MODELS["tiny-qwen2-vl"]).base_model == str(
+        ROOT / "runs/tiny-qwen2-vl"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+# ---- the second embedded model: tpkit demo --model tiny-qwen2-vl
+
+
+def test_demo_model_picks_the_models_own_configs(capsys):
+    from tpkit.cli import build_parser
+
+    choices = next(a.choices for a in build_parser()._subparsers._group_actions[0].choices["demo"]._actions
+                   if a.dest == "model")  # fmt: skip
+    assert list(choices) == list(DEMO_MODELS)
+    assert main(["demo", "--model", "tiny-qwen2-vl", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    for line in (  # the checkout's files, whatever the current directory
+        f"base_model: {ROOT}/runs/tiny-qwen2-vl",
+        f"train_config: {ROOT}/configs/train/tiny_qwen2_vl.yaml",
+        f"eval_config: {ROOT}/configs/eval/tiny_qwen2_vl.yaml",
+        f"out_dir: {ROOT}/runs/demo_tiny_qwen2_vl",
+    ):
+        assert line in out, line
+    assert main(["demo", "--print-config"]) == 0  # no --model: the tiny LLaVA's
+    assert f"base_model: {ROOT}/assets/tiny-llava" in capsys.readouterr().out
+    assert main(["demo", "--model", "tiny-qwen2-vl", "--config", "configs/demo.yaml"]) == 2
+    assert "give one" in capsys.readouterr().err
+    for path in DEMO_MODELS.values():  # every model's configs load and name the same model
+        cfg = load_config(DemoConfig, ROOT / path)
+        assert load_train_config(cfg.train_config).model.path == cfg.base_model
+        assert load_eval_config(cfg.eval_config).model.path == cfg.base_model
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen_base(tmp_path_factory):
+    """A save_pretrained Qwen2-VL + offline processor directory shaped like assets/tiny-qwen2-vl
+    (random weights; images resized to 32 px: 16 merged units)."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from tpkit.synthetic.fixture.config import FixtureConfig
+    from tpkit.synthetic.fixture.qwen import qwen_config, qwen_processor
+
+    cfg = load_config(
+        FixtureConfig,
+        "configs/fixture/tiny_qwen2_vl_cpu.yaml",
+        ["tower.image_size=32", "tower.hidden_size=32", "tower.num_layers=2", "lm.hidden_size=64",
+         "lm.num_heads=2", "lm.num_layers=2", "lm.intermediate_size=128"],
+    )  # fmt: skip
+    processor = qwen_processor(cfg)
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(qwen_config(cfg, processor))
+    root = tmp_path_factory.mktemp("demo_qwen") / "base"
+    model.save_pretrained(root)
+    processor.save_pretrained(root)
+    return root
+
+
+@pytest.mark.slow
+def test_demo_runs_on_the_qwen2_vl_configs(tiny_qwen_base, tmp_path):
+    """The Qwen2-VL demo config end to end at a few steps: train (LoRA on the LM, KD), evaluate with the
+    CLS-less score, and the table has the methods that apply to a tower without CLS."""
+    tiny = _tiny_demo(tiny_qwen_base, tmp_path, out="demo_qwen")
+    cfg = load_config(DemoConfig, ROOT / DEMO_MODELS["tiny-qwen2-vl"])
+    cfg.out_dir, cfg.base_model, cfg.max_steps, cfg.data = tiny.out_dir, tiny.base_model, 2, tiny.data
+    cfg.train_overrides, cfg.eval_overrides = tiny.train_overrides, tiny.eval_overrides
+    summary = run_demo(cfg)
+    labels = [row["method"] for row in parse_markdown_table(summary["table"])]
+    assert labels == [
+        "dense",
+        "ours, stage 1 only (training-free)",
+        "ours (training-free)",
+        "random (matched)",
+        "fastv (matched)",
+        "ours + LoRA, alpha=0 (plain)",
+        "**ours + LoRA + distillation** (alpha=1, hidden_weight=1)",
+    ]
+    assert summary["ablation_table"] == ""
+    out = tmp_path / "demo_qwen"
+    base = json.loads((out / "eval_base" / "results.json").read_text())["methods"]
+    assert base["ours"]["pruning"]["stage1"]["score"] == "cosine_mean"
+    assert base["dense"]["tokens"]["k1"]["mean"] == 16  # every merged unit of a 32 px image
+    assert summary["ours_distilled"]["token_layer_fraction"] < 1.0
+    adapter = json.loads((out / "train_distill" / "export" / "adapter_config.json").read_text())
+    assert "language_model" in adapter["target_modules"] and "visual" not in adapter["target_modules"]

@@ -433,10 +433,14 @@ def _heldout(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from tpkit.checkout import checkout_path
-    from tpkit.demo import DemoConfig  # lazy: start-up time
+    from tpkit.demo import DEMO_MODELS, DemoConfig  # lazy: start-up time
 
-    if args.config is None:  # the checkout's, whatever the current directory
-        args.config = str(checkout_path("configs/demo.yaml"))
+    if args.model is not None:
+        if args.config is not None:
+            raise _Fail(f"--model {args.model} and --config {args.config}: give one (--model picks a config)")
+        args.config = str(checkout_path(DEMO_MODELS[args.model]))
+    elif args.config is None:  # the checkout's, whatever the current directory
+        args.config = str(checkout_path(DEMO_MODELS["tiny-llava"]))
     cfg = _load(DemoConfig, args)
     if _printed(cfg, args):
         return 0
@@ -701,10 +705,17 @@ def build_parser(prog: str = "tpkit") -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=1, help="processes (output identical for any value)")
     d.add_argument("--bench", type=int, default=0, metavar="N", help="only time scene rendering on N images")
 
-    p = command(
-        "demo", _demo, "prune the embedded tiny LLaVA, fine-tune it back, evaluate and print the tables"
+    p = command("demo", _demo, "prune an embedded model, fine-tune it back, evaluate and print the tables")
+    _config_args(
+        p, required=False, default="the checkout's config of --model (tiny-llava's: configs/demo.yaml)"
     )
-    _config_args(p, required=False, default="the checkout's configs/demo.yaml")
+    p.add_argument(
+        "--model",
+        choices=["tiny-llava", "tiny-qwen2-vl"],
+        default=None,
+        help="which embedded model: tiny-llava (default: configs/demo.yaml) or tiny-qwen2-vl "
+        "(configs/demo_tiny_qwen2_vl.yaml)",
+    )
 
     p = command(
         "heldout",
@@ -716,7 +727,7 @@ def build_parser(prog: str = "tpkit") -> argparse.ArgumentParser:
     p = command(
         "fixture",
         _fixture,
-        "train an embedded base model (assets/tiny-llava, assets/tiny-qwen2-vl) from scratch",
+        "train an embedded base model (assets/tiny-llava; a tiny Qwen2-VL) from scratch",
     )
     _config_args(p)
     p.add_argument("--out", required=True, help="output directory (the model directory)")

@@ -11,7 +11,12 @@ from PIL import Image
 from transformers import AutoProcessor, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
 from tpkit.data.collator import IGNORE_INDEX, LlavaCollator
-from tpkit.data.qwen_processor import SPECIAL_TOKENS, OfflineQwen2VLProcessor, build_qwen2_vl_processor
+from tpkit.data.qwen_processor import (
+    SPECIAL_TOKENS,
+    OfflineQwen2VLProcessor,
+    build_qwen2_vl_processor,
+    model_token_ids,
+)
 from tpkit.models.loading import load_processor
 from tpkit.models.qwen2_vl.tiny import tiny_config
 
@@ -175,19 +180,10 @@ def test_collated_batches_run_the_stock_model(processor):
     """The left-padded train batch gives the stock Qwen2-VL the logits of each record alone, and the
     eval batch generates."""
     tok = processor.tokenizer
-    ids = {
-        k: tok.convert_tokens_to_ids(t)
-        for k, t in (
-            ("image_token_id", "<|image_pad|>"),
-            ("video_token_id", "<|video_pad|>"),
-            ("vision_start_token_id", "<|vision_start|>"),
-            ("vision_end_token_id", "<|vision_end|>"),
-        )
-    }
-    cfg = tiny_config(
-        "qwen2-vl", vocab_size=len(tok), **ids, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        image_size=32, patch_size=4, vision_hidden=32, vision_heads=2, hidden_size=64, num_heads=4,
-    )  # fmt: skip
+    ids = model_token_ids(tok)
+    assert ids["image_token_id"] == processor.image_token_id and ids["eos_token_id"] == len(tok) - 5
+    cfg = tiny_config("qwen2-vl", vocab_size=len(tok), **ids, image_size=32, patch_size=4, vision_hidden=32,
+                      vision_heads=2, hidden_size=64, num_heads=4)  # fmt: skip
     torch.manual_seed(0)
     model = Qwen2VLForConditionalGeneration(cfg).eval()
     coll = LlavaCollator(processor, mode="train")

@@ -48,6 +48,7 @@ __all__ = [
     "OfflineQwen2VLProcessor",
     "OfflineQwen2_5_VLProcessor",
     "build_qwen2_vl_processor",
+    "model_token_ids",
     "train_byte_level_tokenizer",
     "QWEN2_VL_CHAT_TEMPLATE",
     "SPECIAL_TOKENS",
@@ -220,3 +221,17 @@ def build_qwen2_vl_processor(
         video_min_pixels=video,
         video_max_pixels=video,
     )
+
+
+def model_token_ids(tokenizer: Any) -> dict[str, int]:
+    """The ids a ``Qwen2VLConfig`` names, from ``tokenizer``: ``image_token_id``, ``video_token_id``,
+    ``vision_start_token_id``, ``vision_end_token_id``, ``pad_token_id``, ``eos_token_id``."""
+    tokens = {
+        "image_token_id": IMAGE_PAD,
+        "video_token_id": VIDEO_PAD,
+        "vision_start_token_id": VISION_START,
+        "vision_end_token_id": VISION_END,
+        "pad_token_id": tokenizer.pad_token,
+        "eos_token_id": tokenizer.eos_token,
+    }
+    return {key: tokenizer.convert_tokens_to_ids(token) for key, token in tokens.items()}
