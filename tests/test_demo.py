@@ -48,6 +48,7 @@ def _tiny_demo(base, tmp_path, out="demo") -> DemoConfig:
             "distill.hidden_weight=1.0",  # the distillation run's; the plain run drops it
         ],
         eval_overrides=[
+            "pruning.stage1.min_keep=4",  # the config's floor of 16 is every patch of this 16-patch model
             "eval.budgets=[0.5]",
             "eval.max_new_tokens=2",
             "eval.progress=false",

@@ -22,6 +22,7 @@ def test_heldout_writes_each_split_and_one_table(tiny_base, tmp_path):  # noqa: 
         variants={"by score": {"stage1.context_tokens": 0}},
         eval_overrides=[
             f"model.path={tiny_base}",
+            "pruning.stage1.min_keep=4",  # the config's floor of 16 is every patch of this 16-patch model
             "data.eval_batch_size=4",
             "eval.max_new_tokens=2",
             "eval.progress=false",
