@@ -5,6 +5,7 @@ and does not import (CI installs the extra: there a broken lmms-eval must fail t
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -91,3 +92,11 @@ def test_lmms_task_writes_a_self_contained_task_over_a_llava_json_file(tmp_path,
     assert np.array_equal(
         first, np.asarray(Image.open(tmp_path / "moved" / "test" / "000000.png").convert("RGB"))
     )
+    # generated answers are scored by tpkit evaluate's rule, so that the two report the same accuracy
+    assert "process_results: !function utils.exact_match" in yaml_text
+    spec = importlib.util.spec_from_file_location("task_utils", task / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    score = [utils.exact_match({"answer": a}, [p])["exact_match"] for a, p in
+             [("four", ",,, four"), ("two", "The 2."), ("yes", "yes."), ("red", "red circle"), ("no", "yes")]]  # fmt: skip
+    assert score == [1.0, 1.0, 1.0, 0.0, 0.0]

@@ -6,7 +6,8 @@
 
 Writes into ``out``: ``data/`` (the records' first question and answer with their images, a
 ``datasets`` directory lmms-eval loads with ``load_from_disk``), ``<name>.yaml`` (``generate_until``,
-exact match with case and punctuation ignored, as GQA and TextVQA score), ``<name>_yesno_ll.yaml``
+exact match after ``tpkit evaluate``'s normalisation: case, punctuation and articles ignored, number
+words as digits, so that both report the same accuracy), ``<name>_yesno_ll.yaml``
 when some answers are yes or no (``multiple_choice``: "yes" and "no" as two continuations, scored
 by loglikelihood) and ``utils.py`` (the tasks' functions). The records are checked as ``tpkit
 evaluate`` checks them. Needs ``datasets`` only, not lmms-eval.
@@ -43,10 +44,18 @@ def yes_no_docs(dataset):
 
 def yes_no_target(doc):
     return doc["answer"].strip().lower()
+
+
+def exact_match(doc, results):
+    # tpkit evaluate's rule (tpkit.evaluation.metrics.normalize_answer), so that the two agree
+    from tpkit.evaluation.metrics import normalize_answer
+
+    return {"exact_match": float(normalize_answer(results[0]) == normalize_answer(doc["answer"]))}
 '''
 
 _GENERATE = """# {name}: the first question of every record of {source}, answered by generation and scored by
-# exact match with case and punctuation ignored (written by `tpkit lmms-task`)
+# exact match after tpkit evaluate's normalisation (case, punctuation and articles ignored, number words
+# as digits), so that both report the same accuracy (written by `tpkit lmms-task`)
 task: {name}
 dataset_path: {data}
 dataset_kwargs:
@@ -56,6 +65,7 @@ output_type: generate_until
 doc_to_visual: !function utils.doc_to_visual
 doc_to_text: !function utils.doc_to_text
 doc_to_target: answer
+process_results: !function utils.exact_match
 generation_kwargs:
   max_new_tokens: {max_new_tokens}
   temperature: 0
@@ -66,8 +76,6 @@ metric_list:
   - metric: exact_match
     aggregation: mean
     higher_is_better: true
-    ignore_case: true
-    ignore_punctuation: true
 metadata:
   version: 0.0
 """
