@@ -2,13 +2,15 @@
 # Train the embedded base model (assets/tiny-llava) on one GPU, in one command:
 #
 #   bash scripts/gpu_base.sh                      # on the GPU machine, from the repository root
+#   FIXTURE=tiny-qwen2-vl bash scripts/gpu_base.sh   # the second model (configs/fixture/tiny_qwen2_vl_gpu.yaml)
 #   OUT=/tmp/out bash scripts/gpu_base.sh --device cpu --set tower.max_steps=3 lm.max_steps=3 ...  # CPU rehearsal
 #
 # Extra arguments go to `tpkit fixture` (after the config). Writes to $OUT
 # (default ./outputs/gpu_base), at most 6 files, none deeper than $OUT/a/file:
 #   log.txt                 everything printed (also on the terminal)
-#   tiny-llava.tar          the model directory: config.json, model.safetensors, processor files,
-#                           metrics.json, recipe.yaml  (unpack: tar -xf tiny-llava.tar -C assets/)
+#   $FIXTURE.tar            the model directory (tiny-llava.tar or tiny-qwen2-vl.tar): config.json,
+#                           model.safetensors, processor files, metrics.json, recipe.yaml
+#                           (unpack: tar -xf tiny-llava.tar -C assets/)
 #   metrics.json            tower F1, dense accuracy per question type (test, ood), timings, machine
 #   premise/premise.json, premise/curves.png, premise/curves_pixel.png
 #                           stage-1 premise report (CLS cosine, default knee) on 300 test images
@@ -24,8 +26,14 @@ export PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false
 OUT="${OUT:-$PWD/outputs/gpu_base}"  # outputs/ is git-ignored
 PY="${PYTHON:-python3}"
+NAME="${FIXTURE:-tiny-llava}"
+case "$NAME" in
+    tiny-llava) CONFIG=configs/fixture/tiny_gpu.yaml ;;
+    tiny-qwen2-vl) CONFIG=configs/fixture/tiny_qwen2_vl_gpu.yaml ;;
+    *) echo "FIXTURE=$NAME: give tiny-llava or tiny-qwen2-vl" >&2; exit 2 ;;
+esac
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_base.XXXXXX")"
-MODEL="$WORK/tiny-llava"
+MODEL="$WORK/$NAME"
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 SECONDS=0
@@ -42,13 +50,13 @@ log "start; OUT=$OUT WORK=$WORK args: $*"
 
 # 1. The recipe (data, tower, LLaVA, save, reload, evaluate). Its own budgets keep it to ~5 minutes;
 #    the timeout only guards against a hang, so that whatever was saved still comes back.
-timeout "${RECIPE_TIMEOUT:-480}" "$PY" -m tpkit fixture --config configs/fixture/tiny_gpu.yaml --out "$MODEL" --archive "$OUT/tiny-llava.tar" "$@" 2>&1 | tee -a "$LOG"
+timeout "${RECIPE_TIMEOUT:-560}" "$PY" -m tpkit fixture --config "$CONFIG" --out "$MODEL" --archive "$OUT/$NAME.tar" "$@" 2>&1 | tee -a "$LOG"
 rc=$?
 log "recipe exit code $rc after ${SECONDS}s"
 
 # 2. Ship the model directory as one file (whatever exists, even after a failure).
 if [ -f "$MODEL/model.safetensors" ]; then
-    [ -f "$OUT/tiny-llava.tar" ] || tar -cf "$OUT/tiny-llava.tar" -C "$WORK" tiny-llava; log "wrote $OUT/tiny-llava.tar ($(du -h "$OUT/tiny-llava.tar" | cut -f1))"
+    [ -f "$OUT/$NAME.tar" ] || tar -cf "$OUT/$NAME.tar" -C "$WORK" "$NAME"; log "wrote $OUT/$NAME.tar ($(du -h "$OUT/$NAME.tar" | cut -f1))"
     [ -f "$MODEL/metrics.json" ] && cp "$MODEL/metrics.json" "$OUT/metrics.json"
 else
     log "no model.safetensors in $MODEL"
