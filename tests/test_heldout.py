@@ -96,3 +96,18 @@ def test_heldout_config_errors(tmp_path, capsys):
     assert "dense and ours" in capsys.readouterr().err
     assert main(["heldout", "--set", "eval_config=none.yaml"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_heldout_without_config_runs_the_checkouts(tmp_path, monkeypatch, capsys):
+    """`tpkit heldout` alone reads configs/heldout.yaml of the checkout, from any directory: its variants
+    (the paper's set beside the eval config's ours) and paths, not the dataclass defaults."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    assert main(["heldout", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert f"eval_config: {root}/configs/eval/tiny.yaml" in out
+    assert f"out_dir: {root}/runs/heldout" in out
+    shipped = load_config(HeldoutConfig, root / "configs" / "heldout.yaml")
+    assert "by score (the paper's set)" in shipped.variants and "by score (the paper's set)" in out

@@ -415,8 +415,11 @@ def _data_synthetic(args: argparse.Namespace) -> int:
 
 
 def _heldout(args: argparse.Namespace) -> int:
+    from tpkit.checkout import checkout_path
     from tpkit.synthetic.heldout import HeldoutConfig  # lazy: start-up time
 
+    if args.config is None:  # the checkout's, whatever the current directory
+        args.config = str(checkout_path("configs/heldout.yaml"))
     cfg = _load(HeldoutConfig, args)
     if _printed(cfg, args):
         return 0
