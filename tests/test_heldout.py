@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -101,8 +102,6 @@ def test_heldout_config_errors(tmp_path, capsys):
 def test_heldout_without_config_runs_the_checkouts(tmp_path, monkeypatch, capsys):
     """`tpkit heldout` alone reads configs/heldout.yaml of the checkout, from any directory: its variants
     (the paper's set beside the eval config's ours) and paths, not the dataclass defaults."""
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(tmp_path)
     assert main(["heldout", "--print-config"]) == 0
