@@ -73,6 +73,30 @@ def test_a_live_lock_is_refused_naming_its_owner_and_given_back_on_any_exit(tmp_
     assert not (out / LOCK).exists()  # given back on an exception
 
 
+@pytest.mark.skipif(not hasattr(os, "pread") or sys.platform == "win32", reason="POSIX flock")
+def test_a_lock_taken_but_not_yet_written_is_named_once_its_owner_writes_itself_in(tmp_path):
+    """A starting run takes the kernel lock, then writes itself in: a run refused in between waits for
+    the name (up to 2 s) instead of saying "no owner"; a lock that stays empty is refused as starting."""
+    import fcntl
+    import threading
+
+    out = tmp_path / "run"
+    out.mkdir()
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another open file: flock refuses run_lock's
+    try:
+        with pytest.raises(RunLockedError, match="names no owner yet: it is starting"), run_lock(out):
+            pass
+        owner = {"pid": 4242, "host": socket.gethostname(), "started": "?", "command": "tpkit train"}
+        writer = threading.Timer(0.3, lambda: os.pwrite(fd, json.dumps(owner).encode(), 0))
+        writer.start()
+        with pytest.raises(RunLockedError, match="in use by a live run: pid 4242 on"), run_lock(out):
+            pass
+        writer.join()
+    finally:
+        os.close(fd)
+
+
 def test_sigterm_outside_training_gives_the_lock_back(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e, run_lock(out):

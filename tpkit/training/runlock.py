@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,18 @@ def _read(fd: int) -> dict[str, Any] | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return owner if isinstance(owner, dict) else None
+
+
+def _owner_once_written(fd: int, wait_s: float = 2.0) -> dict[str, Any] | None:
+    """The owner of a lock that a starting run holds but has not yet written (it takes the kernel
+    lock first, then writes itself in): read again for up to ``wait_s``, so the refusal can name it."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        owner = _read(fd)
+        if owner is not None:
+            return owner
+    return None
 
 
 def _flock(fd: int) -> bool | None:
@@ -127,6 +140,7 @@ class _Lock:
             locked = _flock(fd)
             owner = _read(fd)
             if locked is False:
+                owner = owner or _owner_once_written(fd)
                 os.close(fd)
                 raise RunLockedError(self.refusal(owner))
             try:  # the owner releases by unlinking the file: a lock on an unlinked file is no lock
