@@ -73,7 +73,6 @@ def test_a_live_lock_is_refused_naming_its_owner_and_given_back_on_any_exit(tmp_
     assert not (out / LOCK).exists()  # given back on an exception
 
 
-@pytest.mark.skipif(not hasattr(os, "pread") or sys.platform == "win32", reason="POSIX flock")
 def test_a_lock_taken_but_not_yet_written_is_named_once_its_owner_writes_itself_in(tmp_path):
     """A starting run takes the kernel lock, then writes itself in: a run refused in between waits for
     the name (up to 2 s) instead of saying "no owner"; a lock that stays empty is refused as starting."""
