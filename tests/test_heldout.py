@@ -11,7 +11,7 @@ import pytest
 from tests.test_demo import tiny_base  # noqa: F401 (the fixture)
 from tpkit.cli import main
 from tpkit.config import ConfigError, load_config
-from tpkit.synthetic.heldout import HeldoutConfig, heldout_rows, heldout_table, run_heldout
+from tpkit.synthetic.heldout import HeldoutConfig, heldout_rows, heldout_table, paired_gap_se, run_heldout
 
 
 def test_heldout_writes_each_split_and_one_table(tiny_base, tmp_path):  # noqa: F811
@@ -45,6 +45,10 @@ def test_heldout_writes_each_split_and_one_table(tiny_base, tmp_path):  # noqa: 
     ours = [r for r in rows if r["method"] == "ours"]
     assert all(0.0 <= r["run_on"] <= 1.0 for r in rows)
     assert all("over_random" in r and "over_topk" in r for r in ours)
+    for r in ours:  # the answers are paired: each gap has its error (none where dense got nothing right)
+        dense = next(d["accuracy"] for d in rows if d["split"] == r["split"] and d["method"] == "dense")
+        for key in ("over_random_se", "over_topk_se"):
+            assert r[key] >= 0.0 if dense > 0 else math.isnan(r[key])
     assert summary["missed"] == [r["split"] for r in ours if r["target_met"] is False]
     assert (tmp_path / "out" / "summary.md").read_text().strip() == summary["table"]
     # ours' matched baselines: the same k1 distribution as ours, per split
@@ -83,6 +87,27 @@ def test_heldout_rows_and_targets():
         in table
     )
     assert "| fill | random | 0.550 ± 0.050 | 68.8% | 0.650 | – |" in table
+
+
+def test_the_gap_over_a_baseline_carries_its_paired_standard_error():
+    ids = ["q0", "q1", "q2", "q3"]
+    refs = ["yes", "two", "red", "left"]
+    ours = {"ids": ids, "references": refs, "answers": ["yes", "two", "blue", "left"]}  # 1 1 0 1
+    base = {"ids": ids, "references": refs, "answers": ["no", "two", "green", "right"]}  # 0 1 0 0
+    # per question, in points of a dense accuracy of 0.5: 200, 0, 0, 200 -> mean 100, sd 115.47
+    assert paired_gap_se(ours, base, 0.5) == pytest.approx(115.470054 / 2)
+    assert paired_gap_se(ours, ours, 0.5) == 0.0  # the same answers: no spread, whatever the accuracy
+    with pytest.raises(ValueError, match="different questions"):
+        paired_gap_se(ours, {**base, "ids": ids[::-1]}, 0.5)
+
+    def method(acc):
+        return {"accuracy": acc, "first_word_accuracy": acc, "n": 4,
+                "tokens": {"k1": {"mean": 5.0, "p10": 4.0, "p90": 6.0}, "fraction": {"mean": 0.2}}}  # fmt: skip
+
+    res = {"methods": {"dense": method(0.5), "ours": method(0.75), "random": method(0.25)}}
+    rows = heldout_rows("fill", res, margin=5.0, answers={"ours": ours, "random": base})
+    assert rows[1]["over_random"] == pytest.approx(100.0)
+    assert "| +100.0 ± 57.7 (met) |" in heldout_table(rows)
 
 
 def test_heldout_config_errors(tmp_path, capsys):

@@ -25,11 +25,12 @@ from typing import Any
 from tpkit.config import path_field
 from tpkit.evaluation.config import load_eval_config
 from tpkit.evaluation.methods import METHODS
+from tpkit.evaluation.metrics import exact_match
 from tpkit.evaluation.runner import evaluate, method_file
 from tpkit.synthetic.scenes import HELDOUT_SPLITS, SPLITS
 from tpkit.synthetic.splits import ensure_split
 
-__all__ = ["HeldoutConfig", "run_heldout", "heldout_rows", "heldout_table", "run_on"]
+__all__ = ["HeldoutConfig", "run_heldout", "heldout_rows", "heldout_table", "paired_gap_se", "run_on"]
 
 
 @dataclass
@@ -79,6 +80,24 @@ def run_on(answers: list[str], references: list[str]) -> float:
     )
 
 
+def paired_gap_se(ours: dict, base: dict, dense_accuracy: float) -> float:
+    """Standard error of ours' accuracy minus ``base``'s on the same questions, in points of dense.
+
+    ``ours`` / ``base``: the methods' ``methods/<name>.json`` (answers and references, question by
+    question). The two runs answer the same questions, so the gap's error is that of the per-question
+    differences, smaller than the two accuracies' errors combined."""
+    if ours["ids"] != base["ids"]:
+        raise ValueError("the two methods' answer files hold different questions: cannot pair them")
+    a = exact_match(ours["answers"], ours["references"])
+    b = exact_match(base["answers"], base["references"])
+    n = len(a)
+    if n < 2 or not dense_accuracy:
+        return float("nan")
+    d = [100.0 * (int(x) - int(y)) / dense_accuracy for x, y in zip(a, b)]
+    mean = sum(d) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1) / n)
+
+
 def heldout_rows(
     split: str, results: dict, margin: float, answers: dict[str, dict] | None = None
 ) -> list[dict[str, Any]]:
@@ -112,10 +131,11 @@ def heldout_rows(
         )
     ours = next(row for row in rows if row["method"] == "ours")
     by = {row["method"]: row for row in rows}
-    if "random" in by:
-        ours["over_random"] = 100.0 * (ours["of_dense"] - by["random"]["of_dense"])  # points of dense
-    if "topk-cls" in by:
-        ours["over_topk"] = 100.0 * (ours["of_dense"] - by["topk-cls"]["of_dense"])
+    for key, base in (("over_random", "random"), ("over_topk", "topk-cls")):
+        if base in by:
+            ours[key] = 100.0 * (ours["of_dense"] - by[base]["of_dense"])  # points of dense
+            if answers and "ours" in answers and base in answers:
+                ours[f"{key}_se"] = paired_gap_se(answers["ours"], answers[base], dense)
     # judged only against the baselines that ran (None: neither did, nothing to judge)
     judged = [ours[k] >= floor for k, floor in (("over_random", margin), ("over_topk", 0.0)) if k in ours]
     ours["target_met"] = all(judged) if judged else None
@@ -125,12 +145,17 @@ def heldout_rows(
 def heldout_table(rows: list[dict[str, Any]]) -> str:
     """The Markdown table of :func:`heldout_rows` over every split."""
     cols = ["split", "method", "accuracy (± s.e.)", "% of dense", "first word right", "run-on answers",
-            "token-layer frac.", "k1 mean [p10, p90]", "ours vs random / topk-cls (points of dense)"]  # fmt: skip
+            "token-layer frac.", "k1 mean [p10, p90]", "ours vs random / topk-cls (points of dense ± paired s.e.)"]  # fmt: skip
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
         gap = ""
         if r["method"] == "ours":
-            parts = [f"{r[k]:+.1f}" for k in ("over_random", "over_topk") if k in r]
+            parts = [
+                f"{r[k]:+.1f}"
+                + (f" ± {r[k + '_se']:.1f}" if not math.isnan(r.get(k + "_se", math.nan)) else "")
+                for k in ("over_random", "over_topk")
+                if k in r
+            ]
             verdict = {True: " (met)", False: " (**missed**)", None: ""}[r["target_met"]]
             gap = " / ".join(parts) + verdict
         cells = [
