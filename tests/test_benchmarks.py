@@ -112,6 +112,33 @@ def test_qwen_in_tower_benchmark_runs_on_a_saved_model(tmp_path, capsys):
     }
 
 
+def test_tower_probe_labels_each_unit_by_the_box_that_holds_its_centre():
+    labels = _load("tower_probe").unit_labels
+    rec = {"objects": [{"color": "red", "shape": "circle", "box": [0, 0, 12, 12]},
+                       {"color": "blue", "shape": "square", "box": [30, 14, 36, 36]}]}  # fmt: skip
+    ycol, yshp, colours, shapes = labels([rec], size=36, side=3)  # 12 px units, centres at 6, 18, 30
+    assert colours == ["background", "blue", "red"] and shapes == ["background", "circle", "square"]
+    assert ycol.tolist() == [[2, 0, 0, 0, 0, 1, 0, 0, 1]] and yshp.tolist() == [[1, 0, 0, 0, 0, 2, 0, 0, 2]]
+
+
+def test_tower_probe_benchmark_runs_on_a_saved_model(tmp_path, capsys):
+    from tpkit.data.qwen_processor import build_qwen2_vl_processor
+    from tpkit.models.qwen2_vl.tiny import build_tiny_qwen
+
+    model = build_tiny_qwen("qwen2-vl", image_size=32, patch_size=4, vision_hidden=32, vision_heads=2,
+                            hidden_size=64, num_heads=4)  # fmt: skip
+    model.save_pretrained(tmp_path / "q")
+    build_qwen2_vl_processor(image_size=32, patch_size=4).save_pretrained(tmp_path / "q")
+    res = _load("tower_probe").main(["--model", str(tmp_path / "q"), "--n", "96", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert res["side"] == 4 and res["n_object_units"] > 0  # 96 px scenes -> 32 px -> 4 x 4 units
+    assert list(res["rows"]) == ["pixels", "random init", str(tmp_path / "q")]
+    assert all(0.0 <= r[k] <= 1.0 for r in res["rows"].values() for k in ("colour", "shape"))
+    # a unit's own pixels hold its object's colour: far above the most common colour's share
+    assert res["rows"]["pixels"]["colour"] > res["rows"]["pixels"]["colour_chance"] + 0.2
+    assert "| pixels |" in out and "| chance (most common class) |" in out
+
+
 def test_resume_fingerprint_benchmark_prints_its_headline(capsys):
     bench = _load("resume_fingerprint")
     assert bench.main(["--records", "100", "--repeats", "1"]) > 0
