@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
+from tpkit.models import load_processor  # noqa: E402
 from tpkit.models.qwen2_vl.tower import run_tower  # noqa: E402
 from tpkit.synthetic.questions import make_record  # noqa: E402
 from tpkit.synthetic.scenes import SyntheticConfig  # noqa: E402
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows: dict[str, dict[str, float]] = {}
     labels = None
     for i, path in enumerate(args.model):
-        image_processor = AutoImageProcessor.from_pretrained(path)
+        image_processor = load_processor(path).image_processor  # the one the model was trained with
         model = AutoModelForImageTextToText.from_pretrained(path).float().eval()
         if not hasattr(model.model, "visual"):
             raise SystemExit(
