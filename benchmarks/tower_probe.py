@@ -111,6 +111,12 @@ def probe(x: torch.Tensor, y: np.ndarray, n_fit: int, steps: int = 300) -> tuple
     return acc, chance
 
 
+def probe_both(x: torch.Tensor, ycol: np.ndarray, yshp: np.ndarray, n_fit: int) -> dict[str, float]:
+    """The colour and the shape probes of one source of features, each with its chance."""
+    (colour, colour_chance), (shape, shape_chance) = probe(x, ycol, n_fit), probe(x, yshp, n_fit)
+    return {"colour": colour, "colour_chance": colour_chance, "shape": shape, "shape_chance": shape_chance}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", action="append", required=True, help="a saved model directory (repeatable)")
@@ -142,16 +148,13 @@ def main(argv: list[str] | None = None) -> dict:
             labels = unit_labels(records, images.shape[1], side)
             ycol, yshp = labels[0], labels[1]
             px = unit_pixels(images, side)
-            rows["pixels"] = dict(zip(("colour", "colour_chance"), probe(px, ycol, n_fit)))
-            rows["pixels"].update(zip(("shape", "shape_chance"), probe(px, yshp, n_fit)))
+            rows["pixels"] = probe_both(px, ycol, yshp, n_fit)
         if i == 0:
             torch.manual_seed(0)
             fresh = type(model)(AutoConfig.from_pretrained(path)).float().eval()
             xr = unit_embeddings(fresh, image_processor, images)
-            rows["random init"] = dict(zip(("colour", "colour_chance"), probe(xr, ycol, n_fit)))
-            rows["random init"].update(zip(("shape", "shape_chance"), probe(xr, yshp, n_fit)))
-        rows[path] = dict(zip(("colour", "colour_chance"), probe(x, ycol, n_fit)))
-        rows[path].update(zip(("shape", "shape_chance"), probe(x, yshp, n_fit)))
+            rows["random init"] = probe_both(xr, ycol, yshp, n_fit)
+        rows[path] = probe_both(x, ycol, yshp, n_fit)
     n_obj = int((labels[0][n_fit:] > 0).sum())
     print(
         f"{args.n} {args.split} images, {side} x {side} units, {len(labels[2]) - 1} colours, "
