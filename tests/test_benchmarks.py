@@ -139,6 +139,28 @@ def test_tower_probe_benchmark_runs_on_a_saved_model(tmp_path, capsys):
     assert "| pixels |" in out and "| chance (most common class) |" in out
 
 
+def test_tower_shapes_benchmark_trains_a_fresh_tower_on_shape_labels(capsys):
+    bench = _load("tower_shapes")
+    config = str(ROOT / "configs" / "fixture" / "tiny_qwen2_vl_cpu.yaml")
+    small = ["tower.hidden_size=32", "tower.intermediate_size=64", "lm.hidden_size=64", "lm.num_heads=2"]
+    args = ["--config", config, "--set", *small, "--scenes", "one-large", "--n-train", "8", "--n-val", "4"]
+    res = bench.main(
+        [*args, "--steps", "40", "--batch", "8", "--every", "20", "--lr", "3e-3", "--threads", "1"]
+    )
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("one-large scenes: 8 train / 4 val images, 12 x 12 units, 6 shapes")
+    assert out[-1].startswith("HEADLINE tower shape accuracy after 40 steps: ")
+    assert [c["step"] for c in res["curve"]] == [20, 40] and 0 < res["chance"] < 1
+    assert all(0.0 <= c["val_shape_acc"] <= 1.0 for c in res["curve"])
+    # the same 8 images every step: the mean shape loss of steps 21-40 well below that of steps 1-20
+    assert res["curve"][-1]["loss"] < res["curve"][0]["loss"] - 0.3
+
+
+def test_tower_shapes_benchmark_refuses_a_tower_it_cannot_train():
+    with pytest.raises(SystemExit, match="tiny_cpu.yaml: model = 'llava'"):
+        _load("tower_shapes").main(["--config", str(ROOT / "configs" / "fixture" / "tiny_cpu.yaml")])
+
+
 def test_resume_fingerprint_benchmark_prints_its_headline(capsys):
     bench = _load("resume_fingerprint")
     assert bench.main(["--records", "100", "--repeats", "1"]) > 0
