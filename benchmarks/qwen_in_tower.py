@@ -16,7 +16,7 @@ visual tokens differ.
 * tower time: median ms of the visual path (tower + stage-1 scoring and selection) per mode.
 
     python benchmarks/qwen_in_tower.py              # the summary on the last lines
-    python benchmarks/qwen_in_tower.py --model runs/tiny-qwen2-vl --blocks 1 2 --keep 29
+    python benchmarks/qwen_in_tower.py --model assets/tiny-qwen2-vl --blocks 1 2 --keep 29
                                                     # a trained checkpoint (fp32) instead of random weights
 """
 

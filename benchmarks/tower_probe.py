@@ -14,7 +14,7 @@ Colour sits in a unit's own pixels; shape needs the neighbouring patches (an obj
 units), so a tower that learnt to see objects raises the shape column above the pixels' and the
 random tower's. Chance is the share of the test units' most common class.
 
-    python benchmarks/tower_probe.py --model runs/tiny-qwen2-vl        # the table on the last lines
+    python benchmarks/tower_probe.py --model assets/tiny-qwen2-vl        # the table on the last lines
 """
 
 from __future__ import annotations

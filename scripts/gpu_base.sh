@@ -10,7 +10,7 @@
 #   log.txt                 everything printed (also on the terminal)
 #   $FIXTURE.tar            the model directory (tiny-llava.tar or tiny-qwen2-vl.tar): config.json,
 #                           model.safetensors, processor files, metrics.json, recipe.yaml
-#                           (unpack: tar -xf tiny-llava.tar -C assets/)
+#                           (unpack: tar -xf tiny-llava.tar -C assets/, or tiny-qwen2-vl.tar)
 #   metrics.json            tower F1, dense accuracy per question type (test, ood), timings, machine
 #   premise/premise.json, premise/curves.png, premise/curves_pixel.png
 #                           stage-1 premise report (CLS cosine, default knee) on 300 test images

@@ -151,16 +151,12 @@ def test_demo_without_base_model_says_how_to_build_it(tmp_path, capsys):
     assert f"base model '{tmp_path}/nowhere': no such model directory" in err
     assert "scripts/gpu_base.sh" in err and "--config configs/fixture/tiny_cpu.yaml" in err
     assert not (tmp_path / "o" / "eval_base").exists()  # failed before any work
-    # the second model is not committed: the message says how to train it where its demo config reads it
+    # the second model: the same message, with its own rebuild command
     args = ["demo", "--model", "tiny-qwen2-vl", "--set", f"base_model={tmp_path}/q", f"out_dir={tmp_path}/o"]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"base model '{tmp_path}/q': no such model directory" in err
-    assert "tiny-qwen2-vl is not committed" in err
-    assert "--config configs/fixture/tiny_qwen2_vl_cpu.yaml --out runs/tiny-qwen2-vl" in err
-    assert load_config(DemoConfig, ROOT / DEMO_MODELS["tiny-qwen2-vl"]).base_model == str(
-        ROOT / "runs/tiny-qwen2-vl"
-    )
+    assert "--config configs/fixture/tiny_qwen2_vl_cpu.yaml --out assets/tiny-qwen2-vl" in err
     assert not (tmp_path / "o").exists()
 
 
@@ -176,7 +172,7 @@ def test_demo_model_picks_the_models_own_configs(capsys):
     assert main(["demo", "--model", "tiny-qwen2-vl", "--print-config"]) == 0
     out = capsys.readouterr().out
     for line in (  # the checkout's files, whatever the current directory
-        f"base_model: {ROOT}/runs/tiny-qwen2-vl",
+        f"base_model: {ROOT}/assets/tiny-qwen2-vl",
         f"train_config: {ROOT}/configs/train/tiny_qwen2_vl.yaml",
         f"eval_config: {ROOT}/configs/eval/tiny_qwen2_vl.yaml",
         f"out_dir: {ROOT}/runs/demo_tiny_qwen2_vl",

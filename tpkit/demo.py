@@ -3,16 +3,13 @@
     tpkit demo [--model tiny-llava | tiny-qwen2-vl] [--config FILE] [--set key=value ...]
 
 ``--model`` picks the demo config of one of the embedded models (:data:`DEMO_MODELS`): the tiny LLaVA
-(``assets/tiny-llava``, committed; the default: ``configs/demo.yaml``) or the tiny Qwen2-VL
-(``configs/demo_tiny_qwen2_vl.yaml``; not committed, trained into ``runs/tiny-qwen2-vl`` by
-``tpkit fixture --config configs/fixture/tiny_qwen2_vl_cpu.yaml``), each with its own train and eval
-configs; ``--config`` names any other.
+(``assets/tiny-llava``; the default: ``configs/demo.yaml``) or the tiny Qwen2-VL (``assets/tiny-qwen2-vl``:
+``configs/demo_tiny_qwen2_vl.yaml``), both committed, each with its own train and eval configs;
+``--config`` names any other.
 
 On a 2-core CPU, in minutes, it
 
-1. checks the base model (``assets/tiny-llava``, a committed fixture, see assets/README.md; or a
-   trained tiny Qwen2-VL) and
-   writes the synthetic benchmark's train, val and test splits (:mod:`tpkit.synthetic.splits`),
+1. checks the base model (a committed fixture, see assets/README.md) and writes the synthetic benchmark's train, val and test splits (:mod:`tpkit.synthetic.splits`),
 2. evaluates it training-free: dense, ours (stage 1, stage 1+2), the matched-budget baselines, the
    budget sweep and the ablations (:data:`ABLATIONS`, ``eval.variants`` of one run),
 3. fine-tunes LoRA with the pruner in the forward path twice, with the same steps and data:
@@ -176,14 +173,13 @@ def _check_base(path: str) -> None:
     if (Path(path) / "config.json").is_file():
         return
     raise FileNotFoundError(
-        f"base model {path!r}: no such model directory (config.json missing). tiny-llava is committed "
-        "(assets/tiny-llava); to build it again: bash scripts/gpu_base.sh (one GPU, minutes) or tpkit "
-        "fixture --config configs/fixture/tiny_cpu.yaml --out assets/tiny-llava (CPU, hours, resumable). "
-        "tiny-qwen2-vl is not committed (its CPU recipe stayed far below the 90% dense target: "
-        "docs/results.md); train it where its demo config reads it: tpkit fixture --config "
-        "configs/fixture/tiny_qwen2_vl_cpu.yaml --out runs/tiny-qwen2-vl, run in the checkout (CPU, hours, "
-        "resumable). A run "
-        "in progress gives a model with tpkit fixture ... --snapshot DIR; then --set base_model=DIR"
+        f"base model {path!r}: no such model directory (config.json missing). Both embedded models are "
+        "committed (assets/tiny-llava, assets/tiny-qwen2-vl); to build one again, in the checkout: bash "
+        "scripts/gpu_base.sh (one GPU, minutes; FIXTURE=tiny-qwen2-vl for the second) or tpkit fixture "
+        "--config configs/fixture/tiny_cpu.yaml --out assets/tiny-llava (CPU, hours, resumable), tpkit "
+        "fixture --config configs/fixture/tiny_qwen2_vl_cpu.yaml --out assets/tiny-qwen2-vl (CPU, ~50 "
+        "minutes). A run in progress gives a model with tpkit fixture ... --snapshot DIR; then --set "
+        "base_model=DIR"
     )
 
 
