@@ -2,14 +2,15 @@
 
     tpkit demo [--model tiny-llava | tiny-qwen2-vl] [--config FILE] [--set key=value ...]
 
-``--model`` picks the demo config of one of the embedded models (:data:`DEMO_MODELS`): the tiny LLaVA
-(``assets/tiny-llava``; the default: ``configs/demo.yaml``) or the tiny Qwen2-VL (``assets/tiny-qwen2-vl``:
-``configs/demo_tiny_qwen2_vl.yaml``), both committed, each with its own train and eval configs;
-``--config`` names any other.
+``--model`` picks the demo config of one of the embedded models (:data:`DEMO_MODELS`), both
+committed: the tiny LLaVA (``assets/tiny-llava``; the default: ``configs/demo.yaml``) or the tiny
+Qwen2-VL (``assets/tiny-qwen2-vl``: ``configs/demo_tiny_qwen2_vl.yaml``), each with its own train and
+eval configs; ``--config`` names any other.
 
 On a 2-core CPU, in minutes, it
 
-1. checks the base model (a committed fixture, see assets/README.md) and writes the synthetic benchmark's train, val and test splits (:mod:`tpkit.synthetic.splits`),
+1. checks the base model (a committed fixture, see assets/README.md) and writes the synthetic
+   benchmark's train, val and test splits (:mod:`tpkit.synthetic.splits`),
 2. evaluates it training-free: dense, ours (stage 1, stage 1+2), the matched-budget baselines, the
    budget sweep and the ablations (:data:`ABLATIONS`, ``eval.variants`` of one run),
 3. fine-tunes LoRA with the pruner in the forward path twice, with the same steps and data:
