@@ -18,7 +18,6 @@ case). A tower that needs thousands of directly supervised steps here needs far 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from tpkit.config import load_config  # noqa: E402
 from tpkit.models.qwen2_vl.tower import run_tower  # noqa: E402
 from tpkit.synthetic.fixture.config import FixtureConfig  # noqa: E402
 from tpkit.synthetic.fixture.data import image_norm  # noqa: E402
+from tpkit.synthetic.fixture.loop import autocast_for  # noqa: E402
 from tpkit.synthetic.fixture.qwen import Qwen2VLModel  # noqa: E402
 from tpkit.synthetic.questions import make_record  # noqa: E402
 from tpkit.synthetic.scenes import SyntheticConfig  # noqa: E402
@@ -107,13 +107,12 @@ def main(argv: list[str] | None = None) -> dict:
     head = torch.nn.Linear(model.config.text_config.hidden_size, len(names))
     params = list(tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=cfg.lm.weight_decay)
-    norm = image_norm(processor, torch.device("cpu"))
-    bf16 = cfg.precision == "bf16"
+    cpu = torch.device("cpu")
+    norm = image_norm(processor, cpu)
 
     def logits(images: torch.Tensor) -> torch.Tensor:  # (B, U, classes)
         visual = kind.pixels(cfg, images, norm)
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        with ctx:
+        with autocast_for(cpu, cfg.precision):
             units = run_tower(model, visual["pixel_values"], visual["image_grid_thw"], False, False).embeds
         return head(units.float().reshape(len(images), side * side, -1))
 
