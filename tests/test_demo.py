@@ -234,7 +234,7 @@ def test_demo_runs_on_the_qwen2_vl_configs(tiny_qwen_base, tmp_path):
     assert summary["ablation_table"] == ""
     out = tmp_path / "demo_qwen"
     base = json.loads((out / "eval_base" / "results.json").read_text())["methods"]
-    assert base["ours"]["pruning"]["stage1"]["score"] == "cosine_mean"
+    assert base["ours"]["pruning"]["stage1"]["score"] == "mean_distance"
     assert base["dense"]["tokens"]["k1"]["mean"] == 16  # every merged unit of a 32 px image
     assert summary["ours_distilled"]["token_layer_fraction"] < 1.0
     adapter = json.loads((out / "train_distill" / "export" / "adapter_config.json").read_text())

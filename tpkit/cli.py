@@ -754,8 +754,8 @@ def build_parser(prog: str = "tpkit") -> argparse.ArgumentParser:
     p.add_argument(
         "--score",
         default=None,
-        help="stage-1 score: cosine, cosine_centered, cls_attn (CLS towers), cosine_mean, attn_received, "
-        "random (default: the family's: cosine with a CLS token, else cosine_mean)",
+        help="stage-1 score: cosine, cosine_centered, cls_attn (CLS towers), mean_distance, cosine_mean, "
+        "attn_received, random (default: the family's: cosine with a CLS token, else mean_distance)",
     )
     p.add_argument("--selector", default="kneedle", help="knee: kneedle, curvature, iqr, ratio, budget")
     p.add_argument("--min-keep", type=int, default=4)

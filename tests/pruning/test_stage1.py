@@ -131,6 +131,7 @@ def test_patch_scores_is_the_one_dispatch():
         "cosine": cls_cosine(h),
         "cosine_centered": cls_cosine(h, centered=True),
         "cosine_mean": mean_cosine(h[:, 1:]),
+        "mean_distance": 1.0 - mean_cosine(h[:, 1:]),
         "random": random_scores(2, 6, 5),
     }
     with torch.no_grad():
@@ -144,7 +145,23 @@ def test_patch_scores_is_the_one_dispatch():
     valid = torch.tensor([[True] * 6, [True] * 2 + [False] * 4])
     r = patch_scores("random", h[:, 1:], cls=False, valid=valid, seed=5)
     assert torch.equal(r[valid], random_scores(1, 8, 5)[0]) and r[~valid].isnan().all()
-    assert patch_scores("cosine_mean", h[:, 1:], cls=False, valid=valid)[~valid].isnan().all()
+    for kind in ("cosine_mean", "mean_distance"):
+        assert patch_scores(kind, h[:, 1:], cls=False, valid=valid)[~valid].isnan().all()
+
+
+def test_mean_distance_knee_keeps_the_unusual_patches_where_cosine_mean_keeps_all():
+    # A scene as a CLS-less tower sees it: 40 background patches near one direction, 4 object patches
+    # elsewhere. The mean is background, so cosine_mean ranks the objects last and its sorted curve has
+    # no tail (every patch kept); mean_distance ranks them first and its knee keeps just them.
+    g = torch.Generator().manual_seed(0)
+    back = torch.tensor([1.0, 0.0, 0.0, 0.0]) + 0.05 * torch.randn(40, 4, generator=g)
+    objects = torch.tensor([0.0, 1.0, 0.0, 0.0]) + 0.05 * torch.randn(4, 4, generator=g)
+    h = torch.cat([back[:20], objects, back[20:]])[None]  # objects at 20..23
+    cfg = Stage1Config(min_keep=1)
+    mask, k = select_patches(patch_scores("cosine_mean", h, cls=False), cfg)
+    assert int(k) == 44
+    mask, k = select_patches(patch_scores("mean_distance", h, cls=False), cfg)
+    assert int(k) == 4 and mask[0].nonzero().flatten().tolist() == [20, 21, 22, 23]
 
 
 def _grid(rows: int, cols: int, views: int = 1) -> torch.Tensor:

@@ -5,7 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-STAGE1_SCORES = ("cosine", "cosine_centered", "cls_attn", "cosine_mean", "attn_received", "random")
+STAGE1_SCORES = (
+    "cosine",
+    "cosine_centered",
+    "cls_attn",
+    "cosine_mean",
+    "mean_distance",
+    "attn_received",
+    "random",
+)
 CLS_SCORES = ("cosine", "cosine_centered", "cls_attn")  # need a tower with a CLS token
 STAGE1_GROUPS = ("image", "view")
 STAGE1_SELECTORS = ("kneedle", "curvature", "iqr", "ratio", "budget")
@@ -22,11 +30,15 @@ class Stage1Config:
     enabled: bool = True
     # cosine: cos(CLS, patch) at vision_feature_layer; cosine_centered: both minus the mean patch;
     # cls_attn: CLS row of the tower's last-layer attention (PruMerge/FasterVLM). Towers without CLS
-    # (SigLIP, Qwen's ViT): cosine_mean: cos(mean patch, patch); attn_received: mean attention each patch
+    # (SigLIP, Qwen's ViT): mean_distance: 1 - cos(mean patch, patch), the patches least like the
+    # image's mean first; cosine_mean: cos(mean patch, patch); attn_received: mean attention each patch
     # receives in the tower's last layer. random: seeded baseline. null: the family's default (cosine
-    # with a CLS token, else cosine_mean)
+    # with a CLS token, else mean_distance)
     score: (
-        Literal["cosine", "cosine_centered", "cls_attn", "cosine_mean", "attn_received", "random"] | None
+        Literal[
+            "cosine", "cosine_centered", "cls_attn", "cosine_mean", "mean_distance", "attn_received", "random"
+        ]
+        | None
     ) = None
     # kneedle/curvature: inflection of the sorted curve; iqr: PruMerge outliers; ratio/budget: fixed
     selector: Literal["kneedle", "curvature", "iqr", "ratio", "budget"] = "kneedle"

@@ -3,8 +3,9 @@ curve.
 
 The summary is the CLS token where the tower has one (CLIP: ``cosine``, ``cosine_centered``,
 ``cls_attn``). Towers without a CLS token (SigLIP, Qwen's ViT) score against a summary built from the
-patches themselves: ``cosine_mean`` (cosine to the image's mean patch at the scoring layer) or
-``attn_received`` (the attention each patch receives from all patches, from the layer's q/k).
+patches themselves: ``mean_distance`` (1 - the cosine to the image's mean patch at the scoring layer:
+the unusual patches first), ``cosine_mean`` (that cosine) or ``attn_received`` (the attention each
+patch receives from all patches, from the layer's q/k).
 
 Pure torch. The vision-tower call and the projection of kept patches live in
 :mod:`tpkit.models` (each family's tower); this module turns hidden states into per-image kept sets.
@@ -162,13 +163,15 @@ def patch_scores(
     if kind in CLS_SCORES and not cls:
         raise ValueError(
             f"pruning.stage1.score = {kind!r} compares patches with the CLS token, but this vision tower has "
-            "none: use 'cosine_mean', 'attn_received' or 'random'"
+            "none: use 'mean_distance', 'cosine_mean', 'attn_received' or 'random'"
         )
     with torch.no_grad():  # scores only pick indices
         if kind in ("cosine", "cosine_centered"):
             return cls_cosine(hidden, centered=kind == "cosine_centered")
         if kind == "cosine_mean":
             return mean_cosine(patches, valid)
+        if kind == "mean_distance":
+            return 1.0 - mean_cosine(patches, valid)
         if kind in ("cls_attn", "attn_received"):
             if attention is None:
                 raise ValueError(

@@ -136,7 +136,7 @@ def test_stage1_scores_the_units_as_the_projector_pools_them(gemma_factory, make
     torch.testing.assert_close(stage1_scores(model, pv, Stage1Config(score="attn_received")), pool(received))
     family = family_of(model)  # the premise report's view: the tower's input, a unit of 2 x 2 patches of 4 px
     assert family.premise_view(model, 96) == (32, 8)
-    torch.testing.assert_close(family.view_scores(model, pv, Stage1Config()), pool(mean))
+    torch.testing.assert_close(family.view_scores(model, pv, Stage1Config()), 1 - pool(mean))  # mean_distance
     cfg = PruningConfig(
         stage1=Stage1Config(selector="budget", budget=3, min_keep=1), stage2=Stage2Config(enabled=False)
     )
@@ -145,9 +145,9 @@ def test_stage1_scores_the_units_as_the_projector_pools_them(gemma_factory, make
         model(**model_inputs(batch))
     st = last_stats(model)
     assert st["k1"].tolist() == [6]  # one knee per image: 3 units of each
-    top = pool(mean).topk(3, dim=1).indices.sort(dim=1).values
+    top = (1 - pool(mean)).topk(3, dim=1).indices.sort(dim=1).values
     assert st["visual_keep"][0].tolist() == torch.cat([top[0], top[1] + 16]).tolist()
-    with pytest.raises(ValueError, match="has none: use 'cosine_mean' or 'attn_received'"):
+    with pytest.raises(ValueError, match="has none: use 'mean_distance', 'cosine_mean' or 'attn_received'"):
         attach_pruner(model, PruningConfig(stage1=Stage1Config(score="cls_attn")))
 
 

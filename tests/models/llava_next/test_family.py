@@ -257,13 +257,13 @@ def test_two_images_in_a_sample_and_a_video():
     assert fam.has_cls(model) is False
 
 
-def test_cls_scores_on_siglip_raise_and_default_is_cosine_mean():
+def test_cls_scores_on_siglip_raise_and_default_is_mean_distance():
     model = build("ov")
-    with pytest.raises(ValueError, match="cosine_mean"):
+    with pytest.raises(ValueError, match="use 'mean_distance', 'cosine_mean' or 'attn_received'"):
         attach_pruner(model, PruningConfig(stage1=Stage1Config(score="cosine")))
     attach_pruner(model, PruningConfig(stage1=Stage1Config(score="attn_received")))
-    assert family_of(model).score_kind(model, Stage1Config()) == "cosine_mean"
-    assert family_of(build("next")).score_kind(model, Stage1Config()) == "cosine_mean"
+    assert family_of(model).score_kind(model, Stage1Config()) == "mean_distance"
+    assert family_of(build("next")).score_kind(model, Stage1Config()) == "mean_distance"
     nxt = build("next")
     assert family_of(nxt).score_kind(nxt, Stage1Config()) == "cosine"
 

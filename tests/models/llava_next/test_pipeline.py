@@ -158,7 +158,7 @@ def test_premise_report_runs_on_the_base_view_of_any_res_towers(processor, kind,
     report = run_premise(data, tmp_path / "m", n=4, batch_size=2)
     m = report["model_score"]
     assert m["n_images"] == 4 and m["n_patches"] == 16 and len(m["k"]) == 4
-    assert f"model ({'cosine' if kind == 'next' else 'cosine_mean'})" in format_report(report)
+    assert f"model ({'cosine' if kind == 'next' else 'mean_distance'})" in format_report(report)
 
 
 def test_collator_rebuilds_the_processors_token_types_for_the_final_ids(processor, monkeypatch):

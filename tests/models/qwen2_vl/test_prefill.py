@@ -215,7 +215,7 @@ def test_bad_inputs_raise(qwen_factory, make_qwen_batch):
         with pytest.raises(ValueError, match="32 video placeholders but no pixel_values_videos"):
             model(**{**model_inputs(video), "pixel_values": inputs["pixel_values"][:96],
                      "image_grid_thw": inputs["image_grid_thw"][:1], "pixel_values_videos": None})  # fmt: skip
-    with pytest.raises(ValueError, match="has none: use 'cosine_mean' or 'attn_received'"):
+    with pytest.raises(ValueError, match="has none: use 'mean_distance', 'cosine_mean' or 'attn_received'"):
         attach_pruner(model, PruningConfig(stage1=Stage1Config(score="cosine")))
     with pruning_disabled(model), torch.no_grad():  # the stock model still runs
         assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]

@@ -32,7 +32,7 @@ def test_views_are_packed_as_qwens_image_processor_packs_them(qwen_factory):
         pack_views(views[..., :22, :22], vc)
 
     family = family_of(model)
-    for score in ("cosine_mean", "attn_received"):
+    for score in ("cosine_mean", "mean_distance", "attn_received"):
         cfg = Stage1Config(score=score)
         units = family.view_scores(model, views, cfg)  # (2, 36): a 6 x 6 unit grid per view
         per_image = stage1_scores(model, ref["pixel_values"], cfg, image_grid_thw=ref["image_grid_thw"])
@@ -54,4 +54,4 @@ def test_premise_report_runs_on_qwens_tower(qwen_factory, variant, tmp_path):
     assert m["n_images"] == 4 and m["n_patches"] == 24 * 24 and len(m["k"]) == 4  # 4-pixel merged units
     assert report["pixel_control"]["n_patches"] == 24 * 24 and np.isfinite(m["auroc_pooled"])
     assert "model (attn_received)" in format_report(report)
-    assert run_premise(data, tmp_path / "m", n=2, batch_size=2)["stage1"]["score"] == "cosine_mean"
+    assert run_premise(data, tmp_path / "m", n=2, batch_size=2)["stage1"]["score"] == "mean_distance"

@@ -225,8 +225,8 @@ class Family:
         if config.stage1.enabled and score in CLS_SCORES and not self.has_cls(model):
             raise ValueError(
                 f"pruning.stage1.score = {score!r} compares patches with the CLS token, but "
-                f"{type(model).__name__}'s vision tower has none: use 'cosine_mean' or 'attn_received' "
-                "(or null for the family's default)"
+                f"{type(model).__name__}'s vision tower has none: use 'mean_distance', 'cosine_mean' or "
+                "'attn_received' (or null for the family's default, mean_distance)"
             )
         rules = self.layer_rules(model) if config.stage2.enabled else ()
         if config.stage2.layer < len(rules) and rules[config.stage2.layer].kind != ATTENTION:
@@ -244,10 +244,10 @@ class Family:
 
     def score_kind(self, model: nn.Module, stage1: Any) -> str:
         """The stage-1 score in use: the config's, or the family's default (``cosine`` with a CLS
-        token, else ``cosine_mean``)."""
+        token, else ``mean_distance``: the patches least like the image's mean patch, the unusual ones)."""
         if stage1.score is not None:
             return stage1.score
-        return "cosine" if self.has_cls(model) else "cosine_mean"
+        return "cosine" if self.has_cls(model) else "mean_distance"
 
     def language_model(self, model: nn.Module) -> nn.Module:
         """The decoder stack: ``layers``, ``embed_tokens``, ``norm``, ``rotary_emb``, ``config``."""

@@ -8,8 +8,8 @@
   images), a sample holds any number of them. The markers are text.
 * **Stage 1** runs the tower as stock does (``get_image_features``: the projector's own pooling,
   norm and projection, so kept units carry stock's bits) and scores what is pooled: each patch's
-  score (``cosine_mean`` on the features the projector pools, the tower's last output; or
-  ``attn_received`` from its last layer's q/k) averaged over the patches of its unit by the
+  score (``mean_distance`` or ``cosine_mean`` on the features the projector pools, the tower's last
+  output; or ``attn_received`` from its last layer's q/k) averaged over the patches of its unit by the
   projector's own ``avg_pool`` on the score map, as llava_next runs scores through its packing. No
   CLS: CLS scores are refused. One knee per image (crops are images).
 * **Layers** (:mod:`tpkit.models.core.layers`): the config's ``layer_types`` (5 sliding-window layers

@@ -14,7 +14,7 @@ interpolation of its patches' scores.
 Stage 1 (:func:`tpkit.models.core.visual.select_visual`): one knee per image over all its views
 (``stage1.groups: image``) or one per view (``view``: the base view and each crop; video: each frame).
 Newline tokens are structure: one stays exactly when its canvas row keeps a patch. CLIP towers (NeXT)
-score against CLS; SigLIP towers (OneVision) have none and default to ``cosine_mean``.
+score against CLS; SigLIP towers (OneVision) have none and default to ``mean_distance``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ patches into one LM token (a merged unit), and 3-D M-RoPE positions (temporal, h
 * **Tokens**: every ``<|image_pad|>`` / ``<|video_pad|>`` placeholder is one merged unit; an image's
   units run row-major over its merged grid, a video's frame after frame.
 * **Stage 1** runs the tower once, as stock does (``get_image_features`` / ``get_video_features``),
-  scores every unit (:mod:`tpkit.models.qwen2_vl.tower`; default ``cosine_mean``) and cuts each image
+  scores every unit (:mod:`tpkit.models.qwen2_vl.tower`; default ``mean_distance``) and cuts each image
   or video at its knee (``stage1.groups: view``: each video frame apart) with
   :func:`tpkit.models.core.visual.select_visual`; the kept units' embeddings are stock's, unchanged.
 * **Positions**: stock's M-RoPE ids of the unpruned prompt (``get_rope_index``), (3, B, T); every kept

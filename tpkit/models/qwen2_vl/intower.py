@@ -2,15 +2,15 @@
 
 Qwen2.5-VL's ViT costs more than its LM's prefill on a large image, and pruning after the tower saves
 none of it. With ``in_tower_block: K`` the tower runs as stock up to block K, stage 1 scores the merged
-units there (``cosine_mean``: the units' mean states after block K; ``attn_received``: the attention
-they receive in block K), cuts, and the blocks after K and the merger run on the kept units only: all
-``merge**2`` patches of a kept unit, with their own rotary angles, each full-attention block over the
-kept patches of each frame, each window block over the kept patches of each window (a window left
-empty drops out). Dropping a unit from a segment is masking it out as a key there, so the kept units
-come out as the stock tower would give them with the dropped patches masked out from block K + 1 on;
-with every unit kept, the output is stock's, bit for bit. A tower with DeepStack (Qwen3-VL) gives
-each level's merger rows too: of every unit from a block up to K (the kept ones' taken), of the kept
-units alone from a block after K.
+units there (``mean_distance``, ``cosine_mean``: the units' mean states after block K;
+``attn_received``: the attention they receive in block K), cuts, and the blocks after K and the merger
+run on the kept units only: all ``merge**2`` patches of a kept unit, with their own rotary angles, each
+full-attention block over the kept patches of each frame, each window block over the kept patches of
+each window (a window left empty drops out). Dropping a unit from a segment is masking it out as a
+key there, so the kept units come out as the stock tower would give them with the dropped patches
+masked out from block K + 1 on; with every unit kept, the output is stock's, bit for bit. A tower with
+DeepStack (Qwen3-VL) gives each level's merger rows too: of every unit from a block up to K (the kept
+ones' taken), of the kept units alone from a block after K.
 
 The stock forward has no point to stop at: tpkit takes what it hands its first block (the patch
 embedding, Qwen3-VL's resampled position embedding, Qwen2.5-VL's window order, the rotary angles)

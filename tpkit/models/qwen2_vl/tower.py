@@ -10,7 +10,7 @@ order before its blocks (so that each attention window is contiguous) and back a
 Scores, one per merged unit (the unit's ``merge**2`` patches averaged):
 
 * ``cosine_mean``: cosine between the unit's mean merger-input state (the last block's output) and
-  the mean of those over its image (or video);
+  the mean of those over its image (or video); ``mean_distance``: 1 - that (the default);
 * ``attn_received``: the attention the unit's patches receive in the tower's last block, from the
   block's own q/k with the tower's rotary embedding, within the block's attention segments;
 * ``random``: seeded uniform.

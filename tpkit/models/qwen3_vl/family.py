@@ -4,7 +4,8 @@ from ``get_rope_index``), so the family extends :class:`tpkit.models.qwen2_vl.fa
 and says what differs.
 
 * **Tower**: a ViT with learned position embeddings resampled to each image, no windows, no CLS; stage 1
-  scores the merged units at the merger's input (``cosine_mean`` or ``attn_received``), as on Qwen2-VL.
+  scores the merged units at the merger's input (``mean_distance``, ``cosine_mean`` or
+  ``attn_received``), as on Qwen2-VL.
 * **DeepStack** (Qwen3-VL): the outputs of the tower blocks ``deepstack_visual_indexes`` pass through
   their own mergers, one row per merged unit, and stock adds them to the visual tokens' hidden states
   after decoder layers 0..n-1. The family hands the kept units' rows to the core
