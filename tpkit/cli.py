@@ -188,14 +188,16 @@ def _train_locked(args: argparse.Namespace, cfg: Any, out: Path, command: str) -
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     from tpkit.data.errors import LlavaDataError
-    from tpkit.training.checkpoint import TrainingStopped
+    from tpkit.training.checkpoint import PeerExitNotice, TrainingStopped
     from tpkit.training.module import NonFiniteError, NothingTrainedError
     from tpkit.training.recipe import fit
     from tpkit.training.teacher_cache.cache import TeacherCacheError
 
     rank0 = rank_zero_only.rank == 0  # under ddp every rank runs this command
     try:
-        res = fit(cfg, resume=args.resume, overwrite=args.overwrite)
+        # a rank killed outright: rank 0 says how to resume before Lightning's observer kills it too
+        notice = PeerExitNotice(lambda: _checkpoint_hint(out, command) or " No checkpoint was written yet.")
+        res = fit(cfg, resume=args.resume, overwrite=args.overwrite, callbacks=[notice])
     except TrainingStopped as e:
         if rank0:
             print(f"{e}\ncontinue with: {command} --resume", file=sys.stderr)

@@ -288,3 +288,45 @@ def test_a_checkpoint_that_loads_safely_but_is_wrong_is_named(
         err = capsys.readouterr().err
         assert err.startswith(f"error: {ckpt}: ") and re.search(message, err), err
         assert not (tmp_path / "export").exists()
+
+
+def test_rank0_says_how_to_resume_before_the_process_observer_kills_it(capsys):
+    """A rank killed outright: Lightning's observer SIGKILLs rank 0 too, so the notice must be printed
+    from inside the observer, first. The stand-in has the real observer's name and method."""
+    import threading
+    from types import SimpleNamespace
+
+    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+
+    from tpkit.training.checkpoint import OBSERVER_THREAD, PeerExitNotice
+
+    real = _ChildProcessObserver(main_pid=os.getpid(), child_processes=[])  # not started
+    assert real.name == OBSERVER_THREAD and callable(real._terminate_all)
+    killed: list[str] = []
+    stop = threading.Event()
+
+    class Observer(threading.Thread):
+        def run(self) -> None:
+            stop.wait(30)
+
+        def _terminate_all(self) -> None:  # what the notice printed by the time the kill comes
+            killed.append(capsys.readouterr().err)
+
+    obs = Observer(name=OBSERVER_THREAD, daemon=True)
+    obs.start()
+    try:
+        notice = PeerExitNotice(lambda: "\ncontinue with: tpkit train --config c.yaml --resume")
+        notice.setup(SimpleNamespace(is_global_zero=False), None, "fit")
+        assert notice.wrapped == 0  # only rank 0 launched the others
+        notice.setup(SimpleNamespace(is_global_zero=True), None, "fit")
+        notice.setup(SimpleNamespace(is_global_zero=True), None, "validate")  # wrapped once
+        assert notice.wrapped == 1
+        obs._terminate_all()
+    finally:
+        stop.set()
+        obs.join()
+    assert len(killed) == 1
+    assert (
+        "stopping every rank" in killed[0]
+        and "continue with: tpkit train --config c.yaml --resume" in killed[0]
+    )

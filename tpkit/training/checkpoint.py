@@ -9,13 +9,19 @@ ranks' flags at the next step boundary, and all of them stop there together, aft
 Lightning's own SIGTERM handler calls a collective inside the handler, which hangs a DDP run when
 the signal reaches one rank only: ours replaces it for the training loop. A second signal aborts at
 once, keeping the last checkpoint.
+
+A rank that dies outright (SIGKILL, the OOM killer) cannot say anything, and Lightning's process
+observer in rank 0 kills every other rank within seconds, SIGKILL included, before rank 0 may see
+the error of its next collective: :class:`PeerExitNotice` has rank 0 print how to resume first.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +32,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from tpkit.data.errors import LlavaDataError
 
-__all__ = ["AtomicCheckpointIO", "LastCheckpoint", "TrainingStopped", "LAST"]
+__all__ = ["AtomicCheckpointIO", "LastCheckpoint", "PeerExitNotice", "TrainingStopped", "LAST"]
 
 LAST = "last.ckpt"  # tpkit.training.rundir.RUN_FILES names it too
 
@@ -54,6 +60,51 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             if tmp.exists():
                 tmp.unlink()
+
+
+# the thread Lightning's subprocess launcher starts in rank 0 to watch the ranks it launched
+OBSERVER_THREAD = "child-process-observer"
+
+
+class PeerExitNotice(L.Callback):
+    """Rank 0 prints ``message()`` (what to do next: where the checkpoint is, how to resume) when a
+    rank it launched exits with an error, before Lightning's observer kills the run.
+
+    That observer polls the launched ranks every few seconds and, when one failed, SIGKILLs them
+    all and rank 0 itself: no ``except`` or ``finally`` runs, so without this notice the run ends
+    silently whenever the observer wins the race against rank 0's failing collective (a busy
+    machine, a collective that hangs instead of failing). A launcher without that observer (one
+    process, torchrun, SLURM) leaves nothing to wrap.
+    """
+
+    def __init__(self, message: Callable[[], str]) -> None:
+        self.message = message
+        self.wrapped = 0  # observer threads wrapped (tests)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        for thread in threading.enumerate():
+            terminate = getattr(thread, "_terminate_all", None)
+            if (
+                thread.name != OBSERVER_THREAD
+                or not callable(terminate)
+                or getattr(terminate, "_tpkit", False)
+            ):
+                continue
+            thread._terminate_all = self._announcing(terminate)  # type: ignore[attr-defined]
+            self.wrapped += 1
+
+    def _announcing(self, terminate: Callable[[], None]) -> Callable[[], None]:
+        def terminate_all() -> None:
+            try:
+                msg = f"a training process ended with an error: stopping every rank.{self.message()}"
+                print(msg, file=sys.stderr, flush=True)
+            finally:
+                terminate()
+
+        terminate_all._tpkit = True  # type: ignore[attr-defined]
+        return terminate_all
 
 
 class TrainingStopped(Exception):
