@@ -79,21 +79,20 @@ class PeerExitNotice(L.Callback):
 
     def __init__(self, message: Callable[[], str]) -> None:
         self.message = message
-        self.wrapped = 0  # observer threads wrapped (tests)
+        self.threads: set[threading.Thread] = set()  # the observer threads wrapped
+
+    @property
+    def wrapped(self) -> int:
+        return len(self.threads)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not trainer.is_global_zero:
             return
         for thread in threading.enumerate():
             terminate = getattr(thread, "_terminate_all", None)
-            if (
-                thread.name != OBSERVER_THREAD
-                or not callable(terminate)
-                or getattr(terminate, "_tpkit", False)
-            ):
-                continue
-            thread._terminate_all = self._announcing(terminate)  # type: ignore[attr-defined]
-            self.wrapped += 1
+            if thread.name == OBSERVER_THREAD and callable(terminate) and thread not in self.threads:
+                thread._terminate_all = self._announcing(terminate)  # type: ignore[attr-defined]
+                self.threads.add(thread)
 
     def _announcing(self, terminate: Callable[[], None]) -> Callable[[], None]:
         def terminate_all() -> None:
@@ -103,7 +102,6 @@ class PeerExitNotice(L.Callback):
             finally:
                 terminate()
 
-        terminate_all._tpkit = True  # type: ignore[attr-defined]
         return terminate_all
 
 
