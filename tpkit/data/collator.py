@@ -129,7 +129,9 @@ class LlavaCollator:
         self._parts = self._content_as_parts()
         # one fixed-size image per sample (LlavaProcessor): its count needs no image
         self._fixed = type(processor).__name__ == "LlavaProcessor"
-        self._mm_types = False  # the processor marks each token's modality (set by encode_visual)
+        # the key under which the processor marks each token's modality (set by encode_visual): Qwen's
+        # mm_token_type_ids, Gemma 3's token_type_ids (its images attend bidirectionally by them); None
+        self._types_key: str | None = None
         self._marks: tuple[list[int], list[int], int] | None = None  # see _markers
 
     def _content_as_parts(self) -> bool:
@@ -470,7 +472,12 @@ class LlavaCollator:
             Counts([next(rows) for _ in ims], [next(rows) for _ in vs]) for ims, vs in zip(images, videos)
         ]
         text_keys = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
-        self._mm_types = "mm_token_type_ids" in out  # rebuilt for the final ids (Qwen2-VL needs it)
+        # rebuilt for the final ids: Qwen2-VL's M-RoPE needs them, Gemma 3's image attention too. A plain
+        # tokenizer's token_type_ids (segment ids, all 0 here) mark nothing and are left out
+        if "mm_token_type_ids" in out:
+            self._types_key = "mm_token_type_ids"
+        elif "token_type_ids" in out and bool(out["token_type_ids"].any()):
+            self._types_key = "token_type_ids"
         return {k: v for k, v in out.items() if k not in text_keys}, counts
 
     # ---- images and videos ------------------------------------------------------------------
@@ -593,10 +600,8 @@ class LlavaCollator:
             # videos: pixel_values_videos (+ grids); a text-only batch: none
             **visual,
         }
-        if self._mm_types:  # the processor's modality of each token, as it marks them
-            batch["mm_token_type_ids"] = torch.tensor(
-                self.processor.create_mm_token_type_ids(input_ids.tolist())
-            )
+        if self._types_key:  # the processor's modality of each token, as it marks them
+            batch[self._types_key] = torch.tensor(self.processor.create_mm_token_type_ids(input_ids.tolist()))
         ids = [str(r.get("id")) for r in records]
         if self.mode != "eval":
             labels = np.where(answer_mask, input_ids, IGNORE_INDEX)
