@@ -1,7 +1,7 @@
 """lmms-eval runs tpkit on every family: the local tasks in lmms_family_tasks/ (several images, a video
 file or no visual per request; multiple-choice loglikelihood over images and videos) through
-lmms-eval's own ``simple_evaluate`` on tiny random LLaVA-NeXT, LLaVA-OneVision and Qwen2.5-VL models
-with offline processors (and the LLaVA-1.5 fixture: text-only requests, multi-image refused).
+lmms-eval's own ``simple_evaluate`` on tiny random LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, InternVL and
+Gemma 3 models with offline processors (and the LLaVA-1.5 fixture: text-only requests, multi-image refused).
 
 The models are random: what is asserted is exact, not accuracy. Batch 4 gives the answers and the
 per-sample token counts of batch 1; every count is the processor's (images, pooled frames, merged
@@ -29,9 +29,11 @@ from PIL import Image  # noqa: E402
 
 from tests.data.test_multimodal_collator import qwen_ids  # noqa: E402
 from tests.data.test_video import write_video  # noqa: E402
+from tests.models.gemma3.processor import build_gemma3_processor, model_ids  # noqa: E402
 from tests.models.internvl.processor import build_internvl_processor, offline_video_processor  # noqa: E402
 from tpkit.data.processor import build_next_processor, build_onevision_processor  # noqa: E402
 from tpkit.data.qwen_processor import build_qwen2_vl_processor  # noqa: E402
+from tpkit.models.gemma3.tiny import build_tiny_gemma3  # noqa: E402
 from tpkit.models.internvl.tiny import build_tiny_internvl  # noqa: E402
 from tpkit.models.llava_next.tiny import tiny_next_config, tiny_onevision_config  # noqa: E402
 from tpkit.models.qwen2_vl.tiny import tiny_config as tiny_qwen_config  # noqa: E402
@@ -53,6 +55,7 @@ FAMILY_TASKS = {
     "llava_onevision": ["images", "video", "text"],
     "qwen2_5_vl": ["images", "video", "text"],
     "internvl": ["images", "video", "text"],
+    "gemma3": ["images", "text"],
 }
 VISUAL_FAMILIES = [f for f, kinds in FAMILY_TASKS.items() if "images" in kinds]
 
@@ -140,6 +143,10 @@ def models(tmp_path_factory) -> dict[str, tuple[Path, object]]:
             seed=0, vocab_size=len(p.tokenizer), pad_token_id=p.tokenizer.pad_token_id
         )
         out["internvl"] = (save(model, p, root / "internvl"), p)
+    # Gemma 3: transformers' Gemma3Processor (images resized to 32 px, 16 soft tokens each) over a local
+    # tokenizer with Gemma's image and turn tokens
+    p = build_gemma3_processor()
+    out["gemma3"] = (save(build_tiny_gemma3(seed=0, **model_ids(p)), p, root / "gemma3"), p)
     return out
 
 
@@ -216,7 +223,9 @@ def test_token_counts_of_each_kind_of_request(runs, models, data, family):
         # the processor's own count for the images of one request (OneVision: base views when several)
         ref = processor(text=[processor.image_token * len(images)], images=[images], return_tensors="pt")
         assert tc["n_images"] == len(images) and tc["n_videos"] == 0
-        assert tc["n_visual"] == int((ref["input_ids"] == processor.image_token_id).sum())
+        # the placeholders the processor writes (Gemma 3's soft tokens, not the <start_of_image> it expands)
+        placeholder = processor.tokenizer.image_token_id if family == "gemma3" else processor.image_token_id
+        assert tc["n_visual"] == int((ref["input_ids"] == placeholder).sum())
         assert (
             0 < tc["k1"] <= tc["n_visual"]
             and tc["k2"] <= tc["n_prompt"]

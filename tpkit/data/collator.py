@@ -129,6 +129,8 @@ class LlavaCollator:
         self._parts = self._content_as_parts()
         # one fixed-size image per sample (LlavaProcessor): its count needs no image
         self._fixed = type(processor).__name__ == "LlavaProcessor"
+        # the processor takes the images one list per text row (Gemma 3's), not grouped by record
+        self._image_rows = type(processor).__name__ == "Gemma3Processor"
         # the key under which the processor marks each token's modality (set by encode_visual): Qwen's
         # mm_token_type_ids, Gemma 3's token_type_ids (its images attend bidirectionally by them); None
         self._types_key: str | None = None
@@ -433,7 +435,8 @@ class LlavaCollator:
         LLaVA-1.5 (one fixed-size image): the image processor, and the run's length from its output
         size. The other processors: the processor itself, on one placeholder per image and per video
         (record after record, each record's images, then its videos: the order they take in its
-        prompt; the images grouped by record, so that OneVision knows a multi-image sample), so that
+        prompt; the images grouped by record, so that OneVision knows a multi-image sample, or one per
+        row where the processor asks for it: Gemma 3's), so that
         the runs (crops, newlines, merged units, pooled frames, InternVL's markers) and the tensors
         (``image_sizes``, ``batch_num_images``, ``image_grid_thw``, ``pixel_values_videos``,
         ``video_grid_thw``, ``second_per_grid_ts``; InternVL's tiles in prompt order) are exactly the
@@ -455,8 +458,8 @@ class LlavaCollator:
         if clips and self.video_token is None:
             raise ValueError(f"{type(self.processor).__name__} takes no videos (it has no video processor)")
         kw: dict[str, Any] = {}
-        if flat:
-            kw["images"] = [ims for ims in images if ims]
+        if flat:  # Gemma 3's checks each text row's images against its one placeholder: a row each
+            kw["images"] = [[im] for im in flat] if self._image_rows else [ims for ims in images if ims]
         if clips:
             kw["videos"] = [v.frames for v in clips]
             kw["video_metadata"] = [v.metadata() for v in clips]

@@ -39,13 +39,16 @@ def _model(processor, seed: int = 0):
 def _records(n: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     out = []
-    for i in range(n):
-        image = Image.fromarray(rng.integers(0, 255, (32 + 8 * i, 40, 3), dtype=np.uint8))
+    for i in range(n):  # record 1 holds two images
+        images = [
+            Image.fromarray(rng.integers(0, 255, (32 + 8 * i, 40 - 4 * k, 3), dtype=np.uint8))
+            for k in range(1 + (i == 1))
+        ]
         conv = [
-            {"from": "human", "value": "<image>\nWhat color is the circle?"},
+            {"from": "human", "value": "<image>\n" * len(images) + "What color is the circle?"},
             {"from": "gpt", "value": "red"},
         ]
-        out.append({"id": f"r{i}", "image": image, "conversations": conv})
+        out.append({"id": f"r{i}", "image": images, "conversations": conv})
     return out
 
 
@@ -55,7 +58,7 @@ def test_collator_ids_pixels_and_token_types_are_the_processors(processor):
     batch = collator(records)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     soft = processor.tokenizer.image_token_id
-    assert (ids == soft).sum(1).tolist() == [16, 16, 16]
+    assert (ids == soft).sum(1).tolist() == [16, 32, 16]
     assert collator.sequence_lengths(records) == mask.sum(1).tolist()
     assert torch.equal(batch["token_type_ids"], (ids == soft).long())
     for b, r in enumerate(records):  # what the processor makes of the rendered conversation
@@ -65,7 +68,10 @@ def test_collator_ids_pixels_and_token_types_are_the_processors(processor):
         row = mask[b].bool()
         assert torch.equal(ids[b][row], ref["input_ids"][0])
         assert torch.equal(batch["token_type_ids"][b][row], ref["token_type_ids"][0])
-        torch.testing.assert_close(batch["pixel_values"][b], ref["pixel_values"][0])
+        first = [0, 1, 3][b]  # the batch's images in prompt order
+        torch.testing.assert_close(
+            batch["pixel_values"][first : first + len(r["image"])], ref["pixel_values"]
+        )
         answer = ids[b][row][batch["answer_mask"][b][row]]
         assert processor.tokenizer.decode(answer).startswith("red")
     model = _model(processor)

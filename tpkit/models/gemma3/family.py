@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tpkit.models.core.family import Family, first_missing, random_text
+from tpkit.models.core.family import Family, HarnessSupport, first_missing, random_text
 from tpkit.models.core.layers import LayerRule, rules_from_config
 from tpkit.models.core.visual import VisualTokens, select_visual
 from tpkit.models.gemma3.tiny import ARCHITECTURES, tiny_gemma3_config
@@ -62,6 +62,7 @@ class Gemma3Family(Family):
     classes = ("Gemma3ForConditionalGeneration",)
     visual_keys = ("pixel_values", "token_type_ids")
     packed_visual_keys = ("pixel_values",)  # rows are images: a sample's images expand together
+    harness = HarnessSupport(images=None)  # several images per request; Gemma 3 takes no video
     builders = {"gemma3": (tiny_gemma3_config, "Gemma3ForConditionalGeneration")}
     architectures = ARCHITECTURES
 
