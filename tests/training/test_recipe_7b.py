@@ -1,6 +1,6 @@
 """The 7B training configs load, and their students build on the meta device (no download):
 configs/train/llava15_7b.yaml from llava-hf's config written by hand, the LLaVA-NeXT, LLaVA-OneVision,
-Qwen2.5-VL and Gemma 3 ones from the --random-init shape each names (their eval configs with them)."""
+Qwen2.5-VL, InternVL3 and Gemma 3 ones from the --random-init shape each names (their eval configs with them)."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_7b_recipe_loads_and_builds_on_meta():
 
 
 # ---------------------------------------------------------------------------------------------------
-# LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, Gemma 3: each config names the --random-init shape that is its model
+# LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, InternVL3, Gemma 3: each config names the --random-init shape that is its model
 # with random weights; the numbers its comments claim are computed here from that shape.
 
 
@@ -107,6 +107,9 @@ RECIPES = {
                             (8.2e9, 8.35e9), (28, 3584, 512, 18944), 40_370_176, 1369, 66, 408, 304, 391),
     # Gemma 3 4B: 34 layers of 2560, 8 heads and 4 kv heads of 256 (q is 2048 wide), MLP 10240; every image
     # 896 px, 256 pooled tokens between <start_of_image> and <end_of_image>
+    # InternVL3-8B: InternViT-300M (448 px tiles, 256 tokens each) + Qwen2.5-7B (the same LM shape)
+    "internvl3_8b": Recipe("OpenGVLab/InternVL3-8B-hf", "internvl3-8b", "InternVLForConditionalGeneration",
+                           (7.9e9, 8.0e9), (28, 3584, 512, 18944), 40_370_176, 1280, 66, 378, 285, 3328),
     "gemma3_4b": Recipe("google/gemma-3-4b-it", "gemma-3-4b", "Gemma3ForConditionalGeneration",
                         (4.25e9, 4.35e9), (34, 2560, 1024, 10240), 29_802_496, 256, 66, 40, 69, 256),
 }  # fmt: skip
@@ -114,6 +117,14 @@ RECIPES = {
 
 def _photo_tokens(model, family) -> int:
     """Visual tokens of a 640 x 480 photo at the hub processor's defaults."""
+    if type(model).__name__.startswith("InternVL"):  # tiles at the hub processor's defaults + the thumbnail
+        import transformers
+
+        from tpkit.models.internvl.tiny import tokens_per_tile
+
+        cls = getattr(transformers, "GotOcr2ImageProcessorPil", None) or transformers.GotOcr2ImageProcessor
+        tiles = cls(size={"height": 448, "width": 448}, crop_to_patches=True, min_patches=1, max_patches=12)
+        return tiles.get_number_of_image_patches(480, 640, {}) * tokens_per_tile(model.config)
     if type(model).__name__.startswith("Gemma3"):  # resized to the tower's size, pooled to a fixed count
         return model.config.mm_tokens_per_image
     if type(model).__name__.startswith("Qwen"):

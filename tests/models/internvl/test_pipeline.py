@@ -117,13 +117,13 @@ def test_evaluate_on_a_saved_internvl_checkpoint(processor, tmp_path, capsys):
         data = generate_split(str(tmp_path / "data"), split="test", n=4, seed=2)
         argv = ["evaluate", "--device", "cpu", "--out", str(tmp_path / "out"), "--set", f"model.path={tmp_path / 'base'}",
                 "model.dtype=float32", f"data.test_json={data}", "data.eval_batch_size=2", "pruning.stage2.layer=1",
-                "eval.methods=[dense,ours,random,topk-cls,fastv]", "eval.max_new_tokens=2", "eval.budgets=[0.4]",
+                "eval.methods=[dense,ours-s1,ours,random,topk-cls,fastv,prumerge-iqr]", "eval.max_new_tokens=2", "eval.budgets=[0.4]",
                 "eval.fastv_layer=1", "eval.progress=false", "speed.batch_size=2", "speed.repeats=1",
                 "speed.warmup=0", "speed.decode_tokens=1"]  # fmt: skip
         assert main(argv) == 0
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     ours = res["methods"]["ours"]
-    assert {"dense", "ours", "random", "topk-cls", "fastv"} <= set(res["methods"])
+    assert {"dense", "ours-s1", "ours", "random", "topk-cls", "fastv", "prumerge-iqr"} <= set(res["methods"])
     assert 0 < ours["tokens"]["fraction"]["mean"] < 1 and ours["speed"]["prefill"]["median_ms"] > 0
     assert res["methods"]["dense"]["tokens"]["fraction"]["mean"] == 1.0
     assert "report:" in capsys.readouterr().out
