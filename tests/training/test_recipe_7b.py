@@ -1,6 +1,6 @@
 """The 7B training configs load, and their students build on the meta device (no download):
 configs/train/llava15_7b.yaml from llava-hf's config written by hand, the LLaVA-NeXT, LLaVA-OneVision,
-Qwen2.5-VL, InternVL3 and Gemma 3 ones from the --random-init shape each names (their eval configs with them)."""
+Qwen2.5-VL, Qwen3-VL, InternVL3 and Gemma 3 ones from the --random-init shape each names (their eval configs with them)."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_7b_recipe_loads_and_builds_on_meta():
 
 
 # ---------------------------------------------------------------------------------------------------
-# LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, InternVL3, Gemma 3: each config names the --random-init shape that is its model
+# LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL, InternVL3, Gemma 3: each config names the --random-init shape that is its model
 # with random weights; the numbers its comments claim are computed here from that shape.
 
 
@@ -107,6 +107,9 @@ RECIPES = {
                             (8.2e9, 8.35e9), (28, 3584, 512, 18944), 40_370_176, 1369, 66, 408, 304, 391),
     # Gemma 3 4B: 34 layers of 2560, 8 heads and 4 kv heads of 256 (q is 2048 wide), MLP 10240; every image
     # 896 px, 256 pooled tokens between <start_of_image> and <end_of_image>
+    # Qwen3-VL-8B: Qwen3-8B (36 layers of 4096, 8 kv heads of 128, MLP 12288), a 27-block ViT of 16 px patches
+    "qwen3_vl_8b": Recipe("Qwen/Qwen3-VL-8B-Instruct", "qwen3-vl-8b", "Qwen3VLForConditionalGeneration",
+                          (8.7e9, 8.8e9), (36, 4096, 1024, 12288), 43_646_976, 1024, 66, 294, 233, 300),
     # InternVL3-8B: InternViT-300M (448 px tiles, 256 tokens each) + Qwen2.5-7B (the same LM shape)
     "internvl3_8b": Recipe("OpenGVLab/InternVL3-8B-hf", "internvl3-8b", "InternVLForConditionalGeneration",
                            (7.9e9, 8.0e9), (28, 3584, 512, 18944), 40_370_176, 1280, 66, 378, 285, 3328),
@@ -130,6 +133,9 @@ def _photo_tokens(model, family) -> int:
     if type(model).__name__.startswith("Qwen"):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
+        if type(model).__name__.startswith("Qwen3"):  # 16-px patches, Qwen3-VL's pixel budget
+            h, w = smart_resize(480, 640, factor=32, min_pixels=65536, max_pixels=16777216)
+            return (h // 32) * (w // 32)
         h, w = smart_resize(480, 640, factor=28, min_pixels=3136, max_pixels=12845056)
         return (h // 28) * (w // 28)  # one token per 2 x 2 merge of 14-px patches
     return family.image_token_count(model, (480, 640))
