@@ -32,11 +32,12 @@ from tests.data.test_video import write_video  # noqa: E402
 from tests.models.gemma3.processor import build_gemma3_processor, model_ids  # noqa: E402
 from tests.models.internvl.processor import build_internvl_processor, offline_video_processor  # noqa: E402
 from tpkit.data.processor import build_next_processor, build_onevision_processor  # noqa: E402
-from tpkit.data.qwen_processor import build_qwen2_vl_processor  # noqa: E402
+from tpkit.data.qwen_processor import build_qwen2_vl_processor, model_token_ids  # noqa: E402
 from tpkit.models.gemma3.tiny import build_tiny_gemma3  # noqa: E402
 from tpkit.models.internvl.tiny import build_tiny_internvl  # noqa: E402
 from tpkit.models.llava_next.tiny import tiny_next_config, tiny_onevision_config  # noqa: E402
 from tpkit.models.qwen2_vl.tiny import tiny_config as tiny_qwen_config  # noqa: E402
+from tpkit.models.qwen3_vl.tiny import build_tiny_qwen3  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "assets" / "tiny-llava"
@@ -56,6 +57,7 @@ FAMILY_TASKS = {
     "qwen2_5_vl": ["images", "video", "text"],
     "internvl": ["images", "video", "text"],
     "gemma3": ["images", "text"],
+    "qwen3_vl": ["images", "video", "text"],
 }
 VISUAL_FAMILIES = [f for f, kinds in FAMILY_TASKS.items() if "images" in kinds]
 
@@ -143,6 +145,14 @@ def models(tmp_path_factory) -> dict[str, tuple[Path, object]]:
             seed=0, vocab_size=len(p.tokenizer), pad_token_id=p.tokenizer.pad_token_id
         )
         out["internvl"] = (save(model, p, root / "internvl"), p)
+    # Qwen3-VL: as Qwen2.5-VL's sizes; each video frame its own timestamp and markers
+    p = build_qwen2_vl_processor(
+        image_size=32, patch_size=2, merge_size=2, video_pixels=16 * 16, variant="qwen3-vl"
+    )
+    model = build_tiny_qwen3(
+        seed=0, vocab_size=len(p.tokenizer), image_size=32, **model_token_ids(p.tokenizer)
+    )
+    out["qwen3_vl"] = (save(model, p, root / "qwen3"), p)
     # Gemma 3: transformers' Gemma3Processor (images resized to 32 px, 16 soft tokens each) over a local
     # tokenizer with Gemma's image and turn tokens
     p = build_gemma3_processor()
@@ -270,7 +280,9 @@ def test_loglikelihood_agrees_with_generation(runs, models, data, family):
             # template ends in "ASSISTANT:" and its SentencePiece-style tokens start words with a
             # space (the first word, spaced); Qwen's ends in a newline, byte-level (the answer as is)
             first = (
-                f" {(answer.split() or ['yes'])[0]}" if family not in ("qwen2_5_vl", "internvl") else answer
+                f" {(answer.split() or ['yes'])[0]}"
+                if family not in ("qwen2_5_vl", "qwen3_vl", "internvl")
+                else answer
             )
             choices[doc_id] = [first, " no" if first.strip() != "no" else " yes"]
         tasks_at = task_dir(data, f"choice-{family}-{kind}", choices)

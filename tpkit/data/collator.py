@@ -134,6 +134,9 @@ class LlavaCollator:
         # the key under which the processor marks each token's modality (set by encode_visual): Qwen's
         # mm_token_type_ids, Gemma 3's token_type_ids (its images attend bidirectionally by them); None
         self._types_key: str | None = None
+        # Qwen3-VL's processor writes each video frame as <t seconds><|vision_start|>...<|vision_end|> and
+        # drops the chat template's own markers around the video (the text it collapses; None elsewhere)
+        self._video_wrapper = _qwen3_video_wrapper(processor)
         self._marks: tuple[list[int], list[int], int] | None = None  # see _markers
 
     def _content_as_parts(self) -> bool:
@@ -263,6 +266,8 @@ class LlavaCollator:
                     f"record id={r.get('id')!r}: {len(c.video)} video(s), but {type(self.processor).__name__} "
                     "takes no videos"
                 )
+            if self._video_wrapper and c.video:  # Qwen3-VL: each frame is wrapped by the processor instead
+                text, sp = _collapse(text, sp, self._video_wrapper, self.video_token)
             text, sp, c = self._inline(text, sp, c)
             texts.append(text)
             spans.append(np.asarray(sp, dtype=np.int64).reshape(-1, 2))
@@ -619,6 +624,32 @@ class LlavaCollator:
         if skipped:
             batch["skipped"] = skipped
         return batch
+
+
+def _qwen3_video_wrapper(processor: Any) -> str | None:
+    """``<|vision_start|><|video_pad|><|vision_end|>`` for a Qwen3-VL-style processor, else None."""
+    try:
+        from transformers import Qwen3VLProcessor
+    except ImportError:  # pragma: no cover - every supported transformers has it
+        return None
+    if not isinstance(processor, Qwen3VLProcessor):
+        return None
+    return f"{processor.vision_start_token}{processor.video_token}{processor.vision_end_token}"
+
+
+def _collapse(
+    text: str, spans: list[tuple[int, int]], wrapper: str, token: str
+) -> tuple[str, list[tuple[int, int]]]:
+    """``text`` with every ``wrapper`` replaced by ``token``, the character spans after each moved back."""
+    cut = len(wrapper) - len(token)
+    at = [i for i in range(len(text)) if text.startswith(wrapper, i)]
+    for a in reversed(at):
+        text = text[:a] + token + text[a + len(wrapper) :]
+        spans = [
+            (x - cut if x >= a + len(wrapper) else x, y - cut if y >= a + len(wrapper) else y)
+            for x, y in spans
+        ]
+    return text, spans
 
 
 @dataclass

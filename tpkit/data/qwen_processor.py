@@ -1,14 +1,15 @@
-"""Offline Qwen2-VL and Qwen2.5-VL processors: a byte-level BPE tokenizer trained locally, Qwen2-VL's
-PIL image processor, a PIL video processor and Qwen's chat template.
+"""Offline Qwen2-VL, Qwen2.5-VL and Qwen3-VL processors: a byte-level BPE tokenizer trained locally,
+Qwen2-VL's PIL image processor, a PIL video processor and Qwen's chat template.
 
 transformers cannot build ``Qwen2VLProcessor`` without torchvision: the processor declares a video
 processor, every video processor is a torchvision one, and ``ProcessorMixin`` checks each declared
-part's class. :class:`OfflineQwen2VLProcessor` (and :class:`OfflineQwen2_5_VLProcessor`) is the stock
-class with the declared video part left out (its ``__init__`` takes no ``video_processor``), so it
-builds, saves and loads anywhere, and :class:`tpkit.data.video.QwenVideoProcessorPil` in its place,
-derived from the image processor and a per-frame pixel budget (saved with the processor); everything
-else is stock: placeholder expansion (``<|image_pad|>`` / ``<|video_pad|>`` repeated once per merged
-2 x 2 unit), ``image_grid_thw``, ``video_grid_thw``, Qwen2.5-VL's ``second_per_grid_ts``,
+part's class. :class:`OfflineQwen2VLProcessor` (and :class:`OfflineQwen2_5_VLProcessor`,
+:class:`OfflineQwen3VLProcessor`) is the stock class with the declared video part left out (its
+``__init__`` takes no ``video_processor``), so it builds, saves and loads anywhere, and
+:class:`tpkit.data.video.QwenVideoProcessorPil` in its place, derived from the image processor and a
+per-frame pixel budget (saved with the processor); everything else is stock: placeholder expansion
+(``<|image_pad|>`` / ``<|video_pad|>`` repeated once per merged 2 x 2 unit; Qwen3-VL's per-frame
+timestamps and markers), ``image_grid_thw``, ``video_grid_thw``, Qwen2.5-VL's ``second_per_grid_ts``,
 ``mm_token_type_ids``, the chat template's ``<|vision_start|>`` / ``<|vision_end|>``.
 
 It registers itself with ``AutoProcessor`` when this module is imported (``tpkit.models.load_processor``
@@ -38,6 +39,7 @@ from transformers import (
     ProcessorMixin,
     Qwen2_5_VLProcessor,
     Qwen2VLProcessor,
+    Qwen3VLProcessor,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -47,6 +49,7 @@ from tpkit.data.video import QwenVideoProcessorPil
 __all__ = [
     "OfflineQwen2VLProcessor",
     "OfflineQwen2_5_VLProcessor",
+    "OfflineQwen3VLProcessor",
     "build_qwen2_vl_processor",
     "model_token_ids",
     "train_byte_level_tokenizer",
@@ -92,6 +95,7 @@ _TEMPLATE_LINES = ["system\nYou are a helpful assistant.\n", "user\n", "assistan
 # the keys they register under with AutoProcessor (names, not config classes: no model maps to them)
 _AUTO_KEY = "tpkit_offline_qwen2_vl"
 _AUTO_KEY_2_5 = "tpkit_offline_qwen2_5_vl"
+_AUTO_KEY_3 = "tpkit_offline_qwen3_vl"
 # transformers' Qwen2VLVideoProcessor size: the per-frame pixel budget of a video
 VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 128 * 28 * 28, 768 * 28 * 28
 
@@ -147,6 +151,10 @@ class _OfflineParts:
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+        # Qwen3-VL's processor also names the markers around each image (and each video frame)
+        self.vision_start_token, self.vision_end_token = VISION_START, VISION_END
+        self.vision_start_token_id = tokenizer.convert_tokens_to_ids(VISION_START)
+        self.vision_end_token_id = tokenizer.convert_tokens_to_ids(VISION_END)
         self.video_min_pixels = int(video_min_pixels or VIDEO_MIN_PIXELS)
         self.video_max_pixels = int(video_max_pixels or VIDEO_MAX_PIXELS)
         self.video_processor = QwenVideoProcessorPil(
@@ -167,8 +175,16 @@ class OfflineQwen2_5_VLProcessor(_OfflineParts, Qwen2_5_VLProcessor):
     frames' rate, from the ``video_metadata`` a call passes: 24 frames per second when none)."""
 
 
+class OfflineQwen3VLProcessor(_OfflineParts, Qwen3VLProcessor):
+    """``Qwen3VLProcessor`` with the same parts: 16-px patches (the image processor's), and a video's
+    frames each ``<t seconds><|vision_start|>...<|vision_end|>`` with the timestamp of its temporal
+    patch (from the ``video_metadata`` a call passes: 24 frames per second when none), as stock writes
+    them."""
+
+
 AutoProcessor.register(_AUTO_KEY, OfflineQwen2VLProcessor, exist_ok=True)
 AutoProcessor.register(_AUTO_KEY_2_5, OfflineQwen2_5_VLProcessor, exist_ok=True)
+AutoProcessor.register(_AUTO_KEY_3, OfflineQwen3VLProcessor, exist_ok=True)
 
 
 def build_qwen2_vl_processor(
@@ -193,9 +209,14 @@ def build_qwen2_vl_processor(
     time, as stock does). ``corpus``: the tokenizer's training text (default: the template's words
     only; any text still encodes, byte by byte). Video frames are resized to about ``video_pixels``
     each (default: the image area) and cut into the same patches, ``temporal_patch_size`` frames per
-    patch. ``variant``: ``"qwen2-vl"`` or ``"qwen2.5-vl"`` (the processor class of each).
+    patch. ``variant``: ``"qwen2-vl"``, ``"qwen2.5-vl"`` or ``"qwen3-vl"`` (the processor class of each;
+    Qwen3-VL's patches are 16 px: pass ``patch_size=16``).
     """
-    classes = {"qwen2-vl": OfflineQwen2VLProcessor, "qwen2.5-vl": OfflineQwen2_5_VLProcessor}
+    classes = {
+        "qwen2-vl": OfflineQwen2VLProcessor,
+        "qwen2.5-vl": OfflineQwen2_5_VLProcessor,
+        "qwen3-vl": OfflineQwen3VLProcessor,
+    }
     if variant not in classes:
         raise ValueError(f"variant = {variant!r}: one of {', '.join(classes)}")
     if image_size % (patch_size * merge_size):

@@ -1,0 +1,139 @@
+"""Qwen3-VL through the whole pipeline with tpkit's offline ``Qwen3VLProcessor``
+(:class:`tpkit.data.qwen_processor.OfflineQwen3VLProcessor`: the stock class, its PIL image processor, a PIL
+video processor in place of the torchvision one): the collator's ids, pixels, grids and
+``mm_token_type_ids`` are the processor's; a video's frames each carry their timestamp and markers, as
+Qwen3-VL's processor writes them; ``tpkit evaluate`` runs on a ``save_pretrained`` checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tpkit.data.collator import LlavaCollator
+from tpkit.data.qwen_processor import build_qwen2_vl_processor, model_token_ids
+from tpkit.data.video import Video
+from tpkit.models import attach_pruner
+from tpkit.models.qwen3_vl.tiny import build_tiny_qwen3
+from tpkit.pruning import PruningConfig, Stage1Config, Stage2Config
+
+KEEP_ALL = PruningConfig(
+    stage1=Stage1Config(selector="ratio", ratio=1.0),
+    stage2=Stage2Config(selector="ratio", ratio=1.0, layer=1),
+)
+KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+
+
+@pytest.fixture(scope="module")
+def processor():
+    from tpkit.synthetic.questions import text_corpus
+
+    # images at about 64 x 64 px: 4 x 4 patches of 16 px, 2 x 2 merged units; video frames at 32 x 32
+    return build_qwen2_vl_processor(
+        image_size=64, patch_size=16, corpus=text_corpus(), video_pixels=32 * 32, variant="qwen3-vl"
+    )
+
+
+def _model(processor, seed: int = 0):
+    return build_tiny_qwen3(seed=seed, patch_size=16, image_size=64, vocab_size=len(processor.tokenizer),
+                            **model_token_ids(processor.tokenizer))  # fmt: skip
+
+
+def _records(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):  # record 1 holds two images
+        images = [
+            Image.fromarray(rng.integers(0, 255, (64 + 32 * i, 64, 3), dtype=np.uint8))
+            for _ in range(1 + (i == 1))
+        ]
+        conv = [
+            {"from": "human", "value": "<image>\n" * len(images) + "What color is the circle?"},
+            {"from": "gpt", "value": "red"},
+        ]
+        out.append({"id": f"r{i}", "image": images, "conversations": conv})
+    return out
+
+
+def test_collator_ids_pixels_and_types_are_the_processors(processor):
+    records = _records(3)
+    collator = LlavaCollator(processor, max_length=512, mode="train")
+    batch = collator(records)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    starts = (ids == processor.vision_start_token_id).sum(1).tolist()
+    assert starts == [1, 2, 1] and bool(((ids == processor.image_token_id).sum(1) > 0).all())
+    assert collator.sequence_lengths(records) == mask.sum(1).tolist()
+    rows = 0
+    for b, r in enumerate(records):  # what the processor makes of the rendered conversation
+        text = collator._texts(r)[0]
+        ref = processor(text=[text], images=r["image"], return_tensors="pt")
+        row = mask[b].bool()
+        assert torch.equal(ids[b][row], ref["input_ids"][0])
+        assert torch.equal(batch["mm_token_type_ids"][b][row], ref["mm_token_type_ids"][0])
+        n = int(ref["image_grid_thw"].prod(-1).sum())
+        assert torch.equal(batch["pixel_values"][rows : rows + n], ref["pixel_values"])
+        rows += n
+        answer = ids[b][row][batch["answer_mask"][b][row]]
+        assert processor.tokenizer.decode(answer).startswith("red")
+    model = _model(processor)
+    inputs = {k: batch[k] for k in KEYS}
+    with torch.no_grad():  # the model takes the batch as it comes; keep-all equals stock
+        stock = model(**inputs).logits
+        out = attach_pruner(model, KEEP_ALL)(**inputs)
+    for b in range(3):
+        kept = out.kept_index[b] >= 0
+        torch.testing.assert_close(out.logits[b][kept], stock[b][out.kept_index[b][kept]])
+
+
+def test_video_frames_carry_their_timestamps_and_markers(processor):
+    """Four frames sampled at 2 per second: two temporal patches, each ``<t seconds>`` (the mean time of
+    its frames) + ``<|vision_start|>`` + its units + ``<|vision_end|>``, and no markers around the whole
+    video (Qwen3-VL's processor drops the chat template's); the model runs the batch."""
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 255, (4, 32, 48, 3), dtype=np.uint8)
+    record = {"id": "v", "video": Video(frames, 4, 2.0, [0, 1, 2, 3]),
+              "conversations": [{"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "red"}]}  # fmt: skip
+    collator = LlavaCollator(processor, max_length=512, mode="train")
+    batch = collator([record])
+    text = processor.tokenizer.decode(batch["input_ids"][0])
+    units = "<|video_pad|>" * 1  # a 32 x 32 px frame: 2 x 2 patches, one merged unit
+    frame = "<{:.1f} seconds><|vision_start|>" + units + "<|vision_end|>"
+    # frames (0, 1) and (2, 3) at 2 per second: 0.25 s and 1.25 s, written with one decimal as stock does
+    assert "user\n" + frame.format(0.25) + frame.format(1.25) + "What happens?" in text
+    assert text.count("<|vision_start|>") == 2 and collator.sequence_lengths([record]) == [
+        batch["input_ids"].shape[1]
+    ]
+    assert processor.tokenizer.decode(batch["input_ids"][0][batch["answer_mask"][0]]).startswith("red")
+    model = _model(processor, seed=1)
+    keys = ("input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids")
+    with torch.no_grad():
+        stock = model(**{k: batch[k] for k in keys}).logits
+        out = attach_pruner(model, KEEP_ALL)(**{k: batch[k] for k in keys})
+    kept = out.kept_index[0] >= 0
+    torch.testing.assert_close(out.logits[0][kept], stock[0][out.kept_index[0][kept]])
+
+
+def test_evaluate_on_a_saved_qwen3_vl_checkpoint(processor, tmp_path, capsys):
+    """``tpkit evaluate`` on a tiny Qwen3-VL written by ``save_pretrained`` with its processor (no CLS:
+    the CLS-less score, no topk-cls)."""
+    import json
+
+    from tpkit.cli import main
+    from tpkit.synthetic.splits import generate_split
+
+    _model(processor).save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    data = generate_split(str(tmp_path / "data"), split="test", n=4, seed=2)
+    argv = ["evaluate", "--device", "cpu", "--out", str(tmp_path / "out"), "--set", f"model.path={tmp_path / 'base'}",
+            "model.dtype=float32", f"data.test_json={data}", "data.eval_batch_size=2", "pruning.stage1.score=null",
+            "pruning.stage1.min_keep=1", "pruning.stage2.layer=1", "eval.methods=[dense,ours,random,fastv]",
+            "eval.max_new_tokens=2", "eval.budgets=[]", "eval.fastv_layer=1", "eval.progress=false",
+            "speed.batch_size=2", "speed.repeats=1", "speed.warmup=0", "speed.decode_tokens=1"]  # fmt: skip
+    assert main(argv) == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    ours = res["methods"]["ours"]
+    assert {"dense", "ours", "random", "fastv"} <= set(res["methods"])
+    assert 0 < ours["tokens"]["fraction"]["mean"] < 1 and ours["speed"]["prefill"]["median_ms"] > 0
+    assert res["methods"]["dense"]["tokens"]["fraction"]["mean"] == 1.0
+    assert "report:" in capsys.readouterr().out
