@@ -373,7 +373,7 @@ class LlavaCollator:
         out: list[Counts | None] = [None] * len(records)
         for k, r in enumerate(records):
             sizes = [self._image_size(r, source) for source in self._image_sources(r)]
-            videos = [self._video_size(r, v) for v in self._video_sources(r)]
+            videos = [self._blank_video(r, v) for v in self._video_sources(r)]
             if len(sizes) == 1 and not videos:
                 single.append((k, sizes[0]))
             elif not sizes and not videos:
@@ -382,10 +382,7 @@ class LlavaCollator:
                 from PIL import Image
 
                 blank_images = [Image.new("RGB", (w, h)) for h, w in sizes]
-                blank_videos = [
-                    Video(np.zeros((f, h, w, 3), np.uint8), f, None, list(range(f))) for f, h, w in videos
-                ]
-                out[k] = self.encode_visual([blank_images], [blank_videos])[1][0]
+                out[k] = self.encode_visual([blank_images], [videos])[1][0]
         if single:
             before, after, extra = self._markers()  # extra: what the count holds besides placeholders
             got = self.processor._get_num_multimodal_tokens(image_sizes=[size for _, size in single])
@@ -406,17 +403,21 @@ class LlavaCollator:
         except (OSError, _Dropped) as e:
             raise ValueError(f"record id={record.get('id')!r}: cannot read image: {e}") from None
 
-    def _video_size(self, record: dict[str, Any], video: Any) -> tuple[int, int, int]:
-        """(frames as sampled, height, width) of a video source."""
+    def _blank_video(self, record: dict[str, Any], video: Any) -> Video:
+        """A video source as the collator will sample it, its frames black: their count and size, and the
+        file's frame count, rate and the sampled indices (Qwen3-VL writes each frame's time into the
+        prompt), read from the container without decoding."""
         if isinstance(video, Video):
-            video = video.frames
+            return Video(np.zeros_like(video.frames), video.total_num_frames, video.fps, video.frames_indices)
         if isinstance(video, np.ndarray):
-            return int(video.shape[0]), int(video.shape[1]), int(video.shape[2])
+            n = int(video.shape[0])
+            return Video(np.zeros_like(video), n, None, list(range(n)))
         try:
             total, height, width, rate = probe_video(self._image_path(record, video))
         except (VideoError, _Dropped) as e:
             raise ValueError(f"record id={record.get('id')!r}: {e}") from None
-        return len(sample_indices(total, self.max_frames, self.video_fps, rate)), height, width
+        indices = sample_indices(total, self.max_frames, self.video_fps, rate)
+        return Video(np.zeros((len(indices), height, width, 3), np.uint8), total, rate, indices.tolist())
 
     def sequence_lengths(self, records: Sequence[dict[str, Any]], batch_size: int = 256) -> list[int]:
         """Token count (image tokens included) of each record as this collator would build it."""

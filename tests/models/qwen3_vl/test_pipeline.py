@@ -35,8 +35,8 @@ def processor():
     )
 
 
-def _model(processor, seed: int = 0):
-    return build_tiny_qwen3(seed=seed, patch_size=16, image_size=64, vocab_size=len(processor.tokenizer),
+def _model(processor, seed: int = 0, variant: str = "qwen3-vl"):
+    return build_tiny_qwen3(variant, seed=seed, patch_size=16, image_size=64, vocab_size=len(processor.tokenizer),
                             **model_token_ids(processor.tokenizer))  # fmt: skip
 
 
@@ -56,7 +56,8 @@ def _records(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def test_collator_ids_pixels_and_types_are_the_processors(processor):
+@pytest.mark.parametrize("variant", ["qwen3-vl", "qwen3.5"])  # Qwen3.5 takes Qwen3-VL's processor
+def test_collator_ids_pixels_and_types_are_the_processors(processor, variant):
     records = _records(3)
     collator = LlavaCollator(processor, max_length=512, mode="train")
     batch = collator(records)
@@ -76,7 +77,7 @@ def test_collator_ids_pixels_and_types_are_the_processors(processor):
         rows += n
         answer = ids[b][row][batch["answer_mask"][b][row]]
         assert processor.tokenizer.decode(answer).startswith("red")
-    model = _model(processor)
+    model = _model(processor, variant=variant)
     inputs = {k: batch[k] for k in KEYS}
     with torch.no_grad():  # the model takes the batch as it comes; keep-all equals stock
         stock = model(**inputs).logits
@@ -114,15 +115,16 @@ def test_video_frames_carry_their_timestamps_and_markers(processor):
     torch.testing.assert_close(out.logits[0][kept], stock[0][out.kept_index[0][kept]])
 
 
-def test_evaluate_on_a_saved_qwen3_vl_checkpoint(processor, tmp_path, capsys):
-    """``tpkit evaluate`` on a tiny Qwen3-VL written by ``save_pretrained`` with its processor (no CLS:
-    the CLS-less score, no topk-cls)."""
+@pytest.mark.parametrize("variant", ["qwen3-vl", "qwen3.5"])
+def test_evaluate_on_a_saved_checkpoint(processor, tmp_path, capsys, variant):
+    """``tpkit evaluate`` on a tiny Qwen3-VL (Qwen3.5) written by ``save_pretrained`` with its processor
+    (no CLS: the CLS-less score, no topk-cls)."""
     import json
 
     from tpkit.cli import main
     from tpkit.synthetic.splits import generate_split
 
-    _model(processor).save_pretrained(tmp_path / "base")
+    _model(processor, variant=variant).save_pretrained(tmp_path / "base")
     processor.save_pretrained(tmp_path / "base")
     data = generate_split(str(tmp_path / "data"), split="test", n=4, seed=2)
     argv = ["evaluate", "--device", "cpu", "--out", str(tmp_path / "out"), "--set", f"model.path={tmp_path / 'base'}",
@@ -137,3 +139,21 @@ def test_evaluate_on_a_saved_qwen3_vl_checkpoint(processor, tmp_path, capsys):
     assert 0 < ours["tokens"]["fraction"]["mean"] < 1 and ours["speed"]["prefill"]["median_ms"] > 0
     assert res["methods"]["dense"]["tokens"]["fraction"]["mean"] == 1.0
     assert "report:" in capsys.readouterr().out
+
+
+def test_a_video_files_length_is_known_before_it_is_decoded(processor, tmp_path):
+    """``sequence_lengths`` (batching by length, before decoding) reads the file's frame rate and the
+    sampled indices from its container, so the run it plans is the decoded video's: 40 frames at 4 per
+    second, 4 sampled (0, 13, 26, 39), temporal patches at 1.6 s and 8.1 s."""
+    from tests.data.test_video import write_video
+
+    path = write_video(tmp_path / "clip.mp4", 40, rate=4)
+    record = {"id": "f", "video": path,
+              "conversations": [{"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "red"}]}  # fmt: skip
+    collator = LlavaCollator(processor, max_length=512, mode="train", max_frames=4)
+    batch = collator([record])
+    text = processor.tokenizer.decode(batch["input_ids"][0])
+    assert "<1.6 seconds>" in text and "<8.1 seconds>" in text  # frames (0, 13) and (26, 39) at 4 per second
+    assert collator.sequence_lengths([record]) == [batch["input_ids"].shape[1]]
+    planned = processor.tokenizer.decode(collator._counts_from_sizes([record])[0].video[0].tolist())
+    assert planned.startswith("<1.6 seconds>") and "<8.1 seconds>" in planned

@@ -166,6 +166,9 @@ class TpkitLMM(lmms):
         pruning = PruningConfig()
         if cfg.pruning is not None:
             pruning = from_dict(PruningConfig, read_pruning_yaml(cfg.pruning), source=cfg.pruning)
+        # the overrides before the model loads, which checks the pruning against it (Qwen3.5's stage 2
+        # must sit on an attention layer: pruning.stage2.layer=3 has to replace the default 2 first)
+        pruning = apply_pruning_overrides(pruning, overrides)
         ecfg = EvalConfig(
             model=ModelConfig(
                 path=cfg.pretrained,
@@ -327,7 +330,7 @@ class TpkitLMM(lmms):
     def _frames(self, record: dict) -> int:
         """Frames the collator will sample from the record's videos (read from the containers)."""
         coll = self._collators["eval"]
-        return sum(coll._video_size(record, v)[0] for v in record["video"])
+        return sum(len(coll._blank_video(record, v).frames) for v in record["video"])
 
     def _order(self, records: list[dict], keys: Sequence[str] | None = None) -> Iterator[list[int]]:
         """Batches of record indices: grouped by ``keys`` (generation settings) and by what the records
