@@ -8,19 +8,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from tpkit.data.collator import LlavaCollator
-from tpkit.models import attach_pruner
 from tpkit.models.gemma3.tiny import build_tiny_gemma3
-from tpkit.pruning import PruningConfig, Stage1Config, Stage2Config
 
+from ..pipeline import assert_keep_all_is_stock, evaluate_saved, image_records
 from .processor import build_gemma3_processor, model_ids
-
-KEEP_ALL = PruningConfig(
-    stage1=Stage1Config(selector="ratio", ratio=1.0),
-    stage2=Stage2Config(selector="ratio", ratio=1.0, layer=1),
-)
 
 
 @pytest.fixture(scope="module")
@@ -36,24 +29,12 @@ def _model(processor, seed: int = 0):
     return build_tiny_gemma3(seed=seed, sliding_window=64, **model_ids(processor))
 
 
-def _records(n: int, seed: int = 0) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):  # record 1 holds two images
-        images = [
-            Image.fromarray(rng.integers(0, 255, (32 + 8 * i, 40 - 4 * k, 3), dtype=np.uint8))
-            for k in range(1 + (i == 1))
-        ]
-        conv = [
-            {"from": "human", "value": "<image>\n" * len(images) + "What color is the circle?"},
-            {"from": "gpt", "value": "red"},
-        ]
-        out.append({"id": f"r{i}", "image": images, "conversations": conv})
-    return out
+def _records() -> list[dict]:  # record 1 holds two images
+    return image_records([[(40, 32)], [(40, 40), (36, 40)], [(40, 48)]])
 
 
 def test_collator_ids_pixels_and_token_types_are_the_processors(processor):
-    records = _records(3)
+    records = _records()
     collator = LlavaCollator(processor, max_length=512, mode="train")
     batch = collator(records)
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -77,38 +58,24 @@ def test_collator_ids_pixels_and_token_types_are_the_processors(processor):
     model = _model(processor)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "token_type_ids")}
     with torch.no_grad():
-        stock = model(**inputs).logits
         causal = model(**{k: v for k, v in inputs.items() if k != "token_type_ids"}).logits
-        # the marks matter: without them the image runs causally and the answer's logits change
-        assert not torch.allclose(stock[:, -4:], causal[:, -4:], atol=1e-4)
-        out = attach_pruner(model, KEEP_ALL)(**inputs)  # keep-all equals stock, bidirectional images
-    for b in range(3):
-        kept = out.kept_index[b] >= 0
-        torch.testing.assert_close(out.logits[b][kept], stock[b][out.kept_index[b][kept]])
+    stock = assert_keep_all_is_stock(model, inputs)  # bidirectional images, as stock runs them
+    # the marks matter: without them the image runs causally and the answer's logits change
+    assert not torch.allclose(stock[:, -4:], causal[:, -4:], atol=1e-4)
 
 
 def test_evaluate_on_a_saved_gemma3_checkpoint(processor, tmp_path, capsys):
     """``tpkit evaluate`` on a tiny Gemma 3 written by ``save_pretrained`` with its processor (SigLIP has
     no CLS: the CLS-less score, no topk-cls)."""
-    import json
-
-    from tpkit.cli import main
-    from tpkit.synthetic.splits import generate_split
-
-    _model(processor).save_pretrained(tmp_path / "base")
-    processor.save_pretrained(tmp_path / "base")
-    data = generate_split(str(tmp_path / "data"), split="test", n=4, seed=2)
-    argv = ["evaluate", "--device", "cpu", "--out", str(tmp_path / "out"), "--set", f"model.path={tmp_path / 'base'}",
-            "model.dtype=float32", f"data.test_json={data}", "data.eval_batch_size=2", "pruning.stage1.score=null",
-            "pruning.stage1.min_keep=4", "pruning.stage2.layer=1", "eval.methods=[dense,ours,random,fastv]",
-            "eval.max_new_tokens=2", "eval.budgets=[]", "eval.fastv_layer=1", "eval.progress=false",
-            "speed.batch_size=2", "speed.repeats=1", "speed.warmup=0", "speed.decode_tokens=1"]  # fmt: skip
-    assert main(argv) == 0
-    res = json.loads((tmp_path / "out" / "results.json").read_text())
-    ours = res["methods"]["ours"]
-    assert {"dense", "ours", "random", "fastv"} <= set(res["methods"])
-    assert 0 < ours["tokens"]["fraction"]["mean"] < 1 and ours["speed"]["prefill"]["median_ms"] > 0
-    assert res["methods"]["dense"]["tokens"]["fraction"]["mean"] == 1.0
+    methods = ["dense", "ours", "random", "fastv"]
+    evaluate_saved(
+        _model(processor),
+        processor,
+        tmp_path,
+        methods,
+        "pruning.stage1.score=null",
+        "pruning.stage1.min_keep=4",
+    )
     assert "report:" in capsys.readouterr().out
 
 

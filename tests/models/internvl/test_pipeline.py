@@ -15,14 +15,11 @@ from tpkit.models import attach_pruner, last_stats
 from tpkit.models.internvl.tiny import build_tiny_internvl
 from tpkit.pruning import PruningConfig, Stage1Config, Stage2Config
 
+from ..pipeline import KEEP_ALL, assert_keep_all_is_stock, evaluate_saved
 from .processor import build_internvl_processor, offline_video_processor
 
 SIZES = [(64, 32), (32, 32), (96, 32), (64, 64)]  # (width, height): 2 + thumb, 1, 3 + thumb, 4 + thumb tiles
 TILES = [3, 1, 4, 5]
-KEEP_ALL = PruningConfig(
-    stage1=Stage1Config(selector="ratio", ratio=1.0),
-    stage2=Stage2Config(selector="ratio", ratio=1.0, layer=1),
-)
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +68,8 @@ def test_collator_ids_and_tiles_are_the_processors(processor):
         assert torch.equal(batch["pixel_values"][first : first + TILES[b]], ref["pixel_values"])
         answer = row[batch["answer_mask"][b][batch["attention_mask"][b].bool()]]
         assert processor.tokenizer.decode(answer).startswith("red")
-    model = _model(processor)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
-    with torch.no_grad():  # the model takes the batch as it comes; keep-all equals stock
-        stock = model(**inputs).logits
-        out = attach_pruner(model, KEEP_ALL)(**inputs)
-    for b in range(4):
-        kept = out.kept_index[b] >= 0
-        torch.testing.assert_close(out.logits[b][kept], stock[b][out.kept_index[b][kept]])
+    assert_keep_all_is_stock(_model(processor), inputs)  # the batch as it comes
 
 
 def test_video_frames_as_the_processor_lays_them_out(processor):
@@ -106,26 +97,9 @@ def test_video_frames_as_the_processor_lays_them_out(processor):
 def test_evaluate_on_a_saved_internvl_checkpoint(processor, tmp_path, capsys):
     """``tpkit evaluate`` on a tiny InternVL written by ``save_pretrained`` with its processor: every
     method (InternViT has CLS: the CLS baselines apply)."""
-    import json
-
-    from tpkit.cli import main
-    from tpkit.synthetic.splits import generate_split
-
-    _model(processor).save_pretrained(tmp_path / "base")
-    with offline_video_processor():
-        processor.save_pretrained(tmp_path / "base")
-        data = generate_split(str(tmp_path / "data"), split="test", n=4, seed=2)
-        argv = ["evaluate", "--device", "cpu", "--out", str(tmp_path / "out"), "--set", f"model.path={tmp_path / 'base'}",
-                "model.dtype=float32", f"data.test_json={data}", "data.eval_batch_size=2", "pruning.stage2.layer=1",
-                "eval.methods=[dense,ours-s1,ours,random,topk-cls,fastv,prumerge-iqr]", "eval.max_new_tokens=2", "eval.budgets=[0.4]",
-                "eval.fastv_layer=1", "eval.progress=false", "speed.batch_size=2", "speed.repeats=1",
-                "speed.warmup=0", "speed.decode_tokens=1"]  # fmt: skip
-        assert main(argv) == 0
-    res = json.loads((tmp_path / "out" / "results.json").read_text())
-    ours = res["methods"]["ours"]
-    assert {"dense", "ours-s1", "ours", "random", "topk-cls", "fastv", "prumerge-iqr"} <= set(res["methods"])
-    assert 0 < ours["tokens"]["fraction"]["mean"] < 1 and ours["speed"]["prefill"]["median_ms"] > 0
-    assert res["methods"]["dense"]["tokens"]["fraction"]["mean"] == 1.0
+    methods = ["dense", "ours-s1", "ours", "random", "topk-cls", "fastv", "prumerge-iqr"]
+    with offline_video_processor():  # (InternVL's processor saves and loads only inside it)
+        evaluate_saved(_model(processor), processor, tmp_path, methods, "eval.budgets=[0.4]")
     assert "report:" in capsys.readouterr().out
 
 

@@ -9,19 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from tpkit.data.collator import LlavaCollator
 from tpkit.data.qwen_processor import build_qwen2_vl_processor, model_token_ids
 from tpkit.data.video import Video
-from tpkit.models import attach_pruner
 from tpkit.models.qwen3_vl.tiny import build_tiny_qwen3
-from tpkit.pruning import PruningConfig, Stage1Config, Stage2Config
 
-KEEP_ALL = PruningConfig(
-    stage1=Stage1Config(selector="ratio", ratio=1.0),
-    stage2=Stage2Config(selector="ratio", ratio=1.0, layer=1),
-)
+from ..pipeline import assert_keep_all_is_stock, evaluate_saved, image_records
+
 KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
 
@@ -40,25 +35,13 @@ def _model(processor, seed: int = 0, variant: str = "qwen3-vl"):
                             **model_token_ids(processor.tokenizer))  # fmt: skip
 
 
-def _records(n: int, seed: int = 0) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):  # record 1 holds two images
-        images = [
-            Image.fromarray(rng.integers(0, 255, (64 + 32 * i, 64, 3), dtype=np.uint8))
-            for _ in range(1 + (i == 1))
-        ]
-        conv = [
-            {"from": "human", "value": "<image>\n" * len(images) + "What color is the circle?"},
-            {"from": "gpt", "value": "red"},
-        ]
-        out.append({"id": f"r{i}", "image": images, "conversations": conv})
-    return out
+def _records() -> list[dict]:  # record 1 holds two images
+    return image_records([[(64, 64)], [(64, 96), (64, 96)], [(64, 128)]])
 
 
 @pytest.mark.parametrize("variant", ["qwen3-vl", "qwen3.5"])  # Qwen3.5 takes Qwen3-VL's processor
 def test_collator_ids_pixels_and_types_are_the_processors(processor, variant):
-    records = _records(3)
+    records = _records()
     collator = LlavaCollator(processor, max_length=512, mode="train")
     batch = collator(records)
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -77,14 +60,7 @@ def test_collator_ids_pixels_and_types_are_the_processors(processor, variant):
         rows += n
         answer = ids[b][row][batch["answer_mask"][b][row]]
         assert processor.tokenizer.decode(answer).startswith("red")
-    model = _model(processor, variant=variant)
-    inputs = {k: batch[k] for k in KEYS}
-    with torch.no_grad():  # the model takes the batch as it comes; keep-all equals stock
-        stock = model(**inputs).logits
-        out = attach_pruner(model, KEEP_ALL)(**inputs)
-    for b in range(3):
-        kept = out.kept_index[b] >= 0
-        torch.testing.assert_close(out.logits[b][kept], stock[b][out.kept_index[b][kept]])
+    assert_keep_all_is_stock(_model(processor, variant=variant), {k: batch[k] for k in KEYS})
 
 
 def test_video_frames_carry_their_timestamps_and_markers(processor):
@@ -106,38 +82,19 @@ def test_video_frames_carry_their_timestamps_and_markers(processor):
         batch["input_ids"].shape[1]
     ]
     assert processor.tokenizer.decode(batch["input_ids"][0][batch["answer_mask"][0]]).startswith("red")
-    model = _model(processor, seed=1)
     keys = ("input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids")
-    with torch.no_grad():
-        stock = model(**{k: batch[k] for k in keys}).logits
-        out = attach_pruner(model, KEEP_ALL)(**{k: batch[k] for k in keys})
-    kept = out.kept_index[0] >= 0
-    torch.testing.assert_close(out.logits[0][kept], stock[0][out.kept_index[0][kept]])
+    assert_keep_all_is_stock(_model(processor, seed=1), {k: batch[k] for k in keys})
 
 
 @pytest.mark.parametrize("variant", ["qwen3-vl", "qwen3.5"])
 def test_evaluate_on_a_saved_checkpoint(processor, tmp_path, capsys, variant):
     """``tpkit evaluate`` on a tiny Qwen3-VL (Qwen3.5) written by ``save_pretrained`` with its processor
     (no CLS: the CLS-less score, no topk-cls)."""
-    import json
-
-    from tpkit.cli import main
-    from tpkit.synthetic.splits import generate_split
-
-    _model(processor, variant=variant).save_pretrained(tmp_path / "base")
-    processor.save_pretrained(tmp_path / "base")
-    data = generate_split(str(tmp_path / "data"), split="test", n=4, seed=2)
-    argv = ["evaluate", "--device", "cpu", "--out", str(tmp_path / "out"), "--set", f"model.path={tmp_path / 'base'}",
-            "model.dtype=float32", f"data.test_json={data}", "data.eval_batch_size=2", "pruning.stage1.score=null",
-            "pruning.stage1.min_keep=1", "pruning.stage2.layer=1", "eval.methods=[dense,ours,random,fastv]",
-            "eval.max_new_tokens=2", "eval.budgets=[]", "eval.fastv_layer=1", "eval.progress=false",
-            "speed.batch_size=2", "speed.repeats=1", "speed.warmup=0", "speed.decode_tokens=1"]  # fmt: skip
-    assert main(argv) == 0
-    res = json.loads((tmp_path / "out" / "results.json").read_text())
-    ours = res["methods"]["ours"]
-    assert {"dense", "ours", "random", "fastv"} <= set(res["methods"])
-    assert 0 < ours["tokens"]["fraction"]["mean"] < 1 and ours["speed"]["prefill"]["median_ms"] > 0
-    assert res["methods"]["dense"]["tokens"]["fraction"]["mean"] == 1.0
+    methods = ["dense", "ours", "random", "fastv"]
+    model = _model(processor, variant=variant)
+    evaluate_saved(
+        model, processor, tmp_path, methods, "pruning.stage1.score=null", "pruning.stage1.min_keep=1"
+    )
     assert "report:" in capsys.readouterr().out
 
 
