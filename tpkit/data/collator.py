@@ -464,7 +464,7 @@ class LlavaCollator:
         if clips and self.video_token is None:
             raise ValueError(f"{type(self.processor).__name__} takes no videos (it has no video processor)")
         kw: dict[str, Any] = {}
-        if flat:  # Gemma 3's checks each text row's images against its one placeholder: a row each
+        if flat:  # Gemma 3's processor checks each text row's images against its placeholders: one each
             kw["images"] = [[im] for im in flat] if self._image_rows else [ims for ims in images if ims]
         if clips:
             kw["videos"] = [v.frames for v in clips]
@@ -628,11 +628,10 @@ class LlavaCollator:
 
 
 def _qwen3_video_wrapper(processor: Any) -> str | None:
-    """``<|vision_start|><|video_pad|><|vision_end|>`` for a Qwen3-VL-style processor, else None."""
-    try:
-        from transformers import Qwen3VLProcessor
-    except ImportError:  # pragma: no cover - every supported transformers has it
-        return None
+    """``<|vision_start|><|video_pad|><|vision_end|>`` for a Qwen3-VL-style processor (Qwen3-VL's and
+    Qwen3.5's), else None."""
+    from transformers import Qwen3VLProcessor
+
     if not isinstance(processor, Qwen3VLProcessor):
         return None
     return f"{processor.vision_start_token}{processor.video_token}{processor.vision_end_token}"

@@ -74,7 +74,7 @@ def test_video_frames_carry_their_timestamps_and_markers(processor):
     collator = LlavaCollator(processor, max_length=512, mode="train")
     batch = collator([record])
     text = processor.tokenizer.decode(batch["input_ids"][0])
-    units = "<|video_pad|>" * 1  # a 32 x 32 px frame: 2 x 2 patches, one merged unit
+    units = "<|video_pad|>"  # a 32 x 48 frame at the 32 x 32 px budget: 2 x 2 patches, one merged unit
     frame = "<{:.1f} seconds><|vision_start|>" + units + "<|vision_end|>"
     # frames (0, 1) and (2, 3) at 2 per second: 0.25 s and 1.25 s, written with one decimal as stock does
     assert "user\n" + frame.format(0.25) + frame.format(1.25) + "What happens?" in text
