@@ -114,3 +114,19 @@ def test_a_video_files_length_is_known_before_it_is_decoded(processor, tmp_path)
     assert collator.sequence_lengths([record]) == [batch["input_ids"].shape[1]]
     planned = processor.tokenizer.decode(collator._counts_from_sizes([record])[0].video[0].tolist())
     assert planned.startswith("<1.6 seconds>") and "<8.1 seconds>" in planned
+
+
+def test_premise_report_runs_on_qwen3_vls_tower(processor, tmp_path):
+    """The premise report on Qwen3-VL's ViT, scored per merged unit (96 px images at the 64 x 64 budget:
+    3 x 3 units), the CLS-less default score."""
+    from tpkit.synthetic.premise import format_report, run_premise
+    from tpkit.synthetic.splits import generate_split
+
+    data = generate_split(str(tmp_path / "data"), split="test", n=4, seed=2)
+    _model(processor).save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    report = run_premise(data, tmp_path / "m", n=4, batch_size=2)
+    m = report["model_score"]
+    assert m["n_images"] == 4 and m["n_patches"] == 9 and len(m["k"]) == 4
+    assert np.isfinite(m["auroc_pooled"])
+    assert "model (mean_distance)" in format_report(report)
