@@ -1,6 +1,6 @@
 """What the families' pipeline tests share (``tests/models/<family>/test_pipeline.py``): chat records
-with random images, keep-all against stock on a collated batch, and ``tpkit evaluate`` on a
-``save_pretrained`` checkpoint."""
+with random images, keep-all against stock on a collated batch, ``tpkit evaluate`` and the premise
+report on a ``save_pretrained`` checkpoint."""
 
 from __future__ import annotations
 
@@ -68,3 +68,19 @@ def evaluate_saved(model, processor, tmp_path: Path, methods: list[str], *overri
     assert 0 < ours["tokens"]["fraction"]["mean"] < 1 and ours["speed"]["prefill"]["median_ms"] > 0
     assert res["methods"]["dense"]["tokens"]["fraction"]["mean"] == 1.0
     return res
+
+
+def premise_report(model, processor, tmp_path: Path) -> tuple[str, int]:
+    """The premise report (4 synthetic test images, batches of 2) on ``model`` and ``processor`` written
+    by ``save_pretrained``, checked for what every run holds (every image scored, an AUROC); the report
+    as ``tpkit premise`` prints it, and its number of scored units per image."""
+    from tpkit.synthetic.premise import format_report, run_premise
+    from tpkit.synthetic.splits import generate_split
+
+    data = generate_split(str(tmp_path / "data"), split="test", n=4, seed=2)
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    report = run_premise(data, tmp_path / "m", n=4, batch_size=2)
+    m = report["model_score"]
+    assert m["n_images"] == 4 and len(m["k"]) == 4 and np.isfinite(m["auroc_pooled"])
+    return format_report(report), m["n_patches"]

@@ -403,21 +403,39 @@ class LlavaCollator:
         except (OSError, _Dropped) as e:
             raise ValueError(f"record id={record.get('id')!r}: cannot read image: {e}") from None
 
-    def _blank_video(self, record: dict[str, Any], video: Any) -> Video:
-        """A video source as the collator will sample it, its frames black: their count and size, and the
-        file's frame count, rate and the sampled indices (Qwen3-VL writes each frame's time into the
-        prompt), read from the container without decoding."""
+    def _video_plan(
+        self, record: dict[str, Any], video: Any
+    ) -> tuple[list[int], int, int, int, float | None]:
+        """(sampled frame indices, height, width, frames in the file, its frame rate) of a video source
+        as the collator will sample it, a file's read from its container without decoding."""
         if isinstance(video, Video):
-            return Video(np.zeros_like(video.frames), video.total_num_frames, video.fps, video.frames_indices)
+            _, height, width = video.frames.shape[:3]
+            return list(video.frames_indices), height, width, video.total_num_frames, video.fps
         if isinstance(video, np.ndarray):
-            n = int(video.shape[0])
-            return Video(np.zeros_like(video), n, None, list(range(n)))
+            n, height, width = video.shape[:3]
+            return list(range(n)), height, width, n, None
         try:
             total, height, width, rate = probe_video(self._image_path(record, video))
         except (VideoError, _Dropped) as e:
             raise ValueError(f"record id={record.get('id')!r}: {e}") from None
-        indices = sample_indices(total, self.max_frames, self.video_fps, rate)
-        return Video(np.zeros((len(indices), height, width, 3), np.uint8), total, rate, indices.tolist())
+        return (
+            sample_indices(total, self.max_frames, self.video_fps, rate).tolist(),
+            height,
+            width,
+            total,
+            rate,
+        )
+
+    def _blank_video(self, record: dict[str, Any], video: Any) -> Video:
+        """A video source as the collator will sample it (:meth:`_video_plan`), its frames black where they
+        are not decoded yet: the processor counts its tokens, and Qwen3-VL writes each frame's time."""
+        if isinstance(video, Video):
+            return video
+        indices, height, width, total, rate = self._video_plan(record, video)
+        frames = (
+            video if isinstance(video, np.ndarray) else np.zeros((len(indices), height, width, 3), np.uint8)
+        )
+        return Video(frames, total, rate, indices)
 
     def sequence_lengths(self, records: Sequence[dict[str, Any]], batch_size: int = 256) -> list[int]:
         """Token count (image tokens included) of each record as this collator would build it."""

@@ -5,14 +5,13 @@ tokens attend to each other by them), and ``tpkit evaluate`` runs on a ``save_pr
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from tpkit.data.collator import LlavaCollator
 from tpkit.models.gemma3.tiny import build_tiny_gemma3
 
-from ..pipeline import assert_keep_all_is_stock, evaluate_saved, image_records
+from ..pipeline import assert_keep_all_is_stock, evaluate_saved, image_records, premise_report
 from .processor import build_gemma3_processor, model_ids
 
 
@@ -82,14 +81,5 @@ def test_evaluate_on_a_saved_gemma3_checkpoint(processor, tmp_path, capsys):
 def test_premise_report_runs_on_gemma3s_tower(processor, tmp_path):
     """The premise report on SigLIP through Gemma 3's pooling: one score per LM token (4 x 4 of the
     tiny model's 8 x 8 patches), the CLS-less default score."""
-    from tpkit.synthetic.premise import format_report, run_premise
-    from tpkit.synthetic.splits import generate_split
-
-    data = generate_split(str(tmp_path / "data"), split="test", n=4, seed=2)
-    _model(processor).save_pretrained(tmp_path / "m")
-    processor.save_pretrained(tmp_path / "m")
-    report = run_premise(data, tmp_path / "m", n=4, batch_size=2)
-    m = report["model_score"]
-    assert m["n_images"] == 4 and m["n_patches"] == 16 and len(m["k"]) == 4
-    assert np.isfinite(m["auroc_pooled"])
-    assert "model (mean_distance)" in format_report(report)
+    text, units = premise_report(_model(processor), processor, tmp_path)
+    assert units == 16 and "model (mean_distance)" in text

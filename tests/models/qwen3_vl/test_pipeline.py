@@ -15,7 +15,7 @@ from tpkit.data.qwen_processor import build_qwen2_vl_processor, model_token_ids
 from tpkit.data.video import Video
 from tpkit.models.qwen3_vl.tiny import build_tiny_qwen3
 
-from ..pipeline import assert_keep_all_is_stock, evaluate_saved, image_records
+from ..pipeline import assert_keep_all_is_stock, evaluate_saved, image_records, premise_report
 
 KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
@@ -119,14 +119,5 @@ def test_a_video_files_length_is_known_before_it_is_decoded(processor, tmp_path)
 def test_premise_report_runs_on_qwen3_vls_tower(processor, tmp_path):
     """The premise report on Qwen3-VL's ViT, scored per merged unit (96 px images at the 64 x 64 budget:
     3 x 3 units), the CLS-less default score."""
-    from tpkit.synthetic.premise import format_report, run_premise
-    from tpkit.synthetic.splits import generate_split
-
-    data = generate_split(str(tmp_path / "data"), split="test", n=4, seed=2)
-    _model(processor).save_pretrained(tmp_path / "m")
-    processor.save_pretrained(tmp_path / "m")
-    report = run_premise(data, tmp_path / "m", n=4, batch_size=2)
-    m = report["model_score"]
-    assert m["n_images"] == 4 and m["n_patches"] == 9 and len(m["k"]) == 4
-    assert np.isfinite(m["auroc_pooled"])
-    assert "model (mean_distance)" in format_report(report)
+    text, units = premise_report(_model(processor), processor, tmp_path)
+    assert units == 9 and "model (mean_distance)" in text

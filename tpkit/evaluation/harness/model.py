@@ -330,7 +330,7 @@ class TpkitLMM(lmms):
     def _frames(self, record: dict) -> int:
         """Frames the collator will sample from the record's videos (read from the containers)."""
         coll = self._collators["eval"]
-        return sum(len(coll._blank_video(record, v).frames) for v in record["video"])
+        return sum(len(coll._video_plan(record, v)[0]) for v in record["video"])
 
     def _order(self, records: list[dict], keys: Sequence[str] | None = None) -> Iterator[list[int]]:
         """Batches of record indices: grouped by ``keys`` (generation settings) and by what the records
